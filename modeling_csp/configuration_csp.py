@@ -39,7 +39,7 @@ LEGACY_KEYS = {"n_mlp": "d_mlp"}
 
 def _standard_config_keys() -> set[str]:
     """Keys every transformers config may carry (ids, generation defaults, auto_map, ...)."""
-    return set(PreTrainedConfig().to_dict()) | {"auto_map", "architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "tie_word_embeddings"}
+    return set(PreTrainedConfig().to_dict()) | {"auto_map", "architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "tie_word_embeddings", "name_or_path", "_name_or_path"}
 
 
 class CSPConfig(PreTrainedConfig):

@@ -194,7 +194,7 @@ class CSPAttention(nn.Module):
             # The sink is an extra, always visible key with logit `sink_logit` and value zero.
             k = torch.cat([k.new_zeros(B, self.n_head, 1, self.d_head), k], dim=2)
             v = torch.cat([v.new_zeros(B, self.n_head, 1, self.d_head), v], dim=2)
-            attn_mask = self.attn_imp.add_to_mask(attn_mask)
+            attn_mask = self.attn_imp(attn_mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(self.d_head))
         y = y.transpose(1, 2).reshape(B, T, width)
         y = hook("y", y)  # (B, T, n_head * d_head)
@@ -208,7 +208,7 @@ class SinkLogits(nn.Module):
         super().__init__()
         self.sink_logit = nn.Parameter(torch.zeros(n_head))
 
-    def add_to_mask(self, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, attn_mask: torch.Tensor) -> torch.Tensor:
         """(B|1, 1, Tq, Tk) additive mask -> (B|1, H, Tq, 1 + Tk) with the sink column first."""
         sink = self.sink_logit.to(attn_mask.dtype).view(1, -1, 1, 1)
         sink = sink.expand(attn_mask.shape[0], -1, attn_mask.shape[2], 1)

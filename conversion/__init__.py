@@ -1,0 +1,1 @@
+"""Converters from the original circuit_sparsity release format to Hugging Face folders."""

@@ -1,0 +1,134 @@
+"""The converter's output format and its refusal of bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from conftest import FIXTURES, PROJECT_ROOT
+from conversion.convert_checkpoint import ConversionError, convert_checkpoint, load_original
+from modeling_csp import CSPConfig, CSPForCausalLM
+
+
+def copy_fixture(name, tmp_path):
+    return shutil.copytree(FIXTURES / name, tmp_path / name)
+
+
+def test_bfloat16_values_are_kept_exactly(converted):
+    original = torch.load(FIXTURES / "catpos_relu_bf16" / "final_model.pt", weights_only=True)
+    with safe_open(converted["catpos_relu_bf16"] / "model.safetensors", "pt") as f:
+        values = f.get_tensor("transformer.h.0.attn.c_attn.weight.sparse_values")
+        indices = f.get_tensor("transformer.h.0.attn.c_attn.weight.sparse_indices")
+    assert values.dtype == torch.bfloat16 and indices.dtype == torch.int32
+    dense = original["transformer.h.0.attn.c_attn.weight"].flatten()
+    assert torch.equal(dense[indices.long()], values)
+    assert int(dense.count_nonzero()) == values.numel()
+
+
+def test_config_keeps_training_only_keys(converted):
+    config = json.loads((converted["rms_sink_bigram"] / "config.json").read_text())
+    assert config["pfrac"] == 0.0625 and config["sparse_matmul_impl"] == "torch"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_csp.CSPForCausalLM"
+    assert (converted["rms_sink_bigram"] / "tokenizer.json").exists()
+    assert "rms_sink_bigram" in (converted["rms_sink_bigram"] / "README.md").read_text()
+
+
+def test_sparse_file_is_a_tenth_of_the_dense_checkpoint(tmp_path):
+    config = CSPConfig(block_size=64, vocab_size=512, n_layer=2, n_head=4, d_model=128, rms_norm=True, bias=False,
+                       ln_bias=False, tied_unembed=False)
+    model = CSPForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:  # keep 3% of each weight matrix, as a weight-sparse model does
+                p.mul_(torch.rand(p.shape, generator=generator) < 0.03)
+    src = tmp_path / "orig"
+    src.mkdir()
+    torch.save(model.state_dict(), src / "final_model.pt")
+    (src / "beeg_config.json").write_text(json.dumps({k: getattr(config, k) for k in
+        ["block_size", "vocab_size", "n_layer", "n_head", "d_model", "rms_norm", "bias", "ln_bias", "tied_unembed"]}))
+    out = convert_checkpoint(str(src), tmp_path / "out")
+    assert (out / "model.safetensors").stat().st_size <= (src / "final_model.pt").stat().st_size / 10
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ids = torch.randint(0, 512, (2, 64), generator=generator)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)
+
+
+def test_save_and_reload_round_trip(converted, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(converted["rms_sink_bigram"], trust_remote_code=True)
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    with safe_open(tmp_path / "again" / "model.safetensors", "pt") as f:
+        assert not any(k.endswith(".weight") for k in f.keys())  # every weight stays stored sparse
+
+
+def test_device_map_with_disk_offload_gives_the_same_logits(converted, tmp_path):
+    folder = converted["rms_sink_bigram"]
+    ids = torch.arange(40).view(1, 40) % 512
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    split = AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, device_map="auto", max_memory={"cpu": "1500KB"},
+        offload_folder=str(tmp_path / "offload"),
+    ).eval()
+    assert "disk" in set(split.hf_device_map.values()) and "cpu" in set(split.hf_device_map.values())
+    with torch.no_grad():
+        assert (split(ids).logits - model(ids).logits).abs().max() <= 1e-6
+
+
+def test_state_dict_tensors_are_all_accounted_for():
+    model = load_original(FIXTURES / "ln_gpt2")  # carries attn.bias masks, no final_logits_bias
+    assert torch.equal(model.final_logits_bias, torch.zeros(model.config.vocab_size))
+    assert model.transformer.wte.weight is model.lm_head.weight
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda d: (d / "beeg_config.json").unlink(), "beeg_config.json: file not found"),
+        (lambda d: (d / "final_model.pt").unlink(), "final_model.pt: file not found"),
+        (lambda d: (d / "beeg_config.json").write_text("{not json"), "beeg_config.json: not valid JSON"),
+        (lambda d: _edit_config(d, frobnicate=3), "unknown key(s) ['frobnicate']"),
+        (lambda d: _edit_config(d, activation_type="swish"), "activation_type='swish'"),
+        (lambda d: _edit_state(d, lambda sd: sd.pop("transformer.h.0.mlp.c_fc.weight")), "missing tensor(s)"),
+        (lambda d: _edit_state(d, lambda sd: sd.update(extra=torch.zeros(2))), "unexpected tensor(s) ['extra']"),
+        (lambda d: _edit_state(d, lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(3, 3)})), "has shape (3, 3)"),
+        (lambda d: _edit_state(d, lambda sd: sd["transformer.h.1.attn.c_proj.weight"].fill_(float("nan"))), "NaN"),
+        (lambda d: torch.save({"model": object()}, d / "final_model.pt", _use_new_zipfile_serialization=True), "weights-only"),
+    ],
+)
+def test_bad_input_is_a_clear_error(corrupt, message, tmp_path):
+    src = copy_fixture("rms_sink_bigram", tmp_path)
+    corrupt(src)
+    with pytest.raises(ConversionError, match=None) as error:
+        convert_checkpoint(str(src), tmp_path / "out")
+    assert message in str(error.value)
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "beeg_config.json").read_text())
+    config.update(changes)
+    (folder / "beeg_config.json").write_text(json.dumps(config))
+
+
+def _edit_state(folder, edit):
+    state = torch.load(folder / "final_model.pt", weights_only=True)
+    edit(state)
+    torch.save(state, folder / "final_model.pt")
+
+
+def test_cli_reports_one_line_errors(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "conversion.convert_checkpoint", str(tmp_path / "nowhere"), str(tmp_path / "out")],
+        cwd=PROJECT_ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
