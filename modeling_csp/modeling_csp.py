@@ -358,7 +358,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
 
     def hook_names(self) -> list[str]:
         """Every hook point, in forward order."""
-        per_layer = ["resid_in", "attn.act_in", "attn.q", "attn.k", "attn.v", "attn.y", "attn.resid_delta",
+        per_layer = ["resid_in", "attn.act_in", "attn.k", "attn.q", "attn.v", "attn.y", "attn.resid_delta",
                      "resid_mid", "mlp.act_in", "mlp.post_act", "mlp.resid_delta"]
         return [f"{l}.{n}" for l in range(self.config.n_layer) for n in per_layer] + ["final_resid"]
 
