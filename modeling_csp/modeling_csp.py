@@ -155,7 +155,7 @@ class SparseKernelLinear(nn.Linear):
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
         if self._csr_cache is None or self._csr_cache[0] != key:
             self._csr_cache = (key, self.weight.detach().to_sparse_csr())
-        out = torch.sparse.mm(self._csr_cache[1], x.reshape(-1, x.shape[-1]).T).T
+        out = torch.sparse.mm(self._csr_cache[1], x.reshape(-1, x.shape[-1]).T).T.contiguous()
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 

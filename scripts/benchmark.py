@@ -1,0 +1,182 @@
+"""CPU benchmark of the port on a csp_sweep-sized model; writes a table to BENCHMARKS.md.
+
+    python scripts/benchmark.py [--runs 5] [--density 0.015] [--out BENCHMARKS.md]
+
+Compares, at identical outputs:
+  - reference-style ops: AbsTopK as zeros + topk + scatter(gather) and the attention-sink mask
+    rebuilt per layer at (B, H, T, T+1), as OpenAI's `circuit_sparsity` does;
+  - this port with dense matmuls (the default);
+  - this port with CSR sparse matmuls (`model.set_sparse_kernels(True)`).
+Also: load time of the converted folder and file sizes against the dense `final_model.pt`.
+"""
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_csp import CSPConfig, CSPForCausalLM  # noqa: E402
+from modeling_csp import modeling_csp as M  # noqa: E402
+
+
+def sweep_sized_config() -> CSPConfig:
+    return CSPConfig(
+        block_size=256, vocab_size=2048, n_layer=8, n_head=16, d_head=16, d_model=256, d_mlp=1024,
+        bias=False, ln_bias=False, rms_norm=True, sink=True, afrac=0.25, tied_unembed=False,
+        enable_bigram_table=True, learnable_bigram_table=True,
+    )
+
+
+def make_sparse_model(config: CSPConfig, density: float, seed: int = 0) -> CSPForCausalLM:
+    torch.manual_seed(seed)
+    model = CSPForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:  # keep the top `density` fraction by magnitude, as the training projection does
+                k = max(1, int(density * p.numel()))
+                threshold = p.abs().flatten().kthvalue(p.numel() - k + 1).values
+                p.mul_(p.abs() >= threshold)
+            elif p.ndim == 1 and p is not model.final_logits_bias:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def reference_abs_topk(x, k):
+    if k >= x.shape[-1]:
+        return x
+    out = torch.zeros_like(x)
+    _, idx = torch.topk(x.abs(), k, dim=-1, sorted=False)
+    return out.scatter_(-1, idx, x.gather(-1, idx))
+
+
+def reference_sink_forward(self, attn_mask):
+    """The reference's per-layer sink mask: a (B, H, Tq, Tk+1) tensor built from scratch."""
+    B, _, Lq, Lk = attn_mask.shape[0], None, attn_mask.shape[2], attn_mask.shape[3]
+    H = self.sink_logit.numel()
+    allow = torch.zeros((Lq, Lk + 1), dtype=torch.bool)
+    allow[:, 0] = True
+    allow[:, 1:] = torch.ones((Lq, Lk), dtype=torch.bool).tril(Lk - Lq)
+    allow = allow.view(1, 1, Lq, Lk + 1).expand(B, H, Lq, Lk + 1)
+    neg_inf = torch.finfo(attn_mask.dtype).min
+    base = torch.where(allow, torch.zeros((), dtype=attn_mask.dtype), torch.full((), neg_inf, dtype=attn_mask.dtype))
+    sink_bias_mask = torch.zeros((1, 1, 1, Lk + 1), dtype=attn_mask.dtype)
+    sink_bias_mask[..., 0] = 1.0
+    return base + sink_bias_mask * self.sink_logit.view(1, H, 1, 1)
+
+
+@contextlib.contextmanager
+def reference_style_ops():
+    saved = (M.abs_topk, M.SinkLogits.forward)
+    M.abs_topk, M.SinkLogits.forward = reference_abs_topk, reference_sink_forward
+    try:
+        yield
+    finally:
+        M.abs_topk, M.SinkLogits.forward = saved
+
+
+def time_forward(model, ids, runs: int) -> list[float]:
+    times = []
+    with torch.no_grad():
+        model(ids)  # warm-up
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--density", type=float, default=0.015)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    config = sweep_sized_config()
+    model = make_sparse_model(config, args.density)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    n_tokens = args.batch * args.seq
+
+    with torch.no_grad(), reference_style_ops():
+        reference_logits = model(ids, use_cache=False).logits
+    rows = []
+    with reference_style_ops():
+        rows.append(("reference-style ops (topk+scatter, per-layer sink mask)", time_forward(model, ids, args.runs), reference_logits))
+    with torch.no_grad():
+        rows.append(("port, dense matmuls (default)", time_forward(model, ids, args.runs), model(ids).logits))
+        model.set_sparse_kernels(True)
+        rows.append(("port, CSR sparse matmuls", time_forward(model, ids, args.runs), model(ids).logits))
+        model.set_sparse_kernels(False)
+
+    density_rows = []
+    for density in (0.001, 0.01, 0.05):
+        m = make_sparse_model(config, density)
+        dense = statistics.median(time_forward(m, ids, args.runs))
+        m.set_sparse_kernels(True)
+        sparse = statistics.median(time_forward(m, ids, args.runs))
+        density_rows.append((density, dense, sparse))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from conversion.convert_checkpoint import save_model_folder
+        from transformers import AutoModelForCausalLM
+
+        torch.save(model.state_dict(), Path(tmp) / "final_model.pt")
+        save_model_folder(model, Path(tmp) / "converted", name="benchmark")
+        dense_size = (Path(tmp) / "final_model.pt").stat().st_size
+        sparse_size = (Path(tmp) / "converted" / "model.safetensors").stat().st_size
+        load_times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            AutoModelForCausalLM.from_pretrained(Path(tmp) / "converted", trust_remote_code=True)
+            load_times.append(time.perf_counter() - start)
+
+    base = statistics.median(rows[0][1])
+    lines = [
+        "# Benchmarks",
+        "",
+        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. csp_sweep-sized model: 8 layers, d_model 256,",
+        f"16 heads x d_head 16, d_mlp 1024, RMSNorm, sink, afrac 0.25, bigram table, {100 * args.density:.1f}% dense",
+        f"weights; forward of batch {args.batch} x {args.seq} tokens; median of {args.runs} runs. Reproduce with",
+        "`python scripts/benchmark.py`.",
+        "",
+        "| forward pass | median s | tokens/s | vs reference-style | max abs logit diff vs reference-style |",
+        "|---|---|---|---|---|",
+    ]
+    for name, times, logits in rows:
+        median = statistics.median(times)
+        diff = (logits - reference_logits).abs().max().item()
+        lines.append(f"| {name} | {median:.3f} | {n_tokens / median:,.0f} | {median / base:.2f}x | {diff:.1e} |")
+    lines += [
+        "",
+        "Dense vs CSR sparse matmuls at the densities of the released models (same forward pass):",
+        "",
+        "| weight density | dense kernels s | CSR kernels s | sparse / dense |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {100 * d:.1f}% | {a:.3f} | {b:.3f} | {b / a:.2f}x |" for d, a, b in density_rows]
+    lines += [
+        "",
+        "| storage | bytes | ratio |",
+        "|---|---|---|",
+        f"| dense `final_model.pt` (float32) | {dense_size:,} | 1.00 |",
+        f"| sparse `model.safetensors` | {sparse_size:,} | {sparse_size / dense_size:.3f} |",
+        "",
+        f"Load time of the converted folder (`AutoModelForCausalLM.from_pretrained`, trust_remote_code): "
+        f"median {statistics.median(load_times):.2f} s.",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
