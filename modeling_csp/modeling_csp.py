@@ -190,12 +190,19 @@ class CSPAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        if self.config.sink:
-            # The sink is an extra, always visible key with logit `sink_logit` and value zero.
-            k = torch.cat([k.new_zeros(B, self.n_head, 1, self.d_head), k], dim=2)
-            v = torch.cat([v.new_zeros(B, self.n_head, 1, self.d_head), v], dim=2)
-            attn_mask = self.attn_imp(attn_mask)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(self.d_head))
+        scale = 1.0 / math.sqrt(self.d_head)
+        if attn_mask is None:  # square and purely causal: SDPA's causal fast path, no mask tensor
+            if self.config.sink:
+                y = self.attn_imp.causal_attention_with_sink(q, k, v, scale)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            if self.config.sink:
+                # The sink is an extra, always visible key with logit `sink_logit` and value zero.
+                k = torch.cat([k.new_zeros(B, self.n_head, 1, self.d_head), k], dim=2)
+                v = torch.cat([v.new_zeros(B, self.n_head, 1, self.d_head), v], dim=2)
+                attn_mask = self.attn_imp(attn_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, width)
         y = hook("y", y)  # (B, T, n_head * d_head)
         return sparsify_at(self.config, self.c_proj(y), "attn_out")
@@ -213,6 +220,21 @@ class SinkLogits(nn.Module):
         sink = self.sink_logit.to(attn_mask.dtype).view(1, -1, 1, 1)
         sink = sink.expand(attn_mask.shape[0], -1, attn_mask.shape[2], 1)
         return torch.cat([sink, attn_mask.expand(-1, sink.shape[1], -1, -1)], dim=-1)
+
+    def causal_attention_with_sink(self, q, k, v, scale: float) -> torch.Tensor:
+        """Causal attention with the sink, as one causal SDPA call without a mask tensor.
+
+        The sink becomes key 0 with an extra feature carrying `sink_logit / scale`, read by a
+        constant 1 appended to every query; a dummy query row in front keeps the causal
+        alignment (query i + 1 sees the sink and keys 0..i) and is dropped afterwards.
+        """
+        B, H, T, D = q.shape
+        one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, 1)
+        sink_key = torch.cat([q.new_zeros(B, H, 1, D), (self.sink_logit.to(q.dtype) / scale).view(1, H, 1, 1).expand(B, H, 1, 1)], dim=-1)
+        q = torch.cat([q.new_zeros(B, H, 1, D + 1), torch.cat([q, one], dim=-1)], dim=2)  # (B, H, 1 + T, D + 1)
+        k = torch.cat([sink_key, torch.cat([k, zero], dim=-1)], dim=2)
+        v = torch.cat([v.new_zeros(B, H, 1, D), v], dim=2)  # (B, H, 1 + T, D)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[:, :, 1:]
 
 
 class CSPMLP(nn.Module):
@@ -464,7 +486,9 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         x = self.transformer.wte(input_ids)  # (B, T, d_model)
         if self.config.d_pos_emb is None:
             x, pos_emb = x + pos_emb, None
-        attn_mask = self._attention_mask(T, past, attention_mask, x.dtype, x.device)
+        attn_mask = None
+        if past > 0 or (attention_mask is not None and not bool(attention_mask.all())):
+            attn_mask = self._attention_mask(T, past, attention_mask, x.dtype, x.device)
 
         hidden_states = []
         for i, block in enumerate(self.transformer.h):
