@@ -55,39 +55,48 @@ def reference_abs_topk(x, k):
     return out.scatter_(-1, idx, x.gather(-1, idx))
 
 
-def reference_sink_forward(self, attn_mask):
-    """The reference's per-layer sink mask: a (B, H, Tq, Tk+1) tensor built from scratch."""
-    B, _, Lq, Lk = attn_mask.shape[0], None, attn_mask.shape[2], attn_mask.shape[3]
-    H = self.sink_logit.numel()
+def reference_sink_attention(self, q, k, v, scale):
+    """The reference's sink attention: zero KV slot prepended, (B, H, Tq, Tk+1) mask rebuilt per layer."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    k_aug = torch.cat([torch.zeros((B, H, 1, D), dtype=q.dtype), k], dim=2)
+    v_aug = torch.cat([torch.zeros((B, H, 1, v.shape[-1]), dtype=v.dtype), v], dim=2)
     allow = torch.zeros((Lq, Lk + 1), dtype=torch.bool)
     allow[:, 0] = True
-    allow[:, 1:] = torch.ones((Lq, Lk), dtype=torch.bool).tril(Lk - Lq)
+    allow[:, 1:] = torch.ones((Lq, Lk), dtype=torch.bool).tril()
     allow = allow.view(1, 1, Lq, Lk + 1).expand(B, H, Lq, Lk + 1)
-    neg_inf = torch.finfo(attn_mask.dtype).min
-    base = torch.where(allow, torch.zeros((), dtype=attn_mask.dtype), torch.full((), neg_inf, dtype=attn_mask.dtype))
-    sink_bias_mask = torch.zeros((1, 1, 1, Lk + 1), dtype=attn_mask.dtype)
+    neg_inf = torch.finfo(q.dtype).min
+    base = torch.where(allow, torch.zeros((), dtype=q.dtype), torch.full((), neg_inf, dtype=q.dtype))
+    sink_bias_mask = torch.zeros((1, 1, 1, Lk + 1), dtype=q.dtype)
     sink_bias_mask[..., 0] = 1.0
-    return base + sink_bias_mask * self.sink_logit.view(1, H, 1, 1)
+    attn_mask = base + sink_bias_mask * self.sink_logit.to(q.dtype).view(1, H, 1, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k_aug, v_aug, attn_mask=attn_mask, scale=scale)
 
 
 @contextlib.contextmanager
 def reference_style_ops():
-    saved = (M.abs_topk, M.SinkLogits.forward)
-    M.abs_topk, M.SinkLogits.forward = reference_abs_topk, reference_sink_forward
+    saved = (M.abs_topk, M.SinkLogits.causal_attention_with_sink)
+    M.abs_topk, M.SinkLogits.causal_attention_with_sink = reference_abs_topk, reference_sink_attention
     try:
         yield
     finally:
-        M.abs_topk, M.SinkLogits.forward = saved
+        M.abs_topk, M.SinkLogits.causal_attention_with_sink = saved
 
 
-def time_forward(model, ids, runs: int) -> list[float]:
-    times = []
+def time_variants(variants: dict, ids, runs: int) -> dict[str, list[float]]:
+    """Times each (model, context factory) variant, interleaved run by run, so that load from
+    other processes on a shared machine falls on all variants alike."""
+    times = {name: [] for name in variants}
     with torch.no_grad():
-        model(ids)  # warm-up
+        for model, context in variants.values():
+            with context():
+                model(ids, use_cache=False)  # warm-up
         for _ in range(runs):
-            start = time.perf_counter()
-            model(ids, use_cache=False)
-            times.append(time.perf_counter() - start)
+            for name, (model, context) in variants.items():
+                with context():
+                    start = time.perf_counter()
+                    model(ids, use_cache=False)
+                    times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -98,8 +107,9 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--density", type=float, default=0.015)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
 
     config = sweep_sized_config()
     model = make_sparse_model(config, args.density)
@@ -108,22 +118,27 @@ def main():
 
     with torch.no_grad(), reference_style_ops():
         reference_logits = model(ids, use_cache=False).logits
-    rows = []
-    with reference_style_ops():
-        rows.append(("reference-style ops (topk+scatter, per-layer sink mask)", time_forward(model, ids, args.runs), reference_logits))
     with torch.no_grad():
-        rows.append(("port, dense matmuls (default)", time_forward(model, ids, args.runs), model(ids).logits))
-        model.set_sparse_kernels(True)
-        rows.append(("port, CSR sparse matmuls", time_forward(model, ids, args.runs), model(ids).logits))
-        model.set_sparse_kernels(False)
+        port_logits = model(ids).logits
+        sparse_model = make_sparse_model(config, args.density)
+        sparse_model.set_sparse_kernels(True)
+        sparse_logits = sparse_model(ids).logits
+    times = time_variants(
+        {"reference": (model, reference_style_ops), "dense": (model, contextlib.nullcontext),
+         "csr": (sparse_model, contextlib.nullcontext)}, ids, args.runs,
+    )
+    rows = [
+        ("reference-style ops (topk+scatter, per-layer sink mask)", times["reference"], reference_logits),
+        ("port, dense matmuls (default)", times["dense"], port_logits),
+        ("port, CSR sparse matmuls", times["csr"], sparse_logits),
+    ]
 
     density_rows = []
     for density in (0.001, 0.01, 0.05):
-        m = make_sparse_model(config, density)
-        dense = statistics.median(time_forward(m, ids, args.runs))
-        m.set_sparse_kernels(True)
-        sparse = statistics.median(time_forward(m, ids, args.runs))
-        density_rows.append((density, dense, sparse))
+        dense_model, csr_model = make_sparse_model(config, density), make_sparse_model(config, density)
+        csr_model.set_sparse_kernels(True)
+        t = time_variants({"dense": (dense_model, contextlib.nullcontext), "csr": (csr_model, contextlib.nullcontext)}, ids, args.runs)
+        density_rows.append((density, statistics.median(t["dense"]), statistics.median(t["csr"])))
 
     with tempfile.TemporaryDirectory() as tmp:
         from conversion.convert_checkpoint import save_model_folder

@@ -1,0 +1,331 @@
+"""Ablating circuit nodes: mean activations, mean/zero ablation, and the loss effects of ablations.
+
+A circuit keeps some nodes (channels at the locations of `circuits.LOCATION_KINDS`); every other node is
+*ablated*: its activation is replaced by its mean over pretraining text (mean ablation, the paper's default)
+or by zero. With a keep mask m (1 = kept) the activation at a location becomes
+
+    x -> m * x + (1 - m) * mean
+
+which is built on `model.intervene`, so gradients flow to m (pruning learns m this way).
+
+Task evaluation runs the model on the left-padded prompts of a `TaskBatch` with its attention mask and
+reads the logits at the last position only (`logits_to_keep=1`), which is all a binary task needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .circuits import location_width, node_id, node_locations, weights_hash
+from .tasks import TaskBatch, task_accuracy, task_loss
+
+Masks = dict[str, torch.Tensor]
+
+
+# ---- running a task ------------------------------------------------------------------------
+
+
+def task_logits(model, batch: TaskBatch) -> torch.Tensor:
+    """(n, vocab) logits at the decision position (prompts are left-padded: always the last one)."""
+    if int(batch.input_ids.max()) >= model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer gives token ids up to {int(batch.input_ids.max())} but the model's vocabulary has "
+            f"{model.config.vocab_size} tokens: this tokenizer does not belong to this model"
+        )
+    if batch.input_ids.shape[1] > model.config.block_size:
+        raise ValueError(f"task prompts of {batch.input_ids.shape[1]} tokens exceed the model's block_size {model.config.block_size}")
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def evaluate(model, batch: TaskBatch, keep_masks: Masks | None = None, means: Masks | None = None,
+             freeze_norm_scales: bool = False) -> tuple[float, float]:
+    """(task loss, accuracy) with the nodes outside `keep_masks` ablated (nothing ablated if None).
+
+    `means=None` means zero ablation."""
+    with contextlib.ExitStack() as stack:
+        if freeze_norm_scales:
+            stack.enter_context(frozen_norm_scales(model, batch))
+        if keep_masks is not None:
+            stack.enter_context(ablate(model, keep_masks, means))
+        logits = task_logits(model, batch)
+    return task_loss(logits, batch).item(), task_accuracy(logits, batch)
+
+
+# ---- ablation contexts ---------------------------------------------------------------------
+
+
+def _replace(mask: torch.Tensor, fill: torch.Tensor | None):
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        m = mask.to(x.dtype)
+        if fill is None:
+            return x * m
+        return x * m + (1 - m) * fill.to(x.dtype)
+
+    return fn
+
+
+@contextlib.contextmanager
+def ablate(model, keep_masks: Masks, means: Masks | None = None) -> Iterator[None]:
+    """Mean-ablates (or zero-ablates when `means` is None) every node whose keep mask is 0.
+
+    `keep_masks` maps a location to a (width,) tensor, bool or float (float masks pass gradients);
+    locations not in it are left alone."""
+    fns = {}
+    for loc, mask in keep_masks.items():
+        width = location_width(model.config, loc)
+        if mask.numel() != width:
+            raise ValueError(f"keep mask for {loc} has {mask.numel()} entries, expected {width}")
+        fill = None if means is None else means[loc]
+        fns[loc] = _replace(mask, fill)
+    with model.intervene(fns):
+        yield
+
+
+def mean_ablate(model, keep_masks: Masks, means: Masks):
+    """Nodes outside the circuit are replaced by their mean activation: x -> m*x + (1-m)*mean."""
+    return ablate(model, keep_masks, means)
+
+
+def zero_ablate(model, keep_masks: Masks):
+    """Nodes outside the circuit are set to zero: x -> m*x."""
+    return ablate(model, keep_masks, None)
+
+
+@contextlib.contextmanager
+def frozen_norm_scales(model, batch: TaskBatch) -> Iterator[None]:
+    """Freezes every norm's per-position scale (1/rms, or 1/std for LayerNorm) at its clean-run value.
+
+    Ablating residual channels changes the rms of the residual stream and, through the norm, every other
+    channel read from it; the paper's pruning can freeze the normalization statistics to the unablated model's
+    so that an ablation only changes what it removes. Enter this *before* any ablation: it runs a clean
+    forward pass on `batch` first. Position-embedding norms (`ln_p1`, `ln_p2`) are left as they are."""
+    with torch.no_grad(), model.record_activations(r"\d+\.resid_in|\d+\.resid_mid|final_resid") as acts:
+        task_logits(model, batch)
+    norms = []
+    for l, block in enumerate(model.transformer.h):
+        norms += [(block.ln_1, acts[f"{l}.resid_in"]), (block.ln_2, acts[f"{l}.resid_mid"])]
+    norms.append((model.transformer.ln_f, acts["final_resid"]))
+    try:
+        for norm, clean in norms:
+            norm.forward = _frozen_forward(norm, clean)
+        yield
+    finally:
+        for norm, _ in norms:
+            del norm.forward  # back to the class's forward
+
+
+def _frozen_forward(norm, clean: torch.Tensor):
+    is_rms = isinstance(norm, torch.nn.RMSNorm)
+    if is_rms:
+        eps = norm.eps if norm.eps is not None else torch.finfo(clean.dtype).eps
+        scale = torch.rsqrt(clean.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        scale = torch.rsqrt(clean.var(-1, unbiased=False, keepdim=True) + 1e-5)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        s = scale[:, scale.shape[1] - x.shape[1] :]  # ln_f may see only the last positions
+        if is_rms:
+            return x * s * norm.weight
+        y = (x - x.mean(-1, keepdim=True)) * s * norm.weight
+        return y + norm.bias if norm.bias is not None else y
+
+    return forward
+
+
+# ---- mean activations ----------------------------------------------------------------------
+
+
+STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_heldout_texts() -> list[str]:
+    """The held-out 10% of CPython's standard library (by file), the default model's validation split.
+
+    Same rule as scripts/train_default_model.py: `*.py` outside test dirs and site-packages, a file is held
+    out when sha256(path relative to the stdlib root) % 100 < 10. Non-UTF-8 files are skipped."""
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    texts = []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root)
+        if any(part in STDLIB_EXCLUDED_DIRS or part.startswith("test") for part in rel.parts[:-1]):
+            continue
+        if int(hashlib.sha256(rel.as_posix().encode()).hexdigest(), 16) % 100 >= 10:
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"no Python standard library sources found under {root} to compute mean activations on")
+    return texts
+
+
+def text_windows(tokenizer, texts: Sequence[str], n_tokens: int, block_size: int) -> torch.Tensor:
+    """Tokenizes documents (joined by end-of-text) into (n, block_size) windows spread evenly over them."""
+    eot = getattr(tokenizer, "eos_token_id", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast path, and no max-length warnings
+    if backend is not None:
+        docs = [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    else:
+        docs = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    ids: list[int] = []
+    for doc in docs:
+        ids += doc
+        if eot is not None:
+            ids.append(eot)
+    n_windows = max(1, min(n_tokens // block_size, len(ids) // block_size))
+    if len(ids) < block_size:
+        raise ValueError(f"only {len(ids)} tokens of text; need at least one window of {block_size}")
+    starts = torch.linspace(0, len(ids) - block_size, n_windows).long().tolist()
+    return torch.tensor([ids[s : s + block_size] for s in starts], dtype=torch.long)
+
+
+def default_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("CSP_CACHE_DIR") or Path(constants.HF_HOME) / "csp" / "mean_activations")
+
+
+@torch.no_grad()
+def compute_mean_activations(
+    model,
+    data,
+    n_tokens: int = 32768,
+    batch_size: int = 32,
+    cache_dir: str | Path | None | bool = None,
+) -> Masks:
+    """{location: (width,) mean activation} at every node location, over pretraining-like text.
+
+    `data` is a tokenizer (then the text is the held-out CPython stdlib, see `stdlib_heldout_texts`, in
+    windows of the model's block size), or token ids: a (n, T) tensor or a list of 1-D/2-D tensors.
+    Means are over all positions of all windows. Results are cached in `cache_dir` (default
+    $CSP_CACHE_DIR or HF_HOME/csp/mean_activations; False disables) keyed by a hash of the model's
+    weights and of the tokens (for a tokenizer: of the tokenizer, Python version, n_tokens and block
+    size, so that a cache hit needs no tokenizing), so a changed model or text is recomputed."""
+    if hasattr(data, "encode"):  # a tokenizer: the key names the text instead of hashing its tokens
+        vocab = getattr(getattr(data, "backend_tokenizer", None), "to_str", lambda: str(sorted(data.get_vocab().items())))()
+        key = f"stdlib-heldout|{sysconfig.get_python_version()}|{n_tokens}|{model.config.block_size}|{vocab}"
+        batches = None
+    else:
+        tensors = [data] if isinstance(data, torch.Tensor) else list(data)
+        if not tensors:
+            raise ValueError("no token batches given to compute mean activations on")
+        batches = [chunk for t in tensors for chunk in (t if t.dim() == 2 else t.unsqueeze(0)).split(batch_size)]
+        key = "|".join(f"{tuple(b.shape)}:{hashlib.sha256(b.long().numpy().tobytes()).hexdigest()}" for b in batches)
+
+    path = None
+    if cache_dir is not False:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        path = Path(cache_dir or default_cache_dir()) / f"means-{weights_hash(model)}-{digest}.pt"
+        if path.exists():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception:
+                pass  # unreadable cache: recompute
+    if batches is None:
+        batches = text_windows(data, stdlib_heldout_texts(), n_tokens, model.config.block_size).split(batch_size)
+
+    locations = node_locations(model.config)
+    sums = {loc: torch.zeros(location_width(model.config, loc), dtype=torch.float64) for loc in locations}
+    count = 0
+    pattern = "|".join(l.replace(".", r"\.") for l in locations)
+    for b in batches:
+        if int(b.max()) >= model.config.vocab_size:
+            raise ValueError(f"token id {int(b.max())} is outside the model's vocabulary ({model.config.vocab_size})")
+        with model.record_activations(pattern) as acts:
+            model(b.to(model.device), use_cache=False, logits_to_keep=1)
+        for loc in locations:
+            sums[loc] += acts[loc].double().sum(dim=(0, 1)).cpu()
+        count += b.shape[0] * b.shape[1]
+    means = {loc: (s / count).float() for loc, s in sums.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(means, tmp)
+        os.replace(tmp, path)
+    return means
+
+
+# ---- effects of ablations ------------------------------------------------------------------
+
+
+def all_kept(config) -> Masks:
+    return {loc: torch.ones(location_width(config, loc), dtype=torch.bool) for loc in node_locations(config)}
+
+
+def _sublayer(location: str) -> str:
+    layer, kind = location.split(".", 2)[:2]
+    return f"{layer}.{kind}"
+
+
+@torch.no_grad()
+def layer_ablation_deltas(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
+                          freeze_norm_scales: bool = False) -> dict[str, float]:
+    """{"0.attn": d, "0.mlp": d, ...}: loss increase when a sublayer's circuit nodes are ablated too."""
+    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
+    out = {}
+    for layer in range(model.config.n_layer):
+        for part in ("attn", "mlp"):
+            name = f"{layer}.{part}"
+            masks = {loc: (torch.zeros_like(m) if _sublayer(loc) == name else m) for loc, m in keep_masks.items()}
+            out[name] = evaluate(model, batch, masks, means, freeze_norm_scales)[0] - base
+    return out
+
+
+def node_importances(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
+                     freeze_norm_scales: bool = False, method: str = "exact") -> dict[str, float]:
+    """{"loc:idx": d}: task-loss increase when that kept node alone is ablated (others as in the circuit).
+
+    method "exact" runs one forward pass per node; "attribution" estimates all of them from one backward
+    pass, d ~ -dL/dm at m = 1 (first order in the mask; cheap for large circuits, less accurate)."""
+    if method == "attribution":
+        return _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales)
+    if method != "exact":
+        raise ValueError(f"method must be 'exact' or 'attribution', not {method!r}")
+    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
+    out = {}
+    for loc, mask in keep_masks.items():
+        for i in mask.bool().nonzero().flatten().tolist():
+            m = mask.clone().bool()
+            m[i] = False
+            out[node_id(loc, i)] = evaluate(model, batch, {**keep_masks, loc: m}, means, freeze_norm_scales)[0] - base
+    return out
+
+
+def _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales) -> dict[str, float]:
+    masks = {loc: m.float().requires_grad_(True) for loc, m in keep_masks.items()}
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        with contextlib.ExitStack() as stack:
+            if freeze_norm_scales:
+                stack.enter_context(frozen_norm_scales(model, batch))
+            stack.enter_context(ablate(model, masks, means))
+            loss = task_loss(task_logits(model, batch), batch)
+        grads = torch.autograd.grad(loss, list(masks.values()))
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    return {
+        node_id(loc, i): -float(g[i])
+        for (loc, m), g in zip(keep_masks.items(), grads)
+        for i in m.bool().nonzero().flatten().tolist()
+    }
+
+
+__all__ = [
+    "task_logits", "evaluate", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales",
+    "compute_mean_activations", "stdlib_heldout_texts", "text_windows", "layer_ablation_deltas",
+    "node_importances", "all_kept",
+]

@@ -1,0 +1,413 @@
+"""Circuits of weight-sparse transformers: nodes, edges and the `csp-circuit` JSON file format.
+
+A *node* is one channel at one of eight locations per layer (the model's hook names):
+
+    {l}.attn.act_in       residual read channels of attention (after the norm), width d_model_in
+    {l}.attn.q|k|v        query / key / value channels, width n_head * d_head (head = index // d_head)
+    {l}.attn.resid_delta  residual write channels of attention, width d_model
+    {l}.mlp.act_in        residual read channels of the MLP, width d_model_in
+    {l}.mlp.post_act      MLP neurons, width d_mlp
+    {l}.mlp.resid_delta   residual write channels of the MLP, width d_model
+
+Ablating a node replaces its activation by its mean (or zero); a circuit is the set of kept nodes.
+
+*Edges* are the model's nonzero weights between kept nodes, so they are read off the weights, not learned:
+
+    act_in -> q, k, v           rows of attn.c_attn (q|k|v stacked)           kind "weight"
+    v -> attn.resid_delta       attn.c_proj columns: the attention output y has the same channels as v
+                                (y is a per-head mix of v over positions), so c_proj[:, j] links v_j
+    act_in -> post_act          mlp.c_fc                                       kind "weight"
+    post_act -> mlp.resid_delta mlp.c_proj                                     kind "weight"
+    resid_delta -> act_in       same residual channel, any later sublayer      kind "residual", weight 1
+
+q and k nodes have no outgoing weight edges: they act through the attention pattern of their head (q_i
+pairs with k_i in the dot product), which no single weight describes. Residual edges have weight 1: the
+residual stream adds the write channel to the later read channel unchanged; the norm in between rescales
+every channel of a position by the same factor (times a fixed per-channel gain), which is not a weight
+between two nodes. Channels of act_in past d_model (a concatenated position embedding) get no residual edges.
+
+The file format is documented in docs/circuit_format.md and in `CircuitGraph.to_dict`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT, VERSION = "csp-circuit", 1
+LOCATION_KINDS = (
+    "attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
+    "mlp.act_in", "mlp.post_act", "mlp.resid_delta",
+)
+ARCH_FIELDS = ("n_layer", "d_model", "d_model_in", "d_mlp", "n_head", "d_head", "vocab_size")
+REQUIRED_KEYS = ("format", "version", "model", "nodes", "edges")
+_LOCATION_RE = re.compile(r"^(\d+)\.(attn\.(?:act_in|q|k|v|resid_delta)|mlp\.(?:act_in|post_act|resid_delta))$")
+
+
+# ---- locations and node ids ----------------------------------------------------------------
+
+
+def node_locations(config) -> list[str]:
+    """Every node location of a model, in forward order."""
+    return [f"{l}.{kind}" for l in range(config.n_layer) for kind in LOCATION_KINDS]
+
+
+def location_width(config, location: str) -> int:
+    """Number of channels (nodes) at a location."""
+    kind = parse_location(location)[1]
+    if kind.endswith("act_in"):
+        return config.d_model_in
+    if kind.endswith("resid_delta"):
+        return config.d_model
+    if kind == "mlp.post_act":
+        return config.d_mlp
+    return config.n_head * config.d_head
+
+
+def parse_location(location: str) -> tuple[int, str]:
+    """'1.attn.q' -> (1, 'attn.q'); a ValueError names the accepted forms."""
+    m = _LOCATION_RE.match(location)
+    if not m:
+        raise ValueError(f"unknown node location {location!r}; expected '{{layer}}.' + one of {', '.join(LOCATION_KINDS)}")
+    return int(m.group(1)), m.group(2)
+
+
+def node_id(location: str, index: int) -> str:
+    return f"{location}:{int(index)}"
+
+
+def parse_node_id(node: str) -> tuple[str, int]:
+    """'1.attn.q:5' -> ('1.attn.q', 5)."""
+    location, sep, index = node.rpartition(":")
+    if not sep or not index.isdigit():
+        raise ValueError(f"bad node id {node!r}; expected 'location:index' such as '0.mlp.post_act:12'")
+    parse_location(location)
+    return location, int(index)
+
+
+def sublayer_order(location: str) -> int:
+    """Position of a location's sublayer in the forward pass (0.attn=0, 0.mlp=1, 1.attn=2, ...)."""
+    layer, kind = parse_location(location)
+    return 2 * layer + (kind.startswith("mlp"))
+
+
+# ---- model identity ------------------------------------------------------------------------
+
+
+def model_info(model, name: str | None = None, with_weights_hash: bool = True) -> dict[str, Any]:
+    """What a circuit file records about its model: name, architecture and hashes."""
+    c = model.config
+    info = {"name": name or getattr(c, "_name_or_path", "") or "unnamed"}
+    info.update({f: int(getattr(c, f)) for f in ARCH_FIELDS})
+    info["config_hash"] = config_hash(info)
+    if with_weights_hash:
+        info["weights_hash"] = weights_hash(model)
+    return info
+
+
+def config_hash(info: dict) -> str:
+    arch = {f: info.get(f) for f in ARCH_FIELDS}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_hash(model) -> str:
+    """sha256 over every parameter and buffer (name, shape, bytes): same weights, same hash.
+
+    Cached on the model until any tensor's version counter changes (in-place edits)."""
+    tensors = sorted(model.state_dict().items())
+    key = tuple((n, t._version, t.data_ptr()) for n, t in tensors)
+    cached = getattr(model, "_csp_weights_hash", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    model._csp_weights_hash = (key, digest)
+    return digest
+
+
+def _describe(info: dict) -> str:
+    arch = ", ".join(f"{f}={info[f]}" for f in ("n_layer", "d_model", "d_mlp", "n_head", "vocab_size") if f in info)
+    return f"{info.get('name', 'unnamed')!r} ({arch})"
+
+
+# ---- the graph -----------------------------------------------------------------------------
+
+
+@dataclass
+class Edge:
+    source: str  # node id
+    target: str
+    weight: float
+    kind: str = "weight"  # "weight" (a model weight) or "residual" (same residual channel, weight 1)
+
+
+@dataclass
+class CircuitDiff:
+    """Nodes and edges (as (source, target) pairs) in one circuit, the other, or both."""
+
+    nodes_only_self: list[str]
+    nodes_only_other: list[str]
+    nodes_both: list[str]
+    edges_only_self: list[tuple[str, str]]
+    edges_only_other: list[tuple[str, str]]
+    edges_both: list[tuple[str, str]]
+
+
+@dataclass
+class CircuitGraph:
+    """A circuit: kept nodes (node id -> importance), the edges between them, and how it was found.
+
+    `importance` is the task-loss increase when that node alone is ablated from the circuit (None when
+    unknown). `losses` holds task losses (nats, binary cross-entropy over the two candidates):
+    full model, circuit, random circuits of the same size per location, complement (only the circuit ablated).
+    """
+
+    model: dict[str, Any]
+    nodes: dict[str, float | None] = field(default_factory=dict)
+    edges: list[Edge] = field(default_factory=list)
+    task: str | None = None
+    ablation: str = "mean"
+    target_loss: float | None = None
+    k: int | None = None
+    layer_deltas: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, float | None] = field(default_factory=dict)
+    pruning_curve: list[list] = field(default_factory=list)
+    node_data: dict[str, Any] | None = None
+    task_docs: list[list[int]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- building --------------------------------------------------------------------------
+
+    @classmethod
+    def from_masks(
+        cls,
+        model,
+        masks: dict[str, torch.Tensor],
+        importances: dict[str, float] | None = None,
+        model_name: str | None = None,
+        **fields,
+    ) -> "CircuitGraph":
+        """Builds a circuit from keep masks {location: bool (width,)}, with edges from the model's weights.
+
+        Locations missing from `masks` count as fully ablated (no nodes kept there)."""
+        config = model.config
+        kept = {}
+        for loc in node_locations(config):
+            m = masks.get(loc)
+            if m is None:
+                continue
+            m = torch.as_tensor(m).bool().flatten()
+            if m.numel() != location_width(config, loc):
+                raise ValueError(f"mask for {loc} has {m.numel()} entries, the location has {location_width(config, loc)}")
+            idx = m.nonzero().flatten().tolist()
+            if idx:
+                kept[loc] = idx
+        unknown = sorted(set(masks) - set(node_locations(config)))
+        if unknown:
+            raise ValueError(f"masks for unknown locations {unknown}")
+        importances = importances or {}
+        nodes = {node_id(loc, i): importances.get(node_id(loc, i)) for loc, idx in kept.items() for i in idx}
+        graph = cls(model=model_info(model, model_name), nodes=nodes, edges=compute_edges(model, kept), **fields)
+        graph.k = graph.k if graph.k is not None else len(nodes)
+        return graph
+
+    # -- views -----------------------------------------------------------------------------
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edges)
+
+    def node_indices(self) -> dict[str, list[int]]:
+        """{location: sorted kept channel indices}."""
+        out: dict[str, list[int]] = {}
+        for n in self.nodes:
+            loc, i = parse_node_id(n)
+            out.setdefault(loc, []).append(i)
+        return {loc: sorted(v) for loc, v in out.items()}
+
+    def masks(self, config) -> dict[str, torch.Tensor]:
+        """Bool keep masks for every node location of a model (all False where nothing is kept)."""
+        out = {loc: torch.zeros(location_width(config, loc), dtype=torch.bool) for loc in node_locations(config)}
+        for loc, idx in self.node_indices().items():
+            if loc not in out:
+                raise ValueError(f"circuit has nodes at {loc}, which this model does not have")
+            if max(idx) >= out[loc].numel():
+                raise ValueError(f"circuit node {loc}:{max(idx)} is out of range (width {out[loc].numel()})")
+            out[loc][idx] = True
+        return out
+
+    def diff(self, other: "CircuitGraph") -> CircuitDiff:
+        a, b = set(self.nodes), set(other.nodes)
+        ea, eb = {(e.source, e.target) for e in self.edges}, {(e.source, e.target) for e in other.edges}
+        return CircuitDiff(
+            nodes_only_self=sorted(a - b), nodes_only_other=sorted(b - a), nodes_both=sorted(a & b),
+            edges_only_self=sorted(ea - eb), edges_only_other=sorted(eb - ea), edges_both=sorted(ea & eb),
+        )
+
+    # -- model check -----------------------------------------------------------------------
+
+    def check_model(self, model, name: str | None = None) -> None:
+        """Raises ValueError unless this circuit was made for `model` (architecture, and weights if known)."""
+        mine, theirs = self.model, model_info(model, name, with_weights_hash="weights_hash" in self.model)
+        arch_differs = any(f in mine and mine[f] != theirs[f] for f in ARCH_FIELDS)
+        weights_differ = "weights_hash" in mine and mine["weights_hash"] != theirs.get("weights_hash")
+        if arch_differs or weights_differ:
+            why = "" if arch_differs else " (same architecture, different weights)"
+            raise ValueError(f"circuit was made for model {_describe(mine)}, not {_describe(theirs)}{why}")
+        self.masks(model.config)  # node indices in range
+
+    # -- file format -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written by `save` (see docs/circuit_format.md):
+
+            {"format": "csp-circuit", "version": 1,
+             "model": {"name", "n_layer", "d_model", "d_model_in", "d_mlp", "n_head", "d_head",
+                       "vocab_size", "config_hash", "weights_hash" (optional)},
+             "task", "ablation": "mean"|"zero", "target_loss", "k",
+             "nodes": [{"location", "index", "importance"}],
+             "edges": [{"source": "loc:idx", "target": "loc:idx", "weight", "kind"}],
+             "layer_deltas": {"0.attn": delta, ...}, "losses": {"full", "circuit", "random", "complement"},
+             "pruning_curve": [[step, loss, n_kept]],
+             "node_data" (optional): {"loc:idx": {"top": {frac: [...]}, "bottom": {...}, "task_activations": [...]}},
+             "task_docs" (optional): [[token ids]], "meta": {...}}
+        """
+        out = {
+            "format": FORMAT, "version": VERSION, "model": self.model, "task": self.task, "ablation": self.ablation,
+            "target_loss": self.target_loss, "k": self.k,
+            "nodes": [{"location": parse_node_id(n)[0], "index": parse_node_id(n)[1], "importance": imp}
+                      for n, imp in self.nodes.items()],
+            "edges": [{"source": e.source, "target": e.target, "weight": e.weight, "kind": e.kind} for e in self.edges],
+            "layer_deltas": self.layer_deltas, "losses": self.losses, "pruning_curve": self.pruning_curve,
+            "meta": self.meta,
+        }
+        if self.node_data is not None:
+            out["node_data"] = self.node_data
+        if self.task_docs is not None:
+            out["task_docs"] = self.task_docs
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "circuit") -> "CircuitGraph":
+        """Parses and checks a `to_dict` object; ValueError says what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} is not a csp-circuit file: expected a JSON object")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a csp-circuit file (format={data.get('format')!r}, missing keys {missing})")
+        if data.get("version") != VERSION:
+            raise ValueError(f"{source} has csp-circuit version {data.get('version')!r}; this code reads version {VERSION}")
+        if missing:
+            raise ValueError(f"{source} is missing keys {missing}")
+        if not isinstance(data["model"], dict):
+            raise ValueError(f"{source}: 'model' must be an object")
+        try:
+            nodes = {}
+            for n in data["nodes"]:
+                parse_location(n["location"])
+                nodes[node_id(n["location"], int(n["index"]))] = _opt_float(n.get("importance"))
+            edges = []
+            for e in data["edges"]:
+                for end in (e["source"], e["target"]):
+                    parse_node_id(end)
+                    if end not in nodes:
+                        raise ValueError(f"edge endpoint {end} is not a node of the circuit")
+                edges.append(Edge(e["source"], e["target"], float(e["weight"]), e.get("kind", "weight")))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{source}: malformed node or edge entry ({type(exc).__name__}: {exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        if data.get("ablation", "mean") not in ("mean", "zero"):
+            raise ValueError(f"{source}: ablation must be 'mean' or 'zero', not {data.get('ablation')!r}")
+        return cls(
+            model=data["model"], nodes=nodes, edges=edges, task=data.get("task"), ablation=data.get("ablation", "mean"),
+            target_loss=_opt_float(data.get("target_loss")), k=data.get("k"),
+            layer_deltas=dict(data.get("layer_deltas") or {}), losses=dict(data.get("losses") or {}),
+            pruning_curve=list(data.get("pruning_curve") or []), node_data=data.get("node_data"),
+            task_docs=data.get("task_docs"), meta=dict(data.get("meta") or {}),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, model_name: str | None = None) -> "CircuitGraph":
+        """Reads a circuit file; with `model`, also checks that the circuit was made for it."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"circuit file {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a csp-circuit file: not valid JSON ({exc})") from None
+        graph = cls.from_dict(data, source=str(path))
+        if model is not None:
+            graph.check_model(model, model_name)
+        return graph
+
+
+def _opt_float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+# ---- edges from weights --------------------------------------------------------------------
+
+
+def weight_pairs(model, layer: int) -> list[tuple[str, str, torch.Tensor]]:
+    """(source location, target location, weight (target width x source width)) of one layer."""
+    block = model.transformer.h[layer]
+    width = model.config.n_head * model.config.d_head
+    c_attn = block.attn.c_attn.weight.detach()
+    p = f"{layer}."
+    return [
+        (p + "attn.act_in", p + "attn.q", c_attn[:width]),
+        (p + "attn.act_in", p + "attn.k", c_attn[width : 2 * width]),
+        (p + "attn.act_in", p + "attn.v", c_attn[2 * width :]),
+        (p + "attn.v", p + "attn.resid_delta", block.attn.c_proj.weight.detach()),
+        (p + "mlp.act_in", p + "mlp.post_act", block.mlp.c_fc.weight.detach()),
+        (p + "mlp.post_act", p + "mlp.resid_delta", block.mlp.c_proj.weight.detach()),
+    ]
+
+
+def compute_edges(model, kept: dict[str, list[int]]) -> list[Edge]:
+    """Nonzero weights between kept nodes, plus residual edges (see the module docstring)."""
+    edges = []
+    for layer in range(model.config.n_layer):
+        for src, tgt, w in weight_pairs(model, layer):
+            s_idx, t_idx = kept.get(src, []), kept.get(tgt, [])
+            if not s_idx or not t_idx:
+                continue
+            sub = w[t_idx][:, s_idx].float()  # (n_tgt, n_src)
+            for ti, si in sub.nonzero().tolist():
+                edges.append(Edge(node_id(src, s_idx[si]), node_id(tgt, t_idx[ti]), float(sub[ti, si])))
+    writes = [loc for loc in kept if loc.endswith("resid_delta")]
+    reads = [loc for loc in kept if loc.endswith("act_in")]
+    for w in sorted(writes, key=sublayer_order):
+        for r in sorted(reads, key=sublayer_order):
+            if sublayer_order(r) > sublayer_order(w):
+                for c in sorted(set(kept[w]) & set(kept[r])):
+                    edges.append(Edge(node_id(w, c), node_id(r, c), 1.0, "residual"))
+    return edges
+
+
+__all__ = [
+    "CircuitGraph", "CircuitDiff", "Edge", "LOCATION_KINDS", "node_locations", "location_width", "node_id",
+    "parse_node_id", "parse_location", "model_info", "weights_hash", "compute_edges", "weight_pairs",
+]

@@ -1,0 +1,299 @@
+"""Finding circuits by pruning nodes (Gao et al. 2025, appendix A.5).
+
+Every node location gets one learnable mask logit per channel, tau. The forward pass keeps a node when
+tau > 0 (a Heaviside step) and replaces an ablated node by its mean (or zero); the backward pass uses the
+derivative of sigmoid(tau / temperature) as a surrogate gradient (straight-through). The model is frozen; Adam
+trains only tau, on
+
+    task loss (binary cross-entropy over the two candidates) + lambda * (number of kept nodes)
+
+with tau clamped to [-1, 1] after every step (so any node can come back). Training only ranks the nodes:
+afterwards nodes are ordered by tau and `prune_to_target_loss` bisects over k for the smallest top-k circuit
+whose task loss reaches the target (default 0.15 nats). Faithfulness is then measured on held-out examples:
+full model, circuit, random circuits of the same size per location, and the complement.
+
+    result = prune(model, tokenizer, "single_double_quote", PruneConfig(steps=300))
+    result.circuit.save("circuit.json")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .ablation import (
+    ablate, all_kept, compute_mean_activations, evaluate, frozen_norm_scales, layer_ablation_deltas,
+    node_importances, task_logits,
+)
+from .circuits import CircuitGraph, location_width, node_locations
+from .tasks import TaskBatch, get_task, make_task_dataset, task_loss
+
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass
+class PruneConfig:
+    """Options of `prune` (all recorded in the circuit file's meta.options)."""
+
+    ablation: str = "mean"  # "mean" or "zero"
+    target_loss: float = 0.15  # task loss (nats) the circuit must reach on the training examples
+    k: int | None = None  # keep exactly the top-k nodes instead of searching for the target
+    steps: int = 200
+    lr: float = 1e-2
+    lam: float = 1e-3  # loss cost of one kept node
+    batch_size: int = 32
+    temperature: float = 1.0  # of the sigmoid surrogate gradient
+    init: float = 0.1  # initial tau (all nodes kept), plus init_noise * N(0, 1)
+    init_noise: float = 0.01
+    seed: int = 0
+    freeze_norm_scales: bool = False  # norms use the unablated model's 1/rms (see ablation.frozen_norm_scales)
+    n_examples: int = 512  # task examples, 75% train / 25% test
+    data_seed: int = 0
+    n_random: int = 5  # random circuits averaged for the baseline
+    random_margin: float = 0.02
+    n_mean_tokens: int = 32768
+    max_exact_importances: int = 128  # larger circuits get gradient (attribution) importances
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.ablation not in ("mean", "zero"):
+            raise ValueError(f"ablation must be 'mean' or 'zero', not {self.ablation!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.lam < 0 or self.temperature <= 0:
+            raise ValueError("steps >= 0, batch_size >= 1, lr > 0, lam >= 0 and temperature > 0 are required")
+        if self.k is not None and self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+
+
+# ---- masks ---------------------------------------------------------------------------------
+
+
+class _HeavisideSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tau, temperature):
+        ctx.save_for_backward(tau)
+        ctx.temperature = temperature
+        return (tau > 0).to(tau.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tau,) = ctx.saved_tensors
+        s = torch.sigmoid(tau / ctx.temperature)
+        return grad * s * (1 - s) / ctx.temperature, None
+
+
+def heaviside_ste(tau: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Exactly 1 where tau > 0 else 0, with the gradient of sigmoid(tau / temperature) (straight-through)."""
+    return _HeavisideSTE.apply(tau, temperature)
+
+
+class NodeMasks(torch.nn.Module):
+    """One mask logit tau per node at every node location of a model."""
+
+    def __init__(self, config, init: float = 0.1, init_noise: float = 0.01, generator: torch.Generator | None = None):
+        super().__init__()
+        self.locations = node_locations(config)
+        self.tau = torch.nn.ParameterList(
+            torch.nn.Parameter(init + init_noise * torch.randn(location_width(config, loc), generator=generator))
+            for loc in self.locations
+        )
+
+    def forward(self, temperature: float = 1.0) -> Masks:
+        return {loc: heaviside_ste(t, temperature) for loc, t in zip(self.locations, self.tau)}
+
+    def scores(self) -> Masks:
+        return {loc: t.detach().clone() for loc, t in zip(self.locations, self.tau)}
+
+    def n_kept(self) -> int:
+        return sum(int((t > 0).sum()) for t in self.tau)
+
+    @torch.no_grad()
+    def clamp_(self):
+        for t in self.tau:
+            t.clamp_(-1.0, 1.0)
+
+
+def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfig) -> tuple[Masks, list[list]]:
+    """Learns node scores (tau) for a task; returns them and the curve [[step, task loss, n_kept]]."""
+    gen = torch.Generator().manual_seed(config.seed)
+    masks = NodeMasks(model.config, config.init, config.init_noise, gen)
+    opt = torch.optim.Adam(masks.parameters(), lr=config.lr)
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    curve = []
+    n = len(batch)
+    try:
+        bar = tqdm(range(config.steps), desc="pruning", disable=not config.progress, leave=False)
+        for step in bar:
+            idx = torch.randperm(n, generator=gen)[: config.batch_size] if config.batch_size < n else torch.arange(n)
+            sub = _subset(batch, idx)
+            with frozen_norm_scales(model, sub) if config.freeze_norm_scales else contextlib.nullcontext():
+                keep = masks(config.temperature)
+                with ablate(model, keep, means):
+                    loss = task_loss(task_logits(model, sub), sub)
+            n_kept = sum(m.sum() for m in keep.values())  # value: count of kept nodes; gradient: sigmoid'
+            opt.zero_grad(set_to_none=True)
+            (loss + config.lam * n_kept).backward()
+            opt.step()
+            masks.clamp_()
+            curve.append([step, round(loss.item(), 6), int(n_kept.item())])
+            if step % 10 == 0 or step == config.steps - 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}", kept=int(n_kept.item()), refresh=False)
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    return masks.scores(), curve
+
+
+def _subset(batch: TaskBatch, idx: torch.Tensor) -> TaskBatch:
+    """Rows `idx` of a batch, with columns that are padding in every chosen row dropped."""
+    mask = batch.attention_mask[idx]
+    start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+    return TaskBatch(
+        input_ids=batch.input_ids[idx, start:], attention_mask=mask[:, start:],
+        positions=batch.positions[idx] - start, correct_ids=batch.correct_ids[idx],
+        alternative_ids=batch.alternative_ids[idx], examples=[batch.examples[i] for i in idx.tolist()] if batch.examples else [],
+    )
+
+
+# ---- from scores to circuits ---------------------------------------------------------------
+
+
+def top_k_masks(scores: Masks, k: int) -> Masks:
+    """Bool masks keeping the k nodes with the highest scores over all locations (ties: forward order)."""
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[: max(0, min(k, flat.numel()))]] = True
+    return dict(zip(scores, keep.split([s.numel() for s in scores.values()])))
+
+
+def sweep_k(model, batch: TaskBatch, scores: Masks, means: Masks | None, ks, freeze_norm_scales: bool = False) -> list[list]:
+    """The faithfulness curve [[k, task loss, accuracy]] of top-k circuits."""
+    return [[int(k), *evaluate(model, batch, top_k_masks(scores, int(k)), means, freeze_norm_scales)] for k in ks]
+
+
+def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None, target_loss: float = 0.15,
+                         freeze_norm_scales: bool = False) -> tuple[int, float, bool]:
+    """Smallest k whose top-k circuit has task loss <= target (bisection, assuming loss falls with k).
+
+    Returns (k, its loss, reached); when even all nodes miss the target, (all nodes, full loss, False)."""
+    def loss_at(k):
+        return evaluate(model, batch, top_k_masks(scores, k), means, freeze_norm_scales)[0]
+
+    hi = sum(s.numel() for s in scores.values())
+    hi_loss = loss_at(hi)
+    if hi_loss > target_loss:
+        return hi, hi_loss, False
+    lo = 0  # invariant: loss_at(lo) > target (or lo == 0 untested), loss_at(hi) <= target
+    lo_loss = loss_at(0)
+    if lo_loss <= target_loss:
+        return 0, lo_loss, True
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        mid_loss = loss_at(mid)
+        if mid_loss <= target_loss:
+            hi, hi_loss = mid, mid_loss
+        else:
+            lo = mid
+    return hi, hi_loss, True
+
+
+def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
+    """Random circuit with the same number of kept nodes at every location."""
+    out = {}
+    for loc, m in masks.items():
+        r = torch.zeros(m.numel(), dtype=torch.bool)
+        r[torch.randperm(m.numel(), generator=generator)[: int(m.sum())]] = True
+        out[loc] = r
+    return out
+
+
+@torch.no_grad()
+def faithfulness(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None, n_random: int = 5, seed: int = 0,
+                 margin: float = 0.02, freeze_norm_scales: bool = False) -> dict[str, Any]:
+    """Task losses/accuracies of the full model, the circuit, random same-size circuits and the complement.
+
+    `random_baseline_as_good` flags circuits that random node sets of the same size match (within `margin`):
+    then the circuit says little about which nodes matter."""
+    full, full_acc = evaluate(model, batch)
+    circuit, circuit_acc = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
+    gen = torch.Generator().manual_seed(seed)
+    randoms = [evaluate(model, batch, random_masks_like(keep_masks, gen), means, freeze_norm_scales)[0]
+               for _ in range(n_random)]
+    complement = {loc: ~m.bool() for loc, m in keep_masks.items()}
+    comp, _ = evaluate(model, batch, complement, means, freeze_norm_scales)
+    random = sum(randoms) / max(len(randoms), 1)
+    return {
+        "full": full, "circuit": circuit, "random": random, "complement": comp,
+        "full_accuracy": full_acc, "circuit_accuracy": circuit_acc, "random_losses": randoms,
+        "random_baseline_as_good": bool(random <= circuit + margin),
+    }
+
+
+# ---- everything together -------------------------------------------------------------------
+
+
+@dataclass
+class PruneResult:
+    circuit: CircuitGraph
+    scores: Masks
+    keep_masks: Masks
+    train_loss: float
+    target_reached: bool
+    seconds: float
+
+
+def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Masks | None = None,
+          model_name: str | None = None, cache_dir=None) -> PruneResult:
+    """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness on test."""
+    config = config or PruneConfig()
+    t0 = time.perf_counter()
+    task = get_task(task)
+    model.eval()
+    data = make_task_dataset(task, tokenizer, n=config.n_examples, seed=config.data_seed, max_len=model.config.block_size)
+    if config.ablation == "mean" and means is None:
+        means = compute_mean_activations(model, tokenizer, n_tokens=config.n_mean_tokens, cache_dir=cache_dir)
+    fill = means if config.ablation == "mean" else None
+
+    scores, curve = train_masks(model, data.train, fill, config)
+    fns = config.freeze_norm_scales
+    if config.k is not None:
+        k = min(config.k, sum(s.numel() for s in scores.values()))
+        train_loss = evaluate(model, data.train, top_k_masks(scores, k), fill, fns)[0]
+        reached = train_loss <= config.target_loss
+    else:
+        k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, config.target_loss, fns)
+    keep = top_k_masks(scores, k)
+
+    test = data.test if len(data.test) else data.train
+    faith = faithfulness(model, test, keep, fill, config.n_random, config.seed, config.random_margin, fns)
+    method = "exact" if k <= config.max_exact_importances else "attribution"
+    importances = node_importances(model, test, keep, fill, fns, method=method)
+    deltas = layer_ablation_deltas(model, test, keep, fill, fns)
+    seconds = time.perf_counter() - t0
+    circuit = CircuitGraph.from_masks(
+        model, keep, importances, model_name=model_name, task=task.name, ablation=config.ablation,
+        target_loss=config.target_loss, k=k, layer_deltas=deltas,
+        losses={key: faith[key] for key in ("full", "circuit", "random", "complement")},
+        pruning_curve=curve,
+        meta={
+            "options": {key: v for key, v in asdict(config).items() if key != "progress"},
+            "train_circuit_loss": train_loss, "target_reached": reached, "eval_split": "test",
+            "n_train": len(data.train), "n_test": len(test), "importance_method": method,
+            "full_accuracy": faith["full_accuracy"], "circuit_accuracy": faith["circuit_accuracy"],
+            "random_losses": faith["random_losses"], "random_baseline_as_good": faith["random_baseline_as_good"],
+            "n_total_nodes": sum(s.numel() for s in scores.values()), "seconds": round(seconds, 2),
+        },
+    )
+    return PruneResult(circuit, scores, keep, train_loss, reached, seconds)
+
+
+__all__ = [
+    "PruneConfig", "NodeMasks", "heaviside_ste", "train_masks", "top_k_masks", "sweep_k", "prune_to_target_loss",
+    "random_masks_like", "faithfulness", "prune", "PruneResult",
+]

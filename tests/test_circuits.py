@@ -1,0 +1,136 @@
+"""Node locations, edges from weights, and the csp-circuit file format (load checks, diff)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+from modeling_csp import CSPForCausalLM
+from modeling_csp.circuits import (
+    CircuitGraph, location_width, node_id, node_locations, parse_node_id, weights_hash,
+)
+
+VIZ = FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
+
+
+@pytest.fixture(scope="module")
+def rms(converted):
+    return CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"]).eval()
+
+
+@pytest.fixture(scope="module")
+def viz_masks(rms):
+    data = torch.load(VIZ, weights_only=True)
+    masks = {loc: torch.zeros(location_width(rms.config, loc), dtype=torch.bool) for loc in node_locations(rms.config)}
+    for loc, idx in data["circuit_data"].items():
+        masks[loc][idx] = True
+    return masks, data
+
+
+def test_locations_and_widths(rms):
+    c = rms.config
+    locs = node_locations(c)
+    assert len(locs) == 8 * c.n_layer and locs[0] == "0.attn.act_in" and locs[-1] == f"{c.n_layer - 1}.mlp.resid_delta"
+    assert set(locs) <= set(rms.hook_names())
+    # the fixture's num_total_nodes
+    assert sum(location_width(c, loc) for loc in locs) == 2112
+    assert parse_node_id("2.mlp.post_act:17") == ("2.mlp.post_act", 17)
+    for bad in ("2.mlp.post_act", "2.mlp.nope:1", "x:1", "0.attn.q:-1"):
+        with pytest.raises(ValueError):
+            parse_node_id(bad)
+
+
+def test_edges_are_the_models_weights(rms, viz_masks):
+    """The fixture's pair_data are the checkpoint's real weights between its nodes: from_masks must agree."""
+    masks, data = viz_masks
+    graph = CircuitGraph.from_masks(rms, masks)
+    assert graph.n_nodes == 93
+    weight_edges = {(e.source, e.target): e.weight for e in graph.edges if e.kind == "weight"}
+    expected = {}
+    for w, src_ch, tgt_ch, (src, tgt) in data["importances"]["pair_data"]:
+        for si, ti in w.nonzero().tolist():
+            expected[(node_id(src, src_ch[si]), node_id(tgt, tgt_ch[ti]))] = float(w[si, ti])
+    assert len(expected) == 76
+    assert weight_edges.keys() == expected.keys()
+    for key, value in expected.items():
+        assert weight_edges[key] == pytest.approx(value, abs=1e-6)
+
+
+def test_residual_edges(rms, viz_masks):
+    masks, _ = viz_masks
+    graph = CircuitGraph.from_masks(rms, masks)
+    residual = [(e.source, e.target) for e in graph.edges if e.kind == "residual"]
+    kept = graph.node_indices()
+    order = lambda loc: 2 * int(loc.split(".")[0]) + loc.split(".")[1].startswith("mlp")  # noqa: E731
+    expected = {
+        (node_id(w, c), node_id(r, c))
+        for w in kept if w.endswith("resid_delta")
+        for r in kept if r.endswith("act_in") and order(r) > order(w)
+        for c in set(kept[w]) & set(kept[r])
+    }
+    assert set(residual) == expected and len(residual) == len(expected)
+    assert all(e.weight == 1.0 for e in graph.edges if e.kind == "residual")
+
+
+def test_save_load_roundtrip_and_diff(rms, viz_masks, tmp_path):
+    masks, _ = viz_masks
+    graph = CircuitGraph.from_masks(rms, masks, importances={"0.attn.q:19": 0.5}, task="t", target_loss=0.15,
+                                    losses={"full": 0.1, "circuit": 0.2, "random": 0.6, "complement": 0.7})
+    path = graph.save(tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "csp-circuit" and data["version"] == 1
+    assert {"location": "0.attn.q", "index": 19, "importance": 0.5} in data["nodes"]
+    loaded = CircuitGraph.load(path, model=rms)
+    assert loaded.nodes == graph.nodes and loaded.edges == graph.edges and loaded.losses == graph.losses
+    assert all(torch.equal(loaded.masks(rms.config)[k], masks[k]) for k in masks)
+
+    smaller = {k: v.clone() for k, v in masks.items()}
+    smaller["0.attn.q"][:] = False
+    d = graph.diff(CircuitGraph.from_masks(rms, smaller))
+    assert set(d.nodes_only_self) == {f"0.attn.q:{i}" for i in (19, 28, 31, 49)}
+    assert not d.nodes_only_other and len(d.nodes_both) == 89
+    assert d.edges_only_self and all("0.attn.q:" in t for _, t in d.edges_only_self) and not d.edges_only_other
+
+
+def test_load_rejects_bad_files(rms, viz_masks, tmp_path):
+    masks, _ = viz_masks
+    good = CircuitGraph.from_masks(rms, masks).to_dict()
+
+    def write(obj, name="bad.json"):
+        p = tmp_path / name
+        p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+        return p
+
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CircuitGraph.load(write("{nope"))
+    with pytest.raises(ValueError, match="not a csp-circuit file"):
+        CircuitGraph.load(write({"hello": 1}))
+    with pytest.raises(ValueError, match="version"):
+        CircuitGraph.load(write({**good, "version": 99}))
+    with pytest.raises(ValueError, match="missing keys"):
+        CircuitGraph.load(write({k: v for k, v in good.items() if k != "edges"}))
+    with pytest.raises(ValueError, match="not a node"):
+        CircuitGraph.load(write({**good, "edges": [{"source": "0.attn.q:1", "target": "0.attn.q:2", "weight": 1}]}))
+    with pytest.raises(ValueError, match="malformed"):
+        CircuitGraph.load(write({**good, "nodes": [{"index": 3}]}))
+    with pytest.raises(ValueError, match="does not exist"):
+        CircuitGraph.load(tmp_path / "missing.json")
+    out_of_range = {**good, "nodes": [{"location": "0.attn.q", "index": 999, "importance": None}], "edges": []}
+    with pytest.raises(ValueError, match="out of range"):
+        CircuitGraph.load(write(out_of_range), model=rms)
+
+
+def test_load_checks_the_model(rms, converted, viz_masks, tmp_path):
+    masks, _ = viz_masks
+    path = CircuitGraph.from_masks(rms, masks, model_name="rms_sink_bigram").save(tmp_path / "c.json")
+    other = CSPForCausalLM.from_pretrained(converted["ln_gpt2"])
+    with pytest.raises(ValueError, match=r"circuit was made for model 'rms_sink_bigram' \(n_layer=3, d_model=64"):
+        CircuitGraph.load(path, model=other)
+
+    changed = CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"])
+    with torch.no_grad():
+        changed.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0
+    assert weights_hash(changed) != weights_hash(rms)
+    with pytest.raises(ValueError, match="different weights"):
+        CircuitGraph.load(path, model=changed)

@@ -1,0 +1,134 @@
+"""Mask training (surrogate gradients, determinism), top-k bisection, faithfulness, and a real prune."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_csp import CSPForCausalLM
+from modeling_csp.ablation import ablate, all_kept, compute_mean_activations, evaluate, task_logits
+from modeling_csp.circuits import CircuitGraph
+from modeling_csp.pruning import (
+    NodeMasks, PruneConfig, faithfulness, heaviside_ste, prune_to_target_loss, random_masks_like, sweep_k,
+    top_k_masks, train_masks,
+)
+from modeling_csp.tasks import task_loss
+from test_ablation import synthetic_batch
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded, and multi-threaded runs stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    return CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"]).eval()
+
+
+@pytest.fixture(scope="module")
+def means(model):
+    tokens = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    return compute_mean_activations(model, [tokens], cache_dir=False)
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return synthetic_batch(model, n=48, T=12)
+
+
+def test_heaviside_surrogate():
+    tau = torch.tensor([-0.5, -0.01, 0.0, 0.01, 0.7], requires_grad=True)
+    out = heaviside_ste(tau, temperature=0.5)
+    assert out.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    out.sum().backward()
+    s = torch.sigmoid(tau.detach() / 0.5)
+    torch.testing.assert_close(tau.grad, s * (1 - s) / 0.5)
+
+
+def test_mask_gradients_through_the_model(model, means, batch):
+    masks = NodeMasks(model.config, generator=torch.Generator().manual_seed(0))
+    model.requires_grad_(False)
+    keep = masks()
+    with ablate(model, keep, means):
+        loss = task_loss(task_logits(model, batch), batch)
+    (loss + 1e-3 * sum(m.sum() for m in keep.values())).backward()
+    model.requires_grad_(True)
+    grads = [t.grad for t in masks.tau]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all((g != 0).any() for g in grads)  # the penalty alone makes every gradient nonzero
+    assert sum(int((g.abs() > 2.5e-4).sum()) for g in grads) > 0  # and the task loss reaches the masks
+    assert all(p.grad is None for p in model.parameters())  # the model stays frozen
+
+
+def test_training_is_deterministic_and_prunes(model, means, batch):
+    config = PruneConfig(steps=12, batch_size=16, lr=0.1, progress=False)
+    a, curve = train_masks(model, batch, means, config)
+    b, _ = train_masks(model, batch, means, config)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c, _ = train_masks(model, batch, means, PruneConfig(steps=12, batch_size=16, lr=0.1, seed=1, progress=False))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert len(curve) == 12 and curve[0][2] == 2112 and curve[-1][2] < 2112
+    assert all(t.abs().max() <= 1 for t in a.values())  # clamped to [-1, 1]
+
+
+def test_top_k_masks():
+    scores = {"0.attn.q": torch.tensor([0.5, -1.0, 0.9]), "0.attn.k": torch.tensor([0.7, 0.1])}
+    masks = top_k_masks(scores, 3)
+    assert masks["0.attn.q"].tolist() == [True, False, True] and masks["0.attn.k"].tolist() == [True, False]
+    assert sum(int(m.sum()) for m in top_k_masks(scores, 0).values()) == 0
+    assert sum(int(m.sum()) for m in top_k_masks(scores, 99).values()) == 5
+
+
+def test_bisection_reaches_target(model, means, batch):
+    scores, _ = train_masks(model, batch, means, PruneConfig(steps=15, batch_size=24, lr=0.1, progress=False))
+    full = evaluate(model, batch)[0]
+    empty = evaluate(model, batch, top_k_masks(scores, 0), means)[0]
+    assert empty > full + 0.1, "ablating everything should hurt the synthetic task"
+    target = (full + empty) / 2
+    k, loss, reached = prune_to_target_loss(model, batch, scores, means, target)
+    assert reached and loss <= target and 0 < k < 2112
+    assert evaluate(model, batch, top_k_masks(scores, k), means)[0] == pytest.approx(loss)
+    assert evaluate(model, batch, top_k_masks(scores, k - 1), means)[0] > target  # smallest k of the bisection
+    curve = sweep_k(model, batch, scores, means, [0, k, 2112])
+    assert curve[1][1] == pytest.approx(loss) and curve[2][1] == pytest.approx(full, abs=1e-6)
+    # unreachable target: everything kept, flagged
+    assert prune_to_target_loss(model, batch, scores, means, full - 1.0) == (2112, pytest.approx(full, abs=1e-6), False)
+
+
+def test_faithfulness_edge_cases(model, means, batch):
+    keep_all = all_kept(model.config)
+    f = faithfulness(model, batch, keep_all, means, n_random=2)
+    assert f["circuit"] == pytest.approx(f["full"], abs=1e-6) and f["random"] == pytest.approx(f["full"], abs=1e-6)
+    none = {k: torch.zeros_like(v) for k, v in keep_all.items()}
+    f = faithfulness(model, batch, none, means, n_random=5)
+    assert f["complement"] == pytest.approx(f["full"], abs=1e-6)
+    assert len(f["random_losses"]) == 5 and f["random_baseline_as_good"]  # empty circuits are all alike
+
+    gen = torch.Generator().manual_seed(0)
+    some = top_k_masks({k: torch.rand(v.numel(), generator=gen) for k, v in keep_all.items()}, 100)
+    rand = random_masks_like(some, torch.Generator().manual_seed(1))
+    assert all(int(rand[k].sum()) == int(some[k].sum()) for k in some)
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),
+                    reason="the default model (modeling_csp/default_model) has not been trained yet")
+def test_default_model_prune_reaches_target(tmp_path):
+    from modeling_csp.loading import load_model_and_tokenizer
+    from modeling_csp.pruning import prune
+
+    model, tokenizer = load_model_and_tokenizer("default")
+    result = prune(model, tokenizer, "single_double_quote", PruneConfig(progress=False), model_name="default",
+                   cache_dir=tmp_path)
+    assert result.target_reached and result.train_loss <= 0.15
+    circuit = result.circuit
+    assert 0 < circuit.n_nodes < 2816 and circuit.n_edges > 0
+    assert circuit.losses["circuit"] < circuit.losses["random"]
+    loaded = CircuitGraph.load(circuit.save(tmp_path / "c.json"), model=model)
+    assert loaded.nodes == circuit.nodes
