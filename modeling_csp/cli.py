@@ -1,0 +1,230 @@
+"""`csp`: find, evaluate, list and import circuits from the command line. Output is JSON on stdout.
+
+    csp tasks                                              one {"name", "description"} per line
+    csp prune --model M --task T --out FILE [--target-loss 0.15] [--ablation mean|zero] [--seed S] [--steps N]
+    csp evaluate --model M --task T --circuit FILE         one object with the circuit's losses
+    csp circuits --model M                                 circuits shipped with a model, one per line
+    csp import-viz VIZ_DATA.pt OUT.json                    convert the original visualizer's file
+
+M is a converted model folder, a Hugging Face hub id, or `default` (the model embedded in this package).
+Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+SMALL_MODEL_D = 256  # models up to this width run single-threaded unless --threads is given
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _emit(obj) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# ---- subcommands ---------------------------------------------------------------------------
+
+
+def cmd_tasks(args) -> int:
+    from .tasks import list_tasks
+
+    for task in list_tasks():
+        _emit({"name": task.name, "description": task.description})
+    return 0
+
+
+def _setup(args):
+    import torch
+
+    from .loading import load_model_and_tokenizer
+    from .tasks import get_task
+
+    get_task(args.task)  # unknown task: fail before loading anything
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif model.config.d_model <= SMALL_MODEL_D:
+        torch.set_num_threads(1)  # small ops: threads add overhead, and stall badly on a busy machine
+    return model, tokenizer
+
+
+def cmd_prune(args) -> int:
+    from .pruning import PruneConfig, prune
+
+    config = PruneConfig(
+        ablation=args.ablation, target_loss=args.target_loss, k=args.k, steps=args.steps, lr=args.lr,
+        lam=args.lam, batch_size=args.batch_size, seed=args.seed, freeze_norm_scales=args.freeze_norm_scales,
+        n_examples=args.n_examples, progress=not args.quiet,
+    )
+    model, tokenizer = _setup(args)
+    result = prune(model, tokenizer, args.task, config, model_name=args.model)
+    path = result.circuit.save(args.out)
+    c = result.circuit
+    _emit({
+        "out": str(path), "task": c.task, "k": c.k, "n_nodes": c.n_nodes, "n_edges": c.n_edges, "losses": c.losses,
+        "train_circuit_loss": result.train_loss, "target_loss": c.target_loss, "target_reached": result.target_reached,
+        "random_baseline_as_good": c.meta["random_baseline_as_good"], "seconds": round(result.seconds, 1),
+    })
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .ablation import compute_mean_activations
+    from .circuits import CircuitGraph
+    from .pruning import faithfulness
+    from .tasks import make_task_dataset
+
+    model, tokenizer = _setup(args)
+    circuit = CircuitGraph.load(args.circuit, model=model)
+    options = circuit.meta.get("options", {})
+    data = make_task_dataset(args.task, tokenizer, n=options.get("n_examples", 512), seed=options.get("data_seed", 0),
+                             max_len=model.config.block_size)
+    batch = data.test if len(data.test) else data.train
+    means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
+    faith = faithfulness(model, batch, circuit.masks(model.config), means, n_random=args.n_random, seed=args.seed,
+                         freeze_norm_scales=bool(options.get("freeze_norm_scales", False)))
+    _emit({
+        "task": args.task, "circuit_task": circuit.task, "ablation": circuit.ablation,
+        "full_loss": faith["full"], "circuit_loss": faith["circuit"], "random_loss": faith["random"],
+        "complement_loss": faith["complement"], "full_accuracy": faith["full_accuracy"],
+        "circuit_accuracy": faith["circuit_accuracy"], "random_baseline_as_good": faith["random_baseline_as_good"],
+        "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "n_examples": len(batch),
+    })
+    return 0
+
+
+def shipped_circuits(model_spec: str) -> list[dict]:
+    """[{task, k, path}] for the circuits in a model's `circuits/` folder (index.json, else every *.json)."""
+    from .loading import resolve_model
+
+    name = resolve_model(model_spec)
+    folder = Path(name) / "circuits"
+    if not Path(name).is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=["circuits/*"])) / "circuits"
+        except Exception as exc:
+            raise ValueError(f"could not list circuits of {name!r} on the hub: {str(exc).strip().splitlines()[0]}") from None
+    if not folder.is_dir():
+        return []
+    index = folder / "index.json"
+    if index.is_file():
+        try:
+            entries = json.loads(index.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{index} is not valid JSON ({exc})") from None
+        entries = entries.get("circuits", []) if isinstance(entries, dict) else entries
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+            raise ValueError(f"{index} must be a list of {{task, k, path}} objects")
+        return [{"task": e.get("task"), "k": e.get("k"), "path": str((folder / e["path"]).resolve())} for e in entries]
+    out = []
+    for file in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and data.get("format") == "csp-circuit":
+            out.append({"task": data.get("task"), "k": data.get("k"), "path": str(file.resolve())})
+    return out
+
+
+def cmd_circuits(args) -> int:
+    for entry in shipped_circuits(args.model):
+        _emit(entry)
+    return 0
+
+
+def cmd_import_viz(args) -> int:
+    from .viz_import import import_viz_data
+
+    circuit = import_viz_data(args.viz_data)
+    path = circuit.save(args.out)
+    _emit({"out": str(path), "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "losses": circuit.losses})
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pruning import PruneConfig
+
+    d = PruneConfig()
+    parser = _Parser(prog="csp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("tasks", help="list the built-in tasks").set_defaults(fn=cmd_tasks)
+
+    def model_task(p):
+        p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
+        p.add_argument("--task", required=True, help="task name (see `csp tasks`)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+
+    p = sub.add_parser("prune", help="find a circuit for a task by learning node masks")
+    model_task(p)
+    p.add_argument("--out", required=True, help="circuit JSON file to write")
+    p.add_argument("--target-loss", type=float, default=d.target_loss)
+    p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
+    p.add_argument("--k", type=int, help="keep exactly the top-k nodes instead of searching for the target loss")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="loss cost per kept node")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--n-examples", type=int, default=d.n_examples)
+    p.add_argument("--freeze-norm-scales", action="store_true", help="norms use the unablated model's 1/rms")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("evaluate", help="task losses of a circuit: full, circuit, random, complement")
+    model_task(p)
+    p.add_argument("--circuit", required=True, help="circuit JSON file")
+    p.add_argument("--n-random", type=int, default=5, help="random circuits averaged for the baseline")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("circuits", help="circuits shipped with a model (its circuits/ folder)")
+    p.add_argument("--model", required=True)
+    p.set_defaults(fn=cmd_circuits)
+
+    p = sub.add_parser("import-viz", help="convert the original visualizer's viz_data.pt to a circuit JSON")
+    p.add_argument("viz_data")
+    p.add_argument("out")
+    p.set_defaults(fn=cmd_import_viz)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is for our progress bar and errors
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted") and 130
+    except Exception as exc:  # every failure is one line for the user
+        if os.environ.get("CSP_DEBUG"):
+            raise
+        message = str(exc) or type(exc).__name__
+        if not isinstance(exc, (ValueError, OSError, KeyError)):
+            message = f"{type(exc).__name__}: {message}"
+        return _fail(message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
