@@ -191,17 +191,11 @@ class CSPAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         scale = 1.0 / math.sqrt(self.d_head)
-        if attn_mask is None:  # square and purely causal: SDPA's causal fast path, no mask tensor
-            if self.config.sink:
-                y = self.attn_imp.causal_attention_with_sink(q, k, v, scale)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if self.config.sink:
+            y = self.attn_imp(q, k, v, scale, attn_mask)
+        elif attn_mask is None:  # square and purely causal: SDPA's causal fast path, no mask tensor
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
-            if self.config.sink:
-                # The sink is an extra, always visible key with logit `sink_logit` and value zero.
-                k = torch.cat([k.new_zeros(B, self.n_head, 1, self.d_head), k], dim=2)
-                v = torch.cat([v.new_zeros(B, self.n_head, 1, self.d_head), v], dim=2)
-                attn_mask = self.attn_imp(attn_mask)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, width)
         y = hook("y", y)  # (B, T, n_head * d_head)
@@ -215,11 +209,17 @@ class SinkLogits(nn.Module):
         super().__init__()
         self.sink_logit = nn.Parameter(torch.zeros(n_head))
 
-    def forward(self, attn_mask: torch.Tensor) -> torch.Tensor:
-        """(B|1, 1, Tq, Tk) additive mask -> (B|1, H, Tq, 1 + Tk) with the sink column first."""
-        sink = self.sink_logit.to(attn_mask.dtype).view(1, -1, 1, 1)
-        sink = sink.expand(attn_mask.shape[0], -1, attn_mask.shape[2], 1)
-        return torch.cat([sink, attn_mask.expand(-1, sink.shape[1], -1, -1)], dim=-1)
+    def forward(self, q, k, v, scale: float, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over (B, H, T, D) q, k, v plus the sink; `attn_mask` None means square and causal."""
+        if attn_mask is None:
+            return self.causal_attention_with_sink(q, k, v, scale)
+        B, H, _, D = k.shape
+        # The sink is an extra, always visible key with logit `sink_logit` and value zero.
+        k = torch.cat([k.new_zeros(B, H, 1, D), k], dim=2)
+        v = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
+        sink = self.sink_logit.to(attn_mask.dtype).view(1, H, 1, 1).expand(attn_mask.shape[0], H, attn_mask.shape[2], 1)
+        attn_mask = torch.cat([sink, attn_mask.expand(-1, H, -1, -1)], dim=-1)  # (B|1, H, Tq, 1 + Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
     def causal_attention_with_sink(self, q, k, v, scale: float) -> torch.Tensor:
         """Causal attention with the sink, as one causal SDPA call without a mask tensor.
