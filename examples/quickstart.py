@@ -9,6 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MODEL = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
+if not (MODEL / "config.json").exists():
+    raise SystemExit(
+        f"The embedded default model is not in this checkout yet ({MODEL}). Train it with "
+        "`python scripts/train_default_tokenizer.py && python scripts/train_default_model.py`, or convert a "
+        "released model with `python -m conversion.convert_checkpoint csp_yolo1 DST`."
+    )
 
 model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(MODEL)
