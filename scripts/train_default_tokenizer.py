@@ -28,12 +28,11 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-TINYPYTHON_PAT_STR = (
-    r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-ENDOFTEXT = "<|endoftext|>"
-VOCAB_SIZE = 2048  # 256 bytes + 1791 merges + <|endoftext|>
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from modeling_csp.tokenization import ENDOFTEXT, TINYPYTHON_PAT_STR, save_hf_tokenizer  # noqa: E402
+
+VOCAB_SIZE = 2048  # 256 bytes + 1791 merges + <|endoftext|>
 DEFAULT_OUT = REPO_ROOT / "work_dirs" / "default_tokenizer"
 # directory names (anywhere in the path below the stdlib root) whose files are left out
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -129,25 +128,6 @@ def train_tokenizer(texts: list[str]) -> Tokenizer:
     return final
 
 
-def save_tokenizer(tokenizer: Tokenizer, out: Path, model_max_length: int | None = None) -> None:
-    """tokenizer.json + tokenizer_config.json + special_tokens_map.json, loadable by AutoTokenizer."""
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json"))
-    special = {k: ENDOFTEXT for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-    }
-    if model_max_length is not None:
-        config["model_max_length"] = int(model_max_length)
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-
-
 def check_round_trip(tokenizer: Tokenizer, docs: list[tuple[str, str]]) -> None:
     """encode -> decode must give back every document exactly; special text must stay plain text."""
     texts = [t for _, t in docs]
@@ -186,7 +166,7 @@ def main(argv=None) -> None:
     print(f"Python {sys.version.split()[0]}, stdlib {root}: {len(docs)} files, "
           f"{sum(len(t) for _, t in docs) / 1e6:.1f}M characters")
     tokenizer = train_tokenizer([t for _, t in docs])
-    save_tokenizer(tokenizer, args.out, args.model_max_length)
+    save_hf_tokenizer(tokenizer, args.out, args.model_max_length)
     digest = hashlib.sha256((args.out / "tokenizer.json").read_bytes()).hexdigest()[:16]
     print(f"saved {args.out} (tokenizer.json sha256 {digest}) in {time.time() - t0:.1f}s")
     check_round_trip(tokenizer, docs)
