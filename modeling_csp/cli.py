@@ -209,14 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else 2
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # stderr is for our progress bar and errors
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr is for our own progress bar and errors
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        return _fail("interrupted") and 130
+        _fail("interrupted")
+        return 130
     except Exception as exc:  # every failure is one line for the user
         if os.environ.get("CSP_DEBUG"):
             raise
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, (ValueError, OSError, KeyError)):
             message = f"{type(exc).__name__}: {message}"
         return _fail(message)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

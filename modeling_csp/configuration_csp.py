@@ -47,6 +47,8 @@ class CSPConfig(PreTrainedConfig):
 
     Field names are the reference's (`d_model`, `n_layer`, ...) so that released
     `beeg_config.json` files map one to one; `hidden_size` and friends are aliases.
+    `use_sparse_kernels` (not in the reference) multiplies with only the nonzero weights in CPU
+    forward passes without autograd; it changes speed, not results.
     """
 
     model_type = "csp"
@@ -82,7 +84,7 @@ class CSPConfig(PreTrainedConfig):
         d_pos_emb: int | None = None,
         sink: bool = False,
         tokenizer_name: str = "tinypython_2k",
-        use_sparse_kernels: bool = False,
+        use_sparse_kernels: bool = True,
         use_cache: bool = True,
         **kwargs,
     ):

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .ablation import (
-    ablate, all_kept, compute_mean_activations, evaluate, frozen_norm_scales, layer_ablation_deltas,
+    ablate, compute_mean_activations, evaluate, frozen_norm_scales, layer_ablation_deltas,
     node_importances, task_logits,
 )
 from .circuits import CircuitGraph, location_width, node_locations
@@ -179,18 +179,24 @@ def sweep_k(model, batch: TaskBatch, scores: Masks, means: Masks | None, ks, fre
 
 def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None, target_loss: float = 0.15,
                          freeze_norm_scales: bool = False) -> tuple[int, float, bool]:
-    """Smallest k whose top-k circuit has task loss <= target (bisection, assuming loss falls with k).
+    """Smallest k whose top-k circuit has task loss <= target, by bisection over k.
 
-    Returns (k, its loss, reached); when even all nodes miss the target, (all nodes, full loss, False)."""
+    The upper end is the trained circuit (nodes with score > 0) if it reaches the target, else all nodes:
+    a pruned circuit is often *better* than the full model, so the full model missing the target does not
+    mean no circuit reaches it. Bisection assumes the loss falls with k below that end. Returns
+    (k, its loss, reached); when neither end reaches the target, the better end with reached=False."""
     def loss_at(k):
         return evaluate(model, batch, top_k_masks(scores, k), means, freeze_norm_scales)[0]
 
-    hi = sum(s.numel() for s in scores.values())
-    hi_loss = loss_at(hi)
-    if hi_loss > target_loss:
-        return hi, hi_loss, False
-    lo = 0  # invariant: loss_at(lo) > target (or lo == 0 untested), loss_at(hi) <= target
-    lo_loss = loss_at(0)
+    trained = sum(int((s > 0).sum()) for s in scores.values())
+    total = sum(s.numel() for s in scores.values())
+    ends = [(k, loss_at(k)) for k in dict.fromkeys((trained, total))]
+    reaching = [(k, loss) for k, loss in ends if loss <= target_loss]
+    if not reaching:
+        k, loss = min(ends, key=lambda e: e[1])
+        return k, loss, False
+    hi, hi_loss = reaching[0]
+    lo, lo_loss = 0, loss_at(0)  # invariant: loss_at(lo) > target, loss_at(hi) <= target
     if lo_loss <= target_loss:
         return 0, lo_loss, True
     while hi - lo > 1:
@@ -252,15 +258,21 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
           model_name: str | None = None, cache_dir=None) -> PruneResult:
     """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness on test."""
     config = config or PruneConfig()
-    t0 = time.perf_counter()
+    timings, t0 = {}, time.perf_counter()
+
+    def lap(name):
+        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
+
     task = get_task(task)
     model.eval()
     data = make_task_dataset(task, tokenizer, n=config.n_examples, seed=config.data_seed, max_len=model.config.block_size)
     if config.ablation == "mean" and means is None:
         means = compute_mean_activations(model, tokenizer, n_tokens=config.n_mean_tokens, cache_dir=cache_dir)
     fill = means if config.ablation == "mean" else None
+    lap("data_and_means")
 
     scores, curve = train_masks(model, data.train, fill, config)
+    lap("training")
     fns = config.freeze_norm_scales
     if config.k is not None:
         k = min(config.k, sum(s.numel() for s in scores.values()))
@@ -269,12 +281,15 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     else:
         k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, config.target_loss, fns)
     keep = top_k_masks(scores, k)
+    lap("bisection")
 
     test = data.test if len(data.test) else data.train
     faith = faithfulness(model, test, keep, fill, config.n_random, config.seed, config.random_margin, fns)
+    lap("faithfulness")
     method = "exact" if k <= config.max_exact_importances else "attribution"
     importances = node_importances(model, test, keep, fill, fns, method=method)
     deltas = layer_ablation_deltas(model, test, keep, fill, fns)
+    lap("importances")
     seconds = time.perf_counter() - t0
     circuit = CircuitGraph.from_masks(
         model, keep, importances, model_name=model_name, task=task.name, ablation=config.ablation,
@@ -288,6 +303,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
             "full_accuracy": faith["full_accuracy"], "circuit_accuracy": faith["circuit_accuracy"],
             "random_losses": faith["random_losses"], "random_baseline_as_good": faith["random_baseline_as_good"],
             "n_total_nodes": sum(s.numel() for s in scores.values()), "seconds": round(seconds, 2),
+            "timings": timings,
         },
     )
     return PruneResult(circuit, scores, keep, train_loss, reached, seconds)

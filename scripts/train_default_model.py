@@ -2,7 +2,7 @@
 """Train the project's embedded default model: a small weight-sparse transformer on CPython's stdlib.
 
     python scripts/train_default_tokenizer.py            # once: work_dirs/default_tokenizer
-    python scripts/train_default_model.py                # ~25 min on 2 CPU cores
+    python scripts/train_default_model.py                # 2400 steps, ~20-30 min on one CPU core
     python scripts/train_default_model.py --steps 300 --out work_dirs/smoke   # quick smoke run
 
 Recipe (Gao et al. 2025, "Weight-sparse transformers have interpretable circuits"):
@@ -14,9 +14,14 @@ Recipe (Gao et al. 2025, "Weight-sparse transformers have interpretable circuits
   untied unembedding and AbsTopK activation sparsity (afrac 0.25 at attn_in, attn_out, mlp_in, mlp_out);
 - weight sparsity: after every AdamW step each weight matrix (c_attn, c_proj, c_fc, mlp c_proj, wte,
   wpe, lm_head) keeps only its top-k entries by magnitude, the rest are set to zero (gradients stay
-  dense so pruned weights can come back). The kept fraction is annealed linearly from 1.0 (dense) to
-  the target over the first `--anneal-frac` of training, then held. The bigram table gets the same
-  treatment at its own, smaller density;
+  dense so pruned weights can come back). The kept fraction is annealed from 1.0 (dense) to the
+  target over the first `--anneal-frac` (50%) of training, then held, linearly as in the paper.
+  (`--anneal-shape geometric` lowers it by the same factor every step instead: with 2400 steps it
+  reaches a lower val loss, 3.90 vs 4.10 nats, because the linear schedule's last steps from ~20% to
+  5% cause a loss spike, but its model is much worse on the paper's quote task: 0.64 vs 0.87 on
+  `modeling_csp.tasks` single_double_quote, so the shipped model uses linear.) The bigram table
+  gets the same treatment at its own, smaller density (2%); while training its threshold is
+  estimated from a strided sample (exact top-k at the end);
 - optimisation: AdamW (0.9, 0.95), weight decay on matrices, linear warmup then cosine decay to 10%,
   gradient clipping at 1.0.
 
@@ -32,7 +37,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import subprocess
@@ -149,11 +153,17 @@ def sparse_targets(model: CSPForCausalLM, density: float, bigram_density: float)
     return out
 
 
-def annealed(target: float, step: int, anneal_steps: int) -> float:
-    """Kept fraction after `step` optimizer steps: linear from 1.0 to `target` over `anneal_steps`."""
+def annealed(target: float, step: int, anneal_steps: int, shape: str = "linear") -> float:
+    """Kept fraction after `step` optimizer steps, from 1.0 to `target` over `anneal_steps`.
+
+    `linear` (the paper's schedule) lowers the fraction by the same amount every step;
+    `geometric` by the same factor, so the last steps prune as gently as the first.
+    """
     if anneal_steps <= 0:
         return target
     t = min(1.0, step / anneal_steps)
+    if shape == "geometric":
+        return target**t
     return 1.0 - (1.0 - target) * t
 
 
@@ -272,7 +282,7 @@ def train(args) -> tuple[CSPForCausalLM, dict]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         for p, target in targets.values():
-            project_topk(p, annealed(target, step, anneal_steps), exact=False)
+            project_topk(p, annealed(target, step, anneal_steps, args.anneal_shape), exact=False)
         window_losses.append(float(loss.detach()))
 
         last = step == args.steps
@@ -288,7 +298,7 @@ def train(args) -> tuple[CSPForCausalLM, dict]:
                 "val_loss": evaluate(model, eval_windows),
                 "density": nnz / sum(targets[n][0].numel() for n in matrix_names),
                 "bigram_density": dens.get("bigram_table"),
-                "target_density": annealed(args.density, step, anneal_steps),
+                "target_density": annealed(args.density, step, anneal_steps, args.anneal_shape),
                 "lr": optimizer.param_groups[0]["lr"],
                 "elapsed_s": round(time.time() - t0, 1),
             }
@@ -341,26 +351,34 @@ def train(args) -> tuple[CSPForCausalLM, dict]:
 
 def save(model: CSPForCausalLM, record: dict, args) -> Path:
     out = Path(args.out)
-    if out.exists():
-        for f in out.iterdir():  # start clean, so no stale file survives a rerun
-            if f.is_file():
-                f.unlink()
-            else:
-                shutil.rmtree(f)
     out.mkdir(parents=True, exist_ok=True)
+    # Replace the model's own files (so no stale weight shard survives a rerun); anything else in the
+    # folder (e.g. circuits found on the model) is left alone.
+    for pattern in ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                    "configuration_csp.py", "modeling_csp.py", "tokenizer*.json", "special_tokens_map.json",
+                    "README.md", "training_curve.json"):
+        for f in out.glob(pattern):
+            f.unlink()
     final = record["final"]
+    quote = final.get("quote_accuracy")
     card_extra = (
-        "## Training\n\n"
+        "\n## Training\n\n"
         "Trained from scratch by `scripts/train_default_model.py` (tokenizer: `scripts/train_default_tokenizer.py`) "
         f"on the `*.py` files of CPython {record['data']['python']}'s standard library (test directories excluded), "
         f"{final['tokens']:,} tokens in {final['steps']:,} steps of {args.batch_size}x{MODEL_CONFIG['block_size']} tokens, "
-        f"in {final['train_seconds'] / 60:.0f} minutes on {args.threads} CPU threads. "
+        f"in {final['train_seconds'] / 60:.0f} minutes on {args.threads} CPU thread(s). "
         "After every AdamW step each weight matrix keeps only its top-k entries by magnitude, with the kept fraction "
-        f"annealed linearly from 1.0 to {args.density} over the first {args.anneal_frac:.0%} of training "
+        f"annealed ({args.anneal_shape}) from 1.0 to {args.density} over the first {args.anneal_frac:.0%} of training "
         f"(bigram table: {args.bigram_density}).\n\n"
         f"Held-out validation loss (10% of the files): {final['val_loss']:.3f} nats/token. "
         "The full curve is in `training_curve.json`.\n"
     )
+    if quote is not None:
+        card_extra += (
+            f"\nQuote matching (close `x = 'abc def` with `'` and `y = \"hello world` with `\"`; logit of the right "
+            f"quote token above the other's, `scripts/check_default_model.py`): accuracy {quote['accuracy']:.3f} "
+            f"on {quote['n']} prompts.\n"
+        )
     saved = False
     try:
         from conversion.convert_checkpoint import save_model_folder
@@ -382,12 +400,22 @@ def save(model: CSPForCausalLM, record: dict, args) -> Path:
     return out
 
 
+def quote_check(model: CSPForCausalLM, tokenizer_dir: Path) -> dict:
+    """Quote-matching accuracy with scripts/check_default_model.py's 200 prompts."""
+    from transformers import AutoTokenizer
+
+    from check_default_model import quote_accuracy
+
+    accuracy, n = quote_accuracy(model.eval(), AutoTokenizer.from_pretrained(str(tokenizer_dir)), 200)
+    return {"accuracy": accuracy, "n": n}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR,
                    help="folder with tokenizer.json (trained by train_default_tokenizer.py if missing)")
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (the schedules scale with it)")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps (the schedules scale with it)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop early after this many minutes (breaks the schedule; for smoke runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -399,9 +427,14 @@ def parse_args(argv=None):
     p.add_argument("--density", type=float, default=0.05, help="target fraction of nonzero weights per matrix")
     p.add_argument("--bigram-density", type=float, default=0.02, help="target fraction of nonzero bigram entries")
     p.add_argument("--anneal-frac", type=float, default=0.5, help="fraction of training over which density anneals")
+    p.add_argument("--anneal-shape", choices=("linear", "geometric"), default="linear",
+                   help="how the kept fraction goes from 1.0 to the target (linear: the paper's; geometric: "
+                   "lower val loss but a worse quote-matching circuit for this model)")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-windows", type=int, default=256, help="val windows used by the periodic evaluation")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 because 2 threads on 2 shared cores ran 4x slower (results can differ "
+                   "in the last bits between thread counts)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -413,6 +446,7 @@ def main(argv=None):
 
         train_default_tokenizer.main(["--out", str(args.tokenizer_dir)])
     model, record = train(args)
+    record["final"]["quote_accuracy"] = quote_check(model, args.tokenizer_dir)
     out = save(model, record, args)
     final = record["final"]
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -420,6 +454,7 @@ def main(argv=None):
         "out": str(out), "val_loss": round(final["val_loss"], 4), "train_loss": round(final["train_loss"], 4),
         "density": round(final["density"], 4), "bigram_density": round(final["density_per_matrix"]["bigram_table"], 4),
         "train_seconds": final["train_seconds"], "folder_bytes": size,
+        "quote_accuracy": final["quote_accuracy"]["accuracy"],
     }))
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conversion.convert_checkpoint import load_original
 from conftest import FIXTURES
 from modeling_csp import CSPConfig, CSPForCausalLM
-from modeling_csp.modeling_csp import abs_topk
+from modeling_csp.modeling_csp import SinkLogits, SparseKernelLinear, abs_topk
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +94,69 @@ def test_abs_topk_keeps_k_largest_magnitudes():
     assert torch.equal(abs_topk(x, 64), reference)
 
 
-def test_sparse_kernels_give_the_same_logits(model, ids):
-    with torch.no_grad():
-        dense = model(ids).logits
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_abs_topk_ranks_magnitudes_exactly_in_every_dtype(dtype):
+    x = torch.randn(32, 128, dtype=torch.float64).to(dtype)
+    _, idx = x.abs().topk(32, dim=-1)
+    reference = torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+    got = abs_topk(x, 32)
+    assert got.dtype == dtype
+    # bfloat16 has exact ties; all tied values at the threshold are kept, so compare on untied rows
+    untied = (x.abs().sort(dim=-1, descending=True).values[:, 31] != x.abs().sort(dim=-1, descending=True).values[:, 32])
+    assert torch.equal(got[untied], reference[untied])
+
+
+def test_sparse_kernels_give_the_same_logits_and_hooks_as_dense(model, ids):
+    assert model.config.use_sparse_kernels  # on by default
+    with torch.no_grad(), model.record_activations() as sparse_acts:
+        sparse = model(ids).logits
+    model.set_sparse_kernels(False)
+    try:
+        with torch.no_grad(), model.record_activations() as dense_acts:
+            dense = model(ids).logits
+    finally:
         model.set_sparse_kernels(True)
-        try:
-            sparse = model(ids).logits
-        finally:
-            model.set_sparse_kernels(False)
-    assert torch.allclose(dense, sparse, atol=1e-5)
+    assert (dense - sparse).abs().max() <= 1e-5
+    for name in dense_acts:
+        assert (dense_acts[name] - sparse_acts[name]).abs().max() <= 1e-5, name
+
+
+def test_sparse_linear_accepts_any_layout_and_falls_back_to_dense():
+    torch.manual_seed(0)
+    linear = SparseKernelLinear(64, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.05)
+    linear.use_sparse_kernel = True
+    x = torch.randn(3, 7, 64)
+    expected = F.linear(x, linear.weight, linear.bias)
+    with torch.no_grad():
+        assert linear._csr_weight(x) is not None
+        assert torch.allclose(linear(x), expected, atol=1e-6)
+        assert torch.allclose(linear(x.mT.contiguous().mT), expected, atol=1e-6)  # feature-major input
+        hidden = linear(x, torch.relu, contiguous_output=False)
+        assert torch.equal(hidden, torch.relu(linear(x)))
+        linear.weight.fill_(1.0)  # denser than max_density: the cache notices the change, dense kernel
+        assert linear._csr_weight(x) is None
+        assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-4)
+    assert linear._csr_weight(x) is None  # autograd on: dense kernel, gradients flow
+
+
+def test_sink_attention_fast_path_equals_the_masked_formulation():
+    torch.manual_seed(0)
+    sink = SinkLogits(4)
+    with torch.no_grad():
+        sink.sink_logit.normal_()
+    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
+    causal = torch.full((9, 9), float("-inf")).triu(1).view(1, 1, 9, 9)
+    with torch.no_grad():
+        fast = sink(q, k, v, 0.3, None)  # CPU without autograd: flash attention + sink rescale
+        masked = sink(q, k, v, 0.3, causal)
+        strided = sink(*(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)), 0.3, None)
+    assert torch.allclose(fast, masked, atol=1e-6)
+    assert torch.allclose(strided, masked, atol=1e-6)
+    q.requires_grad_(True)
+    sink(q, k, v, 0.3, None).sum().backward()  # autograd: the masked path
+    assert q.grad is not None and sink.sink_logit.grad is not None
 
 
 @pytest.mark.parametrize("bad", [dict(activation_type="swish"), dict(d_model=30, n_head=4), dict(afrac_loctypes="attn_in,nowhere")])

@@ -1,0 +1,170 @@
+"""Configuration of OpenAI's weight-sparse GPT (Gao et al. 2025, `circuit_sparsity`).
+
+This file is shipped next to converted checkpoints as remote code: it imports only
+transformers and the standard library.
+"""
+
+from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# Every place the reference can apply AbsTopK activation sparsity (`maybe_activation_sparsity`).
+AFRAC_LOCTYPES = (
+    "attn_in", "attn_out", "mlp_in", "mlp_out", "attn_q", "attn_k", "attn_v",
+    "mlp_neuron", "resid_post_attn", "resid_post_mlp",
+)
+
+# Keys of released `beeg_config.json` files that only matter for training or for the
+# reference's kernels: kept in the config as they are, ignored by the forward pass.
+TRAINING_ONLY_KEYS = frozenset({
+    "pfrac", "bigram_table_rank", "expansion_factor", "expansion_factor_mlp", "sparse_matmul_impl",
+    "afrac_approx", "ignore_dw_grad", "debug_exact_topk", "rtopk", "dropout", "debug_nans",
+    "grad_checkpointing", "flash", "enable_sparse_kernels", "dropout_cat_pos_emb",
+    "sinusoidal_cat_pos_emb", "dtype_str", "lr", "total_tokens", "seed", "minimum_alive_per_neuron",
+})
+
+# The reference `GPTConfig` fields that change the math, with the reference's defaults.
+ORIGINAL_DEFAULTS = {
+    "block_size": 1024, "vocab_size": 50304, "n_layer": 12, "n_head": 12, "d_head": None,
+    "d_model": 768, "d_mlp": None, "bias": True, "ln_bias": True, "rms_norm": False,
+    "residual_activation_type": "identity", "activation_type": "gelu", "afrac": None,
+    "afrac_loctypes": "attn_in,attn_out,mlp_in,mlp_out", "tied_unembed": True,
+    "enable_bigram_table": False, "learnable_bigram_table": False, "d_pos_emb": None,
+    "sink": False, "tokenizer_name": "tinypython_2k",
+}
+LEGACY_KEYS = {"n_mlp": "d_mlp"}
+
+
+def _standard_config_keys() -> set[str]:
+    """Keys every transformers config may carry (ids, generation defaults, auto_map, ...)."""
+    return set(PreTrainedConfig().to_dict()) | {"auto_map", "architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "tie_word_embeddings", "name_or_path", "_name_or_path"}
+
+
+class CSPConfig(PreTrainedConfig):
+    r"""Holds every field of the reference `GPTConfig` that changes the forward pass.
+
+    Field names are the reference's (`d_model`, `n_layer`, ...) so that released
+    `beeg_config.json` files map one to one; `hidden_size` and friends are aliases.
+    `use_sparse_kernels` (not in the reference) multiplies with only the nonzero weights in CPU
+    forward passes without autograd; it changes speed, not results.
+    """
+
+    model_type = "csp"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "block_size",
+        "intermediate_size": "d_mlp",
+        "head_dim": "d_head",
+    }
+
+    def __init__(
+        self,
+        block_size: int = 1024,
+        vocab_size: int = 50304,
+        n_layer: int = 12,
+        n_head: int = 12,
+        d_head: int | None = None,
+        d_model: int = 768,
+        d_mlp: int | None = None,
+        bias: bool = True,
+        ln_bias: bool = True,
+        rms_norm: bool = False,
+        residual_activation_type: str = "identity",
+        activation_type: str = "gelu",
+        afrac: float | None = None,
+        afrac_loctypes: str = "attn_in,attn_out,mlp_in,mlp_out",
+        tied_unembed: bool = True,
+        enable_bigram_table: bool = False,
+        learnable_bigram_table: bool = False,
+        d_pos_emb: int | None = None,
+        sink: bool = False,
+        tokenizer_name: str = "tinypython_2k",
+        use_sparse_kernels: bool = True,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        if "n_mlp" in kwargs:  # legacy spelling of d_mlp in older configs
+            n_mlp = kwargs.pop("n_mlp")
+            d_mlp = n_mlp if d_mlp is None else d_mlp
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.d_model = d_model
+        self.d_head = d_head if d_head is not None else d_model // n_head
+        self.d_mlp = d_mlp if d_mlp is not None else 4 * d_model
+        self.bias = bias
+        self.ln_bias = ln_bias
+        self.rms_norm = rms_norm
+        self.residual_activation_type = residual_activation_type
+        self.activation_type = activation_type
+        self.afrac = afrac
+        self.afrac_loctypes = afrac_loctypes
+        self.tied_unembed = tied_unembed
+        self.enable_bigram_table = enable_bigram_table
+        self.learnable_bigram_table = learnable_bigram_table
+        self.d_pos_emb = d_pos_emb
+        self.sink = sink
+        self.tokenizer_name = tokenizer_name
+        self.use_sparse_kernels = use_sparse_kernels
+        self.use_cache = use_cache
+        kwargs["tie_word_embeddings"] = tied_unembed
+        self._validate()
+        super().__init__(**kwargs)
+        unknown = sorted(set(kwargs) - TRAINING_ONLY_KEYS - _standard_config_keys())
+        if unknown:
+            logger.warning(f"CSPConfig: ignoring unknown key(s) {unknown}; they do not change the model.")
+
+    def _validate(self):
+        def bad(msg):
+            raise ValueError(f"Invalid CSPConfig: {msg}")
+
+        if self.residual_activation_type not in ("identity", "relu"):
+            bad(f"residual_activation_type={self.residual_activation_type!r}, expected 'identity' or 'relu'")
+        if self.activation_type not in ("gelu", "relu"):
+            bad(f"activation_type={self.activation_type!r}, expected 'gelu' or 'relu'")
+        if self.d_model % self.n_head != 0:
+            bad(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.afrac is not None and not 0 < self.afrac <= 1:
+            bad(f"afrac={self.afrac} must be in (0, 1]")
+        unknown = set(self.afrac_locations) - set(AFRAC_LOCTYPES)
+        if unknown:
+            bad(f"afrac_loctypes has unknown locations {sorted(unknown)}; known: {', '.join(AFRAC_LOCTYPES)}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                bad(f"{name}={value!r} must be a positive integer")
+
+    @property
+    def afrac_locations(self) -> tuple[str, ...]:
+        return tuple(loc for loc in self.afrac_loctypes.split(",") if loc)
+
+    @property
+    def d_model_in(self) -> int:
+        """Width of what attention and MLP read: the residual, plus the position embedding if concatenated."""
+        return self.d_model + (self.d_pos_emb or 0)
+
+    @classmethod
+    def from_original_config(cls, original: dict, **kwargs) -> "CSPConfig":
+        """Builds a config from a released `beeg_config.json` dict, refusing keys it does not know.
+
+        Unknown keys would otherwise be silently ignored and could hide a field that changes
+        the math, so they are an error naming the key.
+        """
+        known = set(ORIGINAL_DEFAULTS) | TRAINING_ONLY_KEYS | set(LEGACY_KEYS)
+        unknown = sorted(set(original) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {unknown} in the original config: neither a GPTConfig field nor a known "
+                "training-only key; add them to TRAINING_ONLY_KEYS in configuration_csp.py if they do not "
+                "change the forward pass"
+            )
+        return cls(**original, **kwargs)
+
+
+__all__ = ["CSPConfig"]

@@ -1,0 +1,918 @@
+"""Plotly figures and token-heatmap HTML for circuits of weight-sparse transformers.
+
+Every function here is a pure function of library data (a `CircuitGraph` or anything with the same
+`nodes` / `edges` / `model` / `layer_deltas` attributes, plain lists, dicts and arrays): no model runs, no
+I/O, so the app (`app.py`) stays a thin layer and every figure is unit-testable.
+
+Node ids are the circuits module's `"{location}:{index}"`, e.g. `"0.attn.q:37"`. Every node marker carries
+its id in `customdata[0]`, so a front end can map a Plotly click back to a node.
+
+    from modeling_csp.circuits import CircuitGraph
+    from modeling_csp import plotting
+    c = CircuitGraph.load("circuit.json")
+    plotting.layer_graph_figure(c, "0.attn").show()
+    plotting.circuit_overview_figure(c).show()
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "IMPORTANCE_COLORSCALE", "node_label", "split_node", "sublayer_of", "layer_names", "layer_summary",
+    "most_important_layer", "layer_node_ids", "layer_graph_figure", "circuit_overview_figure",
+    "layer_bars_figure", "faithfulness_figure", "pruning_curve_figure", "training_curve_figure",
+    "importance_bar_figure", "ablation_effect_figure", "next_tokens_figure", "token_heatmap_html",
+    "tokens_html", "examples_html", "connections_html", "quantile_examples_html", "task_activations_figure",
+    "attention_pattern_figure", "embedding_tokens_figure", "weights_histogram_figure",
+    "position_embedding_figure", "circuit_diff_figure", "connections_table", "message_figure",
+    "display_token",
+]
+
+# Pale blue (unimportant) -> orange -> dark red (important): readable on white at both ends.
+IMPORTANCE_COLORSCALE = [[0.0, "#d6e4f0"], [0.35, "#fdd49e"], [0.7, "#f16913"], [1.0, "#99000d"]]
+POSITIVE, NEGATIVE = (33, 102, 172), (178, 24, 43)  # blue / red for edge and activation signs
+RESIDUAL_COLOR = "rgba(120,120,120,0.35)"
+KIND_SYMBOL = {"q": "circle", "k": "diamond", "v": "square"}
+SUBLAYER_COLORS = {"attn": "#3f7fbf", "mlp": "#e08a2c"}
+_FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=12, color="#2a3f5f")
+_COLORWAY = ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692", "#B6E880"]
+
+
+# ---- node ids and labels --------------------------------------------------------------------
+
+
+def split_node(node: str) -> tuple[int, str, str, int]:
+    """'1.attn.q:37' -> (1, 'attn', 'q', 37)."""
+    location, _, index = node.rpartition(":")
+    layer, sub, kind = location.split(".", 2)
+    return int(layer), sub, kind, int(index)
+
+
+def sublayer_of(node_or_location: str) -> str:
+    """'1.attn.q:37' or '1.attn.q' -> '1.attn'."""
+    layer, sub = node_or_location.split(".", 2)[:2]
+    return f"{layer}.{sub}"
+
+
+def node_label(node: str, d_head: int | None = None) -> str:
+    """Short label: q/k/v channels as `h{head}.ch{channel}`, MLP neurons `n{i}`, residual channels `r{i}`."""
+    _, sub, kind, index = split_node(node)
+    if kind in ("q", "k", "v"):
+        if d_head:
+            return f"h{index // d_head}.ch{index % d_head}"
+        return f"ch{index}"
+    if kind == "post_act":
+        return f"n{index}"
+    return f"r{index}"
+
+
+def _node_detail(node: str, d_head: int | None) -> str:
+    layer, sub, kind, index = split_node(node)
+    if kind in ("q", "k", "v") and d_head:
+        return f"{kind} of head {index // d_head}, channel {index % d_head} (index {index})"
+    return {"act_in": "residual channel read", "resid_delta": "residual channel written",
+            "post_act": "MLP neuron"}.get(kind, kind) + f" {index}"
+
+
+def _d_head(circuit) -> int | None:
+    model = getattr(circuit, "model", None) or {}
+    return model.get("d_head") if isinstance(model, Mapping) else None
+
+
+def _n_layer(circuit) -> int:
+    model = getattr(circuit, "model", None) or {}
+    n = model.get("n_layer") if isinstance(model, Mapping) else None
+    if n:
+        return int(n)
+    layers = [split_node(n)[0] for n in circuit.nodes]
+    return max(layers) + 1 if layers else 0
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x + 0.0:.{digits}g}"  # + 0.0: no "-0"
+
+
+# ---- layer summaries ------------------------------------------------------------------------
+
+
+def layer_names(n_layer: int) -> list[str]:
+    return [f"{l}.{s}" for l in range(n_layer) for s in ("attn", "mlp")]
+
+
+def layer_node_ids(circuit, layer: str) -> list[str]:
+    """The circuit's nodes in one sublayer ('0.attn'), in display order (location, then index)."""
+    order = {k: i for i, k in enumerate(("act_in", "q", "k", "v", "resid_delta", "post_act"))}
+    nodes = [n for n in circuit.nodes if sublayer_of(n) == layer]
+    return sorted(nodes, key=lambda n: (order.get(split_node(n)[2], 9), split_node(n)[3]))
+
+
+def layer_summary(circuit, n_layer: int | None = None) -> list[dict[str, Any]]:
+    """[{"layer": "0.attn", "delta": loss increase when ablated (or None), "n_nodes": int}] in forward order."""
+    n_layer = n_layer if n_layer is not None else _n_layer(circuit)
+    counts: dict[str, int] = defaultdict(int)
+    for n in circuit.nodes:
+        counts[sublayer_of(n)] += 1
+    deltas = getattr(circuit, "layer_deltas", None) or {}
+    return [{"layer": name, "delta": deltas.get(name), "n_nodes": counts.get(name, 0)} for name in layer_names(n_layer)]
+
+
+def most_important_layer(circuit, n_layer: int | None = None) -> str | None:
+    """The sublayer with the largest ablation delta (ties and missing deltas: most nodes)."""
+    rows = [r for r in layer_summary(circuit, n_layer) if r["n_nodes"] > 0]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (r["delta"] if r["delta"] is not None else -math.inf, r["n_nodes"]))["layer"]
+
+
+# ---- figure helpers -------------------------------------------------------------------------
+
+
+def _base_layout(fig: go.Figure, title: str | None = None, height: int | None = None, **kwargs) -> go.Figure:
+    # The look of plotly_white, without its template (copying a full template costs ~30 ms per figure)
+    fig.update_xaxes(gridcolor="#EBF0F8", linecolor="#EBF0F8", zerolinecolor="#EBF0F8", ticks="", automargin=True)
+    fig.update_yaxes(gridcolor="#EBF0F8", linecolor="#EBF0F8", zerolinecolor="#EBF0F8", ticks="", automargin=True)
+    fig.update_layout(
+        template="none", paper_bgcolor="white", plot_bgcolor="white", colorway=_COLORWAY,
+        font=_FONT, margin=dict(l=50, r=20, t=50 if title else 20, b=40),
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)) if title else None,
+        hoverlabel=dict(font_size=12), **({"height": height} if height else {}), **kwargs,
+    )
+    return fig
+
+
+def message_figure(text: str, height: int = 300) -> go.Figure:
+    """An empty figure that shows a message (no data, an error) in its middle."""
+    fig = go.Figure()
+    fig.add_annotation(text=html.escape(text), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#666"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _base_layout(fig, height=height)
+
+
+def _importance_range(values: Iterable[float | None]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return 0.0, 1.0
+    # positive importances set the scale; negative ones (ablating the node helps) share the palest colour
+    lo, hi = (0.0, max(vals)) if max(vals) > 0 else (min(vals), 0.0)
+    return (lo, hi) if hi > lo else (lo, lo + 1e-9 + abs(lo) * 0.1 + 1e-3)
+
+
+def _rgba(rgb: tuple[int, int, int], alpha: float) -> str:
+    return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.3f})"
+
+
+def _edge_traces(segments: list[tuple[float, float, float, float, float, str]], max_abs: float,
+                 n_bins: int = 4, hover: bool = True, name_prefix: str = "") -> list[go.BaseTraceType]:
+    """Line traces for weighted edges, binned by |weight| (width and opacity) and sign (colour).
+
+    segments: (x0, y0, x1, y1, weight, hover text). One extra invisible marker trace at the midpoints
+    carries the hover text."""
+    traces = []
+    max_abs = max_abs or 1.0
+    bins: dict[tuple[bool, int], list] = defaultdict(list)
+    for seg in segments:
+        w = seg[4]
+        b = min(n_bins - 1, int(n_bins * abs(w) / max_abs)) if max_abs > 0 else 0
+        bins[(w >= 0, b)].append(seg)
+    for (positive, b), segs in sorted(bins.items()):
+        xs, ys = [], []
+        for x0, y0, x1, y1, _, _ in segs:
+            xs += [x0, x1, None]
+            ys += [y0, y1, None]
+        frac = (b + 1) / n_bins
+        traces.append(go.Scatter(
+            x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+            line=dict(width=0.8 + 4.5 * frac, color=_rgba(POSITIVE if positive else NEGATIVE, 0.25 + 0.65 * frac)),
+            name=f"{name_prefix}{'+' if positive else '-'} |w| bin {b}",
+        ))
+    if hover and segments:
+        traces.append(go.Scatter(
+            x=[(s[0] + s[2]) / 2 for s in segments], y=[(s[1] + s[3]) / 2 for s in segments], mode="markers",
+            marker=dict(size=9, color="rgba(0,0,0,0)"), hovertext=[s[5] for s in segments], hoverinfo="text",
+            showlegend=False, name="edges",
+        ))
+    return traces
+
+
+def _node_trace(xs, ys, nodes: list[str], importances: list[float | None], d_head, symbols, labels=None,
+                imp_range=(0.0, 1.0), size: int = 16, showscale: bool = True, text_position="top center",
+                extra_hover: Mapping[str, str] | None = None) -> go.Scatter:
+    lo, hi = imp_range
+    colors = [v if v is not None else lo for v in importances]
+    hover = []
+    for n, v in zip(nodes, importances):
+        extra = (extra_hover or {}).get(n, "")
+        hover.append(f"<b>{n}</b><br>{_node_detail(n, d_head)}<br>importance: {_fmt(v)}{extra}")
+    return go.Scatter(
+        x=xs, y=ys, mode="markers+text" if labels else "markers", text=labels, textposition=text_position,
+        textfont=dict(size=10, color="#333"), customdata=[[n] for n in nodes], hovertext=hover, hoverinfo="text",
+        marker=dict(size=size, color=colors, colorscale=IMPORTANCE_COLORSCALE, cmin=lo, cmax=hi, symbol=symbols,
+                    line=dict(width=1, color="#444"), showscale=showscale,
+                    colorbar=dict(title=dict(text="importance<br>(Δ loss)", side="right"), thickness=12, len=0.8)),
+        showlegend=False, name="nodes",
+    )
+
+
+def _selected_trace(x: float, y: float, node: str) -> go.Scatter:
+    return go.Scatter(x=[x], y=[y], mode="markers", customdata=[[node]], hoverinfo="skip", showlegend=False,
+                      marker=dict(size=28, color="rgba(0,0,0,0)", line=dict(width=3, color="#111")), name="selected")
+
+
+def _spread(n: int, width: float = 1.0) -> list[float]:
+    """n x-positions centred on 0 with unit spacing (scaled by width)."""
+    return [(i - (n - 1) / 2) * width for i in range(n)]
+
+
+# ---- per-layer graph ------------------------------------------------------------------------
+
+
+def _wrap_row(keys: list, gap_before: list[float], max_width: float) -> tuple[list[tuple[float, int]], int]:
+    """Lays out a row of items left to right (`gap_before[i]`: the space before item i), wrapping onto a new
+    line past `max_width`; returns [(x, line)] centred per line, and the number of lines."""
+    lines: list[list[tuple[int, float]]] = [[]]
+    x = 0.0
+    for i, gap in enumerate(gap_before):
+        if lines[-1]:
+            x += gap
+            if x > max_width:
+                lines.append([])
+                x = 0.0
+        lines[-1].append((i, x))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(keys)
+    for li, line in enumerate(lines):
+        if not line:
+            continue
+        offset = line[-1][1] / 2
+        for i, x in line:
+            out[i] = (x - offset, li)
+    return out, len([l for l in lines if l])
+
+
+def layer_graph_figure(circuit, layer: str, selected: str | None = None, height: int | None = None,
+                       max_per_line: int = 40, max_edges: int = 300) -> go.Figure:
+    """The circuit's nodes and weight edges in one sublayer ('0.attn' or '0.mlp') as a layered graph.
+
+    Rows, top to bottom: MLP `act_in -> post_act -> resid_delta`; attention `act_in -> q, k, v -> resid_delta`
+    with q/k/v channels grouped by head (shaded bands) and labelled `h{head}.ch{channel}`. A row with more than
+    `max_per_line` nodes wraps onto several lines. Node colour is the node's ablation importance; edge colour is
+    the weight's sign (blue +, red -), width and opacity its magnitude; only the `max_edges` strongest edges are
+    drawn (the title says so). Every node marker carries its id in customdata[0] (for click handling)."""
+    d_head = _d_head(circuit)
+    nodes = layer_node_ids(circuit, layer)
+    if not nodes:
+        return message_figure(f"The circuit has no nodes in {layer}.")
+    is_attn = layer.endswith(".attn")
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for n in nodes:
+        by_kind[split_node(n)[2]].append(n)
+    head_of = lambda n: split_node(n)[3] // d_head if d_head else 0  # noqa: E731
+    if is_attn:
+        mid = sorted(by_kind["q"] + by_kind["k"] + by_kind["v"],
+                     key=lambda n: (head_of(n), "qkv".index(split_node(n)[2]), split_node(n)[3]))
+    else:
+        mid = by_kind["post_act"]
+    rows = [("act_in", by_kind["act_in"]), ("mid", mid), ("resid_delta", by_kind["resid_delta"])]
+
+    line_gap, row_gap = (0.8 if is_attn else 0.5), 1.0
+    pos: dict[str, tuple[float, float]] = {}
+    row_centres, y = {}, 0.0
+    head_lines: dict[tuple[int, float], list[float]] = defaultdict(list)  # (head, line y) -> xs
+    for name, row in rows:
+        if not row:
+            row_centres[name] = y - row_gap / 2
+            y -= row_gap
+            continue
+        gaps = [0.0] + [(1.8 if name == "mid" and is_attn and head_of(a) != head_of(b) else 1.0)
+                        for a, b in zip(row, row[1:])]
+        placed, n_lines = _wrap_row(row, gaps, max_per_line)
+        for n, (x, li) in zip(row, placed):
+            pos[n] = (x, y - li * line_gap)
+            if name == "mid" and is_attn:
+                head_lines[(head_of(n), y - li * line_gap)].append(x)
+        row_centres[name] = y - (n_lines - 1) * line_gap / 2
+        y -= (n_lines - 1) * line_gap + row_gap
+
+    shapes, annotations = [], []
+    if is_attn and d_head:
+        for (h, ly), xs in sorted(head_lines.items()):
+            shapes.append(dict(type="rect", x0=min(xs) - 0.45, x1=max(xs) + 0.45, y0=ly - 0.22, y1=ly + 0.22,
+                               fillcolor="rgba(63,127,191,0.08)", line=dict(width=1, color="rgba(63,127,191,0.35)"),
+                               layer="below"))
+            annotations.append(dict(x=(min(xs) + max(xs)) / 2, y=ly + 0.23, text=f"head {h}", showarrow=False,
+                                    yanchor="bottom", font=dict(size=10, color="#3f7fbf")))
+
+    node_set = set(nodes)
+    segs, max_abs = [], 0.0
+    for e in circuit.edges:
+        if e.source in node_set and e.target in node_set and getattr(e, "kind", "weight") == "weight":
+            (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
+            segs.append((x0, y0, x1, y1, float(e.weight), f"{e.source} → {e.target}<br>weight {e.weight:+.4g}"))
+            max_abs = max(max_abs, abs(float(e.weight)))
+    n_edges = len(segs)
+    segs = sorted(segs, key=lambda sg: -abs(sg[4]))[:max_edges]
+
+    fig = go.Figure()
+    for t in _edge_traces(segs, max_abs):
+        fig.add_trace(t)
+    imp_range = _importance_range(circuit.nodes[n] for n in nodes)
+    show_labels = len(nodes) <= 90
+    xs = [pos[n][0] for n in nodes]
+    ys = [pos[n][1] for n in nodes]
+    labels = [node_label(n, d_head) for n in nodes] if show_labels else None
+    text_pos = ["bottom center" if split_node(n)[2] == "resid_delta" else "top center" for n in nodes]
+    symbols = [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes]
+    fig.add_trace(_node_trace(xs, ys, nodes, [circuit.nodes[n] for n in nodes], d_head, symbols, labels, imp_range,
+                              size=16 if len(nodes) <= 120 else 11, text_position=text_pos))
+    if selected in pos:
+        fig.add_trace(_selected_trace(*pos[selected], selected))
+
+    mid_label = "q ● · k ◆ · v ■" if is_attn else "post_act"
+    span = max(abs(p[0]) for p in pos.values()) + 1.0
+    fig.update_xaxes(visible=False, range=[-span, span])
+    fig.update_yaxes(tickvals=[row_centres["resid_delta"], row_centres["mid"], row_centres["act_in"]],
+                     ticktext=["resid_delta", mid_label, "act_in"], range=[y + row_gap - 0.5, 0.6],
+                     showgrid=False, zeroline=False, fixedrange=True)
+    fig.update_layout(shapes=shapes, annotations=annotations, dragmode="pan", clickmode="event")
+    shown = f"{n_edges} weight edges" if n_edges <= max_edges else f"the {max_edges} strongest of {n_edges} weight edges"
+    title = f"{layer}: {len(nodes)} nodes, {shown} (blue +, red −; click a node)"
+    return _base_layout(fig, title, height or max(380, int(148 * (0.1 - y))))
+
+
+# ---- whole circuit --------------------------------------------------------------------------
+
+
+_STAGES = [("attn", "act_in"), ("attn", "qkv"), ("attn", "resid_delta"), ("mlp", "act_in"), ("mlp", "post_act"),
+           ("mlp", "resid_delta")]
+
+
+def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str | None = None,
+                            height: int | None = None, max_edges: int = 500) -> go.Figure:
+    """Every node of the circuit, from the token embedding (left) to the logits (right).
+
+    One column per location (q, k, v share a column, grouped by head), weight edges coloured by sign,
+    residual edges (same channel written by one sublayer and read by a later one) in grey. The embedding feeds
+    every read channel that no earlier circuit node writes; every write channel feeds the logits (through the
+    rest of the residual stream)."""
+    n_layer = n_layer if n_layer is not None else _n_layer(circuit)
+    d_head = _d_head(circuit)
+    if not circuit.nodes:
+        return message_figure("The circuit is empty.")
+    columns: list[tuple[str, list[str]]] = []
+    for l in range(n_layer):
+        for sub, kind in _STAGES:
+            loc_nodes = [n for n in circuit.nodes if split_node(n)[0] == l and split_node(n)[1] == sub and
+                         (split_node(n)[2] in ("q", "k", "v") if kind == "qkv" else split_node(n)[2] == kind)]
+            if kind == "qkv":
+                loc_nodes.sort(key=lambda n: (split_node(n)[3] // (d_head or 10**9), "qkv".index(split_node(n)[2]), split_node(n)[3]))
+            else:
+                loc_nodes.sort(key=lambda n: split_node(n)[3])
+            columns.append((f"{l}.{sub}.{kind}", loc_nodes))
+    tallest = max(len(c[1]) for c in columns) or 1
+    pos: dict[str, tuple[float, float]] = {}
+    for ci, (_, col) in enumerate(columns):
+        x = ci + 1
+        for n, y in zip(col, _spread(len(col), tallest / max(len(col), 1))):
+            pos[n] = (x, y)
+    x_embed, x_logits = 0, len(columns) + 1
+
+    segs, max_abs = [], 0.0
+    resid_x, resid_y, has_writer = [], [], set()
+    for e in circuit.edges:
+        if e.source not in pos or e.target not in pos:
+            continue
+        (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
+        if getattr(e, "kind", "weight") == "residual":
+            resid_x += [x0, x1, None]
+            resid_y += [y0, y1, None]
+            has_writer.add(e.target)
+        else:
+            segs.append((x0, y0, x1, y1, float(e.weight), f"{e.source} → {e.target}<br>weight {e.weight:+.4g}"))
+            max_abs = max(max_abs, abs(float(e.weight)))
+    fig = go.Figure()
+    # embedding -> read channels with no earlier writer; write channels -> logits
+    io_x, io_y = [], []
+    for n, (x, y) in pos.items():
+        kind = split_node(n)[2]
+        if kind == "act_in" and n not in has_writer:
+            io_x += [x_embed, x, None]
+            io_y += [0, y, None]
+        elif kind == "resid_delta":
+            io_x += [x, x_logits, None]
+            io_y += [y, 0, None]
+    fig.add_trace(go.Scatter(x=io_x, y=io_y, mode="lines", hoverinfo="skip", showlegend=False,
+                             line=dict(width=0.7, color="rgba(150,150,150,0.25)", dash="dot"), name="embedding/logits"))
+    fig.add_trace(go.Scatter(x=resid_x, y=resid_y, mode="lines", hoverinfo="skip", showlegend=False,
+                             line=dict(width=1.2, color=RESIDUAL_COLOR), name="residual"))
+    n_weight_edges = len(segs)
+    segs = sorted(segs, key=lambda sg: -abs(sg[4]))[:max_edges]
+    for t in _edge_traces(segs, max_abs):
+        fig.add_trace(t)
+    nodes = list(pos)
+    imp_range = _importance_range(circuit.nodes[n] for n in nodes)
+    fig.add_trace(_node_trace([pos[n][0] for n in nodes], [pos[n][1] for n in nodes], nodes,
+                              [circuit.nodes[n] for n in nodes], d_head,
+                              [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes], None, imp_range, size=11))
+    fig.add_trace(go.Scatter(x=[x_embed, x_logits], y=[0, 0], mode="markers+text", text=["tokens", "logits"],
+                             textposition=["middle left", "middle right"], hoverinfo="skip", showlegend=False,
+                             marker=dict(size=22, symbol="square", color="#888"), name="io"))
+    if selected in pos:
+        fig.add_trace(_selected_trace(*pos[selected], selected))
+    # sublayer bands and column labels
+    shapes, annotations = [], []
+    for l in range(n_layer):
+        for si, sub in enumerate(("attn", "mlp")):
+            start = 1 + l * len(_STAGES) + 3 * si
+            shapes.append(dict(type="rect", x0=start - 0.45, x1=start + 2.45, yref="paper", y0=0, y1=1,
+                               fillcolor=SUBLAYER_COLORS[sub], opacity=0.07, line=dict(width=0), layer="below"))
+            annotations.append(dict(x=start + 1, y=1.0, yref="paper", text=f"<b>{l}.{sub}</b>", showarrow=False,
+                                    yanchor="bottom", font=dict(color=SUBLAYER_COLORS[sub])))
+    tick_text = ["embed"] + [c[0].split(".", 2)[2] for c in columns] + ["logits"]
+    fig.update_xaxes(tickvals=list(range(len(columns) + 2)), ticktext=tick_text, showgrid=False, zeroline=False,
+                     tickangle=-45)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(shapes=shapes, annotations=annotations, dragmode="pan", clickmode="event")
+    title = f"Whole circuit: {len(nodes)} nodes, {len(circuit.edges)} edges (grey: residual stream)"
+    if n_weight_edges > max_edges:
+        title += f"; the {max_edges} strongest of {n_weight_edges} weight edges drawn"
+    return _base_layout(fig, title, height or max(420, min(900, 22 * tallest + 160)))
+
+
+# ---- layer list ------------------------------------------------------------------------------
+
+
+def layer_bars_figure(rows: Sequence[Mapping[str, Any]], selected: str | None = None) -> go.Figure:
+    """Horizontal bars of each sublayer's ablation delta (rows from `layer_summary`), node counts as text."""
+    if not rows:
+        return message_figure("No layers.")
+    names = [r["layer"] for r in rows][::-1]
+    deltas = [r["delta"] if r["delta"] is not None else 0.0 for r in rows][::-1]
+    colors = [SUBLAYER_COLORS["attn" if n.endswith("attn") else "mlp"] for n in names]
+    line_w = [3 if n == selected else 0 for n in names]
+    counts = [r["n_nodes"] for r in rows][::-1]
+    fig = go.Figure(go.Bar(
+        x=deltas, y=[f"{n} ({c})" for n, c in zip(names, counts)], orientation="h",
+        marker=dict(color=colors, line=dict(width=line_w, color="#111")), customdata=[[n, c] for n, c in zip(names, counts)],
+        hovertemplate="%{customdata[0]}: Δ loss %{x:.4g}<br>%{customdata[1]} nodes<extra></extra>",
+    ))
+    fig.update_xaxes(title="Δ task loss when ablated", zeroline=True, zerolinecolor="#999")
+    return _base_layout(fig, "Layer ablation deltas (nodes)", height=max(200, 40 * len(rows) + 90))
+
+
+# ---- curves ---------------------------------------------------------------------------------
+
+
+def faithfulness_figure(points: Sequence[Sequence[float]], full_loss: float | None = None,
+                        target: float | None = None, random_loss: float | None = None,
+                        current_k: int | None = None, random_points: Sequence[Sequence[float]] | None = None,
+                        title: str = "Faithfulness: task loss vs circuit size") -> go.Figure:
+    """Task loss vs k (log-log), with the full model's loss, the target and the random same-size baseline.
+
+    points: [(k, loss), ...]; random_points: the same for random circuits (a curve) where known. Reference
+    lines are drawn as traces (shapes and annotations on log axes need log coordinates)."""
+    pts = sorted((float(p[0]), float(p[1])) for p in points if p[0] is not None and p[0] > 0 and p[1] is not None)
+    if not pts:
+        return message_figure("No faithfulness data yet.")
+    eps = 1e-4
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[max(p[1], eps) for p in pts], mode="lines+markers",
+                             name="circuit (top-k)", line=dict(color="#1f4e79"),
+                             hovertemplate="k=%{x}<br>loss %{y:.4g}<extra></extra>"))
+    rp = []
+    if random_points:
+        rp = sorted((float(p[0]), float(p[1])) for p in random_points if p[0] and p[0] > 0 and p[1] is not None)
+        fig.add_trace(go.Scatter(x=[p[0] for p in rp], y=[max(p[1], eps) for p in rp], mode="lines+markers",
+                                 name="random, same size", line=dict(color="#999", dash="dot"),
+                                 hovertemplate="k=%{x}<br>random loss %{y:.4g}<extra></extra>"))
+    ks = [p[0] for p in pts + rp] + ([float(current_k)] if current_k else [])
+    x0, x1 = min(ks), max(ks)
+    refs = ((full_loss, "full model", "#2ca02c", "dash"), (target, "target", "#d62728", "dot"),
+            (random_loss if not random_points else None, "random, same size (at k)", "#999", "dashdot"))
+    for value, name, color, dash in refs:
+        if value is not None:
+            fig.add_trace(go.Scatter(x=[x0, x1], y=[max(value, eps)] * 2, mode="lines", name=f"{name} ({value:.3g})",
+                                     line=dict(color=color, dash=dash, width=1.5), hoverinfo="name"))
+    if current_k:
+        ys = [max(p[1], eps) for p in pts + rp] + [max(v, eps) for v, *_ in refs if v is not None]
+        fig.add_trace(go.Scatter(x=[current_k, current_k], y=[min(ys), max(ys)], mode="lines", name=f"k = {current_k}",
+                                 line=dict(color="#444", width=1), hoverinfo="name"))
+    fig.update_xaxes(type="log", title="k (nodes kept)")
+    fig.update_yaxes(type="log", title="task loss (nats)")
+    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    return _base_layout(fig, title, 400)
+
+
+def pruning_curve_figure(curve: Sequence[Sequence[float]], title: str = "Pruning: mask training") -> go.Figure:
+    """[[step, task loss, n_kept], ...] as loss (left axis) and kept nodes (right axis) vs step."""
+    if not curve:
+        return message_figure("No pruning curve in this run.")
+    steps = [c[0] for c in curve]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=steps, y=[c[1] for c in curve], name="task loss", line=dict(color="#1f4e79")),
+                  secondary_y=False)
+    if len(curve[0]) > 2:
+        fig.add_trace(go.Scatter(x=steps, y=[c[2] for c in curve], name="nodes kept", line=dict(color="#e08a2c")),
+                      secondary_y=True)
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="task loss", secondary_y=False)
+    fig.update_yaxes(title="nodes kept", secondary_y=True, type="log")
+    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    return _base_layout(fig, title, 340)
+
+
+def training_curve_figure(record: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+                          title: str = "Model training") -> go.Figure:
+    """The model's training metrics (`training_curve.json`: {"curve": [{step, train_loss, val_loss, ...}]})."""
+    curve = record.get("curve") if isinstance(record, Mapping) else record
+    if not curve:
+        return message_figure("This model ships no training curve.")
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    steps = [c.get("step") for c in curve]
+    for key, color in (("train_loss", "#1f4e79"), ("val_loss", "#2ca02c")):
+        if any(key in c for c in curve):
+            fig.add_trace(go.Scatter(x=steps, y=[c.get(key) for c in curve], name=key.replace("_", " "),
+                                     line=dict(color=color)), secondary_y=False)
+    if any("density" in c for c in curve):
+        fig.add_trace(go.Scatter(x=steps, y=[c.get("density") for c in curve], name="weight density",
+                                 line=dict(color="#e08a2c", dash="dot")), secondary_y=True)
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="loss (nats/token)", secondary_y=False)
+    fig.update_yaxes(title="density", secondary_y=True, type="log")
+    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    return _base_layout(fig, title, 340)
+
+
+# ---- ablations ------------------------------------------------------------------------------
+
+
+def importance_bar_figure(importances: Mapping[str, float | None], selected: str | None = None,
+                          d_head: int | None = None, top_n: int | None = None,
+                          title: str = "Node ablation importance") -> go.Figure:
+    """Bars of every node's importance (task-loss increase when it alone is ablated), largest first."""
+    items = sorted(((n, v) for n, v in importances.items() if v is not None), key=lambda kv: -kv[1])
+    if top_n:
+        items = items[:top_n]
+    if not items:
+        return message_figure("No node importances yet.")
+    names = [n for n, _ in items]
+    colors = [SUBLAYER_COLORS[split_node(n)[1]] for n in names]
+    fig = go.Figure(go.Bar(
+        x=names, y=[v for _, v in items], marker=dict(color=colors, line=dict(width=[3 if n == selected else 0 for n in names], color="#111")),
+        customdata=[[n, node_label(n, d_head)] for n in names],
+        hovertemplate="<b>%{customdata[0]}</b> (%{customdata[1]})<br>Δ loss %{y:.4g}<extra></extra>",
+    ))
+    fig.update_xaxes(showticklabels=len(names) <= 60, tickangle=-60, title=None)
+    fig.update_yaxes(title="task-loss increase")
+    return _base_layout(fig, title, 380)
+
+
+def ablation_effect_figure(rows: Sequence[Mapping[str, Any]], title: str = "Ablation effects") -> go.Figure:
+    """rows: [{"label", "d_loss", "d_logit_diff"}]: the change in task loss and in the mean logit difference
+    (correct - alternative) for each ablation, side by side."""
+    if not rows:
+        return message_figure("Choose nodes or layers to ablate.")
+    labels = [r["label"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Δ task loss", "Δ logit difference (correct − alternative)"))
+    d_loss = [r["d_loss"] for r in rows]
+    d_ld = [r["d_logit_diff"] for r in rows]
+    fig.add_trace(go.Bar(x=labels, y=d_loss, marker_color=["#b2182b" if v > 0 else "#2166ac" for v in d_loss],
+                         hovertemplate="%{x}<br>Δ loss %{y:+.4g}<extra></extra>", name="Δ loss"), 1, 1)
+    fig.add_trace(go.Bar(x=labels, y=d_ld, marker_color=["#b2182b" if v < 0 else "#2166ac" for v in d_ld],
+                         hovertemplate="%{x}<br>Δ logit diff %{y:+.4g}<extra></extra>", name="Δ logit diff"), 1, 2)
+    fig.update_layout(showlegend=False)
+    fig.update_xaxes(tickangle=-30)
+    return _base_layout(fig, title, 380)
+
+
+def circuit_diff_figure(diff, name_a: str = "A", name_b: str = "B") -> go.Figure:
+    """Counts of nodes and edges in one circuit only, the other only, or both (a `CircuitDiff`), per sublayer."""
+    cats = ("only_self", "both", "only_other")
+    names = {"only_self": f"only {name_a}", "both": "both", "only_other": f"only {name_b}"}
+    colors = {"only_self": "#1f77b4", "both": "#7f7f7f", "only_other": "#ff7f0e"}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("nodes per sublayer", "edges"))
+    node_lists = {c: getattr(diff, f"nodes_{c}") for c in cats}
+    layers = sorted({sublayer_of(n) for c in cats for n in node_lists[c]},
+                    key=lambda s: (int(s.split(".")[0]), s.endswith("mlp")))
+    for c in cats:
+        counts = [sum(1 for n in node_lists[c] if sublayer_of(n) == l) for l in layers]
+        fig.add_trace(go.Bar(x=layers, y=counts, name=names[c], marker_color=colors[c], legendgroup=c), 1, 1)
+        fig.add_trace(go.Bar(x=["edges"], y=[len(getattr(diff, f"edges_{c}"))], name=names[c], marker_color=colors[c],
+                             legendgroup=c, showlegend=False), 1, 2)
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.2))
+    return _base_layout(fig, f"Circuit comparison: {name_a} vs {name_b}", 360)
+
+
+# ---- prompt lab -----------------------------------------------------------------------------
+
+
+def next_tokens_figure(full: Sequence[Sequence[Any]], circuit: Sequence[Sequence[Any]] | None = None,
+                       title: str = "Top next tokens") -> go.Figure:
+    """Two bar panels of (token, probability): the full model and the circuit alone."""
+    panels = [("full model", full)] + ([("circuit (rest mean-ablated)", circuit)] if circuit is not None else [])
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], horizontal_spacing=0.18)
+    for i, (_, rows) in enumerate(panels, start=1):
+        toks = [display_token(str(r[0])) for r in rows][::-1]
+        probs = [float(r[1]) for r in rows][::-1]
+        fig.add_trace(go.Bar(x=probs, y=[f"{t} " for t in toks], orientation="h",
+                             marker_color="#1f4e79" if i == 1 else "#e08a2c",
+                             text=[f"{p:.1%}" for p in probs], textposition="outside", cliponaxis=False,
+                             hovertemplate="%{y}: %{x:.3%}<extra></extra>"), 1, i)
+        fig.update_xaxes(range=[0, min(1.0, 1.2 * max(probs, default=1.0)) or 1.0], tickformat=".0%", row=1, col=i)
+    fig.update_layout(showlegend=False)
+    return _base_layout(fig, title, 380)
+
+
+def display_token(tok: str) -> str:
+    """A token as visible text: spaces as ·, newlines as ↵, tabs as →."""
+    return tok.replace(" ", "·").replace("\n", "↵").replace("\t", "→").replace("\r", "␍") or "∅"
+
+
+# ---- token heatmaps (HTML) ------------------------------------------------------------------
+
+
+def _act_color(v: float, vmax: float, vmin: float, zero_centered: bool) -> str:
+    if zero_centered:
+        if vmax <= 0:
+            return "transparent"
+        a = min(1.0, abs(v) / vmax)
+        return _rgba(NEGATIVE if v < 0 else POSITIVE, 0.85 * a) if a > 0.005 else "transparent"
+    span = vmax - vmin
+    a = 0.0 if span <= 0 else min(1.0, max(0.0, (v - vmin) / span))
+    return f"rgba(241,105,19,{0.85 * a:.3f})"
+
+
+def _token_span(tok: str, v: float | None, color: str, boxed: bool) -> str:
+    text = tok.replace("\t", "→   ")
+    newline = text.endswith("\n")
+    vis = html.escape(text.replace("\n", "↵").replace("\r", "␍"))
+    style = f"background:{color};"
+    if boxed:
+        style += "outline:2px solid #111;outline-offset:-1px;border-radius:2px;"
+    title = f' title="{html.escape(repr(tok))}: {_fmt(v)}"' if v is not None else f' title="{html.escape(repr(tok))}"'
+    return f'<span class="csp-tok" style="{style}"{title}>{vis}</span>' + ("<br>" if newline else "")
+
+
+def token_heatmap_html(tokens: Sequence[str], values: Sequence[float] | None = None, peak: int | None = None,
+                       zero_centered: bool = True, vmax: float | None = None, vmin: float | None = None,
+                       title: str | None = None) -> str:
+    """Tokens as inline spans coloured by their activation, the `peak` token boxed.
+
+    zero_centered: red/blue for negative/positive around zero (scale max |v|); otherwise one colour from the
+    minimum to the maximum. Hovering a token shows its repr and value."""
+    vals = [float(v) for v in values] if values is not None else [None] * len(tokens)
+    finite = [v for v in vals if v is not None and math.isfinite(v)]
+    if zero_centered:
+        vmax = vmax if vmax is not None else max((abs(v) for v in finite), default=0.0)
+        vmin = -vmax
+    else:
+        vmax = vmax if vmax is not None else max(finite, default=0.0)
+        vmin = vmin if vmin is not None else min(finite, default=0.0)
+    spans = []
+    for i, (tok, v) in enumerate(zip(tokens, vals)):
+        color = _act_color(v, vmax, vmin, zero_centered) if v is not None and math.isfinite(v) else "transparent"
+        spans.append(_token_span(str(tok), v, color, i == peak))
+    head = f'<div class="csp-ex-title">{html.escape(title)}</div>' if title else ""
+    return f'{head}<div class="csp-tokens">{"".join(spans)}</div>'
+
+
+def tokens_html(tokens: Sequence[str], ids: Sequence[int] | None = None) -> str:
+    """The tokens of a prompt as alternating chips (no activations), ids in the hover text."""
+    spans = []
+    for i, tok in enumerate(tokens):
+        bg = "#e8eef7" if i % 2 == 0 else "#f7efe3"
+        title = f"{i}: {tok!r}" + (f" (id {ids[i]})" if ids is not None else "")
+        text = html.escape(tok.replace("\n", "↵").replace("\t", "→   ").replace("\r", "␍"))
+        spans.append(f'<span class="csp-tok" style="background:{bg}" title="{html.escape(title)}">{text}</span>'
+                     + ("<br>" if tok.endswith("\n") else ""))
+    return f'<div class="csp-tokens">{"".join(spans)}</div>'
+
+
+_CSS = """<style>
+.csp-tokens{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px;line-height:1.9;
+white-space:pre-wrap;word-break:break-all;padding:4px 6px;border:1px solid #e5e5e5;border-radius:4px;margin:2px 0;}
+.csp-tok{padding:1px 0;}
+.csp-ex-title{font-size:11px;color:#666;margin-top:4px;}
+.csp-q{border-collapse:collapse;width:100%;} .csp-q td,.csp-q th{vertical-align:top;padding:4px;border-bottom:1px solid #eee;}
+.csp-q th{text-align:left;font-size:12px;color:#444;}
+</style>"""
+
+
+def _example_parts(ex: Any) -> tuple[list[str], list[float], int | None]:
+    """An example as (tokens, activations, peak): accepts dicts {tokens, acts|activations, peak|pos|position}
+    or tuples (tokens, acts, peak)."""
+    if isinstance(ex, Mapping):
+        tokens = ex.get("tokens") or ex.get("token_strs") or []
+        acts = ex.get("acts", ex.get("activations", []))
+        peak = ex.get("peak", ex.get("pos", ex.get("position")))
+    else:
+        tokens, acts, peak = (list(ex) + [None, None, None])[:3]
+    return [str(t) for t in tokens], [float(a) for a in acts], (int(peak) if peak is not None else None)
+
+
+def examples_html(examples: Sequence[Any], zero_centered: bool = True, vmax: float | None = None,
+                  context: int | None = 24) -> str:
+    """Several examples as token heatmaps (see `token_heatmap_html`), sharing one colour scale.
+
+    Each example is (tokens, activations, peak position) or a dict with those keys; with `context`, only
+    that many tokens before the peak (and a few after) are shown."""
+    parts = [_example_parts(ex) for ex in examples]
+    if vmax is None:
+        vals = [abs(a) if zero_centered else a for _, acts, _ in parts for a in acts]
+        vmax = max(vals, default=0.0)
+    out = []
+    for tokens, acts, peak in parts:
+        if context is not None and peak is not None and len(tokens) > context + 8:
+            lo, hi = max(0, peak - context), min(len(tokens), peak + 8)
+            tokens, acts, peak = tokens[lo:hi], acts[lo:hi], peak - lo
+        title = f"peak {_fmt(acts[peak])}" if peak is not None and 0 <= peak < len(acts) else None
+        out.append(token_heatmap_html(tokens, acts, peak, zero_centered, vmax=vmax, vmin=None if zero_centered else 0.0,
+                                      title=title))
+    return "".join(out) if out else '<div class="csp-ex-title">no examples</div>'
+
+
+def quantile_examples_html(samples: Mapping[Any, Mapping[str, Sequence[Any]]], zero_centered: bool = True,
+                           title: str | None = None) -> str:
+    """Top and bottom activating examples per quantile: {frac: {"top": [...], "bottom": [...]}} as a table.
+
+    Rows are the quantiles (0.1%, 1%, 10%, 50%), columns the top and bottom examples."""
+    if not samples:
+        return _CSS + '<div class="csp-ex-title">No activating examples for this node.</div>'
+    all_vals = [abs(a) for q in samples.values() for side in ("top", "bottom") for ex in q.get(side, [])
+                for a in _example_parts(ex)[1]]
+    vmax = max(all_vals, default=0.0)
+    rows = []
+    for frac in sorted(samples, key=lambda f: float(f)):
+        q = samples[frac]
+        pct = f"{float(frac) * 100:g}%"
+        top = examples_html(q.get("top", []), zero_centered, vmax if zero_centered else None)
+        bottom = examples_html(q.get("bottom", []), zero_centered, vmax if zero_centered else None)
+        rows.append(f"<tr><th>{pct}</th><td>{top}</td><td>{bottom}</td></tr>")
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    key = ("blue: positive, red: negative activation (shared scale)" if zero_centered
+           else "orange: activation from its minimum to its maximum")
+    head += f'<div class="csp-ex-title">{key}; the boxed token is the peak; hover a token for its value</div>'
+    return (_CSS + head + '<table class="csp-q"><tr><th>quantile</th><th>top activating</th><th>bottom activating</th></tr>'
+            + "".join(rows) + "</table>")
+
+
+# ---- node panel figures ---------------------------------------------------------------------
+
+
+def task_activations_figure(class1: Sequence[Sequence[float]], class2: Sequence[Sequence[float]],
+                            labels: tuple[str, str] = ("class 1", "class 2"), zero_centered: bool = True,
+                            title: str = "Activations on the task's examples") -> go.Figure:
+    """Heatmaps of a node's activation on the task examples of each class (rows: examples, columns: positions
+    counted from the decision token, right-aligned) and the difference of the class means per position."""
+    import numpy as np
+
+    def as_array(rows):
+        rows = [list(map(float, r)) for r in rows]
+        width = max((len(r) for r in rows), default=0)
+        arr = np.full((len(rows), width), np.nan)
+        for i, r in enumerate(rows):
+            if r:
+                arr[i, width - len(r):] = r
+        return arr
+
+    a, b = as_array(class1), as_array(class2)
+    width = max(a.shape[1] if a.size else 0, b.shape[1] if b.size else 0)
+    if width == 0:
+        return message_figure("No task activations for this node.")
+
+    def pad(arr):
+        out = np.full((arr.shape[0], width), np.nan)
+        if arr.size:
+            out[:, width - arr.shape[1]:] = arr
+        return out
+
+    a, b = pad(a), pad(b)
+    xs = list(range(-width + 1, 1))
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            mean_a = np.nanmean(a, axis=0) if a.size else np.zeros(width)
+            mean_b = np.nanmean(b, axis=0) if b.size else np.zeros(width)
+    diff = mean_a - mean_b
+    finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
+    vmax = float(np.abs(finite).max()) if finite.size else 1.0
+    heat = dict(colorscale="RdBu_r", zmid=0, zmin=-vmax, zmax=vmax) if zero_centered else dict(
+        colorscale="Oranges", zmin=float(finite.min()) if finite.size else 0, zmax=float(finite.max()) if finite.size else 1)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(labels[0], labels[1], "class mean difference (1 − 2)"),
+                        horizontal_spacing=0.1)
+    hover = "position %{x}<br>example %{y}<br>activation %{z:.4g}<extra></extra>"
+    fig.add_trace(go.Heatmap(z=a, x=xs, hovertemplate=hover, colorbar=dict(x=0.64, xanchor="left", thickness=10, len=0.9),
+                             **heat), 1, 1)
+    fig.add_trace(go.Heatmap(z=b, x=xs, hovertemplate=hover, showscale=False, **heat), 1, 2)
+    fig.add_trace(go.Bar(x=xs, y=[None if not math.isfinite(v) else float(v) for v in diff],
+                         marker_color=["#2166ac" if (math.isfinite(v) and v >= 0) else "#b2182b" for v in diff],
+                         hovertemplate="position %{x}<br>Δ mean %{y:.4g}<extra></extra>"), 1, 3)
+    fig.update_xaxes(title="position (0 = decision)")
+    fig.update_yaxes(title="example", row=1, col=1)
+    fig.update_layout(showlegend=False)
+    return _base_layout(fig, title, 340)
+
+
+def attention_pattern_figure(pattern: Sequence[Sequence[float]], tokens: Sequence[str], title: str,
+                             zero_centered: bool = False, sink: bool = False) -> go.Figure:
+    """A (query x key) matrix over one prompt's tokens: an attention pattern (optionally with the sink as the
+    first key column) or a channel's q·k contribution (zero_centered)."""
+    labels = [f"{i}:{display_token(t)}" for i, t in enumerate(tokens)]
+    keys = (["sink"] if sink else []) + labels
+    z = [list(map(float, row)) for row in pattern]
+    if zero_centered:
+        m = max((abs(v) for row in z for v in row if math.isfinite(v)), default=1.0) or 1.0
+        heat = dict(colorscale="RdBu_r", zmid=0, zmin=-m, zmax=m)
+    else:
+        heat = dict(colorscale="Blues", zmin=0)
+    fig = go.Figure(go.Heatmap(z=z, x=keys, y=labels, hovertemplate="query %{y}<br>key %{x}<br>%{z:.4g}<extra></extra>",
+                               colorbar=dict(thickness=10), **heat))
+    fig.update_yaxes(autorange="reversed", title="query token", tickfont=dict(size=9))
+    fig.update_xaxes(title="key token", tickfont=dict(size=9), tickangle=-60)
+    return _base_layout(fig, title, 420)
+
+
+def connections_table(circuit, node: str, d_head: int | None = None) -> list[list[Any]]:
+    """Rows [direction, other node, label, weight, kind] of a node's incoming and outgoing circuit edges,
+    strongest first."""
+    d_head = d_head or _d_head(circuit)
+    rows = []
+    for e in circuit.edges:
+        if e.target == node:
+            rows.append(["in", e.source, node_label(e.source, d_head), round(float(e.weight), 5), getattr(e, "kind", "weight")])
+        elif e.source == node:
+            rows.append(["out", e.target, node_label(e.target, d_head), round(float(e.weight), 5), getattr(e, "kind", "weight")])
+    rows.sort(key=lambda r: (r[0] != "in", -abs(r[3])))
+    return rows
+
+
+def connections_html(rows: Sequence[Sequence[Any]], max_height: int = 280) -> str:
+    """`connections_table` rows as a compact HTML table: incoming and outgoing edges, weights coloured by sign."""
+    if not rows:
+        return _CSS + '<div class="csp-ex-title">No connections to other circuit nodes.</div>'
+    body = []
+    for direction, other, label, weight, kind in rows:
+        color = _rgba(POSITIVE if weight >= 0 else NEGATIVE, 1.0)
+        arrow = "← from" if direction == "in" else "→ to"
+        body.append(f"<tr><td>{arrow}</td><td><code>{html.escape(str(other))}</code></td><td>{html.escape(str(label))}</td>"
+                    f'<td style="color:{color};text-align:right">{weight:+.4g}</td><td>{html.escape(str(kind))}</td></tr>')
+    n_in = sum(1 for r in rows if r[0] == "in")
+    head = f'<div class="csp-ex-title">{n_in} incoming, {len(rows) - n_in} outgoing edges in the circuit</div>'
+    return (_CSS + head + f'<div style="max-height:{max_height}px;overflow:auto"><table class="csp-q">'
+            "<tr><th></th><th>node</th><th>label</th><th>weight</th><th>kind</th></tr>" + "".join(body) + "</table></div>")
+
+
+# ---- embeddings -----------------------------------------------------------------------------
+
+
+def embedding_tokens_figure(tokens: Sequence[str], weights: Sequence[float], channel: int, n: int = 20) -> go.Figure:
+    """The n tokens with the largest and the n with the smallest embedding weight in one residual channel."""
+    order = sorted(range(len(weights)), key=lambda i: weights[i])
+    bottom, top = order[:n], order[-n:][::-1]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"top {n}", f"bottom {n}"), horizontal_spacing=0.2)
+    for col, idx, color in ((1, top, "#2166ac"), (2, bottom, "#b2182b")):
+        fig.add_trace(go.Bar(x=[float(weights[i]) for i in idx][::-1], y=[f"{display_token(tokens[i])} " for i in idx][::-1],
+                             orientation="h", marker_color=color,
+                             hovertemplate="%{y}: %{x:.4g}<extra></extra>"), 1, col)
+    fig.update_layout(showlegend=False)
+    return _base_layout(fig, f"Token embedding weights of residual channel {channel}", max(380, 18 * n + 120))
+
+
+def weights_histogram_figure(values: Sequence[float], title: str, nbins: int = 60) -> go.Figure:
+    """Distribution of a channel's weights, zeros counted separately (weight-sparse models are mostly zero)."""
+    vals = [float(v) for v in values]
+    nonzero = [v for v in vals if v != 0.0]
+    fig = go.Figure(go.Histogram(x=nonzero, nbinsx=nbins, marker_color="#1f4e79",
+                                 hovertemplate="%{x}: %{y}<extra></extra>"))
+    fig.update_xaxes(title="weight (nonzero entries)")
+    fig.update_yaxes(title="count")
+    return _base_layout(fig, f"{title}: {len(nonzero)} nonzero of {len(vals)}", 320)
+
+
+def position_embedding_figure(wpe: Sequence[Sequence[float]], channel: int | None = None,
+                              title: str = "Position embedding") -> go.Figure:
+    """Heatmap of the position embedding (positions x channels), the chosen channel marked."""
+    z = [list(map(float, row)) for row in wpe]
+    m = max((abs(v) for row in z for v in row), default=1.0) or 1.0
+    fig = go.Figure(go.Heatmap(z=z, colorscale="RdBu_r", zmid=0, zmin=-m, zmax=m, colorbar=dict(thickness=10),
+                               hovertemplate="position %{y}<br>channel %{x}<br>%{z:.4g}<extra></extra>"))
+    if channel is not None:
+        fig.add_shape(type="rect", x0=channel - 0.5, x1=channel + 0.5, y0=-0.5, y1=len(z) - 0.5,
+                      line=dict(color="#111", width=1.5))
+        fig.add_annotation(x=channel, y=-0.5, text=f"ch {channel}", showarrow=False, yanchor="bottom",
+                           font=dict(size=11))
+    fig.update_xaxes(title="residual channel")
+    fig.update_yaxes(title="position", autorange="reversed")
+    return _base_layout(fig, title, 380)

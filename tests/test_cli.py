@@ -1,0 +1,180 @@
+"""The `csp` command line: JSON output, evaluate's numbers, shipped circuits, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FIXTURES, PROJECT_ROOT, TOKENIZER_FIXTURE
+from modeling_csp import CSPConfig, CSPForCausalLM
+from modeling_csp.ablation import all_kept
+from modeling_csp.circuits import CircuitGraph
+from modeling_csp.cli import main
+
+VIZ = FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
+DEFAULT_MODEL = PROJECT_ROOT / "modeling_csp" / "default_model"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path_factory, monkeypatch):
+    """Mean-activation cache in a temp dir, and thread count restored after in-process CLI runs."""
+    monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "csp_cache"))
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 1-layer model with the fixture tokenizer's 2,048-token vocabulary, saved like a converted folder."""
+    from conversion.convert_checkpoint import save_model_folder
+
+    torch.manual_seed(0)
+    config = CSPConfig(block_size=128, vocab_size=2048, n_layer=1, n_head=2, d_head=16, d_model=32, d_mlp=64,
+                       bias=False, ln_bias=False, rms_norm=True, tied_unembed=False)
+    folder = tmp_path_factory.mktemp("tiny") / "tiny"
+    save_model_folder(CSPForCausalLM(config).eval(), folder, tokenizer_dir=str(TOKENIZER_FIXTURE), name="tiny")
+    return folder
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_json(out):
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [l for l in err.splitlines() if "error" in l.lower()]  # ignore progress bars of models loaded here
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_tasks(capsys):
+    code, out, _ = run(capsys, "tasks")
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and {"name", "description"} == set(rows[0])
+    assert "single_double_quote" in {r["name"] for r in rows}
+
+
+def test_evaluate_numbers(capsys, tiny, tmp_path):
+    model = CSPForCausalLM.from_pretrained(tiny)
+    full = CircuitGraph.from_masks(model, all_kept(model.config), model_name="tiny").save(tmp_path / "full.json")
+    code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task", "single_double_quote", "--circuit", full)
+    result = one_json(out)
+    assert code == 0
+    assert {"full_loss", "circuit_loss", "random_loss", "complement_loss", "full_accuracy", "circuit_accuracy",
+            "n_nodes", "n_edges"} <= set(result)
+    assert result["circuit_loss"] == pytest.approx(result["full_loss"], abs=1e-6)
+    assert result["circuit_accuracy"] == result["full_accuracy"]
+    assert result["n_nodes"] == 288 and result["n_edges"] > 0
+
+    empty_masks = {k: torch.zeros_like(v) for k, v in all_kept(model.config).items()}
+    empty = CircuitGraph.from_masks(model, empty_masks).save(tmp_path / "empty.json")
+    code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task", "single_double_quote", "--circuit", empty)
+    result = one_json(out)
+    assert result["complement_loss"] == pytest.approx(result["full_loss"], abs=1e-6)
+    assert result["n_nodes"] == 0 and result["n_edges"] == 0
+
+
+def test_prune_writes_a_circuit(capsys, tiny, tmp_path):
+    out_file = tmp_path / "c.json"
+    code, out, _ = run(capsys, "prune", "--model", tiny, "--task", "single_double_quote", "--steps", 4, "--quiet",
+                       "--n-examples", 64, "--target-loss", 10, "--out", out_file)
+    summary = one_json(out)
+    assert code == 0 and summary["out"] == str(out_file) and summary["target_reached"]
+    circuit = CircuitGraph.load(out_file, model=CSPForCausalLM.from_pretrained(tiny))
+    assert circuit.task == "single_double_quote" and circuit.n_nodes == summary["n_nodes"] == circuit.k
+    assert circuit.meta["options"]["steps"] == 4 and circuit.meta["options"]["freeze_norm_scales"] is False
+    assert len(circuit.pruning_curve) == 4 and set(circuit.losses) == {"full", "circuit", "random", "complement"}
+
+
+def test_circuits_listing(capsys, tiny, tmp_path):
+    import shutil
+
+    folder = tmp_path / "with_circuits"
+    shutil.copytree(tiny, folder)
+    code, out, _ = run(capsys, "circuits", "--model", folder)
+    assert code == 0 and out == ""
+    model = CSPForCausalLM.from_pretrained(folder)
+    (folder / "circuits").mkdir()
+    CircuitGraph.from_masks(model, all_kept(model.config), task="for_while", k=288).save(folder / "circuits" / "a.json")
+    code, out, _ = run(capsys, "circuits", "--model", folder)
+    assert one_json(out) == {"task": "for_while", "k": 288, "path": str((folder / "circuits" / "a.json").resolve())}
+    (folder / "circuits" / "index.json").write_text(json.dumps([{"task": "x", "k": 5, "path": "a.json"}]))
+    code, out, _ = run(capsys, "circuits", "--model", folder)
+    assert one_json(out)["task"] == "x"
+
+
+def test_import_viz(capsys, tmp_path):
+    code, out, _ = run(capsys, "import-viz", VIZ, tmp_path / "viz.json")
+    summary = one_json(out)
+    assert code == 0 and summary["n_nodes"] == 93 and summary["n_edges"] == 76
+    assert summary["losses"]["circuit"] == pytest.approx(0.15)
+    assert CircuitGraph.load(tmp_path / "viz.json").n_edges == 76
+
+
+def test_errors(capsys, tiny, converted, tmp_path):
+    code, _, err = run(capsys, "evaluate", "--model", tiny, "--task", "no_such_task", "--circuit", "x.json")
+    assert_one_line_error(code, err, "Unknown task 'no_such_task'", "single_double_quote")
+
+    rms = CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"])
+    foreign = CircuitGraph.from_masks(rms, all_kept(rms.config), model_name="rms").save(tmp_path / "foreign.json")
+    code, _, err = run(capsys, "evaluate", "--model", tiny, "--task", "for_while", "--circuit", foreign)
+    assert_one_line_error(code, err, "circuit was made for model 'rms' (n_layer=3, d_model=64")
+
+    (tmp_path / "broken.json").write_text('{"format": "csp-circuit", "version": 1, "nodes": [')
+    code, _, err = run(capsys, "evaluate", "--model", tiny, "--task", "for_while", "--circuit", tmp_path / "broken.json")
+    assert_one_line_error(code, err, "not valid JSON")
+
+    (tmp_path / "v.pkl").write_bytes(b"\x80\x04N.")
+    code, _, err = run(capsys, "import-viz", tmp_path / "v.pkl", tmp_path / "o.json")
+    assert_one_line_error(code, err, "pickle files can run arbitrary code")
+
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path, "--task", "for_while", "--circuit", foreign)
+    assert_one_line_error(code, err, "no config.json")
+
+    code, _, err = run(capsys, "prune", "--model", tiny)
+    assert_one_line_error(code, err, "required")
+
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        code, _, err = run(capsys, "prune", "--model", "default", "--task", "for_while", "--out", tmp_path / "d.json")
+        assert_one_line_error(code, err, "default model is not installed")
+
+
+def test_error_exit_code_in_a_fresh_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_csp.cli", "evaluate", "--model", "nobody/no-such-model", "--task",
+         "for_while", "--circuit", str(tmp_path / "c.json")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: could not load model 'nobody/no-such-model'")
+    assert "HF_HUB_OFFLINE" in result.stderr
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),
+                    reason="the default model (modeling_csp/default_model) has not been trained yet")
+def test_prune_and_evaluate_default_model(capsys, tmp_path):
+    """The default model through the CLI (a short run with fixed k; reaching the target is in test_pruning)."""
+    code, out, _ = run(capsys, "prune", "--model", "default", "--task", "single_double_quote", "--quiet",
+                       "--steps", 40, "--k", 40, "--n-examples", 128, "--out", tmp_path / "c.json")
+    summary = one_json(out)
+    assert code == 0 and summary["k"] == summary["n_nodes"] == 40 and summary["n_edges"] > 0
+    code, out, _ = run(capsys, "evaluate", "--model", "default", "--task", "single_double_quote",
+                       "--circuit", tmp_path / "c.json")
+    result = one_json(out)
+    assert code == 0 and result["n_nodes"] == 40
+    for key in ("full", "circuit", "random", "complement"):
+        assert result[f"{key}_loss"] == pytest.approx(summary["losses"][key], abs=1e-5)

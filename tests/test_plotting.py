@@ -1,0 +1,246 @@
+"""Unit tests of modeling_csp.plotting: every figure builder on real circuit data (the visualizer fixture
+imported as a CircuitGraph, and a hand-made circuit), checked for structure, not pixels."""
+
+import json
+import math
+
+import plotly.graph_objects as go
+import pytest
+
+from conftest import FIXTURES
+from modeling_csp import plotting as P
+from modeling_csp.circuits import CircuitDiff, CircuitGraph, Edge
+
+
+@pytest.fixture(scope="module")
+def viz_circuit():
+    from modeling_csp.viz_import import import_viz_data
+
+    return import_viz_data(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt")
+
+
+@pytest.fixture
+def small():
+    """Two layers, a head with q/k/v channels, an MLP path, a residual edge, one importance unknown."""
+    nodes = {
+        "0.attn.act_in:3": 0.1, "0.attn.q:17": 0.5, "0.attn.k:18": 0.2, "0.attn.v:40": 0.05,
+        "0.attn.resid_delta:3": 0.3, "0.mlp.act_in:3": None, "0.mlp.post_act:7": 0.9, "0.mlp.resid_delta:5": 0.0,
+        "1.attn.act_in:5": 0.01,
+    }
+    edges = [
+        Edge("0.attn.act_in:3", "0.attn.q:17", 0.7), Edge("0.attn.act_in:3", "0.attn.k:18", -0.4),
+        Edge("0.attn.act_in:3", "0.attn.v:40", 0.1), Edge("0.attn.v:40", "0.attn.resid_delta:3", -1.2),
+        Edge("0.attn.resid_delta:3", "0.mlp.act_in:3", 1.0, "residual"),
+        Edge("0.mlp.act_in:3", "0.mlp.post_act:7", 0.3), Edge("0.mlp.post_act:7", "0.mlp.resid_delta:5", -0.2),
+        Edge("0.mlp.resid_delta:5", "1.attn.act_in:5", 1.0, "residual"),
+    ]
+    model = {"name": "t", "n_layer": 2, "d_model": 8, "d_model_in": 8, "d_mlp": 32, "n_head": 4, "d_head": 16,
+             "vocab_size": 50}
+    return CircuitGraph(model=model, nodes=nodes, edges=edges, task="single_double_quote",
+                        layer_deltas={"0.attn": 0.4, "0.mlp": 0.8, "1.attn": 0.0, "1.mlp": 0.0},
+                        pruning_curve=[[0, 1.0, 100], [1, 0.5, 50], [2, 0.2, 9]])
+
+
+def _node_trace(fig):
+    traces = [t for t in fig.data if t.name == "nodes"]
+    assert len(traces) == 1
+    return traces[0]
+
+
+def test_labels_and_ids():
+    assert P.split_node("1.attn.q:37") == (1, "attn", "q", 37)
+    assert P.sublayer_of("1.attn.q:37") == "1.attn" and P.sublayer_of("0.mlp.post_act") == "0.mlp"
+    assert P.node_label("0.attn.q:37", d_head=16) == "h2.ch5"
+    assert P.node_label("0.attn.v:3", d_head=16) == "h0.ch3"
+    assert P.node_label("0.mlp.post_act:12") == "n12"
+    assert P.node_label("0.mlp.resid_delta:4") == "r4"
+    assert P.display_token(" x\n") == "·x↵"
+
+
+def test_layer_summary_and_most_important(small):
+    rows = P.layer_summary(small)
+    assert [r["layer"] for r in rows] == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+    assert {r["layer"]: r["n_nodes"] for r in rows} == {"0.attn": 5, "0.mlp": 3, "1.attn": 1, "1.mlp": 0}
+    assert P.most_important_layer(small) == "0.mlp"
+    small.layer_deltas = {}
+    assert P.most_important_layer(small) == "0.attn"  # no deltas: most nodes
+
+
+def test_attention_layer_graph(small):
+    fig = P.layer_graph_figure(small, "0.attn", selected="0.attn.q:17")
+    nodes = _node_trace(fig)
+    ids = [c[0] for c in nodes.customdata]
+    assert sorted(ids) == sorted(n for n in small.nodes if n.startswith("0.attn"))
+    pos = {i: (x, y) for i, x, y in zip(ids, nodes.x, nodes.y)}
+    assert pos["0.attn.act_in:3"][1] > pos["0.attn.q:17"][1] > pos["0.attn.resid_delta:3"][1]  # rows top to bottom
+    # q, k, v of head 1 (channels 17, 18) share a band; v:40 is head 2
+    labels = dict(zip(ids, nodes.text))
+    assert labels["0.attn.q:17"] == "h1.ch1" and labels["0.attn.v:40"] == "h2.ch8"
+    heads = [a.text for a in fig.layout.annotations]
+    assert "head 1" in heads and "head 2" in heads
+    # importance is the marker colour; hover has id, head/channel and importance
+    assert list(nodes.marker.color)[ids.index("0.attn.q:17")] == 0.5
+    hover = nodes.hovertext[ids.index("0.attn.q:17")]
+    assert "0.attn.q:17" in hover and "head 1" in hover and "0.5" in hover
+    # edges: weight edges only (no residual ones), sign in the colour
+    lines = [t for t in fig.data if t.mode == "lines"]
+    n_segments = sum(sum(1 for v in t.x if v is None) for t in lines)
+    assert n_segments == 4
+    assert any("172" in t.line.color for t in lines) and any("178" in t.line.color for t in lines)  # blue +, red -
+    assert any(t.name == "selected" for t in fig.data)
+    json.loads(fig.to_json())
+
+
+def test_big_layer_wraps_and_caps_edges():
+    nodes = {f"0.mlp.post_act:{i}": float(i) for i in range(100)} | {f"0.mlp.act_in:{i}": 0.0 for i in range(5)}
+    edges = [Edge(f"0.mlp.act_in:{i % 5}", f"0.mlp.post_act:{i}", (i + 1) * (-1) ** i) for i in range(100)]
+    model = {"name": "t", "n_layer": 1, "d_model": 8, "d_model_in": 8, "d_mlp": 128, "n_head": 1, "d_head": 8,
+             "vocab_size": 50}
+    c = CircuitGraph(model=model, nodes=nodes, edges=edges)
+    fig = P.layer_graph_figure(c, "0.mlp", max_per_line=40, max_edges=30)
+    trace = _node_trace(fig)
+    mids = [y for cd, y in zip(trace.customdata, trace.y) if "post_act" in cd[0]]
+    assert len(set(mids)) == 3  # 100 neurons on 3 lines of at most 40
+    assert all(y < min(yy for cd, yy in zip(trace.customdata, trace.y) if "act_in" in cd[0]) for y in mids)
+    drawn = sum(sum(1 for v in t.x if v is None) for t in fig.data if t.mode == "lines")
+    assert drawn == 30 and "30 strongest of 100" in fig.layout.title.text
+    assert fig.layout.height > 460  # taller for the extra lines
+
+
+def test_mlp_layer_graph_and_empty_layer(small):
+    fig = P.layer_graph_figure(small, "0.mlp")
+    nodes = _node_trace(fig)
+    assert len(nodes.x) == 3
+    empty = P.layer_graph_figure(small, "1.mlp")
+    assert "no nodes" in empty.layout.annotations[0].text
+
+
+def test_viz_fixture_layer_graphs(viz_circuit):
+    for layer in P.layer_names(3):
+        fig = P.layer_graph_figure(viz_circuit, layer)
+        ids = [c[0] for c in _node_trace(fig).customdata]
+        assert set(ids) == {n for n in viz_circuit.nodes if P.sublayer_of(n) == layer}
+    assert P.most_important_layer(viz_circuit) == max(viz_circuit.layer_deltas, key=viz_circuit.layer_deltas.get)
+
+
+def test_overview(small, viz_circuit):
+    fig = P.circuit_overview_figure(small)
+    ids = [c[0] for c in _node_trace(fig).customdata]
+    assert sorted(ids) == sorted(small.nodes)
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert ticks[0] == "embed" and ticks[-1] == "logits"
+    resid = [t for t in fig.data if t.name == "residual"][0]
+    assert sum(1 for v in resid.x if v is None) == 2
+    fig2 = P.circuit_overview_figure(viz_circuit, selected=next(iter(viz_circuit.nodes)))
+    assert len(_node_trace(fig2).x) == viz_circuit.n_nodes
+    # nodes sit in forward order from left to right
+    xs = dict(zip([c[0] for c in _node_trace(fig2).customdata], _node_trace(fig2).x))
+    assert xs["0.attn.act_in:5"] < xs["0.attn.q:19"] < xs["0.attn.resid_delta:3"] < xs["0.mlp.post_act:27"] < xs["1.attn.q:0"]
+
+
+def test_layer_bars(small):
+    fig = P.layer_bars_figure(P.layer_summary(small), selected="0.mlp")
+    bar = fig.data[0]
+    assert list(bar.y) == ["1.mlp (0)", "1.attn (1)", "0.mlp (3)", "0.attn (5)"]
+    assert list(bar.x) == [0.0, 0.0, 0.8, 0.4]
+
+
+def test_curves(small):
+    fig = P.faithfulness_figure([[1, 2.0], [10, 0.5], [100, 0.0]], full_loss=0.1, target=0.15, random_loss=0.9,
+                                current_k=10, random_points=[[1, 2.0], [10, 1.5]])
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert min(fig.data[0].y) > 0  # a zero loss is clipped for the log axis
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["circuit (top-k)", "random, same size"]
+    assert "full model (0.1)" in names and "target (0.15)" in names and "k = 10" in names
+    assert not fig.layout.shapes and not fig.layout.annotations  # no log-coordinate pitfalls
+    k_line = fig.data[names.index("k = 10")]
+    assert list(k_line.x) == [10, 10] and min(k_line.y) == pytest.approx(1e-4) and max(k_line.y) == 2.0
+    assert "No faithfulness" in P.faithfulness_figure([]).layout.annotations[0].text
+    fig = P.pruning_curve_figure(small.pruning_curve)
+    assert [t.name for t in fig.data] == ["task loss", "nodes kept"]
+    fig = P.training_curve_figure({"curve": [{"step": 1, "train_loss": 5, "val_loss": 5.5, "density": 0.5},
+                                             {"step": 2, "train_loss": 4, "val_loss": 4.5, "density": 0.1}]})
+    assert {t.name for t in fig.data} == {"train loss", "val loss", "weight density"}
+    assert P.training_curve_figure(None).layout.annotations
+
+
+def test_ablation_figures(small):
+    fig = P.importance_bar_figure(small.nodes, selected="0.mlp.post_act:7", d_head=16)
+    assert list(fig.data[0].x)[0] == "0.mlp.post_act:7"  # largest first, unknown importances dropped
+    assert len(fig.data[0].x) == len(small.nodes) - 1
+    fig = P.ablation_effect_figure([{"label": "0.attn", "d_loss": 0.3, "d_logit_diff": -1.0},
+                                    {"label": "0.mlp.post_act:7", "d_loss": -0.1, "d_logit_diff": 0.2}])
+    assert len(fig.data) == 2 and list(fig.data[0].y) == [0.3, -0.1]
+    other = CircuitGraph(model=small.model, nodes={"0.attn.q:17": 0.1, "1.mlp.post_act:1": 0.2}, edges=[])
+    diff = small.diff(other)
+    assert isinstance(diff, CircuitDiff)
+    fig = P.circuit_diff_figure(diff, "A", "B")
+    totals = {t.name: sum(t.y) for t in fig.data if t.xaxis == "x"}
+    assert totals == {"only A": len(small.nodes) - 1, "both": 1, "only B": 1}
+
+
+def test_next_tokens_figure():
+    fig = P.next_tokens_figure([(" x", 0.5), ("\n", 0.2)], [(" y", 0.9)])
+    assert len(fig.data) == 2
+    assert list(fig.data[0].y) == ["↵ ", "·x "]  # largest at the top
+    assert len(P.next_tokens_figure([("a", 1.0)]).data) == 1
+
+
+def test_token_heatmap_html():
+    out = P.token_heatmap_html(["<a>", " b", "\n", "c"], [1.0, -2.0, 0.0, 0.5], peak=1)
+    assert "&lt;a&gt;" in out and "<a>" not in out  # escaped
+    assert out.count('class="csp-tok"') == 4
+    spans = out.split('class="csp-tok"')[1:]
+    assert "outline:2px solid" in spans[1] and not any("outline" in s for i, s in enumerate(spans) if i != 1)
+    assert "rgba(178,24,43,0.850)" in out  # the most negative value is full red
+    assert "↵" in out and "<br>" in out
+    plain = P.token_heatmap_html(["a", "b"], [0.0, 1.0], zero_centered=False)
+    assert "rgba(241,105,19,0.850)" in plain and "rgba(241,105,19,0.000)" in plain
+    assert "csp-tok" in P.tokens_html(["a", "\n"], [1, 2])
+
+
+def test_quantile_examples_html():
+    ex = {"tokens": ["x", " =", " 1"], "activations": [0.0, 3.0, -1.0], "position": 1}
+    samples = {0.001: {"top": [ex], "bottom": [("a", "b")]}, 0.5: {"top": [(["q"], [1.0], 0)], "bottom": []}}
+    samples[0.001]["bottom"] = [(["a", "b"], [-1.0, -0.5], 0)]
+    out = P.quantile_examples_html(samples, title="t")
+    assert out.index("0.1%") < out.index("50%")
+    assert "peak 3" in out and "no examples" in out
+    assert "No activating examples" in P.quantile_examples_html({})
+
+
+def test_node_panel_figures(small):
+    fig = P.task_activations_figure([[1, 2, 3], [4, 5]], [[0, 1], [2, 2, 2]], ("A", "B"))
+    assert len(fig.data[0].z) == 2 and len(fig.data[0].z[0]) == 3
+    diff = list(fig.data[2].y)
+    assert diff[-1] == pytest.approx(4.0 - 1.5)  # right-aligned: last positions are (3, 5) vs (1, 2)
+    assert diff[0] == pytest.approx(1.0 - 2.0)  # only one example of each class reaches position -2
+    assert fig.data[0].zmid == 0
+    fig = P.task_activations_figure([[1, -2]], [[0, 1]], zero_centered=False)
+    assert fig.data[0].zmid is None and fig.data[0].zmin == -2
+    fig = P.attention_pattern_figure([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], ["a", "b"], "head 0", sink=True)
+    assert list(fig.data[0].x)[0] == "sink"
+    fig = P.attention_pattern_figure([[1.0, math.nan], [0.5, -0.5]], ["a", "b"], "qk", zero_centered=True)
+    assert fig.data[0].zmid == 0
+    rows = P.connections_table(small, "0.attn.act_in:3")
+    assert [r[0] for r in rows] == ["out"] * 3 and abs(rows[0][3]) == 0.7
+    rows = P.connections_table(small, "0.mlp.act_in:3")
+    assert rows[0][:2] == ["in", "0.attn.resid_delta:3"] and rows[0][4] == "residual"
+
+
+def test_embedding_figures():
+    toks = [f"t{i}" for i in range(50)]
+    w = [float(i - 25) for i in range(50)]
+    fig = P.embedding_tokens_figure(toks, w, channel=3, n=5)
+    assert list(fig.data[0].y)[-1].strip() == "t49" and list(fig.data[1].y)[-1].strip() == "t0"
+    fig = P.weights_histogram_figure([0.0, 0.0, 1.0, -1.0], "w")
+    assert "2 nonzero of 4" in fig.layout.title.text
+    fig = P.position_embedding_figure([[0.0, 1.0], [2.0, -1.0]], channel=1)
+    assert fig.layout.shapes
+
+
+def test_message_figure_escapes():
+    fig = P.message_figure("<b>x</b>")
+    assert "&lt;b&gt;" in fig.layout.annotations[0].text
+    assert isinstance(fig, go.Figure)
