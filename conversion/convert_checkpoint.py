@@ -162,8 +162,9 @@ def load_original(src: Path) -> CSPForCausalLM:
 
 
 def weight_density(model: CSPForCausalLM) -> float:
-    """Fraction of nonzero entries over all weight matrices (what the paper's L0 budget counts)."""
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2]
+    """Fraction of nonzero entries over all weight matrices (what the paper's L0 budget counts); the bigram
+    logit table has its own budget and is left out."""
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and n != "bigram_table"]
     return sum(int(p.count_nonzero()) for p in matrices) / sum(p.numel() for p in matrices)
 
 
@@ -174,7 +175,10 @@ def render_model_card(model: CSPForCausalLM, name: str, source: str, extra: str 
         name=name, source=source, n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head, d_head=c.d_head,
         d_mlp=c.d_mlp, block_size=c.block_size, vocab_size=c.vocab_size, norm="RMSNorm" if c.rms_norm else "LayerNorm",
         afrac=c.afrac, sink=c.sink, bigram=c.enable_bigram_table, n_params=f"{n_params / 1e6:.2f}M",
-        density=f"{100 * weight_density(model):.2f}%", extra=extra,
+        density=f"{100 * weight_density(model):.2f}%" + (
+            f" (bigram table {100 * model.bigram_table.count_nonzero().item() / model.bigram_table.numel():.2f}%)"
+            if model.bigram_table is not None else ""
+        ), extra=extra,
     )
 
 

@@ -17,7 +17,7 @@ if not (MODEL / "config.json").exists():
     )
 
 model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(MODEL)
+tokenizer = AutoTokenizer.from_pretrained(MODEL, trust_remote_code=True)
 weights = [p for p in model.parameters() if p.ndim == 2]
 density = sum(int(p.count_nonzero()) for p in weights) / sum(p.numel() for p in weights)
 print(f"{model.config.n_layer} layers, d_model {model.config.d_model}, {100 * density:.1f}% of weights nonzero")

@@ -1,6 +1,13 @@
 """Weight-sparse transformers (Gao et al. 2025) as Hugging Face models, and circuit tools for them."""
 
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from .configuration_csp import CSPConfig
 from .modeling_csp import CSPForCausalLM
+
+# With the package imported, the Auto classes use its code for model_type "csp" and never ask about
+# running a folder's remote code (which is the same code).
+AutoConfig.register("csp", CSPConfig, exist_ok=True)
+AutoModelForCausalLM.register(CSPConfig, CSPForCausalLM, exist_ok=True)
 
 __all__ = ["CSPConfig", "CSPForCausalLM"]

@@ -344,7 +344,13 @@ class CircuitGraph:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        data = self.to_dict()
+        bulky = {key: data.pop(key) for key in ("pruning_curve", "node_data", "task_docs") if key in data}
+        text = json.dumps(data, indent=1)
+        if bulky:  # one compact line each: readable headers, small files
+            text = text[:-2] + ",\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                                                   for k, v in bulky.items()) + "\n}"
+        path.write_text(text + "\n")
         return path
 
     @classmethod
@@ -407,7 +413,85 @@ def compute_edges(model, kept: dict[str, list[int]]) -> list[Edge]:
     return edges
 
 
+# ---- per-node activation data -------------------------------------------------------------
+
+QUANTILES = (0.001, 0.01, 0.1, 0.5)
+
+
+def quantile_examples(acts: torch.Tensor, windows: torch.Tensor, per_side: int = 2, before: int = 16, after: int = 4,
+                      quantiles=QUANTILES) -> dict[str, dict[str, list]]:
+    """{"top"|"bottom": {fraction: [{"tokens", "activations", "position"}]}} for one node.
+
+    `acts` (n, T) are the node's activations on the token windows `windows` (n, T). The examples at fraction
+    f are the windows (one per window) whose activation ranks at the top (bottom) f of all positions, cut to
+    `before` tokens before and `after` tokens after the peak; `position` is the peak's index in the cut."""
+    n, T = acts.shape
+    flat = acts.float().flatten()
+    order = flat.argsort(descending=True)
+    out: dict[str, dict[str, list]] = {"top": {}, "bottom": {}}
+    for frac in quantiles:
+        for side, ranked in (("top", order), ("bottom", order.flip(0))):
+            start = min(int(frac * flat.numel()), flat.numel() - 1)
+            picked, seen = [], set()
+            for idx in ranked[start: start + 400].tolist():
+                w, pos = divmod(idx, T)
+                if w in seen:
+                    continue
+                seen.add(w)
+                lo, hi = max(0, pos - before), min(T, pos + after + 1)
+                picked.append({"tokens": windows[w, lo:hi].tolist(),
+                               "activations": [round(a, 4) for a in acts[w, lo:hi].float().tolist()], "position": pos - lo})
+                if len(picked) >= per_side:
+                    break
+            out[side][str(frac)] = picked
+    return out
+
+
+@torch.no_grad()
+def record_node_activations(model, input_ids: torch.Tensor, locations, attention_mask=None, batch_size: int = 32
+                            ) -> dict[str, torch.Tensor]:
+    """{location: (n, T, width) float16} activations of the model on `input_ids`, batch by batch."""
+    pattern = "|".join(re.escape(loc) for loc in locations)
+    store: dict[str, list[torch.Tensor]] = {loc: [] for loc in locations}
+    for start in range(0, input_ids.shape[0], batch_size):
+        mask = None if attention_mask is None else attention_mask[start: start + batch_size]
+        with model.record_activations(pattern) as acts:
+            model(input_ids[start: start + batch_size], attention_mask=mask, use_cache=False, logits_to_keep=1)
+        for loc in locations:
+            store[loc].append(acts[loc].to(torch.float16))
+    return {loc: torch.cat(v) for loc, v in store.items()}
+
+
+def attach_node_data(model, circuit: "CircuitGraph", windows: torch.Tensor, batch=None, per_side: int = 2,
+                     max_task_docs: int = 16) -> "CircuitGraph":
+    """Stores in `circuit` every node's quantile examples on `windows` (pretraining-like text, (n, T) ids)
+    and, with a task `batch`, its activations on up to `max_task_docs` of the task's prompts (`task_docs`:
+    class 1, the examples whose correct candidate sorts first, then class 2, half each), as the file format
+    describes. Returns the circuit."""
+    locations = sorted({parse_node_id(n)[0] for n in circuit.nodes}, key=sublayer_order)
+    acts = record_node_activations(model, windows, locations)
+    node_data = {n: quantile_examples(acts[loc][:, :, ch], windows, per_side)
+                 for n in circuit.nodes for loc, ch in [parse_node_id(n)]}
+    if batch is not None:
+        first = ([ex.correct == min(ex.correct, ex.alternative) for ex in batch.examples] if batch.examples
+                 else (batch.correct_ids <= batch.alternative_ids).tolist())  # no spellings: order by token id
+        classes = ([i for i, f in enumerate(first) if f], [i for i, f in enumerate(first) if not f])
+        order = classes[0][: max_task_docs // 2] + classes[1][: max_task_docs - min(len(classes[0]), max_task_docs // 2)]
+        task_acts = record_node_activations(model, batch.input_ids, locations, batch.attention_mask)
+        lengths = batch.attention_mask.sum(1).tolist()
+        T = batch.input_ids.shape[1]
+        circuit.task_docs = [batch.input_ids[i, T - int(lengths[i]):].tolist() for i in order]
+        for n in circuit.nodes:
+            loc, ch = parse_node_id(n)
+            node_data[n]["task_activations"] = [
+                [round(a, 4) for a in task_acts[loc][i, T - int(lengths[i]):, ch].float().tolist()] for i in order
+            ]
+    circuit.node_data = node_data
+    return circuit
+
+
 __all__ = [
     "CircuitGraph", "CircuitDiff", "Edge", "LOCATION_KINDS", "node_locations", "location_width", "node_id",
     "parse_node_id", "parse_location", "model_info", "weights_hash", "compute_edges", "weight_pairs",
+    "QUANTILES", "quantile_examples", "record_node_activations", "attach_node_data",
 ]

@@ -4,7 +4,14 @@
     csp prune --model M --task T --out FILE [--target-loss 0.15] [--ablation mean|zero] [--seed S] [--steps N]
     csp evaluate --model M --task T --circuit FILE         one object with the circuit's losses
     csp circuits --model M                                 circuits shipped with a model, one per line
+    csp sweep --model M --out-dir DIR [--tasks T1,T2|all] [--ks 8,16,32]
+                                                           circuits for many tasks, one summary per line;
+                                                           `accelerate launch --cpu --num_processes N -m modeling_csp.cli sweep ...`
+                                                           splits the tasks over N processes (GPUs: drop --cpu)
     csp import-viz VIZ_DATA.pt OUT.json                    convert the original visualizer's file
+    csp next-tokens --model M --prompt TEXT [--circuit FILE] [--top 10]
+                                                           one object: the prompt's tokens, the top next tokens
+                                                           of the full model and of the circuit alone
 
 M is a converted model folder, a Hugging Face hub id, or `default` (the model embedded in this package).
 Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback).
@@ -48,18 +55,22 @@ def cmd_tasks(args) -> int:
 
 
 def _setup(args):
-    import torch
-
     from .loading import load_model_and_tokenizer
     from .tasks import get_task
 
     get_task(args.task)  # unknown task: fail before loading anything
     model, tokenizer = load_model_and_tokenizer(args.model)
+    _set_threads(args, model.config)
+    return model, tokenizer
+
+
+def _set_threads(args, config) -> None:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif model.config.d_model <= SMALL_MODEL_D:
+    elif config.d_model <= SMALL_MODEL_D:
         torch.set_num_threads(1)  # small ops: threads add overhead, and stall badly on a busy machine
-    return model, tokenizer
 
 
 def cmd_prune(args) -> int:
@@ -143,9 +154,60 @@ def shipped_circuits(model_spec: str) -> list[dict]:
     return out
 
 
+def cmd_sweep(args) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from .loading import load_model_and_tokenizer
+    from .pruning import PruneConfig, prune_sweep
+    from .tasks import get_task, list_tasks
+
+    tasks = [t.name for t in list_tasks()] if args.tasks == "all" else [get_task(t).name for t in args.tasks.split(",")]
+    try:
+        ks = sorted({int(k) for k in args.ks.split(",") if k.strip()}) if args.ks else []
+    except ValueError:
+        raise ValueError(f"--ks must be comma-separated integers, got {args.ks!r}") from None
+    state = PartialState()  # one process, or this process's rank under `accelerate launch`
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    model.to(state.device)
+    torch.set_num_threads(args.threads or (1 if model.config.d_model <= SMALL_MODEL_D else torch.get_num_threads()))
+    config = PruneConfig(ablation=args.ablation, target_loss=args.target_loss, steps=args.steps, seed=args.seed,
+                         n_examples=args.n_examples, progress=not args.quiet and state.is_main_process)
+    out_dir = Path(args.out_dir)
+    summaries = prune_sweep(model, tokenizer, tasks, out_dir, config, ks=ks, model_name=args.model,
+                            process_index=state.process_index, num_processes=state.num_processes)
+    (out_dir / f".sweep-{state.process_index}.json").write_text(json.dumps(summaries))
+    for summary in summaries:
+        _emit(summary)
+    state.wait_for_everyone()
+    if state.is_main_process:  # merge every process's share into the folder's index.json
+        index = out_dir / "index.json"
+        entries = json.loads(index.read_text()) if index.is_file() else []
+        for part in sorted(out_dir.glob(".sweep-*.json")):
+            new = json.loads(part.read_text())
+            paths = {e["path"] for e in new}
+            entries = [e for e in entries if e.get("path") not in paths] + new
+            part.unlink()
+        index.write_text(json.dumps(sorted(entries, key=lambda e: (e["task"], e["k"])), indent=1) + "\n")
+    return 0
+
+
 def cmd_circuits(args) -> int:
     for entry in shipped_circuits(args.model):
         _emit(entry)
+    return 0
+
+
+def cmd_next_tokens(args) -> int:
+    from .explorer import clean_prompt, get_model, import_run_file, next_tokens
+
+    clean_prompt(args.prompt)  # an empty prompt fails before the model loads
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    entry = get_model(args.model)
+    _set_threads(args, entry.config)
+    run = import_run_file(entry, args.circuit) if args.circuit else None
+    _emit(next_tokens(entry, args.prompt, run, top=args.top))
     return 0
 
 
@@ -200,6 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("circuits", help="circuits shipped with a model (its circuits/ folder)")
     p.add_argument("--model", required=True)
     p.set_defaults(fn=cmd_circuits)
+
+    p = sub.add_parser("sweep", help="circuits for many tasks at the target loss and at several k (accelerate-aware)")
+    p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
+    p.add_argument("--out-dir", required=True, help="folder for the circuit files and index.json")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    p.add_argument("--ks", default="", help="comma-separated circuit sizes besides the target-loss one")
+    p.add_argument("--target-loss", type=float, default=d.target_loss)
+    p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--n-examples", type=int, default=d.n_examples)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("next-tokens", help="top next tokens of the full model and of a circuit alone (the app's /next_tokens)")
+    p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
+    p.add_argument("--prompt", required=True, help="the text to continue (Python code)")
+    p.add_argument("--circuit", help="circuit JSON file (or viz_data.pt): also predict with everything outside it ablated")
+    p.add_argument("--top", type=int, default=10, help="how many next tokens to list")
+    p.add_argument("--threads", type=int, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+    p.set_defaults(fn=cmd_next_tokens)
 
     p = sub.add_parser("import-viz", help="convert the original visualizer's viz_data.pt to a circuit JSON")
     p.add_argument("viz_data")

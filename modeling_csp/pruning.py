@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +29,9 @@ from tqdm.auto import tqdm
 
 from .ablation import (
     ablate, compute_mean_activations, evaluate, frozen_norm_scales, layer_ablation_deltas,
-    node_importances, task_logits,
+    node_importances, stdlib_heldout_texts, task_logits, text_windows,
 )
-from .circuits import CircuitGraph, location_width, node_locations
+from .circuits import CircuitGraph, attach_node_data, location_width, node_locations
 from .tasks import TaskBatch, get_task, make_task_dataset, task_loss
 
 Masks = dict[str, torch.Tensor]
@@ -58,6 +59,7 @@ class PruneConfig:
     random_margin: float = 0.02
     n_mean_tokens: int = 32768
     max_exact_importances: int = 128  # larger circuits get gradient (attribution) importances
+    n_example_tokens: int = 8192  # held-out text for each node's quantile examples in the file (0: none)
     progress: bool = True
 
     def __post_init__(self):
@@ -252,11 +254,14 @@ class PruneResult:
     train_loss: float
     target_reached: bool
     seconds: float
+    at_k: dict[int, CircuitGraph] = field(default_factory=dict)  # circuits of the sizes asked for with `ks`
 
 
 def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Masks | None = None,
-          model_name: str | None = None, cache_dir=None) -> PruneResult:
-    """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness on test."""
+          model_name: str | None = None, cache_dir=None, ks=()) -> PruneResult:
+    """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness on test.
+
+    `ks` adds circuits of exactly those sizes, ranked by the same trained masks, in `result.at_k`."""
     config = config or PruneConfig()
     timings, t0 = {}, time.perf_counter()
 
@@ -273,43 +278,84 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
 
     scores, curve = train_masks(model, data.train, fill, config)
     lap("training")
-    fns = config.freeze_norm_scales
+    windows = None
+    if config.n_example_tokens:
+        texts = stdlib_heldout_texts()
+        windows = text_windows(tokenizer, texts[:: max(1, len(texts) // 24)], config.n_example_tokens,
+                               min(model.config.block_size, 128)).clamp(max=model.config.vocab_size - 1)
+    total = sum(s.numel() for s in scores.values())
     if config.k is not None:
-        k = min(config.k, sum(s.numel() for s in scores.values()))
-        train_loss = evaluate(model, data.train, top_k_masks(scores, k), fill, fns)[0]
+        k = min(config.k, total)
+        train_loss = evaluate(model, data.train, top_k_masks(scores, k), fill, config.freeze_norm_scales)[0]
         reached = train_loss <= config.target_loss
     else:
-        k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, config.target_loss, fns)
-    keep = top_k_masks(scores, k)
+        k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, config.target_loss,
+                                                      config.freeze_norm_scales)
     lap("bisection")
 
-    test = data.test if len(data.test) else data.train
-    faith = faithfulness(model, test, keep, fill, config.n_random, config.seed, config.random_margin, fns)
-    lap("faithfulness")
-    method = "exact" if k <= config.max_exact_importances else "attribution"
-    importances = node_importances(model, test, keep, fill, fns, method=method)
-    deltas = layer_ablation_deltas(model, test, keep, fill, fns)
-    lap("importances")
-    seconds = time.perf_counter() - t0
-    circuit = CircuitGraph.from_masks(
-        model, keep, importances, model_name=model_name, task=task.name, ablation=config.ablation,
-        target_loss=config.target_loss, k=k, layer_deltas=deltas,
-        losses={key: faith[key] for key in ("full", "circuit", "random", "complement")},
-        pruning_curve=curve,
-        meta={
-            "options": {key: v for key, v in asdict(config).items() if key != "progress"},
-            "train_circuit_loss": train_loss, "target_reached": reached, "eval_split": "test",
-            "n_train": len(data.train), "n_test": len(test), "importance_method": method,
-            "full_accuracy": faith["full_accuracy"], "circuit_accuracy": faith["circuit_accuracy"],
-            "random_losses": faith["random_losses"], "random_baseline_as_good": faith["random_baseline_as_good"],
-            "n_total_nodes": sum(s.numel() for s in scores.values()), "seconds": round(seconds, 2),
-            "timings": timings,
-        },
-    )
-    return PruneResult(circuit, scores, keep, train_loss, reached, seconds)
+    def circuit_at(k: int, train_loss: float, reached: bool) -> CircuitGraph:
+        start = time.perf_counter()
+        keep = top_k_masks(scores, k)
+        test = data.test if len(data.test) else data.train
+        fns = config.freeze_norm_scales
+        faith = faithfulness(model, test, keep, fill, config.n_random, config.seed, config.random_margin, fns)
+        method = "exact" if k <= config.max_exact_importances else "attribution"
+        importances = node_importances(model, test, keep, fill, fns, method=method)
+        deltas = layer_ablation_deltas(model, test, keep, fill, fns)
+        circuit = CircuitGraph.from_masks(
+            model, keep, importances, model_name=model_name, task=task.name, ablation=config.ablation,
+            target_loss=config.target_loss, k=k, layer_deltas=deltas,
+            losses={key: faith[key] for key in ("full", "circuit", "random", "complement")},
+            pruning_curve=curve,
+            meta={
+                "options": {key: v for key, v in asdict(config).items() if key != "progress"},
+                "train_circuit_loss": train_loss, "target_reached": reached, "eval_split": "test",
+                "n_train": len(data.train), "n_test": len(test), "importance_method": method,
+                "full_accuracy": faith["full_accuracy"], "circuit_accuracy": faith["circuit_accuracy"],
+                "random_losses": faith["random_losses"], "random_baseline_as_good": faith["random_baseline_as_good"],
+                "n_total_nodes": total, "seconds": round(time.perf_counter() - t0, 2),
+                "timings": {**timings, "circuit": round(time.perf_counter() - start, 2)},
+            },
+        )
+        return attach_node_data(model, circuit, windows, test) if windows is not None else circuit
+
+    circuit = circuit_at(k, train_loss, reached)
+    lap("circuit")
+    at_k = {}
+    for extra in sorted({min(int(x), total) for x in ks} - {k}):
+        loss = evaluate(model, data.train, top_k_masks(scores, extra), fill, config.freeze_norm_scales)[0]
+        at_k[extra] = circuit_at(extra, loss, loss <= config.target_loss)
+    return PruneResult(circuit, scores, top_k_masks(scores, k), train_loss, reached, time.perf_counter() - t0, at_k)
+
+
+def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = None, ks=(), model_name: str | None = None,
+                process_index: int = 0, num_processes: int = 1) -> list[dict]:
+    """Circuits for many tasks (at the target loss and at each of `ks`), this process's share of them.
+
+    Tasks are dealt round-robin to `num_processes` processes (`csp sweep` under `accelerate launch`); each
+    writes `{task}.json` and `{task}_k{k}.json` into `out_dir` and returns one summary per circuit."""
+    config = config or PruneConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    means = compute_mean_activations(model, tokenizer, n_tokens=config.n_mean_tokens) if config.ablation == "mean" else None
+    summaries = []
+    for task in list(tasks)[process_index::num_processes]:
+        result = prune(model, tokenizer, task, config, means=means, model_name=model_name, ks=ks)
+        for name, circuit in [(f"{get_task(task).name}.json", result.circuit)] + [
+            (f"{get_task(task).name}_k{k}.json", c) for k, c in result.at_k.items()
+        ]:
+            circuit.save(out_dir / name)
+            summaries.append({
+                "task": circuit.task, "k": circuit.k, "path": name, "at_target": circuit is result.circuit,
+                "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "losses": circuit.losses,
+                "full_accuracy": circuit.meta["full_accuracy"], "circuit_accuracy": circuit.meta["circuit_accuracy"],
+                "target_reached": circuit.meta["target_reached"],
+                "random_baseline_as_good": circuit.meta["random_baseline_as_good"],
+            })
+    return summaries
 
 
 __all__ = [
     "PruneConfig", "NodeMasks", "heaviside_ste", "train_masks", "top_k_masks", "sweep_k", "prune_to_target_loss",
-    "random_masks_like", "faithfulness", "prune", "PruneResult",
+    "random_masks_like", "faithfulness", "prune", "prune_sweep", "PruneResult",
 ]

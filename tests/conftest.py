@@ -1,4 +1,4 @@
-"""Shared test helpers: where the reference fixtures are, and converted copies of them."""
+"""Shared test helpers: where the reference fixtures are, converted copies of them, and the app's test circuit."""
 
 import os
 import subprocess
@@ -30,6 +30,56 @@ def converted(tmp_path_factory):
         name: convert_checkpoint(str(FIXTURES / name), root / name, tokenizer_dir=str(TOKENIZER_FIXTURE))
         for name in CHECKPOINTS
     }
+
+
+TEST_TASK = "single_double_quote"
+
+
+def app_test_model() -> str | None:
+    """The model the app and explorer tests use: $CSP_APP_TEST_MODEL, else the embedded default model."""
+    if os.environ.get("CSP_APP_TEST_MODEL"):
+        return os.environ["CSP_APP_TEST_MODEL"]
+    from modeling_csp.loading import DEFAULT_MODEL_DIR
+
+    return "default" if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+
+
+def build_test_circuit(spec: str, out: Path) -> Path:
+    """A small connected circuit for TEST_TASK: the endpoints of each weight matrix's largest entries, with live
+    node importances and layer deltas (mean ablation), saved as a csp-circuit file."""
+    import torch
+
+    from modeling_csp.ablation import compute_mean_activations, layer_ablation_deltas, node_importances
+    from modeling_csp.circuits import CircuitGraph, location_width, node_locations, weight_pairs
+    from modeling_csp.loading import load_model_and_tokenizer
+    from modeling_csp.tasks import make_task_dataset
+
+    model, tokenizer = load_model_and_tokenizer(spec)
+    masks = {loc: torch.zeros(location_width(model.config, loc), dtype=torch.bool) for loc in node_locations(model.config)}
+    for layer in range(model.config.n_layer):
+        for src, tgt, w in weight_pairs(model, layer):
+            top = w.abs().flatten().topk(3).indices
+            for flat in top.tolist():
+                t, s = divmod(flat, w.shape[1])
+                masks[src][s] = True
+                masks[tgt][t] = True
+    data = make_task_dataset(TEST_TASK, tokenizer, n=64, seed=0, max_len=model.config.block_size)
+    means = compute_mean_activations(model, tokenizer)
+    with torch.no_grad():
+        imps = node_importances(model, data.test, masks, means)
+        deltas = layer_ablation_deltas(model, data.test, masks, means)
+    circuit = CircuitGraph.from_masks(model, masks, imps, model_name=spec, task=TEST_TASK, layer_deltas=deltas,
+                                      meta={"options": {"n_examples": 64, "data_seed": 0}, "note": "test circuit"})
+    return circuit.save(out)
+
+
+@pytest.fixture(scope="session")
+def test_circuit(tmp_path_factory):
+    """(model spec, path of a small circuit for TEST_TASK), built once for the app and explorer tests."""
+    spec = app_test_model()
+    if spec is None:
+        pytest.skip("no default model installed (modeling_csp/default_model) and CSP_APP_TEST_MODEL unset")
+    return spec, build_test_circuit(spec, tmp_path_factory.mktemp("circuit") / "test_circuit.json")
 
 
 def run_outside_project(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,11 +1,11 @@
-"""The app in a real browser (Playwright + Debian's chromium), its `/next_tokens` API, and its backend.
+"""The app in a real browser (Playwright + Debian's chromium) and its `/next_tokens` API.
 
 The browser tests start `python app.py` on a free localhost port (HF_HUB_OFFLINE=1) with the embedded default
-model (or the model in $CSP_APP_TEST_MODEL), plus a small circuit built here from the model's weights and
-imported through CSP_APP_IMPORT, so they do not depend on which circuits the model ships. Each step saves a
-screenshot under tests/artifacts/ (git-ignored; CI keeps it as an artifact).
+model (or the model in $CSP_APP_TEST_MODEL), plus a small circuit built from the model's weights
+(`conftest.build_test_circuit`) and imported through CSP_APP_IMPORT, so they do not depend on which circuits
+the model ships. Each step saves a screenshot under tests/artifacts/ (git-ignored; CI keeps it as an artifact).
 
-Backend tests (bad input, imports) run in-process on the converted `rms_sink_bigram` fixture.
+What the app computes (modeling_csp.explorer) is tested in-process in test_explorer.py.
 """
 
 from __future__ import annotations
@@ -27,61 +27,15 @@ import torch
 from conftest import FIXTURES, PROJECT_ROOT
 
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
-if str(PROJECT_ROOT) not in sys.path:  # app.py lives at the project root, outside the package
-    sys.path.insert(0, str(PROJECT_ROOT))
-TASK = "single_double_quote"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-def _test_model() -> str | None:
-    if os.environ.get("CSP_APP_TEST_MODEL"):
-        return os.environ["CSP_APP_TEST_MODEL"]
-    from modeling_csp.loading import DEFAULT_MODEL_DIR
-
-    return "default" if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def build_test_circuit(spec: str, out: Path) -> Path:
-    """A small connected circuit for TASK: the endpoints of each weight matrix's largest entries, with live
-    node importances and layer deltas (mean ablation), saved as a csp-circuit file."""
-    from modeling_csp.ablation import compute_mean_activations, layer_ablation_deltas, node_importances
-    from modeling_csp.circuits import CircuitGraph, location_width, node_locations, weight_pairs
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.tasks import make_task_dataset
-
-    model, tokenizer = load_model_and_tokenizer(spec)
-    masks = {loc: torch.zeros(location_width(model.config, loc), dtype=torch.bool) for loc in node_locations(model.config)}
-    for layer in range(model.config.n_layer):
-        for src, tgt, w in weight_pairs(model, layer):
-            top = w.abs().flatten().topk(3).indices
-            for flat in top.tolist():
-                t, s = divmod(flat, w.shape[1])
-                masks[src][s] = True
-                masks[tgt][t] = True
-    data = make_task_dataset(TASK, tokenizer, n=64, seed=0, max_len=model.config.block_size)
-    means = compute_mean_activations(model, tokenizer)
-    with torch.no_grad():
-        imps = node_importances(model, data.test, masks, means)
-        deltas = layer_ablation_deltas(model, data.test, masks, means)
-    circuit = CircuitGraph.from_masks(model, masks, imps, model_name=spec, task=TASK, layer_deltas=deltas,
-                                      meta={"options": {"n_examples": 64, "data_seed": 0}, "note": "test circuit"})
-    return circuit.save(out)
-
-
-@pytest.fixture(scope="module")
-def test_circuit(tmp_path_factory):
-    spec = _test_model()
-    if spec is None:
-        pytest.skip("no default model installed (modeling_csp/default_model) and CSP_APP_TEST_MODEL unset")
-    return spec, build_test_circuit(spec, tmp_path_factory.mktemp("circuit") / "test_circuit.json")
 
 
 @pytest.fixture(scope="module")
@@ -384,149 +338,3 @@ def test_next_tokens_api(app_server):
     assert any("kept the last" in n for n in long["notices"]) and long["full"]
     bad = client.predict(prompt="x", model="no-such-org/no-such-model-xyz", api_name="/next_tokens")
     assert "error" in bad and "no-such-model" in bad["error"]
-
-
-# ---- backend, in-process, on the converted fixture -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def backend(converted):
-    import app
-
-    os.environ.pop("CSP_APP_IMPORT", None)
-    entry = app.get_model(str(converted["rms_sink_bigram"]))
-    return app, entry
-
-
-def test_backend_imports_viz_fixture(backend, tmp_path):
-    app, entry = backend
-    run = app.import_run_file(entry, str(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"))
-    c = run.circuit
-    assert c.n_nodes == 93 and c.n_edges == 76
-    assert app.circuit_at_k(entry, run, None) is c
-    sub = app.circuit_at_k(entry, run, 10)
-    assert sub.n_nodes == 10 and all(e.source in sub.nodes and e.target in sub.nodes for e in sub.edges)
-    # node panel data from the file: examples with decoded tokens, task activations in two halves
-    node = next(n for n in c.nodes if (c.node_data or {}).get(n, {}).get("top"))
-    samples = app.stored_quantile_examples(entry, c.node_data[node])
-    assert set(samples) == {0.001, 0.01, 0.1, 0.5} and all(isinstance(t, str) for t in samples[0.01]["top"][0]["tokens"])
-    c1, c2, labels, _ = app.task_activations(entry, c, node, None)
-    assert len(c1) == len(c2) == 6
-    # a q node: attention pattern (sink column first) and the channel's q.k contribution
-    qnode = next(n for n in c.nodes if ".attn.q:" in n)
-    pattern, contrib, toks, has_sink, head = app.attention_for_node(entry, qnode, [1, 2, 3, 4, 5])
-    assert has_sink and len(pattern) == 5 and len(pattern[0]) == 6
-    assert all(abs(sum(row) - 1) < 1e-5 for row in pattern)
-
-
-def test_backend_bad_files(backend, tmp_path):
-    app, entry = backend
-    not_viz = tmp_path / "not_viz.pt"
-    torch.save({"hello": torch.zeros(2)}, not_viz)
-    with pytest.raises(app.UserError, match="not a viz_data.pt"):
-        app.import_run_file(entry, str(not_viz))
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"\x00not a torch file")
-    with pytest.raises(app.UserError, match="viz_data.pt"):
-        app.import_run_file(entry, str(garbage))
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text("{not json")
-    with pytest.raises(app.UserError, match="not valid JSON"):
-        app.import_run_file(entry, str(bad_json))
-    # a circuit made for another model
-    from modeling_csp.circuits import CircuitGraph
-
-    other = CircuitGraph(model={"name": "other", "n_layer": 9, "d_model": 8, "d_model_in": 8, "d_mlp": 8, "n_head": 1,
-                                "d_head": 8, "vocab_size": 10}, nodes={"0.mlp.post_act:1": None}, edges=[])
-    path = other.save(tmp_path / "other.json")
-    with pytest.raises(app.UserError, match="made for model"):
-        app.import_run_file(entry, str(path))
-
-
-def test_backend_bad_prompts_and_models(backend):
-    app, entry = backend
-    with pytest.raises(app.UserError, match="empty"):
-        app.encode_prompt(entry, "")
-    with pytest.raises(app.UserError, match="empty"):
-        app.encode_prompt(entry, "\x00\x01 \n")
-    text, notices = app.clean_prompt("a\x00b\tc\n")
-    assert text == "ab\tc\n" and "control" in notices[0]
-    ids, notices = app.encode_prompt(entry, "a" * 5000)
-    assert len(ids) == entry.config.block_size and "kept the last" in notices[0]
-    out = app.next_tokens_data(entry, "aaa", None)
-    assert len(out["full"]) == 10 and out["circuit"] is None
-    with pytest.raises(app.UserError, match="vocabulary"):  # this fixture's tokenizer is bigger than its model
-        app.encode_prompt(entry, "ab")
-    with pytest.raises(app.UserError, match="could not load|not a|no config"):
-        app.get_model("/no/such/folder/anywhere")
-    with pytest.raises(app.UserError):
-        app.get_model("no-such-org/no-such-model-xyz")
-    with pytest.raises(app.UserError, match="control"):
-        app.get_model("default\x00")
-
-
-# ---- backend, in-process, on the test model with the test circuit ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_backend(test_circuit):
-    import app
-
-    spec, path = test_circuit
-    entry = app.get_model(spec)
-    run = app.import_run_file(entry, str(path))
-    return app, entry, run
-
-
-def test_backend_live_examples_and_task_activations(model_backend):
-    app, entry, run = model_backend
-    circuit = run.circuit
-    node = max(circuit.nodes, key=lambda n: circuit.nodes[n] or 0)
-    samples = app.live_quantile_examples(entry, node)
-    assert sorted(samples) == [0.001, 0.01, 0.1, 0.5]
-    for frac, q in samples.items():
-        for side in ("top", "bottom"):
-            for ex in q[side]:
-                assert len(ex["tokens"]) == len(ex["activations"]) and 0 <= ex["position"] < len(ex["tokens"])
-    peak = lambda ex: ex["activations"][ex["position"]]  # noqa: E731
-    assert peak(samples[0.001]["top"][0]) >= peak(samples[0.5]["top"][0]) >= peak(samples[0.001]["bottom"][0])
-    c1, c2, labels, (tok1, tok2) = app.task_activations(entry, circuit, node, TASK)
-    assert c1 and c2 and all(labels) and tok1 and tok2
-
-
-def test_backend_circuit_at_k_stats_and_curve(model_backend):
-    app, entry, run = model_backend
-    full = run.circuit
-    assert app.circuit_at_k(entry, run, full.n_nodes) is full
-    sub = app.circuit_at_k(entry, run, 10)
-    ranked = sorted(full.nodes, key=lambda n: -(full.nodes[n] if full.nodes[n] is not None else -1e9))
-    assert set(sub.nodes) == set(ranked[:10])
-    quick = app.circuit_stats(entry, run, 10, TASK, quick=True)
-    assert quick["full"] is not None and quick["circuit"] is None and quick["pending"]
-    stats = app.circuit_stats(entry, run, 10, TASK)
-    assert stats["circuit"] is not None and stats["random"] is not None
-    assert set(stats["layer_deltas"]) == {f"{l}.{p}" for l in range(entry.n_layer) for p in ("attn", "mlp")}
-    curve = app.faithfulness_curve(entry, run, TASK)
-    ks = [k for k, _ in curve["points"]]
-    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == full.n_nodes and len(curve["random"]) == len(ks)
-
-
-def test_backend_ablations_and_prompt(model_backend):
-    app, entry, run = model_backend
-    circuit = run.circuit
-    rows = app.ablation_effects(entry, circuit, TASK, ["0.attn", "0.mlp"], [next(iter(circuit.nodes))], "mean", "full")
-    assert rows[0]["baseline"] and rows[0]["d_loss"] == 0
-    assert [r["label"] for r in rows[1:]] == ["0.attn", "0.mlp", next(iter(circuit.nodes)), "all chosen"]
-    assert all(isinstance(r["d_logit_diff"], float) for r in rows)
-    zero = app.ablation_effects(entry, circuit, TASK, ["1.mlp"], [], "zero", "circuit")
-    assert zero[0]["label"] == "baseline (circuit)"
-    with pytest.raises(app.UserError):
-        app.ablation_effects(entry, circuit, TASK, [], [], "mean", "full")
-    with pytest.raises(app.UserError, match="does not exist"):
-        app.ablation_effects(entry, circuit, TASK, [], ["0.mlp.post_act:999999"], "mean", "full")
-    node = next(n for n in circuit.nodes if ".mlp.post_act:" in n)
-    out = app.next_tokens_data(entry, 'x = "hello', circuit, node, ('"', "'"))
-    assert len(out["full"]) == len(out["circuit"]) == 10
-    assert len(out["node_acts"]) == len(out["tokens"]) and out["logit_diff"]["a"] == '"'
-    imps, method = app.live_importances(entry, circuit, TASK)
-    assert set(imps) == set(circuit.nodes) and method == "exact"

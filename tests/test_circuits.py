@@ -134,3 +134,29 @@ def test_load_checks_the_model(rms, converted, viz_masks, tmp_path):
     assert weights_hash(changed) != weights_hash(rms)
     with pytest.raises(ValueError, match="different weights"):
         CircuitGraph.load(path, model=changed)
+
+
+def test_node_data_quantile_examples_and_task_activations(rms, viz_masks, tmp_path):
+    from modeling_csp.circuits import attach_node_data, record_node_activations
+    from test_ablation import synthetic_batch
+
+    masks, _ = viz_masks
+    circuit = CircuitGraph.from_masks(rms, masks, {}, task="synthetic")
+    windows = torch.randint(0, 512, (6, 40), generator=torch.Generator().manual_seed(0))
+    batch = synthetic_batch(rms, n=12, T=10)
+    attach_node_data(rms, circuit, windows, batch, per_side=2, max_task_docs=8)
+
+    node = "1.mlp.post_act:" + str(int(masks["1.mlp.post_act"].nonzero()[0]))
+    loc, ch = parse_node_id(node)
+    acts = record_node_activations(rms, windows, [loc])[loc][:, :, ch].float()
+    data = circuit.node_data[node]
+    assert set(data["top"]) == set(data["bottom"]) == {"0.001", "0.01", "0.1", "0.5"}
+    peak = data["top"]["0.001"][0]  # the single highest activation, marked at `position`
+    assert abs(peak["activations"][peak["position"]] - acts.max().item()) < 1e-2
+    assert abs(data["bottom"]["0.001"][0]["activations"][data["bottom"]["0.001"][0]["position"]] - acts.min().item()) < 1e-2
+    assert all(len(ex["tokens"]) == len(ex["activations"]) for side in ("top", "bottom") for exs in data[side].values() for ex in exs)
+    assert len(circuit.task_docs) == len(data["task_activations"]) == 8
+    assert [len(d) for d in circuit.task_docs] == [len(a) for a in data["task_activations"]]
+
+    loaded = CircuitGraph.load(circuit.save(tmp_path / "c.json"), model=rms)
+    assert loaded.node_data == json.loads(json.dumps(circuit.node_data)) and loaded.task_docs == circuit.task_docs

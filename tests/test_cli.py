@@ -1,4 +1,4 @@
-"""The `csp` command line: JSON output, evaluate's numbers, shipped circuits, and one-line errors."""
+"""The `csp` command line: JSON output, evaluate's numbers, shipped circuits, next tokens, and one-line errors."""
 
 import json
 import os
@@ -150,6 +150,42 @@ def test_errors(capsys, tiny, converted, tmp_path):
     if not (DEFAULT_MODEL / "config.json").is_file():
         code, _, err = run(capsys, "prune", "--model", "default", "--task", "for_while", "--out", tmp_path / "d.json")
         assert_one_line_error(code, err, "default model is not installed")
+
+
+def test_next_tokens(capsys, tiny, converted, tmp_path):
+    """`csp next-tokens`: the app's /next_tokens answer, from the same library function."""
+    from modeling_csp import explorer
+
+    prompt = 'def f(x):\n    return x + "a'
+    code, out, _ = run(capsys, "next-tokens", "--model", tiny, "--prompt", prompt, "--top", 5)
+    plain = one_json(out)
+    assert code == 0 and plain["circuit"] is None and plain["run"] is None and plain["tokens"]
+    assert len(plain["full"]) == 5 and {"token", "id", "prob"} == set(plain["full"][0])
+    probs = [r["prob"] for r in plain["full"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    # the whole model as a circuit predicts as the model does; half of its nodes differently
+    model = CSPForCausalLM.from_pretrained(tiny)
+    whole = CircuitGraph.from_masks(model, all_kept(model.config), model_name="tiny").save(tmp_path / "whole.json")
+    code, out, _ = run(capsys, "next-tokens", "--model", tiny, "--prompt", prompt, "--circuit", whole)
+    result = one_json(out)
+    assert code == 0 and result["circuit_nodes"] == 288 and len(result["full"]) == 10
+    assert result["circuit"] == result["full"] and result["full"][:5] == plain["full"]
+    half_masks = {loc: torch.arange(m.numel()) % 2 == 0 for loc, m in all_kept(model.config).items()}
+    half = CircuitGraph.from_masks(model, half_masks, model_name="tiny").save(tmp_path / "half.json")
+    code, out, _ = run(capsys, "next-tokens", "--model", tiny, "--prompt", prompt, "--circuit", half)
+    result = one_json(out)
+    assert code == 0 and result["circuit_nodes"] == 144 and result["circuit"] != result["full"]
+    entry = explorer.get_model(str(tiny))
+    assert result == explorer.next_tokens(entry, prompt, explorer.import_run_file(entry, str(half)))
+
+    code, _, err = run(capsys, "next-tokens", "--model", tiny, "--prompt", " \n\t")
+    assert_one_line_error(code, err, "the prompt is empty")
+    code, _, err = run(capsys, "next-tokens", "--model", "nobody/no-such-model", "--prompt", "x = 1")
+    assert_one_line_error(code, err, "could not load model 'nobody/no-such-model'")
+    rms = CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"])
+    foreign = CircuitGraph.from_masks(rms, all_kept(rms.config), model_name="rms").save(tmp_path / "foreign.json")
+    code, _, err = run(capsys, "next-tokens", "--model", tiny, "--prompt", "x = 1", "--circuit", foreign)
+    assert_one_line_error(code, err, "foreign.json: circuit was made for model 'rms'")
 
 
 def test_error_exit_code_in_a_fresh_process(tmp_path):

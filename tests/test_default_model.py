@@ -5,7 +5,6 @@ The folder is produced by scripts/train_default_tokenizer.py + scripts/train_def
 
 import json
 import os
-import random
 import sysconfig
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
-TARGET_DENSITY, BIGRAM_DENSITY = 0.05, 0.02
 DOCUMENTED_CONFIG = dict(
     block_size=128, vocab_size=2048, n_layer=2, n_head=8, d_head=16, d_model=128, d_mlp=512,
     bias=False, ln_bias=False, rms_norm=True, residual_activation_type="identity", activation_type="gelu",
@@ -49,7 +47,7 @@ def test_folder_contents():
                  "configuration_csp.py", "modeling_csp.py", "training_curve.json"):
         assert (FOLDER / name).is_file(), f"{name} missing from {FOLDER}"
     size = sum(f.stat().st_size for f in FOLDER.iterdir() if f.is_file())
-    assert size < 5_000_000, f"default model folder is {size / 1e6:.1f} MB"
+    assert size < 5_000_000, f"default model folder is {size / 1e6:.1f} MB (circuits/ aside)"
     with safe_open(str(FOLDER / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         # every weight matrix and the bigram table are stored as (values, indices)
@@ -65,11 +63,13 @@ def test_config_is_documented(model):
     assert type(model).__name__ == "CSPForCausalLM"
 
 
-def test_weights_are_sparse(model):
+def test_weights_are_sparse(model, record):
+    """Every matrix at the training run's target density (its L0 budget), the bigram table at its own."""
     for name, p in model.named_parameters():
         if p.ndim != 2:
             continue
-        target = BIGRAM_DENSITY if name == "bigram_table" else TARGET_DENSITY
+        target = record["args"]["bigram_density"] if name == "bigram_table" else record["args"]["density"]
+        assert target <= 0.1
         density = int(p.count_nonzero()) / p.numel()
         assert density <= target + 1e-3, f"{name}: density {density:.4f} > target {target}"
         assert density > 0.5 * target, f"{name}: density {density:.4f}, far below target {target}"
@@ -116,57 +116,22 @@ def test_val_loss(model, tokenizer, record):
     assert abs(loss - record["final"]["val_loss"]) < 0.25, "the shipped weights do not match the recorded curve"
 
 
-WORDS = (
-    "hello world value name file path data error line text item list key result number message "
-    "config user default time start end open close read write input output string count index "
-    "module class function method object type format return local global option field table row "
-    "column header body title label status state mode level size length width height color green "
-    "blue red apple house tree river cloud water fire stone light dark quick brown fox lazy dog"
-).split()
-NAMES = "x y s msg name text label key result value title prefix sep line word out path".split()
+def test_shipped_circuits_are_for_tasks_the_model_does_well(model, tokenizer):
+    """Every task with shipped circuits: the full model is >= 0.9 accurate and the circuit file loads for it."""
+    from modeling_csp.ablation import evaluate
+    from modeling_csp.circuits import CircuitGraph
+    from modeling_csp.cli import shipped_circuits
+    from modeling_csp.tasks import make_task_dataset
 
-
-def _quote_prompts(n, seed):
-    """Same generator as scripts/check_default_model.py: `x = 'abc def` -> `'`, `print("hi there` -> `"`."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        q = "'" if i % 2 == 0 else '"'
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
-        v = rng.choice(NAMES)
-        template = rng.randrange(5)
-        prompt = [
-            f"{v} = {q}{words}",
-            f"print({q}{words}",
-            f"def f({v}):\n    return {q}{words}",
-            f"{v}.append({q}{words}",
-            f"raise ValueError({q}{words}",
-        ][template]
-        out.append((prompt, q))
-    return out
-
-
-def test_quote_matching(model, tokenizer):
-    quote_ids = {q: tokenizer.convert_tokens_to_ids(q) for q in ("'", '"')}
-    correct = kept = 0
-    for prompt, q in _quote_prompts(120, seed=1234):
-        ids = tokenizer(prompt)["input_ids"]
-        if tokenizer(prompt + q)["input_ids"] != ids + [quote_ids[q]]:
-            continue  # the quote is not a single token after this prompt
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
-        other = "'" if q == '"' else '"'
-        correct += bool(logits[quote_ids[q]] > logits[quote_ids[other]])
-        kept += 1
-    assert kept >= 100
-    accuracy = correct / kept
-    assert accuracy >= 0.85, f"quote matching accuracy {accuracy:.3f} on {kept} prompts"
-
-
-def test_generate_runs(model, tokenizer):
-    ids = tokenizer("import os\n\ndef ", return_tensors="pt")["input_ids"]
-    out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert out.shape == (1, ids.shape[1] + 8)
+    shipped = shipped_circuits(str(FOLDER))
+    tasks = sorted({e["task"] for e in shipped})
+    assert len(tasks) >= 6, tasks
+    for task in tasks:
+        data = make_task_dataset(task, tokenizer, n=512, seed=0, max_len=model.config.block_size)
+        loss, acc = evaluate(model, data.test)
+        assert acc >= 0.9, (task, acc)
+        circuit = CircuitGraph.load(next(e["path"] for e in shipped if e["task"] == task), model=model)
+        assert circuit.losses["full"] == pytest.approx(loss, abs=1e-4)
 
 
 @pytest.mark.parametrize("name", ["modeling_csp.py", "configuration_csp.py"])

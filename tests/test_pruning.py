@@ -145,3 +145,41 @@ def test_default_model_prune_reaches_target(tmp_path):
     assert circuit.model["name"] == "default" and circuit.meta["options"]["target_loss"] == 0.15
     loaded = CircuitGraph.load(circuit.save(tmp_path / "c.json"), model=model)
     assert loaded.nodes == circuit.nodes
+
+
+def test_circuits_at_several_k_share_one_mask_training(model, means, batch):
+    scores, _ = train_masks(model, batch, means, PruneConfig(steps=30, batch_size=16, progress=False))
+    small, large = top_k_masks(scores, 4), top_k_masks(scores, 12)
+    assert all(bool((large[loc] | ~small[loc]).all()) for loc in small)  # nested: same ranking
+
+
+def test_sweep_over_tasks_under_accelerate_launch(tmp_path):
+    """Two CPU processes share the tasks; the main process merges index.json, which `csp circuits` reads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from modeling_csp.cli import shipped_circuits
+
+    out = tmp_path / "circuits"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modeling_csp.cli", "sweep", "--model", "default",
+           "--tasks", "while_return_true,bracket_brace", "--ks", "4,8", "--steps", "20", "--n-examples", "64",
+           "--out-dir", str(out), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CSP_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted((e["task"], e["at_target"]) for e in lines if e["at_target"]) == [("bracket_brace", True), ("while_return_true", True)]
+    index = json.loads((out / "index.json").read_text())
+    assert {(e["task"], e["k"]) for e in index} == {(e["task"], e["k"]) for e in lines}
+    assert not list(out.glob(".sweep-*"))
+    (tmp_path / "model").mkdir()
+    for name in DEFAULT_MODEL.iterdir():  # a model folder with these circuits, as `csp circuits` sees it
+        if name.is_file():
+            (tmp_path / "model" / name.name).symlink_to(name)
+    (tmp_path / "model" / "circuits").symlink_to(out)
+    listed = shipped_circuits(str(tmp_path / "model"))
+    assert {(e["task"], e["k"]) for e in listed} == {(e["task"], e["k"]) for e in index}
+    assert all(Path(e["path"]).is_file() for e in listed)
