@@ -119,7 +119,8 @@ def cmd_evaluate(args) -> int:
 
 
 def shipped_circuits(model_spec: str) -> list[dict]:
-    """[{task, k, path}] for the circuits in a model's `circuits/` folder (index.json, else every *.json)."""
+    """[{task, k, path, at_target}] for the circuits in a model's `circuits/` folder (index.json, else every
+    *.json); `at_target` marks the circuit found for the target loss (None when the index does not say)."""
     from .loading import resolve_model
 
     name = resolve_model(model_spec)
@@ -142,7 +143,8 @@ def shipped_circuits(model_spec: str) -> list[dict]:
         entries = entries.get("circuits", []) if isinstance(entries, dict) else entries
         if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
             raise ValueError(f"{index} must be a list of {{task, k, path}} objects")
-        return [{"task": e.get("task"), "k": e.get("k"), "path": str((folder / e["path"]).resolve())} for e in entries]
+        return [{"task": e.get("task"), "k": e.get("k"), "path": str((folder / e["path"]).resolve()),
+                 "at_target": e.get("at_target")} for e in entries]
     out = []
     for file in sorted(folder.glob("*.json")):
         try:
@@ -150,7 +152,7 @@ def shipped_circuits(model_spec: str) -> list[dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(data, dict) and data.get("format") == "csp-circuit":
-            out.append({"task": data.get("task"), "k": data.get("k"), "path": str(file.resolve())})
+            out.append({"task": data.get("task"), "k": data.get("k"), "path": str(file.resolve()), "at_target": None})
     return out
 
 

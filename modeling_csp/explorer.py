@@ -153,9 +153,10 @@ class ModelEntry:
         except Exception as exc:
             _log(f"no shipped circuits for {self.spec}: {first_line(exc)}")
             return
-        for e in entries:
+        for e in sorted(entries, key=lambda e: not e.get("at_target")):  # the target-loss circuit first
             stem = Path(e["path"]).stem
-            run = Run(id=f"shipped:{stem}", name=f"shipped · {e.get('task')} · k={e.get('k')}", source="shipped",
+            target = " (target loss)" if e.get("at_target") else ""
+            run = Run(id=f"shipped:{stem}", name=f"shipped · {e.get('task')} · k={e.get('k')}{target}", source="shipped",
                       path=e["path"], task=e.get("task"), k=e.get("k"))
             self.runs[run.id] = run
 

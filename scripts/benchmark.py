@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_csp import CSPConfig, CSPForCausalLM  # noqa: E402
 from modeling_csp import modeling_csp as M  # noqa: E402
+from _report import write_section  # noqa: E402
 
 
 def sweep_sized_config() -> CSPConfig:
@@ -169,7 +170,7 @@ def main():
             load_times.append(time.perf_counter() - start)
 
     lines = [
-        "# Benchmarks",
+        "## The model's forward pass",
         "",
         f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. csp_sweep-sized model: 8 layers, d_model 256,",
         f"16 heads x d_head 16, d_mlp 1024, RMSNorm, sink, afrac 0.25, bigram table, {100 * args.density:.1f}% dense",
@@ -205,7 +206,7 @@ def main():
         f"median {statistics.median(load_times):.2f} s.",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    write_section(Path(args.out), "model-benchmark", "\n".join(lines))
     print("\n".join(lines))
 
 

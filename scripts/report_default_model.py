@@ -7,7 +7,7 @@ accuracy and loss, and the shipped circuits (sizes, circuit / random / complemen
 Full-model numbers are computed live on each task's test split (the split `csp prune` reports on);
 circuit numbers are read from the circuit files in the folder's circuits/index.json, which
 `csp sweep --model default --out-dir modeling_csp/default_model/circuits ...` writes.
-The text goes between the README's `<!-- default-model-report -->` markers.
+The text goes between the README's `<!-- default-model-report:start/end -->` markers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from modeling_csp.ablation import evaluate  # noqa: E402
 from modeling_csp.loading import load_model_and_tokenizer  # noqa: E402
 from modeling_csp.tasks import list_tasks, make_task_dataset  # noqa: E402
 
-START, END = "<!-- default-model-report:start -->", "<!-- default-model-report:end -->"
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from _report import write_section  # noqa: E402
+
 SHIP_ACCURACY = 0.9
 
 
@@ -95,11 +97,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     text = report(args.folder)
-    readme = args.readme.read_text()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
-    head, rest = readme.split(START, 1)
-    args.readme.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    write_section(args.readme, "default-model-report", text)
     print(text)
 
 

@@ -110,10 +110,11 @@ def test_circuits_listing(capsys, tiny, tmp_path):
     (folder / "circuits").mkdir()
     CircuitGraph.from_masks(model, all_kept(model.config), task="for_while", k=288).save(folder / "circuits" / "a.json")
     code, out, _ = run(capsys, "circuits", "--model", folder)
-    assert one_json(out) == {"task": "for_while", "k": 288, "path": str((folder / "circuits" / "a.json").resolve())}
-    (folder / "circuits" / "index.json").write_text(json.dumps([{"task": "x", "k": 5, "path": "a.json"}]))
+    assert one_json(out) == {"task": "for_while", "k": 288, "path": str((folder / "circuits" / "a.json").resolve()),
+                             "at_target": None}
+    (folder / "circuits" / "index.json").write_text(json.dumps([{"task": "x", "k": 5, "path": "a.json", "at_target": True}]))
     code, out, _ = run(capsys, "circuits", "--model", folder)
-    assert one_json(out)["task"] == "x"
+    assert one_json(out)["task"] == "x" and one_json(out)["at_target"] is True
 
 
 def test_import_viz(capsys, tmp_path):

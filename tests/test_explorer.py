@@ -197,3 +197,13 @@ def test_next_tokens(model_run):
     assert len(out["full"]) == len(out["circuit"]) == 10 and out["full"][:5] == plain["full"]
     small = explorer.next_tokens(entry, 'x = "hello', run, k=5)
     assert small["circuit_nodes"] == 5 and small["circuit"] != out["circuit"]
+
+
+def test_the_default_models_shipped_target_circuit_is_chosen_first():
+    entry = explorer.get_model("default")
+    shipped = [r for r in entry.runs.values() if r.source == "shipped"]
+    assert shipped, "the default model ships circuits"
+    for task in {r.task for r in shipped}:
+        run = explorer.choose_run(entry, task=task)
+        assert run.source == "shipped" and "(target loss)" in run.name
+        assert run.load(entry).meta["target_reached"]
