@@ -191,6 +191,14 @@ def text_windows(tokenizer, texts: Sequence[str], n_tokens: int, block_size: int
     return torch.tensor([ids[s : s + block_size] for s in starts], dtype=torch.long)
 
 
+def example_windows(model, tokenizer, n_tokens: int = 8192) -> torch.Tensor:
+    """(n, T) token windows of held-out stdlib text for nodes' activating examples: about 24 files spread
+    over the held-out split, windows of min(block_size, 128) tokens, ids within the model's vocabulary."""
+    texts = stdlib_heldout_texts()
+    windows = text_windows(tokenizer, texts[:: max(1, len(texts) // 24)], n_tokens, min(model.config.block_size, 128))
+    return windows.clamp(max=model.config.vocab_size - 1)
+
+
 def default_cache_dir() -> Path:
     from huggingface_hub import constants
 
@@ -326,6 +334,6 @@ def _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales
 
 __all__ = [
     "task_logits", "evaluate", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales",
-    "compute_mean_activations", "stdlib_heldout_texts", "text_windows", "layer_ablation_deltas",
+    "compute_mean_activations", "stdlib_heldout_texts", "text_windows", "example_windows", "layer_ablation_deltas",
     "node_importances", "all_kept",
 ]

@@ -477,14 +477,14 @@ def attach_node_data(model, circuit: "CircuitGraph", windows: torch.Tensor, batc
                  else (batch.correct_ids <= batch.alternative_ids).tolist())  # no spellings: order by token id
         classes = ([i for i, f in enumerate(first) if f], [i for i, f in enumerate(first) if not f])
         order = classes[0][: max_task_docs // 2] + classes[1][: max_task_docs - min(len(classes[0]), max_task_docs // 2)]
-        task_acts = record_node_activations(model, batch.input_ids, locations, batch.attention_mask)
-        lengths = batch.attention_mask.sum(1).tolist()
-        T = batch.input_ids.shape[1]
-        circuit.task_docs = [batch.input_ids[i, T - int(lengths[i]):].tolist() for i in order]
+        ids, mask = batch.input_ids[order], batch.attention_mask[order]  # only the prompts that are stored
+        task_acts = record_node_activations(model, ids, locations, mask)
+        starts = [ids.shape[1] - int(n) for n in mask.sum(1).tolist()]  # left padding
+        circuit.task_docs = [ids[j, start:].tolist() for j, start in enumerate(starts)]
         for n in circuit.nodes:
             loc, ch = parse_node_id(n)
             node_data[n]["task_activations"] = [
-                [round(a, 4) for a in task_acts[loc][i, T - int(lengths[i]):, ch].float().tolist()] for i in order
+                [round(a, 4) for a in task_acts[loc][j, start:, ch].float().tolist()] for j, start in enumerate(starts)
             ]
     circuit.node_data = node_data
     return circuit

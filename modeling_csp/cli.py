@@ -157,7 +157,6 @@ def shipped_circuits(model_spec: str) -> list[dict]:
 
 
 def cmd_sweep(args) -> int:
-    import torch
     from accelerate import PartialState
 
     from .loading import load_model_and_tokenizer
@@ -172,7 +171,7 @@ def cmd_sweep(args) -> int:
     state = PartialState()  # one process, or this process's rank under `accelerate launch`
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.to(state.device)
-    torch.set_num_threads(args.threads or (1 if model.config.d_model <= SMALL_MODEL_D else torch.get_num_threads()))
+    _set_threads(args, model.config)
     config = PruneConfig(ablation=args.ablation, target_loss=args.target_loss, steps=args.steps, seed=args.seed,
                          n_examples=args.n_examples, progress=not args.quiet and state.is_main_process)
     out_dir = Path(args.out_dir)

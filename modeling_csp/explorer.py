@@ -216,14 +216,10 @@ class ModelEntry:
         """(windows (n, T) token ids, {location: float16 (n, T, width)}) on held-out text, for live examples."""
         with self._pretrain_lock:
             if self._pretrain is None:
-                from .ablation import stdlib_heldout_texts, text_windows
+                from .ablation import example_windows
 
                 try:
-                    block = min(self.config.block_size, 128)
-                    texts = stdlib_heldout_texts()
-                    texts = texts[:: max(1, len(texts) // 24)]  # ~24 files spread over the held-out split suffice
-                    windows = text_windows(self.tokenizer, texts, settings.pretrain_tokens, block)
-                    windows = windows.clamp(max=self.config.vocab_size - 1)
+                    windows = example_windows(self.model, self.tokenizer, settings.pretrain_tokens)
                 except Exception as exc:
                     raise UserError(f"no pretraining text for live activating examples: {first_line(exc)}") from None
                 with self.lock:

@@ -28,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .ablation import (
-    ablate, compute_mean_activations, evaluate, frozen_norm_scales, layer_ablation_deltas,
-    node_importances, stdlib_heldout_texts, task_logits, text_windows,
+    ablate, compute_mean_activations, evaluate, example_windows, frozen_norm_scales, layer_ablation_deltas,
+    node_importances, task_logits,
 )
 from .circuits import CircuitGraph, attach_node_data, location_width, node_locations
 from .tasks import TaskBatch, get_task, make_task_dataset, task_loss
@@ -258,10 +258,11 @@ class PruneResult:
 
 
 def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Masks | None = None,
-          model_name: str | None = None, cache_dir=None, ks=()) -> PruneResult:
+          model_name: str | None = None, cache_dir=None, ks=(), windows: torch.Tensor | None = None) -> PruneResult:
     """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness on test.
 
-    `ks` adds circuits of exactly those sizes, ranked by the same trained masks, in `result.at_k`."""
+    `ks` adds circuits of exactly those sizes, ranked by the same trained masks, in `result.at_k`. `means` and
+    `windows` (held-out text for the nodes' activating examples) are computed when not given."""
     config = config or PruneConfig()
     timings, t0 = {}, time.perf_counter()
 
@@ -278,11 +279,8 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
 
     scores, curve = train_masks(model, data.train, fill, config)
     lap("training")
-    windows = None
-    if config.n_example_tokens:
-        texts = stdlib_heldout_texts()
-        windows = text_windows(tokenizer, texts[:: max(1, len(texts) // 24)], config.n_example_tokens,
-                               min(model.config.block_size, 128)).clamp(max=model.config.vocab_size - 1)
+    if windows is None and config.n_example_tokens:
+        windows = example_windows(model, tokenizer, config.n_example_tokens)
     total = sum(s.numel() for s in scores.values())
     if config.k is not None:
         k = min(config.k, total)
@@ -338,9 +336,10 @@ def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     means = compute_mean_activations(model, tokenizer, n_tokens=config.n_mean_tokens) if config.ablation == "mean" else None
+    windows = example_windows(model, tokenizer, config.n_example_tokens) if config.n_example_tokens else None
     summaries = []
     for task in list(tasks)[process_index::num_processes]:
-        result = prune(model, tokenizer, task, config, means=means, model_name=model_name, ks=ks)
+        result = prune(model, tokenizer, task, config, means=means, model_name=model_name, ks=ks, windows=windows)
         for name, circuit in [(f"{get_task(task).name}.json", result.circuit)] + [
             (f"{get_task(task).name}_k{k}.json", c) for k, c in result.at_k.items()
         ]:

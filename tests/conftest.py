@@ -32,6 +32,44 @@ def converted(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded, and multi-threaded runs stall on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rms_model(converted):
+    """The converted `rms_sink_bigram` checkpoint (the paper's layout), loaded once per test module."""
+    from modeling_csp import CSPForCausalLM
+
+    return CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"]).eval()
+
+
+def synthetic_batch(model, n=32, T=16, seed=0):
+    """Random prompts; the correct candidate is the full model's favourite of two random tokens."""
+    import torch
+
+    from modeling_csp.ablation import task_logits
+    from modeling_csp.tasks import TaskBatch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n, T), generator=g)
+    pair = torch.randint(0, model.config.vocab_size, (n, 2), generator=g)
+    batch = TaskBatch(ids, torch.ones_like(ids), torch.full((n,), T - 1), pair[:, 0], pair[:, 1])
+    with torch.no_grad():
+        logits = task_logits(model, batch)
+    better = logits.gather(1, pair[:, :1]) >= logits.gather(1, pair[:, 1:])
+    batch.correct_ids = torch.where(better[:, 0], pair[:, 0], pair[:, 1])
+    batch.alternative_ids = torch.where(better[:, 0], pair[:, 1], pair[:, 0])
+    return batch
+
+
 TEST_TASK = "single_double_quote"
 
 

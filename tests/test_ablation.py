@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_csp import CSPForCausalLM
 from modeling_csp.ablation import (
     ablate, all_kept, compute_mean_activations, evaluate, frozen_norm_scales, layer_ablation_deltas, mean_ablate,
     node_importances, task_logits, zero_ablate,
@@ -12,20 +11,10 @@ from modeling_csp.ablation import (
 from modeling_csp.circuits import location_width, node_locations
 from modeling_csp.modeling_csp import abs_topk
 from modeling_csp.tasks import TaskBatch
+from conftest import synthetic_batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and multi-threaded runs stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model(converted):
-    return CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"]).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,124 +23,110 @@ def tokens():
 
 
 @pytest.fixture(scope="module")
-def means(model, tokens):
-    return compute_mean_activations(model, [tokens], cache_dir=False)
+def means(rms_model, tokens):
+    return compute_mean_activations(rms_model, [tokens], cache_dir=False)
 
 
-def synthetic_batch(model, n=32, T=16, seed=0):
-    """Random prompts; the correct candidate is the full model's favourite of two random tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (n, T), generator=g)
-    pair = torch.randint(0, model.config.vocab_size, (n, 2), generator=g)
-    batch = TaskBatch(ids, torch.ones_like(ids), torch.full((n,), T - 1), pair[:, 0], pair[:, 1])
-    with torch.no_grad():
-        logits = task_logits(model, batch)
-    better = logits.gather(1, pair[:, :1]) >= logits.gather(1, pair[:, 1:])
-    batch.correct_ids = torch.where(better[:, 0], pair[:, 0], pair[:, 1])
-    batch.alternative_ids = torch.where(better[:, 0], pair[:, 1], pair[:, 0])
-    return batch
-
-
-def test_means_match_recorded_activations(model, tokens, means, tmp_path):
-    with torch.no_grad(), model.record_activations() as acts:
-        model(tokens)
-    assert set(means) == set(node_locations(model.config))
+def test_means_match_recorded_activations(rms_model, tokens, means, tmp_path):
+    with torch.no_grad(), rms_model.record_activations() as acts:
+        rms_model(tokens)
+    assert set(means) == set(node_locations(rms_model.config))
     for loc, mean in means.items():
-        assert mean.shape == (location_width(model.config, loc),)
+        assert mean.shape == (location_width(rms_model.config, loc),)
         torch.testing.assert_close(mean, acts[loc].mean(dim=(0, 1)), atol=1e-5, rtol=1e-5)
 
-    cached = compute_mean_activations(model, [tokens], cache_dir=tmp_path)
+    cached = compute_mean_activations(rms_model, [tokens], cache_dir=tmp_path)
     files = list(tmp_path.glob("means-*.pt"))
     assert len(files) == 1
     torch.save({k: v + 1 for k, v in cached.items()}, files[0])  # a cache hit returns what the file holds
-    again = compute_mean_activations(model, [tokens], cache_dir=tmp_path)
+    again = compute_mean_activations(rms_model, [tokens], cache_dir=tmp_path)
     torch.testing.assert_close(again["0.attn.q"], cached["0.attn.q"] + 1)
-    compute_mean_activations(model, [tokens[:4]], cache_dir=tmp_path)  # other tokens: another entry
+    compute_mean_activations(rms_model, [tokens[:4]], cache_dir=tmp_path)  # other tokens: another entry
     assert len(list(tmp_path.glob("means-*.pt"))) == 2
 
 
-def test_all_kept_is_identity(model, tokens, means):
+def test_all_kept_is_identity(rms_model, tokens, means):
     with torch.no_grad():
-        clean = model(tokens).logits
-        with mean_ablate(model, all_kept(model.config), means):
-            kept = model(tokens).logits
+        clean = rms_model(tokens).logits
+        with mean_ablate(rms_model, all_kept(rms_model.config), means):
+            kept = rms_model(tokens).logits
     assert torch.equal(clean, kept)
 
 
 @pytest.mark.parametrize("kind", ["mean", "zero"])
-def test_location_fully_ablated_is_the_fill(model, tokens, means, kind):
-    masks = {"1.attn.v": torch.zeros(location_width(model.config, "1.attn.v"), dtype=torch.bool)}
-    ctx = mean_ablate(model, masks, means) if kind == "mean" else zero_ablate(model, masks)
-    with torch.no_grad(), ctx, model.record_activations(r"1\.attn\.v") as acts:
-        model(tokens)
+def test_location_fully_ablated_is_the_fill(rms_model, tokens, means, kind):
+    masks = {"1.attn.v": torch.zeros(location_width(rms_model.config, "1.attn.v"), dtype=torch.bool)}
+    ctx = mean_ablate(rms_model, masks, means) if kind == "mean" else zero_ablate(rms_model, masks)
+    with torch.no_grad(), ctx, rms_model.record_activations(r"1\.attn\.v") as acts:
+        rms_model(tokens)
     fill = means["1.attn.v"] if kind == "mean" else torch.zeros_like(means["1.attn.v"])
     torch.testing.assert_close(acts["1.attn.v"], fill.expand_as(acts["1.attn.v"]))
 
 
 @pytest.mark.parametrize("kind", ["mean", "zero"])
-def test_partial_ablation_matches_manual_layer(model, tokens, means, kind):
+def test_partial_ablation_matches_manual_layer(rms_model, tokens, means, kind):
     """Ablate some MLP neurons; the MLP's residual write must equal c_proj of the manually masked neurons."""
     loc = "0.mlp.post_act"
-    keep = torch.rand(location_width(model.config, loc), generator=torch.Generator().manual_seed(1)) < 0.5
+    keep = torch.rand(location_width(rms_model.config, loc), generator=torch.Generator().manual_seed(1)) < 0.5
     fill = means if kind == "mean" else None
     with torch.no_grad():
-        with model.record_activations(r"0\.mlp\.(post_act|resid_delta)") as clean:
-            model(tokens)
-        with ablate(model, {loc: keep}, fill), model.record_activations(r"0\.mlp\.resid_delta") as ablated:
-            model(tokens)
+        with rms_model.record_activations(r"0\.mlp\.(post_act|resid_delta)") as clean:
+            rms_model(tokens)
+        with ablate(rms_model, {loc: keep}, fill), rms_model.record_activations(r"0\.mlp\.resid_delta") as ablated:
+            rms_model(tokens)
     post = clean[loc]
     manual = torch.where(keep, post, means[loc] if kind == "mean" else torch.zeros_like(post))
-    delta = model.transformer.h[0].mlp.c_proj(manual)
-    if "mlp_out" in model.config.afrac_locations:
-        delta = abs_topk(delta, int(model.config.afrac * delta.shape[-1]))
+    delta = rms_model.transformer.h[0].mlp.c_proj(manual)
+    if "mlp_out" in rms_model.config.afrac_locations:
+        delta = abs_topk(delta, int(rms_model.config.afrac * delta.shape[-1]))
     torch.testing.assert_close(ablated["0.mlp.resid_delta"], delta, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ablated["0.mlp.resid_delta"], clean["0.mlp.resid_delta"])
 
 
-def test_gradients_flow_to_float_masks(model, tokens, means):
-    mask = torch.ones(location_width(model.config, "2.mlp.post_act"), requires_grad=True)
-    with ablate(model, {"2.mlp.post_act": mask}, means):
-        loss = F.cross_entropy(model(tokens).logits[:, -1], tokens[:, 0])
+def test_gradients_flow_to_float_masks(rms_model, tokens, means):
+    mask = torch.ones(location_width(rms_model.config, "2.mlp.post_act"), requires_grad=True)
+    with ablate(rms_model, {"2.mlp.post_act": mask}, means):
+        loss = F.cross_entropy(rms_model(tokens).logits[:, -1], tokens[:, 0])
     loss.backward()
     assert torch.isfinite(mask.grad).all() and mask.grad.abs().sum() > 0
 
 
-def test_bad_masks_and_vocab(model, means):
+def test_bad_masks_and_vocab(rms_model, means):
     with pytest.raises(ValueError, match="expected 64"):
-        with ablate(model, {"0.attn.q": torch.ones(3)}, means):
+        with ablate(rms_model, {"0.attn.q": torch.ones(3)}, means):
             pass
     too_big = TaskBatch(torch.full((2, 4), 600), torch.ones(2, 4, dtype=torch.long), torch.full((2,), 3),
                         torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long))
     with pytest.raises(ValueError, match="does not belong to this model"):
-        task_logits(model, too_big)
+        task_logits(rms_model, too_big)
 
 
-def test_frozen_norm_scales(model, means):
-    batch = synthetic_batch(model)
+def test_frozen_norm_scales(rms_model, means):
+    batch = synthetic_batch(rms_model)
     with torch.no_grad():
-        clean = task_logits(model, batch)
-        with frozen_norm_scales(model, batch):
-            frozen = task_logits(model, batch)
+        clean = task_logits(rms_model, batch)
+        with frozen_norm_scales(rms_model, batch):
+            frozen = task_logits(rms_model, batch)
     torch.testing.assert_close(clean, frozen, atol=1e-5, rtol=1e-5)  # nothing ablated: same numbers
     masks = {"0.attn.resid_delta": torch.zeros(64, dtype=torch.bool)}
-    assert evaluate(model, batch, masks, means, freeze_norm_scales=True) != evaluate(model, batch, masks, means)
-    assert "forward" not in vars(model.transformer.ln_f)  # patched forwards are removed again
+    assert evaluate(rms_model, batch, masks, means, freeze_norm_scales=True) != evaluate(rms_model, batch, masks, means)
+    assert "forward" not in vars(rms_model.transformer.ln_f)  # patched forwards are removed again
 
 
-def test_importances_and_layer_deltas(model, means):
-    batch = synthetic_batch(model, n=16)
-    keep = all_kept(model.config)
+def test_importances_and_layer_deltas(rms_model, means):
+    batch = synthetic_batch(rms_model, n=16)
+    keep = all_kept(rms_model.config)
     keep = {loc: m & (torch.arange(m.numel()) == 2) for loc, m in keep.items()}  # node 2 at every location
-    base = evaluate(model, batch, keep, means)[0]
-    exact = node_importances(model, batch, keep, means)
+    base = evaluate(rms_model, batch, keep, means)[0]
+    exact = node_importances(rms_model, batch, keep, means)
     assert len(exact) == len(keep)
     dropped = {**keep, "1.mlp.post_act": keep["1.mlp.post_act"].clone()}
     dropped["1.mlp.post_act"][2] = False
-    assert exact["1.mlp.post_act:2"] == pytest.approx(evaluate(model, batch, dropped, means)[0] - base, abs=1e-6)
-    approx = node_importances(model, batch, keep, means, method="attribution")
+    assert exact["1.mlp.post_act:2"] == pytest.approx(evaluate(rms_model, batch, dropped, means)[0] - base, abs=1e-6)
+    approx = node_importances(rms_model, batch, keep, means, method="attribution")
     assert approx.keys() == exact.keys() and all(map(lambda v: v == v, approx.values()))
 
-    deltas = layer_ablation_deltas(model, batch, keep, means)
+    deltas = layer_ablation_deltas(rms_model, batch, keep, means)
     assert list(deltas) == ["0.attn", "0.mlp", "1.attn", "1.mlp", "2.attn", "2.mlp"]
     no_mlp2 = {loc: (torch.zeros_like(m) if loc.startswith("2.mlp") else m) for loc, m in keep.items()}
-    assert deltas["2.mlp"] == pytest.approx(evaluate(model, batch, no_mlp2, means)[0] - base, abs=1e-6)
+    assert deltas["2.mlp"] == pytest.approx(evaluate(rms_model, batch, no_mlp2, means)[0] - base, abs=1e-6)

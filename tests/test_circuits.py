@@ -15,24 +15,19 @@ VIZ = FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
 
 
 @pytest.fixture(scope="module")
-def rms(converted):
-    return CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"]).eval()
-
-
-@pytest.fixture(scope="module")
-def viz_masks(rms):
+def viz_masks(rms_model):
     data = torch.load(VIZ, weights_only=True)
-    masks = {loc: torch.zeros(location_width(rms.config, loc), dtype=torch.bool) for loc in node_locations(rms.config)}
+    masks = {loc: torch.zeros(location_width(rms_model.config, loc), dtype=torch.bool) for loc in node_locations(rms_model.config)}
     for loc, idx in data["circuit_data"].items():
         masks[loc][idx] = True
     return masks, data
 
 
-def test_locations_and_widths(rms):
-    c = rms.config
+def test_locations_and_widths(rms_model):
+    c = rms_model.config
     locs = node_locations(c)
     assert len(locs) == 8 * c.n_layer and locs[0] == "0.attn.act_in" and locs[-1] == f"{c.n_layer - 1}.mlp.resid_delta"
-    assert set(locs) <= set(rms.hook_names())
+    assert set(locs) <= set(rms_model.hook_names())
     # the fixture's num_total_nodes
     assert sum(location_width(c, loc) for loc in locs) == 2112
     assert parse_node_id("2.mlp.post_act:17") == ("2.mlp.post_act", 17)
@@ -41,10 +36,10 @@ def test_locations_and_widths(rms):
             parse_node_id(bad)
 
 
-def test_edges_are_the_models_weights(rms, viz_masks):
+def test_edges_are_the_models_weights(rms_model, viz_masks):
     """The fixture's pair_data are the checkpoint's real weights between its nodes: from_masks must agree."""
     masks, data = viz_masks
-    graph = CircuitGraph.from_masks(rms, masks)
+    graph = CircuitGraph.from_masks(rms_model, masks)
     assert graph.n_nodes == 93
     weight_edges = {(e.source, e.target): e.weight for e in graph.edges if e.kind == "weight"}
     expected = {}
@@ -57,9 +52,9 @@ def test_edges_are_the_models_weights(rms, viz_masks):
         assert weight_edges[key] == pytest.approx(value, abs=1e-6)
 
 
-def test_residual_edges(rms, viz_masks):
+def test_residual_edges(rms_model, viz_masks):
     masks, _ = viz_masks
-    graph = CircuitGraph.from_masks(rms, masks)
+    graph = CircuitGraph.from_masks(rms_model, masks)
     residual = [(e.source, e.target) for e in graph.edges if e.kind == "residual"]
     kept = graph.node_indices()
     order = lambda loc: 2 * int(loc.split(".")[0]) + loc.split(".")[1].startswith("mlp")  # noqa: E731
@@ -73,29 +68,29 @@ def test_residual_edges(rms, viz_masks):
     assert all(e.weight == 1.0 for e in graph.edges if e.kind == "residual")
 
 
-def test_save_load_roundtrip_and_diff(rms, viz_masks, tmp_path):
+def test_save_load_roundtrip_and_diff(rms_model, viz_masks, tmp_path):
     masks, _ = viz_masks
-    graph = CircuitGraph.from_masks(rms, masks, importances={"0.attn.q:19": 0.5}, task="t", target_loss=0.15,
+    graph = CircuitGraph.from_masks(rms_model, masks, importances={"0.attn.q:19": 0.5}, task="t", target_loss=0.15,
                                     losses={"full": 0.1, "circuit": 0.2, "random": 0.6, "complement": 0.7})
     path = graph.save(tmp_path / "c.json")
     data = json.loads(path.read_text())
     assert data["format"] == "csp-circuit" and data["version"] == 1
     assert {"location": "0.attn.q", "index": 19, "importance": 0.5} in data["nodes"]
-    loaded = CircuitGraph.load(path, model=rms)
+    loaded = CircuitGraph.load(path, model=rms_model)
     assert loaded.nodes == graph.nodes and loaded.edges == graph.edges and loaded.losses == graph.losses
-    assert all(torch.equal(loaded.masks(rms.config)[k], masks[k]) for k in masks)
+    assert all(torch.equal(loaded.masks(rms_model.config)[k], masks[k]) for k in masks)
 
     smaller = {k: v.clone() for k, v in masks.items()}
     smaller["0.attn.q"][:] = False
-    d = graph.diff(CircuitGraph.from_masks(rms, smaller))
+    d = graph.diff(CircuitGraph.from_masks(rms_model, smaller))
     assert set(d.nodes_only_self) == {f"0.attn.q:{i}" for i in (19, 28, 31, 49)}
     assert not d.nodes_only_other and len(d.nodes_both) == 89
     assert d.edges_only_self and all("0.attn.q:" in t for _, t in d.edges_only_self) and not d.edges_only_other
 
 
-def test_load_rejects_bad_files(rms, viz_masks, tmp_path):
+def test_load_rejects_bad_files(rms_model, viz_masks, tmp_path):
     masks, _ = viz_masks
-    good = CircuitGraph.from_masks(rms, masks).to_dict()
+    good = CircuitGraph.from_masks(rms_model, masks).to_dict()
 
     def write(obj, name="bad.json"):
         p = tmp_path / name
@@ -118,12 +113,12 @@ def test_load_rejects_bad_files(rms, viz_masks, tmp_path):
         CircuitGraph.load(tmp_path / "missing.json")
     out_of_range = {**good, "nodes": [{"location": "0.attn.q", "index": 999, "importance": None}], "edges": []}
     with pytest.raises(ValueError, match="out of range"):
-        CircuitGraph.load(write(out_of_range), model=rms)
+        CircuitGraph.load(write(out_of_range), model=rms_model)
 
 
-def test_load_checks_the_model(rms, converted, viz_masks, tmp_path):
+def test_load_checks_the_model(rms_model, converted, viz_masks, tmp_path):
     masks, _ = viz_masks
-    path = CircuitGraph.from_masks(rms, masks, model_name="rms_sink_bigram").save(tmp_path / "c.json")
+    path = CircuitGraph.from_masks(rms_model, masks, model_name="rms_sink_bigram").save(tmp_path / "c.json")
     other = CSPForCausalLM.from_pretrained(converted["ln_gpt2"])
     with pytest.raises(ValueError, match=r"circuit was made for model 'rms_sink_bigram' \(n_layer=3, d_model=64"):
         CircuitGraph.load(path, model=other)
@@ -131,24 +126,24 @@ def test_load_checks_the_model(rms, converted, viz_masks, tmp_path):
     changed = CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"])
     with torch.no_grad():
         changed.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0
-    assert weights_hash(changed) != weights_hash(rms)
+    assert weights_hash(changed) != weights_hash(rms_model)
     with pytest.raises(ValueError, match="different weights"):
         CircuitGraph.load(path, model=changed)
 
 
-def test_node_data_quantile_examples_and_task_activations(rms, viz_masks, tmp_path):
+def test_node_data_quantile_examples_and_task_activations(rms_model, viz_masks, tmp_path):
     from modeling_csp.circuits import attach_node_data, record_node_activations
-    from test_ablation import synthetic_batch
+    from conftest import synthetic_batch
 
     masks, _ = viz_masks
-    circuit = CircuitGraph.from_masks(rms, masks, {}, task="synthetic")
+    circuit = CircuitGraph.from_masks(rms_model, masks, {}, task="synthetic")
     windows = torch.randint(0, 512, (6, 40), generator=torch.Generator().manual_seed(0))
-    batch = synthetic_batch(rms, n=12, T=10)
-    attach_node_data(rms, circuit, windows, batch, per_side=2, max_task_docs=8)
+    batch = synthetic_batch(rms_model, n=12, T=10)
+    attach_node_data(rms_model, circuit, windows, batch, per_side=2, max_task_docs=8)
 
     node = "1.mlp.post_act:" + str(int(masks["1.mlp.post_act"].nonzero()[0]))
     loc, ch = parse_node_id(node)
-    acts = record_node_activations(rms, windows, [loc])[loc][:, :, ch].float()
+    acts = record_node_activations(rms_model, windows, [loc])[loc][:, :, ch].float()
     data = circuit.node_data[node]
     assert set(data["top"]) == set(data["bottom"]) == {"0.001", "0.01", "0.1", "0.5"}
     peak = data["top"]["0.001"][0]  # the single highest activation, marked at `position`
@@ -158,5 +153,5 @@ def test_node_data_quantile_examples_and_task_activations(rms, viz_masks, tmp_pa
     assert len(circuit.task_docs) == len(data["task_activations"]) == 8
     assert [len(d) for d in circuit.task_docs] == [len(a) for a in data["task_activations"]]
 
-    loaded = CircuitGraph.load(circuit.save(tmp_path / "c.json"), model=rms)
+    loaded = CircuitGraph.load(circuit.save(tmp_path / "c.json"), model=rms_model)
     assert loaded.node_data == json.loads(json.dumps(circuit.node_data)) and loaded.task_docs == circuit.task_docs

@@ -1,6 +1,5 @@
 """Parity of the converted checkpoints with OpenAI's reference implementation, loaded the hub way."""
 
-import json
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_csp import CSPForCausalLM
 from modeling_csp.ablation import ablate, all_kept, compute_mean_activations, evaluate, task_logits
 from modeling_csp.circuits import CircuitGraph
 from modeling_csp.pruning import (
@@ -13,34 +12,23 @@ from modeling_csp.pruning import (
     top_k_masks, train_masks,
 )
 from modeling_csp.tasks import task_loss
-from test_ablation import synthetic_batch
+from conftest import synthetic_batch
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and multi-threaded runs stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model(converted):
-    return CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"]).eval()
-
-
-@pytest.fixture(scope="module")
-def means(model):
+def means(rms_model):
     tokens = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
-    return compute_mean_activations(model, [tokens], cache_dir=False)
+    return compute_mean_activations(rms_model, [tokens], cache_dir=False)
 
 
 @pytest.fixture(scope="module")
-def batch(model):
-    return synthetic_batch(model, n=48, T=12)
+def batch(rms_model):
+    return synthetic_batch(rms_model, n=48, T=12)
 
 
 def test_heaviside_surrogate():
@@ -52,37 +40,37 @@ def test_heaviside_surrogate():
     torch.testing.assert_close(tau.grad, s * (1 - s) / 0.5)
 
 
-def test_mask_gradients_through_the_model(model, means, batch):
-    masks = NodeMasks(model.config, generator=torch.Generator().manual_seed(0))
-    model.requires_grad_(False)
+def test_mask_gradients_through_the_model(rms_model, means, batch):
+    masks = NodeMasks(rms_model.config, generator=torch.Generator().manual_seed(0))
+    rms_model.requires_grad_(False)
     keep = masks()
-    with ablate(model, keep, means):
-        loss = task_loss(task_logits(model, batch), batch)
+    with ablate(rms_model, keep, means):
+        loss = task_loss(task_logits(rms_model, batch), batch)
     (loss + 1e-3 * sum(m.sum() for m in keep.values())).backward()
-    model.requires_grad_(True)
+    rms_model.requires_grad_(True)
     grads = [t.grad for t in masks.tau]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all((g != 0).any() for g in grads)  # the penalty alone makes every gradient nonzero
     assert sum(int((g.abs() > 2.5e-4).sum()) for g in grads) > 0  # and the task loss reaches the masks
-    assert all(p.grad is None for p in model.parameters())  # the model stays frozen
+    assert all(p.grad is None for p in rms_model.parameters())  # the model stays frozen
 
 
-def test_training_is_deterministic_and_prunes(model, means, batch):
+def test_training_is_deterministic_and_prunes(rms_model, means, batch):
     config = PruneConfig(steps=12, batch_size=16, lr=0.1, progress=False)
-    a, curve = train_masks(model, batch, means, config)
-    b, _ = train_masks(model, batch, means, config)
+    a, curve = train_masks(rms_model, batch, means, config)
+    b, _ = train_masks(rms_model, batch, means, config)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c, _ = train_masks(model, batch, means, PruneConfig(steps=12, batch_size=16, lr=0.1, seed=1, progress=False))
+    c, _ = train_masks(rms_model, batch, means, PruneConfig(steps=12, batch_size=16, lr=0.1, seed=1, progress=False))
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert len(curve) == 12 and curve[0][2] == 2112 and curve[-1][2] < 2112
     assert all(t.abs().max() <= 1 for t in a.values())  # clamped to [-1, 1]
 
 
-def test_training_options_zero_ablation_and_frozen_norms(model, batch):
+def test_training_options_zero_ablation_and_frozen_norms(rms_model, batch):
     config = PruneConfig(steps=3, batch_size=16, lr=0.1, ablation="zero", freeze_norm_scales=True, progress=False)
-    scores, curve = train_masks(model, batch, None, config)
+    scores, curve = train_masks(rms_model, batch, None, config)
     assert len(curve) == 3 and all(torch.isfinite(s).all() for s in scores.values())
-    assert "forward" not in vars(model.transformer.h[0].ln_1)
+    assert "forward" not in vars(rms_model.transformer.h[0].ln_1)
     with pytest.raises(ValueError, match="ablation must be"):
         PruneConfig(ablation="resample")
 
@@ -95,31 +83,31 @@ def test_top_k_masks():
     assert sum(int(m.sum()) for m in top_k_masks(scores, 99).values()) == 5
 
 
-def test_bisection_reaches_target(model, means, batch):
-    scores, _ = train_masks(model, batch, means, PruneConfig(steps=15, batch_size=24, lr=0.1, progress=False))
-    full = evaluate(model, batch)[0]
-    empty = evaluate(model, batch, top_k_masks(scores, 0), means)[0]
+def test_bisection_reaches_target(rms_model, means, batch):
+    scores, _ = train_masks(rms_model, batch, means, PruneConfig(steps=15, batch_size=24, lr=0.1, progress=False))
+    full = evaluate(rms_model, batch)[0]
+    empty = evaluate(rms_model, batch, top_k_masks(scores, 0), means)[0]
     assert empty > full + 0.1, "ablating everything should hurt the synthetic task"
     target = (full + empty) / 2
-    k, loss, reached = prune_to_target_loss(model, batch, scores, means, target)
+    k, loss, reached = prune_to_target_loss(rms_model, batch, scores, means, target)
     assert reached and loss <= target and 0 < k < 2112
-    assert evaluate(model, batch, top_k_masks(scores, k), means)[0] == pytest.approx(loss)
-    assert evaluate(model, batch, top_k_masks(scores, k - 1), means)[0] > target  # smallest k of the bisection
-    curve = sweep_k(model, batch, scores, means, [0, k, 2112])
+    assert evaluate(rms_model, batch, top_k_masks(scores, k), means)[0] == pytest.approx(loss)
+    assert evaluate(rms_model, batch, top_k_masks(scores, k - 1), means)[0] > target  # smallest k of the bisection
+    curve = sweep_k(rms_model, batch, scores, means, [0, k, 2112])
     assert curve[1][1] == pytest.approx(loss) and curve[2][1] == pytest.approx(full, abs=1e-6)
     # unreachable target: the better of the trained circuit and the full model, flagged
     trained = sum(int((s > 0).sum()) for s in scores.values())
-    k, loss, reached = prune_to_target_loss(model, batch, scores, means, full - 1.0)
+    k, loss, reached = prune_to_target_loss(rms_model, batch, scores, means, full - 1.0)
     assert not reached and k in (trained, 2112)
-    assert loss == pytest.approx(min(full, evaluate(model, batch, top_k_masks(scores, trained), means)[0]), abs=1e-6)
+    assert loss == pytest.approx(min(full, evaluate(rms_model, batch, top_k_masks(scores, trained), means)[0]), abs=1e-6)
 
 
-def test_faithfulness_edge_cases(model, means, batch):
-    keep_all = all_kept(model.config)
-    f = faithfulness(model, batch, keep_all, means, n_random=2)
+def test_faithfulness_edge_cases(rms_model, means, batch):
+    keep_all = all_kept(rms_model.config)
+    f = faithfulness(rms_model, batch, keep_all, means, n_random=2)
     assert f["circuit"] == pytest.approx(f["full"], abs=1e-6) and f["random"] == pytest.approx(f["full"], abs=1e-6)
     none = {k: torch.zeros_like(v) for k, v in keep_all.items()}
-    f = faithfulness(model, batch, none, means, n_random=5)
+    f = faithfulness(rms_model, batch, none, means, n_random=5)
     assert f["complement"] == pytest.approx(f["full"], abs=1e-6)
     assert len(f["random_losses"]) == 5 and f["random_baseline_as_good"]  # empty circuits are all alike
 
@@ -147,8 +135,8 @@ def test_default_model_prune_reaches_target(tmp_path):
     assert loaded.nodes == circuit.nodes
 
 
-def test_circuits_at_several_k_share_one_mask_training(model, means, batch):
-    scores, _ = train_masks(model, batch, means, PruneConfig(steps=30, batch_size=16, progress=False))
+def test_circuits_at_several_k_share_one_mask_training(rms_model, means, batch):
+    scores, _ = train_masks(rms_model, batch, means, PruneConfig(steps=30, batch_size=16, progress=False))
     small, large = top_k_masks(scores, 4), top_k_masks(scores, 12)
     assert all(bool((large[loc] | ~small[loc]).all()) for loc in small)  # nested: same ranking
 
