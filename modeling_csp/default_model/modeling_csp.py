@@ -789,9 +789,12 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         hidden_states.append(x)
 
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(self.transformer.ln_f(x[:, keep])) + self.final_logits_bias.to(x.dtype)
-        if self.bigram_table is not None:
-            logits = logits + F.embedding(input_ids[:, keep], self.bigram_table).to(x.dtype)
+        head = self.lm_head(self.transformer.ln_f(x[:, keep]), contiguous_output=False)  # (B, T', vocab), maybe strided
+        if self.bigram_table is None:
+            logits = head + self.final_logits_bias.to(x.dtype)
+        else:  # accumulate into the gathered bigram rows: one pass over the (B, T', vocab) logits fewer
+            logits = F.embedding(input_ids[:, keep], self.bigram_table).to(x.dtype)
+            logits = logits.add_(head).add_(self.final_logits_bias.to(x.dtype))
 
         loss = None
         if targets is not None:
