@@ -111,6 +111,34 @@ def time_variants(variants: dict, ids, runs: int) -> dict[str, list[float]]:
     return times
 
 
+@contextlib.contextmanager
+def hook_points_removed():
+    """The forward pass as if it had no hook points at all: the baseline for what unused hooks cost."""
+    saved = (M.hook_point, M.hook_wanted)
+    M.hook_point, M.hook_wanted = (lambda name, x: x), (lambda name: False)
+    try:
+        yield
+    finally:
+        M.hook_point, M.hook_wanted = saved
+
+
+def hook_variants(model) -> dict:
+    """Forward-pass variants for the hooks table: none, one recording, all reference hooks, mean ablation."""
+    from modeling_csp.ablation import mean_ablate
+    from modeling_csp.circuits import location_width, node_locations
+
+    generator = torch.Generator().manual_seed(3)
+    masks = {loc: torch.rand(location_width(model.config, loc), generator=generator) < 0.5 for loc in node_locations(model.config)}
+    means = {loc: torch.randn(location_width(model.config, loc), generator=generator) for loc in masks}
+    return {
+        "hook points removed (identity functions)": (model, hook_points_removed),
+        "no active hooks (as loaded)": (model, contextlib.nullcontext),
+        "recording one hook point (`0.mlp.post_act`)": (model, lambda: model.record_activations("0.mlp.post_act")),
+        "recording every reference hook point": (model, model.record_activations),
+        "mean-ablating half the nodes at every node location": (model, lambda: mean_ablate(model, masks, means)),
+    }
+
+
 def time_generation(model, dense_model, prompt, new_tokens: int, runs: int) -> tuple[list[float], list[float], bool]:
     """Greedy decoding side by side: the reference's loop (the whole prefix through the model at every step,
     reference-style ops) against `generate()` with the KV cache; interleaved run by run."""
@@ -170,6 +198,7 @@ def main():
         ("port with dense matmuls", times["dense"], dense_logits),
     ]
 
+    hook_times = time_variants(hook_variants(model), ids, args.runs)
     prompt = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     gen_ref, gen_port, gen_same = time_generation(model, dense_model, prompt, args.new_tokens, args.generate_runs)
 
@@ -228,6 +257,17 @@ def main():
         f"| reference loop (prefix recomputed) | {statistics.median(gen_ref):.2f} | {args.new_tokens / statistics.median(gen_ref):,.0f} | 1.0x |",
         f"| port `generate()` (KV cache) | {statistics.median(gen_port):.2f} | {args.new_tokens / statistics.median(gen_port):,.0f} | {gen_ratio:.1f}x |",
     ]
+    base = hook_times["no active hooks (as loaded)"]
+    lines += [
+        "",
+        "Hooks (same forward pass, sparse kernels; hooks live in a context variable, so a hook point with no",
+        "active hook is one lookup):",
+        "",
+        "| forward pass | median s | vs no active hooks |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {statistics.median(t):.3f} | {statistics.median(a / b for a, b in zip(t, base)):.2f}x |"
+              for name, t in hook_times.items()]
     lines += [
         "",
         "Sparse (`embedding_bag`) vs dense matmuls by weight density, whole forward pass; the model",
