@@ -6,20 +6,10 @@ import threading
 import pytest
 import torch
 
-from conftest import CHECKPOINTS
-from modeling_csp import CSPForCausalLM
+from conftest import CHECKPOINTS, random_ids
 from modeling_csp.ablation import ablate, evaluate, frozen_norm_scales, node_attributions, task_logits
 from modeling_csp.circuits import location_width, node_locations
 from modeling_csp.tasks import task_loss
-
-
-@pytest.fixture(scope="module")
-def models(converted):
-    return {name: CSPForCausalLM.from_pretrained(converted[name]).eval() for name in CHECKPOINTS}
-
-
-def ids_for(model, n=2, T=16, seed=0):
-    return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
 # ---- run_with_cache and the cache -------------------------------------------------------------
@@ -27,7 +17,7 @@ def ids_for(model, n=2, T=16, seed=0):
 
 def test_run_with_cache_takes_a_regex_a_list_or_a_callable(models):
     model = models["rms_sink_bigram"]
-    ids = ids_for(model)
+    ids = random_ids(model)
     out, cache = model.run_with_cache(ids, names=r"1\.attn\.(q|k)")
     assert list(cache) == ["1.attn.k", "1.attn.q"] and torch.equal(out.logits, model(ids).logits)
     _, cache = model.run_with_cache(ids, names=["0.mlp.post_act", r"\d+\.resid_mid"])
@@ -42,7 +32,7 @@ def test_run_with_cache_takes_a_regex_a_list_or_a_callable(models):
 
 def test_cache_views_heads_stacks_and_moves(models):
     model = models["rms_sink_bigram"]
-    _, cache = model.run_with_cache(ids_for(model), names=r"\d+\.attn\.(q|y)|\d+\.resid_in")
+    _, cache = model.run_with_cache(random_ids(model), names=r"\d+\.attn\.(q|y)|\d+\.resid_in")
     H, dh = model.config.n_head, model.config.d_head
     assert cache.heads("1.attn.q").shape == (2, 16, H, dh)
     assert torch.equal(cache.heads("1.attn.q")[:, :, 2], cache["1.attn.q"][:, :, 2 * dh:3 * dh])
@@ -55,7 +45,7 @@ def test_cache_views_heads_stacks_and_moves(models):
 
 def test_recording_the_extra_points_leaves_the_reference_hooks_unchanged(models):
     model = models["catpos_relu_bf16"]  # AbsTopK everywhere, concatenated positions
-    ids = ids_for(model)
+    ids = random_ids(model)
     _, plain = model.run_with_cache(ids)
     _, everything = model.run_with_cache(ids, names=".*")
     assert set(everything) == set(model.hook_names(extra=True))
@@ -69,7 +59,7 @@ def test_recording_the_extra_points_leaves_the_reference_hooks_unchanged(models)
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_attention_patterns_and_the_sinks_share(name, models):
     model = models[name]
-    ids = ids_for(model)
+    ids = random_ids(model)
     out, cache = model.run_with_cache(ids, names=r"\d+\.attn\.(pattern|sink)", output_attentions=True)
     pattern = cache["0.attn.pattern"]
     assert pattern.shape == (2, model.config.n_head, 16, 16) and torch.all(pattern.triu(1) == 0)
@@ -81,7 +71,7 @@ def test_attention_patterns_and_the_sinks_share(name, models):
 
 def test_patching_an_attention_pattern_changes_what_the_head_writes(models):
     model = models["rms_sink_bigram"]
-    ids = ids_for(model)
+    ids = random_ids(model)
 
     def uniform(p):
         causal = torch.ones_like(p).tril()
@@ -100,7 +90,7 @@ def test_patching_an_attention_pattern_changes_what_the_head_writes(models):
 
 def test_embeddings_pre_activation_and_norm_scales(models):
     model = models["ln_gpt2"]
-    ids = ids_for(model)
+    ids = random_ids(model)
     _, c = model.run_with_cache(ids, names=["tok_emb", "pos_emb", r"\d+\.mlp\.(pre|post)_act", r"\d+\.ln_1\.scale", r"\d+\.resid_in"])
     assert torch.allclose(c["tok_emb"] + c["pos_emb"], c["0.resid_in"])
     assert torch.equal(c["0.mlp.post_act"], model.transformer.h[0].mlp.act_fn(c["0.mlp.pre_act"]))
@@ -113,7 +103,7 @@ def test_embeddings_pre_activation_and_norm_scales(models):
 
 def test_intervene_takes_regex_keys_and_transformerlens_style_functions(models):
     model = models["rms_sink_bigram"]
-    ids = ids_for(model)
+    ids = random_ids(model)
     seen = []
 
     def tl_style(act, hook):  # TransformerLens passes (activation, hook) and reads hook.name
@@ -132,7 +122,7 @@ def test_intervene_takes_regex_keys_and_transformerlens_style_functions(models):
 def test_concurrent_interventions_on_one_model_equal_serial_runs(models):
     """Hooks belong to the calling thread: four threads with different interventions share one model, no lock."""
     model = models["rms_sink_bigram"]
-    ids = ids_for(model, n=4, T=32)
+    ids = random_ids(model, n=4, T=32)
     width = model.config.d_mlp
     plans = [{f"{l}.mlp.post_act": (lambda x, i=i: x * (torch.arange(width) % 4 != i))} for i, l in enumerate([0, 1, 2, 0])]
 
@@ -186,7 +176,7 @@ def test_frozen_norm_scales_intervene_instead_of_patching_modules(models, conver
 
 def test_recording_across_generate_keeps_every_step(models):
     model = models["rms_sink_bigram"]
-    prompt = ids_for(model, n=1, T=6)
+    prompt = random_ids(model, n=1, T=6)
     with torch.no_grad(), model.record_activations(["0.resid_in", "1.attn.pattern"], steps=True) as acts:
         out = model.generate(prompt, max_new_tokens=5, do_sample=False)
     steps = acts["0.resid_in"]
@@ -200,7 +190,7 @@ def test_recording_across_generate_keeps_every_step(models):
 
 def test_record_gradients_gives_activation_gradients(models):
     model = models["rms_sink_bigram"]
-    ids = ids_for(model)
+    ids = random_ids(model)
     with model.record_activations("1.resid_mid", detach=False) as acts, model.record_gradients("1.resid_mid") as grads:
         loss = model(ids, labels=ids).loss
         (expected,) = torch.autograd.grad(loss, [acts["1.resid_mid"]], retain_graph=True)
@@ -236,7 +226,7 @@ def test_node_attributions_are_the_first_order_effect_of_mean_ablation(models):
 
 def test_module_hooks_see_batch_time_features_on_every_kernel_path(models):
     model = models["rms_sink_bigram"]
-    ids = ids_for(model, n=3, T=11)
+    ids = random_ids(model, n=3, T=11)
     mlp = model.transformer.h[0].mlp
     seen = {}
     handles = [module.register_forward_hook(lambda mod, args, out, key=key: seen.__setitem__(key, (args[0].shape, out)))
