@@ -196,8 +196,10 @@ def test_next_tokens(capsys, tiny, converted, tmp_path):
     entry = explorer.get_model(str(tiny))
     assert result == explorer.next_tokens(entry, prompt, explorer.import_run_file(entry, str(half)))
 
-    code, _, err = run(capsys, "next-tokens", "--model", tiny, "--prompt", " \n\t")
+    code, _, err = run(capsys, "next-tokens", "--model", tiny, "--prompt", "")
     assert_one_line_error(code, err, "the prompt is empty")
+    code, out, _ = run(capsys, "next-tokens", "--model", tiny, "--prompt", " \n\t")  # whitespace is a prompt
+    assert code == 0 and one_json(out)["full"]
     code, _, err = run(capsys, "next-tokens", "--model", "nobody/no-such-model", "--prompt", "x = 1")
     assert_one_line_error(code, err, "could not load model 'nobody/no-such-model'")
     rms = CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"])
