@@ -36,15 +36,11 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("CSP_APP_THREADS", "2")))
 
-import gradio as gr  # noqa: E402
-
 from modeling_csp import plotting  # noqa: E402
 from modeling_csp.explorer import panels, settings  # noqa: E402
 from modeling_csp.explorer.analysis import task_names, warm_up  # noqa: E402
 from modeling_csp.explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line  # noqa: E402
 from modeling_csp.explorer.view import Request, View, resolve_view  # noqa: E402
-
-DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
 
 # The app's environment configures the explorer (see the module docstring).
 settings.default_model = os.environ.get("CSP_APP_MODEL", "default")
@@ -52,6 +48,13 @@ settings.run_files = [p for p in os.environ.get("CSP_APP_IMPORT", "").split(os.p
 settings.pretrain_tokens = int(os.environ.get("CSP_APP_PRETRAIN_TOKENS", "8192"))
 settings.model_roots = [Path(p) for p in os.environ.get("CSP_MODEL_ROOTS", "").split(os.pathsep) if p] or default_roots()
 settings.store_dir = Path(os.environ.get("CSP_APP_STORE") or Path(tempfile.gettempdir()) / "csp_app_runs")
+
+if __name__ == "__main__":  # load the model and what the first view needs while Gradio loads and builds the page
+    threading.Thread(target=warm_up, daemon=True).start()
+
+import gradio as gr  # noqa: E402
+
+DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
 
 CSS = """
 #status {min-height: 1.5em;}
@@ -212,7 +215,7 @@ def build_app() -> gr.Blocks:
                 faith_plot = gr.Plot(elem_id="faith-plot", show_label=False)
                 prune_plot = gr.Plot(elem_id="prune-plot", show_label=False)
                 train_plot = gr.Plot(elem_id="train-plot", show_label=False)
-                details = gr.Markdown("", elem_id="run-details")
+                details = gr.HTML("", elem_id="run-details")
             with gr.Tab("Embeddings", id="embeddings") as emb_tab:
                 channel_in = Number(0, 1, value=0, step=1, label="Residual channel", elem_id="channel-slider")
                 emb_notice = gr.Markdown("", elem_id="emb-notice")
@@ -347,24 +350,28 @@ def build_app() -> gr.Blocks:
         node_inputs = [model_in, task_in, run_in, k_in, node_in, zero_centered]
         node_outputs = [connections, examples, task_acts, attn_rows, attn_plot, qk_plot, status]
 
+        def on_empty_check(model, task, run, target, mode):
+            """Before pruning from "no circuit yet": what the full model's loss says about the target."""
+            return {empty_out: "" if run else panels.prune_check(model, task, target, mode != "nats")}
+
         def chain(trigger, fn, inputs, outputs=None, stats=True, **kwargs):
             """An event that changes the view, then the node panel, then (if the selection changed) the numbers."""
             step = trigger(guarded(fn, status), inputs, outputs or view_outputs, **kwargs).then(
                 guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="hidden")
             if stats:
-                step.then(on_view("stats"), [session] + selection, view_outputs, show_progress="hidden")
+                step.then(on_view("stats"), [session] + selection, view_outputs, show_progress="hidden").then(
+                    guarded(on_empty_check, status), [model_in, task_in, run_in, pr_target, pr_mode],
+                    [empty_out, status], show_progress="hidden")
             return step
 
-        load_step = demo.load(guarded(on_load, status), [saved], view_outputs + [saved])
-        load_step.then(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="hidden").then(
-            on_view("stats"), [session] + selection, view_outputs, show_progress="hidden")
+        chain(demo.load, on_load, [saved], view_outputs + [saved])
         chain(model_in.input, on_view("model"), [session] + selection, concurrency_id="model", concurrency_limit=2)
         chain(task_in.input, on_view("task"), [session] + selection)
         chain(run_in.input, on_view("run"), [session] + selection)
         chain(k_in.release, on_view("k"), [session] + selection, show_progress="minimal")
         chain(layer_in.input, on_view("layer"), [session] + selection, stats=False, show_progress="minimal")
         chain(node_in.input, on_view("node"), [session] + selection, stats=False, show_progress="minimal")
-        chain(node_click.input, on_click, [session] + selection + [node_click], stats=False, show_progress="minimal")
+        chain(node_click.change, on_click, [session] + selection + [node_click], stats=False, show_progress="minimal")
         chain(search_in.submit, on_search, [session] + selection + [search_in], stats=False, show_progress="minimal")
         edges_in.release(on_view("edges"), [session] + selection, view_outputs, show_progress="minimal")
         zero_centered.input(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="minimal")
@@ -474,12 +481,14 @@ def build_app() -> gr.Blocks:
               view_outputs + [pr_md, saved, status], concurrency_limit=1, concurrency_id="prune", show_progress_on=[empty_out])
 
         def on_upload(state, file, model, tab_name):
+            """Imports the file as a saved run, and empties the box for the next file."""
             if file is None:
                 return {upload_md: ""}
             path = file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", None)
-            return new_run(panels.import_new_run(state, model, path, Path(str(path)).name, tab_name), upload_md)
+            result = panels.import_new_run(state, model, path, Path(str(path)).name, tab_name)
+            return {**new_run(result, upload_md), upload: None}
 
-        chain(upload.upload, on_upload, [session, upload, model_in, tab], view_outputs + [upload_md, saved])
+        chain(upload.upload, on_upload, [session, upload, model_in, tab], view_outputs + [upload_md, saved, upload])
 
         def next_tokens(prompt: str, model: str = "", task: str = "", run: str = "", k: int = 0) -> dict:
             """Top-10 next tokens and probabilities of the full model and of the circuit alone (nodes outside it
@@ -500,7 +509,6 @@ def build_app() -> gr.Blocks:
 demo = build_app()
 
 if __name__ == "__main__":
-    threading.Thread(target=warm_up, daemon=True).start()
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"),
                 server_port=int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None,
                 css=CSS, theme=gr.themes.Soft(), max_file_size=MAX_UPLOAD_BYTES)

@@ -336,8 +336,8 @@ def _text_positions(nodes: list[str], pos: Mapping[str, tuple[float, float]], be
 
 
 def layer_graph_figure(circuit, layer: str, selected: str | None = None, height: int | None = None,
-                       max_per_line: int = 40, max_edges: int = 300, min_weight: float = 0.0,
-                       highlight: Iterable[str] = ()) -> go.Figure:
+                       max_per_line: int = 40, max_edges: int = 200, min_weight: float = 0.0,
+                       highlight: Iterable[str] = (), max_labels: int = 150) -> go.Figure:
     """The circuit's nodes and weight edges in one sublayer ('0.attn' or '0.mlp') as a layered graph.
 
     Rows, top to bottom: MLP `act_in -> post_act -> resid_delta`; attention `act_in -> q -> k -> v ->
@@ -345,8 +345,9 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
     names the head, the labels the channel). A row of more than `max_per_line` nodes wraps onto several lines.
     Node colour is the node's ablation importance and edge colour the weight's sign (blue +, red −); width and
     opacity the magnitude. Only edges with |w| >= `min_weight` x the largest are drawn, at most `max_edges`
-    (the title says so). `highlight` nodes (search matches) get an orange ring, `selected` a black one. Every
-    node marker carries its id in customdata[0] (for click handling)."""
+    (the title says so). A layer of more than `max_labels` nodes labels only its 60 most important ones (the rest
+    on hover). `highlight` nodes (search matches) get an orange ring, `selected` a black one. Every node marker
+    carries its id in customdata[0] (for click handling)."""
     d_head = _d_head(circuit)
     nodes = layer_node_ids(circuit, layer)
     if not nodes:
@@ -423,7 +424,9 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
         fig.add_trace(t)
     imp_range = _importance_range(circuit.nodes[n] for n in nodes)
     xs, ys = [pos[n][0] for n in nodes], [pos[n][1] for n in nodes]
-    labels = [_graph_label(n, d_head) for n in nodes]
+    labelled = set(nodes) if len(nodes) <= max_labels else set(
+        sorted(nodes, key=lambda n: -abs(circuit.nodes[n] or 0.0))[:60]) | {selected}
+    labels = [_graph_label(n, d_head) if n in labelled else "" for n in nodes]
     text_pos = _text_positions(nodes, pos, set(by_kind["resid_delta"]))
     symbols = [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes]
     fig.add_trace(_node_trace(xs, ys, nodes, [circuit.nodes[n] for n in nodes], d_head, symbols, labels, imp_range,
@@ -434,12 +437,14 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
     if selected in pos:
         fig.add_trace(_selected_trace(*pos[selected], selected))
 
-    span = max(abs(p[0]) for p in pos.values()) + 1.0
+    span = max(4.0, max(abs(p[0]) for p in pos.values()) + 1.0)
     fig.update_xaxes(visible=False, range=[-span, span])
     fig.update_yaxes(tickvals=[t[0] for t in ticks], ticktext=[t[1] for t in ticks], range=[y + row_gap - 0.55, 0.7],
                      showgrid=False, zeroline=False, fixedrange=True)
     fig.update_layout(shapes=shapes, annotations=annotations, dragmode="pan", clickmode="event")
     title = f"{layer}: {len(nodes)} nodes, {edges_phrase} (blue +, red −; click a node)"
+    if len(labelled) < len(nodes):
+        title += "<br><sup>labels on the 60 most important nodes; hover for the others</sup>"
     return _base_layout(fig, title, height or max(380, int(120 * (0.7 - y))))
 
 

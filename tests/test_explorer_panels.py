@@ -74,15 +74,15 @@ def test_ablation_and_importance_panels(page):
 def test_curves_panel_shows_the_pruning_config_and_training_metrics(page):
     p = panels.curves_panel(page["model"], page["task"], page["run"], page["k"])
     assert p.faithfulness.layout.xaxis.type == "log" and p.faithfulness.layout.xaxis.tickvals
-    assert "#### Pruning configuration" in p.details and "| n_examples | 64 |" in p.details
-    assert "#### Model training: final metrics" in p.details
+    assert "<h4>Pruning configuration</h4>" in p.details and "<td>n_examples</td><td>64</td>" in p.details
+    assert "<h4>Model training: final metrics</h4>" in p.details
     if page["model"] == "default":  # the embedded model ships its training record
         curve = page["entry"].training_curve
-        assert f"| val_loss | {curve['final']['val_loss']:.6g} |" in p.details
+        assert f"<td>val_loss</td><td>{curve['final']['val_loss']:.4g}</td>" in p.details
     shipped = next(r for r in page["entry"].runs.values() if r.source == "shipped") if page["model"] == "default" else None
     if shipped is not None:
         details = panels.run_details(page["entry"], shipped)
-        assert "| target_reached | True |" in details and "| steps | 200 |" in details
+        assert "<td>target_reached</td><td>True</td>" in details and "<td>steps</td><td>200</td>" in details
 
 
 def test_embeddings_panel_clamps_the_channel(page):

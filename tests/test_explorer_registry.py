@@ -136,6 +136,11 @@ def test_run_store_caps(tmp_path, viz_run):
     saved, notice = small.save(run)
     assert "not saved for links" in notice and not list((tmp_path / "small").iterdir())
     assert small.load(saved.id) is saved  # still there for this server's memory
+    full = len(json.dumps(run.circuit.to_dict(), separators=(",", ":")))
+    slim = RunStore(tmp_path / "slim", max_file_bytes=full // 2)  # node data is most of this file
+    saved, notice = slim.save(run)
+    again = RunStore(tmp_path / "slim").load(saved.id)
+    assert notice is None and again.circuit.node_data is None and set(again.circuit.nodes) == set(run.circuit.nodes)
     size = len(json.dumps({"c": run.circuit.to_dict()}))
     capped = RunStore(tmp_path / "capped", max_total_bytes=int(2.5 * size))
     ids = []

@@ -63,7 +63,7 @@ def test_every_task(first):
             assert v.run is None and v.k is None and v.layer is None and v.node is None and v.circuit is None
             assert v.run_choices == [] and v.layer_choices == [] and v.node_choices == []
             assert f"**No circuit yet** for `{task}`" in v.empty and "Prune" in v.empty
-            assert "No circuit for" in message_of(v.graph) and "No circuit" in v.summary
+            assert "No circuit for" in message_of(v.graph) and f"**Task** `{task}`" in v.summary
             # back to a task with a circuit, the page still holding the old node: a clean view, no message
             back = ask(v, "task", task=first.task, node="0.attn.v:59", layer="0.attn", run=None, k=None)
             assert back.run is not None and back.node in back.circuit.nodes and back.status == ""
@@ -85,6 +85,7 @@ def test_typed_k_is_clamped_with_a_message(first, typed, shown, message):
     assert v.k == (shown if shown is not None else first.k) and v.circuit.n_nodes == v.k
     assert (message in v.status) if message else v.status == ""
     assert "model" not in v.changed and {"k", "summary", "graph", "status"} <= v.changed
+    assert "layer_bars" not in v.changed  # drawn once, by the "stats" step that knows the new deltas
 
 
 def test_k_change_keeps_layer_and_node_where_it_can(first):
@@ -112,10 +113,11 @@ def test_layer_and_node_changes(first):
 def test_a_click_in_the_same_layer_does_not_redraw_the_graph(first):
     same = next(n for n in plotting.layer_node_ids(first.circuit, first.layer) if n != first.node)
     v = ask(first, "click", node=same)
-    assert v.node == same and "graph" not in v.changed and "node_header" in v.changed
+    assert v.node == same and v.changed == {"node", "share", "status", "node_header"}  # nor the layer list and bars
+    assert ask(first, "node", node=same).changed == {"node", "graph", "share", "status", "node_header"}
     other = next((n for n in first.circuit.nodes if not n.startswith(first.layer + ".")), None)
     if other is not None:
-        assert "graph" in ask(first, "click", node=other).changed
+        assert {"graph", "layer", "layer_bars"} <= ask(first, "click", node=other).changed
 
 
 def test_node_search(first):

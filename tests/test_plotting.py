@@ -110,6 +110,10 @@ def test_big_layer_wraps_and_caps_edges():
     drawn = sum(sum(1 for v in t.x if v is None) for t in fig.data if t.mode == "lines")
     assert drawn == 30 and "100 weight edges, the 30 strongest drawn" in fig.layout.title.text
     assert fig.layout.height > 460  # taller for the extra lines
+    assert sum(1 for t in trace.text if t) == 105  # every node labelled up to max_labels
+    few = _node_trace(P.layer_graph_figure(c, "0.mlp", max_labels=50, selected="0.mlp.post_act:3"))
+    labelled = {cd[0] for cd, t in zip(few.customdata, few.text) if t}
+    assert len(labelled) == 61 and "0.mlp.post_act:99" in labelled and "0.mlp.post_act:3" in labelled
     text_pos = {cd[0]: tp for cd, tp in zip(trace.customdata, trace.textposition)}
     line = sorted((n for n in text_pos if "post_act" in n), key=lambda n: int(n.split(":")[1]))[:40]
     assert {text_pos[n] for n in line[0::2]} == {"top center"} and {text_pos[n] for n in line[1::2]} == {"bottom center"}

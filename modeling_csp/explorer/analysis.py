@@ -325,7 +325,7 @@ class TaskActivations:
 
 def _task_classes(batch) -> tuple[list[int], list[int], tuple[str, str]]:
     """Task examples split by which candidate is correct (the first or second of the sorted pair); names give
-    the most common correct candidate of each class."""
+    the (up to two) most common correct tokens of each class and their shares."""
     from ..plotting import display_token
 
     c1, c2, lab1, lab2 = [], [], Counter(), Counter()
@@ -337,9 +337,11 @@ def _task_classes(batch) -> tuple[list[int], list[int], tuple[str, str]]:
     def name(counter, n):
         if not counter:
             return f"class {n}"
-        tok, cnt = counter.most_common(1)[0]
-        share = cnt / sum(counter.values())
-        return f"class {n}: correct «{display_token(tok)}»" + ("" if share > 0.99 else f" in {share:.0%}, else a variant")
+        total = sum(counter.values())
+        common = counter.most_common(2)
+        if common[0][1] / total > 0.99:
+            return f"class {n}: correct «{display_token(common[0][0])}»"
+        return f"class {n}: correct " + ", ".join(f"«{display_token(t)}» {c / total:.0%}" for t, c in common)
 
     return c1, c2, (name(lab1, 1), name(lab2, 2))
 
@@ -816,10 +818,11 @@ def warm_up(spec: str | None = None) -> None:
     """Loads a model and precomputes what a first view and a first ablation need; never raises."""
     from .registry import get_model
 
-    try:
+    try:  # in the order the first view needs them: its summary, its node panel, then ablations
         entry = get_model(spec)
         first = next((r for r in entry.runs.values() if r.task), None)
         if first is not None:
+            full_loss(entry, first.task, _options(first))
             entry.task_activations(first.task, _options(first))
         entry.pretrain()
         entry.means()

@@ -163,7 +163,7 @@ def prompt_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, prompt: 
             r.tokens, r.node_acts, zero_centered=zero_centered, title=f"activations of {r.node} on the prompt (full model)")
     title = f"Top {len(r.full)} next tokens" + (f" (circuit: {r.circuit_k} nodes)" if r.circuit else "")
     return PromptPanel(
-        notice="\n".join(f"ℹ️ {n}" for n in r.notices) or f"{len(r.tokens)} tokens",
+        notice="\n".join(f"ℹ️ {n}" for n in r.notices) or f"{len(r.tokens)} token{'s' if len(r.tokens) != 1 else ''}",
         tokens=plotting._CSS + plotting.tokens_html(r.tokens, r.ids),
         figure=plotting.next_tokens_figure([(t["token"], t["prob"]) for t in r.full],
                                            [(t["token"], t["prob"]) for t in r.circuit] if r.circuit else None, title),
@@ -175,31 +175,39 @@ def prompt_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, prompt: 
 # =====================================================================================================
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        return str(v).replace("|", "\\|")[:120]
+def _table(title: str, rows: list[tuple[str, Any]], head: tuple[str, str] = ("option", "value")) -> str:
+    """A small two-column HTML table with a title (values as the page shows them: 4 significant digits)."""
+    import html
 
-    return "| | |\n|---|---|\n" + "\n".join(f"| {cell(k)} | {cell(v)} |" for k, v in rows)
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)[:120]
+
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(cell(v))}</td></tr>" for k, v in rows)
+    return (f'<div class="csp-details"><h4>{html.escape(title)}</h4><table class="csp-q">'
+            f"<tr><th>{head[0]}</th><th>{head[1]}</th></tr>{body}</table></div>")
+
+
+DETAILS_CSS = ("<style>.csp-details-row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start;}"
+               ".csp-details{min-width:260px;} .csp-details h4{margin:4px 0;} .csp-details td{font-size:12.5px;}</style>")
 
 
 def run_details(entry: ModelEntry, run: Run | None) -> str:
-    """The run's pruning configuration and outcome, and the model's final training metrics, as markdown."""
+    """The run's pruning configuration and outcome, and the model's final training metrics, as three tables
+    side by side (HTML)."""
     parts = []
     if run is not None:
         meta = run.load().meta or {}
         config = meta.get("options") or meta.get("prune_config") or {}
         if isinstance(config, dict) and config:
-            parts.append("#### Pruning configuration\n" + _table([(k, v) for k, v in config.items()
-                                                                if not isinstance(v, (dict, list))]))
+            parts.append(_table("Pruning configuration", [(k, v) for k, v in config.items()
+                                                          if not isinstance(v, (dict, list))]))
         outcome = [(k, meta[k]) for k in ("target_reached", "train_circuit_loss", "full_accuracy", "circuit_accuracy",
                                           "random_baseline_as_good", "importance_method", "n_train", "n_test", "seconds")
                    if k in meta]
         if outcome:
-            parts.append("#### Pruning outcome\n" + _table(outcome))
+            parts.append(_table("Pruning outcome", outcome, ("measure", "value")))
         if not parts:
-            parts.append("*This run records no pruning configuration.*")
+            parts.append('<div class="csp-details"><h4>Pruning</h4>This run records no pruning configuration.</div>')
     curve = entry.training_curve if isinstance(entry.training_curve, dict) else {}
     final = curve.get("final") if isinstance(curve.get("final"), dict) else {}
     last = (curve.get("curve") or [{}])[-1] if isinstance(curve.get("curve"), list) else {}
@@ -207,9 +215,9 @@ def run_details(entry: ModelEntry, run: Run | None) -> str:
                if isinstance(v, (int, float, str, bool))]
     for name, value in (final.get("quote_accuracy") or {}).items() if isinstance(final.get("quote_accuracy"), dict) else []:
         metrics.append((f"quote_accuracy.{name}", value))
-    parts.append("#### Model training: final metrics\n" + (_table(metrics) if metrics else
-                                                           "*This model ships no training record.*"))
-    return "\n\n".join(parts)
+    parts.append(_table("Model training: final metrics", metrics, ("metric", "value")) if metrics else
+                 '<div class="csp-details"><h4>Model training</h4>This model ships no training record.</div>')
+    return plotting._CSS + DETAILS_CSS + '<div class="csp-details-row">' + "".join(parts) + "</div>"
 
 
 @dataclass
@@ -291,8 +299,9 @@ def ablation_panel(model: Any, task: Any, run_id: Any, k: Any, layers: Any, node
         return AblationPanel(plotting.message_figure(f"⚠️ {msg}", 160), f"⚠️ {msg}")
     table = "| ablation | task loss | Δ loss | logit diff | Δ logit diff |\n|---|---|---|---|---|\n" + "\n".join(
         f"| {r.label} | {r.loss:.4f} | {r.d_loss:+.4f} | {r.logit_diff:.3f} | {r.d_logit_diff:+.3f} |" for r in rows)
+    where = "circuit" if base == "circuit" else "full model"
     figure = plotting.ablation_effect_figure([{"label": r.label, "d_loss": r.d_loss, "d_logit_diff": r.d_logit_diff}
-                                              for r in rows if not r.baseline], f"{mode}-ablation from the {base} on {task}")
+                                              for r in rows if not r.baseline], f"{mode}-ablation from the {where} on {task}")
     return AblationPanel(figure, table)
 
 

@@ -411,16 +411,22 @@ class ModelEntry:
 
         return self.memo.get("task", (task, options.data_key), make)
 
+    def record(self, ids: torch.Tensor, attention_mask=None, chunk: int = 32) -> dict[str, torch.Tensor]:
+        """{location: float16 (n, T, width)} at every node location, taking the model a chunk at a time (so that
+        a view waiting for a forward pass waits for one chunk, not the whole recording)."""
+        parts = []
+        for start in range(0, ids.shape[0], chunk):
+            mask = None if attention_mask is None else attention_mask[start: start + chunk]
+            with self.exclusive():
+                parts.append(record_node_activations(self.model, ids[start: start + chunk], node_locations(self.config),
+                                                     mask, batch_size=chunk))
+        return {loc: torch.cat([p[loc] for p in parts]) for loc in parts[0]}
+
     def task_activations(self, task: str, options: EvalOptions):
         """(batch, {location: float16 (n, T, width)}): every node location recorded once per task (cached)."""
         batch = self.task_batch(task, options)
-
-        def record():
-            with self.exclusive():
-                return record_node_activations(self.model, batch.input_ids, node_locations(self.config),
-                                               batch.attention_mask)
-
-        return batch, self.memo.get("task_acts", (task, options.data_key), record)
+        return batch, self.memo.get("task_acts", (task, options.data_key),
+                                    lambda: self.record(batch.input_ids, batch.attention_mask))
 
     def pretrain(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(windows (n, T) token ids, {location: float16 (n, T, width)}) on held-out text, for live examples."""
@@ -432,8 +438,7 @@ class ModelEntry:
                     windows = example_windows(self.model, self.tokenizer, settings.pretrain_tokens)
                 except Exception as exc:
                     raise UserError(f"no pretraining text for live activating examples: {first_line(exc)}") from None
-                with self.exclusive():
-                    self._pretrain = (windows, record_node_activations(self.model, windows, node_locations(self.config)))
+                self._pretrain = (windows, self.record(windows))
             return self._pretrain
 
     def run_forward(self, ids: torch.Tensor, masks=None, means=None, record: str | None = None, attention_mask=None):
@@ -534,8 +539,9 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
 
 class RunStore:
     """Runs pruned or imported in the app, kept under a content id `saved:<16 hex>`: in memory (LRU) and, with
-    a folder, on disk as one JSON file each (circuit, pruning scores), at most `max_file_bytes` each and
-    `max_total_bytes` together (oldest removed first). A run too large for the disk lives in memory only."""
+    a folder, on disk as one JSON file each (circuit, pruning scores), at most `max_file_bytes` each (without
+    the circuit's node data when that is what makes it too large: the app recomputes it) and `max_total_bytes`
+    together (oldest removed first). A run too large even so lives in memory only."""
 
     def __init__(self, folder: Path | None = None, max_file_bytes: int = MAX_SAVED_RUN_BYTES,
                  max_total_bytes: int = MAX_STORE_BYTES, cached: int = 64):
@@ -560,6 +566,9 @@ class RunStore:
                 "scores": {loc: [round(float(v), 5) for v in s.flatten().tolist()] for loc, s in run.scores.items()}
                 if run.scores is not None else None}
         text = json.dumps(data, separators=(",", ":"))
+        if len(text) > self.max_file_bytes:  # node data (examples, task activations) is what the app can recompute
+            data["circuit"] = {k: v for k, v in data["circuit"].items() if k not in ("node_data", "task_docs")}
+            text = json.dumps(data, separators=(",", ":"))
         saved = replace(run, id=f"saved:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
         notice = None
         path = self._path(saved.id)

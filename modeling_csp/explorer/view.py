@@ -35,11 +35,11 @@ PARTS = ("model", "task", "run", "k", "summary", "status", "empty", "layer", "no
 _VIEW_PARTS = frozenset(PARTS) - {"overview"}
 CHANGES = {  # what each event changes on the page (the overview only when its tab is open, see resolve_view)
     "load": _VIEW_PARTS, "model": _VIEW_PARTS, "task": _VIEW_PARTS, "run": _VIEW_PARTS,
-    "k": _VIEW_PARTS - {"model", "task", "run"},
+    "k": _VIEW_PARTS - {"model", "task", "run", "layer_bars"},  # the bars follow with the new deltas ("stats")
     "layer": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),
-    "node": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),
-    "click": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),
-    "search": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),
+    "node": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # bars, layer
+    "click": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # and graph only
+    "search": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # if new layer
     "edges": frozenset({"graph", "status"}),
     "stats": frozenset({"summary", "layer", "layer_bars"}),
     "tab": frozenset(),
@@ -122,8 +122,9 @@ class View:
         """The message for a task without a circuit (the page shows it with a button to prune one)."""
         if self.run is not None:
             return None
-        return (f"**No circuit yet** for `{self.task}`. Prune one here (about a minute on a laptop CPU), import a "
-                "circuit file in *Share & files*, or pick another task.")
+        return (f"**No circuit yet** for `{self.task}`. Prune one here (about a minute on a laptop CPU; target and "
+                "steps as set in *Ablations & pruning*), import a circuit file in *Share & files*, or pick another "
+                "task.")
 
     @property
     def layer_choices(self) -> list[tuple[str, str]]:
@@ -162,8 +163,7 @@ class View:
             lines.append(f"**Task** `{self.task}`: {get_task(self.task).description}")
         except ValueError:
             lines.append(f"**Task** `{self.task}`")
-        if self.run is None or self.circuit is None:
-            lines.append("**No circuit** for this task yet.")
+        if self.run is None or self.circuit is None:  # the "no circuit yet" box says the rest
             return "\n\n".join(lines)
         s = self.stats or A.CircuitStats()
         pending = "…" if not s.complete else "n/a"
@@ -361,8 +361,10 @@ def _resolve(session: Session, request: Request) -> View:
                 notices.append(str(exc))
 
     changed = CHANGES[event]
-    if event == "click" and layer == _text(request.layer):
-        changed = changed - {"graph"}  # the page moved the selection ring itself
+    if event in ("node", "click", "search") and layer == _text(request.layer):
+        changed = changed - {"layer", "layer_bars"}  # the same layer: its list and bars stand
+        if event == "click":
+            changed = changed - {"graph"}  # the page moved the selection ring itself
     if request.tab == "overview" and event not in ("stats",):
         changed = changed | {"overview"}
     view = View(session=session, entry=entry, model=entry.spec, task=task, run=run,
