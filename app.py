@@ -405,8 +405,7 @@ def build_app() -> gr.Blocks:
         channel_in.release(guarded(on_embeddings, status), [model_in, channel_in], emb_outputs)
 
         def on_ablations_tab(model, task, run, k, target, mode):
-            _, _, circuit = panels._selection(model, run, k)
-            return {abl_nodes: gr.Dropdown(choices=list(circuit.nodes) if circuit else [], value=[]),
+            return {abl_nodes: gr.Dropdown(choices=panels.circuit_nodes(model, run, k), value=[]),
                     pr_check: panels.prune_check(model, task, target, mode != "nats")}
 
         ablations_tab.select(guarded(on_ablations_tab, status), [model_in, task_in, run_in, k_in, pr_target, pr_mode],

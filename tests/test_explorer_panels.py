@@ -66,6 +66,8 @@ def test_ablation_and_importance_panels(page):
     fig = panels.importance_panel(*args, page["node"], progress=lambda done, total: steps.append(done))
     assert fig.data[0].type == "bar" and steps == list(range(1, page["k"] + 1))
     assert "choose a task" in panels.importance_panel(page["model"], None, page["run"], page["k"], None).layout.annotations[0].text
+    assert set(panels.circuit_nodes(page["model"], page["run"], 5)) <= set(
+        panels.circuit_nodes(page["model"], page["run"], page["k"])) and panels.circuit_nodes("/no/model", None, 1) == []
     cmp = panels.compare_panel(*args, page["run"])
     assert cmp.text.startswith("nodes: 0 only in") and cmp.figure.data
     assert panels.compare_panel(*args, None).text == "⚠️ choose a run to compare with"

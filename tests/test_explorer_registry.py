@@ -222,3 +222,14 @@ def test_a_model_folder_with_a_hostile_index_loads_without_reading_outside(conve
     assert [r for r in entry.runs.values() if r.source == "shipped"] == []
     captured = capsys.readouterr()
     assert "SECRET" not in captured.err + captured.out and "root:" not in captured.err + captured.out
+
+
+def test_the_library_never_imports_the_cli():
+    """The explorer (and so the app) stands on the library alone; the CLI is one of its front ends."""
+    import subprocess
+    import sys
+
+    code = "import sys, modeling_csp.explorer, modeling_csp.explorer.panels; print('modeling_csp.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -499,14 +499,14 @@ def clean_prompt(prompt: str | None) -> tuple[str, list[str]]:
     (text, notices). Whitespace is a prompt (indentation is context); only nothing at all is empty."""
     notices = []
     text = prompt if isinstance(prompt, str) else ""
+    if len(text) > MAX_PROMPT_CHARS:  # cut first: a huge prompt costs no more than a long one
+        notices.append(f"the prompt has {len(text):,} characters: kept the last {MAX_PROMPT_CHARS:,}")
+        text = text[-MAX_PROMPT_CHARS:]
     cleaned = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     if cleaned != text:
         notices.append(f"removed {len(text) - len(cleaned)} control character(s) from the prompt")
     if not cleaned:
         raise UserError("the prompt is empty: type some Python code")
-    if len(cleaned) > MAX_PROMPT_CHARS:
-        notices.append(f"the prompt has {len(cleaned):,} characters: kept the last {MAX_PROMPT_CHARS:,}")
-        cleaned = cleaned[-MAX_PROMPT_CHARS:]
     return cleaned, notices
 
 

@@ -346,6 +346,16 @@ def compare_panel(model: Any, task: Any, run_id: Any, k: Any, other_id: Any) -> 
 # =====================================================================================================
 
 
+def circuit_nodes(model: Any, run_id: Any, k: Any) -> list[str]:
+    """The shown circuit's node ids (to offer for ablation), none when there is no circuit."""
+    try:
+        _, _, circuit = _selection(model, run_id, k)
+    except Exception as exc:
+        log(f"no circuit nodes: {first_line(exc)}")
+        return []
+    return list(circuit.nodes) if circuit is not None else []
+
+
 def prune_check(model: Any, task: Any, target: Any, relative: bool) -> str:
     """What the full model's loss says about a pruning target, before pruning (markdown)."""
     try:
@@ -433,5 +443,5 @@ def download_path(model: Any, run_id: Any, k: Any) -> str | None:
 __all__ = [
     "NodePanel", "node_panel", "PromptPanel", "prompt_panel", "CurvesPanel", "curves_panel", "run_details",
     "EmbeddingsPanel", "embeddings_panel", "AblationPanel", "ablation_panel", "importance_panel", "ComparePanel",
-    "compare_panel", "prune_check", "api_next_tokens", "NewRun", "prune_new_run", "import_new_run", "download_path", "message_html",
+    "compare_panel", "circuit_nodes", "prune_check", "api_next_tokens", "NewRun", "prune_new_run", "import_new_run", "download_path", "message_html",
 ]

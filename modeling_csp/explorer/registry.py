@@ -80,7 +80,7 @@ class Settings:
     run_files: list[str] = field(default_factory=list)  # circuit files offered as runs of every model
     pretrain_tokens: int = 8192  # held-out text for live activating examples
     model_roots: list[Path] | None = None  # folders models may be opened from (None: anywhere)
-    hub_timeout_s: float = 20.0
+    hub_timeout_s: float = 10.0
     store_dir: Path | None = None  # where saved runs live (None: memory only)
 
 
