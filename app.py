@@ -49,9 +49,6 @@ settings.pretrain_tokens = int(os.environ.get("CSP_APP_PRETRAIN_TOKENS", "8192")
 settings.model_roots = [Path(p) for p in os.environ.get("CSP_MODEL_ROOTS", "").split(os.pathsep) if p] or default_roots()
 settings.store_dir = Path(os.environ.get("CSP_APP_STORE") or Path(tempfile.gettempdir()) / "csp_app_runs")
 
-if __name__ == "__main__":  # load the model and what the first view needs while Gradio loads and builds the page
-    threading.Thread(target=warm_up, daemon=True).start()
-
 import gradio as gr  # noqa: E402
 
 DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
@@ -184,14 +181,16 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=1, min_width=260):
                         layer_in = Options(choices=[], value=None, label="Layer (ablation Δ · nodes)", elem_id="layer-select")
-                        layer_bars = gr.Plot(elem_id="layer-bars", show_label=False)
+                        layer_bars = gr.Plot(plotting.message_figure("Loading…", 200), elem_id="layer-bars", show_label=False)
                     with gr.Column(scale=3):
                         with gr.Row():
                             search_in = gr.Textbox(label="Find a node (Enter)", placeholder="id or label: h3.ch5, n12, r80, 1.attn.q",
                                                    elem_id="node-search", scale=3)
                             edges_in = Number(0, 100, value=0, step=5, label="Hide edges below |w| (% of the largest)",
                                               elem_id="edge-threshold", scale=2)
-                        graph = gr.Plot(elem_id="circuit-graph", show_label=False)
+                        # (a figure from the start: the browser loads Plotly while the first view is computed)
+                        graph = gr.Plot(plotting.message_figure("Loading the circuit…"), elem_id="circuit-graph",
+                                        show_label=False)
                         node_in = Choice(choices=[], value=None, label="Selected node (or click one in the graph)",
                                          elem_id="node-select")
                 with gr.Group(elem_id="node-panel"):
@@ -383,6 +382,7 @@ def build_app() -> gr.Blocks:
         for name, t in (("browser", browser_tab), ("overview", overview_tab), ("curves", curves_tab),
                         ("embeddings", emb_tab), ("prompt", prompt_tab), ("ablations", ablations_tab), ("share", share_tab)):
             t.select(lambda n=name: n, None, tab, queue=False, show_progress="hidden")
+
         def on_overview(state, model, task, run, k, layer, node, edges, _tab):
             return show(resolve_view(state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")))
 
@@ -508,6 +508,9 @@ def build_app() -> gr.Blocks:
 demo = build_app()
 
 if __name__ == "__main__":
+    # the model and what the first view needs load while the server starts (started earlier, this thread
+    # slows Gradio's import more than it saves)
+    threading.Thread(target=warm_up, daemon=True).start()
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"),
                 server_port=int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None,
                 css=CSS, theme=gr.themes.Soft(), max_file_size=MAX_UPLOAD_BYTES)

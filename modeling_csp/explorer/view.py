@@ -35,7 +35,7 @@ PARTS = ("model", "task", "run", "k", "summary", "status", "empty", "layer", "no
 _VIEW_PARTS = frozenset(PARTS) - {"overview"}
 CHANGES = {  # what each event changes on the page (the overview only when its tab is open, see resolve_view)
     "load": _VIEW_PARTS, "model": _VIEW_PARTS, "task": _VIEW_PARTS, "run": _VIEW_PARTS,
-    "k": _VIEW_PARTS - {"model", "task", "run", "layer_bars"},  # the bars follow with the new deltas ("stats")
+    "k": _VIEW_PARTS - {"model", "task", "run", "empty", "layer_bars"},  # bars: with the new deltas ("stats")
     "layer": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),
     "node": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # bars, layer
     "click": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # and graph only
