@@ -90,7 +90,8 @@ def cmd_prune(args) -> int:
     _emit({
         "out": str(path), "task": c.task, "k": c.k, "n_nodes": c.n_nodes, "n_edges": c.n_edges, "losses": c.losses,
         "train_circuit_loss": result.train_loss, "target_loss": c.target_loss, "target_reached": result.target_reached,
-        "random_baseline_as_good": c.meta["random_baseline_as_good"], "seconds": round(result.seconds, 1),
+        "random_baseline_as_good": c.meta["random_baseline_as_good"],
+        "attribution_baseline": c.meta["attribution_baseline"], "seconds": round(result.seconds, 1),
     })
     return 0
 
