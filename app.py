@@ -50,6 +50,7 @@ settings.model_roots = [Path(p) for p in os.environ.get("CSP_MODEL_ROOTS", "").s
 settings.store_dir = Path(os.environ.get("CSP_APP_STORE") or Path(tempfile.gettempdir()) / "csp_app_runs")
 
 import gradio as gr  # noqa: E402
+import gradio.component_meta as component_meta  # noqa: E402
 
 DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
 
@@ -117,8 +118,8 @@ SHARE_JS = "(q) => q ? (window.location.origin + window.location.pathname + '?' 
 # leaves components stuck in an error state; here the view model clamps or falls back, with a message.
 # (`is_template`: the page draws them as the built-in component. Defining a component class makes Gradio write
 # a .pyi stub beside this file; that is switched off while these three are defined.)
-_write_stub = getattr(gr.component_meta, "create_or_modify_pyi", None)
-gr.component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+_write_stub = getattr(component_meta, "create_or_modify_pyi", None)
+component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
 try:
     class Choice(gr.Dropdown):
         is_template = True
@@ -139,7 +140,7 @@ try:
             return payload
 finally:
     if _write_stub is not None:
-        gr.component_meta.create_or_modify_pyi = _write_stub
+        component_meta.create_or_modify_pyi = _write_stub
 
 
 def guarded(fn, status_component):

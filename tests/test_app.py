@@ -377,6 +377,8 @@ def test_imported_run_survives_a_reload(page, app_server, tmp_path):
     wait_text(page, "#summary", "imported · my_upload.json")
     page.reload()
     page.wait_for_selector("#summary table")
+    choose(page, "#task-select", json.loads(mine.read_text())["task"])  # the first view may show another task
+    wait_text(page, "#summary", "Run ")
     page.locator("#run-select input").click()
     names = page.locator("#run-select [role=option]").all_inner_texts()
     assert any("imported · my_upload.json" in n for n in names), names

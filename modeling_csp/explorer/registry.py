@@ -473,11 +473,11 @@ def get_model(spec: str | None) -> ModelEntry:
 
     Hub ids are looked up first (timed out, cached); a folder must lie under `settings.model_roots` when set."""
     spec = _check_spec(spec or "")
+    kind, name = resolve_spec(spec)  # the policy holds for models loaded before it was set, too
     with _MODELS_LOCK:
         if spec in _MODELS:
             _MODELS.move_to_end(spec)
             return _MODELS[spec]
-    kind, name = resolve_spec(spec)
     if kind == "hub":
         config = hub.config(name, settings.hub_timeout_s)
         if config.get("model_type") != "csp":
