@@ -36,10 +36,11 @@ _VIEW_PARTS = frozenset(PARTS) - {"overview"}
 CHANGES = {  # what each event changes on the page (the overview only when its tab is open, see resolve_view)
     "load": _VIEW_PARTS, "model": _VIEW_PARTS, "task": _VIEW_PARTS, "run": _VIEW_PARTS,
     "k": _VIEW_PARTS - {"model", "task", "run", "empty", "layer_bars"},  # bars: with the new deltas ("stats")
-    "layer": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),
-    "node": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # bars, layer
-    "click": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # and graph only
-    "search": frozenset({"layer", "node", "graph", "layer_bars", "share", "status", "node_header"}),  # if new layer
+    # (the layer bars do not depend on the selection: the layer list shows which layer is chosen)
+    "layer": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),
+    "node": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer (and, for a click,
+    "click": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # the graph) only when the
+    "search": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer changes
     "edges": frozenset({"graph", "status"}),
     "stats": frozenset({"summary", "layer", "layer_bars"}),
     "tab": frozenset(),
@@ -209,7 +210,7 @@ class View:
     def layer_bars(self):
         if self.circuit is None:
             return plotting.message_figure("No circuit.", 200)
-        return plotting.layer_bars_figure(self._layer_rows, self.layer)
+        return plotting.layer_bars_figure(self._layer_rows)
 
     @cached_property
     def overview(self):
@@ -362,7 +363,7 @@ def _resolve(session: Session, request: Request) -> View:
 
     changed = CHANGES[event]
     if event in ("node", "click", "search") and layer == _text(request.layer):
-        changed = changed - {"layer", "layer_bars"}  # the same layer: its list and bars stand
+        changed = changed - {"layer"}  # the same layer: its list stands
         if event == "click":
             changed = changed - {"graph"}  # the page moved the selection ring itself
     if request.tab == "overview" and event not in ("stats",):
