@@ -404,10 +404,10 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
                         pos[n] = (starts[h] + i - offset, ky)
             for h in line:
                 x0, x1 = starts[h] - offset - 0.45, starts[h] + width[h] - 1 - offset + 0.45
-                shapes.append(dict(type="rect", x0=x0, x1=x1, y0=y - 2 * qkv_gap - 0.2, y1=y + 0.2,
+                shapes.append(dict(type="rect", x0=x0, x1=x1, y0=y - 2 * qkv_gap - 0.2, y1=y + 0.4,
                                    fillcolor="rgba(63,127,191,0.07)", line=dict(width=1, color="rgba(63,127,191,0.35)"),
                                    layer="below"))
-                annotations.append(dict(x=x0, y=y + 0.2, text=f"head {h}" if d_head else "heads", showarrow=False,
+                annotations.append(dict(x=x0, y=y + 0.4, text=f"head {h}" if d_head else "heads", showarrow=False,
                                         xanchor="left", yanchor="bottom", bgcolor="rgba(255,255,255,0.9)",
                                         font=dict(size=10, color="#3f7fbf")))
             y -= 2 * qkv_gap + row_gap + 0.25

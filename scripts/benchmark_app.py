@@ -173,6 +173,7 @@ def main(argv=None) -> int:
     if args.imports:
         env["CSP_APP_IMPORT"] = args.imports
     results: dict = {"model": args.model}
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     t_start = time.perf_counter()
     log = open(args.log, "w") if args.log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -290,7 +291,8 @@ def main(argv=None) -> int:
         "",
         f"`python scripts/benchmark_app.py --runs {args.runs}`: `python app.py` with the model `{args.model or 'default'}` on",
         f"{os.cpu_count()} CPU cores, driven in headless chromium (Playwright); each interaction from the user's action",
-        "until the page shows its result, median and max over the runs.",
+        "until the page shows its result, median and max over the runs. Load average (1 min) of the machine: "
+        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
