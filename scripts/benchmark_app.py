@@ -291,8 +291,8 @@ def main(argv=None) -> int:
         "",
         f"`python scripts/benchmark_app.py --runs {args.runs}`: `python app.py` with the model `{args.model or 'default'}` on",
         f"{os.cpu_count()} CPU cores, driven in headless chromium (Playwright); each interaction from the user's action",
-        "until the page shows its result, median and max over the runs. Load average (1 min) of the machine: "
-        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
+        "until the page shows its result, median and max over the runs.",
+        f"Load average (1 min) of the machine: {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
