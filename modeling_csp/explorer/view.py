@@ -362,8 +362,8 @@ def _resolve(session: Session, request: Request) -> View:
                 notices.append(str(exc))
 
     changed = CHANGES[event]
-    if event in ("node", "click", "search") and layer == _text(request.layer):
-        changed = changed - {"layer"}  # the same layer: its list stands
+    if event in ("layer", "node", "click", "search") and layer == _text(request.layer):
+        changed = changed - {"layer"}  # the layer list already shows this layer
         if event == "click":
             changed = changed - {"graph"}  # the page moved the selection ring itself
     if request.tab == "overview" and event not in ("stats",):
