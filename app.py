@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
 import tempfile
 import threading
 import traceback
@@ -141,6 +142,44 @@ try:
 finally:
     if _write_stub is not None:
         component_meta.create_or_modify_pyi = _write_stub
+
+
+class Shown:
+    """What each page shows last (session hash -> selection). A follow-up step that finishes after the user has
+    moved on (the slow numbers of a run left behind, the panel of a node no longer selected) must not paint over
+    the newer view: it asks here first."""
+
+    def __init__(self, limit: int = 10_000):
+        self._lock = threading.Lock()
+        self._pages: OrderedDict[str, dict] = OrderedDict()
+        self._limit = limit
+
+    @staticmethod
+    def _same(value) -> str:
+        """A selection value as the page and the view both spell it (36, 36.0 and "36" alike)."""
+        try:
+            number = float(value)
+            return str(int(number)) if number.is_integer() else str(number)
+        except (TypeError, ValueError, OverflowError):
+            return str(value)
+
+    def remember(self, request, selection: dict) -> None:
+        key = getattr(request, "session_hash", None)
+        if key:
+            with self._lock:
+                self._pages[key] = {name: self._same(v) for name, v in selection.items()}
+                self._pages.move_to_end(key)
+                while len(self._pages) > self._limit:
+                    self._pages.popitem(last=False)
+
+    def still(self, request, **selection) -> bool:
+        """Whether the page still shows these selection values (True when it is not known)."""
+        with self._lock:
+            shown = self._pages.get(getattr(request, "session_hash", None) or "")
+        return shown is None or all(shown.get(name) == self._same(v) for name, v in selection.items())
+
+
+shown = Shown()
 
 
 def guarded(fn, status_component):
@@ -287,9 +326,15 @@ def build_app() -> gr.Blocks:
         # ------------------------------------------------------------------------------------------
         # the view: one function from (session, request) to View; here only its mapping onto components
 
-        def show(view: View) -> dict:
-            """Component updates for the parts of the page this view changes."""
+        def show(view: View, request: gr.Request | None = None) -> dict:
+            """Component updates for the parts of the page this view changes; nothing for the slow numbers of a
+            selection the page no longer shows."""
             none = view.run is None
+            if view.event == "stats":
+                if not shown.still(request, **{key: view.selection[key] for key in ("model", "task", "run", "k")}):
+                    return {summary: gr.skip()}  # (an empty dict reads as one value)
+            else:
+                shown.remember(request, view.selection)
             parts = {
                 "model": lambda: {model_in: gr.Dropdown(choices=view.model_choices, value=view.model)},
                 "task": lambda: {task_in: gr.Dropdown(value=view.task), pr_task: gr.Dropdown(value=view.task)},
@@ -300,7 +345,9 @@ def build_app() -> gr.Blocks:
                 "summary": lambda: {summary: view.summary},
                 "status": lambda: {status: view.status},
                 "empty": lambda: {empty_box: gr.Group(visible=none), empty_md: view.empty or "", empty_out: ""},
-                "layer": lambda: {layer_in: gr.Radio(choices=view.layer_choices, value=view.layer)},
+                "layer": lambda: {layer_in: gr.Radio(choices=view.layer_choices)  # not the value the user may
+                                  if view.event == "stats"                          # have changed since
+                                  else gr.Radio(choices=view.layer_choices, value=view.layer)},
                 "node": lambda: {node_in: gr.Dropdown(choices=view.node_choices, value=view.node)},
                 "graph": lambda: {graph: view.graph},
                 "layer_bars": lambda: {layer_bars: view.layer_bars},
@@ -322,26 +369,30 @@ def build_app() -> gr.Blocks:
         selection = [model_in, task_in, run_in, k_in, layer_in, node_in, edges_in, tab]
 
         def on_view(event):
-            def handler(state, model, task, run, k, layer, node, edges, tab_name):
-                return show(resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name)))
+            def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
+                view = resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name))
+                return show(view, request)
 
             return guarded(handler, status)
 
         def on_load(saved_runs, request: gr.Request):
             query = dict(request.query_params) if request is not None else {}
             view = resolve_view(None, Request("load", query=query, saved=saved_runs))
-            return {**show(view), saved: view.session.saved()}
+            return {**show(view, request), saved: view.session.saved()}
 
-        def on_click(state, model, task, run, k, layer, node, edges, tab_name, clicked):
+        def on_click(state, model, task, run, k, layer, node, edges, tab_name, clicked, request: gr.Request):
             node, _, rest = (clicked or "").partition("|")
             event = "click" if rest.startswith("graph") else "node"
-            return show(resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name)))
+            return show(resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name)),
+                        request)
 
-        def on_search(state, model, task, run, k, layer, node, edges, tab_name, text):
+        def on_search(state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
             return show(resolve_view(state, Request("search", model, task, run, k, layer, node, edges, search=text,
-                                                    tab=tab_name)))
+                                                    tab=tab_name)), request)
 
-        def on_node_panel(model, task, run, k, node, zc):
+        def on_node_panel(model, task, run, k, node, zc, request: gr.Request):
+            if not shown.still(request, run=run, k=k, node=node):
+                return {connections: gr.skip()}  # the page has moved on to another node
             p = panels.node_panel(model, task, run, k, node, zc)
             return {connections: p.connections, examples: p.examples, task_acts: p.task, attn_rows: p.attention,
                     attn_plot: p.attention_figure or plotting.message_figure("No attention pattern for this node.", 200),
@@ -386,8 +437,9 @@ def build_app() -> gr.Blocks:
                         ("embeddings", emb_tab), ("prompt", prompt_tab), ("ablations", ablations_tab), ("share", share_tab)):
             t.select(lambda n=name: n, None, tab, queue=False, show_progress="hidden")
 
-        def on_overview(state, model, task, run, k, layer, node, edges, _tab):
-            return show(resolve_view(state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")))
+        def on_overview(state, model, task, run, k, layer, node, edges, _tab, request: gr.Request):
+            return show(resolve_view(state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")),
+                        request)
 
         overview_tab.select(guarded(on_overview, status), [session] + selection, view_outputs)
 
@@ -461,20 +513,22 @@ def build_app() -> gr.Blocks:
         for trigger in (pr_task.input, pr_mode.input, pr_target.submit, pr_target.blur):
             trigger(guarded(on_check, status), [model_in, pr_task, pr_target, pr_mode], [pr_check, status])
 
-        def new_run(result: panels.NewRun, message_box) -> dict:
+        def new_run(result: panels.NewRun, message_box, request) -> dict:
             if result.view is None:
                 return {message_box: result.message}
-            return {**show(result.view), message_box: result.message, saved: result.view.session.saved()}
+            return {**show(result.view, request), message_box: result.message, saved: result.view.session.saved()}
 
-        def on_prune(state, model, task, target, mode, steps, tab_name, progress=gr.Progress(track_tqdm=True)):
+        def on_prune(state, model, task, target, mode, steps, tab_name, request: gr.Request,
+                     progress=gr.Progress(track_tqdm=True)):
             result = panels.prune_new_run(state, model, task, target, mode != "nats", steps,
                                           lambda f, desc: progress(f, desc=desc), tab_name)
-            return new_run(result, pr_md)
+            return new_run(result, pr_md, request)
 
-        def on_prune_here(state, model, task, target, mode, steps, tab_name, progress=gr.Progress(track_tqdm=True)):
+        def on_prune_here(state, model, task, target, mode, steps, tab_name, request: gr.Request,
+                          progress=gr.Progress(track_tqdm=True)):
             result = panels.prune_new_run(state, model, task, target, mode != "nats", steps,
                                           lambda f, desc: progress(f, desc=desc), tab_name)
-            return {**new_run(result, empty_out), pr_md: result.message, status: result.message}
+            return {**new_run(result, empty_out, request), pr_md: result.message, status: result.message}
 
         prune_inputs = [session, model_in, pr_task, pr_target, pr_mode, pr_steps, tab]
         chain(pr_btn.click, on_prune, prune_inputs, view_outputs + [pr_md, saved], concurrency_limit=1,
@@ -482,13 +536,13 @@ def build_app() -> gr.Blocks:
         chain(empty_btn.click, on_prune_here, [session, model_in, task_in, pr_target, pr_mode, pr_steps, tab],
               view_outputs + [pr_md, saved, status], concurrency_limit=1, concurrency_id="prune", show_progress_on=[empty_out])
 
-        def on_upload(state, file, model, tab_name):
+        def on_upload(state, file, model, tab_name, request: gr.Request):
             """Imports the file as a saved run, and empties the box for the next file."""
             if file is None:
                 return {upload_md: ""}
             path = file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", None)
             result = panels.import_new_run(state, model, path, Path(str(path)).name, tab_name)
-            return {**new_run(result, upload_md), upload: None}
+            return {**new_run(result, upload_md, request), upload: None}
 
         chain(upload.upload, on_upload, [session, upload, model_in, tab], view_outputs + [upload_md, saved, upload])
 

@@ -404,8 +404,7 @@ def test_model_box_path_attacks(page, folders):
     shot(page, "08_path_attack_message")
     box.fill(str(folders["hostile"]))
     box.press("Enter")
-    wait_text(page, "#summary", "Model")
-    page.wait_for_function("(m) => document.querySelector('#model-select input').value === m", arg=str(folders["hostile"]))
+    wait_text(page, "#summary", f"Model {folders['hostile']} ·")
     page.locator("#run-select input").click()
     names = page.locator("#run-select [role=option]").all_inner_texts()
     assert not any("shipped" in n for n in names), names
@@ -414,7 +413,7 @@ def test_model_box_path_attacks(page, folders):
     assert_no_errors(page)
     box.fill("default")
     box.press("Enter")
-    page.wait_for_function("() => document.querySelector('#model-select input').value === 'default'")
+    wait_text(page, "#summary", "Model default ·")  # the view has switched back, not just the box
 
 
 def test_size_attacks(page, app_server, tmp_path):
@@ -472,6 +471,8 @@ def test_prompt_lab_and_its_errors(page):
 
 
 def test_ablations_importances_and_pruning_check(page):
+    # the slow numbers of the huge-options run, left behind two tests ago, have not painted over this run's
+    assert "Run shipped" in text_of(page, "#summary") and "n_examples=10000000" not in text_of(page, "#summary")
     page.get_by_role("tab", name="Ablations & pruning").click()
     page.locator("#abl-layers label").first.click()
     page.locator("#abl-run").click()

@@ -183,6 +183,7 @@ def test_the_slow_numbers_follow_in_a_stats_step(first):
     assert not v.stats.complete and "…" in v.summary
     done = ask(v, "stats")
     assert done.stats.complete and "…" not in done.summary and done.changed == {"summary", "layer", "layer_bars"}
+    assert done.event == "stats" and v.event == "k"  # the app paints "stats" only if the page still shows them
     assert done.stats.circuit is not None and done.stats.random is not None
 
 

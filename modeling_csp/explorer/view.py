@@ -99,6 +99,7 @@ class View:
     edges: float = 0.0
     matches: tuple[str, ...] = ()
     tab: str = "browser"
+    event: str = "load"  # the request's event ("stats": only the slow numbers of this selection)
 
     # -- selectors ------------------------------------------------------------------------------
 
@@ -370,7 +371,7 @@ def _resolve(session: Session, request: Request) -> View:
         changed = changed | {"overview"}
     view = View(session=session, entry=entry, model=entry.spec, task=task, run=run,
                 runs=runs, k=k, k_max=k_max, layer=layer, node=node, circuit=circuit, stats=stats,
-                notices=notices, changed=changed, edges=edges, matches=matches, tab=request.tab)
+                notices=notices, changed=changed, edges=edges, matches=matches, tab=request.tab, event=event)
     view.session = session.with_view(view.selection)
     return view
 
