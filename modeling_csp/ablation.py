@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -271,22 +271,27 @@ def layer_ablation_deltas(model, batch: TaskBatch, keep_masks: Masks, means: Mas
 
 
 def node_importances(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
-                     freeze_norm_scales: bool = False, method: str = "exact") -> dict[str, float]:
+                     freeze_norm_scales: bool = False, method: str = "exact",
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """{"loc:idx": d}: task-loss increase when that kept node alone is ablated (others as in the circuit).
 
     method "exact" runs one forward pass per node; "attribution" estimates all of them from one backward
-    pass, d ~ -dL/dm at m = 1 (first order in the mask; cheap for large circuits, less accurate)."""
+    pass, d ~ -dL/dm at m = 1 (first order in the mask; cheap for large circuits, less accurate).
+    `progress(done, total)` is called after each node (exact) so that a front end can show a bar."""
     if method == "attribution":
         return _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales)
     if method != "exact":
         raise ValueError(f"method must be 'exact' or 'attribution', not {method!r}")
     base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
+    total = sum(int(m.bool().sum()) for m in keep_masks.values())
     out = {}
     for loc, mask in keep_masks.items():
         for i in mask.bool().nonzero().flatten().tolist():
             m = mask.clone().bool()
             m[i] = False
             out[node_id(loc, i)] = evaluate(model, batch, {**keep_masks, loc: m}, means, freeze_norm_scales)[0] - base
+            if progress is not None:
+                progress(len(out), total)
     return out
 
 

@@ -28,6 +28,8 @@ import os
 import sys
 from pathlib import Path
 
+from .loading import shipped_circuits
+
 
 SMALL_MODEL_D = 256  # models up to this width run single-threaded unless --threads is given
 
@@ -100,64 +102,25 @@ def cmd_prune(args) -> int:
 def cmd_evaluate(args) -> int:
     from .ablation import compute_mean_activations
     from .circuits import CircuitGraph
-    from .pruning import faithfulness
-    from .tasks import make_task_dataset
+    from .evaluation import EvalOptions, circuit_losses, task_split
 
     model, tokenizer = _setup(args)
     circuit = CircuitGraph.load(args.circuit, model=model)
-    options = circuit.meta.get("options", {})
-    data = make_task_dataset(args.task, tokenizer, n=options.get("n_examples", 512), seed=options.get("data_seed", 0),
-                             max_len=model.config.block_size)
-    batch = data.test if len(data.test) else data.train
+    options = EvalOptions.of(circuit, n_random=args.n_random, seed=args.seed)  # the app evaluates the same way
+    for notice in options.notices:
+        print(f"note: {notice}", file=sys.stderr)
+    batch = task_split(args.task, tokenizer, model.config.block_size, options)
     means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
-    faith = faithfulness(model, batch, circuit.masks(model.config), means, n_random=args.n_random, seed=args.seed,
-                         freeze_norm_scales=bool(options.get("freeze_norm_scales", False)))
+    faith = circuit_losses(model, batch, circuit.masks(model.config), means, options)
     _emit({
         "task": args.task, "circuit_task": circuit.task, "ablation": circuit.ablation,
         "full_loss": faith["full"], "circuit_loss": faith["circuit"], "random_loss": faith["random"],
         "complement_loss": faith["complement"], "full_accuracy": faith["full_accuracy"],
         "circuit_accuracy": faith["circuit_accuracy"], "random_baseline_as_good": faith["random_baseline_as_good"],
         "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "n_examples": len(batch),
+        "n_random": options.n_random, "seed": options.seed, "freeze_norm_scales": options.freeze_norm_scales,
     })
     return 0
-
-
-def shipped_circuits(model_spec: str) -> list[dict]:
-    """[{task, k, path, at_target}] for the circuits in a model's `circuits/` folder (index.json, else every
-    *.json); `at_target` marks the circuit found for the target loss (None when the index does not say)."""
-    from .loading import resolve_model
-
-    name = resolve_model(model_spec)
-    folder = Path(name) / "circuits"
-    if not Path(name).is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(name, allow_patterns=["circuits/*"])) / "circuits"
-        except Exception as exc:
-            raise ValueError(f"could not list circuits of {name!r} on the hub: {str(exc).strip().splitlines()[0]}") from None
-    if not folder.is_dir():
-        return []
-    index = folder / "index.json"
-    if index.is_file():
-        try:
-            entries = json.loads(index.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{index} is not valid JSON ({exc})") from None
-        entries = entries.get("circuits", []) if isinstance(entries, dict) else entries
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
-            raise ValueError(f"{index} must be a list of {{task, k, path}} objects")
-        return [{"task": e.get("task"), "k": e.get("k"), "path": str((folder / e["path"]).resolve()),
-                 "at_target": e.get("at_target")} for e in entries]
-    out = []
-    for file in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and data.get("format") == "csp-circuit":
-            out.append({"task": data.get("task"), "k": data.get("k"), "path": str(file.resolve()), "at_target": None})
-    return out
 
 
 def cmd_sweep(args) -> int:
@@ -260,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list the built-in tasks").set_defaults(fn=cmd_tasks)
 
-    def model_task(p):
+    def model_task(p, seed_help="random seed"):
         p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
         p.add_argument("--task", required=True, help="task name (see `csp tasks`)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help=seed_help)
         p.add_argument("--threads", type=int, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
 
     p = sub.add_parser("prune", help="find a circuit for a task by learning node masks")
@@ -282,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("evaluate", help="task losses of a circuit: full, circuit, random, complement")
-    model_task(p)
+    model_task(p, "seed of the random baseline (default: the circuit's pruning seed)")
+    p.set_defaults(seed=None)
     p.add_argument("--circuit", required=True, help="circuit JSON file")
-    p.add_argument("--n-random", type=int, default=5, help="random circuits averaged for the baseline")
+    p.add_argument("--n-random", type=int, default=None,
+                   help="random circuits averaged for the baseline (default: the circuit's, else 5; at most 10)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("circuits", help="circuits shipped with a model (its circuits/ folder)")

@@ -1,4 +1,5 @@
-"""Loading a weight-sparse model and its tokenizer from a folder, a hub id, or `default`.
+"""Loading a weight-sparse model and its tokenizer from a folder, a hub id, or `default`, and the circuits
+a model folder ships (`circuits/index.json`).
 
 Models load through this package's own `CSPForCausalLM` (the same code a converted folder ships as remote
 code), so no code from the folder or the hub is executed. Failures become one-line ValueErrors.
@@ -7,6 +8,7 @@ code), so no code from the folder or the hub is executed. Failures become one-li
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -73,4 +75,64 @@ def load_model_and_tokenizer(spec: str, dtype=None):
     return model, tokenizer
 
 
-__all__ = ["load_model_and_tokenizer", "load_tokenizer", "resolve_model", "DEFAULT_MODEL_DIR"]
+MAX_INDEX_BYTES = 1_000_000  # a circuits/index.json larger than this is refused (it is read whole)
+
+
+def _inside(folder: Path, relative) -> Path | None:
+    """folder/relative when `relative` is a relative path that stays inside `folder` (judged on the names, not by
+    following links: hub snapshots are links into the cache's blob store), else None."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        return None
+    rel = Path(relative)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts or relative.startswith("~"):
+        return None
+    return folder / rel
+
+
+def shipped_circuits(model_spec: str) -> list[dict]:
+    """[{task, k, path, at_target}] for the circuits in a model's `circuits/` folder (index.json, else every
+    *.json); `at_target` marks the circuit found for the target loss (None when the index does not say).
+
+    An index entry whose path leaves the circuits folder (absolute, `..`) or is not a .json file there is
+    skipped: the index comes with the model, and the model may come from anyone."""
+    name = resolve_model(model_spec)
+    folder = Path(os.path.abspath(name)) / "circuits"
+    if not Path(name).is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=["circuits/*"])) / "circuits"
+        except Exception as exc:
+            raise ValueError(f"could not list circuits of {name!r} on the hub: {str(exc).strip().splitlines()[0]}") from None
+    if not folder.is_dir():
+        return []
+    index = folder / "index.json"
+    if index.is_file():
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError(f"{index} is larger than {MAX_INDEX_BYTES:,} bytes")
+        try:
+            entries = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{index} is not valid JSON ({exc})") from None
+        entries = entries.get("circuits", []) if isinstance(entries, dict) else entries
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+            raise ValueError(f"{index} must be a list of {{task, k, path}} objects")
+        out = []
+        for e in entries:
+            path = _inside(folder, e["path"])
+            if path is None or path.suffix.lower() != ".json" or not path.is_file():
+                continue  # never named in messages: the path is the model author's, not ours to echo
+            out.append({"task": e.get("task"), "k": e.get("k"), "path": str(path), "at_target": e.get("at_target")})
+        return out
+    out = []
+    for file in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("format") == "csp-circuit":
+            out.append({"task": data.get("task"), "k": data.get("k"), "path": str(file), "at_target": None})
+    return out
+
+
+__all__ = ["load_model_and_tokenizer", "load_tokenizer", "resolve_model", "shipped_circuits", "DEFAULT_MODEL_DIR"]

@@ -26,19 +26,24 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = [
-    "IMPORTANCE_COLORSCALE", "node_label", "split_node", "sublayer_of", "layer_names", "layer_summary",
+    "IMPORTANCE_COLORSCALE", "DIVERGING", "POSITIVE_HEX", "NEGATIVE_HEX", "node_label", "split_node", "sublayer_of", "layer_names", "layer_summary",
     "most_important_layer", "layer_node_ids", "layer_graph_figure", "circuit_overview_figure",
     "layer_bars_figure", "faithfulness_figure", "pruning_curve_figure", "training_curve_figure",
     "importance_bar_figure", "ablation_effect_figure", "next_tokens_figure", "token_heatmap_html",
     "tokens_html", "examples_html", "connections_html", "quantile_examples_html", "task_activations_figure",
     "attention_pattern_figure", "embedding_tokens_figure", "weights_histogram_figure",
     "position_embedding_figure", "circuit_diff_figure", "connections_table", "message_figure",
-    "display_token",
+    "display_token", "task_examples_html", "attention_rows_html",
 ]
 
-# Pale blue (unimportant) -> orange -> dark red (important): readable on white at both ends.
-IMPORTANCE_COLORSCALE = [[0.0, "#d6e4f0"], [0.35, "#fdd49e"], [0.7, "#f16913"], [1.0, "#99000d"]]
-POSITIVE, NEGATIVE = (33, 102, 172), (178, 24, 43)  # blue / red for edge and activation signs
+# One colour convention everywhere: blue is positive, red is negative (edges, activations, importances, bars,
+# heatmaps), white-ish is zero. Plotly's named "RdBu_r" puts red at the top (positive), and named scales are
+# resolved differently by plotly.py and plotly.js, so the diverging scale is spelled out.
+POSITIVE, NEGATIVE = (33, 102, 172), (178, 24, 43)
+POSITIVE_HEX, NEGATIVE_HEX = "#2166ac", "#b2182b"
+DIVERGING = [[0.0, "rgb(178,24,43)"], [0.25, "rgb(239,138,98)"], [0.5, "rgb(247,247,247)"],
+             [0.75, "rgb(103,169,207)"], [1.0, "rgb(33,102,172)"]]
+IMPORTANCE_COLORSCALE = DIVERGING  # importance > 0: ablating the node hurts (blue); < 0: it helps (red)
 RESIDUAL_COLOR = "rgba(120,120,120,0.35)"
 KIND_SYMBOL = {"q": "circle", "k": "diamond", "v": "square"}
 SUBLAYER_COLORS = {"attn": "#3f7fbf", "mlp": "#e08a2c"}
@@ -161,12 +166,32 @@ def message_figure(text: str, height: int = 300) -> go.Figure:
 
 
 def _importance_range(values: Iterable[float | None]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
+    """A colour range symmetric around zero (zero is white), set by the largest |importance|."""
+    vals = [abs(v) for v in values if v is not None and not math.isnan(v)]
+    m = max(vals, default=0.0) or 1.0
+    return -m, m
+
+
+def _sign_colors(values: Iterable[float | None]) -> list[str]:
+    return [NEGATIVE_HEX if (v is not None and v < 0) else POSITIVE_HEX for v in values]
+
+
+def _log_ticks(values: Iterable[float | None]) -> dict[str, Any]:
+    """Tick values and labels for a log axis over these values: 1, 2, 5 x 10^n written out in full (Plotly's
+    own minor ticks are bare digits such as "2" and "5" that read as 2 and 5 at every decade)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v)) and float(v) > 0]
     if not vals:
-        return 0.0, 1.0
-    # positive importances set the scale; negative ones (ablating the node helps) share the palest colour
-    lo, hi = (0.0, max(vals)) if max(vals) > 0 else (min(vals), 0.0)
-    return (lo, hi) if hi > lo else (lo, lo + 1e-9 + abs(lo) * 0.1 + 1e-3)
+        return {}
+    lo, hi = min(vals), max(vals)
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    steps = (1, 2, 5) if e1 - e0 <= 3 else (1,)
+    ticks = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in steps]
+    inside = [t for t in ticks if lo / 1.0001 <= t <= hi * 1.0001]
+    if len(inside) < 2:  # a narrow range: the neighbouring ticks too
+        below = [t for t in ticks if t < lo][-1:]
+        above = [t for t in ticks if t > hi][:1]
+        inside = below + inside + above
+    return dict(tickvals=inside, ticktext=[f"{t:.4g}" for t in inside])
 
 
 def _rgba(rgb: tuple[int, int, int], alpha: float) -> str:
@@ -210,7 +235,7 @@ def _node_trace(xs, ys, nodes: list[str], importances: list[float | None], d_hea
                 imp_range=(0.0, 1.0), size: int = 16, showscale: bool = True, text_position="top center",
                 extra_hover: Mapping[str, str] | None = None) -> go.Scatter:
     lo, hi = imp_range
-    colors = [v if v is not None else lo for v in importances]
+    colors = [v if v is not None else 0.0 for v in importances]
     hover = []
     for n, v in zip(nodes, importances):
         extra = (extra_hover or {}).get(n, "")
@@ -220,7 +245,7 @@ def _node_trace(xs, ys, nodes: list[str], importances: list[float | None], d_hea
         textfont=dict(size=10, color="#333"), customdata=[[n] for n in nodes], hovertext=hover, hoverinfo="text",
         marker=dict(size=size, color=colors, colorscale=IMPORTANCE_COLORSCALE, cmin=lo, cmax=hi, symbol=symbols,
                     line=dict(width=1, color="#444"), showscale=showscale,
-                    colorbar=dict(title=dict(text="importance<br>(Δ loss)", side="right"), thickness=12, len=0.8)),
+                    colorbar=dict(title=dict(text="importance (Δ loss)", side="right"), thickness=12, len=0.8)),
         showlegend=False, name="nodes",
     )
 
@@ -260,15 +285,69 @@ def _wrap_row(keys: list, gap_before: list[float], max_width: float) -> tuple[li
     return out, len([l for l in lines if l])
 
 
+def _graph_label(node: str, d_head: int | None) -> str:
+    """The label drawn next to a node in the layer graph: q/k/v channels as `ch{c}` (their head's band names
+    the head), MLP neurons `n{i}`, residual channels `r{i}`."""
+    _, _, kind, index = split_node(node)
+    if kind in ("q", "k", "v") and d_head:
+        return f"ch{index % d_head}"
+    return node_label(node, d_head)
+
+
+def _weight_segments(circuit, pos: Mapping[str, tuple[float, float]], min_weight: float, max_edges: int):
+    """(segments to draw, the largest |weight|, a title phrase): weight edges between placed nodes with
+    |weight| >= min_weight x the largest, strongest first, at most max_edges."""
+    segs, max_abs = [], 0.0
+    for e in circuit.edges:
+        if e.source in pos and e.target in pos and getattr(e, "kind", "weight") == "weight":
+            (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
+            segs.append((x0, y0, x1, y1, float(e.weight), f"{e.source} → {e.target}<br>weight {e.weight:+.4g}"))
+            max_abs = max(max_abs, abs(float(e.weight)))
+    n_all = len(segs)
+    if min_weight > 0:
+        segs = [s for s in segs if abs(s[4]) >= min_weight * max_abs]
+    n_above = len(segs)
+    segs = sorted(segs, key=lambda sg: -abs(sg[4]))[:max_edges]
+    phrase = (f"{n_above} of {n_all} weight edges with |w| ≥ {min_weight:.0%} of the largest" if n_above < n_all
+              else f"{n_all} weight edges")
+    if len(segs) < n_above:
+        phrase += f", the {len(segs)} strongest drawn"
+    return segs, max_abs, phrase
+
+
+def _ring_trace(points: list[tuple[float, float, str]], name: str, color: str, size: int = 28) -> go.Scatter:
+    return go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], customdata=[[p[2]] for p in points],
+                      mode="markers", hoverinfo="skip", showlegend=False, name=name,
+                      marker=dict(size=size, color="rgba(0,0,0,0)", line=dict(width=3, color=color)))
+
+
+def _text_positions(nodes: list[str], pos: Mapping[str, tuple[float, float]], below: set[str]) -> list[str]:
+    """Label above each node; in lines of more than 20 nodes every other label goes below (no overlaps)."""
+    by_line: dict[float, list[str]] = defaultdict(list)
+    for n in nodes:
+        by_line[pos[n][1]].append(n)
+    out = {}
+    for line in by_line.values():
+        line.sort(key=lambda n: pos[n][0])
+        for i, n in enumerate(line):
+            flip = len(line) > 20 and i % 2 == 1
+            out[n] = "bottom center" if (n in below) != flip else "top center"
+    return [out[n] for n in nodes]
+
+
 def layer_graph_figure(circuit, layer: str, selected: str | None = None, height: int | None = None,
-                       max_per_line: int = 40, max_edges: int = 300) -> go.Figure:
+                       max_per_line: int = 40, max_edges: int = 200, min_weight: float = 0.0,
+                       highlight: Iterable[str] = (), max_labels: int = 150) -> go.Figure:
     """The circuit's nodes and weight edges in one sublayer ('0.attn' or '0.mlp') as a layered graph.
 
-    Rows, top to bottom: MLP `act_in -> post_act -> resid_delta`; attention `act_in -> q, k, v -> resid_delta`
-    with q/k/v channels grouped by head (shaded bands) and labelled `h{head}.ch{channel}`. A row with more than
-    `max_per_line` nodes wraps onto several lines. Node colour is the node's ablation importance; edge colour is
-    the weight's sign (blue +, red -), width and opacity its magnitude; only the `max_edges` strongest edges are
-    drawn (the title says so). Every node marker carries its id in customdata[0] (for click handling)."""
+    Rows, top to bottom: MLP `act_in -> post_act -> resid_delta`; attention `act_in -> q -> k -> v ->
+    resid_delta`, q, k and v on rows of their own with each head in a shaded band spanning the three (the band
+    names the head, the labels the channel). A row of more than `max_per_line` nodes wraps onto several lines.
+    Node colour is the node's ablation importance and edge colour the weight's sign (blue +, red −); width and
+    opacity the magnitude. Only edges with |w| >= `min_weight` x the largest are drawn, at most `max_edges`
+    (the title says so). A layer of more than `max_labels` nodes labels only its 60 most important ones (the rest
+    on hover). `highlight` nodes (search matches) get an orange ring, `selected` a black one. Every node marker
+    carries its id in customdata[0] (for click handling)."""
     d_head = _d_head(circuit)
     nodes = layer_node_ids(circuit, layer)
     if not nodes:
@@ -278,93 +357,114 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
     for n in nodes:
         by_kind[split_node(n)[2]].append(n)
     head_of = lambda n: split_node(n)[3] // d_head if d_head else 0  # noqa: E731
-    if is_attn:
-        mid = sorted(by_kind["q"] + by_kind["k"] + by_kind["v"],
-                     key=lambda n: (head_of(n), "qkv".index(split_node(n)[2]), split_node(n)[3]))
-    else:
-        mid = by_kind["post_act"]
-    rows = [("act_in", by_kind["act_in"]), ("mid", mid), ("resid_delta", by_kind["resid_delta"])]
 
-    line_gap, row_gap = (0.8 if is_attn else 0.5), 1.0
+    line_gap, row_gap, qkv_gap = 0.5, 1.0, 0.55
     pos: dict[str, tuple[float, float]] = {}
-    row_centres, y = {}, 0.0
-    head_lines: dict[tuple[int, float], list[float]] = defaultdict(list)  # (head, line y) -> xs
-    for name, row in rows:
-        if not row:
-            row_centres[name] = y - row_gap / 2
-            y -= row_gap
-            continue
-        gaps = [0.0] + [(1.8 if name == "mid" and is_attn and head_of(a) != head_of(b) else 1.0)
-                        for a, b in zip(row, row[1:])]
-        placed, n_lines = _wrap_row(row, gaps, max_per_line)
-        for n, (x, li) in zip(row, placed):
-            pos[n] = (x, y - li * line_gap)
-            if name == "mid" and is_attn:
-                head_lines[(head_of(n), y - li * line_gap)].append(x)
-        row_centres[name] = y - (n_lines - 1) * line_gap / 2
-        y -= (n_lines - 1) * line_gap + row_gap
-
+    ticks: list[tuple[float, str]] = []
     shapes, annotations = [], []
-    if is_attn and d_head:
-        for (h, ly), xs in sorted(head_lines.items()):
-            shapes.append(dict(type="rect", x0=min(xs) - 0.45, x1=max(xs) + 0.45, y0=ly - 0.22, y1=ly + 0.22,
-                               fillcolor="rgba(63,127,191,0.08)", line=dict(width=1, color="rgba(63,127,191,0.35)"),
-                               layer="below"))
-            annotations.append(dict(x=(min(xs) + max(xs)) / 2, y=ly + 0.23, text=f"head {h}", showarrow=False,
-                                    yanchor="bottom", font=dict(size=10, color="#3f7fbf")))
+    y = 0.0
 
-    node_set = set(nodes)
-    segs, max_abs = [], 0.0
-    for e in circuit.edges:
-        if e.source in node_set and e.target in node_set and getattr(e, "kind", "weight") == "weight":
-            (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
-            segs.append((x0, y0, x1, y1, float(e.weight), f"{e.source} → {e.target}<br>weight {e.weight:+.4g}"))
-            max_abs = max(max_abs, abs(float(e.weight)))
-    n_edges = len(segs)
-    segs = sorted(segs, key=lambda sg: -abs(sg[4]))[:max_edges]
+    def place_row(name: str, row: list[str]) -> None:
+        nonlocal y
+        if row:
+            placed, n_lines = _wrap_row(row, [0.0] + [1.0] * (len(row) - 1), max_per_line)
+            for n, (x, li) in zip(row, placed):
+                pos[n] = (x, y - li * line_gap)
+            ticks.append((y - (n_lines - 1) * line_gap / 2, name))
+            y -= (n_lines - 1) * line_gap
+        else:
+            ticks.append((y, f"{name} (none)"))
+        y -= row_gap
 
+    place_row("act_in", by_kind["act_in"])
+    if is_attn:
+        heads = sorted({head_of(n) for kind in "qkv" for n in by_kind[kind]})
+        width = {h: max(sum(1 for n in by_kind[kind] if head_of(n) == h) for kind in "qkv") for h in heads}
+        band_lines: list[list[int]] = [[]]
+        used = 0.0
+        for h in heads:  # pack head bands into lines of at most max_per_line slots
+            need = width[h] + (1.5 if band_lines[-1] else 0)
+            if band_lines[-1] and used + need > max_per_line:
+                band_lines.append([])
+                used, need = 0.0, width[h]
+            band_lines[-1].append(h)
+            used += need
+        for line in [l for l in band_lines if l]:
+            starts, x = {}, 0.0
+            for h in line:
+                starts[h] = x
+                x += width[h] + 1.5
+            offset = (x - 1.5 - 1) / 2
+            for ki, kind in enumerate("qkv"):
+                ky = y - ki * qkv_gap
+                ticks.append((ky, kind))
+                for h in line:
+                    members = sorted((n for n in by_kind[kind] if head_of(n) == h), key=lambda n: split_node(n)[3])
+                    for i, n in enumerate(members):
+                        pos[n] = (starts[h] + i - offset, ky)
+            for h in line:
+                x0, x1 = starts[h] - offset - 0.45, starts[h] + width[h] - 1 - offset + 0.45
+                shapes.append(dict(type="rect", x0=x0, x1=x1, y0=y - 2 * qkv_gap - 0.2, y1=y + 0.4,
+                                   fillcolor="rgba(63,127,191,0.07)", line=dict(width=1, color="rgba(63,127,191,0.35)"),
+                                   layer="below"))
+                annotations.append(dict(x=x0, y=y + 0.4, text=f"head {h}" if d_head else "heads", showarrow=False,
+                                        xanchor="left", yanchor="bottom", bgcolor="rgba(255,255,255,0.9)",
+                                        font=dict(size=10, color="#3f7fbf")))
+            y -= 2 * qkv_gap + row_gap + 0.25
+        if not heads:
+            ticks.append((y, "q · k · v (none)"))
+            y -= row_gap
+    else:
+        place_row("post_act", by_kind["post_act"])
+    place_row("resid_delta", by_kind["resid_delta"])
+
+    segs, max_abs, edges_phrase = _weight_segments(circuit, pos, min_weight, max_edges)
     fig = go.Figure()
     for t in _edge_traces(segs, max_abs):
         fig.add_trace(t)
     imp_range = _importance_range(circuit.nodes[n] for n in nodes)
-    show_labels = len(nodes) <= 90
-    xs = [pos[n][0] for n in nodes]
-    ys = [pos[n][1] for n in nodes]
-    labels = [node_label(n, d_head) for n in nodes] if show_labels else None
-    text_pos = ["bottom center" if split_node(n)[2] == "resid_delta" else "top center" for n in nodes]
+    xs, ys = [pos[n][0] for n in nodes], [pos[n][1] for n in nodes]
+    labelled = set(nodes) if len(nodes) <= max_labels else set(
+        sorted(nodes, key=lambda n: -abs(circuit.nodes[n] or 0.0))[:60]) | {selected}
+    labels = [_graph_label(n, d_head) if n in labelled else "" for n in nodes]
+    text_pos = _text_positions(nodes, pos, set(by_kind["resid_delta"]))
     symbols = [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes]
     fig.add_trace(_node_trace(xs, ys, nodes, [circuit.nodes[n] for n in nodes], d_head, symbols, labels, imp_range,
-                              size=16 if len(nodes) <= 120 else 11, text_position=text_pos))
+                              size=15 if len(nodes) <= 120 else 11, text_position=text_pos))
+    matches = [(*pos[n], n) for n in highlight if n in pos]
+    if matches:
+        fig.add_trace(_ring_trace(matches, "matches", "#e08a2c", 24))
     if selected in pos:
         fig.add_trace(_selected_trace(*pos[selected], selected))
 
-    mid_label = "q ● · k ◆ · v ■" if is_attn else "post_act"
-    span = max(abs(p[0]) for p in pos.values()) + 1.0
+    span = max(4.0, max(abs(p[0]) for p in pos.values()) + 1.0)
     fig.update_xaxes(visible=False, range=[-span, span])
-    fig.update_yaxes(tickvals=[row_centres["resid_delta"], row_centres["mid"], row_centres["act_in"]],
-                     ticktext=["resid_delta", mid_label, "act_in"], range=[y + row_gap - 0.5, 0.6],
+    fig.update_yaxes(tickvals=[t[0] for t in ticks], ticktext=[t[1] for t in ticks], range=[y + row_gap - 0.55, 0.7],
                      showgrid=False, zeroline=False, fixedrange=True)
     fig.update_layout(shapes=shapes, annotations=annotations, dragmode="pan", clickmode="event")
-    shown = f"{n_edges} weight edges" if n_edges <= max_edges else f"the {max_edges} strongest of {n_edges} weight edges"
-    title = f"{layer}: {len(nodes)} nodes, {shown} (blue +, red −; click a node)"
-    return _base_layout(fig, title, height or max(380, int(148 * (0.1 - y))))
+    title = f"{layer}: {len(nodes)} nodes, {edges_phrase} (blue +, red −; click a node)"
+    if len(labelled) < len(nodes):
+        title += "<br><sup>labels on the 60 most important nodes; hover for the others</sup>"
+    return _base_layout(fig, title, height or max(380, int(120 * (0.7 - y))))
 
 
 # ---- whole circuit --------------------------------------------------------------------------
 
 
-_STAGES = [("attn", "act_in"), ("attn", "qkv"), ("attn", "resid_delta"), ("mlp", "act_in"), ("mlp", "post_act"),
-           ("mlp", "resid_delta")]
+_STAGES = [("attn", "act_in"), ("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "resid_delta"),
+           ("mlp", "act_in"), ("mlp", "post_act"), ("mlp", "resid_delta")]
 
 
 def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str | None = None,
-                            height: int | None = None, max_edges: int = 500) -> go.Figure:
+                            height: int | None = None, max_edges: int = 500, min_weight: float = 0.0,
+                            highlight: Iterable[str] = ()) -> go.Figure:
     """Every node of the circuit, from the token embedding (left) to the logits (right).
 
-    One column per location (q, k, v share a column, grouped by head), weight edges coloured by sign,
-    residual edges (same channel written by one sublayer and read by a later one) in grey. The embedding feeds
-    every read channel that no earlier circuit node writes; every write channel feeds the logits (through the
-    rest of the residual stream)."""
+    One column per location (q, k and v each their own), weight edges coloured by sign (only |w| >=
+    `min_weight` x the largest, at most `max_edges`), residual edges (same channel written by one sublayer and
+    read by a later one) in grey. The embedding feeds every read channel that no earlier circuit node writes;
+    every write channel feeds the logits (through the rest of the residual stream). `highlight` nodes get an
+    orange ring."""
     n_layer = n_layer if n_layer is not None else _n_layer(circuit)
     d_head = _d_head(circuit)
     if not circuit.nodes:
@@ -372,12 +472,8 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
     columns: list[tuple[str, list[str]]] = []
     for l in range(n_layer):
         for sub, kind in _STAGES:
-            loc_nodes = [n for n in circuit.nodes if split_node(n)[0] == l and split_node(n)[1] == sub and
-                         (split_node(n)[2] in ("q", "k", "v") if kind == "qkv" else split_node(n)[2] == kind)]
-            if kind == "qkv":
-                loc_nodes.sort(key=lambda n: (split_node(n)[3] // (d_head or 10**9), "qkv".index(split_node(n)[2]), split_node(n)[3]))
-            else:
-                loc_nodes.sort(key=lambda n: split_node(n)[3])
+            loc_nodes = sorted((n for n in circuit.nodes if split_node(n)[:3] == (l, sub, kind)),
+                               key=lambda n: split_node(n)[3])
             columns.append((f"{l}.{sub}.{kind}", loc_nodes))
     tallest = max(len(c[1]) for c in columns) or 1
     pos: dict[str, tuple[float, float]] = {}
@@ -387,19 +483,14 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
             pos[n] = (x, y)
     x_embed, x_logits = 0, len(columns) + 1
 
-    segs, max_abs = [], 0.0
     resid_x, resid_y, has_writer = [], [], set()
     for e in circuit.edges:
-        if e.source not in pos or e.target not in pos:
-            continue
-        (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
-        if getattr(e, "kind", "weight") == "residual":
+        if e.source in pos and e.target in pos and getattr(e, "kind", "weight") == "residual":
+            (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
             resid_x += [x0, x1, None]
             resid_y += [y0, y1, None]
             has_writer.add(e.target)
-        else:
-            segs.append((x0, y0, x1, y1, float(e.weight), f"{e.source} → {e.target}<br>weight {e.weight:+.4g}"))
-            max_abs = max(max_abs, abs(float(e.weight)))
+    segs, max_abs, edges_phrase = _weight_segments(circuit, pos, min_weight, max_edges)
     fig = go.Figure()
     # embedding -> read channels with no earlier writer; write channels -> logits
     io_x, io_y = [], []
@@ -415,8 +506,6 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
                              line=dict(width=0.7, color="rgba(150,150,150,0.25)", dash="dot"), name="embedding/logits"))
     fig.add_trace(go.Scatter(x=resid_x, y=resid_y, mode="lines", hoverinfo="skip", showlegend=False,
                              line=dict(width=1.2, color=RESIDUAL_COLOR), name="residual"))
-    n_weight_edges = len(segs)
-    segs = sorted(segs, key=lambda sg: -abs(sg[4]))[:max_edges]
     for t in _edge_traces(segs, max_abs):
         fig.add_trace(t)
     nodes = list(pos)
@@ -427,25 +516,25 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
     fig.add_trace(go.Scatter(x=[x_embed, x_logits], y=[0, 0], mode="markers+text", text=["tokens", "logits"],
                              textposition=["middle left", "middle right"], hoverinfo="skip", showlegend=False,
                              marker=dict(size=22, symbol="square", color="#888"), name="io"))
+    matches = [(*pos[n], n) for n in highlight if n in pos]
+    if matches:
+        fig.add_trace(_ring_trace(matches, "matches", "#e08a2c", 20))
     if selected in pos:
         fig.add_trace(_selected_trace(*pos[selected], selected))
     # sublayer bands and column labels
     shapes, annotations = [], []
     for l in range(n_layer):
-        for si, sub in enumerate(("attn", "mlp")):
-            start = 1 + l * len(_STAGES) + 3 * si
-            shapes.append(dict(type="rect", x0=start - 0.45, x1=start + 2.45, yref="paper", y0=0, y1=1,
+        for sub, start, width in (("attn", 1 + l * len(_STAGES), 5), ("mlp", 6 + l * len(_STAGES), 3)):
+            shapes.append(dict(type="rect", x0=start - 0.45, x1=start + width - 0.55, yref="paper", y0=0, y1=1,
                                fillcolor=SUBLAYER_COLORS[sub], opacity=0.07, line=dict(width=0), layer="below"))
-            annotations.append(dict(x=start + 1, y=1.0, yref="paper", text=f"<b>{l}.{sub}</b>", showarrow=False,
-                                    yanchor="bottom", font=dict(color=SUBLAYER_COLORS[sub])))
+            annotations.append(dict(x=start + (width - 1) / 2, y=1.0, yref="paper", text=f"<b>{l}.{sub}</b>",
+                                    showarrow=False, yanchor="bottom", font=dict(color=SUBLAYER_COLORS[sub])))
     tick_text = ["embed"] + [c[0].split(".", 2)[2] for c in columns] + ["logits"]
     fig.update_xaxes(tickvals=list(range(len(columns) + 2)), ticktext=tick_text, showgrid=False, zeroline=False,
                      tickangle=-45)
     fig.update_yaxes(visible=False)
     fig.update_layout(shapes=shapes, annotations=annotations, dragmode="pan", clickmode="event")
-    title = f"Whole circuit: {len(nodes)} nodes, {len(circuit.edges)} edges (grey: residual stream)"
-    if n_weight_edges > max_edges:
-        title += f"; the {max_edges} strongest of {n_weight_edges} weight edges drawn"
+    title = f"Whole circuit: {len(nodes)} nodes, {edges_phrase}, residual edges in grey"
     return _base_layout(fig, title, height or max(420, min(900, 22 * tallest + 160)))
 
 
@@ -458,7 +547,7 @@ def layer_bars_figure(rows: Sequence[Mapping[str, Any]], selected: str | None = 
         return message_figure("No layers.")
     names = [r["layer"] for r in rows][::-1]
     deltas = [r["delta"] if r["delta"] is not None else 0.0 for r in rows][::-1]
-    colors = [SUBLAYER_COLORS["attn" if n.endswith("attn") else "mlp"] for n in names]
+    colors = _sign_colors(deltas)
     line_w = [3 if n == selected else 0 for n in names]
     counts = [r["n_nodes"] for r in rows][::-1]
     fig = go.Figure(go.Bar(
@@ -466,7 +555,7 @@ def layer_bars_figure(rows: Sequence[Mapping[str, Any]], selected: str | None = 
         marker=dict(color=colors, line=dict(width=line_w, color="#111")), customdata=[[n, c] for n, c in zip(names, counts)],
         hovertemplate="%{customdata[0]}: Δ loss %{x:.4g}<br>%{customdata[1]} nodes<extra></extra>",
     ))
-    fig.update_xaxes(title="Δ task loss when ablated", zeroline=True, zerolinecolor="#999")
+    fig.update_xaxes(title="Δ task loss when ablated (blue +, red −)", zeroline=True, zerolinecolor="#999")
     return _base_layout(fig, "Layer ablation deltas (nodes)", height=max(200, 40 * len(rows) + 90))
 
 
@@ -497,7 +586,7 @@ def faithfulness_figure(points: Sequence[Sequence[float]], full_loss: float | No
                                  hovertemplate="k=%{x}<br>random loss %{y:.4g}<extra></extra>"))
     ks = [p[0] for p in pts + rp] + ([float(current_k)] if current_k else [])
     x0, x1 = min(ks), max(ks)
-    refs = ((full_loss, "full model", "#2ca02c", "dash"), (target, "target", "#d62728", "dot"),
+    refs = ((full_loss, "full model", "#2ca02c", "dash"), (target, "target", "#111", "dot"),
             (random_loss if not random_points else None, "random, same size (at k)", "#999", "dashdot"))
     for value, name, color, dash in refs:
         if value is not None:
@@ -507,8 +596,9 @@ def faithfulness_figure(points: Sequence[Sequence[float]], full_loss: float | No
         ys = [max(p[1], eps) for p in pts + rp] + [max(v, eps) for v, *_ in refs if v is not None]
         fig.add_trace(go.Scatter(x=[current_k, current_k], y=[min(ys), max(ys)], mode="lines", name=f"k = {current_k}",
                                  line=dict(color="#444", width=1), hoverinfo="name"))
-    fig.update_xaxes(type="log", title="k (nodes kept)")
-    fig.update_yaxes(type="log", title="task loss (nats)")
+    fig.update_xaxes(type="log", title="k (nodes kept)", **_log_ticks(ks))
+    fig.update_yaxes(type="log", title="task loss (nats)",
+                     **_log_ticks([max(p[1], eps) for p in pts + rp] + [max(v, eps) for v, *_ in refs if v is not None]))
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
     return _base_layout(fig, title, 400)
 
@@ -526,7 +616,7 @@ def pruning_curve_figure(curve: Sequence[Sequence[float]], title: str = "Pruning
                       secondary_y=True)
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="task loss", secondary_y=False)
-    fig.update_yaxes(title="nodes kept", secondary_y=True, type="log")
+    fig.update_yaxes(title="nodes kept", secondary_y=True, type="log", **_log_ticks(c[2] for c in curve if len(c) > 2))
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
     return _base_layout(fig, title, 340)
 
@@ -548,7 +638,7 @@ def training_curve_figure(record: Mapping[str, Any] | Sequence[Mapping[str, Any]
                                  line=dict(color="#e08a2c", dash="dot")), secondary_y=True)
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="loss (nats/token)", secondary_y=False)
-    fig.update_yaxes(title="density", secondary_y=True, type="log")
+    fig.update_yaxes(title="density", secondary_y=True, type="log", **_log_ticks(c.get("density") for c in curve))
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
     return _base_layout(fig, title, 340)
 
@@ -566,14 +656,14 @@ def importance_bar_figure(importances: Mapping[str, float | None], selected: str
     if not items:
         return message_figure("No node importances yet.")
     names = [n for n, _ in items]
-    colors = [SUBLAYER_COLORS[split_node(n)[1]] for n in names]
+    colors = _sign_colors(v for _, v in items)
     fig = go.Figure(go.Bar(
         x=names, y=[v for _, v in items], marker=dict(color=colors, line=dict(width=[3 if n == selected else 0 for n in names], color="#111")),
         customdata=[[n, node_label(n, d_head)] for n in names],
         hovertemplate="<b>%{customdata[0]}</b> (%{customdata[1]})<br>Δ loss %{y:.4g}<extra></extra>",
     ))
     fig.update_xaxes(showticklabels=len(names) <= 60, tickangle=-60, title=None)
-    fig.update_yaxes(title="task-loss increase")
+    fig.update_yaxes(title="task-loss increase (blue +, red −)")
     return _base_layout(fig, title, 380)
 
 
@@ -586,9 +676,9 @@ def ablation_effect_figure(rows: Sequence[Mapping[str, Any]], title: str = "Abla
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Δ task loss", "Δ logit difference (correct − alternative)"))
     d_loss = [r["d_loss"] for r in rows]
     d_ld = [r["d_logit_diff"] for r in rows]
-    fig.add_trace(go.Bar(x=labels, y=d_loss, marker_color=["#b2182b" if v > 0 else "#2166ac" for v in d_loss],
+    fig.add_trace(go.Bar(x=labels, y=d_loss, marker_color=_sign_colors(d_loss),
                          hovertemplate="%{x}<br>Δ loss %{y:+.4g}<extra></extra>", name="Δ loss"), 1, 1)
-    fig.add_trace(go.Bar(x=labels, y=d_ld, marker_color=["#b2182b" if v < 0 else "#2166ac" for v in d_ld],
+    fig.add_trace(go.Bar(x=labels, y=d_ld, marker_color=_sign_colors(d_ld),
                          hovertemplate="%{x}<br>Δ logit diff %{y:+.4g}<extra></extra>", name="Δ logit diff"), 1, 2)
     fig.update_layout(showlegend=False)
     fig.update_xaxes(tickangle=-30)
@@ -625,7 +715,7 @@ def next_tokens_figure(full: Sequence[Sequence[Any]], circuit: Sequence[Sequence
         toks = [display_token(str(r[0])) for r in rows][::-1]
         probs = [float(r[1]) for r in rows][::-1]
         fig.add_trace(go.Bar(x=probs, y=[f"{t} " for t in toks], orientation="h",
-                             marker_color="#1f4e79" if i == 1 else "#e08a2c",
+                             marker_color=POSITIVE_HEX if i == 1 else "#67a9cf",
                              text=[f"{p:.1%}" for p in probs], textposition="outside", cliponaxis=False,
                              hovertemplate="%{y}: %{x:.3%}<extra></extra>"), 1, i)
         fig.update_xaxes(range=[0, min(1.0, 1.2 * max(probs, default=1.0)) or 1.0], tickformat=".0%", row=1, col=i)
@@ -721,19 +811,20 @@ def _example_parts(ex: Any) -> tuple[list[str], list[float], int | None]:
 
 
 def examples_html(examples: Sequence[Any], zero_centered: bool = True, vmax: float | None = None,
-                  context: int | None = 24) -> str:
+                  context: int | None = 40, after: int = 10) -> str:
     """Several examples as token heatmaps (see `token_heatmap_html`), sharing one colour scale.
 
     Each example is (tokens, activations, peak position) or a dict with those keys; with `context`, only
-    that many tokens before the peak (and a few after) are shown."""
+    that many tokens before the peak and `after` after it are shown (about 50 tokens, as the original
+    visualizer shows)."""
     parts = [_example_parts(ex) for ex in examples]
     if vmax is None:
         vals = [abs(a) if zero_centered else a for _, acts, _ in parts for a in acts]
         vmax = max(vals, default=0.0)
     out = []
     for tokens, acts, peak in parts:
-        if context is not None and peak is not None and len(tokens) > context + 8:
-            lo, hi = max(0, peak - context), min(len(tokens), peak + 8)
+        if context is not None and peak is not None and len(tokens) > context + after + 1:
+            lo, hi = max(0, peak - context), min(len(tokens), peak + after + 1)
             tokens, acts, peak = tokens[lo:hi], acts[lo:hi], peak - lo
         title = f"peak {_fmt(acts[peak])}" if peak is not None and 0 <= peak < len(acts) else None
         out.append(token_heatmap_html(tokens, acts, peak, zero_centered, vmax=vmax, vmin=None if zero_centered else 0.0,
@@ -764,6 +855,71 @@ def quantile_examples_html(samples: Mapping[Any, Mapping[str, Sequence[Any]]], z
     head += f'<div class="csp-ex-title">{key}; the boxed token is the peak; hover a token for its value</div>'
     return (_CSS + head + '<table class="csp-q"><tr><th>quantile</th><th>top activating</th><th>bottom activating</th></tr>'
             + "".join(rows) + "</table>")
+
+
+def _argmax_abs(values: Sequence[float]) -> int | None:
+    finite = [(abs(v), i) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    return max(finite)[1] if finite else None
+
+
+def task_examples_html(classes: Sequence[Sequence[tuple[Sequence[str], Sequence[float]]]], names: Sequence[str],
+                       differences: Sequence[tuple[Sequence[str], Sequence[float]]] | None = None,
+                       zero_centered: bool = True, title: str | None = None) -> str:
+    """A node's activations on a task's examples as token heatmaps: one column per class (named), and the
+    per-pair differences (class 1 − class 2, aligned at the decision token) in a third column with a scale of
+    its own. The largest |value| of each example is boxed; the last token is where the model decides."""
+    rows_of = [list(c) for c in classes]
+    vals = [abs(v) if zero_centered else v for c in rows_of for _, values in c for v in values if math.isfinite(v)]
+    vmax = max(vals, default=0.0)
+    vmin = min((v for c in rows_of for _, values in c for v in values if math.isfinite(v)), default=0.0)
+    diffs = list(differences or [])
+    dmax = max((abs(v) for _, values in diffs for v in values if math.isfinite(v)), default=0.0)
+    n = max([len(c) for c in rows_of] + [len(diffs)], default=0)
+    if n == 0:
+        return _CSS + '<div class="csp-ex-title">No task examples for this node.</div>'
+
+    def cell(rows, i, scale_max, zc, scale_min=None):
+        if i >= len(rows):
+            return "<td></td>"
+        tokens, values = rows[i]
+        return "<td>" + token_heatmap_html(tokens, values, _argmax_abs(values), zc, vmax=scale_max,
+                                           vmin=scale_min) + "</td>"
+
+    heads = "".join(f"<th>{html.escape(str(nm))}</th>" for nm in names)
+    heads += "<th>pair difference (class 1 − class 2)</th>" if diffs else ""
+    body = []
+    for i in range(n):
+        cells = [cell(rows, i, vmax, zero_centered, None if zero_centered else vmin) for rows in rows_of]
+        cells += [cell(diffs, i, dmax, True)] if diffs else []
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    key = ("blue positive, red negative (classes share a scale; differences have their own)" if zero_centered
+           else "orange from the minimum to the maximum activation; differences blue +, red −")
+    head = (f"<h4>{html.escape(title)}</h4>" if title else "") + (
+        f'<div class="csp-ex-title">{key}; boxed: each example\'s largest |value|; the last token is the decision '
+        "position; hover a token for its value</div>")
+    return _CSS + head + f'<table class="csp-q csp-task"><tr>{heads}</tr>' + "".join(body) + "</table>"
+
+
+def attention_rows_html(rows: Sequence[Any], names: Sequence[str], title: str | None = None) -> str:
+    """Where each task example's decision token (its last) attends: tokens shaded by attention weight (blue,
+    one scale for all examples), the sink's share in each example's caption. `rows` have `tokens`, `weights`,
+    `sink` and `class_index` (analysis.AttentionRow)."""
+    if not rows:
+        return _CSS + '<div class="csp-ex-title">No task examples.</div>'
+    vmax = max((w for r in rows for w in r.weights), default=0.0)
+    columns: dict[int, list[str]] = defaultdict(list)
+    for r in rows:
+        caption = f"sink {r.sink:.2f}" if r.sink is not None else None
+        columns[r.class_index].append(token_heatmap_html(r.tokens, r.weights, len(r.tokens) - 1, True, vmax=vmax,
+                                                         title=caption))
+    order = sorted(columns)
+    heads = "".join(f"<th>{html.escape(names[i] if i < len(names) else f'class {i + 1}')}</th>" for i in order)
+    body = "".join("<tr>" + "".join(f"<td>{columns[i][j] if j < len(columns[i]) else ''}</td>" for i in order) + "</tr>"
+                   for j in range(max(len(c) for c in columns.values())))
+    head = (f"<h4>{html.escape(title)}</h4>" if title else "") + (
+        '<div class="csp-ex-title">shade: attention of the boxed decision token (the last) to each token, one scale for '
+        "all examples; the rest goes to the attention sink</div>")
+    return _CSS + head + f'<table class="csp-q"><tr>{heads}</tr>{body}</table>'
 
 
 # ---- node panel figures ---------------------------------------------------------------------
@@ -808,7 +964,7 @@ def task_activations_figure(class1: Sequence[Sequence[float]], class2: Sequence[
     diff = mean_a - mean_b
     finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
     vmax = float(np.abs(finite).max()) if finite.size else 1.0
-    heat = dict(colorscale="RdBu_r", zmid=0, zmin=-vmax, zmax=vmax) if zero_centered else dict(
+    heat = dict(colorscale=DIVERGING, zmid=0, zmin=-vmax, zmax=vmax) if zero_centered else dict(
         colorscale="Oranges", zmin=float(finite.min()) if finite.size else 0, zmax=float(finite.max()) if finite.size else 1)
     fig = make_subplots(rows=1, cols=3, subplot_titles=(labels[0], labels[1], "class mean difference (1 − 2)"),
                         horizontal_spacing=0.1)
@@ -817,7 +973,7 @@ def task_activations_figure(class1: Sequence[Sequence[float]], class2: Sequence[
                              **heat), 1, 1)
     fig.add_trace(go.Heatmap(z=b, x=xs, hovertemplate=hover, showscale=False, **heat), 1, 2)
     fig.add_trace(go.Bar(x=xs, y=[None if not math.isfinite(v) else float(v) for v in diff],
-                         marker_color=["#2166ac" if (math.isfinite(v) and v >= 0) else "#b2182b" for v in diff],
+                         marker_color=_sign_colors(v if math.isfinite(v) else None for v in diff),
                          hovertemplate="position %{x}<br>Δ mean %{y:.4g}<extra></extra>"), 1, 3)
     fig.update_xaxes(title="position (0 = decision)")
     fig.update_yaxes(title="example", row=1, col=1)
@@ -834,7 +990,7 @@ def attention_pattern_figure(pattern: Sequence[Sequence[float]], tokens: Sequenc
     z = [list(map(float, row)) for row in pattern]
     if zero_centered:
         m = max((abs(v) for row in z for v in row if math.isfinite(v)), default=1.0) or 1.0
-        heat = dict(colorscale="RdBu_r", zmid=0, zmin=-m, zmax=m)
+        heat = dict(colorscale=DIVERGING, zmid=0, zmin=-m, zmax=m)
     else:
         heat = dict(colorscale="Blues", zmin=0)
     fig = go.Figure(go.Heatmap(z=z, x=keys, y=labels, hovertemplate="query %{y}<br>key %{x}<br>%{z:.4g}<extra></extra>",
@@ -882,9 +1038,9 @@ def embedding_tokens_figure(tokens: Sequence[str], weights: Sequence[float], cha
     order = sorted(range(len(weights)), key=lambda i: weights[i])
     bottom, top = order[:n], order[-n:][::-1]
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"top {n}", f"bottom {n}"), horizontal_spacing=0.2)
-    for col, idx, color in ((1, top, "#2166ac"), (2, bottom, "#b2182b")):
+    for col, idx in ((1, top), (2, bottom)):
         fig.add_trace(go.Bar(x=[float(weights[i]) for i in idx][::-1], y=[f"{display_token(tokens[i])} " for i in idx][::-1],
-                             orientation="h", marker_color=color,
+                             orientation="h", marker_color=_sign_colors(float(weights[i]) for i in idx[::-1]),
                              hovertemplate="%{y}: %{x:.4g}<extra></extra>"), 1, col)
     fig.update_layout(showlegend=False)
     return _base_layout(fig, f"Token embedding weights of residual channel {channel}", max(380, 18 * n + 120))
@@ -906,7 +1062,7 @@ def position_embedding_figure(wpe: Sequence[Sequence[float]], channel: int | Non
     """Heatmap of the position embedding (positions x channels), the chosen channel marked."""
     z = [list(map(float, row)) for row in wpe]
     m = max((abs(v) for row in z for v in row), default=1.0) or 1.0
-    fig = go.Figure(go.Heatmap(z=z, colorscale="RdBu_r", zmid=0, zmin=-m, zmax=m, colorbar=dict(thickness=10),
+    fig = go.Figure(go.Heatmap(z=z, colorscale=DIVERGING, zmid=0, zmin=-m, zmax=m, colorbar=dict(thickness=10),
                                hovertemplate="position %{y}<br>channel %{x}<br>%{z:.4g}<extra></extra>"))
     if channel is not None:
         fig.add_shape(type="rect", x0=channel - 0.5, x1=channel + 0.5, y0=-0.5, y1=len(z) - 0.5,

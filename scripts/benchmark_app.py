@@ -7,12 +7,15 @@ Measures, on this machine:
 - page ready: from starting `python app.py` until the page shows the circuit graph (Playwright, chromium);
 - selecting a layer, a node (a Plotly click on the graph) and a k (the slider's number box), each from the
   user's action until the page shows the result (the graph's title, the node panel, the summary's node count);
-  each interaction is measured on its own (the app's follow-up events, such as the random baseline and the
-  layer deltas of a new k, finish before the next one; see --settle);
+  each interaction is measured on its own: the app's follow-up events (the node panel; for a new k the random
+  baseline and the layer deltas) finish before the next one starts, then --settle seconds pass;
 - `/next_tokens` round trips through `gradio_client`;
-- memory: the app process's peak resident set size (RSS, sampled every 250 ms) and its RSS at the end.
+- memory: the app process's peak resident set size (RSS, sampled every 250 ms) and its RSS at the end;
+- memory under load: RSS after the first 100 and after 1,000 mixed `/next_tokens` calls (valid prompts, runs
+  and k; unknown tasks, runs and hub ids; k out of range; empty and long prompts), which must stay within 10%.
 
-Targets (issue): page ready < 15 s, each selection and /next_tokens < 500 ms, memory < 1.5 GB.
+Targets (issues 3 and 8): page ready < 15 s, each selection and /next_tokens < 500 ms, memory < 1.5 GB, RSS after
+1,000 mixed API calls within 10% of its level after the first 100.
 """
 
 from __future__ import annotations
@@ -97,9 +100,46 @@ GRAPH_TITLE_JS = """() => {
 }"""
 
 
+def follow_ups_done(page) -> None:
+    """The view's follow-up steps have finished: the node panel shows the selected node, and the summary has
+    its slow numbers (no "…")."""
+    page.wait_for_function("""() => {
+        const h = document.querySelector('#node-header'), t = document.querySelector('#task-acts h4');
+        const s = document.querySelector('#summary');
+        const m = h && h.innerText.match(/\\d+\\.(attn|mlp)\\.\\w+:\\d+/);
+        return !!m && !!t && t.innerText.startsWith(m[0] + ' ') && !!s && !s.innerText.includes('…');
+    }""")
+
+
 def header_node(page) -> str:
     m = NODE_RE.search(page.locator("#node-header").inner_text())
     return m.group(0) if m else ""
+
+
+# /next_tokens calls of every kind, good and bad, cycled through for the memory measurement
+MIXED_CALLS = [
+    {"prompt": 'def f(x):\n    return x + "a'},
+    {"prompt": "for i in range(10):\n    print(i", "task": "single_double_quote"},
+    {"prompt": "while True:\n    if done:\n        return", "task": "while_return_true", "k": 5},
+    {"prompt": "x = 1\n", "task": "single_double_quote", "run": "shipped:single_double_quote_k24", "k": 99999},
+    {"prompt": "x", "task": "nope"},
+    {"prompt": "x", "run": "nope"},
+    {"prompt": ""},
+    {"prompt": "x", "model": "nobody/nothing"},
+    {"prompt": "y = 2\n" * 200},
+    {"prompt": "    ", "task": "single_double_quote", "k": -5},
+]
+
+
+def mixed_calls(client, n: int, rss, checkpoints=(100,)) -> dict:
+    """n mixed /next_tokens calls; the process's RSS (MB) after the first call and at each checkpoint and n."""
+    marks = {}
+    for i in range(1, n + 1):
+        out = client.predict(**MIXED_CALLS[(i - 1) % len(MIXED_CALLS)], api_name="/next_tokens")
+        assert "full" in out or "error" in out, out
+        if i == 1 or i in checkpoints or i == n:
+            marks[i] = round(rss() / 2**20)
+    return marks
 
 
 def summarize(values: list[float]) -> dict:
@@ -119,8 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmarks", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                         help="markdown file whose app section is rewritten ('' for none)")
     parser.add_argument("--log", help="write the app's output here")
-    parser.add_argument("--settle", type=float, default=1.5,
-                        help="seconds to wait after each measured interaction (its follow-up events finish)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds to wait after each measured interaction's follow-up events have finished")
+    parser.add_argument("--api-calls", type=int, default=1000, help="mixed /next_tokens calls for the memory check")
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
@@ -132,6 +173,7 @@ def main(argv=None) -> int:
     if args.imports:
         env["CSP_APP_IMPORT"] = args.imports
     results: dict = {"model": args.model}
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     t_start = time.perf_counter()
     log = open(args.log, "w") if args.log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -161,6 +203,7 @@ def main(argv=None) -> int:
             box = page.locator("#k-slider input[type=number]")
             box.fill(str(max(1, int(float(box.input_value())) - 1)))
             box.press("Tab")
+            follow_ups_done(page)
             time.sleep(6)
 
             # layers: click each layer that has nodes, in turn
@@ -178,6 +221,7 @@ def main(argv=None) -> int:
                     " return d && d.layout && d.layout.title && d.layout.title.text.startsWith(l + ':'); }", arg=target)
                 times.append(time.perf_counter() - t)
                 current = target
+                follow_ups_done(page)
                 time.sleep(args.settle)
             results["select_layer"] = summarize(times)
 
@@ -193,6 +237,7 @@ def main(argv=None) -> int:
                 page.mouse.click(q["x"], q["y"])
                 page.wait_for_function(GRAPH_SELECTED_JS, arg=q["id"])  # node panel and graph both updated
                 times.append(time.perf_counter() - t)
+                follow_ups_done(page)
                 time.sleep(args.settle)
             results["select_node"] = summarize(times)
 
@@ -208,6 +253,7 @@ def main(argv=None) -> int:
                                        " return !!e && e.innerText.includes(k + ' of '); }", arg=k)
                 page.wait_for_function(GRAPH_TITLE_JS)  # the graph of the new circuit is drawn
                 times.append(time.perf_counter() - t)
+                follow_ups_done(page)
                 time.sleep(args.settle)
             results["select_k"] = summarize(times)
             browser.close()
@@ -225,6 +271,9 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t)
             assert "full" in out, out
         results["next_tokens"] = summarize(times)
+        t = time.perf_counter()
+        results["api_rss_mb"] = mixed_calls(client, args.api_calls, lambda: sampler.proc.memory_info().rss)
+        results["api_calls_s"] = round(time.perf_counter() - t, 1)
         time.sleep(0.2)
         results["rss_peak_mb"] = round(sampler.peak / 2**20)
         results["rss_end_mb"] = round(sampler.last / 2**20)
@@ -243,6 +292,7 @@ def main(argv=None) -> int:
         f"`python scripts/benchmark_app.py --runs {args.runs}`: `python app.py` with the model `{args.model or 'default'}` on",
         f"{os.cpu_count()} CPU cores, driven in headless chromium (Playwright); each interaction from the user's action",
         "until the page shows its result, median and max over the runs.",
+        f"Load average (1 min) of the machine: {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
@@ -253,6 +303,11 @@ def main(argv=None) -> int:
         r = results[key]
         lines.append(f"| {name} | median {r['median_ms']} ms, max {r['max_ms']} ms | < 500 ms |")
     lines.append(f"| memory (RSS) | peak {results['rss_peak_mb']} MB, end {results['rss_end_mb']} MB | < 1536 MB |")
+    marks = results["api_rss_mb"]
+    first100, last = marks.get(100, marks[min(marks)]), marks[max(marks)]
+    results["api_rss_growth"] = round(last / first100 - 1, 4)
+    lines.append(f"| RSS after {max(marks):,} mixed `/next_tokens` calls vs after 100 | {first100} MB → {last} MB "
+                 f"({100 * results['api_rss_growth']:+.1f}%; {results['api_calls_s']} s for the calls) | within ±10% |")
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -3,9 +3,12 @@
 The browser tests start `python app.py` on a free localhost port (HF_HUB_OFFLINE=1) with the embedded default
 model (or the model in $CSP_APP_TEST_MODEL), plus a small circuit built from the model's weights
 (`conftest.build_test_circuit`) and imported through CSP_APP_IMPORT, so they do not depend on which circuits
-the model ships. Each step saves a screenshot under tests/artifacts/ (git-ignored; CI keeps it as an artifact).
+the model ships. Models may be opened from the package and from one extra root, which holds a model folder whose
+circuits/index.json points outside it. Each step saves a screenshot under tests/artifacts/ (git-ignored; CI
+keeps it as an artifact). Steps wait for what the page shows, never for a fixed time.
 
-What the app computes (modeling_csp.explorer) is tested in-process in test_explorer.py.
+What the page shows is decided by the view model and the panels, tested without a browser in
+test_explorer_view.py and test_explorer_panels.py.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import pytest
 import torch
 
 from conftest import FIXTURES, PROJECT_ROOT
+from modeling_csp.plotting import sublayer_of
 
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+PRUNE_TASK = "with_as"  # a task the default model ships no circuit for
 
 
 def _free_port() -> int:
@@ -39,12 +44,40 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_server(test_circuit):
+def folders(test_circuit, tmp_path_factory):
+    """An allowed root with a hostile model folder (its index points outside), and a real model folder that is
+    not under any root."""
+    from modeling_csp.loading import resolve_model
+
+    source = Path(resolve_model(test_circuit[0]))
+    if not source.is_dir():
+        pytest.skip("the test model is not a local folder")
+    base = tmp_path_factory.mktemp("folders")
+    (base / "secret.json").write_text('{"format": "csp-circuit", "SECRET": "do not show"}')
+    out = {"root": base / "root", "hostile": base / "root" / "hostile", "outside": base / "outside", "base": base}
+    for name in ("hostile", "outside"):
+        out[name].mkdir(parents=True)
+        for f in source.iterdir():
+            if f.is_file():
+                (out[name] / f.name).symlink_to(f)
+    (out["hostile"] / "circuits").mkdir()
+    (out["hostile"] / "circuits" / "index.json").write_text(json.dumps(
+        [{"task": "single_double_quote", "k": 1, "path": "../../../secret.json"},
+         {"task": "single_double_quote", "k": 2, "path": "/etc/passwd"}]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def app_server(test_circuit, folders):
+    from modeling_csp.loading import DEFAULT_MODEL_DIR
+
     spec, circuit_path = test_circuit
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "CSP_APP_MODEL": spec, "CSP_APP_IMPORT": str(circuit_path)}
+           "GRADIO_ANALYTICS_ENABLED": "False", "CSP_APP_MODEL": spec, "CSP_APP_IMPORT": str(circuit_path),
+           "CSP_MODEL_ROOTS": os.pathsep.join([str(DEFAULT_MODEL_DIR), str(folders["root"])]),
+           "CSP_APP_STORE": str(folders["base"] / "store"), "CSP_CACHE_DIR": str(folders["base"] / "cache")}
     log = open(ARTIFACTS / "app_server.log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -64,7 +97,8 @@ def app_server(test_circuit):
             if time.time() > deadline:
                 pytest.fail("app.py did not answer within 240 s")
             time.sleep(0.5)
-        yield {"url": url, "model": spec, "run": "imported:test_circuit", "started_s": time.perf_counter() - t0}
+        yield {"url": url, "model": spec, "run": "imported:test_circuit", "started_s": time.perf_counter() - t0,
+               "circuit": circuit_path}
     finally:
         proc.terminate()
         try:
@@ -72,6 +106,7 @@ def app_server(test_circuit):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        assert "Traceback" not in (ARTIFACTS / "app_server.log").read_text(), "the server logged a traceback"
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +121,60 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def page(browser, app_server):
+def new_page(browser, url=None):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
-    pg.set_default_timeout(60_000)
+    pg.set_default_timeout(180_000)
+    if url:
+        pg.goto(url)
+        pg.wait_for_selector("#summary p", timeout=120_000)
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_server):
+    pg = new_page(browser)
     yield pg
-    context.close()
+    pg.context.close()
+
+
+# ---- helpers -------------------------------------------------------------------------------------
 
 
 def shot(page, name: str) -> None:
-    page.wait_for_timeout(600)  # let Plotly finish drawing (colour bars are drawn last)
+    """A full-page screenshot once Plotly has drawn every figure on the page."""
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].every((d) => !d.offsetParent || d._fullLayout)")
     page.screenshot(path=str(ARTIFACTS / f"app_{name}.png"), full_page=True)
+
+
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).first.inner_text()
+
+
+def wait_text(page, selector: str, text: str, timeout: float = 90_000) -> None:
+    page.wait_for_function("([s, t]) => { const e = document.querySelector(s); return !!e && e.innerText.includes(t); }",
+                           arg=[selector, text], timeout=timeout)
+
+
+def assert_no_errors(page) -> None:
+    """No component stuck in Gradio's error state and no error toast (what broke the page before)."""
+    errors = page.locator("[data-testid='status-tracker'] .error, .toast-body.error")
+    assert errors.count() == 0, [e.inner_text()[:200] for e in errors.all()]
+
+
+def choose(page, selector: str, label: str) -> None:
+    """Picks a dropdown option by its label, as a user does: open, type to filter, click."""
+    box = page.locator(f"{selector} input")
+    box.click()
+    box.fill(label)
+    page.locator(f"{selector} [role=option][aria-label={json.dumps(label)}]").click()
+
+
+def type_number(page, selector: str, value) -> None:
+    """Types a value into a slider's number box and presses Enter."""
+    box = page.locator(f"{selector} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
 
 
 def node_points(page, container: str = "#circuit-graph") -> list[dict]:
@@ -124,8 +201,14 @@ def node_points(page, container: str = "#circuit-graph") -> list[dict]:
 
 def header_node(page) -> str:
     """The node id the node panel shows (ignoring Gradio's 'processing' overlay text)."""
-    m = re.search(r"\d+\.(?:attn|mlp)\.\w+:\d+", page.locator("#node-header").inner_text())
+    m = re.search(r"\d+\.(?:attn|mlp)\.\w+:\d+", text_of(page, "#node-header"))
     return m.group(0) if m else ""
+
+
+def choose_containing(page, selector: str, text: str) -> None:
+    """Picks the first dropdown option whose label contains `text`."""
+    page.locator(f"{selector} input").click()
+    page.locator(f"{selector} [role=option]", has_text=text).first.click()
 
 
 # ---- the browser steps (in order, one page) ------------------------------------------------------
@@ -134,10 +217,12 @@ def header_node(page) -> str:
 def test_page_loads(page, app_server):
     t0 = time.perf_counter()
     page.goto(app_server["url"])
-    page.wait_for_selector("#summary table", timeout=90_000)
-    assert "full model loss" in page.locator("#summary").inner_text()
-    assert app_server["model"] in page.locator("#summary").inner_text() or app_server["model"] == "default"
+    page.wait_for_selector("#summary table", timeout=120_000)
+    for element in ("#task-select", "#run-select", "#k-slider", "#summary", "#status"):
+        assert page.locator(element).count() >= 1, element
+    assert "full model loss" in text_of(page, "#summary")
     print(f"page ready {time.perf_counter() - t0:.1f}s after navigation")
+    page.wait_for_selector("#task-acts table")
     shot(page, "01_page_loaded")
 
 
@@ -148,6 +233,9 @@ def test_circuit_graph_renders(page):
     layer = page.locator("#layer-select input:checked").get_attribute("value")
     assert all(p["id"].startswith(layer + ".") for p in pts)
     assert header_node(page) in {p["id"] for p in pts}  # the most important node of the layer is preselected
+    if layer.endswith("attn"):  # q, k and v each on a row of their own
+        ticks = page.evaluate("() => document.querySelector('#circuit-graph .js-plotly-plot').layout.yaxis.ticktext")
+        assert {"q", "k", "v"} <= set(ticks), ticks
     shot(page, "02_circuit_graph")
 
 
@@ -159,16 +247,198 @@ def test_click_node_updates_panel(page):
     page.mouse.move(target["x"] - 3, target["y"] - 3)
     page.mouse.move(target["x"], target["y"], steps=4)
     page.mouse.click(target["x"], target["y"])
-    page.wait_for_function("(id) => { const e = document.querySelector('#node-header'); return !!e && e.innerText.includes(id); }", arg=target["id"])
-    assert header_node(page) == target["id"]
+    wait_text(page, "#node-header", target["id"])
     page.wait_for_function("(id) => { const i = document.querySelector('#node-select input'); return i && i.value.includes(id); }",
                            arg=target["id"])
+    page.wait_for_selector("#task-acts table")
+    assert "class 1: correct «" in text_of(page, "#task-acts") and "pair difference" in text_of(page, "#task-acts")
+    page.get_by_role("tab", name="Activating examples").click()
     page.wait_for_selector("#node-examples table")
-    page.wait_for_selector("#task-acts .js-plotly-plot")
+    assert text_of(page, "#node-examples").count("peak") >= 30  # 5 per side and quantile
+    page.get_by_role("tab", name="Attention").click()
+    page.wait_for_selector("#attn-rows .csp-ex-title")
     shot(page, "03_node_clicked")
+    page.get_by_role("tab", name="Task examples").click()
 
 
-def test_prompt_returns_predictions(page):
+def test_every_task_can_be_picked(page, app_server):
+    """All 20 tasks from the task box: a circuit or "no circuit yet" with a prune button, never an error."""
+    from modeling_csp.explorer.analysis import task_names
+
+    shipped = set()
+    for task in task_names():
+        choose(page, "#task-select", task)
+        wait_text(page, "#summary", f"Task {task}:")
+        if page.locator("#no-circuit-md").first.is_visible():
+            assert f"No circuit yet for {task}" in text_of(page, "#no-circuit-md")
+            assert page.locator("#prune-here").is_visible()
+            wait_text(page, "#prune-here-md", f"The full model's loss on {task}")  # the last step of the change
+        else:
+            shipped.add(task)
+            page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+            page.wait_for_function("() => !document.querySelector('#summary').innerText.includes('…')")
+            assert header_node(page)
+        assert_no_errors(page)
+        if task == PRUNE_TASK:
+            shot(page, "04_task_without_circuit")
+    assert len(task_names()) == 20 and shipped  # the test circuit's task at least
+    choose(page, "#task-select", "single_double_quote")
+    wait_text(page, "#summary", "Task single_double_quote:")
+    page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+    assert_no_errors(page)
+
+
+def test_typed_values_out_of_range_are_clamped(page):
+    k_max = int(float(page.locator("#k-slider input[type=number]").get_attribute("max")))
+    type_number(page, "#k-slider", 99999)
+    wait_text(page, "#status", f"k=99999 is outside [1, {k_max}]: using {k_max}")
+    assert int(float(page.locator("#k-slider input[type=number]").input_value())) == k_max
+    type_number(page, "#k-slider", -5)
+    wait_text(page, "#status", "k=-5 is outside")
+    wait_text(page, "#summary", "1 of ")
+    type_number(page, "#k-slider", 3)  # Enter applies a typed value
+    wait_text(page, "#summary", "3 of ")
+    assert "outside" not in text_of(page, "#status")
+    type_number(page, "#edge-threshold", 500)
+    wait_text(page, "#status", "edge threshold (%)=500 is outside [0, 100]")
+    type_number(page, "#edge-threshold", 0)
+    assert_no_errors(page)
+    shot(page, "05_clamped_values")
+    page.get_by_role("tab", name="Embeddings").click()
+    page.wait_for_selector("#emb-tokens .js-plotly-plot .barlayer .point")
+    type_number(page, "#channel-slider", 99999)
+    wait_text(page, "#emb-notice", "channel=99999 is outside")
+    assert_no_errors(page)
+    page.get_by_role("tab", name="Circuit browser").click()
+    type_number(page, "#k-slider", k_max)
+    wait_text(page, "#summary", f"{k_max} of ")
+
+
+def test_node_search(page):
+    node = header_node(page)
+    label = page.locator("#node-select input").input_value().split(" · ")[0]
+    search = page.locator("#node-search textarea, #node-search input").first
+    search.fill(node)
+    search.press("Enter")
+    wait_text(page, "#status", f"match '{node}'")
+    search.fill("zzz")
+    search.press("Enter")
+    wait_text(page, "#status", "no node of this circuit matches 'zzz'")
+    assert header_node(page) == node and label
+
+
+def test_prune_from_no_circuit_yet_then_reload_and_share(page, browser, app_server):
+    """The prune button of a task without a circuit: warned beforehand, no ✅ for a missed target, and the run
+    survives a reload and opens from a share link in another browser."""
+    page.get_by_role("tab", name="Ablations & pruning").click()
+    type_number(page, "#prune-steps", 10)
+    page.get_by_role("tab", name="Circuit browser").click()
+    choose(page, "#task-select", PRUNE_TASK)
+    wait_text(page, "#no-circuit-md", f"No circuit yet for {PRUNE_TASK}")
+    wait_text(page, "#prune-here-md", "The full model's loss on")
+    page.locator("#prune-here").click()
+    page.wait_for_function("() => /target (not )?reached/.test(document.querySelector('#status').innerText)",
+                           timeout=600_000)
+    message = text_of(page, "#status")
+    if "not reached" in message:
+        assert "✅" not in message
+    wait_text(page, "#summary", "pruned here")
+    page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+    assert page.locator("#run-select input").input_value().startswith("pruned here")
+    page.wait_for_selector("#task-acts table")
+    assert_no_errors(page)
+    shot(page, "06_pruned_here")
+    # a reload: the browser keeps its runs (localStorage), the server the circuit
+    page.reload()
+    page.wait_for_selector("#summary table")
+    choose(page, "#task-select", PRUNE_TASK)
+    wait_text(page, "#summary", "pruned here")
+    # the share link, in a browser that has never seen the run
+    page.get_by_role("tab", name="Share & files").click()
+    page.wait_for_function("() => document.querySelector('#share-link textarea, #share-link input').value.includes('run=saved')")
+    link = page.locator("#share-link textarea, #share-link input").first.input_value()
+    other = new_page(browser, link)
+    try:
+        wait_text(other, "#summary", "pruned here")
+        assert other.locator("#run-select input").input_value().startswith("pruned here")
+        assert "⚠️" not in text_of(other, "#status")
+        shot(other, "07_shared_pruned_run")
+    finally:
+        other.context.close()
+    page.get_by_role("tab", name="Circuit browser").click()
+
+
+def test_imported_run_survives_a_reload(page, app_server, tmp_path):
+    mine = tmp_path / "my_upload.json"
+    mine.write_text(Path(app_server["circuit"]).read_text())
+    page.get_by_role("tab", name="Share & files").click()
+    page.locator("#upload input[type=file]").set_input_files(str(mine))
+    wait_text(page, "#upload-md", "✅ imported my_upload.json")
+    wait_text(page, "#summary", "imported · my_upload.json")
+    page.reload()
+    page.wait_for_selector("#summary table")
+    choose(page, "#task-select", json.loads(mine.read_text())["task"])  # the first view may show another task
+    wait_text(page, "#summary", "Run ")
+    page.locator("#run-select input").click()
+    names = page.locator("#run-select [role=option]").all_inner_texts()
+    assert any("imported · my_upload.json" in n for n in names), names
+    page.keyboard.press("Escape")
+
+
+def test_model_box_path_attacks(page, folders):
+    """Folders outside the allowed roots, paths that leave a root, and absent folders all read the same; a
+    model folder whose index points outside loads without reading it."""
+    page.get_by_role("tab", name="Circuit browser").click()
+    box = page.locator("#model-select input")
+    seen = set()
+    for spec in (str(folders["outside"]), "/etc", "../../etc", str(folders["root"] / ".." / "outside"),
+                 "/no/such/folder", str(folders["base"] / "secret.json")):
+        box.fill(spec)
+        box.press("Enter")
+        wait_text(page, "#status", f"model {spec!r} is not available")
+        page.wait_for_function("() => document.querySelector('#model-select input').value === 'default'")
+        message = next(line for line in text_of(page, "#status").splitlines() if line.startswith("⚠️"))
+        seen.add(re.sub(r"model '.*' is not", "model X is not", message))
+        assert "Task" in text_of(page, "#summary")
+    assert len(seen) == 1, seen
+    shot(page, "08_path_attack_message")
+    box.fill(str(folders["hostile"]))
+    box.press("Enter")
+    wait_text(page, "#summary", f"Model {folders['hostile']} ·")
+    page.locator("#run-select input").click()
+    names = page.locator("#run-select [role=option]").all_inner_texts()
+    assert not any("shipped" in n for n in names), names
+    page.keyboard.press("Escape")
+    assert "SECRET" not in page.content() and "root:x" not in page.content()
+    assert_no_errors(page)
+    box.fill("default")
+    box.press("Enter")
+    wait_text(page, "#summary", "Model default ·")  # the view has switched back, not just the box
+
+
+def test_size_attacks(page, app_server, tmp_path):
+    """A circuit file asking for 10^7 evaluation examples is capped (the summary says so); long candidates are
+    cut by the box."""
+    data = json.loads(Path(app_server["circuit"]).read_text())
+    data["meta"] = {"options": {"n_examples": 10**7, "n_random": 10**6}}
+    huge = tmp_path / "huge_options.json"
+    huge.write_text(json.dumps(data))
+    page.get_by_role("tab", name="Share & files").click()
+    page.locator("#upload input[type=file]").set_input_files(str(huge))
+    wait_text(page, "#upload-md", "✅ imported huge_options.json")
+    wait_text(page, "#summary", "n_examples=10000000 is outside [8, 2048]: using 2048", timeout=300_000)
+    page.get_by_role("tab", name="Prompt lab").click()
+    page.locator("#cand-a textarea, #cand-a input").first.fill("x" * 500)
+    assert len(page.locator("#cand-a textarea, #cand-a input").first.input_value()) <= 100
+    page.locator("#cand-a textarea, #cand-a input").first.fill('"')
+    assert_no_errors(page)
+    page.get_by_role("tab", name="Circuit browser").click()
+    shot(page, "09_size_capped")
+    choose_containing(page, "#run-select", "shipped")  # back to a circuit evaluated on the usual 128 examples
+    wait_text(page, "#summary", "Run shipped")
+
+
+def test_prompt_lab_and_its_errors(page):
     page.get_by_role("tab", name="Prompt lab").click()
     editor = page.locator("#prompt-input .cm-content")
     editor.click()
@@ -178,143 +448,118 @@ def test_prompt_returns_predictions(page):
     page.locator("#prompt-run").click()
     page.wait_for_selector("#next-plot .js-plotly-plot .barlayer .point")
     assert page.locator("#next-plot .barlayer .trace").count() == 2  # full model and circuit
-    assert page.locator("#next-plot .barlayer .trace").first.locator(".point").count() == 10
     assert page.locator("#prompt-tokens .csp-tok").count() > 5
-    assert "tokens" in page.locator("#prompt-notice").inner_text()
-    assert "logit(" in page.locator("#logit-diff").inner_text()
-    shot(page, "04_prompt_lab")
+    wait_text(page, "#logit-diff", "logit(")
+    shot(page, "10_prompt_lab")
+    # an empty prompt: the message, and the old prediction gone
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Delete")
+    page.locator("#prompt-run").click()
+    wait_text(page, "#prompt-notice", "the prompt is empty")
+    page.wait_for_function("() => document.querySelectorAll('#prompt-tokens .csp-tok').length === 0")
+    assert page.locator("#next-plot .barlayer .point").count() == 0
+    # whitespace is a prompt; one candidate box empty says why there is no logit difference
+    editor.click()
+    page.keyboard.insert_text("    ")
+    page.locator("#cand-b textarea, #cand-b input").first.fill("")
+    page.locator("#prompt-run").click()
+    wait_text(page, "#logit-diff", "type a candidate token in both boxes")
+    page.wait_for_selector("#next-plot .js-plotly-plot .barlayer .point")
+    assert_no_errors(page)
+    shot(page, "11_prompt_errors")
 
 
-def test_ablation_plot_appears(page):
+def test_ablations_importances_and_pruning_check(page):
+    # the slow numbers of the huge-options run, left behind two tests ago, have not painted over this run's
+    assert "Run shipped" in text_of(page, "#summary") and "n_examples=10000000" not in text_of(page, "#summary")
     page.get_by_role("tab", name="Ablations & pruning").click()
     page.locator("#abl-layers label").first.click()
-    page.locator("#abl-layers label").nth(1).click()
     page.locator("#abl-run").click()
     page.wait_for_selector("#ablation-plot .js-plotly-plot .barlayer .point")
-    page.wait_for_selector("#ablation-table table")
-    assert "baseline" in page.locator("#ablation-table").inner_text()
-    shot(page, "05_ablation_plot")
+    wait_text(page, "#ablation-table", "baseline")
+    page.locator("#imp-run").click()
+    page.wait_for_selector("#importance-plot .js-plotly-plot .barlayer .point", timeout=300_000)
+    choose(page, "#prune-task", PRUNE_TASK)
+    page.locator("#prune-target input").fill("0.01")
+    page.locator("#prune-target input").press("Enter")
+    wait_text(page, "#prune-check", "above the target 0.010")
+    page.get_by_label("× full model's loss").check()
+    page.locator("#prune-target input").fill("1.2")
+    page.locator("#prune-target input").press("Enter")
+    wait_text(page, "#prune-check", "1.20 × that")
+    assert_no_errors(page)
+    shot(page, "12_ablations")
 
 
 def test_other_tabs_render(page):
     page.get_by_role("tab", name="Whole circuit").click()
     page.wait_for_selector("#circuit-overview .js-plotly-plot .scatterlayer path.point")
     assert len(node_points(page, "#circuit-overview")) >= 2
-    shot(page, "07_whole_circuit")
+    shot(page, "13_whole_circuit")
     page.get_by_role("tab", name="Curves").click()
-    page.wait_for_selector("#faith-plot .js-plotly-plot .scatterlayer .trace", timeout=120_000)
     page.wait_for_function("() => { const d = document.querySelector('#faith-plot .js-plotly-plot'); "
-                           "return d && d.layout && d.layout.xaxis && d.layout.xaxis.type === 'log'; }", timeout=120_000)
-    shot(page, "08_curves")
+                           "return d && d.layout && d.layout.xaxis && d.layout.xaxis.type === 'log'; }", timeout=300_000)
+    ticks = page.evaluate("() => document.querySelector('#faith-plot .js-plotly-plot').layout.xaxis.ticktext")
+    assert ticks and all(re.fullmatch(r"[0-9.e+-]+", t) and float(t) > 0 for t in ticks)
+    wait_text(page, "#run-details", "Model training: final metrics")
+    shot(page, "14_curves")
     page.get_by_role("tab", name="Embeddings").click()
     page.wait_for_selector("#emb-tokens .js-plotly-plot .barlayer .point")
-    page.wait_for_selector("#pos-emb .js-plotly-plot")
-    shot(page, "09_embeddings")
+    shot(page, "15_embeddings")
 
 
 def test_shared_url_restores_view(page, browser, app_server):
-    if not page.url.startswith(app_server["url"]):
-        page.goto(app_server["url"])
-        page.wait_for_selector("#summary table", timeout=90_000)
+    page.get_by_role("tab", name="Circuit browser").click()
+    choose(page, "#task-select", "single_double_quote")
+    wait_text(page, "#summary", "Task single_double_quote:")
     page.get_by_role("tab", name="Share & files").click()
     page.wait_for_function("() => document.querySelector('#share-link textarea, #share-link input').value.includes('node=')")
     link = page.locator("#share-link textarea, #share-link input").first.input_value()
     params = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(link).query))
     assert {"model", "task", "run", "k", "layer", "node"} <= set(params), params
-    # the circuit file download
     page.wait_for_function("() => { const b = document.querySelector('#download'); return !!b && !b.disabled; }")
     with page.expect_download() as download:
         page.locator("#download").click()
     data = json.loads(Path(download.value.path()).read_text())
     assert data["format"] == "csp-circuit" and data["k"] == int(params["k"]) and len(data["nodes"]) == int(params["k"])
-    # a different view than the default: a smaller k, another layer, a node in it
-    run = params["run"]
     k = max(2, int(params["k"]) * 2 // 3)
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    other = context.new_page()
-    other.set_default_timeout(60_000)
+    other = new_page(browser, app_server["url"] + "?" + urllib.parse.urlencode({**params, "k": k, "node": ""}))
     try:
-        other.goto(app_server["url"] + "?" + urllib.parse.urlencode({**params, "k": k}).replace("+", "%20"))
         other.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
-        pts = node_points(other)
-        layer = other.locator("#layer-select input:checked").get_attribute("value")
-        # choose a node of another layer if there is one, by URL
-        layers = other.locator("#layer-select input").evaluate_all("(els) => els.map(e => e.value)")
-        counts = other.locator("#layer-select label").evaluate_all("(els) => els.map(e => e.innerText)")
-        target_layer = next((l for l, c in zip(layers, counts) if l != layer and not c.strip().endswith(" 0 nodes")), layer)
-        other.goto(app_server["url"] + "?" + urllib.parse.urlencode({**params, "k": k, "layer": target_layer, "node": ""}))
-        other.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
-        pts = node_points(other)
-        node = pts[-1]["id"]
-        query = urllib.parse.urlencode({"model": params["model"], "task": params["task"], "run": run, "k": k,
-                                        "layer": target_layer, "node": node})
+        node = node_points(other)[-1]["id"]
+        query = urllib.parse.urlencode({**params, "k": k, "layer": sublayer_of(node), "node": node})
         other.goto(app_server["url"] + "?" + query)
-        other.wait_for_function("(id) => { const e = document.querySelector('#node-header'); return !!e && e.innerText.includes(id); }", arg=node)
-        assert other.locator("#layer-select input:checked").get_attribute("value") == target_layer
+        wait_text(other, "#node-header", node)
         assert int(float(other.locator("#k-slider input[type=number]").input_value())) == k
         restored = dict(urllib.parse.parse_qsl(other.locator("#share-query textarea, #share-query input").first.input_value()))
-        assert restored == {"model": params["model"], "task": params["task"], "run": run, "k": str(k),
-                            "layer": target_layer, "node": node}
-        assert {p["id"] for p in node_points(other)} >= {node}
-        shot(other, "06_shared_url_restored")
+        assert restored["node"] == node and restored["k"] == str(k) and restored["run"] == params["run"]
+        shot(other, "16_shared_url_restored")
     finally:
-        context.close()
+        other.context.close()
 
 
-def test_bad_inputs_show_messages(page, app_server, tmp_path):
-    if not page.url.startswith(app_server["url"]):
-        page.goto(app_server["url"])
-    page.get_by_role("tab", name="Circuit browser").click()
-    page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
-
-    def status_has(text):
-        page.wait_for_function("(t) => { const e = document.querySelector('#status'); return !!e && e.innerText.includes(t); }",
-                               arg=text)
-
-    # an empty prompt
-    page.get_by_role("tab", name="Prompt lab").click()
-    page.locator("#prompt-input .cm-content").click()
-    page.keyboard.press("Control+A")
-    page.keyboard.press("Delete")
-    page.locator("#prompt-run").click()
-    status_has("the prompt is empty")
-    # a file that is not a viz_data.pt, and a circuit for another model
+def test_bad_files_and_links_show_messages(page, browser, app_server, tmp_path):
     page.get_by_role("tab", name="Share & files").click()
     bad = tmp_path / "not_viz.pt"
     torch.save({"hello": torch.zeros(2)}, bad)
     page.locator("#upload input[type=file]").set_input_files(str(bad))
-    status_has("not a viz_data.pt")
-    page.locator("#upload button[aria-label*='lear'], #upload button[aria-label*='emove']").first.click()
+    wait_text(page, "#upload-md", "not a viz_data.pt")
     page.locator("#upload input[type=file]").set_input_files(str(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"))
-    status_has("made for model")
-    # an unknown model path
-    model_box = page.locator("#model-select input")
-    model_box.fill("/no/such/model/folder")
-    model_box.press("Enter")
-    status_has("/no/such/model/folder")
-    shot(page, "10_bad_input_message")
-    # the app keeps working
-    page.get_by_role("tab", name="Circuit browser").click()
-    page.locator("#layer-select label").first.click()
-    page.wait_for_function("() => { const d = document.querySelector('#circuit-graph .js-plotly-plot');"
-                           " return d && d.layout && d.layout.title && d.layout.title.text.startsWith('0.attn:'); }")
-
-
-def test_bad_url_params_fall_back(browser, app_server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.set_default_timeout(60_000)
+    wait_text(page, "#upload-md", "made for model")
+    assert_no_errors(page)
+    shot(page, "17_bad_file_message")
+    other = new_page(browser, app_server["url"] + "?task=no_such_task&run=saved:0123456789abcdef&k=abc&node=9.mlp.post_act:1")
     try:
-        pg.goto(app_server["url"] + "?task=no_such_task&run=app:gone&k=abc&node=9.mlp.post_act:1")
-        pg.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
-        pg.wait_for_function("() => { const e = document.querySelector('#status'); return !!e && e.innerText.includes('could not restore'); }")
-        text = pg.locator("#status").inner_text()
-        assert "no_such_task" in text and "k='abc'" in text
-        pg.goto(app_server["url"] + "?model=/no/such/dir")
-        pg.wait_for_function("() => { const e = document.querySelector('#status'); return !!e && e.innerText.includes('/no/such/dir'); }")
-        pg.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+        other.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+        wait_text(other, "#status", "unknown task 'no_such_task'")
+        assert "k='abc' is not a number" in text_of(other, "#status")
+        other.goto(app_server["url"] + "?model=/etc")
+        wait_text(other, "#status", "model '/etc' is not available")
+        other.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+        assert_no_errors(other)
     finally:
-        context.close()
+        other.context.close()
 
 
 # ---- the API ------------------------------------------------------------------------------------
@@ -325,16 +570,22 @@ def test_next_tokens_api(app_server):
     client = gradio_client.Client(app_server["url"], verbose=False)
     out = client.predict(prompt='def f(x):\n    return x + "a', api_name="/next_tokens")
     assert len(out["full"]) == 10 and all(0 <= r["prob"] <= 1 for r in out["full"])
-    assert abs(sum(r["prob"] for r in out["full"])) <= 1.0 + 1e-6
     assert out["circuit"] is not None and len(out["circuit"]) == 10
-    t = time.perf_counter()
-    client.predict(prompt="import os\n", api_name="/next_tokens")
-    print(f"/next_tokens round trip {1000 * (time.perf_counter() - t):.0f} ms")
-    # bad input: messages, not tracebacks
-    assert "empty" in client.predict(prompt="   ", api_name="/next_tokens")["error"]
-    ctrl = client.predict(prompt="x = 1\x00\x07\n", api_name="/next_tokens")
-    assert "control" in " ".join(ctrl["notices"])
-    long = client.predict(prompt="x = 1\n" * 400, api_name="/next_tokens")
+    # validated as the page validates
+    assert client.predict(prompt="x", task="nope", api_name="/next_tokens")["error"].startswith("unknown task 'nope'")
+    assert "unknown run" in client.predict(prompt="x", run="nope", api_name="/next_tokens")["error"]
+    run = app_server["run"]
+    for k in (-5, 99999):
+        answer = client.predict(prompt="x = 1", task="single_double_quote", run=run, k=k, api_name="/next_tokens")
+        assert f"k={k} is outside" in answer["notices"][0] and answer["circuit_nodes"] >= 1
+    assert "empty" in client.predict(prompt="", api_name="/next_tokens")["error"]
+    long = client.predict(prompt="x = 1\n" * 10_000, api_name="/next_tokens")
     assert any("kept the last" in n for n in long["notices"]) and long["full"]
-    bad = client.predict(prompt="x", model="no-such-org/no-such-model-xyz", api_name="/next_tokens")
-    assert "error" in bad and "no-such-model" in bad["error"]
+    # an unknown hub id fails fast, and the second time from the cache
+    t = time.perf_counter()
+    bad = client.predict(prompt="x", model="nobody/nothing", api_name="/next_tokens")
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    again = client.predict(prompt="x", model="nobody/nothing", api_name="/next_tokens")
+    assert "nobody/nothing" in bad["error"] and again == bad and time.perf_counter() - t < max(first, 2.0)
+    assert "is not available" in client.predict(prompt="x", model="/etc", api_name="/next_tokens")["error"]

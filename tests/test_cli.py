@@ -84,7 +84,24 @@ def test_evaluate_numbers(capsys, tiny, tmp_path):
     code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task", "single_double_quote", "--circuit", empty)
     result = one_json(out)
     assert result["complement_loss"] == pytest.approx(result["full_loss"], abs=1e-6)
+    assert (result["n_random"], result["seed"], result["freeze_norm_scales"]) == (5, 0, False)
     assert result["n_nodes"] == 0 and result["n_edges"] == 0
+
+
+def test_evaluate_uses_the_circuits_own_options_capped(capsys, tiny, tmp_path):
+    """The random baseline is drawn as the circuit's pruning did (its n_random, seed, frozen norms), as the app
+    does; a file asking for huge sizes is capped with a note on stderr."""
+    model = CSPForCausalLM.from_pretrained(tiny)
+    half_masks = {loc: torch.arange(m.numel()) % 2 == 0 for loc, m in all_kept(model.config).items()}
+    options = {"n_random": 3, "seed": 4, "freeze_norm_scales": True, "n_examples": 10**7}
+    path = CircuitGraph.from_masks(model, half_masks, model_name="tiny", meta={"options": options}).save(tmp_path / "c.json")
+    code, out, err = run(capsys, "evaluate", "--model", tiny, "--task", "single_double_quote", "--circuit", path)
+    result = one_json(out)
+    assert code == 0 and (result["n_random"], result["seed"], result["freeze_norm_scales"]) == (3, 4, True)
+    assert "note: n_examples=10000000 is outside [8, 2048]: using 2048" in err and result["n_examples"] <= 512
+    code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task", "single_double_quote", "--circuit", path,
+                       "--n-random", 2, "--seed", 1)
+    assert (one_json(out)["n_random"], one_json(out)["seed"]) == (2, 1)
 
 
 def test_prune_writes_a_circuit(capsys, tiny, tmp_path):
@@ -179,8 +196,10 @@ def test_next_tokens(capsys, tiny, converted, tmp_path):
     entry = explorer.get_model(str(tiny))
     assert result == explorer.next_tokens(entry, prompt, explorer.import_run_file(entry, str(half)))
 
-    code, _, err = run(capsys, "next-tokens", "--model", tiny, "--prompt", " \n\t")
+    code, _, err = run(capsys, "next-tokens", "--model", tiny, "--prompt", "")
     assert_one_line_error(code, err, "the prompt is empty")
+    code, out, _ = run(capsys, "next-tokens", "--model", tiny, "--prompt", " \n\t")  # whitespace is a prompt
+    assert code == 0 and one_json(out)["full"]
     code, _, err = run(capsys, "next-tokens", "--model", "nobody/no-such-model", "--prompt", "x = 1")
     assert_one_line_error(code, err, "could not load model 'nobody/no-such-model'")
     rms = CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"])

@@ -72,14 +72,19 @@ def test_attention_layer_graph(small):
     ids = [c[0] for c in nodes.customdata]
     assert sorted(ids) == sorted(n for n in small.nodes if n.startswith("0.attn"))
     pos = {i: (x, y) for i, x, y in zip(ids, nodes.x, nodes.y)}
-    assert pos["0.attn.act_in:3"][1] > pos["0.attn.q:17"][1] > pos["0.attn.resid_delta:3"][1]  # rows top to bottom
-    # q, k, v of head 1 (channels 17, 18) share a band; v:40 is head 2
-    labels = dict(zip(ids, nodes.text))
-    assert labels["0.attn.q:17"] == "h1.ch1" and labels["0.attn.v:40"] == "h2.ch8"
+    # rows top to bottom: act_in, q, k, v, resid_delta, each on a row of its own
+    ys = [pos[n][1] for n in ("0.attn.act_in:3", "0.attn.q:17", "0.attn.k:18", "0.attn.v:40", "0.attn.resid_delta:3")]
+    assert ys == sorted(ys, reverse=True) and len(set(ys)) == 5
+    assert dict(zip(fig.layout.yaxis.tickvals, fig.layout.yaxis.ticktext))[pos["0.attn.k:18"][1]] == "k"
+    # q:17 and k:18 are head 1 (one band, same column), v:40 is head 2 (a band to the right)
+    assert pos["0.attn.q:17"][0] == pos["0.attn.k:18"][0] < pos["0.attn.v:40"][0]
+    labels = dict(zip(ids, nodes.text))  # the band names the head, the label the channel
+    assert labels["0.attn.q:17"] == "ch1" and labels["0.attn.v:40"] == "ch8" and labels["0.attn.act_in:3"] == "r3"
     heads = [a.text for a in fig.layout.annotations]
-    assert "head 1" in heads and "head 2" in heads
+    assert heads == ["head 1", "head 2"] and len(fig.layout.shapes) == 2
     # importance is the marker colour; hover has id, head/channel and importance
     assert list(nodes.marker.color)[ids.index("0.attn.q:17")] == 0.5
+    assert nodes.marker.cmin == -nodes.marker.cmax  # zero is the middle (white) of the blue/red scale
     hover = nodes.hovertext[ids.index("0.attn.q:17")]
     assert "0.attn.q:17" in hover and "head 1" in hover and "0.5" in hover
     # edges: weight edges only (no residual ones), sign in the colour
@@ -103,8 +108,28 @@ def test_big_layer_wraps_and_caps_edges():
     assert len(set(mids)) == 3  # 100 neurons on 3 lines of at most 40
     assert all(y < min(yy for cd, yy in zip(trace.customdata, trace.y) if "act_in" in cd[0]) for y in mids)
     drawn = sum(sum(1 for v in t.x if v is None) for t in fig.data if t.mode == "lines")
-    assert drawn == 30 and "30 strongest of 100" in fig.layout.title.text
+    assert drawn == 30 and "100 weight edges, the 30 strongest drawn" in fig.layout.title.text
     assert fig.layout.height > 460  # taller for the extra lines
+    assert sum(1 for t in trace.text if t) == 105  # every node labelled up to max_labels
+    few = _node_trace(P.layer_graph_figure(c, "0.mlp", max_labels=50, selected="0.mlp.post_act:3"))
+    labelled = {cd[0] for cd, t in zip(few.customdata, few.text) if t}
+    assert len(labelled) == 61 and "0.mlp.post_act:99" in labelled and "0.mlp.post_act:3" in labelled
+    text_pos = {cd[0]: tp for cd, tp in zip(trace.customdata, trace.textposition)}
+    line = sorted((n for n in text_pos if "post_act" in n), key=lambda n: int(n.split(":")[1]))[:40]
+    assert {text_pos[n] for n in line[0::2]} == {"top center"} and {text_pos[n] for n in line[1::2]} == {"bottom center"}
+
+
+def test_edge_threshold_and_highlight(small):
+    """Large circuits: edges under a share of the largest |weight| are hidden, search matches get a ring."""
+    fig = P.layer_graph_figure(small, "0.attn", min_weight=0.5, highlight=["0.attn.k:18", "0.attn.v:40"])
+    drawn = sum(sum(1 for v in t.x if v is None) for t in fig.data if t.mode == "lines")
+    assert drawn == 2  # |0.7| and |-1.2| of the largest 1.2; 0.1 and -0.4 hidden
+    assert "2 of 4 weight edges with |w| ≥ 50% of the largest" in fig.layout.title.text
+    ring = [t for t in fig.data if t.name == "matches"][0]
+    assert [c[0] for c in ring.customdata] == ["0.attn.k:18", "0.attn.v:40"]
+    over = P.circuit_overview_figure(small, min_weight=0.9, highlight=["0.mlp.post_act:7"])
+    assert "1 of 6 weight edges" in over.layout.title.text
+    assert [t for t in over.data if t.name == "matches"][0].customdata[0][0] == "0.mlp.post_act:7"
 
 
 def test_mlp_layer_graph_and_empty_layer(small):
@@ -143,6 +168,40 @@ def test_layer_bars(small):
     bar = fig.data[0]
     assert list(bar.y) == ["1.mlp (0)", "1.attn (1)", "0.mlp (3)", "0.attn (5)"]
     assert list(bar.x) == [0.0, 0.0, 0.8, 0.4]
+    small.layer_deltas["0.attn"] = -0.2
+    colors = list(P.layer_bars_figure(P.layer_summary(small)).data[0].marker.color)
+    assert colors[-1] == P.NEGATIVE_HEX and colors[-2] == P.POSITIVE_HEX  # red for a negative delta
+
+
+def test_one_colour_convention():
+    """Blue is positive and red negative in every diverging scale and signed bar."""
+    assert P.DIVERGING[0][1] == "rgb(178,24,43)" and P.DIVERGING[-1][1] == "rgb(33,102,172)"
+    heat = P.task_activations_figure([[1.0, -1.0]], [[0.5, 0.5]]).data[0]
+    assert [c[1] for c in heat.colorscale][-1] == "rgb(33,102,172)"  # the largest value is blue
+    qk = P.attention_pattern_figure([[1.0, -1.0], [0.0, 2.0]], ["a", "b"], "qk", zero_centered=True).data[0]
+    assert [c[1] for c in qk.colorscale][0] == "rgb(178,24,43)"
+    pos = P.position_embedding_figure([[1.0, -1.0]]).data[0]
+    assert [c[1] for c in pos.colorscale][-1] == "rgb(33,102,172)"
+    abl = P.ablation_effect_figure([{"label": "a", "d_loss": 0.5, "d_logit_diff": -0.5}])
+    assert list(abl.data[0].marker.color) == [P.POSITIVE_HEX] and list(abl.data[1].marker.color) == [P.NEGATIVE_HEX]
+    imp = P.importance_bar_figure({"0.mlp.post_act:1": 0.3, "0.mlp.post_act:2": -0.1})
+    assert list(imp.data[0].marker.color) == [P.POSITIVE_HEX, P.NEGATIVE_HEX]
+    emb = P.embedding_tokens_figure(["a", "b", "c", "d"], [-2.0, -1.0, 1.0, 2.0], channel=0, n=2)
+    assert set(emb.data[0].marker.color) == {P.POSITIVE_HEX} and set(emb.data[1].marker.color) == {P.NEGATIVE_HEX}
+
+
+def test_log_axis_ticks_are_written_out():
+    """Log axes carry their own ticks (1, 2, 5 x 10^n in full) instead of Plotly's bare minor digits."""
+    fig = P.faithfulness_figure([[1, 2.0], [10, 0.5], [100, 0.05]], full_loss=0.1)
+    assert list(fig.layout.xaxis.tickvals) == [1, 2, 5, 10, 20, 50, 100]
+    assert list(fig.layout.xaxis.ticktext) == ["1", "2", "5", "10", "20", "50", "100"]
+    assert list(fig.layout.yaxis.ticktext) == ["0.05", "0.1", "0.2", "0.5", "1", "2"]
+    wide = P.faithfulness_figure([[1, 1.0], [2816, 0.1]])
+    assert list(wide.layout.xaxis.ticktext) == ["1", "10", "100", "1000"]  # many decades: powers of ten only
+    narrow = P.faithfulness_figure([[30, 0.31], [36, 0.3]])
+    assert len(narrow.layout.yaxis.tickvals) >= 2  # a range inside one decade still gets two ticks
+    density = P.training_curve_figure({"curve": [{"step": 1, "density": 0.5}, {"step": 2, "density": 0.1}]})
+    assert list(density.layout.yaxis2.ticktext) == ["0.1", "0.2", "0.5"]
 
 
 def test_curves(small):
@@ -208,6 +267,24 @@ def test_quantile_examples_html():
     assert out.index("0.1%") < out.index("50%")
     assert "peak 3" in out and "no examples" in out
     assert "No activating examples" in P.quantile_examples_html({})
+
+
+def test_task_examples_and_attention_html():
+    """The task view: token text per class (named), per-pair differences; attention of the decision token."""
+    classes = ([(["a", " b"], [1.0, -2.0])], [(["c", " d", " e"], [0.5, 0.5, 4.0])])
+    out = P.task_examples_html(classes, ("class 1: correct «\"»", "class 2: correct «'»"), [(["a", " b"], [0.5, -6.0])])
+    assert "class 1: correct «&quot;»" in out and "pair difference (class 1 − class 2)" in out
+    assert out.count('class="csp-tok"') == 2 + 3 + 2 and "outline:2px solid" in out  # largest |value| boxed
+    assert "rgba(178,24,43,0.850)" in out  # the difference -6 is the most negative of its own scale: full red
+    assert "No task examples" in P.task_examples_html(([], []), ("1", "2"))
+
+    from types import SimpleNamespace as Row  # the fields of explorer.analysis.AttentionRow
+
+    rows = [Row(tokens=["x", " =", ' "'], weights=[0.1, 0.2, 0.6], sink=0.1, class_index=0),
+            Row(tokens=["y"], weights=[0.3], sink=0.7, class_index=1)]
+    out = P.attention_rows_html(rows, ("class 1", "class 2"), "head 3")
+    assert out.index("class 1") < out.index("class 2") and "sink 0.10" in out and "sink 0.70" in out
+    assert "rgba(33,102,172,0.850)" in out  # the largest weight is full blue
 
 
 def test_node_panel_figures(small):

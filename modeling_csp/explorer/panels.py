@@ -1,0 +1,447 @@
+"""The app's other panels as plain results: the node panel, the prompt lab, curves and run details, embeddings,
+ablations, live importances, comparison, pruning, imports and downloads.
+
+Each `*_panel` function takes what the page holds (strings and numbers as the page has them) and returns a
+dataclass of ready-to-show texts and figures. A problem fills the panel it belongs to with its message and
+clears the rest of that panel (no stale result stays next to an error); it never raises for bad input.
+Pruning and imports return the new `View` (view.py) with the run selected, and the session that now holds it.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import plotting
+from . import analysis as A
+from .registry import (
+    ModelEntry, Run, Session, UserError, choose_run, find_run, first_line, get_model, import_run_file, log, run_store,
+)
+from .view import Request, View, resolve_view
+
+MESSAGE_CSS = "<style>.csp-msg{color:#8a5a00;background:#fff7e6;border:1px solid #f3d9a4;border-radius:4px;padding:6px 8px;margin:4px 0;}</style>"
+
+
+def message_html(text: str) -> str:
+    import html
+
+    return f'{MESSAGE_CSS}<div class="csp-msg">⚠️ {html.escape(text)}</div>'
+
+
+def _explain(exc: BaseException) -> str:
+    """The message for a failure: a UserError's own, anything else named (and logged with its traceback)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    import traceback
+
+    traceback.print_exc()
+    return f"unexpected error: {type(exc).__name__}: {first_line(exc)}"
+
+
+def _selection(model: Any, run_id: Any, k: Any) -> tuple[ModelEntry, Run | None, Any]:
+    """(model, run, circuit at k) for what the page holds; k is clamped silently (the view already said so)."""
+    entry = get_model(str(model or "") or None)
+    run = find_run(entry, None, str(run_id)) if run_id else None
+    circuit = None
+    if run is not None:
+        try:
+            k = A.clamp(k, 1, A.max_k(entry, run), "k")[0] if k not in (None, "") else None
+        except UserError:
+            k = None
+        circuit = A.circuit_at_k(entry, run, k)
+    return entry, run, circuit
+
+
+# =====================================================================================================
+# The node panel (what the view's header does not show)
+# =====================================================================================================
+
+
+@dataclass
+class NodePanel:
+    """Connections, activating examples, activations on the task's examples and, for attention nodes, the
+    head's attention on them. Each part shows its own message when it fails."""
+
+    connections: str = ""
+    examples: str = ""
+    task: str = ""
+    attention: str = ""
+    attention_figure: Any = None
+    qk_figure: Any = None
+
+
+def node_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_centered: bool = True) -> NodePanel:
+    try:
+        entry, run, circuit = _selection(model, run_id, k)
+    except Exception as exc:
+        return NodePanel(connections=message_html(_explain(exc)))
+    if circuit is None or not node or node not in circuit.nodes:
+        return NodePanel()
+    task = task if task in A.task_names() else circuit.task
+    panel = NodePanel()
+
+    def part(fn: Callable[[], str]) -> str:
+        try:
+            return fn()
+        except Exception as exc:
+            return message_html(_explain(exc))
+
+    panel.connections = part(lambda: plotting.connections_html(plotting.connections_table(circuit, node, entry.d_head)))
+
+    def examples():
+        ex = A.node_examples(entry, circuit, node)
+        return plotting.quantile_examples_html(ex.samples, zero_centered, title=f"Top / bottom activating examples ({ex.source})")
+
+    panel.examples = part(examples)
+
+    def task_part():
+        acts = A.task_activations(entry, run, circuit, node, task)
+        rows = tuple([(r.tokens, r.values) for r in cls] for cls in acts.classes)
+        diffs = [(r.tokens, r.values) for r in acts.pair_differences()]
+        return plotting.task_examples_html(rows, acts.names, diffs, zero_centered,
+                                           title=f"{node} on {task or 'the task'}'s examples ({acts.source})")
+
+    panel.task = part(task_part)
+    try:
+        att = A.head_attention(entry, run, circuit, node, task)
+    except Exception as exc:
+        panel.attention = message_html(_explain(exc))
+        return panel
+    if att is None:
+        panel.attention = plotting._CSS + ('<div class="csp-ex-title">Attention patterns are shown for attention '
+                                           "nodes (act_in, q, k, v and resid_delta of an attention layer).</div>")
+    else:
+        title = f"{att.layer}.attn head {att.head} on {task}'s examples" + (f" — {att.note}" if att.note else "")
+        panel.attention = plotting.attention_rows_html(att.rows, att.names, title)
+        panel.attention_figure = plotting.attention_pattern_figure(
+            att.pattern, att.tokens, f"head {att.head}: whole pattern on the first example", sink=att.sink)
+        if att.contrib is not None:
+            label = plotting.node_label(node, entry.d_head)
+            panel.qk_figure = plotting.attention_pattern_figure(
+                att.contrib, att.tokens, f"{label}: its own q·k/√d contribution", zero_centered=True)
+    return panel
+
+
+# =====================================================================================================
+# Prompt lab
+# =====================================================================================================
+
+
+@dataclass
+class PromptPanel:
+    notice: str = ""
+    tokens: str = ""
+    figure: Any = None
+    logit_diff: str = ""
+    node_acts: str = ""
+    json: dict | None = None
+
+
+def prompt_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, prompt: Any, a: Any, b: Any,
+                 zero_centered: bool = True) -> PromptPanel:
+    """Top next tokens of the full model and the circuit, the candidates' logit difference, the node's
+    activation per token; on a problem only its message (the previous prediction is cleared)."""
+    try:
+        entry, run, circuit = _selection(model, run_id, k)
+        node = node if circuit is not None and node in circuit.nodes else None
+        r = A.predict(entry, prompt, circuit, node, (a if isinstance(a, str) else None, b if isinstance(b, str) else None))
+    except Exception as exc:
+        msg = _explain(exc)
+        return PromptPanel(notice=f"⚠️ {msg}", figure=plotting.message_figure(f"⚠️ {msg}", 160))
+    if r.logit_diff is not None:
+        d = r.logit_diff
+        ld = (f"**logit({plotting.display_token(d.a)}) − logit({plotting.display_token(d.b)})**: full model {d.full:+.3f}"
+              + (f" · circuit {d.circuit:+.3f}" if d.circuit is not None else ""))
+    else:
+        ld = f"ℹ️ {r.logit_note}"
+    node_html = ""
+    if r.node:
+        node_html = plotting._CSS + plotting.token_heatmap_html(
+            r.tokens, r.node_acts, zero_centered=zero_centered, title=f"activations of {r.node} on the prompt (full model)")
+    title = f"Top {len(r.full)} next tokens" + (f" (circuit: {r.circuit_k} nodes)" if r.circuit else "")
+    return PromptPanel(
+        notice="\n".join(f"ℹ️ {n}" for n in r.notices) or f"{len(r.tokens)} token{'s' if len(r.tokens) != 1 else ''}",
+        tokens=plotting._CSS + plotting.tokens_html(r.tokens, r.ids),
+        figure=plotting.next_tokens_figure([(t["token"], t["prob"]) for t in r.full],
+                                           [(t["token"], t["prob"]) for t in r.circuit] if r.circuit else None, title),
+        logit_diff=ld, node_acts=node_html, json={"full": r.full, "circuit": r.circuit, "notices": r.notices})
+
+
+# =====================================================================================================
+# Curves and run details, embeddings
+# =====================================================================================================
+
+
+def _table(title: str, rows: list[tuple[str, Any]], head: tuple[str, str] = ("option", "value")) -> str:
+    """A small two-column HTML table with a title (values as the page shows them: 4 significant digits)."""
+    import html
+
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)[:120]
+
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(cell(v))}</td></tr>" for k, v in rows)
+    return (f'<div class="csp-details"><h4>{html.escape(title)}</h4><table class="csp-q">'
+            f"<tr><th>{head[0]}</th><th>{head[1]}</th></tr>{body}</table></div>")
+
+
+DETAILS_CSS = ("<style>.csp-details-row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start;}"
+               ".csp-details{min-width:260px;} .csp-details h4{margin:4px 0;} .csp-details td{font-size:12.5px;}</style>")
+
+
+def run_details(entry: ModelEntry, run: Run | None) -> str:
+    """The run's pruning configuration and outcome, and the model's final training metrics, as three tables
+    side by side (HTML)."""
+    parts = []
+    if run is not None:
+        meta = run.load().meta or {}
+        config = meta.get("options") or meta.get("prune_config") or {}
+        if isinstance(config, dict) and config:
+            parts.append(_table("Pruning configuration", [(k, v) for k, v in config.items()
+                                                          if not isinstance(v, (dict, list))]))
+        outcome = [(k, meta[k]) for k in ("target_reached", "train_circuit_loss", "full_accuracy", "circuit_accuracy",
+                                          "random_baseline_as_good", "importance_method", "n_train", "n_test", "seconds")
+                   if k in meta]
+        if outcome:
+            parts.append(_table("Pruning outcome", outcome, ("measure", "value")))
+        if not parts:
+            parts.append('<div class="csp-details"><h4>Pruning</h4>This run records no pruning configuration.</div>')
+    curve = entry.training_curve if isinstance(entry.training_curve, dict) else {}
+    final = curve.get("final") if isinstance(curve.get("final"), dict) else {}
+    last = (curve.get("curve") or [{}])[-1] if isinstance(curve.get("curve"), list) else {}
+    metrics = [(k, v) for k, v in {**(last if isinstance(last, dict) else {}), **final}.items()
+               if isinstance(v, (int, float, str, bool))]
+    for name, value in (final.get("quote_accuracy") or {}).items() if isinstance(final.get("quote_accuracy"), dict) else []:
+        metrics.append((f"quote_accuracy.{name}", value))
+    parts.append(_table("Model training: final metrics", metrics, ("metric", "value")) if metrics else
+                 '<div class="csp-details"><h4>Model training</h4>This model ships no training record.</div>')
+    return plotting._CSS + DETAILS_CSS + '<div class="csp-details-row">' + "".join(parts) + "</div>"
+
+
+@dataclass
+class CurvesPanel:
+    faithfulness: Any = None
+    pruning: Any = None
+    training: Any = None
+    details: str = ""
+
+
+def curves_panel(model: Any, task: Any, run_id: Any, k: Any) -> CurvesPanel:
+    """Faithfulness (task loss vs k, log-log, with the full model, target and random baseline), the pruning
+    curve, the model's training curve, and the run's configuration and the model's final metrics."""
+    try:
+        entry, run, circuit = _selection(model, run_id, k)
+    except Exception as exc:
+        msg = _explain(exc)
+        return CurvesPanel(plotting.message_figure(msg), plotting.message_figure(msg), plotting.message_figure(msg),
+                           f"⚠️ {msg}")
+    panel = CurvesPanel(training=plotting.training_curve_figure(entry.training_curve), details=run_details(entry, run))
+    if run is None:
+        panel.faithfulness = plotting.message_figure("No run selected.")
+        panel.pruning = plotting.message_figure("No run selected.")
+        return panel
+    panel.pruning = plotting.pruning_curve_figure(run.load().pruning_curve)
+    task = task if task in A.task_names() else None
+    try:
+        curve = A.faithfulness_curve(entry, run, task)
+        stats = A.circuit_stats(entry, run, circuit.n_nodes, task)
+        panel.faithfulness = plotting.faithfulness_figure(curve.points, stats.full, circuit.target_loss, stats.random,
+                                                          circuit.n_nodes, curve.random)
+    except Exception as exc:
+        panel.faithfulness = plotting.message_figure(f"⚠️ {_explain(exc)}")
+    return panel
+
+
+@dataclass
+class EmbeddingsPanel:
+    channel: int = 0
+    tokens: Any = None
+    histogram: Any = None
+    positions: Any = None
+    notice: str = ""
+
+
+def embeddings_panel(model: Any, channel: Any) -> EmbeddingsPanel:
+    """One residual channel's token and position embeddings (the channel clamped to the model's width)."""
+    try:
+        entry = get_model(str(model or "") or None)
+        c, wte, wpe, note = A.embedding_channel(entry, channel)
+    except Exception as exc:
+        msg = _explain(exc)
+        return EmbeddingsPanel(0, plotting.message_figure(msg), plotting.message_figure(msg), plotting.message_figure(msg),
+                               f"⚠️ {msg}")
+    return EmbeddingsPanel(c, plotting.embedding_tokens_figure(entry.vocab, wte, c),
+                           plotting.weights_histogram_figure(wte, f"Token embedding weights of channel {c}"),
+                           plotting.position_embedding_figure(wpe, c if c < len(wpe[0]) else None),
+                           f"⚠️ {note}" if note else "")
+
+
+# =====================================================================================================
+# Ablations, importances, comparison
+# =====================================================================================================
+
+
+@dataclass
+class AblationPanel:
+    figure: Any = None
+    table: str = ""
+
+
+def ablation_panel(model: Any, task: Any, run_id: Any, k: Any, layers: Any, nodes: Any, mode: Any, base: Any) -> AblationPanel:
+    try:
+        entry, run, circuit = _selection(model, run_id, k)
+        base = "circuit" if base == "circuit" else "full"
+        rows = A.ablation_effects(entry, run, circuit, task, list(layers or []), list(nodes or []), str(mode), base)
+    except Exception as exc:
+        msg = _explain(exc)
+        return AblationPanel(plotting.message_figure(f"⚠️ {msg}", 160), f"⚠️ {msg}")
+    table = "| ablation | task loss | Δ loss | logit diff | Δ logit diff |\n|---|---|---|---|---|\n" + "\n".join(
+        f"| {r.label} | {r.loss:.4f} | {r.d_loss:+.4f} | {r.logit_diff:.3f} | {r.d_logit_diff:+.3f} |" for r in rows)
+    where = "circuit" if base == "circuit" else "full model"
+    figure = plotting.ablation_effect_figure([{"label": r.label, "d_loss": r.d_loss, "d_logit_diff": r.d_logit_diff}
+                                              for r in rows if not r.baseline], f"{mode}-ablation from the {where} on {task}")
+    return AblationPanel(figure, table)
+
+
+def importance_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any,
+                     progress: Callable[[int, int], None] | None = None):
+    """A bar figure of every circuit node's live importance (or a message figure)."""
+    try:
+        entry, run, circuit = _selection(model, run_id, k)
+        if circuit is None:
+            raise UserError("no circuit selected")
+        imps, method = A.live_importances(entry, run, circuit, task, progress)
+    except Exception as exc:
+        return plotting.message_figure(f"⚠️ {_explain(exc)}", 160)
+    return plotting.importance_bar_figure(imps, node, entry.d_head,
+                                          title=f"Live node importances on {task} ({len(imps)} nodes, {method})")
+
+
+@dataclass
+class ComparePanel:
+    figure: Any = None
+    text: str = ""
+
+
+def compare_panel(model: Any, task: Any, run_id: Any, k: Any, other_id: Any) -> ComparePanel:
+    try:
+        entry, run, circuit = _selection(model, run_id, k)
+        other = find_run(entry, None, str(other_id)) if other_id else None
+        if circuit is None or other is None:
+            raise UserError("choose a run to compare with")
+        d = circuit.diff(other.load())
+    except Exception as exc:
+        msg = _explain(exc)
+        return ComparePanel(plotting.message_figure(f"⚠️ {msg}", 160), f"⚠️ {msg}")
+    text = (f"nodes: {len(d.nodes_only_self)} only in {run.name}, {len(d.nodes_both)} in both, "
+            f"{len(d.nodes_only_other)} only in {other.name} · edges: {len(d.edges_only_self)} / "
+            f"{len(d.edges_both)} / {len(d.edges_only_other)}")
+    return ComparePanel(plotting.circuit_diff_figure(d, "this", "other"), text)
+
+
+# =====================================================================================================
+# Pruning, imports and downloads: new runs
+# =====================================================================================================
+
+
+def circuit_nodes(model: Any, run_id: Any, k: Any) -> list[str]:
+    """The shown circuit's node ids (to offer for ablation), none when there is no circuit."""
+    try:
+        _, _, circuit = _selection(model, run_id, k)
+    except Exception as exc:
+        log(f"no circuit nodes: {first_line(exc)}")
+        return []
+    return list(circuit.nodes) if circuit is not None else []
+
+
+def prune_check(model: Any, task: Any, target: Any, relative: bool) -> str:
+    """What the full model's loss says about a pruning target, before pruning (markdown)."""
+    try:
+        entry = get_model(str(model or "") or None)
+        return A.prune_target(entry, task, target, bool(relative)).message
+    except Exception as exc:
+        return f"⚠️ {_explain(exc)}"
+
+
+def _with_new_run(session: Session, entry: ModelEntry, run: Run, tab: str) -> tuple[View, list[str]]:
+    """Saves a new run (store), makes it the session's and returns the view that shows it, and notes."""
+    saved, notice = run_store().save(run)
+    session = (session if isinstance(session, Session) else Session()).with_run(saved.id, entry.spec)
+    view = resolve_view(session, Request("run", model=entry.spec, task=saved.task or session.view.get("task"),
+                                         run=saved.id, tab=tab))
+    return view, [notice] if notice else []
+
+
+@dataclass
+class NewRun:
+    """A run made by pruning or an import: the view that shows it (None when it failed) and the message."""
+
+    view: View | None
+    message: str
+    notes: list[str] = field(default_factory=list)
+
+
+def prune_new_run(session: Session, model: Any, task: Any, target: Any, relative: bool, steps: Any,
+                  progress: Callable[[float, str], None] | None = None, tab: str = "browser") -> NewRun:
+    try:
+        entry = get_model(str(model or "") or None)
+        outcome = A.prune_circuit(entry, task, target, steps, bool(relative), progress)
+        view, notes = _with_new_run(session, entry, outcome.run, tab)
+    except Exception as exc:
+        return NewRun(None, f"⚠️ pruning failed: {_explain(exc)}")
+    return NewRun(view, outcome.message + "".join(f" ⚠️ {n}" for n in notes), notes)
+
+
+def import_new_run(session: Session, model: Any, path: Any, name: str | None = None, tab: str = "browser") -> NewRun:
+    try:
+        if not path:
+            raise UserError("no file")
+        entry = get_model(str(model or "") or None)
+        run = import_run_file(entry, str(path), name or Path(str(path)).name)
+        view, notes = _with_new_run(session, entry, run, tab)
+    except Exception as exc:
+        return NewRun(None, f"⚠️ could not import {name or 'the file'}: {_explain(exc)}")
+    c = view.run.load()
+    return NewRun(view, f"✅ imported {name or Path(str(path)).name}: {c.n_nodes} nodes, {c.n_edges} edges"
+                  + "".join(f" ⚠️ {n}" for n in notes), notes)
+
+
+def api_next_tokens(prompt: Any, model: Any = "", task: Any = "", run: Any = "", k: Any = 0) -> dict[str, Any]:
+    """The `/next_tokens` answer, validated as the page validates: an unknown model, task or run is an error,
+    a run of another task too; k is clamped to the run's range with a notice. Errors are {"error": message}."""
+    try:
+        entry = get_model(str(model or "").strip() or None)
+        task = str(task or "").strip() or None
+        if task is not None and task not in A.task_names():
+            raise UserError(f"unknown task {task!r} (`csp tasks` lists them)")
+        chosen = choose_run(entry, str(run or "").strip() or None, task)
+        answer = A.next_tokens(entry, prompt, chosen, k)
+        if chosen is None and k not in (None, "", 0):
+            answer["notices"].insert(0, f"k={k!r} ignored: no run for {task or 'this model'}")
+        return answer
+    except Exception as exc:
+        return {"error": _explain(exc)}
+
+
+def download_path(model: Any, run_id: Any, k: Any) -> str | None:
+    """The shown circuit written as a csp-circuit file (one file per run and k, rewritten), for download."""
+    try:
+        entry, run, circuit = _selection(model, run_id, k)
+    except Exception as exc:
+        log(f"no download: {first_line(exc)}")
+        return None
+    if circuit is None:
+        return None
+    folder = Path(tempfile.gettempdir()) / "csp_app_downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{circuit.task or 'circuit'}_k{circuit.n_nodes}_{run.id}")[:120]
+    return str(circuit.save(folder / f"{name}.json"))
+
+
+__all__ = [
+    "NodePanel", "node_panel", "PromptPanel", "prompt_panel", "CurvesPanel", "curves_panel", "run_details",
+    "EmbeddingsPanel", "embeddings_panel", "AblationPanel", "ablation_panel", "importance_panel", "ComparePanel",
+    "compare_panel", "circuit_nodes", "prune_check", "api_next_tokens", "NewRun", "prune_new_run", "import_new_run", "download_path", "message_html",
+]

@@ -1,0 +1,398 @@
+"""The browser's view model: one function from (session, request) to a `View` that says what the page shows.
+
+`resolve_view(session, Request(event, model=…, task=…, run=…, k=…, layer=…, node=…))` decides every selection
+(model, task, run, k, layer, node) from what the user asked for, falling back to defaults, clamping numbers and
+naming every change in `View.status`; it never raises for bad input. The figures and texts of the view are
+properties computed on first use, so a front end pays only for what it sends; `View.changed` names the parts of
+the page that a transition changes. The app (app.py) maps these onto its components in a few lines, and the
+tests drive every transition here, without a browser.
+
+Events: "load" (the page opens: URL parameters in `query`, the browser's saved runs in `saved`), "model",
+"task", "run", "k", "layer", "node", "click" (a node clicked in the graph), "search" (node search), "edges"
+(edge threshold), "stats" (the slow numbers of the current view: random baseline, layer deltas), "tab"
+(a tab opened: its figures).
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.parse
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Mapping
+
+from .. import plotting
+from ..circuits import CircuitGraph
+from . import analysis as A
+from .registry import (
+    MAX_SPEC_CHARS, ModelEntry, Run, Session, UserError, default_model_spec, find_run, get_model, loaded_models,
+    runs_for_task, session_runs,
+)
+
+SELECTORS = ("model", "task", "run", "k", "layer", "node")
+PARTS = ("model", "task", "run", "k", "summary", "status", "empty", "layer", "node", "graph", "layer_bars",
+         "overview", "share", "node_header")
+_VIEW_PARTS = frozenset(PARTS) - {"overview"}
+CHANGES = {  # what each event changes on the page (the overview only when its tab is open, see resolve_view)
+    "load": _VIEW_PARTS, "model": _VIEW_PARTS, "task": _VIEW_PARTS, "run": _VIEW_PARTS,
+    "k": _VIEW_PARTS - {"model", "task", "run", "empty", "layer_bars"},  # bars: with the new deltas ("stats")
+    # (the layer bars do not depend on the selection: the layer list shows which layer is chosen)
+    "layer": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),
+    "node": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer (and, for a click,
+    "click": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # the graph) only when the
+    "search": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer changes
+    "edges": frozenset({"graph", "status"}),
+    "stats": frozenset({"summary", "layer", "layer_bars"}),
+    "tab": frozenset(),
+}
+RESETS = {  # selections that go back to their defaults when an earlier one changes
+    "model": {"task", "run", "k", "layer", "node"}, "task": {"run", "k", "layer", "node"},
+    "run": {"k", "layer", "node"}, "layer": {"node"},
+}
+MAX_QUERY_CHARS = 300
+MAX_SEARCH_CHARS = 100
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the page asks for: the event and the selectors' current values (as the page has them: strings,
+    floats, anything), plus the edge threshold, a node search, the open tab, and on "load" the URL's
+    parameters and the browser's saved runs."""
+
+    event: str
+    model: Any = None
+    task: Any = None
+    run: Any = None
+    k: Any = None
+    layer: Any = None
+    node: Any = None
+    edges: Any = 0.0  # edge threshold, % of the largest |weight|
+    search: Any = None
+    tab: str = "browser"
+    query: Mapping[str, Any] | None = None
+    saved: Any = None
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x + 0.0:.{digits}g}"
+
+
+@dataclass
+class View:
+    """Everything the circuit browser shows for one selection. Selections and choices are plain values; the
+    summary, node header, share query and figures are computed on first use."""
+
+    session: Session
+    entry: ModelEntry
+    model: str
+    task: str
+    run: Run | None
+    runs: list[Run]
+    k: int | None
+    k_max: int
+    layer: str | None
+    node: str | None
+    circuit: CircuitGraph | None
+    stats: A.CircuitStats | None
+    notices: list[str] = field(default_factory=list)
+    changed: frozenset[str] = _VIEW_PARTS
+    edges: float = 0.0
+    matches: tuple[str, ...] = ()
+    tab: str = "browser"
+    event: str = "load"  # the request's event ("stats": only the slow numbers of this selection)
+
+    # -- selectors ------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        return "⚠️ " + " · ".join(self.notices) if self.notices else ""
+
+    @property
+    def model_choices(self) -> list[str]:
+        return list(dict.fromkeys([self.model, default_model_spec()] + loaded_models()))
+
+    @property
+    def task_choices(self) -> list[str]:
+        return A.task_names()
+
+    @property
+    def run_choices(self) -> list[tuple[str, str]]:
+        return [(r.name, r.id) for r in self.runs]
+
+    @property
+    def empty(self) -> str | None:
+        """The message for a task without a circuit (the page shows it with a button to prune one)."""
+        if self.run is not None:
+            return None
+        return (f"**No circuit yet** for `{self.task}`. Prune one here (about a minute on a laptop CPU; target and "
+                "steps as set in *Ablations & pruning*), import a circuit file in *Share & files*, or pick another "
+                "task.")
+
+    @property
+    def layer_choices(self) -> list[tuple[str, str]]:
+        if self.circuit is None:
+            return []
+        return [(f"{r['layer']} · Δ {_fmt(r['delta'], 3)} · {r['n_nodes']} nodes", r["layer"]) for r in self._layer_rows]
+
+    @property
+    def node_choices(self) -> list[tuple[str, str]]:
+        if self.circuit is None or not self.layer:
+            return []
+        return [(f"{plotting.node_label(n, self.entry.d_head)} · {n} · {_fmt(self.circuit.nodes[n], 3)}", n)
+                for n in plotting.layer_node_ids(self.circuit, self.layer)]
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        return {"model": self.model, "task": self.task, "run": self.run.id if self.run else None, "k": self.k,
+                "layer": self.layer, "node": self.node}
+
+    @property
+    def share_query(self) -> str:
+        """The URL query that restores this view (saved runs travel by id: the server keeps them)."""
+        return urllib.parse.urlencode({k: v for k, v in self.selection.items() if v not in (None, "")})
+
+    # -- texts ------------------------------------------------------------------------------------
+
+    @cached_property
+    def summary(self) -> str:
+        e = self.entry
+        c = e.config
+        lines = [f"**Model** `{self.model}` · {e.n_layer} layers · d_model {c.d_model} · {c.n_head}×{e.d_head} heads · "
+                 f"d_mlp {c.d_mlp} · vocab {c.vocab_size}"]
+        try:
+            from ..tasks import get_task
+
+            lines.append(f"**Task** `{self.task}`: {get_task(self.task).description}")
+        except ValueError:
+            lines.append(f"**Task** `{self.task}`")
+        if self.run is None or self.circuit is None:  # the "no circuit yet" box says the rest
+            return "\n\n".join(lines)
+        s = self.stats or A.CircuitStats()
+        pending = "…" if not s.complete else "n/a"
+        val = lambda v: _fmt(v) if v is not None else pending  # noqa: E731
+        lines.append(f"**Run** {self.run.name} · ablation: {self.circuit.ablation}" + (" · losses computed live" if s.live else ""))
+        lines.append("| full model loss | circuit loss | random same-size | complement | nodes | edges | target |\n"
+                     "|---|---|---|---|---|---|---|\n"
+                     f"| {val(s.full)} | {val(s.circuit)} | {val(s.random)} | {val(s.complement)} | "
+                     f"{self.circuit.n_nodes} of {e.n_total_nodes} | {self.circuit.n_edges} | {_fmt(self.circuit.target_loss)} |")
+        if s.error:
+            lines.append(f"⚠️ {s.error}")
+        if s.notices:
+            lines.append("⚠️ " + "; ".join(s.notices))
+        if s.random_as_good:
+            lines.append("⚠️ random circuits of the same size do as well: this circuit says little about which nodes matter.")
+        return "\n\n".join(lines)
+
+    @cached_property
+    def node_header(self) -> str:
+        if self.circuit is None or not self.node:
+            return "*Select a node in the graph or the list above.*" if self.circuit is not None else ""
+        d = self.entry.d_head
+        return (f"### `{self.node}` · {plotting.node_label(self.node, d)}\n{plotting._node_detail(self.node, d)} · "
+                f"ablation importance **{_fmt(self.circuit.nodes[self.node])}** (task-loss increase when it alone is "
+                "ablated)")
+
+    # -- figures ----------------------------------------------------------------------------------
+
+    @cached_property
+    def _layer_rows(self) -> list[dict]:
+        deltas = (self.stats.layer_deltas if self.stats else None) or self.circuit.layer_deltas or {}
+        rows = plotting.layer_summary(self.circuit, self.entry.n_layer)
+        return [{**r, "delta": deltas.get(r["layer"], r["delta"])} for r in rows]
+
+    @cached_property
+    def graph(self):
+        if self.circuit is None:
+            return plotting.message_figure(f"No circuit for {self.task} yet.")
+        return plotting.layer_graph_figure(self.circuit, self.layer, self.node, min_weight=self.edges,
+                                           highlight=self.matches)
+
+    @cached_property
+    def layer_bars(self):
+        if self.circuit is None:
+            return plotting.message_figure("No circuit.", 200)
+        return plotting.layer_bars_figure(self._layer_rows)
+
+    @cached_property
+    def overview(self):
+        if self.circuit is None:
+            return plotting.message_figure(f"No circuit for {self.task} yet.")
+        return plotting.circuit_overview_figure(self.circuit, self.entry.n_layer, self.node, min_weight=self.edges,
+                                                highlight=self.matches)
+
+
+# =====================================================================================================
+# Resolving a request
+# =====================================================================================================
+
+
+def _text(value: Any, limit: int = MAX_QUERY_CHARS) -> str | None:
+    """A selector value as a short string (None for nothing); longer strings are cut."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text[:limit] if text else None
+
+
+def search_nodes(circuit: CircuitGraph, text: str, d_head: int) -> list[str]:
+    """Nodes whose id or label contains `text` (case-insensitive), most important first."""
+    needle = text.strip().lower()
+    if not needle:
+        return []
+    found = [n for n in circuit.nodes if needle in f"{n} {plotting.node_label(n, d_head)}".lower()]
+    return sorted(found, key=lambda n: -(circuit.nodes[n] if circuit.nodes[n] is not None else -math.inf))
+
+
+def _first_task_with_run(entry: ModelEntry, session: Session) -> str:
+    names = A.task_names()
+    tasked = [r.task for r in session_runs(entry, session) if r.task in names]
+    return tasked[0] if tasked else names[0]
+
+
+def _resolve(session: Session, request: Request) -> View:
+    event = request.event
+    if event not in CHANGES:
+        raise UserError(f"unknown event {event!r}")
+    notices: list[str] = []
+    asked = {name: getattr(request, name) for name in SELECTORS}
+    if event == "load":
+        session = Session.restore(request.saved)
+        query = request.query or {}
+        asked = {name: _text(query.get(name)) for name in SELECTORS}
+    fresh = RESETS.get(event, set())
+    explicit = set(SELECTORS) if event == "load" else {event}  # values the user typed or linked: say if they fail
+
+    def wanted(name):
+        return None if name in fresh else asked.get(name)
+
+    # model
+    spec = _text(asked["model"], MAX_SPEC_CHARS) or default_model_spec()
+    try:
+        entry = get_model(spec)
+    except UserError as exc:
+        if event != "load":
+            raise
+        notices.append(f"{exc}; showing {default_model_spec()} instead")
+        entry = get_model(default_model_spec())
+        fresh = RESETS["model"]
+
+    # task
+    names = A.task_names()
+    task = _text(wanted("task"))
+    if task is not None and task not in names:
+        if "task" in explicit:
+            if event == "task":
+                raise UserError(f"unknown task {task!r}")
+            notices.append(f"unknown task {task!r}")
+        task = None
+    task = task or _first_task_with_run(entry, session)
+
+    # run: the model's runs and the session's for this task; a saved run linked by id joins the session
+    run_id = _text(wanted("run"))
+    run = find_run(entry, session, run_id) if run_id else None
+    if run is not None and run.id.startswith("saved:") and run.id not in session.runs and run.task in (task, None):
+        session = session.with_run(run.id, entry.spec)
+    runs = runs_for_task(entry, session, task)
+    if run is not None and run.id not in {r.id for r in runs}:
+        run = None
+    if run is None:
+        if run_id and "run" in explicit:
+            notices.append(f"run {run_id!r} is not available for {task} here (runs pruned or imported elsewhere "
+                           "travel by link only while the server keeps them)")
+        run = runs[0] if runs else None
+
+    # k
+    k, k_max, circuit, stats = None, 1, None, None
+    if run is not None:
+        whole = run.load()
+        k_max = max(A.max_k(entry, run), 1)
+        raw_k = wanted("k")
+        k = whole.n_nodes
+        if raw_k not in (None, ""):
+            try:
+                k, note = A.clamp(raw_k, 1, k_max, "k")
+                if note:
+                    notices.append(note)
+            except UserError as exc:
+                notices.append(f"{exc}: showing k={k}")
+        circuit = A.circuit_at_k(entry, run, k)
+        stats = A.circuit_stats(entry, run, k, task, quick=event != "stats")
+
+    # layer and node
+    layer = node = None
+    matches: tuple[str, ...] = ()
+    if circuit is not None:
+        deltas = (stats.layer_deltas if stats else None) or circuit.layer_deltas
+        layer_names = plotting.layer_names(entry.n_layer)
+        asked_layer, asked_node = _text(wanted("layer")), _text(wanted("node"))
+        if event == "search":
+            text = (_text(request.search, MAX_SEARCH_CHARS) or "")
+            found = search_nodes(circuit, text, entry.d_head)
+            if found:
+                matches, asked_node = tuple(found), found[0]
+                notices.append(f"{len(found)} node(s) match {text!r}" + (f"; showing {found[0]}" if len(found) > 1 else ""))
+            else:
+                notices.append(f"no node of this circuit matches {text!r}")
+        if asked_node is not None and asked_node not in circuit.nodes:
+            if "node" in explicit or event == "click":
+                notices.append(f"node {asked_node!r} is not in this circuit")
+            asked_node = None
+        if event in ("node", "click", "search") and asked_node is not None:
+            asked_layer = plotting.sublayer_of(asked_node)
+        if asked_layer is not None and asked_layer not in layer_names:
+            if "layer" in explicit:
+                notices.append(f"layer {asked_layer!r} is not in this model")
+            asked_layer = None
+        if event == "k" and asked_layer is not None and not plotting.layer_node_ids(circuit, asked_layer):
+            asked_layer = None  # the smaller circuit has nothing left there
+        if asked_layer is None and asked_node is not None:
+            asked_layer = plotting.sublayer_of(asked_node)
+        layer = asked_layer or A.best_layer(entry, circuit, deltas)
+        node = asked_node if asked_node is not None and plotting.sublayer_of(asked_node) == layer else A.best_node(circuit, layer)
+
+    # edge threshold: a percentage of the largest |weight|
+    edges = 0.0
+    if request.edges not in (None, ""):
+        try:
+            pct, note = A.clamp(request.edges, 0, 100, "edge threshold (%)")
+            edges = pct / 100
+            if note and event == "edges":
+                notices.append(note)
+        except UserError as exc:
+            if event == "edges":
+                notices.append(str(exc))
+
+    changed = CHANGES[event]
+    if event in ("layer", "node", "click", "search") and layer == _text(request.layer):
+        changed = changed - {"layer"}  # the layer list already shows this layer
+        if event == "click":
+            changed = changed - {"graph"}  # the page moved the selection ring itself
+    if request.tab == "overview" and event not in ("stats",):
+        changed = changed | {"overview"}
+    view = View(session=session, entry=entry, model=entry.spec, task=task, run=run,
+                runs=runs, k=k, k_max=k_max, layer=layer, node=node, circuit=circuit, stats=stats,
+                notices=notices, changed=changed, edges=edges, matches=matches, tab=request.tab, event=event)
+    view.session = session.with_view(view.selection)
+    return view
+
+
+def resolve_view(session: Session | None, request: Request) -> View:
+    """The view for a request. Bad values are clamped or replaced by defaults with a message in `status`; a
+    model or task that cannot be shown keeps the previous view (its selector goes back) with the message."""
+    session = session if isinstance(session, Session) else Session()
+    try:
+        return _resolve(session, request)
+    except UserError as exc:
+        previous = dict(session.view)
+        if not previous:
+            previous = {"model": default_model_spec()}
+        try:  # the previous selection, as it was (a "k" request keeps every selection it is given)
+            view = _resolve(session, Request("k", **{k: v for k, v in previous.items() if k in SELECTORS},
+                                             edges=request.edges, tab=request.tab))
+        except UserError:
+            view = _resolve(Session(runs=dict(session.runs)), Request("model", model=default_model_spec(), tab=request.tab))
+        reverted = {request.event} & set(SELECTORS)
+        return replace(view, notices=[str(exc)], changed=frozenset({"status"} | reverted))
+
+
+__all__ = ["Request", "View", "resolve_view", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]

@@ -1,0 +1,150 @@
+"""`modeling_csp.explorer.panels`: the app's other panels as plain results. Each takes what the page holds, and a
+problem fills its own panel with the message and clears the rest of it. On the default model (or
+$CSP_APP_TEST_MODEL) with the small test circuit; pruning and imports through the server-side run store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TEST_TASK
+from modeling_csp.explorer import panels, registry
+from modeling_csp.explorer.registry import Session
+
+TASK = TEST_TASK
+
+
+@pytest.fixture(scope="module")
+def page(test_circuit, tmp_path_factory):
+    """What a page showing the test circuit holds: model, task, run id, k and a node; saved runs in a temp store."""
+    spec, path = test_circuit
+    entry = registry.get_model(spec)
+    run = registry.import_run_file(entry, str(path))
+    entry.runs[run.id] = run  # as CSP_APP_IMPORT offers it
+    node = max(run.circuit.nodes, key=lambda n: run.circuit.nodes[n] or 0)
+    before = registry.settings.store_dir
+    registry.settings.store_dir = tmp_path_factory.mktemp("store")
+    yield {"model": spec, "task": TASK, "run": run.id, "k": run.circuit.n_nodes, "node": node, "entry": entry, "path": path}
+    registry.settings.store_dir = before
+
+
+def test_node_panel(page):
+    p = panels.node_panel(page["model"], page["task"], page["run"], page["k"], page["node"])
+    assert "incoming" in p.connections and "Top / bottom activating examples" in p.examples
+    assert "pair difference" in p.task and "class 1: correct" in p.task
+    attn = next(n for n in registry.find_run(page["entry"], None, page["run"]).circuit.nodes if ".attn.q:" in n)
+    q = panels.node_panel(page["model"], page["task"], page["run"], page["k"], attn)
+    assert "head" in q.attention and q.attention_figure is not None and q.qk_figure is not None
+    mlp = next(n for n in registry.find_run(page["entry"], None, page["run"]).circuit.nodes if ".mlp." in n)
+    m = panels.node_panel(page["model"], page["task"], page["run"], page["k"], mlp)
+    assert "shown for attention nodes" in m.attention and m.attention_figure is None
+    assert panels.node_panel(page["model"], page["task"], page["run"], page["k"], "9.mlp.post_act:1") == panels.NodePanel()
+    bad = panels.node_panel("/no/such/model", page["task"], page["run"], page["k"], page["node"])
+    assert "⚠️" in bad.connections and bad.examples == bad.task == ""
+
+
+def test_prompt_panel_clears_on_error(page):
+    args = (page["model"], page["task"], page["run"], page["k"], page["node"])
+    ok = panels.prompt_panel(*args, 'x = "hello', '"', "'")
+    assert ok.json["full"] and ok.json["circuit"] and "logit(" in ok.logit_diff and "csp-tok" in ok.tokens
+    assert "activations of" in ok.node_acts
+    err = panels.prompt_panel(*args, "", '"', "'")
+    assert err.notice == "⚠️ the prompt is empty: type some Python code" and err.tokens == "" and err.json is None
+    assert err.logit_diff == "" and err.node_acts == "" and "prompt is empty" in err.figure.layout.annotations[0].text
+    spaces = panels.prompt_panel(*args, "    ", "", "'")  # indentation is a prompt; one candidate is not a pair
+    assert spaces.json["full"] and spaces.logit_diff.startswith("ℹ️ type a candidate token in both boxes")
+
+
+def test_ablation_and_importance_panels(page):
+    args = (page["model"], page["task"], page["run"], page["k"])
+    ok = panels.ablation_panel(*args, ["0.attn"], [page["node"]], "mean", "circuit")
+    assert "baseline (circuit)" in ok.table and len(ok.figure.data) == 2
+    err = panels.ablation_panel(*args, [], [], "mean", "full model")
+    assert err.table.startswith("⚠️ choose at least one") and "choose at least one" in err.figure.layout.annotations[0].text
+    steps = []
+    fig = panels.importance_panel(*args, page["node"], progress=lambda done, total: steps.append(done))
+    assert fig.data[0].type == "bar" and steps == list(range(1, page["k"] + 1))
+    assert "choose a task" in panels.importance_panel(page["model"], None, page["run"], page["k"], None).layout.annotations[0].text
+    assert set(panels.circuit_nodes(page["model"], page["run"], 5)) <= set(
+        panels.circuit_nodes(page["model"], page["run"], page["k"])) and panels.circuit_nodes("/no/model", None, 1) == []
+    cmp = panels.compare_panel(*args, page["run"])
+    assert cmp.text.startswith("nodes: 0 only in") and cmp.figure.data
+    assert panels.compare_panel(*args, None).text == "⚠️ choose a run to compare with"
+
+
+def test_curves_panel_shows_the_pruning_config_and_training_metrics(page):
+    p = panels.curves_panel(page["model"], page["task"], page["run"], page["k"])
+    assert p.faithfulness.layout.xaxis.type == "log" and p.faithfulness.layout.xaxis.tickvals
+    assert "<h4>Pruning configuration</h4>" in p.details and "<td>n_examples</td><td>64</td>" in p.details
+    assert "<h4>Model training: final metrics</h4>" in p.details
+    if page["model"] == "default":  # the embedded model ships its training record
+        curve = page["entry"].training_curve
+        assert f"<td>val_loss</td><td>{curve['final']['val_loss']:.4g}</td>" in p.details
+    shipped = next(r for r in page["entry"].runs.values() if r.source == "shipped") if page["model"] == "default" else None
+    if shipped is not None:
+        details = panels.run_details(page["entry"], shipped)
+        assert "<td>target_reached</td><td>True</td>" in details and "<td>steps</td><td>200</td>" in details
+
+
+def test_embeddings_panel_clamps_the_channel(page):
+    p = panels.embeddings_panel(page["model"], 99999)
+    d = page["entry"].config.d_model
+    assert p.channel == d - 1 and f"channel=99999 is outside [0, {d - 1}]" in p.notice and p.tokens.data
+    assert panels.embeddings_panel(page["model"], "x").notice.startswith("⚠️ channel='x' is not a number")
+
+
+def test_next_tokens_api_validates_like_the_page(page):
+    ok = panels.api_next_tokens('x = "a', page["model"], page["task"], page["run"], 5)
+    assert ok["run"] == page["run"] and ok["circuit_nodes"] == 5 and ok["notices"] == []
+    assert panels.api_next_tokens("x", page["model"], "nope")["error"].startswith("unknown task 'nope'")
+    assert "unknown run 'nope'" in panels.api_next_tokens("x", page["model"], page["task"], "nope")["error"]
+    assert "is a circuit for single_double_quote, not with_as" in panels.api_next_tokens(
+        "x", page["model"], "with_as", page["run"])["error"]
+    for k, used in ((-5, 1), (99999, page["k"])):
+        out = panels.api_next_tokens("x", page["model"], page["task"], page["run"], k)
+        assert out["circuit_nodes"] == used and f"k={k} is outside" in out["notices"][0]
+    assert "not a number" in panels.api_next_tokens("x", page["model"], page["task"], page["run"], "lots")["error"]
+    assert "no run for with_as" in panels.api_next_tokens("x", page["model"], "with_as", "", 3)["notices"][0]
+    assert "empty" in panels.api_next_tokens("", page["model"])["error"]
+
+
+def test_an_imported_run_joins_the_session_and_survives_a_reload(page, tmp_path):
+    session = Session()
+    new = panels.import_new_run(session, page["model"], str(page["path"]), "mine.json")
+    assert new.message.startswith("✅ imported mine.json") and new.view.run.id.startswith("saved:")
+    assert new.view.session.runs == {new.view.run.id: page["model"]} and new.view.run.id in dict(
+        (v, n) for n, v in new.view.run_choices)
+    from modeling_csp.explorer.view import Request, resolve_view
+
+    reloaded = resolve_view(None, Request("load", query={"task": TASK}, saved=new.view.session.saved()))
+    assert new.view.run.id in [v for _, v in reloaded.run_choices]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    failed = panels.import_new_run(session, page["model"], str(bad), "bad.json")
+    assert failed.view is None and failed.message.startswith("⚠️ could not import bad.json: ")
+    assert panels.import_new_run(session, page["model"], None).message.endswith("no file")
+    path = panels.download_path(page["model"], new.view.run.id, 5)
+    assert json.loads(open(path).read())["k"] == 5
+
+
+def test_pruning_from_the_page(page, tmp_path, monkeypatch):
+    """Pruning warns beforehand, then a short run that misses its target says so (no ✅) and becomes a saved
+    run of the session, selected in the view."""
+    monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))
+    check = panels.prune_check(page["model"], "with_as", 0.01, False)
+    assert check.startswith("⚠️ The full model's loss on with_as is") and "above the target 0.010" in check
+    assert "relative" in check
+    assert panels.prune_check(page["model"], "with_as", 1.1, True).startswith("The full model's loss")
+    assert panels.prune_check(page["model"], None, 0.15, False) == "⚠️ choose a task to prune for"
+    stages = []
+    new = panels.prune_new_run(Session(), page["model"], "with_as", 0.01, False, 3,
+                               progress=lambda f, desc: stages.append(desc))
+    assert new.message.startswith("⚠️ target not reached") and "✅" not in new.message
+    assert "steps=3 is outside [10, 2000]: using 10" in new.message and stages == ["mean activations", "pruning"]
+    view = new.view
+    assert view.task == "with_as" and view.run.id.startswith("saved:") and view.run.scores is not None
+    assert view.k_max == page["entry"].n_total_nodes and view.session.runs == {view.run.id: page["model"]}
+    assert registry.run_store().load(view.run.id) is not None
+    failed = panels.prune_new_run(Session(), page["model"], "nope", 0.15, False, 10)
+    assert failed.view is None and failed.message == "⚠️ pruning failed: choose a task to prune for"
