@@ -9,7 +9,9 @@ a browser. A view change answers in steps: the selection, graph and node header 
 then the slower numbers (random baseline, layer deltas).
 
 Environment:
-    CSP_APP_MODEL      model shown first (default: "default", the embedded model)
+    CSP_MODELS         comma-separated models the model box lists ('default', hub ids); default: the list in
+                       csp_space.json beside this file (written by `csp space build`), else "default"
+    CSP_APP_MODEL      model shown first (default: the first listed model)
     CSP_APP_IMPORT     os.pathsep-separated circuit files (.json) or viz_data.pt files to offer as runs
     CSP_MODEL_ROOTS    os.pathsep-separated folders the model box may open models from (default: the package's
                        models and the Hugging Face cache); `default` and hub ids are always allowed
@@ -38,13 +40,15 @@ import torch
 torch.set_num_threads(int(os.environ.get("CSP_APP_THREADS", "2")))
 
 from modeling_csp import plotting  # noqa: E402
+from modeling_csp.deploy import listed_models  # noqa: E402
 from modeling_csp.explorer import panels, settings  # noqa: E402
 from modeling_csp.explorer.analysis import task_names, warm_up  # noqa: E402
 from modeling_csp.explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line  # noqa: E402
 from modeling_csp.explorer.view import Request, View, resolve_view  # noqa: E402
 
 # The app's environment configures the explorer (see the module docstring).
-settings.default_model = os.environ.get("CSP_APP_MODEL", "default")
+settings.models = listed_models(Path(__file__).resolve().parent, os.environ.get("CSP_MODELS"))
+settings.default_model = os.environ.get("CSP_APP_MODEL") or settings.models[0]
 settings.run_files = [p for p in os.environ.get("CSP_APP_IMPORT", "").split(os.pathsep) if p]
 settings.pretrain_tokens = int(os.environ.get("CSP_APP_PRETRAIN_TOKENS", "8192"))
 settings.model_roots = [Path(p) for p in os.environ.get("CSP_MODEL_ROOTS", "").split(os.pathsep) if p] or default_roots()
@@ -203,7 +207,7 @@ def build_app() -> gr.Blocks:
         gr.Markdown("## Circuits in weight-sparse transformers\nBrowse the circuits of OpenAI-style weight-sparse "
                     "models (Gao et al. 2025): pick a model, a task, a pruning run and its size k.")
         with gr.Row(equal_height=True):
-            model_in = Choice(choices=[settings.default_model], value=None, label="Model", allow_custom_value=True,
+            model_in = Choice(choices=list(dict.fromkeys([settings.default_model, *settings.models])), value=None, label="Model", allow_custom_value=True,
                               info="'default', a hub id (org/name), or a model folder on this server",
                               elem_id="model-select", scale=2)
             task_in = Choice(choices=task_names(), value=None, label="Task", elem_id="task-select", scale=2)

@@ -119,6 +119,32 @@ def build_space(out: str | Path, models: list[str] | None = None, default_repo: 
     return out
 
 
+def listed_models(app_dir: str | Path, env: str | None = None) -> list[str]:
+    """The models a Space's app lists: `env` (CSP_MODELS, comma-separated) when set, else the build's
+    csp_space.json beside the app, else just the embedded model. A malformed file is an error, not a guess."""
+    if env and env.strip():
+        models = [m.strip() for m in env.split(",") if m.strip()]
+        source = "CSP_MODELS"
+    else:
+        path = Path(app_dir) / SPACE_MODELS_FILE
+        if not path.is_file():
+            return ["default"]
+        try:
+            models = json.loads(path.read_text(encoding="utf-8"))["models"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DeployError(f"{path}: not a {{\"models\": [...]}} file ({exc}); rebuild the Space or set CSP_MODELS") from None
+        source = str(path)
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise DeployError(f"{source}: expected a non-empty list of model names ('default' or hub ids)")
+    for spec in models:
+        if spec != "default":
+            try:
+                check_repo_id(spec)
+            except DeployError as exc:
+                raise DeployError(f"{source}: {exc}") from None
+    return list(dict.fromkeys(models))
+
+
 # ---- uploading -------------------------------------------------------------------------------------
 
 
@@ -177,4 +203,4 @@ def publish_model(folder: str | Path, repo_id: str, token: str | None = None, pr
 
 
 __all__ = ["DeployError", "build_space", "push_space", "publish_model", "pinned_requirements", "space_card",
-           "DEFAULT_MODEL_REPO", "SPACE_MODELS_FILE"]
+           "DEFAULT_MODEL_REPO", "SPACE_MODELS_FILE", "listed_models"]

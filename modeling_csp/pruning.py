@@ -124,30 +124,24 @@ def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfi
     gen = torch.Generator().manual_seed(config.seed)
     masks = NodeMasks(model.config, config.init, config.init_noise, gen)
     opt = torch.optim.Adam(masks.parameters(), lr=config.lr)
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
     curve = []
     n = len(batch)
-    try:
-        bar = tqdm(range(config.steps), desc="pruning", disable=not config.progress, leave=False)
-        for step in bar:
-            idx = torch.randperm(n, generator=gen)[: config.batch_size] if config.batch_size < n else torch.arange(n)
-            sub = _subset(batch, idx)
-            with frozen_norm_scales(model, sub) if config.freeze_norm_scales else contextlib.nullcontext():
-                keep = masks(config.temperature)
-                with ablate(model, keep, means):
-                    loss = task_loss(task_logits(model, sub), sub)
-            n_kept = sum(m.sum() for m in keep.values())  # value: count of kept nodes; gradient: sigmoid'
-            opt.zero_grad(set_to_none=True)
-            (loss + config.lam * n_kept).backward()
-            opt.step()
-            masks.clamp_()
-            curve.append([step, round(loss.item(), 6), int(n_kept.item())])
-            if step % 10 == 0 or step == config.steps - 1:
-                bar.set_postfix(loss=f"{loss.item():.3f}", kept=int(n_kept.item()), refresh=False)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
+    bar = tqdm(range(config.steps), desc="pruning", disable=not config.progress, leave=False)
+    for step in bar:
+        idx = torch.randperm(n, generator=gen)[: config.batch_size] if config.batch_size < n else torch.arange(n)
+        sub = _subset(batch, idx)
+        with frozen_norm_scales(model, sub) if config.freeze_norm_scales else contextlib.nullcontext():
+            keep = masks(config.temperature)
+            with ablate(model, keep, means):
+                loss = task_loss(task_logits(model, sub), sub)
+        n_kept = sum(m.sum() for m in keep.values())  # value: count of kept nodes; gradient: sigmoid'
+        opt.zero_grad(set_to_none=True)
+        (loss + config.lam * n_kept).backward(inputs=list(masks.parameters()))  # the model's weights stay untouched
+        opt.step()
+        masks.clamp_()
+        curve.append([step, round(loss.item(), 6), int(n_kept.item())])
+        if step % 10 == 0 or step == config.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", kept=int(n_kept.item()), refresh=False)
     return masks.scores(), curve
 
 

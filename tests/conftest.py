@@ -1,5 +1,6 @@
 """Shared test helpers: where the reference fixtures are, converted copies of them, and the app's test circuit."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -172,3 +173,47 @@ def run_outside_project(code: str, cwd: Path, timeout: int = 300) -> subprocess.
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(python, cwd: Path, env: dict, log_path: Path, timeout: float = 240):
+    """Starts `python app.py` in `cwd` on a free local port with `env` added, waits until the page answers (failing
+    with the log's tail if the server exits or stays silent), yields its URL, and stops it afterwards."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(python), "app.py"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log.flush()
+                    pytest.fail(f"app.py exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.time() > deadline:
+                    pytest.fail(f"app.py did not answer within {timeout:.0f} s:\n{Path(log_path).read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -27,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURES, PROJECT_ROOT
+from conftest import FIXTURES, PROJECT_ROOT, serve_app
 from modeling_csp.plotting import sublayer_of
 
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
@@ -35,12 +33,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 PRUNE_TASK = "with_as"  # a task the default model ships no circuit for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,39 +65,15 @@ def app_server(test_circuit, folders):
 
     spec, circuit_path = test_circuit
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "CSP_APP_MODEL": spec, "CSP_APP_IMPORT": str(circuit_path),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CSP_APP_MODEL": spec, "CSP_APP_IMPORT": str(circuit_path),
            "CSP_MODEL_ROOTS": os.pathsep.join([str(DEFAULT_MODEL_DIR), str(folders["root"])]),
            "CSP_APP_STORE": str(folders["base"] / "store"), "CSP_CACHE_DIR": str(folders["base"] / "cache")}
-    log = open(ARTIFACTS / "app_server.log", "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{(ARTIFACTS / 'app_server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("app.py did not answer within 240 s")
-            time.sleep(0.5)
-        yield {"url": url, "model": spec, "run": "imported:test_circuit", "started_s": time.perf_counter() - t0,
-               "circuit": circuit_path}
+        with serve_app(sys.executable, PROJECT_ROOT, env, ARTIFACTS / "app_server.log") as url:
+            yield {"url": url, "model": spec, "run": "imported:test_circuit", "started_s": time.perf_counter() - t0,
+                   "circuit": circuit_path}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
         assert "Traceback" not in (ARTIFACTS / "app_server.log").read_text(), "the server logged a traceback"
 
 

@@ -3,19 +3,18 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, SpaceCard
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, serve_app
 from hub_standin import VALID_TOKEN, HubStandIn
 from modeling_csp.cli import main
+from modeling_csp.deploy import DeployError, listed_models
 from modeling_csp.loading import DEFAULT_MODEL_DIR
 
 
@@ -58,6 +57,20 @@ def test_space_build_writes_a_complete_space(space):
     assert (space / "app.py").is_file() and (space / "modeling_csp" / "default_model" / "model.safetensors").is_file()
     assert json.loads((space / "csp_space.json").read_text())["models"] == ["default", "someone/csp-yolo1-converted"]
     assert not list(space.rglob("__pycache__"))
+
+
+def test_the_app_lists_the_built_models_unless_csp_models_says_otherwise(space, tmp_path):
+    assert listed_models(space) == ["default", "someone/csp-yolo1-converted"]
+    assert listed_models(space, env=" org/a , default,org/a ") == ["org/a", "default"]
+    assert listed_models(tmp_path) == ["default"]  # a checkout: no csp_space.json
+    (tmp_path / "csp_space.json").write_text('{"models": ["default", "../../etc"]}')
+    with pytest.raises(DeployError, match="csp_space.json: '../../etc' is not a hub repository id"):
+        listed_models(tmp_path)
+    (tmp_path / "csp_space.json").write_text("{not json")
+    with pytest.raises(DeployError, match="rebuild the Space or set CSP_MODELS"):
+        listed_models(tmp_path)
+    with pytest.raises(DeployError, match="CSP_MODELS: 'a b' is not a hub repository id"):
+        listed_models(tmp_path, env="a b")
 
 
 def test_space_build_refusals_are_one_line(tmp_path):
@@ -103,12 +116,6 @@ def test_offline_and_unauthorised_are_one_line_errors(space):
     assert_one_line_error(csp("publish", PROJECT_ROOT / "tests", "someone/m"), "not a converted model folder")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_built_space_boots_in_a_fresh_environment(space, tmp_path):
     """What Spaces does: a new environment with only the folder's requirements.txt (CPU torch first, as the README
     says), then `python app.py`; the page loads and /next_tokens answers."""
@@ -121,35 +128,17 @@ def test_the_built_space_boots_in_a_fresh_environment(space, tmp_path):
         result = subprocess.run([str(python), "-m", "pip", "install", "-q", *args], env=pip_env, capture_output=True,
                                 text=True, timeout=1500)
         assert result.returncode == 0, result.stderr[-3000:]
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONNOUSERSITE="1")
-    log = open(tmp_path / "space.log", "w")
-    proc = subprocess.Popen([str(python), "app.py"], cwd=space, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "space.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "the Space did not answer within 300 s"
-            time.sleep(1)
+    env.update(HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1")
+    with serve_app(python, space, env, tmp_path / "space.log", timeout=300) as url:
+        with urllib.request.urlopen(url + "config", timeout=30) as response:
+            components = json.load(response)["components"]
+        box = next(c for c in components if c.get("props", {}).get("elem_id") == "model-select")
+        assert [c[1] for c in box["props"]["choices"]] == ["default", "someone/csp-yolo1-converted"]  # csp_space.json
         from gradio_client import Client
 
-        out = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(prompt="x = 'hello", api_name="/next_tokens")
+        out = Client(url, verbose=False).predict(prompt="x = 'hello", api_name="/next_tokens")
         assert out.get("full") and out["full"][0]["token"], out
         imported = subprocess.run([str(python), "-c", "import modeling_csp, sys; print(modeling_csp.__file__)"], cwd=space,
                                   env=env, capture_output=True, text=True)
         assert Path(imported.stdout.strip()).parent == space / "modeling_csp"  # the Space's own copy, not this checkout
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

@@ -262,3 +262,21 @@ def test_pruning_says_beforehand_when_the_target_is_out_of_reach(model_run):
             A.prune_target(entry, "with_as", target, relative)
     with pytest.raises(UserError, match="choose a task"):
         A.prune_target(entry, None, 0.15)
+
+
+def test_two_users_at_once_prune_and_browse_the_same_model(model_run):
+    """One user prunes (minutes of masked forwards on the shared model) while another asks for predictions with
+    and without a circuit: the second gets the answers it gets alone, and the pruning run is unaffected."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entry, run = model_run
+    alone = [A.next_tokens(entry, 'x = "hello', run, k=5), A.next_tokens(entry, "def f(x):\n    return x")]
+    with ThreadPoolExecutor(2) as pool:
+        pruning = pool.submit(A.prune_circuit, entry, "with_as", 1.2, A.MIN_PRUNE_STEPS, True)
+        during = []
+        while not pruning.done() or not during:
+            during.append([A.next_tokens(entry, 'x = "hello', run, k=5), A.next_tokens(entry, "def f(x):\n    return x")])
+        outcome = pruning.result()
+    assert all(answers == alone for answers in during)
+    assert outcome.run.circuit.n_nodes > 0 and outcome.run.circuit.task == "with_as"
+    assert all(p.grad is None for p in entry.model.parameters())

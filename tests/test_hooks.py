@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conversion.convert_checkpoint import load_original
 from conftest import FIXTURES
-from modeling_csp import CSPConfig, CSPForCausalLM
+from modeling_csp import CSPConfig
 from modeling_csp.modeling_csp import Activation, SinkLogits, SparseKernelLinear, abs_topk
 
 

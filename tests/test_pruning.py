@@ -66,6 +66,25 @@ def test_training_is_deterministic_and_prunes(rms_model, means, batch):
     assert all(t.abs().max() <= 1 for t in a.values())  # clamped to [-1, 1]
 
 
+def test_training_shares_the_model_with_other_threads(rms_model, means, batch):
+    """Pruning needs no private copy: it leaves the weights' flags and grads alone, and forwards in other
+    threads see the unablated model while masks train (hooks are per call context)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = PruneConfig(steps=6, batch_size=16, lr=0.1, progress=False)
+    serial_scores, _ = train_masks(rms_model, batch, means, config)
+    serial_loss = evaluate(rms_model, batch)[0]
+    flags = [p.requires_grad for p in rms_model.parameters()]
+    with ThreadPoolExecutor(2) as pool:
+        training = pool.submit(train_masks, rms_model, batch, means, config)
+        losses = [pool.submit(evaluate, rms_model, batch).result()[0] for _ in range(4)]
+        scores, _ = training.result()
+    assert all(torch.equal(scores[k], serial_scores[k]) for k in scores)
+    assert losses == [serial_loss] * 4
+    assert [p.requires_grad for p in rms_model.parameters()] == flags
+    assert all(p.grad is None for p in rms_model.parameters())
+
+
 def test_training_options_zero_ablation_and_frozen_norms(rms_model, batch):
     config = PruneConfig(steps=3, batch_size=16, lr=0.1, ablation="zero", freeze_norm_scales=True, progress=False)
     scores, curve = train_masks(rms_model, batch, None, config)

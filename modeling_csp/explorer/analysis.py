@@ -144,8 +144,7 @@ def full_loss(entry: ModelEntry, task: str, options: EvalOptions) -> float:
     batch = entry.task_batch(task, options)
 
     def compute():
-        with entry.exclusive():
-            return evaluate(entry.model, batch)[0]
+        return evaluate(entry.model, batch)[0]
 
     return entry.memo.get("full_loss", (task, options.data_key), compute)
 
@@ -179,15 +178,13 @@ def circuit_stats(entry: ModelEntry, run: Run, k: int | None, task: str | None, 
         masks = circuit.masks(entry.config)
         means = entry.means_for(circuit)
         if any(v is None for v in values.values()):
-            with entry.exclusive():
-                losses = circuit_losses(entry.model, batch, masks, means, options)
+            losses = circuit_losses(entry.model, batch, masks, means, options)
             values = {name: losses[name] if v is None else v for name, v in values.items()}
             live = True
         if not deltas:
             from ..ablation import layer_ablation_deltas
 
-            with entry.exclusive():
-                deltas = layer_ablation_deltas(entry.model, batch, masks, means, options.freeze_norm_scales)
+            deltas = layer_ablation_deltas(entry.model, batch, masks, means, options.freeze_norm_scales)
             live = True
     except UserError as exc:
         error = str(exc)
@@ -226,10 +223,9 @@ def faithfulness_curve(entry: ModelEntry, run: Run, task: str | None) -> FaithCu
         for k in ks:
             c = circuit_at_k(entry, run, k)
             masks, means = c.masks(entry.config), entry.means_for(c)
-            with entry.exclusive():
-                points.append((k, evaluate(entry.model, batch, masks, means, options.freeze_norm_scales)[0]))
-                random.append((k, evaluate(entry.model, batch, random_masks_like(masks, gen), means,
-                                           options.freeze_norm_scales)[0]))
+            points.append((k, evaluate(entry.model, batch, masks, means, options.freeze_norm_scales)[0]))
+            random.append((k, evaluate(entry.model, batch, random_masks_like(masks, gen), means,
+                                       options.freeze_norm_scales)[0]))
         return FaithCurve(points, random)
 
     return entry.memo.get("curve", (run.id, task), compute)
@@ -686,7 +682,7 @@ def ablation_effects(entry: ModelEntry, run: Run | None, circuit: CircuitGraph |
         return m
 
     def measure(masks):
-        with entry.exclusive(), torch.no_grad(), contextlib.ExitStack() as stack:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
             if options.freeze_norm_scales:
                 stack.enter_context(frozen_norm_scales(entry.model, batch))
             if masks is not None:
@@ -720,9 +716,8 @@ def live_importances(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, 
     batch = entry.task_batch(task, options)
     method = "exact" if circuit.n_nodes <= MAX_EXACT_IMPORTANCES else "attribution"
     means = entry.means_for(circuit)
-    with entry.exclusive():
-        imps = node_importances(entry.model, batch, circuit.masks(entry.config), means, options.freeze_norm_scales,
-                                method=method, progress=progress)
+    imps = node_importances(entry.model, batch, circuit.masks(entry.config), means, options.freeze_norm_scales,
+                            method=method, progress=progress)
     return imps, method
 
 
@@ -784,7 +779,8 @@ class PruneOutcome:
 
 def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps: Any = 200, relative: bool = False,
                   progress: Callable[[float, str], None] | None = None) -> PruneOutcome:
-    """Prunes a private copy of the model for a task (mean ablation, the pruning defaults otherwise)."""
+    """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise); its hooks are this
+    call's own, so other users' views keep running on the same model meanwhile."""
     from ..pruning import PruneConfig, prune
 
     goal = prune_target(entry, task, target, relative)
@@ -793,7 +789,7 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     report(0, "mean activations")
     means = entry.means()
     report(0.05, "pruning")
-    result = prune(entry.private_model(), entry.tokenizer, task, PruneConfig(target_loss=goal.target, steps=steps),
+    result = prune(entry.model, entry.tokenizer, task, PruneConfig(target_loss=goal.target, steps=steps),
                    means=means, model_name=entry.spec)
     c = result.circuit
     share = c.n_nodes / entry.n_total_nodes

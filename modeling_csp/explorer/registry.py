@@ -16,7 +16,6 @@ Nothing here knows about Gradio. A problem with what was asked for raises `UserE
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -77,6 +76,7 @@ class Settings:
     defaults allow any folder and keep saved runs in memory only."""
 
     default_model: str = "default"
+    models: list[str] = field(default_factory=lambda: ["default"])  # what the model box lists
     run_files: list[str] = field(default_factory=list)  # circuit files offered as runs of every model
     pretrain_tokens: int = 8192  # held-out text for live activating examples
     model_roots: list[Path] | None = None  # folders models may be opened from (None: anywhere)
@@ -297,7 +297,6 @@ class ModelEntry:
         self.model.eval()
         self.config = self.model.config
         self.memo = Memo()
-        self._forward_lock = threading.RLock()
         self._once_lock = threading.Lock()
         self._means = None
         self._pretrain = None
@@ -312,20 +311,6 @@ class ModelEntry:
                 self.runs[run.id] = run
             except UserError as exc:
                 log(f"could not import {path}: {exc}")
-
-    # -- the shared model: one forward pass at a time ------------------------------------------
-    # The model's hooks (ablations, recordings) are installed on the one shared module, so forward passes
-    # take turns, and pruning (which trains masks through hooks for minutes) works on a private copy.
-    # Per-call hooks (issue 10) will make both unnecessary; nothing else depends on them.
-
-    def exclusive(self):
-        """Held around every forward pass on `self.model`."""
-        return self._forward_lock
-
-    def private_model(self):
-        """A copy of the model for long jobs that install hooks (pruning)."""
-        with self._forward_lock:
-            return copy.deepcopy(self.model)
 
     # -- static data ---------------------------------------------------------------------------
 
@@ -387,8 +372,7 @@ class ModelEntry:
                 from ..ablation import compute_mean_activations
 
                 try:
-                    with self.exclusive():
-                        self._means = compute_mean_activations(self.model, self.tokenizer)
+                    self._means = compute_mean_activations(self.model, self.tokenizer)
                 except Exception as exc:
                     raise UserError(f"could not compute mean activations for mean ablation: {first_line(exc)}") from None
             return self._means
@@ -412,14 +396,12 @@ class ModelEntry:
         return self.memo.get("task", (task, options.data_key), make)
 
     def record(self, ids: torch.Tensor, attention_mask=None, chunk: int = 32) -> dict[str, torch.Tensor]:
-        """{location: float16 (n, T, width)} at every node location, taking the model a chunk at a time (so that
-        a view waiting for a forward pass waits for one chunk, not the whole recording)."""
+        """{location: float16 (n, T, width)} at every node location, a chunk of rows at a time (bounded memory)."""
         parts = []
         for start in range(0, ids.shape[0], chunk):
             mask = None if attention_mask is None else attention_mask[start: start + chunk]
-            with self.exclusive():
-                parts.append(record_node_activations(self.model, ids[start: start + chunk], node_locations(self.config),
-                                                     mask, batch_size=chunk))
+            parts.append(record_node_activations(self.model, ids[start: start + chunk], node_locations(self.config),
+                                                 mask, batch_size=chunk))
         return {loc: torch.cat([p[loc] for p in parts]) for loc in parts[0]}
 
     def task_activations(self, task: str, options: EvalOptions):
@@ -445,7 +427,7 @@ class ModelEntry:
         """Logits (B, T, V) of the model (circuit-ablated with `masks`), and recorded activations."""
         from ..ablation import ablate
 
-        with self.exclusive(), torch.no_grad(), contextlib.ExitStack() as stack:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
             if masks is not None:
                 stack.enter_context(ablate(self.model, masks, means))
             acts = stack.enter_context(self.model.record_activations(record)) if record else {}
