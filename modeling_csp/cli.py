@@ -9,6 +9,11 @@
                                                            `accelerate launch --cpu --num_processes N -m modeling_csp.cli sweep ...`
                                                            splits the tasks over N processes (GPUs: drop --cpu)
     csp import-viz VIZ_DATA.pt OUT.json                    convert the original visualizer's file
+    csp corpus --out DIR [--tokenizer FILE]                the training corpus (stdlib + pinned PyPI wheels)
+    csp train --data DIR --run-dir DIR [--out MODEL_DIR] [--steps N] [--n-layer L] [--density D] ...
+                                                           train a weight-sparse model; resumes from RUN_DIR;
+                                                           `accelerate launch -m modeling_csp.cli train ...` is
+                                                           data-parallel over the launched processes
     csp next-tokens --model M --prompt TEXT [--circuit FILE] [--top 10]
                                                            one object: the prompt's tokens, the top next tokens
                                                            of the full model and of the circuit alone
@@ -193,6 +198,47 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_corpus(args) -> int:
+    from .corpus import PYPI_INDEX, build_corpus
+
+    meta = build_corpus(args.out, args.tokenizer, args.wheels, index_url=args.index_url or PYPI_INDEX,
+                        progress=not args.quiet)
+    _emit({"out": str(args.out), "tokens": meta["tokens"], "sources": len(meta["sources"])})
+    return 0
+
+
+TRAIN_OPTIONS = ("n_layer", "d_model", "n_head", "d_head", "d_mlp", "steps", "batch_size", "lr", "weight_decay",
+                 "warmup_frac", "grad_clip", "density", "bigram_density", "anneal_frac", "anneal_shape", "eval_every",
+                 "eval_windows", "checkpoint_every", "max_minutes", "seed")
+
+
+def cmd_train(args) -> int:
+    import hashlib
+
+    from accelerate import Accelerator
+
+    from .training import TokenData, TrainConfig, save_trained_model, train
+
+    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
+    tokenizer_json = Path(args.tokenizer_dir) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ValueError(f"{args.tokenizer_dir} has no tokenizer.json")
+    data = TokenData(args.data)
+    expected = data.meta.get("tokenizer_sha256")
+    if expected and hashlib.sha256(tokenizer_json.read_bytes()).hexdigest() != expected:
+        raise ValueError(f"{args.data} was tokenized with another tokenizer than {tokenizer_json}")
+    _set_threads(args, config.model_config())
+    acc = Accelerator()
+    result = train(config, data, args.run_dir, resume=not args.no_resume, progress=not args.quiet, accelerator=acc)
+    summary = {"run_dir": str(args.run_dir), "finished": result.finished, "step": result.record["curve"][-1]["step"]
+               if result.record["curve"] else 0, "final": result.record["final"]}
+    if result.finished and args.out and acc.is_main_process:
+        summary["out"] = str(save_trained_model(result, args.out, args.tokenizer_dir, data.meta or None))
+    if acc.is_main_process:
+        _emit(summary)
+    return 0
+
+
 def cmd_circuits(args) -> int:
     for entry in shipped_circuits(args.model):
         _emit(entry)
@@ -277,6 +323,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("corpus", help="build the training corpus: stdlib + pinned PyPI wheels, deduplicated, tokenized")
+    p.add_argument("--out", required=True, type=Path, help="folder for train.npy, val.npy, val_extra.npy, meta.json")
+    p.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent / "default_model" / "tokenizer.json")
+    p.add_argument("--wheels", type=Path, help="where the downloaded wheels are kept (default OUT/wheels)")
+    p.add_argument("--index-url", help="package index for pip (default PyPI)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_corpus)
+
+    from .training import TrainConfig
+
+    t = TrainConfig()
+    p = sub.add_parser("train", help="train a weight-sparse model from a corpus folder (accelerate-aware, resumable)")
+    p.add_argument("--data", required=True, help="corpus folder (csp corpus / scripts/build_corpus.py)")
+    p.add_argument("--run-dir", required=True, type=Path, help="checkpoint.pt, training_curve.json, loss_curve.svg")
+    p.add_argument("--out", type=Path, help="model folder to write when the run has finished")
+    p.add_argument("--tokenizer-dir", type=Path, default=Path(__file__).resolve().parent / "default_model",
+                   help="folder with the tokenizer.json the corpus was built with (copied into --out)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR has a checkpoint")
+    for name in TRAIN_OPTIONS:
+        default = getattr(t, name)
+        kind = float if name == "max_minutes" else type(default)
+        extra = {"choices": ("linear", "geometric")} if name == "anneal_shape" else {}
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})", **extra)
+    p.add_argument("--threads", type=int, help=f"torch CPU threads per process (default: 1 for d_model <= {SMALL_MODEL_D})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("next-tokens", help="top next tokens of the full model and of a circuit alone (the app's /next_tokens)")
     p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
