@@ -1,13 +1,18 @@
 """`csp`: find, evaluate, list and import circuits from the command line. Output is JSON on stdout.
 
     csp tasks                                              one {"name", "description"} per line
+    csp tasks --check FILE.jsonl [--model M]               validate your own task, and the model's accuracy on it
     csp prune --model M --task T --out FILE [--target-loss 0.15] [--ablation mean|zero] [--seed S] [--steps N]
+    csp prune --model M --task-file FILE.jsonl --out FILE  your own task: one {"prompt", "correct", "incorrect"} per line
+    csp prune ... --control shuffled                       also prune the task with answers swapped at random, and
+                                                           record that control in the circuit file
     csp evaluate --model M --task T --circuit FILE         one object with the circuit's losses
     csp circuits --model M                                 circuits shipped with a model, one per line
     csp sweep --model M --out-dir DIR [--tasks T1,T2|all] [--ks 8,16,32]
                                                            circuits for many tasks, one summary per line;
-                                                           `accelerate launch --cpu --num_processes N -m modeling_csp.cli sweep ...`
-                                                           splits the tasks over N processes (GPUs: drop --cpu)
+                                                           `accelerate launch --num_processes N -m modeling_csp.cli sweep ...`
+                                                           splits the tasks over N GPUs (N CPU processes:
+                                                           ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...)
     csp import-viz VIZ_DATA.pt OUT.json                    convert the original visualizer's file
     csp corpus --out DIR [--tokenizer FILE]                the training corpus (stdlib + pinned PyPI wheels)
     csp train --data DIR --run-dir DIR [--out MODEL_DIR] [--steps N] [--n-layer L] [--density D] ...
@@ -52,21 +57,51 @@ def _emit(obj) -> None:
 
 
 def cmd_tasks(args) -> int:
-    from .tasks import list_tasks
+    from .tasks import check_task, list_tasks
 
+    if args.check:
+        model, tokenizer = _load(args)
+        task = _task_file(args.check, tokenizer, model)
+        _emit({"file": str(args.check), **check_task(model, tokenizer, task, n=args.n_examples)})
+        return 0
     for task in list_tasks():
         _emit({"name": task.name, "description": task.description})
     return 0
 
 
-def _setup(args):
+def _load(args):
     from .loading import load_model_and_tokenizer
-    from .tasks import get_task
 
-    get_task(args.task)  # unknown task: fail before loading anything
     model, tokenizer = load_model_and_tokenizer(args.model)
     _set_threads(args, model.config)
     return model, tokenizer
+
+
+def _task_file(path, tokenizer, model):
+    from .tasks import load_task_file
+
+    return load_task_file(path, tokenizer, max_len=model.config.block_size)
+
+
+def _setup(args):
+    """(model, tokenizer, task) for --task NAME or --task-file FILE (a bad name fails before the model loads)."""
+    from .tasks import get_task
+
+    if bool(args.task) == bool(args.task_file):
+        raise ValueError("give exactly one of --task NAME and --task-file FILE.jsonl")
+    if args.task:
+        get_task(args.task)
+    elif not Path(args.task_file).is_file():
+        raise ValueError(f"task file {args.task_file!r} does not exist")
+    model, tokenizer = _load(args)
+    task = get_task(args.task) if args.task else _task_file(args.task_file, tokenizer, model)
+    return model, tokenizer, task
+
+
+def _task_file_meta(path) -> dict:
+    import hashlib
+
+    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 def _set_threads(args, config) -> None:
@@ -84,16 +119,20 @@ def cmd_prune(args) -> int:
     config = PruneConfig(
         ablation=args.ablation, target_loss=args.target_loss, k=args.k, steps=args.steps, lr=args.lr,
         lam=args.lam, batch_size=args.batch_size, seed=args.seed, freeze_norm_scales=args.freeze_norm_scales,
-        n_examples=args.n_examples, progress=not args.quiet,
+        n_examples=args.n_examples, target_above_full=args.target_above_full, control=args.control,
+        progress=not args.quiet,
     )
-    model, tokenizer = _setup(args)
-    result = prune(model, tokenizer, args.task, config, model_name=args.model)
-    path = result.circuit.save(args.out)
+    model, tokenizer, task = _setup(args)
+    result = prune(model, tokenizer, task, config, model_name=args.model)
     c = result.circuit
+    if args.task_file:
+        c.meta["task_file"] = _task_file_meta(args.task_file)
+    path = c.save(args.out)
     _emit({
         "out": str(path), "task": c.task, "k": c.k, "n_nodes": c.n_nodes, "n_edges": c.n_edges, "losses": c.losses,
         "train_circuit_loss": result.train_loss, "target_loss": c.target_loss, "target_reached": result.target_reached,
-        "random_baseline_as_good": c.meta["random_baseline_as_good"], "seconds": round(result.seconds, 1),
+        "random_baseline_as_good": c.meta["random_baseline_as_good"], "control": c.control,
+        "seconds": round(result.seconds, 1),
     })
     return 0
 
@@ -104,17 +143,17 @@ def cmd_evaluate(args) -> int:
     from .pruning import faithfulness
     from .tasks import make_task_dataset
 
-    model, tokenizer = _setup(args)
+    model, tokenizer, task = _setup(args)
     circuit = CircuitGraph.load(args.circuit, model=model)
     options = circuit.meta.get("options", {})
-    data = make_task_dataset(args.task, tokenizer, n=options.get("n_examples", 512), seed=options.get("data_seed", 0),
+    data = make_task_dataset(task, tokenizer, n=options.get("n_examples", 512), seed=options.get("data_seed", 0),
                              max_len=model.config.block_size)
     batch = data.test if len(data.test) else data.train
     means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
-    faith = faithfulness(model, batch, circuit.masks(model.config), means, n_random=args.n_random, seed=args.seed,
+    faith = faithfulness(model, batch, circuit.masks(model.config, model.device), means, n_random=args.n_random, seed=args.seed,
                          freeze_norm_scales=bool(options.get("freeze_norm_scales", False)))
     _emit({
-        "task": args.task, "circuit_task": circuit.task, "ablation": circuit.ablation,
+        "task": task.name, "circuit_task": circuit.task, "ablation": circuit.ablation,
         "full_loss": faith["full"], "circuit_loss": faith["circuit"], "random_loss": faith["random"],
         "complement_loss": faith["complement"], "full_accuracy": faith["full_accuracy"],
         "circuit_accuracy": faith["circuit_accuracy"], "random_baseline_as_good": faith["random_baseline_as_good"],
@@ -163,6 +202,7 @@ def shipped_circuits(model_spec: str) -> list[dict]:
 
 def cmd_sweep(args) -> int:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .loading import load_model_and_tokenizer
     from .pruning import PruneConfig, prune_sweep
@@ -173,12 +213,14 @@ def cmd_sweep(args) -> int:
         ks = sorted({int(k) for k in args.ks.split(",") if k.strip()}) if args.ks else []
     except ValueError:
         raise ValueError(f"--ks must be comma-separated integers, got {args.ks!r}") from None
-    state = PartialState()  # one process, or this process's rank under `accelerate launch`
+    # one process, or this process's rank under `accelerate launch` (on CPUs: ACCELERATE_USE_CPU=1, gloo)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.to(state.device)
     _set_threads(args, model.config)
     config = PruneConfig(ablation=args.ablation, target_loss=args.target_loss, steps=args.steps, seed=args.seed,
-                         n_examples=args.n_examples, progress=not args.quiet and state.is_main_process)
+                         n_examples=args.n_examples, target_above_full=args.target_above_full, control=args.control,
+                         progress=not args.quiet and state.is_main_process)
     out_dir = Path(args.out_dir)
     summaries = prune_sweep(model, tokenizer, tasks, out_dir, config, ks=ks, model_name=args.model,
                             process_index=state.process_index, num_processes=state.num_processes)
@@ -277,13 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="csp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("tasks", help="list the built-in tasks").set_defaults(fn=cmd_tasks)
+    p = sub.add_parser("tasks", help="list the built-in tasks, or check your own task file")
+    p.add_argument("--check", metavar="FILE.jsonl", help="validate a task file ({\"prompt\", \"correct\", \"incorrect\"} "
+                   "per line) and report the model's accuracy and loss on it")
+    p.add_argument("--model", default="default", help="model for --check (default: the embedded one)")
+    p.add_argument("--n-examples", type=int, default=d.n_examples, help="examples used by --check (as csp prune)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(fn=cmd_tasks)
 
     def model_task(p):
         p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
-        p.add_argument("--task", required=True, help="task name (see `csp tasks`)")
+        p.add_argument("--task", help="task name (see `csp tasks`)")
+        p.add_argument("--task-file", metavar="FILE.jsonl",
+                       help="your own task instead: one {\"prompt\", \"correct\", \"incorrect\"} object per line")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+
+    def control_options(p):
+        p.add_argument("--control", choices=("shuffled",), help="also prune the task with correct/incorrect swapped at "
+                       "random per example and record that control (its loss at the circuit's size, the size it needs)")
+        p.add_argument("--target-above-full", type=float, metavar="MARGIN",
+                       help="target = max(--target-loss, the full model's loss + MARGIN)")
 
     p = sub.add_parser("prune", help="find a circuit for a task by learning node masks")
     model_task(p)
@@ -297,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--n-examples", type=int, default=d.n_examples)
     p.add_argument("--freeze-norm-scales", action="store_true", help="norms use the unablated model's 1/rms")
+    control_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_prune)
 
@@ -320,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--n-examples", type=int, default=d.n_examples)
     p.add_argument("--seed", type=int, default=0)
+    control_options(p)
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_sweep)
