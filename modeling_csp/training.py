@@ -466,7 +466,10 @@ def save_trained_model(result: TrainResult, out: str | Path, tokenizer_dir: str 
             f.unlink()
     save_model_folder(result.model, out, tokenizer_json_dir=tokenizer_dir, name=name,
                       source="trained by modeling_csp.training", card_extra=training_card(result.record, corpus_meta))
-    (out / CURVE).write_text(json.dumps(result.record, indent=1) + "\n")
+    record = dict(result.record)
+    if corpus_meta:  # what the model was trained on, without the long list of held-out files
+        record["corpus"] = {k: v for k, v in corpus_meta.items() if k != "val_files"}
+    (out / CURVE).write_text(json.dumps(record, indent=1) + "\n")
     write_curve_svg(result.record["curve"], out / "loss_curve.svg")
     return out
 

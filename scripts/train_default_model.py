@@ -27,7 +27,7 @@ DEFAULTS = [
     "--run-dir", str(REPO_ROOT / "work_dirs" / "default_model_run"),
     "--out", str(REPO_ROOT / "modeling_csp" / "default_model"),
     "--n-layer", "4", "--d-model", "128", "--n-head", "8", "--d-head", "16", "--d-mlp", "512",
-    "--steps", "12000", "--batch-size", "32", "--lr", "5e-3", "--density", "0.15", "--bigram-density", "0.05",
+    "--steps", "7500", "--batch-size", "32", "--lr", "5e-3", "--density", "0.15", "--bigram-density", "0.05",
     "--anneal-frac", "0.6", "--anneal-shape", "geometric", "--eval-every", "500", "--checkpoint-every", "500",
 ]
 
