@@ -60,6 +60,8 @@ def cmd_tasks(args) -> int:
     from .tasks import check_task, list_tasks
 
     if args.check:
+        if not Path(args.check).is_file():  # before loading a model
+            raise ValueError(f"task file {args.check!r} does not exist")
         model, tokenizer = _load(args)
         task = _task_file(args.check, tokenizer, model)
         _emit({"file": str(args.check), **check_task(model, tokenizer, task, n=args.n_examples)})

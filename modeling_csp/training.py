@@ -338,7 +338,10 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         bar.update()
 
         elapsed = elapsed0 + time.time() - t0
-        out_of_time = config.max_minutes is not None and time.time() - t0 > 60 * config.max_minutes
+        out_of_time = False
+        if config.max_minutes is not None:  # every process stops at the same step (their clocks differ)
+            late = torch.tensor([float(time.time() - t0 > 60 * config.max_minutes)], device=acc.device)
+            out_of_time = bool(acc.reduce(late, "sum").item() > 0)
         finished = step >= config.steps
         if step % config.eval_every == 0 or finished or out_of_time:
             density, per_matrix = weight_densities(targets)
