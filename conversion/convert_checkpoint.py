@@ -10,6 +10,7 @@ OpenAI's public release into the Hugging Face cache. The output loads with
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -22,13 +23,13 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from modeling_csp.configuration_csp import CSPConfig
-from modeling_csp.modeling_csp import CSPForCausalLM
+from modeling_csp.modeling_csp import CSPForCausalLM, expected_shapes, few_names
 
 
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/circuit-sparsity"
 RELEASE_TOKENIZER = "tinypython"  # {RELEASE_URL}/tinypython/{encoder.json,vocab.bpe}
 RELEASED_NAME = re.compile(r"^(csp|dense)\d*_[\w.-]+$")
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "hub_cards" / "model_card.md"
+CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"  # packaged with `conversion`
 ENDOFTEXT = "<|endoftext|>"
 
 
@@ -120,27 +121,32 @@ def read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(config: CSPConfig, state_dict: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """Accounts for every tensor: returns exactly the model's tensors, or raises naming the problem."""
+    """Accounts for every tensor: returns exactly the model's tensors, or raises naming the problem.
+
+    Shapes come from the config alone (`expected_shapes`), so a config that does not match the checkpoint is
+    refused before any model is built, and so is a model that would not fit in memory.
+    """
     state_dict = dict(state_dict)
     for key in [k for k in state_dict if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)]:
         del state_dict[key]  # causal-mask buffer of models saved with flash=False; recomputed on the fly
     state_dict.setdefault("final_logits_bias", torch.zeros(config.vocab_size))  # as the reference loader
-    with torch.device("meta"):
-        expected = CSPForCausalLM(config).state_dict()
+    if _n_layers(state_dict) != config.n_layer:  # before anything is sized from the config
+        raise ConversionError(f"{source}: the config says n_layer={config.n_layer} but the checkpoint has "
+                              f"{_n_layers(state_dict)} layers")
+    expected = expected_shapes(config)
     if config.tied_unembed and "lm_head.weight" in state_dict and "transformer.wte.weight" in state_dict:
         if not torch.equal(state_dict["lm_head.weight"], state_dict["transformer.wte.weight"]):
             raise ConversionError(f"{source}: tied_unembed is set but lm_head.weight differs from transformer.wte.weight")
+        del state_dict["lm_head.weight"]
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing:
-        raise ConversionError(f"{source}: missing tensor(s) {missing} for this config")
+        raise ConversionError(f"{source}: missing tensor(s) {few_names(missing)} for this config")
     if unexpected:
-        raise ConversionError(f"{source}: unexpected tensor(s) {unexpected} not used by this config")
+        raise ConversionError(f"{source}: unexpected tensor(s) {few_names(unexpected)} not used by this config")
     for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ConversionError(
-                f"{source}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[key].shape)}"
-            )
+        if tuple(tensor.shape) != expected[key]:
+            raise ConversionError(f"{source}: {key} has shape {tuple(tensor.shape)}, the config expects {expected[key]}")
         if not tensor.is_floating_point():
             raise ConversionError(f"{source}: {key} has dtype {tensor.dtype}, expected a floating-point tensor")
         if not torch.isfinite(tensor).all():
@@ -148,14 +154,34 @@ def check_state_dict(config: CSPConfig, state_dict: dict[str, torch.Tensor], sou
     return state_dict
 
 
+def _n_layers(state_dict) -> int:
+    return len({m.group(1) for k in state_dict if (m := re.match(r"transformer\.h\.(\d+)\.", k))})
+
+
 def load_original(src: Path) -> CSPForCausalLM:
     """The original checkpoint as a CSPForCausalLM, in the checkpoint's own dtype (bf16 stays bf16)."""
     config = read_original_config(src / "beeg_config.json")
     state_dict = check_state_dict(config, read_original_state_dict(src / "final_model.pt"), src / "final_model.pt")
+    check_memory(config, src / "beeg_config.json")
     dtype = state_dict["transformer.wte.weight"].dtype
-    model = CSPForCausalLM(config).to(dtype)
-    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True)
+    with torch.device("meta"):  # the checkpoint's tensors become the parameters: nothing is allocated twice
+        model = CSPForCausalLM(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False, assign=True)
+    if config.tied_unembed:
+        model.tie_weights()
     return model.eval()
+
+
+def check_memory(config: CSPConfig, source: Path) -> None:
+    """Refuses a model whose float32 weights would not fit in the memory this machine has free."""
+    need = 4 * sum(math.prod(shape) for shape in expected_shapes(config).values())
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return
+    if need > free:
+        raise ConversionError(f"{source}: the model needs about {need / 2**30:.1f} GiB in float32 but only "
+                              f"{free / 2**30:.1f} GiB of memory is free")
 
 
 # ---- writing our format ---------------------------------------------------------------
@@ -197,29 +223,29 @@ def save_model_folder(
     Weights keep their dtype on disk (bf16 stays exactly bf16) while config.json asks for float32,
     the reference's compute dtype.
     """
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    dst = prepare_output_folder(dst)
     CSPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.config.register_for_auto_class()
     eot = None
     if tokenizer_dir is not None:
         from conversion.convert_tokenizer import convert_tokenizer
 
-        convert_tokenizer(tokenizer_dir, dst, model_max_length=model.config.block_size)
+        try:
+            convert_tokenizer(tokenizer_dir, dst, model_max_length=model.config.block_size, vocab_size=model.config.vocab_size)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
     elif tokenizer_json_dir is not None:
         import shutil
 
+        check_tokenizer_size(json.loads((Path(tokenizer_json_dir) / "tokenizer.json").read_text()), model.config.vocab_size,
+                             Path(tokenizer_json_dir) / "tokenizer.json")
         for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(tokenizer_json_dir) / file).exists():
                 shutil.copy(Path(tokenizer_json_dir) / file, dst / file)
     if (dst / "tokenizer.json").exists():
-        vocab = json.loads((dst / "tokenizer.json").read_text())["added_tokens"]
-        eot = next((t["id"] for t in vocab if t["content"] == ENDOFTEXT), None)
-        if eot is not None and eot >= model.config.vocab_size:
-            eot = None  # small test models with a vocabulary smaller than the tokenizer's
-    model.generation_config = GenerationConfig(
-        eos_token_id=eot, pad_token_id=eot, bos_token_id=None, max_length=model.config.block_size
-    )
+        added = json.loads((dst / "tokenizer.json").read_text())["added_tokens"]
+        eot = next((t["id"] for t in added if t["content"] == ENDOFTEXT), None)
+    model.generation_config = GenerationConfig(eos_token_id=eot, pad_token_id=eot, bos_token_id=None)
     model.save_pretrained(dst)
     config_path = dst / "config.json"
     config = json.loads(config_path.read_text())
@@ -229,10 +255,33 @@ def save_model_folder(
     return dst
 
 
+def check_tokenizer_size(tokenizer_json: dict, vocab_size: int, source) -> None:
+    """Refuses a tokenizer with ids the model has no embedding for (every such text would fail in `wte`)."""
+    ids = [*tokenizer_json["model"]["vocab"].values(), *(t["id"] for t in tokenizer_json.get("added_tokens", []))]
+    if ids and max(ids) >= vocab_size:
+        raise ConversionError(f"{source}: the tokenizer has ids up to {max(ids)} but the model's vocab_size is {vocab_size}; "
+                              "pass the model's own tokenizer")
+
+
+def prepare_output_folder(dst: str | os.PathLike) -> Path:
+    """Creates DST (a folder) or refuses in one line: a file in the way, or no permission to write."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst}: exists and is not a folder; choose a new output folder")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"{dst}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(dst, os.W_OK | os.X_OK):
+        raise ConversionError(f"{dst}: the output folder is not writable")
+    return dst
+
+
 def convert_checkpoint(
     src: str, dst: str | os.PathLike, tokenizer_dir: str | None = None, push_to_hub: str | None = None
 ) -> Path:
     source = resolve_source(src)
+    prepare_output_folder(dst)  # before the slow part
     model = load_original(source)
     if tokenizer_dir is None and RELEASED_NAME.match(src) and not Path(src).is_dir():
         tokenizer_dir = resolve_release_tokenizer()
@@ -240,9 +289,13 @@ def convert_checkpoint(
     if push_to_hub:
         from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=f"Convert {src}")
+        try:
+            api = HfApi()
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=f"Convert {src}")
+        except Exception as e:  # offline, unauthorised, network: hub errors have many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConversionError(f"converted into {out}, but could not push to {push_to_hub}: {first}") from None
     return out
 
 
@@ -255,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert_checkpoint(args.src, args.dst, args.tokenizer_dir, args.push_to_hub)
-    except (ConversionError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, OSError, ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(json.dumps({"output": str(out), "safetensors_bytes": size}))

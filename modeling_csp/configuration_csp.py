@@ -39,7 +39,7 @@ LEGACY_KEYS = {"n_mlp": "d_mlp"}
 
 def _standard_config_keys() -> set[str]:
     """Keys every transformers config may carry (ids, generation defaults, auto_map, ...)."""
-    return set(PreTrainedConfig().to_dict()) | {"auto_map", "architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "tie_word_embeddings", "name_or_path", "_name_or_path"}
+    return set(PreTrainedConfig().to_dict()) | {"auto_map", "architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "tie_word_embeddings", "name_or_path", "attn_implementation", "experts_implementation"}
 
 
 class CSPConfig(PreTrainedConfig):
@@ -96,7 +96,7 @@ class CSPConfig(PreTrainedConfig):
         self.n_layer = n_layer
         self.n_head = n_head
         self.d_model = d_model
-        self.d_head = d_head if d_head is not None else d_model // n_head
+        self.d_head = d_head if d_head is not None else (d_model // n_head if isinstance(n_head, int) and n_head > 0 else None)
         self.d_mlp = d_mlp if d_mlp is not None else 4 * d_model
         self.bias = bias
         self.ln_bias = ln_bias
@@ -116,7 +116,7 @@ class CSPConfig(PreTrainedConfig):
         kwargs["tie_word_embeddings"] = tied_unembed
         self._validate()
         super().__init__(**kwargs)
-        unknown = sorted(set(kwargs) - TRAINING_ONLY_KEYS - _standard_config_keys())
+        unknown = sorted(k for k in set(kwargs) - TRAINING_ONLY_KEYS - _standard_config_keys() if not k.startswith("_"))
         if unknown:
             logger.warning(f"CSPConfig: ignoring unknown key(s) {unknown}; they do not change the model.")
 
@@ -124,21 +124,25 @@ class CSPConfig(PreTrainedConfig):
         def bad(msg):
             raise ValueError(f"Invalid CSPConfig: {msg}")
 
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(f"{name}={value!r} must be a positive integer")
+        if self.d_pos_emb is not None and (not isinstance(self.d_pos_emb, int) or isinstance(self.d_pos_emb, bool) or self.d_pos_emb <= 0):
+            bad(f"d_pos_emb={self.d_pos_emb!r} must be null or a positive integer")
         if self.residual_activation_type not in ("identity", "relu"):
             bad(f"residual_activation_type={self.residual_activation_type!r}, expected 'identity' or 'relu'")
         if self.activation_type not in ("gelu", "relu"):
             bad(f"activation_type={self.activation_type!r}, expected 'gelu' or 'relu'")
         if self.d_model % self.n_head != 0:
             bad(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.afrac is not None and not 0 < self.afrac <= 1:
-            bad(f"afrac={self.afrac} must be in (0, 1]")
+        if self.afrac is not None and (isinstance(self.afrac, bool) or not isinstance(self.afrac, (int, float)) or not 0 < self.afrac <= 1):
+            bad(f"afrac={self.afrac!r} must be null or a number in (0, 1]")
+        if not isinstance(self.afrac_loctypes, str):
+            bad(f"afrac_loctypes={self.afrac_loctypes!r} must be a comma-separated string")
         unknown = set(self.afrac_locations) - set(AFRAC_LOCTYPES)
         if unknown:
             bad(f"afrac_loctypes has unknown locations {sorted(unknown)}; known: {', '.join(AFRAC_LOCTYPES)}")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                bad(f"{name}={value!r} must be a positive integer")
 
     @property
     def afrac_locations(self) -> tuple[str, ...]:

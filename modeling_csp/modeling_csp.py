@@ -9,59 +9,122 @@ transformers, safetensors and `configuration_csp`.
 """
 
 import contextlib
+import dataclasses
+import json
 import math
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import ConversionOps, WeightConverter
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_csp import CSPConfig
+# The oldest release this code is tested with (CI runs the oldest and the newest): older ones load these
+# checkpoints wrong (5.0-5.8 skip or re-initialise weights) or cannot offload them, so refuse them in words.
+MIN_TRANSFORMERS = (5, 13)
+if tuple(int(n) for n in re.findall(r"\d+", transformers.__version__)[:2]) < MIN_TRANSFORMERS:
+    raise ImportError(
+        f"this model's code needs transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<6 (installed: "
+        f"{transformers.__version__}); run: pip install -U 'transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<6'"
+    )
+
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel  # noqa: E402
+from transformers import initialization as init  # noqa: E402
+from transformers.cache_utils import Cache, DynamicCache  # noqa: E402
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import ConversionOps, WeightConverter  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+from .configuration_csp import CSPConfig  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
 # Sparse storage
 #
-# On disk every tensor named `*.weight` (and `bigram_table`) is stored as two tensors:
-#   `<name>.sparse_values`  (nnz,)  the nonzero values in row-major order, original dtype
-#   `<name>.sparse_indices` (nnz,)  int32 (int64 past 2**31 elements) flat row-major indices
-# A tensor that is more than half nonzero is stored with all its values and empty indices.
-# Loading goes through transformers' own weight-conversion machinery, so `device_map`,
-# disk offload and `dtype` work unchanged; in memory the weights are ordinary dense tensors.
+# On disk every tensor named `*.weight` (and `bigram_table`) is stored as three tensors:
+#   `<name>.sparse_values`  (nnz,)      the nonzero values in row-major order, original dtype
+#   `<name>.sparse_indices` (nnz, 4)    uint8: each flat row-major index as 4 little-endian base-256 digits
+#   `<name>.sparse_shape`   (ndim, 4)   uint8: the dense shape, in the same digits
+# A tensor more than half nonzero keeps all its values, with (0, 4) indices.
+# Integers are stored as base-256 digits because transformers casts every checkpoint tensor to
+# the parameter's dtype before a conversion sees it: a digit (0..255) survives bfloat16, float16
+# and float32 exactly, where an int32 index above 256 (bf16) or 2**24 (float32) would not.
+# Loading goes through transformers' own weight-conversion machinery, so `device_map`, disk
+# offload and `dtype` work unchanged; in memory the weights are ordinary dense tensors.
+# `from_pretrained` first checks the files (`check_weight_files`): a corrupted or mismatched
+# checkpoint is a one-line error naming the file and the tensor, never a silently wrong model.
 # --------------------------------------------------------------------------------------
 
-SPARSE_VALUES, SPARSE_INDICES = "sparse_values", "sparse_indices"
+SPARSE_VALUES, SPARSE_INDICES, SPARSE_SHAPE = "sparse_values", "sparse_indices", "sparse_shape"
+SPARSE_PARTS = (SPARSE_VALUES, SPARSE_INDICES, SPARSE_SHAPE)
 SPARSE_STORED = ("weight", "bigram_table")
+_DIGITS = 4  # base-256 digits per stored integer: up to 2**32 - 1
+_SHIFTS = torch.arange(0, 8 * _DIGITS, 8)
 
 
-def sparsify(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense tensor -> (values, flat indices) in the layout above."""
+def is_sparse_stored(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in SPARSE_STORED
+
+
+def encode_uint(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative integers (n,) -> (n, 4) uint8 little-endian base-256 digits."""
+    x = x.to(torch.int64)
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 256**_DIGITS):
+        raise ValueError(f"cannot store integers outside [0, 2**{8 * _DIGITS})")
+    return ((x[:, None] >> _SHIFTS.to(x.device)) & 255).to(torch.uint8)
+
+
+def decode_uint(digits: torch.Tensor, what: str) -> torch.Tensor:
+    """(n, 4) digits in any dtype (transformers may have cast them) -> (n,) int64; refuses anything else."""
+    if digits.ndim != 2 or digits.shape[1] != _DIGITS:
+        raise ValueError(f"{what} must have shape (n, {_DIGITS}) (base-256 digits), got {tuple(digits.shape)}")
+    if digits.dtype == torch.bool or digits.is_complex():
+        raise ValueError(f"{what} has dtype {digits.dtype}, expected uint8 digits")
+    wide = digits.to(torch.float64)
+    if digits.numel() and not bool(((wide >= 0) & (wide <= 255) & (wide == wide.round())).all()):
+        raise ValueError(f"{what} holds values that are not base-256 digits (integers 0..255)")
+    return (wide.to(torch.int64) << _SHIFTS.to(digits.device)).sum(dim=1)
+
+
+def sparsify(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dense tensor -> {part: tensor} in the layout above."""
     flat = tensor.detach().reshape(-1)
-    index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    shape = encode_uint(torch.tensor(tuple(tensor.shape), dtype=torch.int64))
     nonzero = flat.nonzero().flatten()
     if 2 * nonzero.numel() > flat.numel():
-        return flat.contiguous(), torch.empty(0, dtype=index_dtype)
-    return flat[nonzero].contiguous(), nonzero.to(index_dtype)
+        values, indices = flat.contiguous(), torch.empty(0, _DIGITS, dtype=torch.uint8)
+    else:
+        values, indices = flat[nonzero].contiguous(), encode_uint(nonzero)
+    return {SPARSE_VALUES: values, SPARSE_INDICES: indices.to(values.device), SPARSE_SHAPE: shape.to(values.device)}
 
 
-def densify(values: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """(values, flat indices) -> dense tensor of `shape`; the inverse of `sparsify`."""
-    numel = math.prod(shape)
-    if indices.numel() == 0 and values.numel() == numel:
-        return values.reshape(shape).clone()
-    if values.shape != indices.shape:
-        raise ValueError(f"sparse tensor has {values.numel()} values but {indices.numel()} indices")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-        raise ValueError(f"sparse indices out of range for a tensor of shape {tuple(shape)}")
-    dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
-    dense[indices.long()] = values
-    return dense.reshape(shape)
+def densify(values: torch.Tensor, indices: torch.Tensor, shape: torch.Tensor, expected: tuple[int, ...] | None = None,
+            name: str = "tensor") -> torch.Tensor:
+    """The inverse of `sparsify`, refusing anything that is not a valid sparse tensor of the `expected` shape."""
+    if not values.is_floating_point() or values.ndim != 1:
+        raise ValueError(f"{name}.{SPARSE_VALUES} must be a 1-D floating-point tensor, got {values.dtype} {tuple(values.shape)}")
+    dims = tuple(decode_uint(shape, f"{name}.{SPARSE_SHAPE}").tolist())
+    if expected is not None and dims != tuple(expected):
+        raise ValueError(f"{name} is stored with shape {dims} but the config gives {tuple(expected)}: "
+                         "config.json does not match the weights")
+    numel = math.prod(dims)
+    if indices.shape[0] == 0 and values.numel() == numel:
+        dense = values.reshape(dims).clone()
+    else:
+        flat = decode_uint(indices, f"{name}.{SPARSE_INDICES}")
+        if flat.numel() != values.numel():
+            raise ValueError(f"{name} has {values.numel()} values but {flat.numel()} indices")
+        if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= numel or not bool((flat[1:] > flat[:-1]).all())):
+            raise ValueError(f"{name}.{SPARSE_INDICES} must be strictly increasing and within [0, {numel}) "
+                             "(duplicate, unsorted or out-of-range indices)")
+        dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
+        dense[flat.to(values.device)] = values
+        dense = dense.reshape(dims)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return dense
 
 
 def _first(tensors):
@@ -69,13 +132,13 @@ def _first(tensors):
 
 
 class _Densify(ConversionOps):
-    """Checkpoint (`.sparse_values`, `.sparse_indices`) -> the model's dense tensor."""
+    """Checkpoint (`.sparse_values`, `.sparse_indices`, `.sparse_shape`) -> the model's dense tensor."""
 
     @torch.no_grad
     def convert(self, input_dict, source_patterns, target_patterns, full_layer_name, model, **kwargs):
-        values, indices = _first(input_dict[source_patterns[0]]), _first(input_dict[source_patterns[1]])
-        shape = model.get_parameter_or_buffer(full_layer_name).shape
-        return {target_patterns[0]: densify(values, indices, shape)}
+        values, indices, shape = (_first(input_dict[pattern]) for pattern in source_patterns)
+        expected = tuple(model.get_parameter_or_buffer(full_layer_name).shape)
+        return {target_patterns[0]: densify(values, indices, shape, expected, full_layer_name)}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -83,26 +146,133 @@ class _Densify(ConversionOps):
 
 
 class _Sparsify(ConversionOps):
-    """The model's dense tensor -> (`.sparse_values`, `.sparse_indices`), used by `save_pretrained`."""
+    """The model's dense tensor -> (`.sparse_values`, `.sparse_indices`, `.sparse_shape`), used by `save_pretrained`."""
 
     @torch.no_grad
     def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-        values, indices = sparsify(_first(input_dict[source_patterns[0]]))
-        return {target_patterns[0]: values, target_patterns[1]: indices}
+        parts = sparsify(_first(input_dict[source_patterns[0]]))
+        return {target: parts[part] for target, part in zip(target_patterns, SPARSE_PARTS)}
 
     @property
     def reverse_op(self) -> ConversionOps:
         return _Densify()
 
 
+# Registered under the model type, which every transformers 5 release looks up (5.9+ also by class name).
 register_checkpoint_conversion_mapping(
-    "CSPForCausalLM",
+    "csp",
     [
-        WeightConverter([f"{name}.{SPARSE_VALUES}", f"{name}.{SPARSE_INDICES}"], name, operations=[_Densify()])
+        WeightConverter([f"{name}.{part}" for part in SPARSE_PARTS], name, operations=[_Densify()])
         for name in SPARSE_STORED
     ],
     overwrite=True,
 )
+
+
+def expected_shapes(config: CSPConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a checkpoint of `config` stores (the tied `lm_head.weight` is not stored).
+
+    Computed from the config alone, so a config with absurd sizes is refused before anything is allocated.
+    """
+    d_in, width, V = config.d_model_in, config.n_head * config.d_head, config.vocab_size
+
+    def norm(name: str, n: int) -> dict:
+        has_bias = not config.rms_norm and config.ln_bias
+        return {f"{name}.weight": (n,), **({f"{name}.bias": (n,)} if has_bias else {})}
+
+    def linear(name: str, n_out: int, n_in: int) -> dict:
+        return {f"{name}.weight": (n_out, n_in), **({f"{name}.bias": (n_out,)} if config.bias else {})}
+
+    shapes = {"transformer.wte.weight": (V, config.d_model), "transformer.wpe.weight": (config.block_size, config.d_pos_emb or config.d_model)}
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        shapes |= norm(p + "ln_1", config.d_model) | linear(p + "attn.c_attn", 3 * width, d_in) | linear(p + "attn.c_proj", config.d_model, width)
+        if config.sink:
+            shapes[p + "attn.attn_imp.sink_logit"] = (config.n_head,)
+        shapes |= norm(p + "ln_2", config.d_model) | linear(p + "mlp.c_fc", config.d_mlp, d_in) | linear(p + "mlp.c_proj", config.d_model, config.d_mlp)
+        if config.d_pos_emb is not None:
+            shapes |= norm(p + "ln_p1", config.d_pos_emb) | norm(p + "ln_p2", config.d_pos_emb)
+    shapes |= norm("transformer.ln_f", config.d_model)
+    if not config.tied_unembed:
+        shapes["lm_head.weight"] = (V, config.d_model)
+    shapes["final_logits_bias"] = (V,)
+    if config.enable_bigram_table:
+        shapes["bigram_table"] = (V, V)
+    return shapes
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def check_weight_files(files: list, config: CSPConfig) -> None:
+    """Refuses a checkpoint that would load as a wrong model, with one line naming the file and the tensor.
+
+    Checks every stored tensor against `config` before transformers reads anything: nothing missing or
+    unexpected, shapes (a sparse tensor's recorded shape too) as the config says, floating-point values
+    without NaN or infinities, sparse indices stored as digits, strictly increasing and in range.
+    """
+    from safetensors import safe_open
+
+    expected = expected_shapes(config)
+    parts: dict[str, dict[str, tuple]] = {}  # tensor -> {part or "": (file, key)}
+    for file in map(str, files):
+        try:
+            with safe_open(file, "pt") as f:
+                keys = list(f.keys())
+        except Exception as exc:  # a truncated or non-safetensors file
+            raise ValueError(f"{file}: not a readable safetensors file ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+        for key in keys:
+            base, _, part = key.rpartition(".")
+            if part not in SPARSE_PARTS:
+                base, part = key, ""
+            parts.setdefault(base, {})[part] = (file, key)
+    missing = sorted(set(expected) - set(parts), key=_natural)
+    unexpected = sorted(set(parts) - set(expected), key=_natural)
+    where = str(files[0]) if len(files) == 1 else f"{len(files)} weight files of {Path(str(files[0])).parent}"
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {few_names(missing)} that config.json (n_layer={config.n_layer}) needs")
+    if unexpected:
+        raise ValueError(f"{where}: unexpected tensor(s) {few_names(unexpected)} that config.json does not use")
+    for name, stored in parts.items():
+        sparse = is_sparse_stored(name)
+        if sparse and set(stored) != set(SPARSE_PARTS):
+            file, _ = next(iter(stored.values()))
+            absent = [f"{name}.{p}" for p in SPARSE_PARTS if p not in stored]
+            raise ValueError(f"{file}: {name} must be stored as .sparse_values, .sparse_indices and .sparse_shape; "
+                             f"missing {', '.join(absent)}")
+        if not sparse and set(stored) != {""}:
+            file, key = next(iter(stored.values()))
+            raise ValueError(f"{file}: {key}: {name} is stored dense, not as sparse parts")
+        tensors = {}
+        for part, (file, key) in stored.items():
+            with safe_open(file, "pt") as f:
+                dtype = f.get_slice(key).get_dtype()
+                want_float = part in ("", SPARSE_VALUES)
+                if want_float and dtype not in _FLOAT_DTYPES:
+                    raise ValueError(f"{file}: {key} has dtype {dtype}, expected floating-point values")
+                if not want_float and dtype != "U8":
+                    raise ValueError(f"{file}: {key} has dtype {dtype}, expected uint8 base-256 digits")
+                tensors[part] = f.get_tensor(key)
+        file = stored[SPARSE_VALUES if sparse else ""][0]
+        try:
+            if sparse:
+                densify(tensors[SPARSE_VALUES], tensors[SPARSE_INDICES], tensors[SPARSE_SHAPE], expected[name], name)
+            else:
+                if tuple(tensors[""].shape) != expected[name]:
+                    raise ValueError(f"{name} has shape {tuple(tensors[''].shape)} but the config gives {expected[name]}: "
+                                     "config.json does not match the weights")
+                if not bool(torch.isfinite(tensors[""]).all()):
+                    raise ValueError(f"{name} holds NaN or infinite values")
+        except ValueError as exc:
+            raise ValueError(f"{file}: {exc}") from None
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def few_names(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 # --------------------------------------------------------------------------------------
@@ -201,38 +371,59 @@ class CSPAttention(nn.Module):
 
     def __init__(self, config: CSPConfig, layer_idx: int):
         super().__init__()
-        self.config = config
         self.layer_idx = layer_idx
-        self.n_head, self.d_head = config.n_head, config.d_head
+        self.n_head, self.d_head, self.sink = config.n_head, config.d_head, config.sink
+        self.afrac = afrac_by_location(config)
         width = config.n_head * config.d_head
         self.c_attn = SparseKernelLinear(config.d_model_in, 3 * width, bias=config.bias)
         self.c_proj = SparseKernelLinear(width, config.d_model, bias=config.bias)
         if config.sink:
             self.attn_imp = SinkLogits(config.n_head)
 
-    def forward(self, x, hook: HookFn, attn_mask: torch.Tensor, past_key_values: Cache | None):
+    def forward(self, x, hook: HookFn, attn_mask: torch.Tensor | None, cache: Cache | None, output_attentions: bool = False):
+        """(B, T, d_model_in) -> ((B, T, d_model) write to the residual, (B, H, T, past + T) probabilities or None)."""
         B, T, _ = x.shape
-        x = hook("act_in", sparsify_at(self.config, x, "attn_in"))  # (B, T, d_model_in)
+        x = hook("act_in", sparsify_at(self.afrac, x, "attn_in"))  # (B, T, d_model_in)
         width = self.n_head * self.d_head
         q, k, v = self.c_attn(x).split(width, dim=2)
-        k = hook("k", sparsify_at(self.config, k, "attn_k"))  # (B, T, n_head * d_head)
-        q = hook("q", sparsify_at(self.config, q, "attn_q"))
-        v = hook("v", sparsify_at(self.config, v, "attn_v"))
+        k = hook("k", sparsify_at(self.afrac, k, "attn_k"))  # (B, T, n_head * d_head)
+        q = hook("q", sparsify_at(self.afrac, q, "attn_q"))
+        v = hook("v", sparsify_at(self.afrac, v, "attn_v"))
         q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.d_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         scale = 1.0 / math.sqrt(self.d_head)
-        if self.config.sink:
+        probs = None
+        if output_attentions:
+            y, probs = explicit_attention(q, k, v, scale, attn_mask, self.attn_imp.sink_logit if self.sink else None)
+        elif self.sink:
             y = self.attn_imp(q, k, v, scale, attn_mask)
-        elif attn_mask is None:  # square and purely causal: SDPA's causal fast path, no mask tensor
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        elif attn_mask is None:  # causal without padding: no mask tensor (a single query sees every key)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, width)
         y = hook("y", y)  # (B, T, n_head * d_head)
-        return sparsify_at(self.config, self.c_proj(y), "attn_out")
+        return sparsify_at(self.afrac, self.c_proj(y), "attn_out"), probs
+
+
+def explicit_attention(q, k, v, scale: float, attn_mask: torch.Tensor | None, sink_logit: torch.Tensor | None = None):
+    """Attention written out, for `output_attentions`: (output, probabilities (B, H, Tq, Tk)).
+
+    With a sink the probabilities over the real keys sum to 1 minus the sink's share.
+    `attn_mask` None means causal without padding.
+    """
+    B, H, Tq, _ = q.shape
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    scores = scores + (attn_mask if attn_mask is not None else causal_mask(Tq, k.shape[2], q.dtype, q.device))
+    if sink_logit is None:
+        probs = scores.softmax(dim=-1)
+    else:
+        sink = sink_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
+        probs = torch.cat([sink, scores], dim=-1).softmax(dim=-1)[..., 1:]
+    return probs @ v, probs
 
 
 class SinkLogits(nn.Module):
@@ -247,12 +438,12 @@ class SinkLogits(nn.Module):
         self.sink_logit = nn.Parameter(torch.zeros(n_head))
 
     def forward(self, q, k, v, scale: float, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over (B, H, T, D) q, k, v plus the sink; `attn_mask` None means square and causal."""
+        """Attention over (B, H, T, D) q, k, v plus the sink; `attn_mask` None means causal without padding."""
         B, H, Tq, D = q.shape
         if attn_mask is None and q.device.type == "cpu" and not torch.is_grad_enabled():
             return self.causal_attention_with_sink(q, k, v, scale)
         if attn_mask is None:
-            attn_mask = torch.full((Tq, Tq), float("-inf"), dtype=q.dtype, device=q.device).triu(1).view(1, 1, Tq, Tq)
+            attn_mask = causal_mask(Tq, k.shape[2], q.dtype, q.device)
         k = torch.cat([k.new_zeros(B, H, 1, D), k], dim=2)
         v = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
         sink = self.sink_logit.to(attn_mask.dtype).view(1, H, 1, 1).expand(attn_mask.shape[0], H, Tq, 1)
@@ -260,43 +451,54 @@ class SinkLogits(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
     def causal_attention_with_sink(self, q, k, v, scale: float) -> torch.Tensor:
-        """Square causal attention with the sink, without a mask tensor (CPU, no autograd).
+        """Causal attention with the sink, without a mask tensor (CPU, no autograd): square, or one query (a
+        decoding step) that sees every key.
 
         Flash attention without the sink returns its output and the log of each softmax
         denominator, lse; adding the sink's exp(b) to the denominator scales the output by
         exp(lse) / (exp(lse) + exp(b)) = sigmoid(lse - b).
         """
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the CPU kernel needs unit stride
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, q.shape[2] > 1, scale=scale)[:2]
         return out * torch.sigmoid(lse - self.sink_logit.to(lse.dtype).view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+
+
+def causal_mask(Tq: int, Tk: int, dtype, device) -> torch.Tensor:
+    """Additive (1, 1, Tq, Tk) causal mask for the last Tq of Tk positions."""
+    return torch.full((Tq, Tk), torch.finfo(dtype).min, dtype=dtype, device=device).triu(Tk - Tq + 1).view(1, 1, Tq, Tk)
 
 
 class CSPMLP(nn.Module):
     def __init__(self, config: CSPConfig):
         super().__init__()
-        self.config = config
+        self.afrac = afrac_by_location(config)
         self.c_fc = SparseKernelLinear(config.d_model_in, config.d_mlp, bias=config.bias)
         self.act_fn = nn.GELU() if config.activation_type == "gelu" else nn.ReLU()
         self.c_proj = SparseKernelLinear(config.d_mlp, config.d_model, bias=config.bias)
 
     def forward(self, x, hook: HookFn):
-        x = hook("act_in", sparsify_at(self.config, x, "mlp_in"))  # (B, T, d_model_in)
+        x = hook("act_in", sparsify_at(self.afrac, x, "mlp_in"))  # (B, T, d_model_in)
         # The hidden layer stays feature-major between the two sparse kernels (no transposes).
-        x = hook("post_act", sparsify_at(self.config, self.c_fc(x, self.act_fn, contiguous_output=False), "mlp_neuron"))  # (B, T, d_mlp)
-        return sparsify_at(self.config, self.c_proj(x), "mlp_out")
+        x = hook("post_act", sparsify_at(self.afrac, self.c_fc(x, self.act_fn, contiguous_output=False), "mlp_neuron"))  # (B, T, d_mlp)
+        return sparsify_at(self.afrac, self.c_proj(x), "mlp_out")
 
 
-def sparsify_at(config: CSPConfig, x: torch.Tensor, location: str) -> torch.Tensor:
+def afrac_by_location(config: CSPConfig) -> dict[str, float]:
+    """{location: afrac} where the config applies AbsTopK; read once, since config attributes are slow to read."""
+    return {} if config.afrac is None else dict.fromkeys(config.afrac_locations, config.afrac)
+
+
+def sparsify_at(afrac: dict[str, float], x: torch.Tensor, location: str) -> torch.Tensor:
     """The reference's `maybe_activation_sparsity`: AbsTopK with k = int(afrac * width) where configured."""
-    if config.afrac is None or location not in config.afrac_locations:
-        return x
-    return abs_topk(x, int(config.afrac * x.shape[-1]))
+    frac = afrac.get(location)
+    return x if frac is None else abs_topk(x, int(frac * x.shape[-1]))
 
 
 class CSPBlock(nn.Module):
     def __init__(self, config: CSPConfig, layer_idx: int):
         super().__init__()
-        self.config = config
+        self.afrac = afrac_by_location(config)
+        self.relu_residual = config.residual_activation_type == "relu"
         self.ln_1 = make_norm(config, config.d_model)
         self.attn = CSPAttention(config, layer_idx)
         self.ln_2 = make_norm(config, config.d_model)
@@ -313,17 +515,17 @@ class CSPBlock(nn.Module):
         return torch.cat([x, p], dim=-1)
 
     def _write(self, x: torch.Tensor, location: str) -> torch.Tensor:
-        if self.config.residual_activation_type == "relu":
+        if self.relu_residual:
             x = torch.relu(x)
-        return sparsify_at(self.config, x, location)
+        return sparsify_at(self.afrac, x, location)
 
-    def forward(self, x, hook: HookFn, pos_emb, attn_mask, past_key_values):
+    def forward(self, x, hook: HookFn, pos_emb, attn_mask, cache, output_attentions: bool = False):
         x = hook("resid_in", x)
-        delta = self.attn(self._read(x, self.ln_1, "ln_p1", pos_emb), _prefixed(hook, "attn."), attn_mask, past_key_values)
+        delta, probs = self.attn(self._read(x, self.ln_1, "ln_p1", pos_emb), _prefixed(hook, "attn."), attn_mask, cache, output_attentions)
         x = self._write(x + hook("attn.resid_delta", delta), "resid_post_attn")
         x = hook("resid_mid", x)
         delta = self.mlp(self._read(x, self.ln_2, "ln_p2", pos_emb), _prefixed(hook, "mlp."))
-        return self._write(x + hook("mlp.resid_delta", delta), "resid_post_mlp")
+        return self._write(x + hook("mlp.resid_delta", delta), "resid_post_mlp"), probs
 
 
 def _prefixed(hook: HookFn, prefix: str) -> HookFn:
@@ -343,23 +545,24 @@ class CSPPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        # transformers' `init` functions skip tensors already loaded from a checkpoint.
         std = 0.02
         if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (LayerNorm, nn.RMSNorm)):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, SinkLogits):
-            module.sink_logit.zero_()
+            init.zeros_(module.sink_logit)
         elif isinstance(module, CSPForCausalLM):
-            module.final_logits_bias.zero_()
+            init.zeros_(module.final_logits_bias)
             if module.bigram_table is not None:
-                module.bigram_table.zero_()
+                init.zeros_(module.bigram_table)
 
 
 class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
@@ -478,57 +681,110 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         with self._hooked(apply):
             yield
 
+    # ---- loading -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, made strict: the weight files are checked against the config first
+        (`check_weight_files`), and any tensor transformers reports missing, unexpected or mismatched is an error
+        instead of a randomly initialised weight."""
+        config = kwargs.get("config")
+        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None and (config is None or isinstance(config, PreTrainedConfig)):
+            files = _weight_files(pretrained_model_name_or_path, kwargs)
+            if files:
+                if config is None:
+                    config = CSPConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+                check_weight_files(files, config)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        info = info if isinstance(info, dict) else dataclasses.asdict(info)
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+            if info.get(kind):
+                names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info[kind])
+                raise ValueError(f"{pretrained_model_name_or_path}: {kind.replace('_', ' ')} while loading: {few_names(names)}")
+        return (model, info) if want_info else model
+
     # ---- forward -------------------------------------------------------------------
+
+    # Keyword arguments that transformers' generate() or Trainer pass and that change nothing here.
+    _ACCEPTED_EXTRA_KWARGS = frozenset({"cache_position", "num_items_in_batch", "inputs_embeds"})
 
     def forward(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         targets: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
+        input_ids: (B, T) token ids.
+        attention_mask: (B, past + T), 0 for padding keys; positions then count only the real tokens, so a
+            left-padded row gives the same numbers as the row alone.
+        position_ids: (B, T) or (1, T); default: from `attention_mask`, else past + arange(T) like the reference.
+        cache: the KV cache (`past_key_values` is the name transformers used before 5.24; both are accepted).
         labels: next-token labels in the transformers convention (shifted inside, -100 ignored).
         targets: already-shifted targets in the reference's convention (`ignore_index=-1`).
-        attention_mask: (B, past + T), 0 for padding keys.
-        position_ids: (B, T) or (1, T); defaults to past + arange(T) like the reference.
+        output_attentions: also return each layer's attention probabilities (B, H, T, past + T); with a sink
+            they sum to 1 minus the sink's share.
         """
-        if input_ids is None:
-            raise ValueError("CSPForCausalLM needs input_ids (inputs_embeds are not supported)")
-        B, T = input_ids.shape
+        unknown = sorted(set(kwargs) - self._ACCEPTED_EXTRA_KWARGS)
+        if unknown:
+            raise TypeError(f"CSPForCausalLM.forward() got unexpected keyword argument(s) {unknown}")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("CSPForCausalLM needs input_ids; inputs_embeds are not supported")
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
+            cache = past_key_values
+        B, T = self._check_input_ids(input_ids)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than the model's context (block_size="
                 f"{self.config.block_size}); truncate the input to at most {self.config.block_size} tokens"
             )
+        padded = False
+        if attention_mask is not None:
+            if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(f"attention_mask must have shape (batch, past + T) = ({B}, {past + T}), "
+                                 f"got {tuple(attention_mask.shape)}")
+            padded = not bool(attention_mask.all())
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-        elif int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0:
-            raise ValueError(f"position_ids must lie in [0, {self.config.block_size})")
+            if padded:  # count only real tokens: a left-padded row is the row alone
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+        elif position_ids.shape[-1] != T or int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0:
+            raise ValueError(f"position_ids must have T={T} columns with values in [0, {self.config.block_size})")
         pos_emb = self.transformer.wpe(position_ids)  # (B|1, T, d_pos_emb or d_model)
         x = self.transformer.wte(input_ids)  # (B, T, d_model)
         if self.config.d_pos_emb is None:
             x, pos_emb = x + pos_emb, None
-        attn_mask = None
-        if past > 0 or (attention_mask is not None and not bool(attention_mask.all())):
-            attn_mask = self._attention_mask(T, past, attention_mask, x.dtype, x.device)
+        attn_mask = None  # None: causal without padding, which the kernels do without a mask tensor
+        if padded or (past > 0 and T > 1):
+            attn_mask = self._attention_mask(T, past, attention_mask if padded else None, x.dtype, x.device)
 
-        hidden_states = []
+        hidden_states, attentions = [], []
         for i, block in enumerate(self.transformer.h):
             hidden_states.append(x)
-            x = block(x, _prefixed(self._run_hooks, f"{i}."), pos_emb, attn_mask, past_key_values if use_cache else None)
+            x, probs = block(x, _prefixed(self._run_hooks, f"{i}."), pos_emb, attn_mask, cache if use_cache else None,
+                             output_attentions)
+            attentions.append(probs)
         x = self._run_hooks("final_resid", x)
         hidden_states.append(x)
 
@@ -541,13 +797,36 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         elif labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+            loss_kwargs = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            **{_OUTPUT_CACHE_FIELD: cache if use_cache else None},
         )
+        return output if return_dict else output.to_tuple()
+
+    def _check_input_ids(self, input_ids) -> tuple[int, int]:
+        """(B, T) of valid input ids, or a ValueError that says what is wrong (never a crash in a kernel)."""
+        if input_ids is None:
+            raise ValueError("CSPForCausalLM needs input_ids (inputs_embeds are not supported)")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, sequence) tensor, got {shape}; add a batch dimension "
+                             "with input_ids[None] for a single sequence")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids is empty (shape {(B, T)}); give at least one token")
+        if input_ids.device.type != "meta":
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (the model's vocab_size), "
+                                 f"got values from {low} to {high}")
+        return B, T
 
     @staticmethod
     def _attention_mask(T: int, past: int, attention_mask, dtype, device) -> torch.Tensor:
@@ -559,5 +838,78 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             allowed = allowed & attention_mask[:, None, None, : past + T].bool()
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
+    # ---- generation and vocabulary -----------------------------------------------------
 
-__all__ = ["CSPForCausalLM", "CSPPreTrainedModel", "abs_topk", "sparsify", "densify"]
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """transformers' `generate`, refusing up front a length the model's context cannot hold."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+            config = generation_config if generation_config is not None else self.generation_config
+            max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            total = ids.shape[1] + max_new if max_new is not None else kwargs.get("max_length", getattr(config, "max_length", None))
+            if total is not None and total > self.config.block_size:
+                raise ValueError(
+                    f"cannot generate up to {total} tokens: the model's context is block_size={self.config.block_size} "
+                    f"tokens and the prompt has {ids.shape[1]}; ask for at most "
+                    f"max_new_tokens={max(self.config.block_size - ids.shape[1], 0)}"
+                )
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resizes every vocabulary-sized tensor: embeddings, unembedding, `final_logits_bias` and the bigram
+        table (new tokens get zero bias and zero bigram logits)."""
+        old = self.config.vocab_size
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        new = embeddings.weight.shape[0]
+        if not isinstance(self.lm_head, SparseKernelLinear):  # transformers rebuilds an untied head as nn.Linear
+            head = SparseKernelLinear(self.lm_head.in_features, self.lm_head.out_features, bias=False,
+                                      device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+            head.weight = self.lm_head.weight
+            self.lm_head = head
+            self.set_sparse_kernels(self.config.use_sparse_kernels)
+        if new != old:
+            n = min(old, new)
+            bias = self.final_logits_bias.new_zeros(new)
+            bias[:n] = self.final_logits_bias[:n]
+            self.final_logits_bias = bias
+            if self.bigram_table is not None:
+                table = self.bigram_table.new_zeros(new, new)
+                table[:n, :n] = self.bigram_table[:n, :n]
+                if isinstance(self.bigram_table, nn.Parameter):
+                    self.bigram_table = nn.Parameter(table, requires_grad=self.bigram_table.requires_grad)
+                else:
+                    self.bigram_table = table
+        self.config.vocab_size = new
+        return embeddings
+
+
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
+                                   "subfolder") if kwargs.get(k) is not None}
+
+
+def _weight_files(name, kwargs: dict) -> list[str]:
+    """The safetensors files `from_pretrained` will read (one file or the shards of an index); [] if none is found."""
+    from transformers.utils import cached_file
+
+    if kwargs.get("variant") or kwargs.get("use_safetensors") is False:
+        return []
+    hub = _hub_kwargs(kwargs)
+    try:
+        single = cached_file(name, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
+        if single:
+            return [single]
+        index = cached_file(name, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+        if not index:
+            return []
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        return [cached_file(name, shard, **hub) for shard in shards]
+    except (OSError, ValueError, KeyError):
+        return []  # transformers reports the problem in its own words
+
+
+__all__ = ["CSPForCausalLM", "CSPPreTrainedModel", "abs_topk", "sparsify", "densify", "check_weight_files", "expected_shapes", "few_names"]

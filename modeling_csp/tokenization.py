@@ -21,6 +21,10 @@ TINYPYTHON_PAT_STR = (
     r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 ENDOFTEXT = "<|endoftext|>"
+# Sanity bounds for a byte-level BPE vocabulary: real ones (GPT-2, o200k, tinypython) stay far below them, and a
+# file past them (a merge chain building ever longer tokens, say) would take minutes to convert and then fail.
+MAX_TOKEN_BYTES = 256
+MAX_MERGES = 2_000_000
 ENCODER_FILE = "encoder.json"
 VOCAB_BPE_FILE = "vocab.bpe"
 
@@ -78,7 +82,11 @@ def load_data_gym(tok_dir: str | Path) -> tuple[dict[bytes, int], dict[str, int]
         parts, where = line.split(), f"{vocab_path}:{rank - 254}"
         if len(parts) != 2:
             raise ValueError(f"{where}: expected two space-separated tokens, got {line[:60]!r}")
-        ranks[decode(parts[0], where) + decode(parts[1], where)] = rank
+        token = decode(parts[0], where) + decode(parts[1], where)
+        if len(token) > MAX_TOKEN_BYTES:
+            raise ValueError(f"{where}: merged token of {len(token)} bytes is longer than {MAX_TOKEN_BYTES} bytes; "
+                             "not a plausible BPE vocabulary")
+        ranks[token] = rank
 
     try:
         encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
@@ -130,6 +138,8 @@ def build_tokenizer_json(
         splits = [(a, b) for a, b in splits if a in mergeable_ranks and b in mergeable_ranks]
         splits.sort(key=lambda ab: (mergeable_ranks[ab[0]], mergeable_ranks[ab[1]]))
         merges += [(token_bytes_to_string(a), token_bytes_to_string(b)) for a, b in splits]
+        if len(merges) > MAX_MERGES:
+            raise ValueError(f"the vocabulary's tokens split into more than {MAX_MERGES:,} merges; not a plausible BPE vocabulary")
 
     # An added token gets id len(vocab) unless the model vocab already has it: put a special token
     # in the model vocab only when its id is not that next free id.

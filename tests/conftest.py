@@ -20,16 +20,36 @@ def pytest_configure(config):
         raise pytest.UsageError(f"reference fixtures not found at {FIXTURES}: put shared/ beside the project root")
 
 
+def truncated_tokenizer(n_ids: int, dst: Path) -> Path:
+    """The fixture tokenizer cut to its first `n_ids` ids (the first merges, `<|endoftext|>` last): a real
+    data-gym tokenizer that fits the fixture checkpoints' small vocabularies."""
+    import json
+
+    encoder = json.loads((TOKENIZER_FIXTURE / "encoder.json").read_text(encoding="utf-8"))
+    merges = (TOKENIZER_FIXTURE / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    dst.mkdir(parents=True, exist_ok=True)
+    kept = {token: i for token, i in encoder.items() if i < n_ids - 1 and token != "<|endoftext|>"}
+    (dst / "encoder.json").write_text(json.dumps({**kept, "<|endoftext|>": n_ids - 1}), encoding="utf-8")
+    (dst / "vocab.bpe").write_text("\n".join(merges[: 1 + n_ids - 1 - 256]) + "\n", encoding="utf-8")
+    return dst
+
+
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-    """Converts each fixture checkpoint once per session: name -> converted folder."""
+    """Converts each fixture checkpoint once per session, with the fixture tokenizer cut to its vocabulary:
+    name -> converted folder."""
+    import json
+
     from conversion.convert_checkpoint import convert_checkpoint
 
     root = tmp_path_factory.mktemp("converted")
-    return {
-        name: convert_checkpoint(str(FIXTURES / name), root / name, tokenizer_dir=str(TOKENIZER_FIXTURE))
-        for name in CHECKPOINTS
-    }
+    folders = {}
+    for name in CHECKPOINTS:
+        vocab_size = json.loads((FIXTURES / name / "beeg_config.json").read_text())["vocab_size"]
+        # 256 ids hold the byte alphabet and no <|endoftext|>: that checkpoint gets no tokenizer
+        tokenizer = truncated_tokenizer(vocab_size, root / f"tokenizer_{vocab_size}") if vocab_size > 257 else None
+        folders[name] = convert_checkpoint(str(FIXTURES / name), root / name, tokenizer_dir=tokenizer and str(tokenizer))
+    return folders
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The converter's output format and its refusal of bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import FIXTURES, PROJECT_ROOT
-from conversion.convert_checkpoint import ConversionError, convert_checkpoint, load_original
+from conversion.convert_checkpoint import ConversionError, check_memory, convert_checkpoint, load_original
 from modeling_csp import CSPConfig, CSPForCausalLM
+from modeling_csp.modeling_csp import decode_uint
 
 
 def copy_fixture(name, tmp_path):
@@ -24,9 +26,9 @@ def test_bfloat16_values_are_kept_exactly(converted):
     with safe_open(converted["catpos_relu_bf16"] / "model.safetensors", "pt") as f:
         values = f.get_tensor("transformer.h.0.attn.c_attn.weight.sparse_values")
         indices = f.get_tensor("transformer.h.0.attn.c_attn.weight.sparse_indices")
-    assert values.dtype == torch.bfloat16 and indices.dtype == torch.int32
+    assert values.dtype == torch.bfloat16 and indices.dtype == torch.uint8 and indices.shape[1] == 4
     dense = original["transformer.h.0.attn.c_attn.weight"].flatten()
-    assert torch.equal(dense[indices.long()], values)
+    assert torch.equal(dense[decode_uint(indices, "indices")], values)
     assert int(dense.count_nonzero()) == values.numel()
 
 
@@ -35,6 +37,7 @@ def test_config_keeps_training_only_keys(converted):
     assert config["pfrac"] == 0.0625 and config["sparse_matmul_impl"] == "torch"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_csp.CSPForCausalLM"
     assert (converted["rms_sink_bigram"] / "tokenizer.json").exists()
+    assert "max_length" not in json.loads((converted["rms_sink_bigram"] / "generation_config.json").read_text())
     assert "rms_sink_bigram" in (converted["rms_sink_bigram"] / "README.md").read_text()
 
 
@@ -98,10 +101,14 @@ def test_state_dict_tensors_are_all_accounted_for():
         (lambda d: _edit_config(d, frobnicate=3), "unknown key(s) ['frobnicate']"),
         (lambda d: _edit_config(d, activation_type="swish"), "activation_type='swish'"),
         (lambda d: _edit_state(d, lambda sd: sd.pop("transformer.h.0.mlp.c_fc.weight")), "missing tensor(s)"),
-        (lambda d: _edit_state(d, lambda sd: sd.update(extra=torch.zeros(2))), "unexpected tensor(s) ['extra']"),
+        (lambda d: _edit_state(d, lambda sd: sd.update(extra=torch.zeros(2))), "unexpected tensor(s) extra"),
         (lambda d: _edit_state(d, lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(3, 3)})), "has shape (3, 3)"),
         (lambda d: _edit_state(d, lambda sd: sd["transformer.h.1.attn.c_proj.weight"].fill_(float("nan"))), "NaN"),
         (lambda d: torch.save({"model": object()}, d / "final_model.pt", _use_new_zipfile_serialization=True), "weights-only"),
+        (lambda d: _edit_config(d, n_head=0), "n_head=0 must be a positive integer"),
+        (lambda d: _edit_config(d, d_pos_emb=-3), "d_pos_emb=-3 must be null or a positive integer"),
+        (lambda d: _edit_config(d, n_layer=10**6), "n_layer=1000000 but the checkpoint has 3 layers"),
+        (lambda d: _edit_config(d, d_model=2**30, d_head=2**26), "has shape (512, 64), the config expects (512, 1073741824)"),
     ],
 )
 def test_bad_input_is_a_clear_error(corrupt, message, tmp_path):
@@ -110,6 +117,42 @@ def test_bad_input_is_a_clear_error(corrupt, message, tmp_path):
     with pytest.raises(ConversionError, match=None) as error:
         convert_checkpoint(str(src), tmp_path / "out")
     assert message in str(error.value)
+
+
+def test_output_folder_problems_are_clear_errors(tmp_path):
+    src = FIXTURES / "rms_sink_bigram"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConversionError, match="exists and is not a folder"):
+        convert_checkpoint(str(src), tmp_path / "a_file")
+    with pytest.raises(ConversionError, match="cannot create the output folder"):
+        convert_checkpoint(str(src), tmp_path / "a_file" / "below")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    from conftest import TOKENIZER_FIXTURE
+
+    with pytest.raises(ConversionError, match="tokenizer has ids up to 2047 but the model's vocab_size is 512"):
+        convert_checkpoint(str(FIXTURES / "rms_sink_bigram"), tmp_path / "out", tokenizer_dir=str(TOKENIZER_FIXTURE))
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating():
+    huge = CSPConfig(vocab_size=10**6, d_model=2**16, n_head=1, n_layer=1, d_mlp=8)
+    with pytest.raises(ConversionError, match="GiB of memory is free"):
+        check_memory(huge, "beeg_config.json")
+
+
+def test_works_from_a_non_editable_install(tmp_path):
+    """`pip install .` (not -e) must carry everything the converter reads, the model-card template included."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(PROJECT_ROOT)], check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    code = ("import conversion, sys; assert conversion.__file__.startswith(sys.argv[1]), conversion.__file__; "
+            "from conversion.convert_checkpoint import main; sys.exit(main(sys.argv[2:]))")
+    result = subprocess.run([sys.executable, "-c", code, str(target), str(FIXTURES / "rms_sink_bigram"), str(tmp_path / "out")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rms_sink_bigram" in (tmp_path / "out" / "README.md").read_text()
 
 
 def _edit_config(folder, **changes):
@@ -124,11 +167,22 @@ def _edit_state(folder, edit):
     torch.save(state, folder / "final_model.pt")
 
 
-def test_cli_reports_one_line_errors(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "conversion.convert_checkpoint", str(tmp_path / "nowhere"), str(tmp_path / "out")],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
-    )
+@pytest.mark.parametrize("case", ["no source", "dst is a file", "n_head=0", "tokenizer too large"])
+def test_cli_reports_one_line_errors(case, tmp_path):
+    from conftest import TOKENIZER_FIXTURE
+
+    src, dst, extra = FIXTURES / "rms_sink_bigram", tmp_path / "out", []
+    if case == "no source":
+        src = tmp_path / "nowhere"
+    elif case == "dst is a file":
+        dst.write_text("x")
+    elif case == "n_head=0":
+        src = copy_fixture("rms_sink_bigram", tmp_path)
+        _edit_config(src, n_head=0)
+    else:
+        extra = ["--tokenizer-dir", str(TOKENIZER_FIXTURE)]
+    result = subprocess.run([sys.executable, "-m", "conversion.convert_checkpoint", str(src), str(dst), *extra],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr

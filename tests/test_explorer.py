@@ -80,8 +80,6 @@ def test_bad_prompts_and_models(entry):
     assert len(ids) == entry.config.block_size and "kept the last" in notices[0]
     out = explorer.next_tokens_data(entry, "aaa", None)
     assert len(out["full"]) == 10 and out["circuit"] is None
-    with pytest.raises(UserError, match="vocabulary"):  # this fixture's tokenizer is bigger than its model
-        explorer.encode_prompt(entry, "ab")
     with pytest.raises(UserError, match="could not load|not a|no config"):
         explorer.get_model("/no/such/folder/anywhere")
     with pytest.raises(UserError):

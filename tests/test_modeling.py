@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained({folder!r})
+import os
+if os.path.exists(os.path.join({folder!r}, "tokenizer.json")):
+    AutoTokenizer.from_pretrained({folder!r})  # the folder's tokenizer loads the hub way too
 ref = load_file({reference!r})
 out = {{}}
 with torch.no_grad():

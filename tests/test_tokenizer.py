@@ -180,3 +180,18 @@ def test_cli_errors(tmp_path, tok_copy, capsys):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "encoder.json: invalid JSON" in lines[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_absurd_merge_chain_is_refused_at_once(tmp_path):
+    """A chain 'a a', 'aa a', 'aaa a', ... builds ever longer tokens; converting it once took minutes, then failed."""
+    chain = ["#version: 0.2"] + ["a" * n + " a" for n in range(1, 400)]
+    (tmp_path / "vocab.bpe").write_text("\n".join(chain) + "\n", encoding="utf-8")
+    (tmp_path / "encoder.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab\.bpe:\d+: merged token of 257 bytes is longer than 256 bytes"):
+        load_data_gym(tmp_path)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer has ids up to 2047 but the model's vocab_size is 512"):
+        convert_tokenizer(TOK_DIR, tmp_path / "out", vocab_size=512)
+    assert main([str(TOK_DIR), str(tmp_path / "out"), "--vocab-size", "512"]) == 2
