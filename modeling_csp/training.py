@@ -275,8 +275,8 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
           progress: bool = True, accelerator=None) -> TrainResult:
     """Trains (or resumes) a run in `out`; returns the unwrapped model, its record and whether it finished.
 
-    `out` gets checkpoint.pt (while unfinished or always, it is small) and training_curve.json.
-    A checkpoint of another config is an error rather than a silent restart."""
+    `out` gets checkpoint.pt (the resume point, kept after the end: a rerun then only re-saves), training_curve.json
+    and loss_curve.svg. A checkpoint of another config is an error rather than a silent restart."""
     from accelerate import Accelerator
 
     data = data if isinstance(data, TokenData) else TokenData(data)
