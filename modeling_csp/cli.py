@@ -253,7 +253,7 @@ def cmd_corpus(args) -> int:
 
 TRAIN_OPTIONS = ("n_layer", "d_model", "n_head", "d_head", "d_mlp", "steps", "batch_size", "lr", "weight_decay",
                  "warmup_frac", "grad_clip", "density", "bigram_density", "anneal_frac", "anneal_shape", "eval_every",
-                 "eval_windows", "checkpoint_every", "max_minutes", "seed")
+                 "eval_windows", "checkpoint_every", "max_minutes", "seed", "init_from")
 
 
 def cmd_train(args) -> int:
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR has a checkpoint")
     for name in TRAIN_OPTIONS:
         default = getattr(t, name)
-        kind = float if name == "max_minutes" else type(default)
+        kind = {"max_minutes": float, "init_from": str}.get(name, type(default))
         extra = {"choices": ("linear", "geometric")} if name == "anneal_shape" else {}
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})", **extra)
     p.add_argument("--threads", type=int, help=f"torch CPU threads per process (default: 1 for d_model <= {SMALL_MODEL_D})")

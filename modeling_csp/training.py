@@ -87,6 +87,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_minutes: float | None = None  # stop (with a checkpoint) after this long; resume later
     seed: int = 0
+    # a finished run's folder: start from its weights (new optimizer and schedule; anneal_frac 0 keeps the density),
+    # a second stage that trains longer at the final density
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.anneal_shape not in ("linear", "geometric"):
@@ -293,6 +296,15 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
     gen = torch.Generator().manual_seed(config.seed)
     step, curve, window, elapsed0 = 0, [], [], 0.0
     ckpt_path = out / CHECKPOINT
+    previous = None
+    if config.init_from:
+        init = Path(config.init_from)
+        if not (init / CHECKPOINT).is_file() or not (init / CURVE).is_file():
+            raise ValueError(f"--init-from {init}: no {CHECKPOINT} and {CURVE} of a training run there")
+        previous = json.loads((init / CURVE).read_text())
+        if not previous.get("final"):
+            raise ValueError(f"--init-from {init}: that run has not finished")
+        model.load_state_dict(load_checkpoint(init / CHECKPOINT)["model"])
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         saved = TrainConfig.from_dict(ckpt["config"])
@@ -378,6 +390,8 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         "curve": curve,
         "final": None,
     }
+    if previous is not None:  # the first stage, without its curve
+        record["previous"] = {k: v for k, v in previous.items() if k != "curve"}
     if finished and main:
         for p, target in targets.values():
             project_topk(p, target)  # exact, at the target density (a no-op when the anneal finished)
@@ -388,6 +402,10 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
             "train_loss": curve[-1]["train_loss"], "density": density, "density_per_matrix": per_matrix,
             "steps": step, "tokens": step * B * T, "train_seconds": round(curve[-1]["elapsed_s"], 1),
         }
+        before = (previous or {}).get("final") or {}
+        record["final"]["total_tokens"] = record["final"]["tokens"] + before.get("total_tokens", before.get("tokens", 0))
+        record["final"]["total_train_seconds"] = round(
+            record["final"]["train_seconds"] + before.get("total_train_seconds", before.get("train_seconds", 0)), 1)
     if main:
         (out / CURVE).write_text(json.dumps(record, indent=1) + "\n")
     return TrainResult(unwrapped, record, finished)
@@ -426,16 +444,25 @@ def training_card(record: dict, corpus_meta: dict | None = None) -> str:
     """The model card's training section: recipe, data (sources and licences), held-out losses."""
     from .corpus import sources_table
 
-    c, f, env = record["config"], record["final"], record["environment"]
+    f, env = record["final"], record["environment"]
+    stages = [record.get("previous"), record]
+    stages = [s for s in stages if s]
+
+    def stage(s: dict) -> str:
+        c, sf = s["config"], s["final"]
+        anneal = (f"the kept fraction annealed ({c['anneal_shape']}) from 1.0 to {c['density']} over the first "
+                  f"{c['anneal_frac']:.0%} of the stage" if c["anneal_frac"] > 0 else f"the density held at {c['density']}")
+        return (f"{sf['tokens']:,} tokens in {sf['steps']:,} steps of {c['batch_size']}x{s['model_config']['block_size']} "
+                f"tokens ({sf['train_seconds'] / 60:.0f} minutes), {anneal} (bigram table {c['bigram_density']}), lr "
+                f"{c['lr']} with warmup and cosine decay, weight decay {c['weight_decay']}")
+
     text = (
         "\n## Training\n\n"
-        f"Trained from scratch by `modeling_csp.training` (`csp train`, `scripts/train_default_model.py`): "
-        f"{f['tokens']:,} tokens in {f['steps']:,} steps of {c['batch_size']}x{record['model_config']['block_size']} tokens, "
-        f"in {f['train_seconds'] / 60:.0f} minutes on {env['processes']} process(es) x {env['threads']} thread(s) "
-        f"({env['device']}). After every AdamW step each weight matrix keeps only its top-k entries by magnitude, "
-        f"the kept fraction annealed ({c['anneal_shape']}) from 1.0 to {c['density']} over the first "
-        f"{c['anneal_frac']:.0%} of training (bigram table: {c['bigram_density']}); lr {c['lr']} with warmup and "
-        f"cosine decay, weight decay {c['weight_decay']}.\n\n"
+        "Trained from scratch by `modeling_csp.training` (`csp train`, `scripts/train_default_model.py`) on "
+        f"{env['processes']} process(es) x {env['threads']} thread(s) ({env['device']}): "
+        + "; then, continued from those weights with a new optimizer, ".join(stage(s) for s in stages)
+        + f". {f.get('total_tokens', f['tokens']):,} tokens in {f.get('total_train_seconds', f['train_seconds']) / 60:.0f} "
+        "minutes in all. After every AdamW step each weight matrix keeps only its top-k entries by magnitude.\n\n"
         f"Held-out loss: **{f['val_loss']:.3f}** nats/token on the standard library's held-out 10% of files"
         + (f", {f['val_extra_loss']:.3f} on the projects' held-out files" if f.get("val_extra_loss") is not None else "")
         + f" (train {f['train_loss']:.3f}). The curve is in `training_curve.json` and `loss_curve.svg`.\n"

@@ -74,7 +74,7 @@ def report(folder: Path) -> tuple[str, list[str]]:
     """(markdown text, tasks meeting the goal)."""
     model, tokenizer = load_model_and_tokenizer(str(folder))
     record = json.loads((folder / "training_curve.json").read_text())
-    final, conf, env, c = record["final"], record["config"], record["environment"], model.config
+    final, env, c = record["final"], record["environment"], model.config
     index_file = folder / "circuits" / "index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else []
     full = full_model_table(model, tokenizer)
@@ -86,8 +86,9 @@ def report(folder: Path) -> tuple[str, list[str]]:
         f"{c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads x d_head {c.d_head}, d_mlp {c.d_mlp}, "
         f"context {c.block_size}; {100 * final['density']:.1f}% of weight-matrix entries nonzero "
         f"(bigram table {100 * final['density_per_matrix']['bigram_table']:.1f}%), AbsTopK afrac {c.afrac}. "
-        f"Trained on {final['tokens']:,} tokens of {data} in {final['train_seconds'] / 60:.0f} minutes "
-        f"({env['processes']} process x {env['threads']} CPU thread, {conf['steps']:,} steps): held-out loss "
+        f"Trained on {final.get('total_tokens', final['tokens']):,} tokens of {data} in "
+        f"{final.get('total_train_seconds', final['train_seconds']) / 60:.0f} minutes ({env['processes']} process x "
+        f"{env['threads']} CPU thread{', two stages' if record.get('previous') else ''}): held-out loss "
         f"**{final['val_loss']:.3f}** nats/token on the standard library's held-out files"
         + (f", {final['val_extra_loss']:.3f} on the projects' held-out files" if final.get("val_extra_loss") else "")
         + f" (train {final['train_loss']:.3f}).",

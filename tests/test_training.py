@@ -142,3 +142,20 @@ def test_data_parallel_under_accelerate_launch(corpus, tmp_path):
     for a, b in zip(record["curve"], single.record["curve"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=2e-3)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=2e-3)
+
+
+def test_second_stage_starts_from_a_finished_run(corpus, tmp_path):
+    first = train(TrainConfig(steps=4, **TINY), corpus, tmp_path / "one", progress=False)
+    options = {**TINY, "anneal_frac": 0.0}
+    second = train(TrainConfig(steps=2, lr=1e-3, init_from=str(tmp_path / "one"), **options), corpus, tmp_path / "two",
+                   progress=False)
+    rec = second.record
+    assert rec["previous"]["final"]["steps"] == 4 and "curve" not in rec["previous"]
+    assert rec["final"]["total_tokens"] == (4 + 2) * 8 * 128 and rec["final"]["steps"] == 2
+    assert rec["final"]["density"] == pytest.approx(0.2, abs=0.01)  # anneal_frac 0: the density is held
+    assert rec["curve"][0]["val_loss"] == pytest.approx(first.record["curve"][-1]["val_loss"], abs=0.05)  # not from scratch
+    from modeling_csp.training import training_card
+
+    assert "then, continued from those weights" in training_card(rec)
+    with pytest.raises(ValueError, match="no checkpoint.pt"):
+        train(TrainConfig(steps=2, init_from=str(tmp_path / "nothing"), **options), corpus, tmp_path / "three", progress=False)
