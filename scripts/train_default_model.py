@@ -1,19 +1,22 @@
 #!/usr/bin/env python
-"""Train the project's embedded default model (a thin call of `modeling_csp.training`).
+"""Train the project's embedded default model (thin calls of `csp train`, i.e. `modeling_csp.training`).
 
     python scripts/build_corpus.py                          # once: work_dirs/corpus (stdlib + pinned projects)
     python scripts/train_default_model.py                   # the shipped recipe, into modeling_csp/default_model
-    python scripts/train_default_model.py --steps 300 --out work_dirs/smoke      # quick smoke run
+    python scripts/train_default_model.py --runs work_dirs/smoke --steps 300 --out work_dirs/smoke/model  # smoke run
     accelerate launch --num_processes 4 scripts/train_default_model.py ...   # data-parallel over 4 GPUs
 
-The recipe (defaults below; see modeling_csp/training.py): top-k weights after every AdamW step with the kept
-fraction annealed geometrically to `--density`, a learnable bigram table at `--bigram-density`, warmup and
-cosine decay. The run checkpoints into `--run-dir` and resumes from there when restarted; the finished model
-is written to `--out` with `save_model_folder` (sparse safetensors, remote code, tokenizer, model card).
+Two stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
+(geometrically over its first 60%, top-k after every AdamW step, bigram table at 5%); stage 2 starts from its
+weights with a new optimizer and trains longer at that density. Each stage checkpoints into its run folder
+under `--runs` (default work_dirs/) and a rerun resumes there; the finished model is written to `--out` with `save_model_folder`
+(sparse safetensors, remote code, tokenizer, model card with the corpus sources and licences). Options given
+on the command line are passed to both stages.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,15 +24,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from modeling_csp.cli import main as csp_main  # noqa: E402
 
-# The shipped model's recipe; any `csp train` option given on the command line overrides these.
-DEFAULTS = [
-    "--data", str(REPO_ROOT / "work_dirs" / "corpus"),
-    "--run-dir", str(REPO_ROOT / "work_dirs" / "default_model_run"),
-    "--out", str(REPO_ROOT / "modeling_csp" / "default_model"),
-    "--n-layer", "4", "--d-model", "128", "--n-head", "8", "--d-head", "16", "--d-mlp", "512",
-    "--steps", "7500", "--batch-size", "32", "--lr", "5e-3", "--density", "0.15", "--bigram-density", "0.05",
-    "--anneal-frac", "0.6", "--anneal-shape", "geometric", "--eval-every", "500", "--checkpoint-every", "500",
-]
+ARCH = ["--n-layer", "4", "--d-model", "128", "--n-head", "8", "--d-head", "16", "--d-mlp", "512",
+        "--batch-size", "32", "--density", "0.15", "--bigram-density", "0.05", "--eval-every", "500",
+        "--checkpoint-every", "500", "--data", str(REPO_ROOT / "work_dirs" / "corpus")]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=REPO_ROOT / "work_dirs", help="where the stages' run folders go")
+    args, rest = parser.parse_known_args(argv)
+    stage1 = ARCH + ["--run-dir", str(args.runs / "run_4l15"), "--steps", "7500", "--lr", "5e-3",
+                     "--anneal-frac", "0.6", "--anneal-shape", "geometric", "--seed", "0"]
+    stage2 = ARCH + ["--run-dir", str(args.runs / "run_4l15_stage2"), "--init-from", str(args.runs / "run_4l15"),
+                     "--steps", "3500", "--lr", "3e-3", "--anneal-frac", "0", "--seed", "1", "--density", "0.25",
+                     "--out", str(REPO_ROOT / "modeling_csp" / "default_model")]
+    code = csp_main(["train", *stage1, *rest])
+    return code or csp_main(["train", *stage2, *rest])
+
 
 if __name__ == "__main__":
-    sys.exit(csp_main(["train", *DEFAULTS, *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))
