@@ -287,15 +287,12 @@ def convert_checkpoint(
         tokenizer_dir = resolve_release_tokenizer()
     out = save_model_folder(model, dst, tokenizer_dir=tokenizer_dir, name=Path(src).name, source=src)
     if push_to_hub:
-        from huggingface_hub import HfApi
+        from modeling_csp.deploy import DeployError, publish_model
 
         try:
-            api = HfApi()
-            api.create_repo(push_to_hub, exist_ok=True)
-            api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=f"Convert {src}")
-        except Exception as e:  # offline, unauthorised, network: hub errors have many types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConversionError(f"converted into {out}, but could not push to {push_to_hub}: {first}") from None
+            publish_model(out, push_to_hub)
+        except DeployError as e:
+            raise ConversionError(f"converted into {out}, but {e}") from None
     return out
 
 

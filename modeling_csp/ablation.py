@@ -108,38 +108,18 @@ def frozen_norm_scales(model, batch: TaskBatch) -> Iterator[None]:
     Ablating residual channels changes the rms of the residual stream and, through the norm, every other
     channel read from it; the paper's pruning can freeze the normalization statistics to the unablated model's
     so that an ablation only changes what it removes. Enter this *before* any ablation: it runs a clean
-    forward pass on `batch` first. Position-embedding norms (`ln_p1`, `ln_p2`) are left as they are."""
-    with torch.no_grad(), model.record_activations(r"\d+\.resid_in|\d+\.resid_mid|final_resid") as acts:
+    forward pass on `batch` first, then intervenes on the `*.scale` hook points. Position-embedding norms
+    (`ln_p1`, `ln_p2`) are left as they are."""
+    names = [f"{l}.ln_{i}.scale" for l in range(model.config.n_layer) for i in (1, 2)] + ["ln_f.scale"]
+    with torch.no_grad(), model.record_activations(names) as clean:
         task_logits(model, batch)
-    norms = []
-    for l, block in enumerate(model.transformer.h):
-        norms += [(block.ln_1, acts[f"{l}.resid_in"]), (block.ln_2, acts[f"{l}.resid_mid"])]
-    norms.append((model.transformer.ln_f, acts["final_resid"]))
-    try:
-        for norm, clean in norms:
-            norm.forward = _frozen_forward(norm, clean)
+
+    def frozen(scale: torch.Tensor, hook) -> torch.Tensor:
+        value = clean[hook.name]
+        return value[:, value.shape[1] - scale.shape[1]:]  # ln_f may see only the last positions
+
+    with model.intervene(dict.fromkeys(names, frozen)):
         yield
-    finally:
-        for norm, _ in norms:
-            del norm.forward  # back to the class's forward
-
-
-def _frozen_forward(norm, clean: torch.Tensor):
-    is_rms = isinstance(norm, torch.nn.RMSNorm)
-    if is_rms:
-        eps = norm.eps if norm.eps is not None else torch.finfo(clean.dtype).eps
-        scale = torch.rsqrt(clean.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        scale = torch.rsqrt(clean.var(-1, unbiased=False, keepdim=True) + 1e-5)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        s = scale[:, scale.shape[1] - x.shape[1] :]  # ln_f may see only the last positions
-        if is_rms:
-            return x * s * norm.weight
-        y = (x - x.mean(-1, keepdim=True)) * s * norm.weight
-        return y + norm.bias if norm.bias is not None else y
-
-    return forward
 
 
 # ---- mean activations ----------------------------------------------------------------------
@@ -237,11 +217,10 @@ def compute_mean_activations(
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     sums = {loc: torch.zeros(location_width(model.config, loc), dtype=acc_dtype, device=device) for loc in locations}
     count = 0
-    pattern = "|".join(l.replace(".", r"\.") for l in locations)
     for b in batches:
         if int(b.max()) >= model.config.vocab_size:
             raise ValueError(f"token id {int(b.max())} is outside the model's vocabulary ({model.config.vocab_size})")
-        with model.record_activations(pattern) as acts:
+        with model.record_activations(locations) as acts:
             model(b.to(device), use_cache=False, logits_to_keep=1)
         for loc in locations:
             sums[loc] += acts[loc].to(acc_dtype).sum(dim=(0, 1))
@@ -302,28 +281,38 @@ def node_importances(model, batch: TaskBatch, keep_masks: Masks, means: Masks | 
 
 
 def _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales) -> dict[str, float]:
-    masks = {loc: m.float().requires_grad_(True) for loc, m in keep_masks.items()}
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        with contextlib.ExitStack() as stack:
-            if freeze_norm_scales:
-                stack.enter_context(frozen_norm_scales(model, batch))
-            stack.enter_context(ablate(model, masks, means))
-            loss = task_loss(task_logits(model, batch), batch)
-        grads = torch.autograd.grad(loss, list(masks.values()))
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-    return {
-        node_id(loc, i): -float(g[i])
-        for (loc, m), g in zip(keep_masks.items(), grads)
-        for i in m.bool().nonzero().flatten().tolist()
-    }
+    scores = node_attributions(model, batch, means, keep_masks, freeze_norm_scales)
+    return {node_id(loc, i): float(scores[loc][i]) for loc, m in keep_masks.items() for i in m.bool().nonzero().flatten().tolist()}
+
+
+def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: Masks | None = None,
+                      freeze_norm_scales: bool = False) -> Masks:
+    """{location: (width,) first-order task-loss increase when each node alone is mean-ablated} (attribution
+    patching): gradient x (mean - activation), summed over the batch's positions, from one backward pass.
+
+    With `keep_masks` the nodes outside it are ablated first (their attribution is then 0). Rank nodes with
+    `pruning.top_k_masks(node_attributions(...), k)`. `means=None` means zero ablation."""
+    keep_masks = keep_masks or all_kept(model.config, model.device)
+    locations = list(keep_masks)
+    leaf = torch.zeros((), requires_grad=True, device=model.device)  # makes the graph reach every activation, even with frozen weights
+    with torch.enable_grad(), contextlib.ExitStack() as stack:
+        if freeze_norm_scales:
+            stack.enter_context(frozen_norm_scales(model, batch))
+        stack.enter_context(ablate(model, keep_masks, means))
+        stack.enter_context(model.intervene({"tok_emb": lambda x: x + leaf}))
+        acts = stack.enter_context(model.record_activations(locations, detach=False))
+        grads = stack.enter_context(model.record_gradients(locations))
+        loss = task_loss(task_logits(model, batch), batch)
+        torch.autograd.grad(loss, [acts[loc] for loc in locations])  # fills `grads`; no parameter gradients
+    out = {}
+    for loc in locations:
+        baseline = means[loc].to(acts[loc]) if means is not None else torch.zeros((), dtype=acts[loc].dtype)
+        out[loc] = (grads[loc] * (baseline - acts[loc].detach())).sum(dim=(0, 1))  # on the model's device
+    return out
 
 
 __all__ = [
     "task_logits", "evaluate", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales",
     "compute_mean_activations", "stdlib_heldout_texts", "text_windows", "example_windows", "layer_ablation_deltas",
-    "node_importances", "all_kept",
+    "node_importances", "node_attributions", "all_kept",
 ]

@@ -14,6 +14,9 @@
                                                            splits the tasks over N GPUs (N CPU processes:
                                                            ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...)
     csp import-viz VIZ_DATA.pt OUT.json                    convert the original visualizer's file
+    csp space build OUT [--models default,HUB_ID,...]      a complete Hugging Face Space folder
+    csp space push OUT REPO_ID                             upload it (token: HF_TOKEN or `hf auth login`)
+    csp publish MODEL_DIR REPO_ID                          upload a converted model folder
     csp corpus --out DIR [--tokenizer FILE]                the training corpus (stdlib + pinned PyPI wheels)
     csp train --data DIR --run-dir DIR [--out MODEL_DIR] [--steps N] [--n-layer L] [--density D] ...
                                                            train a weight-sparse model; resumes from RUN_DIR;
@@ -134,7 +137,7 @@ def cmd_prune(args) -> int:
         "out": str(path), "task": c.task, "k": c.k, "n_nodes": c.n_nodes, "n_edges": c.n_edges, "losses": c.losses,
         "train_circuit_loss": result.train_loss, "target_loss": c.target_loss, "target_reached": result.target_reached,
         "random_baseline_as_good": c.meta["random_baseline_as_good"], "control": c.control,
-        "seconds": round(result.seconds, 1),
+        "attribution_baseline": c.meta["attribution_baseline"], "seconds": round(result.seconds, 1),
     })
     return 0
 
@@ -311,6 +314,29 @@ def cmd_import_viz(args) -> int:
     return 0
 
 
+def cmd_space_build(args) -> int:
+    from .deploy import build_space
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    out = build_space(args.out, models, default_repo=args.default_repo, title=args.title)
+    _emit({"out": str(out), "models": models, "files": sorted(p.name for p in out.iterdir())})
+    return 0
+
+
+def cmd_space_push(args) -> int:
+    from .deploy import push_space
+
+    _emit({"space": args.repo_id, "commit": push_space(args.folder, args.repo_id, hardware=args.hardware)})
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .deploy import publish_model
+
+    _emit({"model": args.repo_id, "commit": publish_model(args.folder, args.repo_id, private=args.private)})
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -423,6 +449,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("viz_data")
     p.add_argument("out")
     p.set_defaults(fn=cmd_import_viz)
+
+    from .deploy import DEFAULT_MODEL_REPO
+
+    space = sub.add_parser("space", help="build or push the app as a Hugging Face Space")
+    space_sub = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
+    p = space_sub.add_parser("build", help="write a complete Space folder")
+    p.add_argument("out", help="folder to create (must be new or empty)")
+    p.add_argument("--models", default="default", help="comma-separated: 'default' and hub ids of converted models")
+    p.add_argument("--default-repo", default=DEFAULT_MODEL_REPO, help="hub id the embedded model is published as")
+    p.add_argument("--title", help="the Space's title")
+    p.set_defaults(fn=cmd_space_build)
+    p = space_sub.add_parser("push", help="upload a built Space folder (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("folder")
+    p.add_argument("repo_id", help="OWNER/NAME of the Space (created if missing)")
+    p.add_argument("--hardware", help="e.g. cpu-basic, cpu-upgrade, t4-small")
+    p.set_defaults(fn=cmd_space_push)
+
+    p = sub.add_parser("publish", help="upload a converted model folder as a model repo")
+    p.add_argument("folder", help="converted model folder (e.g. modeling_csp/default_model)")
+    p.add_argument("repo_id", help="OWNER/NAME of the model repo (created if missing)")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(fn=cmd_publish)
     return parser
 
 
@@ -444,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CSP_DEBUG"):
             raise
         message = str(exc) or type(exc).__name__
-        if not isinstance(exc, (ValueError, OSError, KeyError)):
+        if not isinstance(exc, (ValueError, OSError, KeyError)) and type(exc).__name__ != "DeployError":
             message = f"{type(exc).__name__}: {message}"
         return _fail(message)
     finally:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .ablation import (
     ablate, compute_mean_activations, evaluate, example_windows, frozen_norm_scales, layer_ablation_deltas,
-    node_importances, task_logits,
+    node_attributions, node_importances, task_logits,
 )
 from .circuits import CircuitGraph, attach_node_data, location_width, node_locations
 from .tasks import TaskBatch, TaskExample, get_task, make_task_dataset, task_loss
@@ -367,6 +367,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
         target = max(target, evaluate(model, data.train)[0] + config.target_above_full)
     scores, curve = train_masks(model, data.train, fill, config)
     lap("training")
+    attributions = node_attributions(model, data.train, fill, None, config.freeze_norm_scales)  # the cheap ranking to beat
     if windows is None and config.n_example_tokens:
         windows = example_windows(model, tokenizer, config.n_example_tokens)
     total = sum(s.numel() for s in scores.values())
@@ -392,6 +393,8 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
         method = "exact" if k <= config.max_exact_importances else "attribution"
         importances = node_importances(model, test, keep, fill, fns, method=method)
         deltas = layer_ablation_deltas(model, test, keep, fill, fns)
+        by_attribution = top_k_masks(attributions, k)
+        attribution_loss, attribution_acc = evaluate(model, test, by_attribution, fill, fns)
         circuit = CircuitGraph.from_masks(
             model, keep, importances, model_name=model_name, task=task.name, ablation=config.ablation,
             target_loss=target, k=k, layer_deltas=deltas,
@@ -403,6 +406,10 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
                 "n_train": len(data.train), "n_test": len(test), "importance_method": method,
                 "full_accuracy": faith["full_accuracy"], "circuit_accuracy": faith["circuit_accuracy"],
                 "random_losses": faith["random_losses"], "random_baseline_as_good": faith["random_baseline_as_good"],
+                "attribution_baseline": {  # the top-k nodes by gradient x (mean - activation), same k
+                    "circuit_loss": attribution_loss, "circuit_accuracy": attribution_acc,
+                    "overlap": sum(int((keep[loc] & by_attribution[loc]).sum()) for loc in keep) / max(k, 1),
+                },
                 "n_total_nodes": total, "seconds": round(time.perf_counter() - t0, 2),
                 "timings": {**timings, "circuit": round(time.perf_counter() - start, 2)},
             },

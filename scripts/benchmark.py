@@ -111,6 +111,59 @@ def time_variants(variants: dict, ids, runs: int) -> dict[str, list[float]]:
     return times
 
 
+@contextlib.contextmanager
+def hook_points_removed():
+    """The forward pass as if it had no hook points at all: the baseline for what unused hooks cost."""
+    saved = (M.hook_point, M.hook_wanted)
+    M.hook_point, M.hook_wanted = (lambda name, x: x), (lambda name: False)
+    try:
+        yield
+    finally:
+        M.hook_point, M.hook_wanted = saved
+
+
+def hook_variants(model) -> dict:
+    """Forward-pass variants for the hooks table: none, one recording, all reference hooks, mean ablation."""
+    from modeling_csp.ablation import mean_ablate
+    from modeling_csp.circuits import location_width, node_locations
+
+    generator = torch.Generator().manual_seed(3)
+    masks = {loc: torch.rand(location_width(model.config, loc), generator=generator) < 0.5 for loc in node_locations(model.config)}
+    means = {loc: torch.randn(location_width(model.config, loc), generator=generator) for loc in masks}
+    return {
+        "hook points removed (identity functions)": (model, hook_points_removed),
+        "no active hooks (as loaded)": (model, contextlib.nullcontext),
+        "recording one hook point (`0.mlp.post_act`)": (model, lambda: model.record_activations("0.mlp.post_act")),
+        "recording every reference hook point": (model, model.record_activations),
+        "mean-ablating half the nodes at every node location": (model, lambda: mean_ablate(model, masks, means)),
+    }
+
+
+def time_generation(model, dense_model, prompt, new_tokens: int, runs: int) -> tuple[list[float], list[float], bool]:
+    """Greedy decoding side by side: the reference's loop (the whole prefix through the model at every step,
+    reference-style ops) against `generate()` with the KV cache; interleaved run by run."""
+
+    def reference():
+        ids = prompt
+        with reference_style_ops():
+            for _ in range(new_tokens):
+                ids = torch.cat([ids, dense_model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        return ids
+
+    def port():
+        return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+
+    with torch.no_grad():
+        same = torch.equal(reference(), port())
+        ref_times, port_times = [], []
+        for _ in range(runs):
+            for fn, times in ((reference, ref_times), (port, port_times)):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+    return ref_times, port_times, same
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=9)
@@ -119,6 +172,8 @@ def main():
     parser.add_argument("--density", type=float, default=0.015)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--generate-runs", type=int, default=3, help="runs of the (slow) generation comparison")
+    parser.add_argument("--new-tokens", type=int, default=240)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -142,6 +197,10 @@ def main():
         ("port as loaded (sparse kernels)", times["port"], port_logits),
         ("port with dense matmuls", times["dense"], dense_logits),
     ]
+
+    hook_times = time_variants(hook_variants(model), ids, args.runs)
+    prompt = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    gen_ref, gen_port, gen_same = time_generation(model, dense_model, prompt, args.new_tokens, args.generate_runs)
 
     density_rows = []
     max_density = M.SparseKernelLinear.max_density
@@ -186,6 +245,29 @@ def main():
         ratio = statistics.median(t / r for t, r in zip(times, rows[0][1]))
         diff = (logits - reference_logits).abs().max().item()
         lines.append(f"| {name} | {median:.3f} | {n_tokens / median:,.0f} | {ratio:.2f}x | {diff:.1e} |")
+    gen_ratio = statistics.median(r / p for r, p in zip(gen_ref, gen_port))
+    lines += [
+        "",
+        f"Greedy generation of {args.new_tokens} tokens after a {prompt.shape[1]}-token prompt (batch 1), {args.generate_runs} "
+        "runs interleaved: the reference's loop runs the whole prefix through the model at every step (reference-style "
+        "ops); the port's `generate()` keeps a KV cache. Same tokens: " + ("yes" if gen_same else "**NO**") + ".",
+        "",
+        "| generation | median s | tokens/s | speed vs reference |",
+        "|---|---|---|---|",
+        f"| reference loop (prefix recomputed) | {statistics.median(gen_ref):.2f} | {args.new_tokens / statistics.median(gen_ref):,.0f} | 1.0x |",
+        f"| port `generate()` (KV cache) | {statistics.median(gen_port):.2f} | {args.new_tokens / statistics.median(gen_port):,.0f} | {gen_ratio:.1f}x |",
+    ]
+    base = hook_times["no active hooks (as loaded)"]
+    lines += [
+        "",
+        "Hooks (same forward pass, sparse kernels; hooks live in a context variable, so a hook point with no",
+        "active hook is one lookup):",
+        "",
+        "| forward pass | median s | vs no active hooks |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {statistics.median(t):.3f} | {statistics.median(a / b for a, b in zip(t, base)):.2f}x |"
+              for name, t in hook_times.items()]
     lines += [
         "",
         "Sparse (`embedding_bag`) vs dense matmuls by weight density, whole forward pass; the model",

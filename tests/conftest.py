@@ -53,6 +53,21 @@ def converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def models(converted):
+    """name -> the converted fixture checkpoint, loaded once per test module, in eval mode."""
+    from modeling_csp import CSPForCausalLM
+
+    return {name: CSPForCausalLM.from_pretrained(converted[name]).eval() for name in CHECKPOINTS}
+
+
+def random_ids(model, n=2, T=16, seed=0):
+    """(n, T) token ids drawn uniformly from the model's vocabulary."""
+    import torch
+
+    return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest single-threaded, and multi-threaded runs stall on a busy machine."""
     import torch

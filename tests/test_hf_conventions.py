@@ -8,19 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import CHECKPOINTS, PROJECT_ROOT
+from conftest import CHECKPOINTS, PROJECT_ROOT, random_ids
 from modeling_csp import CSPForCausalLM
 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def models(converted):
-    return {name: CSPForCausalLM.from_pretrained(converted[name]).eval() for name in CHECKPOINTS}
-
-
 def ids_for(model, n=2, T=24, seed=0):
-    return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(seed))
+    return random_ids(model, n, T, seed)  # 24 tokens: shapes below assume it
 
 
 # ---- the KV cache and generate() --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conversion.convert_checkpoint import load_original
 from conftest import FIXTURES
 from modeling_csp import CSPConfig, CSPForCausalLM
-from modeling_csp.modeling_csp import SinkLogits, SparseKernelLinear, abs_topk
+from modeling_csp.modeling_csp import Activation, SinkLogits, SparseKernelLinear, abs_topk
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,10 @@ def test_sparse_linear_accepts_any_layout_and_falls_back_to_dense():
         assert linear._csr_weight(x) is not None
         assert torch.allclose(linear(x), expected, atol=1e-6)
         assert torch.allclose(linear(x.mT.contiguous().mT), expected, atol=1e-6)  # feature-major input
-        hidden = linear(x, torch.relu, contiguous_output=False)
-        assert torch.equal(hidden, torch.relu(linear(x)))
+        hidden = linear(x, contiguous_output=False)  # feature-major in memory, (3, 7, 48) as its shape says
+        assert hidden.shape == (3, 7, 48) and hidden.stride(-1) == 21
+        gelu = Activation("gelu")  # computes a feature-major view in memory order: the dense path's exact values
+        assert torch.equal(hidden, linear(x)) and torch.equal(gelu(hidden), gelu(linear(x)))
         linear.weight.fill_(1.0)  # denser than max_density: the cache notices the change, dense kernel
         assert linear._csr_weight(x) is None
         assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-4)

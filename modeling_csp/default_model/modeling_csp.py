@@ -9,7 +9,9 @@ transformers, safetensors and `configuration_csp`.
 """
 
 import contextlib
+import contextvars
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -300,19 +302,38 @@ _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias and eps 1e-5, as in the reference."""
+    """LayerNorm with an optional bias and eps 1e-5, as in the reference.
+
+    With `scale_hook`, while a hook wants that name, the per-position scale 1/std (B, T, 1) goes through it
+    (record it, or replace it: `ablation.frozen_norm_scales` freezes it at a clean run's value).
+    """
 
     def __init__(self, ndim: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+    def forward(self, x: torch.Tensor, scale_hook: str | None = None) -> torch.Tensor:
+        if scale_hook is None or not hook_wanted(scale_hook):
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        scale = hook_point(scale_hook, torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5))
+        y = (x - x.mean(-1, keepdim=True)) * scale * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm (default eps, as the reference); `scale_hook` as for `LayerNorm`, with scale 1/rms."""
+
+    def forward(self, x: torch.Tensor, scale_hook: str | None = None) -> torch.Tensor:
+        if scale_hook is None or not hook_wanted(scale_hook):
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        scale = hook_point(scale_hook, torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        return x * scale * self.weight
 
 
 def make_norm(config: CSPConfig, ndim: int) -> nn.Module:
-    return nn.RMSNorm(ndim) if config.rms_norm else LayerNorm(ndim, bias=config.ln_bias)
+    return RMSNorm(ndim) if config.rms_norm else LayerNorm(ndim, bias=config.ln_bias)
 
 
 class SparseKernelLinear(nn.Linear):
@@ -324,27 +345,24 @@ class SparseKernelLinear(nn.Linear):
     than the dense matmul (BENCHMARKS.md); weights denser than `max_density` stay dense.
 
     The input may be token-major or feature-major (a transposed view, as the output is with
-    `contiguous_output=False`); a feature-major input needs no copy. `activation` is applied to
-    the output in memory order, which keeps it bit-identical to the dense path.
+    `contiguous_output=False`); a feature-major input needs no copy. Either way the result has the
+    layout its shape promises, (..., out_features), for module hooks and elementwise functions alike.
     """
 
     use_sparse_kernel = False
     max_density = 0.1
     _csr_cache: tuple | None = None
 
-    def forward(self, x: torch.Tensor, activation: Callable | None = None, contiguous_output: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, contiguous_output: bool = True) -> torch.Tensor:
         csr = self._csr_weight(x)
         if csr is None:
-            out = super().forward(x)
-            return activation(out) if activation is not None else out
+            return super().forward(x)
         cols, offsets, values = csr
         x_t = x.reshape(-1, self.in_features).T  # (in, N): no copy when x is feature-major
         out_t = F.embedding_bag(cols, x_t if x_t.is_contiguous() else x_t.contiguous(), offsets, mode="sum",
                                 per_sample_weights=values, include_last_offset=True)  # (out, N)
         if self.bias is not None:
             out_t = out_t + self.bias[:, None]
-        if activation is not None:
-            out_t = activation(out_t)
         out = out_t.T.contiguous() if contiguous_output else out_t.T  # a 2-D transpose copies in cache blocks
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -363,7 +381,113 @@ class SparseKernelLinear(nn.Linear):
         return self._csr_cache[1]
 
 
-HookFn = Callable[[str, torch.Tensor], torch.Tensor]
+# --------------------------------------------------------------------------------------
+# Hooks
+#
+# A hook point is a named place in the forward pass where a tensor can be recorded or replaced.
+# The active recordings and interventions live in a context variable, not on the model: each
+# thread (and asyncio task) sees only the ones it entered itself, so concurrent forward passes on
+# one model never see each other's hooks and need no lock; with none active a hook point costs one
+# context-variable read. Some hook points need extra work (the attention pattern is computed
+# explicitly, a norm's scale separately): the model does it only while a hook wants that name.
+# --------------------------------------------------------------------------------------
+
+# The reference's hook points, per layer, in forward order.
+REFERENCE_LAYER_HOOKS = ("resid_in", "attn.act_in", "attn.k", "attn.q", "attn.v", "attn.y", "attn.resid_delta",
+                         "resid_mid", "mlp.act_in", "mlp.post_act", "mlp.resid_delta")
+
+
+class HookName(str):
+    """A hook point's name, passed to two-argument hook functions; `.name` too, as TransformerLens's hook object."""
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+class Hook:
+    """One active recording or intervention: the hook names it touches and `fn(name, tensor) -> tensor`."""
+
+    __slots__ = ("names", "fn")
+
+    def __init__(self, names: frozenset[str], fn: Callable[[str, torch.Tensor], torch.Tensor]):
+        self.names, self.fn = names, fn
+
+
+_ACTIVE_HOOKS: contextvars.ContextVar[tuple[Hook, ...]] = contextvars.ContextVar("csp_active_hooks", default=())
+
+
+def hook_point(name: str, x: torch.Tensor) -> torch.Tensor:
+    """`x` after every active hook that touches `name`, in the order they were entered."""
+    hooks = _ACTIVE_HOOKS.get()
+    if hooks:
+        for hook in hooks:
+            if name in hook.names:
+                x = hook.fn(name, x)
+    return x
+
+
+def hook_wanted(name: str) -> bool:
+    return any(name in hook.names for hook in _ACTIVE_HOOKS.get())
+
+
+@contextlib.contextmanager
+def active_hook(hook: Hook) -> Iterator[None]:
+    token = _ACTIVE_HOOKS.set(_ACTIVE_HOOKS.get() + (hook,))
+    try:
+        yield
+    finally:
+        _ACTIVE_HOOKS.reset(token)
+
+
+class ActivationCache(dict):
+    """{hook name: tensor}, filled by `record_activations` / `run_with_cache`, with TransformerLens-style views.
+
+    With `steps=True` every name holds a list: one tensor per forward pass (each step of `generate`).
+    """
+
+    def __init__(self, n_head: int, d_head: int):
+        super().__init__()
+        self.n_head, self.d_head = n_head, d_head
+
+    def heads(self, name: str) -> torch.Tensor:
+        """`{l}.attn.q|k|v|y` as (B, T, n_head, d_head)."""
+        if not re.fullmatch(r"\d+\.attn\.(q|k|v|y)", name):
+            raise KeyError(f"{name!r} has no heads: only {{layer}}.attn.q|k|v|y do")
+        x = self[name]
+        return x.view(*x.shape[:-1], self.n_head, self.d_head)
+
+    def stack(self, pattern: str) -> torch.Tensor:
+        """The recorded tensors whose names fully match `pattern`, stacked along a new first dim, in forward order."""
+        names = [n for n in self if re.fullmatch(pattern, n)]
+        if not names:
+            raise KeyError(f"no recorded hook matches {pattern!r}; recorded: {few_names(list(self))}")
+        return torch.stack([self[n] for n in names])
+
+    def concat(self, name: str, dim: int = 1) -> torch.Tensor:
+        """A name recorded with `steps=True`, its steps concatenated along `dim` (the sequence, for (B, T, ...))."""
+        return torch.cat(self[name], dim=dim)
+
+    def to(self, device) -> "ActivationCache":
+        moved = ActivationCache(self.n_head, self.d_head)
+        moved.update({k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in self.items()})
+        return moved
+
+
+def _call_intervention(fn: Callable) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """Accepts `fn(act)` and `fn(act, hook)` (hook: the name, with `.name` as in TransformerLens)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+        two = any(p.kind == p.VAR_POSITIONAL for p in params) or sum(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params) >= 2
+    except (TypeError, ValueError):  # builtins without a signature
+        two = False
+    return (lambda name, x: fn(x, HookName(name))) if two else (lambda name, x: fn(x))
+
+
+# --------------------------------------------------------------------------------------
+# Attention, MLP, block
+# --------------------------------------------------------------------------------------
 
 
 class CSPAttention(nn.Module):
@@ -374,21 +498,23 @@ class CSPAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.d_head, self.sink = config.n_head, config.d_head, config.sink
         self.afrac = afrac_by_location(config)
+        self.hook = {n: f"{layer_idx}.attn.{n}" for n in ("act_in", "q", "k", "v", "pattern", "sink", "y")}
         width = config.n_head * config.d_head
         self.c_attn = SparseKernelLinear(config.d_model_in, 3 * width, bias=config.bias)
         self.c_proj = SparseKernelLinear(width, config.d_model, bias=config.bias)
         if config.sink:
             self.attn_imp = SinkLogits(config.n_head)
 
-    def forward(self, x, hook: HookFn, attn_mask: torch.Tensor | None, cache: Cache | None, output_attentions: bool = False):
+    def forward(self, x, attn_mask: torch.Tensor | None, cache: Cache | None, output_attentions: bool = False):
         """(B, T, d_model_in) -> ((B, T, d_model) write to the residual, (B, H, T, past + T) probabilities or None)."""
         B, T, _ = x.shape
-        x = hook("act_in", sparsify_at(self.afrac, x, "attn_in"))  # (B, T, d_model_in)
+        hook = self.hook
+        x = hook_point(hook["act_in"], sparsify_at(self.afrac, x, "attn_in"))  # (B, T, d_model_in)
         width = self.n_head * self.d_head
         q, k, v = self.c_attn(x).split(width, dim=2)
-        k = hook("k", sparsify_at(self.afrac, k, "attn_k"))  # (B, T, n_head * d_head)
-        q = hook("q", sparsify_at(self.afrac, q, "attn_q"))
-        v = hook("v", sparsify_at(self.afrac, v, "attn_v"))
+        k = hook_point(hook["k"], sparsify_at(self.afrac, k, "attn_k"))  # (B, T, n_head * d_head)
+        q = hook_point(hook["q"], sparsify_at(self.afrac, q, "attn_q"))
+        v = hook_point(hook["v"], sparsify_at(self.afrac, v, "attn_v"))
         q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.d_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)
@@ -396,8 +522,12 @@ class CSPAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         scale = 1.0 / math.sqrt(self.d_head)
         probs = None
-        if output_attentions:
-            y, probs = explicit_attention(q, k, v, scale, attn_mask, self.attn_imp.sink_logit if self.sink else None)
+        if output_attentions or hook_wanted(hook["pattern"]) or hook_wanted(hook["sink"]):
+            probs, sink_share = attention_probabilities(q, k, scale, attn_mask, self.attn_imp.sink_logit if self.sink else None)
+            if sink_share is not None and hook_point(hook["sink"], sink_share) is not sink_share:
+                raise ValueError(f"{hook['sink']} can be recorded, not replaced: intervene on {hook['pattern']} instead")
+            probs = hook_point(hook["pattern"], probs)  # (B, nh, T, past + T)
+            y = probs @ v
         elif self.sink:
             y = self.attn_imp(q, k, v, scale, attn_mask)
         elif attn_mask is None:  # causal without padding: no mask tensor (a single query sees every key)
@@ -405,25 +535,24 @@ class CSPAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, width)
-        y = hook("y", y)  # (B, T, n_head * d_head)
+        y = hook_point(hook["y"], y)  # (B, T, n_head * d_head)
         return sparsify_at(self.afrac, self.c_proj(y), "attn_out"), probs
 
 
-def explicit_attention(q, k, v, scale: float, attn_mask: torch.Tensor | None, sink_logit: torch.Tensor | None = None):
-    """Attention written out, for `output_attentions`: (output, probabilities (B, H, Tq, Tk)).
+def attention_probabilities(q, k, scale: float, attn_mask: torch.Tensor | None, sink_logit: torch.Tensor | None = None):
+    """Attention written out: (probabilities (B, H, Tq, Tk), the sink's share (B, H, Tq) or None).
 
-    With a sink the probabilities over the real keys sum to 1 minus the sink's share.
-    `attn_mask` None means causal without padding.
+    With a sink the probabilities over the real keys sum to 1 minus the sink's share (the sink's value
+    is zero, so the output is probabilities @ v either way). `attn_mask` None means causal without padding.
     """
     B, H, Tq, _ = q.shape
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
     scores = scores + (attn_mask if attn_mask is not None else causal_mask(Tq, k.shape[2], q.dtype, q.device))
     if sink_logit is None:
-        probs = scores.softmax(dim=-1)
-    else:
-        sink = sink_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
-        probs = torch.cat([sink, scores], dim=-1).softmax(dim=-1)[..., 1:]
-    return probs @ v, probs
+        return scores.softmax(dim=-1), None
+    sink = sink_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
+    probs = torch.cat([sink, scores], dim=-1).softmax(dim=-1)
+    return probs[..., 1:], probs[..., 0]
 
 
 class SinkLogits(nn.Module):
@@ -469,18 +598,44 @@ def causal_mask(Tq: int, Tk: int, dtype, device) -> torch.Tensor:
 
 
 class CSPMLP(nn.Module):
-    def __init__(self, config: CSPConfig):
+    def __init__(self, config: CSPConfig, layer_idx: int):
         super().__init__()
         self.afrac = afrac_by_location(config)
+        self.hook = {n: f"{layer_idx}.mlp.{n}" for n in ("act_in", "pre_act", "post_act")}
         self.c_fc = SparseKernelLinear(config.d_model_in, config.d_mlp, bias=config.bias)
-        self.act_fn = nn.GELU() if config.activation_type == "gelu" else nn.ReLU()
+        self.act_fn = Activation(config.activation_type)
         self.c_proj = SparseKernelLinear(config.d_mlp, config.d_model, bias=config.bias)
 
-    def forward(self, x, hook: HookFn):
-        x = hook("act_in", sparsify_at(self.afrac, x, "mlp_in"))  # (B, T, d_model_in)
-        # The hidden layer stays feature-major between the two sparse kernels (no transposes).
-        x = hook("post_act", sparsify_at(self.afrac, self.c_fc(x, self.act_fn, contiguous_output=False), "mlp_neuron"))  # (B, T, d_mlp)
+    def forward(self, x):
+        x = hook_point(self.hook["act_in"], sparsify_at(self.afrac, x, "mlp_in"))  # (B, T, d_model_in)
+        # On the sparse kernels the hidden layer stays feature-major in memory between c_fc and c_proj (no
+        # transposes); its tensors are (B, T, d_mlp) views, so hooks and act_fn see the usual layout.
+        x = hook_point(self.hook["pre_act"], self.c_fc(x, contiguous_output=False))  # (B, T, d_mlp)
+        x = hook_point(self.hook["post_act"], sparsify_at(self.afrac, self.act_fn(x), "mlp_neuron"))  # (B, T, d_mlp)
         return sparsify_at(self.afrac, self.c_proj(x), "mlp_out")
+
+
+class Activation(nn.Module):
+    """GELU or ReLU of a (..., features) tensor, computed in memory order.
+
+    PyTorch's vectorised GELU and the one it uses on strided views differ in the last bit, which can flip
+    AbsTopK at near-ties: a feature-major view (the sparse kernels' hidden layer) is therefore computed on
+    its contiguous memory, so every kernel path gives the dense path's values.
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fn = F.gelu if kind == "gelu" else F.relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if not flat.is_contiguous() and flat.T.is_contiguous():
+            return self.fn(flat.T).T.reshape(x.shape)
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.kind
 
 
 def afrac_by_location(config: CSPConfig) -> dict[str, float]:
@@ -499,16 +654,18 @@ class CSPBlock(nn.Module):
         super().__init__()
         self.afrac = afrac_by_location(config)
         self.relu_residual = config.residual_activation_type == "relu"
+        self.hook = {n: f"{layer_idx}.{n}" for n in ("resid_in", "ln_1.scale", "attn.resid_delta", "resid_mid",
+                                                      "ln_2.scale", "mlp.resid_delta")}
         self.ln_1 = make_norm(config, config.d_model)
         self.attn = CSPAttention(config, layer_idx)
         self.ln_2 = make_norm(config, config.d_model)
-        self.mlp = CSPMLP(config)
+        self.mlp = CSPMLP(config, layer_idx)
         if config.d_pos_emb is not None:  # concatenated position embedding, normed per sublayer
             self.ln_p1 = make_norm(config, config.d_pos_emb)
             self.ln_p2 = make_norm(config, config.d_pos_emb)
 
-    def _read(self, x: torch.Tensor, norm: nn.Module, pos_norm: str, pos_emb: torch.Tensor | None):
-        x = norm(x)
+    def _read(self, x: torch.Tensor, norm: nn.Module, scale_hook: str, pos_norm: str, pos_emb: torch.Tensor | None):
+        x = norm(x, scale_hook)
         if pos_emb is None:
             return x
         p = getattr(self, pos_norm)(pos_emb).expand(x.shape[0], -1, -1)
@@ -519,17 +676,14 @@ class CSPBlock(nn.Module):
             x = torch.relu(x)
         return sparsify_at(self.afrac, x, location)
 
-    def forward(self, x, hook: HookFn, pos_emb, attn_mask, cache, output_attentions: bool = False):
-        x = hook("resid_in", x)
-        delta, probs = self.attn(self._read(x, self.ln_1, "ln_p1", pos_emb), _prefixed(hook, "attn."), attn_mask, cache, output_attentions)
-        x = self._write(x + hook("attn.resid_delta", delta), "resid_post_attn")
-        x = hook("resid_mid", x)
-        delta = self.mlp(self._read(x, self.ln_2, "ln_p2", pos_emb), _prefixed(hook, "mlp."))
-        return self._write(x + hook("mlp.resid_delta", delta), "resid_post_mlp"), probs
-
-
-def _prefixed(hook: HookFn, prefix: str) -> HookFn:
-    return lambda name, x: hook(prefix + name, x)
+    def forward(self, x, pos_emb, attn_mask, cache, output_attentions: bool = False):
+        hook = self.hook
+        x = hook_point(hook["resid_in"], x)
+        delta, probs = self.attn(self._read(x, self.ln_1, hook["ln_1.scale"], "ln_p1", pos_emb), attn_mask, cache, output_attentions)
+        x = self._write(x + hook_point(hook["attn.resid_delta"], delta), "resid_post_attn")
+        x = hook_point(hook["resid_mid"], x)
+        delta = self.mlp(self._read(x, self.ln_2, hook["ln_2.scale"], "ln_p2", pos_emb))
+        return self._write(x + hook_point(hook["mlp.resid_delta"], delta), "resid_post_mlp"), probs
 
 
 # --------------------------------------------------------------------------------------
@@ -569,7 +723,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     """The weight-sparse GPT with its LM head, hook points and sparse on-disk storage.
 
     Hook names are the reference's: `{l}.resid_in`, `{l}.attn.act_in|q|k|v|y|resid_delta`,
-    `{l}.resid_mid`, `{l}.mlp.act_in|post_act|resid_delta` and `final_resid`.
+    `{l}.resid_mid`, `{l}.mlp.act_in|post_act|resid_delta` and `final_resid`; `hook_names(extra=True)`
+    adds the embeddings, attention patterns, MLP pre-activations and norm scales.
     """
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
@@ -594,7 +749,6 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
                 self.register_buffer("bigram_table", table)
         else:
             self.bigram_table = None
-        self._hooks: list[HookFn] = []
         self.post_init()
         self.set_sparse_kernels(config.use_sparse_kernels)
 
@@ -616,70 +770,114 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
 
     # ---- hooks ---------------------------------------------------------------------
 
-    def hook_names(self) -> list[str]:
-        """Every hook point, in forward order."""
-        per_layer = ["resid_in", "attn.act_in", "attn.k", "attn.q", "attn.v", "attn.y", "attn.resid_delta",
-                     "resid_mid", "mlp.act_in", "mlp.post_act", "mlp.resid_delta"]
-        return [f"{l}.{n}" for l in range(self.config.n_layer) for n in per_layer] + ["final_resid"]
+    def hook_names(self, extra: bool = False) -> list[str]:
+        """Every hook point in forward order: the reference's, or with `extra=True` also this port's own:
+        `tok_emb`, `pos_emb`, `{l}.ln_1.scale`, `{l}.attn.pattern` (B, H, T, T), `{l}.attn.sink` (B, H, T; sink
+        models), `{l}.ln_2.scale`, `{l}.mlp.pre_act` and `ln_f.scale`."""
+        if not extra:
+            return [f"{l}.{n}" for l in range(self.config.n_layer) for n in REFERENCE_LAYER_HOOKS] + ["final_resid"]
+        per_layer = ["resid_in", "ln_1.scale", "attn.act_in", "attn.k", "attn.q", "attn.v", "attn.pattern",
+                     *(["attn.sink"] if self.config.sink else []), "attn.y", "attn.resid_delta", "resid_mid",
+                     "ln_2.scale", "mlp.act_in", "mlp.pre_act", "mlp.post_act", "mlp.resid_delta"]
+        return ["tok_emb", "pos_emb"] + [f"{l}.{n}" for l in range(self.config.n_layer) for n in per_layer] + [
+            "final_resid", "ln_f.scale"]
 
-    def _run_hooks(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        for fn in self._hooks:
-            x = fn(name, x)
-        return x
+    def resolve_hook_names(self, names=None) -> list[str]:
+        """Hook names, in forward order, for a spec: None (the reference's), a regex (full match), a list of names
+        or regexes, or a callable `name -> bool`. A spec that selects nothing is an error, not a silent no-op."""
+        every = self.hook_names(extra=True)
+        if names is None:
+            return self.hook_names()
+        if callable(names) and not isinstance(names, str):
+            chosen = {n for n in every if names(n)}
+        else:
+            chosen = set()
+            for spec in [names] if isinstance(names, str) else list(names):
+                matched = {spec} if spec in every else {n for n in every if re.fullmatch(spec, n)}
+                if not matched:
+                    raise KeyError(f"unknown hook name {spec!r}: no hook point matches it; see model.hook_names(extra=True)")
+                chosen |= matched
+        if not chosen and (callable(names) or isinstance(names, str)):  # an empty list asks for nothing
+            raise KeyError("the hook-name filter selects no hook point; see model.hook_names(extra=True)")
+        return [n for n in every if n in chosen]
+
+    def new_cache(self) -> ActivationCache:
+        return ActivationCache(self.config.n_head, self.config.d_head)
 
     @contextlib.contextmanager
-    def _hooked(self, fn: HookFn) -> Iterator[None]:
-        self._hooks.append(fn)
-        try:
-            yield
-        finally:
-            self._hooks.remove(fn)
+    def record_activations(self, names=None, detach: bool = True, steps: bool = False) -> Iterator[ActivationCache]:
+        r"""Records the tensor at the hook points `names` selects (see `resolve_hook_names`; default: the reference's).
 
-    @contextlib.contextmanager
-    def record_activations(self, pattern: str = ".*", detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-        """Records the tensor at every hook whose name fully matches `pattern`.
-
-            with model.record_activations(r"0\\.attn\\..*") as acts:
+            with model.record_activations(r"0\.attn\..*") as acts:
                 model(input_ids)
-            acts["0.attn.q"]  # (B, T, n_head * d_head)
+            acts["0.attn.q"]            # (B, T, n_head * d_head)
+            acts.heads("0.attn.q")      # (B, T, n_head, d_head)
 
+        Each forward pass overwrites the last one's tensors; `steps=True` keeps a list per name instead, one
+        tensor per forward pass (each step of `generate`; `acts.concat(name)` joins them along the sequence).
         Interventions entered before this context are visible in what it records.
         """
-        regex = re.compile(pattern)
-        acts: dict[str, torch.Tensor] = {}
+        acts = self.new_cache()
 
         def record(name, x):
-            if regex.fullmatch(name):
-                acts[name] = x.detach() if detach else x
+            value = x.detach() if detach else x
+            if steps:
+                acts.setdefault(name, []).append(value)
+            else:
+                acts[name] = value
             return x
 
-        with self._hooked(record):
+        with active_hook(Hook(frozenset(self.resolve_hook_names(names)), record)):
             yield acts
 
+    def run_with_cache(self, input_ids: torch.Tensor, names=None, detach: bool = True, **kwargs):
+        """(model output, ActivationCache) for one forward pass, as TransformerLens's `run_with_cache`."""
+        with self.record_activations(names, detach=detach) as cache:
+            output = self(input_ids, **kwargs)
+        return output, cache
+
     @contextlib.contextmanager
-    def intervene(self, interventions: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
-        """Replaces the tensor at each named hook with `fn(tensor)` (ablation, patching, steering).
+    def intervene(self, interventions: dict) -> Iterator[None]:
+        r"""Replaces the tensor at each hook point with `fn(tensor)` or `fn(tensor, hook)` (ablation, patching,
+        steering); keys are hook names or regexes over them (full match).
 
             with model.intervene({"1.mlp.post_act": lambda x: x * mask}):
                 logits = model(input_ids).logits
+            with model.intervene({r"\d+\.attn\.pattern": lambda p, hook: p * keep[hook.name]}):
+                ...
 
-        Gradients flow through `fn`. Unknown hook names are an error, not a silent no-op.
+        Gradients flow through `fn`. A key that matches no hook point is an error, not a silent no-op.
         """
-        unknown = sorted(set(interventions) - set(self.hook_names()))
-        if unknown:
-            raise KeyError(f"unknown hook name(s) {unknown}; see model.hook_names()")
+        plan: dict[str, list[Callable]] = {}
+        for key, fn in interventions.items():
+            for name in self.resolve_hook_names([key]):
+                plan.setdefault(name, []).append(_call_intervention(fn))
 
         def apply(name, x):
-            fn = interventions.get(name)
-            if fn is None:
-                return x
-            out = fn(x)
-            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-                raise ValueError(f"intervention at {name!r} must return a tensor of shape {tuple(x.shape)}")
-            return out
+            for fn in plan[name]:
+                out = fn(name, x)
+                if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                    raise ValueError(f"intervention at {name!r} must return a tensor of shape {tuple(x.shape)}")
+                x = out
+            return x
 
-        with self._hooked(apply):
+        with active_hook(Hook(frozenset(plan), apply)):
             yield
+
+    @contextlib.contextmanager
+    def record_gradients(self, names=None) -> Iterator[ActivationCache]:
+        """Records d(whatever you backpropagate)/d(activation) at the hook points `names` selects, when
+        `.backward()` (or `torch.autograd.grad`) runs inside the context. Needs a graph: autograd on, and
+        parameters or an intervention that require grad (see `ablation.node_attributions`)."""
+        grads = self.new_cache()
+
+        def record(name, x):
+            if x.requires_grad:
+                x.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach()))
+            return x
+
+        with active_hook(Hook(frozenset(self.resolve_hook_names(names)), record)):
+            yield grads
 
     # ---- loading -------------------------------------------------------------------
 
@@ -771,8 +969,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
         elif position_ids.shape[-1] != T or int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0:
             raise ValueError(f"position_ids must have T={T} columns with values in [0, {self.config.block_size})")
-        pos_emb = self.transformer.wpe(position_ids)  # (B|1, T, d_pos_emb or d_model)
-        x = self.transformer.wte(input_ids)  # (B, T, d_model)
+        pos_emb = hook_point("pos_emb", self.transformer.wpe(position_ids))  # (B|1, T, d_pos_emb or d_model)
+        x = hook_point("tok_emb", self.transformer.wte(input_ids))  # (B, T, d_model)
         if self.config.d_pos_emb is None:
             x, pos_emb = x + pos_emb, None
         attn_mask = None  # None: causal without padding, which the kernels do without a mask tensor
@@ -782,16 +980,19 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         hidden_states, attentions = [], []
         for i, block in enumerate(self.transformer.h):
             hidden_states.append(x)
-            x, probs = block(x, _prefixed(self._run_hooks, f"{i}."), pos_emb, attn_mask, cache if use_cache else None,
-                             output_attentions)
+            x, probs = block(x, pos_emb, attn_mask, cache if use_cache else None, output_attentions)
             attentions.append(probs)
-        x = self._run_hooks("final_resid", x)
+        x = hook_point("final_resid", x)
         hidden_states.append(x)
 
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(self.transformer.ln_f(x[:, keep])) + self.final_logits_bias.to(x.dtype)
-        if self.bigram_table is not None:
-            logits = logits + F.embedding(input_ids[:, keep], self.bigram_table).to(x.dtype)
+        h = self.transformer.ln_f(x[:, keep], "ln_f.scale")
+        head = self.lm_head(h, contiguous_output=False)  # (B, T', vocab), maybe strided
+        if self.bigram_table is None:
+            logits = head + self.final_logits_bias.to(x.dtype)
+        else:  # accumulate into the gathered bigram rows: one pass over the (B, T', vocab) logits fewer
+            logits = F.embedding(input_ids[:, keep], self.bigram_table).to(x.dtype)
+            logits = logits.add_(head).add_(self.final_logits_bias.to(x.dtype))
 
         loss = None
         if targets is not None:
@@ -912,4 +1113,5 @@ def _weight_files(name, kwargs: dict) -> list[str]:
         return []  # transformers reports the problem in its own words
 
 
-__all__ = ["CSPForCausalLM", "CSPPreTrainedModel", "abs_topk", "sparsify", "densify", "check_weight_files", "expected_shapes", "few_names"]
+__all__ = ["CSPForCausalLM", "CSPPreTrainedModel", "ActivationCache", "HookName", "abs_topk", "sparsify", "densify",
+           "check_weight_files", "expected_shapes", "few_names"]

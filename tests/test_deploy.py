@@ -1,0 +1,155 @@
+"""Deploying: `csp space build` makes a Space that boots in a fresh environment as Spaces would run it, and
+`csp space push` / `csp publish` send the expected files through huggingface_hub to a local stand-in Hub."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, SpaceCard
+
+from conftest import PROJECT_ROOT
+from hub_standin import VALID_TOKEN, HubStandIn
+from modeling_csp.cli import main
+from modeling_csp.loading import DEFAULT_MODEL_DIR
+
+
+def csp(*argv, env=None, timeout=600):
+    """The CLI in a subprocess, as a user runs it (huggingface_hub reads HF_ENDPOINT when it is imported)."""
+    return subprocess.run([sys.executable, "-m", "modeling_csp.cli", *map(str, argv)], cwd=PROJECT_ROOT,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def hub_env(hub, token=VALID_TOKEN):
+    return {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    out = tmp_path_factory.mktemp("space") / "space"
+    assert main(["space", "build", str(out), "--models", "default,someone/csp-yolo1-converted"]) == 0
+    return out
+
+
+def test_space_build_writes_a_complete_space(space):
+    import gradio
+
+    card = SpaceCard.load(space / "README.md")
+    assert card.data.sdk == "gradio" and card.data.sdk_version == gradio.__version__ and card.data.app_file == "app.py"
+    assert card.data.python_version and card.data.models == ["csp-circuits/csp-stdlib-default", "someone/csp-yolo1-converted"]
+    requirements = (space / "requirements.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in requirements if "==" in line)
+    assert pins["torch"] == "2.13.0" and pins["gradio"] == gradio.__version__ and "transformers" in pins
+    assert all("==" in line or line.startswith("--extra-index-url") for line in requirements)
+    assert "*.safetensors filter=lfs" in (space / ".gitattributes").read_text()
+    assert (space / "app.py").is_file() and (space / "modeling_csp" / "default_model" / "model.safetensors").is_file()
+    assert json.loads((space / "csp_space.json").read_text())["models"] == ["default", "someone/csp-yolo1-converted"]
+    assert not list(space.rglob("__pycache__"))
+
+
+def test_space_build_refusals_are_one_line(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert_one_line_error(csp("space", "build", tmp_path / "full"), "not an empty folder")
+    assert_one_line_error(csp("space", "build", tmp_path / "new", "--models", "default,not a repo"), "not a hub repository id")
+
+
+def test_publish_sends_the_model_folder_with_its_card_filled_in(tmp_path):
+    with HubStandIn() as hub:
+        result = csp("publish", DEFAULT_MODEL_DIR, "someone/csp-stdlib-default", env=hub_env(hub))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["model"] == "someone/csp-stdlib-default"
+        assert ("model", "someone/csp-stdlib-default") in hub.repos
+        files = hub.files[("model", "someone/csp-stdlib-default")]
+    for name in ("config.json", "model.safetensors", "modeling_csp.py", "configuration_csp.py", "tokenizer.json",
+                 "generation_config.json", "circuits/index.json"):
+        assert files[name] == (DEFAULT_MODEL_DIR / name).read_bytes(), name
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "transformers" and "PATH_OR_REPO" not in card.text
+    assert 'from_pretrained("someone/csp-stdlib-default", trust_remote_code=True)' in card.text
+    assert "PATH_OR_REPO" in (DEFAULT_MODEL_DIR / "README.md").read_text()  # the local folder is left as it was
+
+
+def test_space_push_sends_the_space(space):
+    with HubStandIn() as hub:
+        result = csp("space", "push", space, "someone/circuits", env=hub_env(hub))
+        assert result.returncode == 0, result.stderr
+        assert hub.repos[("space", "someone/circuits")]["sdk"] == "gradio"
+        files = hub.files[("space", "someone/circuits")]
+    assert {"README.md", "app.py", "requirements.txt", ".gitattributes", "csp_space.json",
+            "modeling_csp/default_model/model.safetensors", "modeling_csp/modeling_csp.py"} <= set(files)
+
+
+def test_offline_and_unauthorised_are_one_line_errors(space):
+    with HubStandIn() as hub:
+        assert_one_line_error(csp("publish", DEFAULT_MODEL_DIR, "someone/m", env={**hub_env(hub), "HF_HUB_OFFLINE": "1"}),
+                              "could not upload", "someone/m")
+        assert_one_line_error(csp("space", "push", space, "someone/s", env=hub_env(hub, token="hf_wrong")),
+                              "could not upload", "401")
+        assert not hub.files
+    assert_one_line_error(csp("publish", PROJECT_ROOT / "tests", "someone/m"), "not a converted model folder")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_built_space_boots_in_a_fresh_environment(space, tmp_path):
+    """What Spaces does: a new environment with only the folder's requirements.txt (CPU torch first, as the README
+    says), then `python app.py`; the page loads and /next_tokens answers."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    # The CPU torch index the requirements name is out of reach here: fail it fast instead of retrying.
+    pip_env = {**os.environ, "PIP_RETRIES": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    for args in (["torch==2.13.0"], ["-r", str(space / "requirements.txt")]):
+        result = subprocess.run([str(python), "-m", "pip", "install", "-q", *args], env=pip_env, capture_output=True,
+                                text=True, timeout=1500)
+        assert result.returncode == 0, result.stderr[-3000:]
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONNOUSERSITE="1")
+    log = open(tmp_path / "space.log", "w")
+    proc = subprocess.Popen([str(python), "app.py"], cwd=space, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "space.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the Space did not answer within 300 s"
+            time.sleep(1)
+        from gradio_client import Client
+
+        out = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(prompt="x = 'hello", api_name="/next_tokens")
+        assert out.get("full") and out["full"][0]["token"], out
+        imported = subprocess.run([str(python), "-c", "import modeling_csp, sys; print(modeling_csp.__file__)"], cwd=space,
+                                  env=env, capture_output=True, text=True)
+        assert Path(imported.stdout.strip()).parent == space / "modeling_csp"  # the Space's own copy, not this checkout
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
