@@ -41,7 +41,8 @@ def task_logits(model, batch: TaskBatch) -> torch.Tensor:
         )
     if batch.input_ids.shape[1] > model.config.block_size:
         raise ValueError(f"task prompts of {batch.input_ids.shape[1]} tokens exceed the model's block_size {model.config.block_size}")
-    out = model(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
+    device = model.device  # a batch built on the CPU runs where the model is
+    out = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_to_keep=1, use_cache=False)
     return out.logits[:, -1]
 
 
@@ -65,10 +66,10 @@ def evaluate(model, batch: TaskBatch, keep_masks: Masks | None = None, means: Ma
 
 def _replace(mask: torch.Tensor, fill: torch.Tensor | None):
     def fn(x: torch.Tensor) -> torch.Tensor:
-        m = mask.to(x.dtype)
+        m = mask.to(device=x.device, dtype=x.dtype)  # no-ops when the masks already live with the model
         if fill is None:
             return x * m
-        return x * m + (1 - m) * fill.to(x.dtype)
+        return x * m + (1 - m) * fill.to(device=x.device, dtype=x.dtype)
 
     return fn
 
@@ -124,30 +125,16 @@ def frozen_norm_scales(model, batch: TaskBatch) -> Iterator[None]:
 # ---- mean activations ----------------------------------------------------------------------
 
 
-STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
 def stdlib_heldout_texts() -> list[str]:
-    """The held-out 10% of CPython's standard library (by file), the default model's validation split.
+    """The held-out 10% of CPython's standard library (by file): the default model's validation split.
 
-    Same rule as scripts/train_default_model.py: `*.py` outside test dirs and site-packages, a file is held
-    out when sha256(path relative to the stdlib root) % 100 < 10. Non-UTF-8 files are skipped."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    texts = []
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root)
-        if any(part in STDLIB_EXCLUDED_DIRS or part.startswith("test") for part in rel.parts[:-1]):
-            continue
-        if int(hashlib.sha256(rel.as_posix().encode()).hexdigest(), 16) % 100 >= 10:
-            continue
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if text.strip():
-            texts.append(text)
+    The rule is `corpus.is_stdlib_heldout`, the one the training corpus holds these files out by, so mean
+    activations and node examples are computed on text the default model never trained on."""
+    from .corpus import is_stdlib_heldout, stdlib_documents, stdlib_root
+
+    texts = [text for path, text in stdlib_documents() if is_stdlib_heldout(path)]
     if not texts:
-        raise ValueError(f"no Python standard library sources found under {root} to compute mean activations on")
+        raise ValueError(f"no Python standard library sources found under {stdlib_root()} to compute mean activations on")
     return texts
 
 
@@ -197,7 +184,8 @@ def compute_mean_activations(
 
     `data` is a tokenizer (then the text is the held-out CPython stdlib, see `stdlib_heldout_texts`, in
     windows of the model's block size), or token ids: a (n, T) tensor or a list of 1-D/2-D tensors.
-    Means are over all positions of all windows. Results are cached in `cache_dir` (default
+    Means are over all positions of all windows, accumulated and returned on the model's device (float64
+    sums, float32 on MPS which has no float64). Results are cached in `cache_dir` (default
     $CSP_CACHE_DIR or HF_HOME/csp/mean_activations; False disables) keyed by a hash of the model's
     weights and of the tokens (for a tokenizer: of the tokenizer, Python version, n_tokens and block
     size, so that a cache hit needs no tokenizing), so a changed model or text is recomputed."""
@@ -218,28 +206,30 @@ def compute_mean_activations(
         path = Path(cache_dir or default_cache_dir()) / f"means-{weights_hash(model)}-{digest}.pt"
         if path.exists():
             try:
-                return torch.load(path, weights_only=True)
+                return {loc: m.to(model.device) for loc, m in torch.load(path, weights_only=True).items()}
             except Exception:
                 pass  # unreadable cache: recompute
     if batches is None:
         batches = text_windows(data, stdlib_heldout_texts(), n_tokens, model.config.block_size).split(batch_size)
 
     locations = node_locations(model.config)
-    sums = {loc: torch.zeros(location_width(model.config, loc), dtype=torch.float64) for loc in locations}
+    device = model.device
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    sums = {loc: torch.zeros(location_width(model.config, loc), dtype=acc_dtype, device=device) for loc in locations}
     count = 0
     for b in batches:
         if int(b.max()) >= model.config.vocab_size:
             raise ValueError(f"token id {int(b.max())} is outside the model's vocabulary ({model.config.vocab_size})")
         with model.record_activations(locations) as acts:
-            model(b.to(model.device), use_cache=False, logits_to_keep=1)
+            model(b.to(device), use_cache=False, logits_to_keep=1)
         for loc in locations:
-            sums[loc] += acts[loc].double().sum(dim=(0, 1)).cpu()
+            sums[loc] += acts[loc].to(acc_dtype).sum(dim=(0, 1))
         count += b.shape[0] * b.shape[1]
     means = {loc: (s / count).float() for loc, s in sums.items()}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(means, tmp)
+        torch.save({loc: m.cpu() for loc, m in means.items()}, tmp)
         os.replace(tmp, path)
     return means
 
@@ -247,8 +237,8 @@ def compute_mean_activations(
 # ---- effects of ablations ------------------------------------------------------------------
 
 
-def all_kept(config) -> Masks:
-    return {loc: torch.ones(location_width(config, loc), dtype=torch.bool) for loc in node_locations(config)}
+def all_kept(config, device=None) -> Masks:
+    return {loc: torch.ones(location_width(config, loc), dtype=torch.bool, device=device) for loc in node_locations(config)}
 
 
 def _sublayer(location: str) -> str:
@@ -307,9 +297,9 @@ def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: 
 
     With `keep_masks` the nodes outside it are ablated first (their attribution is then 0). Rank nodes with
     `pruning.top_k_masks(node_attributions(...), k)`. `means=None` means zero ablation."""
-    keep_masks = keep_masks or all_kept(model.config)
+    keep_masks = keep_masks or all_kept(model.config, model.device)
     locations = list(keep_masks)
-    leaf = torch.zeros((), requires_grad=True)  # makes the graph reach every activation, even with frozen weights
+    leaf = torch.zeros((), requires_grad=True, device=model.device)  # makes the graph reach every activation, even with frozen weights
     with torch.enable_grad(), contextlib.ExitStack() as stack:
         if freeze_norm_scales:
             stack.enter_context(frozen_norm_scales(model, batch))
@@ -322,7 +312,7 @@ def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: 
     out = {}
     for loc in locations:
         baseline = means[loc].to(acts[loc]) if means is not None else torch.zeros((), dtype=acts[loc].dtype)
-        out[loc] = (grads[loc] * (baseline - acts[loc].detach())).sum(dim=(0, 1)).cpu()
+        out[loc] = (grads[loc] * (baseline - acts[loc].detach())).sum(dim=(0, 1))  # on the model's device
     return out
 
 

@@ -185,6 +185,7 @@ class CircuitGraph:
     node_data: dict[str, Any] | None = None
     task_docs: list[list[int]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    control: dict[str, Any] | None = None  # the same task with shuffled answers, pruned alike (pruning.run_control)
 
     # -- building --------------------------------------------------------------------------
 
@@ -239,8 +240,8 @@ class CircuitGraph:
             out.setdefault(loc, []).append(i)
         return {loc: sorted(v) for loc, v in out.items()}
 
-    def masks(self, config) -> dict[str, torch.Tensor]:
-        """Bool keep masks for every node location of a model (all False where nothing is kept)."""
+    def masks(self, config, device=None) -> dict[str, torch.Tensor]:
+        """Bool keep masks for every node location of a model (all False where nothing is kept), on `device`."""
         out = {loc: torch.zeros(location_width(config, loc), dtype=torch.bool) for loc in node_locations(config)}
         for loc, idx in self.node_indices().items():
             if loc not in out:
@@ -248,7 +249,7 @@ class CircuitGraph:
             if max(idx) >= out[loc].numel():
                 raise ValueError(f"circuit node {loc}:{max(idx)} is out of range (width {out[loc].numel()})")
             out[loc][idx] = True
-        return out
+        return {loc: m.to(device) for loc, m in out.items()} if device is not None else out
 
     def diff(self, other: "CircuitGraph") -> CircuitDiff:
         a, b = set(self.nodes), set(other.nodes)
@@ -284,7 +285,8 @@ class CircuitGraph:
              "layer_deltas": {"0.attn": delta, ...}, "losses": {"full", "circuit", "random", "complement"},
              "pruning_curve": [[step, loss, n_kept]],
              "node_data" (optional): {"loc:idx": {"top": {frac: [...]}, "bottom": {...}, "task_activations": [...]}},
-             "task_docs" (optional): [[token ids]], "meta": {...}}
+             "task_docs" (optional): [[token ids]], "meta": {...},
+             "control" (optional): {"kind": "shuffled", "k", "loss_at_k", "k_to_target", "reached", ...}}
         """
         out = {
             "format": FORMAT, "version": VERSION, "model": self.model, "task": self.task, "ablation": self.ablation,
@@ -299,6 +301,8 @@ class CircuitGraph:
             out["node_data"] = self.node_data
         if self.task_docs is not None:
             out["task_docs"] = self.task_docs
+        if self.control is not None:
+            out["control"] = self.control
         return out
 
     @classmethod
@@ -331,6 +335,8 @@ class CircuitGraph:
             raise ValueError(f"{source}: malformed node or edge entry ({type(exc).__name__}: {exc})") from None
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
+        if data.get("control") is not None and not isinstance(data["control"], dict):
+            raise ValueError(f"{source}: 'control' must be an object or null")
         if data.get("ablation", "mean") not in ("mean", "zero"):
             raise ValueError(f"{source}: ablation must be 'mean' or 'zero', not {data.get('ablation')!r}")
         return cls(
@@ -338,7 +344,7 @@ class CircuitGraph:
             target_loss=_opt_float(data.get("target_loss")), k=data.get("k"),
             layer_deltas=dict(data.get("layer_deltas") or {}), losses=dict(data.get("losses") or {}),
             pruning_curve=list(data.get("pruning_curve") or []), node_data=data.get("node_data"),
-            task_docs=data.get("task_docs"), meta=dict(data.get("meta") or {}),
+            task_docs=data.get("task_docs"), meta=dict(data.get("meta") or {}), control=data.get("control"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -454,8 +460,9 @@ def record_node_activations(model, input_ids: torch.Tensor, locations, attention
     store: dict[str, list[torch.Tensor]] = {loc: [] for loc in locations}
     for start in range(0, input_ids.shape[0], batch_size):
         mask = None if attention_mask is None else attention_mask[start: start + batch_size]
+        ids = input_ids[start: start + batch_size].to(model.device)
         with model.record_activations(list(locations)) as acts:
-            model(input_ids[start: start + batch_size], attention_mask=mask, use_cache=False, logits_to_keep=1)
+            model(ids, attention_mask=None if mask is None else mask.to(model.device), use_cache=False, logits_to_keep=1)
         for loc in locations:
             store[loc].append(acts[loc].to(torch.float16))
     return {loc: torch.cat(v) for loc, v in store.items()}

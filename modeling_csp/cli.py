@@ -1,17 +1,27 @@
 """`csp`: find, evaluate, list and import circuits from the command line. Output is JSON on stdout.
 
     csp tasks                                              one {"name", "description"} per line
+    csp tasks --check FILE.jsonl [--model M]               validate your own task, and the model's accuracy on it
     csp prune --model M --task T --out FILE [--target-loss 0.15] [--ablation mean|zero] [--seed S] [--steps N]
+    csp prune --model M --task-file FILE.jsonl --out FILE  your own task: one {"prompt", "correct", "incorrect"} per line
+    csp prune ... --control shuffled                       also prune the task with answers swapped at random, and
+                                                           record that control in the circuit file
     csp evaluate --model M --task T --circuit FILE         one object with the circuit's losses
     csp circuits --model M                                 circuits shipped with a model, one per line
     csp sweep --model M --out-dir DIR [--tasks T1,T2|all] [--ks 8,16,32]
                                                            circuits for many tasks, one summary per line;
-                                                           `accelerate launch --cpu --num_processes N -m modeling_csp.cli sweep ...`
-                                                           splits the tasks over N processes (GPUs: drop --cpu)
+                                                           `accelerate launch --num_processes N -m modeling_csp.cli sweep ...`
+                                                           splits the tasks over N GPUs (N CPU processes:
+                                                           ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...)
     csp import-viz VIZ_DATA.pt OUT.json                    convert the original visualizer's file
     csp space build OUT [--models default,HUB_ID,...]      a complete Hugging Face Space folder
     csp space push OUT REPO_ID                             upload it (token: HF_TOKEN or `hf auth login`)
     csp publish MODEL_DIR REPO_ID                          upload a converted model folder
+    csp corpus --out DIR [--tokenizer FILE]                the training corpus (stdlib + pinned PyPI wheels)
+    csp train --data DIR --run-dir DIR [--out MODEL_DIR] [--steps N] [--n-layer L] [--density D] ...
+                                                           train a weight-sparse model; resumes from RUN_DIR;
+                                                           `accelerate launch -m modeling_csp.cli train ...` is
+                                                           data-parallel over the launched processes
     csp next-tokens --model M --prompt TEXT [--circuit FILE] [--top 10]
                                                            one object: the prompt's tokens, the top next tokens
                                                            of the full model and of the circuit alone
@@ -52,21 +62,53 @@ def _emit(obj) -> None:
 
 
 def cmd_tasks(args) -> int:
-    from .tasks import list_tasks
+    from .tasks import check_task, list_tasks
 
+    if args.check:
+        if not Path(args.check).is_file():  # before loading a model
+            raise ValueError(f"task file {args.check!r} does not exist")
+        model, tokenizer = _load(args)
+        task = _task_file(args.check, tokenizer, model)
+        _emit({"file": str(args.check), **check_task(model, tokenizer, task, n=args.n_examples)})
+        return 0
     for task in list_tasks():
         _emit({"name": task.name, "description": task.description})
     return 0
 
 
-def _setup(args):
+def _load(args):
     from .loading import load_model_and_tokenizer
-    from .tasks import get_task
 
-    get_task(args.task)  # unknown task: fail before loading anything
     model, tokenizer = load_model_and_tokenizer(args.model)
     _set_threads(args, model.config)
     return model, tokenizer
+
+
+def _task_file(path, tokenizer, model):
+    from .tasks import load_task_file
+
+    return load_task_file(path, tokenizer, max_len=model.config.block_size)
+
+
+def _setup(args):
+    """(model, tokenizer, task) for --task NAME or --task-file FILE (a bad name fails before the model loads)."""
+    from .tasks import get_task
+
+    if bool(args.task) == bool(args.task_file):
+        raise ValueError("give exactly one of --task NAME and --task-file FILE.jsonl")
+    if args.task:
+        get_task(args.task)
+    elif not Path(args.task_file).is_file():
+        raise ValueError(f"task file {args.task_file!r} does not exist")
+    model, tokenizer = _load(args)
+    task = get_task(args.task) if args.task else _task_file(args.task_file, tokenizer, model)
+    return model, tokenizer, task
+
+
+def _task_file_meta(path) -> dict:
+    import hashlib
+
+    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 def _set_threads(args, config) -> None:
@@ -84,16 +126,19 @@ def cmd_prune(args) -> int:
     config = PruneConfig(
         ablation=args.ablation, target_loss=args.target_loss, k=args.k, steps=args.steps, lr=args.lr,
         lam=args.lam, batch_size=args.batch_size, seed=args.seed, freeze_norm_scales=args.freeze_norm_scales,
-        n_examples=args.n_examples, progress=not args.quiet,
+        n_examples=args.n_examples, target_above_full=args.target_above_full, control=args.control,
+        progress=not args.quiet,
     )
-    model, tokenizer = _setup(args)
-    result = prune(model, tokenizer, args.task, config, model_name=args.model)
-    path = result.circuit.save(args.out)
+    model, tokenizer, task = _setup(args)
+    result = prune(model, tokenizer, task, config, model_name=args.model)
     c = result.circuit
+    if args.task_file:
+        c.meta["task_file"] = _task_file_meta(args.task_file)
+    path = c.save(args.out)
     _emit({
         "out": str(path), "task": c.task, "k": c.k, "n_nodes": c.n_nodes, "n_edges": c.n_edges, "losses": c.losses,
         "train_circuit_loss": result.train_loss, "target_loss": c.target_loss, "target_reached": result.target_reached,
-        "random_baseline_as_good": c.meta["random_baseline_as_good"],
+        "random_baseline_as_good": c.meta["random_baseline_as_good"], "control": c.control,
         "attribution_baseline": c.meta["attribution_baseline"], "seconds": round(result.seconds, 1),
     })
     return 0
@@ -104,16 +149,16 @@ def cmd_evaluate(args) -> int:
     from .circuits import CircuitGraph
     from .evaluation import EvalOptions, circuit_losses, task_split
 
-    model, tokenizer = _setup(args)
+    model, tokenizer, task = _setup(args)
     circuit = CircuitGraph.load(args.circuit, model=model)
     options = EvalOptions.of(circuit, n_random=args.n_random, seed=args.seed)  # the app evaluates the same way
     for notice in options.notices:
         print(f"note: {notice}", file=sys.stderr)
-    batch = task_split(args.task, tokenizer, model.config.block_size, options)
+    batch = task_split(task, tokenizer, model.config.block_size, options)
     means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
-    faith = circuit_losses(model, batch, circuit.masks(model.config), means, options)
+    faith = circuit_losses(model, batch, circuit.masks(model.config, model.device), means, options)
     _emit({
-        "task": args.task, "circuit_task": circuit.task, "ablation": circuit.ablation,
+        "task": task.name, "circuit_task": circuit.task, "ablation": circuit.ablation,
         "full_loss": faith["full"], "circuit_loss": faith["circuit"], "random_loss": faith["random"],
         "complement_loss": faith["complement"], "full_accuracy": faith["full_accuracy"],
         "circuit_accuracy": faith["circuit_accuracy"], "random_baseline_as_good": faith["random_baseline_as_good"],
@@ -125,6 +170,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_sweep(args) -> int:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .loading import load_model_and_tokenizer
     from .pruning import PruneConfig, prune_sweep
@@ -135,12 +181,14 @@ def cmd_sweep(args) -> int:
         ks = sorted({int(k) for k in args.ks.split(",") if k.strip()}) if args.ks else []
     except ValueError:
         raise ValueError(f"--ks must be comma-separated integers, got {args.ks!r}") from None
-    state = PartialState()  # one process, or this process's rank under `accelerate launch`
+    # one process, or this process's rank under `accelerate launch` (on CPUs: ACCELERATE_USE_CPU=1, gloo)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.to(state.device)
     _set_threads(args, model.config)
     config = PruneConfig(ablation=args.ablation, target_loss=args.target_loss, steps=args.steps, seed=args.seed,
-                         n_examples=args.n_examples, progress=not args.quiet and state.is_main_process)
+                         n_examples=args.n_examples, target_above_full=args.target_above_full, control=args.control,
+                         progress=not args.quiet and state.is_main_process)
     out_dir = Path(args.out_dir)
     summaries = prune_sweep(model, tokenizer, tasks, out_dir, config, ks=ks, model_name=args.model,
                             process_index=state.process_index, num_processes=state.num_processes)
@@ -157,6 +205,47 @@ def cmd_sweep(args) -> int:
             entries = [e for e in entries if e.get("path") not in paths] + new
             part.unlink()
         index.write_text(json.dumps(sorted(entries, key=lambda e: (e["task"], e["k"])), indent=1) + "\n")
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    from .corpus import PYPI_INDEX, build_corpus
+
+    meta = build_corpus(args.out, args.tokenizer, args.wheels, index_url=args.index_url or PYPI_INDEX,
+                        progress=not args.quiet)
+    _emit({"out": str(args.out), "tokens": meta["tokens"], "sources": len(meta["sources"])})
+    return 0
+
+
+TRAIN_OPTIONS = ("n_layer", "d_model", "n_head", "d_head", "d_mlp", "steps", "batch_size", "lr", "weight_decay",
+                 "warmup_frac", "grad_clip", "density", "bigram_density", "anneal_frac", "anneal_shape", "eval_every",
+                 "eval_windows", "checkpoint_every", "max_minutes", "seed", "init_from")
+
+
+def cmd_train(args) -> int:
+    import hashlib
+
+    from accelerate import Accelerator
+
+    from .training import TokenData, TrainConfig, save_trained_model, train
+
+    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
+    tokenizer_json = Path(args.tokenizer_dir) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ValueError(f"{args.tokenizer_dir} has no tokenizer.json")
+    data = TokenData(args.data)
+    expected = data.meta.get("tokenizer_sha256")
+    if expected and hashlib.sha256(tokenizer_json.read_bytes()).hexdigest() != expected:
+        raise ValueError(f"{args.data} was tokenized with another tokenizer than {tokenizer_json}")
+    _set_threads(args, config.model_config())
+    acc = Accelerator()
+    result = train(config, data, args.run_dir, resume=not args.no_resume, progress=not args.quiet, accelerator=acc)
+    summary = {"run_dir": str(args.run_dir), "finished": result.finished, "step": result.record["curve"][-1]["step"]
+               if result.record["curve"] else 0, "final": result.record["final"]}
+    if result.finished and args.out and acc.is_main_process:
+        summary["out"] = str(save_trained_model(result, args.out, args.tokenizer_dir, data.meta or None))
+    if acc.is_main_process:
+        _emit(summary)
     return 0
 
 
@@ -221,13 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="csp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("tasks", help="list the built-in tasks").set_defaults(fn=cmd_tasks)
+    p = sub.add_parser("tasks", help="list the built-in tasks, or check your own task file")
+    p.add_argument("--check", metavar="FILE.jsonl", help="validate a task file ({\"prompt\", \"correct\", \"incorrect\"} "
+                   "per line) and report the model's accuracy and loss on it")
+    p.add_argument("--model", default="default", help="model for --check (default: the embedded one)")
+    p.add_argument("--n-examples", type=int, default=d.n_examples, help="examples used by --check (as csp prune)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(fn=cmd_tasks)
 
     def model_task(p, seed_help="random seed"):
         p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
-        p.add_argument("--task", required=True, help="task name (see `csp tasks`)")
+        p.add_argument("--task", help="task name (see `csp tasks`)")
+        p.add_argument("--task-file", metavar="FILE.jsonl",
+                       help="your own task instead: one {\"prompt\", \"correct\", \"incorrect\"} object per line")
         p.add_argument("--seed", type=int, default=0, help=seed_help)
         p.add_argument("--threads", type=int, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+
+    def control_options(p):
+        p.add_argument("--control", choices=("shuffled",), help="also prune the task with correct/incorrect swapped at "
+                       "random per example and record that control (its loss at the circuit's size, the size it needs)")
+        p.add_argument("--target-above-full", type=float, metavar="MARGIN",
+                       help="target = max(--target-loss, the full model's loss + MARGIN)")
 
     p = sub.add_parser("prune", help="find a circuit for a task by learning node masks")
     model_task(p)
@@ -241,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--n-examples", type=int, default=d.n_examples)
     p.add_argument("--freeze-norm-scales", action="store_true", help="norms use the unablated model's 1/rms")
+    control_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_prune)
 
@@ -266,9 +370,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--n-examples", type=int, default=d.n_examples)
     p.add_argument("--seed", type=int, default=0)
+    control_options(p)
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("corpus", help="build the training corpus: stdlib + pinned PyPI wheels, deduplicated, tokenized")
+    p.add_argument("--out", required=True, type=Path, help="folder for train.npy, val.npy, val_extra.npy, meta.json")
+    p.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent / "default_model" / "tokenizer.json")
+    p.add_argument("--wheels", type=Path, help="where the downloaded wheels are kept (default OUT/wheels)")
+    p.add_argument("--index-url", help="package index for pip (default PyPI)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_corpus)
+
+    from .training import TrainConfig
+
+    t = TrainConfig()
+    p = sub.add_parser("train", help="train a weight-sparse model from a corpus folder (accelerate-aware, resumable)")
+    p.add_argument("--data", required=True, help="corpus folder (csp corpus / scripts/build_corpus.py)")
+    p.add_argument("--run-dir", required=True, type=Path, help="checkpoint.pt, training_curve.json, loss_curve.svg")
+    p.add_argument("--out", type=Path, help="model folder to write when the run has finished")
+    p.add_argument("--tokenizer-dir", type=Path, default=Path(__file__).resolve().parent / "default_model",
+                   help="folder with the tokenizer.json the corpus was built with (copied into --out)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR has a checkpoint")
+    for name in TRAIN_OPTIONS:
+        default = getattr(t, name)
+        kind = {"max_minutes": float, "init_from": str}.get(name, type(default))
+        extra = {"choices": ("linear", "geometric")} if name == "anneal_shape" else {}
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})", **extra)
+    p.add_argument("--threads", type=int, help=f"torch CPU threads per process (default: 1 for d_model <= {SMALL_MODEL_D})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("next-tokens", help="top next tokens of the full model and of a circuit alone (the app's /next_tokens)")
     p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")

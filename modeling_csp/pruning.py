@@ -14,13 +14,18 @@ full model, circuit, random circuits of the same size per location, and the comp
 
     result = prune(model, tokenizer, "single_double_quote", PruneConfig(steps=300))
     result.circuit.save("circuit.json")
+
+A control guards against circuits for tasks the model does not solve: `PruneConfig(control="shuffled")` also
+prunes the same examples with correct and incorrect swapped at random per example (`shuffled_labels`), where no
+model can do better than chance except by fitting noise, and records in each circuit (`circuit.control`) the
+control's best loss at the circuit's size and the size the control needs to reach the same target (or None).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +37,12 @@ from .ablation import (
     node_attributions, node_importances, task_logits,
 )
 from .circuits import CircuitGraph, attach_node_data, location_width, node_locations
-from .tasks import TaskBatch, get_task, make_task_dataset, task_loss
+from .tasks import TaskBatch, TaskExample, get_task, make_task_dataset, task_loss
 
 Masks = dict[str, torch.Tensor]
+
+
+CONTROLS = (None, "shuffled")
 
 
 @dataclass
@@ -43,6 +51,9 @@ class PruneConfig:
 
     ablation: str = "mean"  # "mean" or "zero"
     target_loss: float = 0.15  # task loss (nats) the circuit must reach on the training examples
+    # when set, the target is max(target_loss, the full model's loss on the training examples + this): a model
+    # that is itself above the target still gets a circuit "as good as the model, up to this margin"
+    target_above_full: float | None = None
     k: int | None = None  # keep exactly the top-k nodes instead of searching for the target
     steps: int = 200
     lr: float = 1e-2
@@ -60,6 +71,7 @@ class PruneConfig:
     n_mean_tokens: int = 32768
     max_exact_importances: int = 128  # larger circuits get gradient (attribution) importances
     n_example_tokens: int = 8192  # held-out text for each node's quantile examples in the file (0: none)
+    control: str | None = None  # "shuffled": also prune the task with answers swapped at random (see run_control)
     progress: bool = True
 
     def __post_init__(self):
@@ -69,6 +81,10 @@ class PruneConfig:
             raise ValueError("steps >= 0, batch_size >= 1, lr > 0, lam >= 0 and temperature > 0 are required")
         if self.k is not None and self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.control not in CONTROLS:
+            raise ValueError(f"control must be one of {', '.join(map(str, CONTROLS))}, not {self.control!r}")
+        if self.target_above_full is not None and self.target_above_full < 0:
+            raise ValueError(f"target_above_full must be >= 0, got {self.target_above_full}")
 
 
 # ---- masks ---------------------------------------------------------------------------------
@@ -121,8 +137,10 @@ class NodeMasks(torch.nn.Module):
 
 def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfig) -> tuple[Masks, list[list]]:
     """Learns node scores (tau) for a task; returns them and the curve [[step, task loss, n_kept]]."""
-    gen = torch.Generator().manual_seed(config.seed)
-    masks = NodeMasks(model.config, config.init, config.init_noise, gen)
+    gen = torch.Generator().manual_seed(config.seed)  # CPU generator: the same masks and batches on any device
+    device = model.device
+    masks = NodeMasks(model.config, config.init, config.init_noise, gen).to(device)
+    batch = batch.to(device)
     opt = torch.optim.Adam(masks.parameters(), lr=config.lr)
     curve = []
     n = len(batch)
@@ -146,13 +164,14 @@ def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfi
 
 
 def _subset(batch: TaskBatch, idx: torch.Tensor) -> TaskBatch:
-    """Rows `idx` of a batch, with columns that are padding in every chosen row dropped."""
+    """Rows `idx` (CPU indices) of a batch on any device, with columns that are padding in every chosen row dropped."""
+    examples = [batch.examples[i] for i in idx.tolist()] if batch.examples else []
+    idx = idx.to(batch.input_ids.device)
     mask = batch.attention_mask[idx]
     start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
     return TaskBatch(
-        input_ids=batch.input_ids[idx, start:], attention_mask=mask[:, start:],
-        positions=batch.positions[idx] - start, correct_ids=batch.correct_ids[idx],
-        alternative_ids=batch.alternative_ids[idx], examples=[batch.examples[i] for i in idx.tolist()] if batch.examples else [],
+        input_ids=batch.input_ids[idx, start:], attention_mask=mask[:, start:], positions=batch.positions[idx] - start,
+        correct_ids=batch.correct_ids[idx], alternative_ids=batch.alternative_ids[idx], examples=examples,
     )
 
 
@@ -163,7 +182,7 @@ def top_k_masks(scores: Masks, k: int) -> Masks:
     """Bool masks keeping the k nodes with the highest scores over all locations (ties: forward order)."""
     flat = torch.cat([s.flatten() for s in scores.values()])
     order = torch.sort(flat, descending=True, stable=True).indices
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[order[: max(0, min(k, flat.numel()))]] = True
     return dict(zip(scores, keep.split([s.numel() for s in scores.values()])))
 
@@ -209,9 +228,9 @@ def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
     """Random circuit with the same number of kept nodes at every location."""
     out = {}
     for loc, m in masks.items():
-        r = torch.zeros(m.numel(), dtype=torch.bool)
+        r = torch.zeros(m.numel(), dtype=torch.bool)  # drawn on the CPU generator, then moved to the masks' device
         r[torch.randperm(m.numel(), generator=generator)[: int(m.sum())]] = True
-        out[loc] = r
+        out[loc] = r.to(m.device)
     return out
 
 
@@ -237,6 +256,70 @@ def faithfulness(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None
     }
 
 
+# ---- controls ------------------------------------------------------------------------------
+
+
+def shuffled_labels(batch: TaskBatch, seed: int = 0) -> TaskBatch:
+    """The batch with correct and alternative swapped, independently for each example with probability 1/2
+    (CPU generator, so the same swaps on any device): labels that say nothing about the prompts."""
+    swap = torch.rand(len(batch), generator=torch.Generator().manual_seed(seed)) < 0.5
+    on = swap.to(batch.correct_ids.device)
+    examples = [TaskExample(ex.prompt, ex.alternative, ex.correct) if s else ex
+                for ex, s in zip(batch.examples, swap.tolist())] if batch.examples else []
+    return replace(batch, correct_ids=torch.where(on, batch.alternative_ids, batch.correct_ids),
+                   alternative_ids=torch.where(on, batch.correct_ids, batch.alternative_ids), examples=examples)
+
+
+@dataclass
+class ControlRun:
+    """A control's trained masks, with what `record` needs to describe it at any circuit size."""
+
+    kind: str
+    seed: int
+    train: TaskBatch
+    test: TaskBatch
+    scores: Masks
+    means: Masks | None
+    target_loss: float
+    k_to_target: int | None  # smallest top-k reaching the target on the control's training examples; None: none does
+    loss_at_k_to_target: float  # at k_to_target, or the best of the trained circuit and all nodes when not reached
+    full_loss: float  # the unablated model on the control's training labels (about log 2 or worse)
+    swapped_fraction: float
+    freeze_norm_scales: bool = False
+    seconds: float = 0.0
+
+    def record(self, model, k: int) -> dict[str, Any]:
+        """The circuit file's `control` object for a circuit of k nodes (docs/circuit_format.md)."""
+        keep = top_k_masks(self.scores, k)
+        loss, acc = evaluate(model, self.train, keep, self.means, self.freeze_norm_scales)
+        test_loss, test_acc = evaluate(model, self.test, keep, self.means, self.freeze_norm_scales)
+        return {
+            "kind": self.kind, "seed": self.seed, "k": int(k), "loss_at_k": loss, "accuracy_at_k": acc,
+            "test_loss_at_k": test_loss, "test_accuracy_at_k": test_acc, "target_loss": self.target_loss,
+            "k_to_target": self.k_to_target, "loss_at_k_to_target": self.loss_at_k_to_target,
+            "reached": self.k_to_target is not None, "full_loss": self.full_loss,
+            "swapped_fraction": self.swapped_fraction, "n_train": len(self.train), "n_test": len(self.test),
+            "n_total_nodes": sum(s.numel() for s in self.scores.values()), "seconds": round(self.seconds, 2),
+        }
+
+
+def run_control(model, train: TaskBatch, test: TaskBatch, means: Masks | None, config: PruneConfig,
+                target_loss: float, kind: str = "shuffled") -> ControlRun:
+    """Prunes the control task (same prompts, shuffled answers) with the same options and target as the real one."""
+    if kind != "shuffled":
+        raise ValueError(f"unknown control {kind!r}; known: shuffled")
+    start = time.perf_counter()
+    seed = config.seed + 1_000_003  # other swaps than any data seed, the same for every task
+    ctrl_train, ctrl_test = shuffled_labels(train, seed), shuffled_labels(test, seed + 1)
+    scores, _ = train_masks(model, ctrl_train, means, config)
+    k, loss, reached = prune_to_target_loss(model, ctrl_train, scores, means, target_loss, config.freeze_norm_scales)
+    full_loss, _ = evaluate(model, ctrl_train)
+    n = len(ctrl_train) + len(ctrl_test)
+    swapped = sum(int((a.correct_ids != b.correct_ids).sum()) for a, b in ((ctrl_train, train), (ctrl_test, test))) / n
+    return ControlRun(kind, seed, ctrl_train, ctrl_test, scores, means, target_loss, k if reached else None, loss,
+                      full_loss, swapped, config.freeze_norm_scales, time.perf_counter() - start)
+
+
 # ---- everything together -------------------------------------------------------------------
 
 
@@ -256,7 +339,8 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness on test.
 
     `ks` adds circuits of exactly those sizes, ranked by the same trained masks, in `result.at_k`. `means` and
-    `windows` (held-out text for the nodes' activating examples) are computed when not given."""
+    `windows` (held-out text for the nodes' activating examples) are computed when not given. With
+    `config.control`, every circuit also gets the control's numbers at its size (`circuit.control`)."""
     config = config or PruneConfig()
     timings, t0 = {}, time.perf_counter()
 
@@ -266,11 +350,15 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     task = get_task(task)
     model.eval()
     data = make_task_dataset(task, tokenizer, n=config.n_examples, seed=config.data_seed, max_len=model.config.block_size)
+    data.train, data.test = data.train.to(model.device), data.test.to(model.device)
     if config.ablation == "mean" and means is None:
         means = compute_mean_activations(model, tokenizer, n_tokens=config.n_mean_tokens, cache_dir=cache_dir)
     fill = means if config.ablation == "mean" else None
     lap("data_and_means")
 
+    target = config.target_loss
+    if config.target_above_full is not None:
+        target = max(target, evaluate(model, data.train)[0] + config.target_above_full)
     scores, curve = train_masks(model, data.train, fill, config)
     lap("training")
     attributions = node_attributions(model, data.train, fill, None, config.freeze_norm_scales)  # the cheap ranking to beat
@@ -280,11 +368,15 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     if config.k is not None:
         k = min(config.k, total)
         train_loss = evaluate(model, data.train, top_k_masks(scores, k), fill, config.freeze_norm_scales)[0]
-        reached = train_loss <= config.target_loss
+        reached = train_loss <= target
     else:
-        k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, config.target_loss,
-                                                      config.freeze_norm_scales)
+        k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, target, config.freeze_norm_scales)
     lap("bisection")
+    control = None
+    if config.control:
+        control = run_control(model, data.train, data.test if len(data.test) else data.train, fill, config, target,
+                              config.control)
+        lap("control")
 
     def circuit_at(k: int, train_loss: float, reached: bool) -> CircuitGraph:
         start = time.perf_counter()
@@ -299,7 +391,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
         attribution_loss, attribution_acc = evaluate(model, test, by_attribution, fill, fns)
         circuit = CircuitGraph.from_masks(
             model, keep, importances, model_name=model_name, task=task.name, ablation=config.ablation,
-            target_loss=config.target_loss, k=k, layer_deltas=deltas,
+            target_loss=target, k=k, layer_deltas=deltas,
             losses={key: faith[key] for key in ("full", "circuit", "random", "complement")},
             pruning_curve=curve,
             meta={
@@ -316,6 +408,8 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
                 "timings": {**timings, "circuit": round(time.perf_counter() - start, 2)},
             },
         )
+        if control is not None:
+            circuit.control = control.record(model, k)
         return attach_node_data(model, circuit, windows, test) if windows is not None else circuit
 
     circuit = circuit_at(k, train_loss, reached)
@@ -323,7 +417,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     at_k = {}
     for extra in sorted({min(int(x), total) for x in ks} - {k}):
         loss = evaluate(model, data.train, top_k_masks(scores, extra), fill, config.freeze_norm_scales)[0]
-        at_k[extra] = circuit_at(extra, loss, loss <= config.target_loss)
+        at_k[extra] = circuit_at(extra, loss, loss <= target)
     return PruneResult(circuit, scores, top_k_masks(scores, k), train_loss, reached, time.perf_counter() - t0, at_k)
 
 
@@ -350,12 +444,13 @@ def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = N
                 "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "losses": circuit.losses,
                 "full_accuracy": circuit.meta["full_accuracy"], "circuit_accuracy": circuit.meta["circuit_accuracy"],
                 "target_reached": circuit.meta["target_reached"],
-                "random_baseline_as_good": circuit.meta["random_baseline_as_good"],
+                "random_baseline_as_good": circuit.meta["random_baseline_as_good"], "control": circuit.control,
             })
     return summaries
 
 
 __all__ = [
     "PruneConfig", "NodeMasks", "heaviside_ste", "train_masks", "top_k_masks", "sweep_k", "prune_to_target_loss",
-    "random_masks_like", "faithfulness", "prune", "prune_sweep", "PruneResult",
+    "random_masks_like", "faithfulness", "prune", "prune_sweep", "PruneResult", "shuffled_labels", "run_control",
+    "ControlRun", "CONTROLS",
 ]

@@ -11,6 +11,9 @@ This module holds:
 - [`TaskExample`], [`Task`]: a raw datapoint (text) and a named generator of them.
 - [`list_tasks`], [`get_task`]: the built-in tasks (the paper's, plus more of the same kind).
 - [`task_from_pairs`]: a user-defined task from `(prompt, correct, alternative)` triples.
+- [`task_from_jsonl`], [`load_task_file`]: a user-defined task from JSON lines `{"prompt", "correct", "incorrect"}`,
+  validated against a tokenizer (single-token candidates, prompts within the context, both classes present);
+  [`check_task`]: the model's accuracy on such a task before pruning.
 - [`make_task_dataset`]: tokenize a task into [`TaskBatch`] train/test splits, keeping only datapoints whose
   candidates are single tokens *in context* for the given tokenizer.
 - [`task_loss`], [`task_accuracy`], [`last_token_logits`]: evaluate a model on a batch.
@@ -27,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -43,6 +48,12 @@ __all__ = [
     "get_task",
     "make_task_dataset",
     "task_from_pairs",
+    "read_task_jsonl",
+    "validate_task_examples",
+    "task_from_jsonl",
+    "load_task_file",
+    "example_class",
+    "check_task",
     "task_loss",
     "task_accuracy",
     "last_token_logits",
@@ -370,6 +381,139 @@ def make_task_dataset(
         test=_collate(rows[n_train:], pad_id),
         n_dropped=n_dropped,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# User-defined tasks from JSON lines
+# ----------------------------------------------------------------------------------------------------------
+
+TASK_FILE_FIELDS = ("prompt", "correct", "incorrect")
+
+
+def example_class(ex: TaskExample) -> int:
+    """0 when the correct candidate sorts first (as text), else 1: the two classes of a binary task (the circuit
+    file's `task_docs` store class 0 first). A task with one class is solved by always answering the same."""
+    return 0 if ex.correct == min(ex.correct, ex.alternative) else 1
+
+
+def read_task_jsonl(text: str, source: str = "<text>") -> list[tuple[int, TaskExample]]:
+    """[(line number, example)] from one `{"prompt", "correct", "incorrect"}` object per line (blank lines skipped).
+
+    Raises `ValueError` naming `source:line` for bad JSON, missing or unknown fields, non-string or empty
+    values, equal candidates, and a prompt repeated with other answers."""
+    out: list[tuple[int, TaskExample]] = []
+    first_line: dict[str, tuple[int, TaskExample]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc.msg}); expected one object per line") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object with {', '.join(TASK_FILE_FIELDS)}")
+        missing = [k for k in TASK_FILE_FIELDS if k not in obj]
+        unknown = sorted(set(obj) - set(TASK_FILE_FIELDS))
+        if missing or unknown:
+            raise ValueError(f"{where}: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown field(s) {', '.join(unknown)}"] if unknown else [])
+            ) + f" (each line needs exactly {', '.join(TASK_FILE_FIELDS)})")
+        for key in TASK_FILE_FIELDS:
+            if not isinstance(obj[key], str) or not obj[key]:
+                raise ValueError(f"{where}: {key!r} must be a non-empty string, got {obj[key]!r}")
+        if obj["correct"] == obj["incorrect"]:
+            raise ValueError(f"{where}: 'correct' and 'incorrect' are the same ({obj['correct']!r})")
+        ex = TaskExample(obj["prompt"], obj["correct"], obj["incorrect"])
+        if ex.prompt in first_line:
+            m, other = first_line[ex.prompt]
+            if other != ex:
+                raise ValueError(f"{where}: the prompt of line {m} again, with other answers")
+            continue  # an exact repeat adds nothing
+        first_line[ex.prompt] = (n, ex)
+        out.append((n, ex))
+    if not out:
+        raise ValueError(f"{source}: no examples (one JSON object {{\"prompt\", \"correct\", \"incorrect\"}} per line)")
+    return out
+
+
+def validate_task_examples(numbered: Sequence[tuple[int, TaskExample]], tokenizer: Any, max_len: int | None = None,
+                           source: str = "<text>") -> None:
+    """Checks user examples against a tokenizer; the first problem is a `ValueError` naming `source:line`.
+
+    Each candidate must be exactly one token right after the prompt (`encode(prompt + c) == encode(prompt) + [id]`,
+    so that scoring that token is what the model would do), the prompt at most `max_len` tokens (the model's
+    context), and both classes (`example_class`) must occur, else always giving the same answer solves it."""
+    encode = _encoder(tokenizer)
+    for n, ex in numbered:
+        where = f"{source}:{n}"
+        prompt_ids = encode(ex.prompt)
+        if max_len is not None and len(prompt_ids) > max_len:
+            raise ValueError(f"{where}: the prompt is {len(prompt_ids)} tokens, more than the model's context of {max_len}")
+        ids = {}
+        for key, cand in (("correct", ex.correct), ("incorrect", ex.alternative)):
+            full = encode(ex.prompt + cand)
+            ids[key] = _single_token(prompt_ids, full)
+            if ids[key] is None:
+                why = (f"it adds {len(full) - len(prompt_ids)} tokens" if full[: len(prompt_ids)] == prompt_ids
+                       else "it merges with the end of the prompt")
+                raise ValueError(f"{where}: {key} {cand!r} is not a single token after the prompt ({why})")
+        if ids["correct"] == ids["incorrect"]:
+            raise ValueError(f"{where}: correct and incorrect are the same token after the prompt")
+    classes = [example_class(ex) for _, ex in numbered]
+    if len(set(classes)) < 2:
+        which = "sorts first" if classes[0] == 0 else "sorts second"
+        raise ValueError(
+            f"{source}: only one class: in all {len(classes)} examples the correct answer is the candidate that {which}; "
+            "add examples where the other candidate is correct (else always answering the same solves the task)"
+        )
+
+
+def task_from_jsonl(text: str, tokenizer: Any, max_len: int | None = None, name: str = "custom",
+                    source: str = "<text>") -> Task:
+    """A validated user-defined task from JSON lines (pasted text or a file's content); see `read_task_jsonl`
+    and `validate_task_examples`. The description records the number of examples and the text's sha256."""
+    numbered = read_task_jsonl(text, source)
+    validate_task_examples(numbered, tokenizer, max_len, source)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return task_from_pairs(name, [(ex.prompt, ex.correct, ex.alternative) for _, ex in numbered],
+                           description=f"user-defined task from {source}: {len(numbered)} examples (sha256 {digest})")
+
+
+def load_task_file(path: Any, tokenizer: Any, max_len: int | None = None, name: str | None = None) -> Task:
+    """`task_from_jsonl` on a file; the task is named after the file's stem unless `name` is given."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"task file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    return task_from_jsonl(text, tokenizer, max_len, name or path.stem, source=str(path))
+
+
+def check_task(model, tokenizer, task: "Task | str", n: int = 512, seed: int = 0) -> dict[str, Any]:
+    """The full model on a task before pruning: accuracy and loss on all its examples and on the test split that
+    pruning reports on, plus the class counts (`example_class`)."""
+    from .ablation import evaluate
+
+    task = get_task(task)
+    data = make_task_dataset(task, tokenizer, n=n, seed=seed, max_len=model.config.block_size)
+    train_loss, train_acc = evaluate(model, data.train)
+    test_loss, test_acc = evaluate(model, data.test) if len(data.test) else (float("nan"), float("nan"))
+    n_train, n_test = len(data.train), len(data.test)
+    examples = data.train.examples + data.test.examples
+    classes = [example_class(ex) for ex in examples]
+    total = n_train + n_test
+    return {
+        "task": task.name, "n": total, "n_train": n_train, "n_test": n_test, "n_dropped": data.n_dropped,
+        "classes": [classes.count(0), classes.count(1)],
+        "accuracy": (train_acc * n_train + (test_acc * n_test if n_test else 0)) / total,
+        "loss": (train_loss * n_train + (test_loss * n_test if n_test else 0)) / total,
+        "test_accuracy": test_acc, "test_loss": test_loss,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     python scripts/train_default_tokenizer.py [--out work_dirs/default_tokenizer]
 
 The corpus is every `*.py` file under `sysconfig.get_paths()["stdlib"]` of the running Python,
-minus test directories and site-packages (see `stdlib_files`), read in sorted path order. The
+minus test directories and site-packages (see `modeling_csp.corpus.stdlib_files`), read in sorted path order. The
 tokenizer follows the `tinypython_2k` layout of Gao et al. (2025):
 
 - the same split regex (`TINYPYTHON_PAT_STR`), applied before a regex-free ByteLevel map;
@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -30,48 +29,11 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from modeling_csp.corpus import stdlib_documents, stdlib_root  # noqa: E402
 from modeling_csp.tokenization import ENDOFTEXT, TINYPYTHON_PAT_STR, save_hf_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 2048  # 256 bytes + 1791 merges + <|endoftext|>
 DEFAULT_OUT = REPO_ROOT / "work_dirs" / "default_tokenizer"
-# directory names (anywhere in the path below the stdlib root) whose files are left out
-EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"]).resolve()
-
-
-def stdlib_files(root: Path | None = None) -> list[Path]:
-    """Every `*.py` file of the standard library outside test dirs and site-packages, sorted by path."""
-    root = root or stdlib_root()
-    files = []
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root).parts[:-1]
-        if any(part in EXCLUDED_DIRS or part.startswith("test") for part in parts):
-            continue
-        if path.is_file():
-            files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def read_source(path: Path) -> str | None:
-    """The file as text, or None when it is not UTF-8 (a handful of legacy files; skipped everywhere)."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def load_corpus(root: Path | None = None) -> list[tuple[str, str]]:
-    """[(path relative to the stdlib root, text)] in deterministic order, empty files dropped."""
-    root = root or stdlib_root()
-    docs = []
-    for path in stdlib_files(root):
-        text = read_source(path)
-        if text and text.strip():
-            docs.append((path.relative_to(root).as_posix(), text))
-    return docs
 
 
 def byte_level_alphabet() -> dict[int, str]:
@@ -162,7 +124,7 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     root = stdlib_root()
-    docs = load_corpus(root)
+    docs = stdlib_documents(root)
     print(f"Python {sys.version.split()[0]}, stdlib {root}: {len(docs)} files, "
           f"{sum(len(t) for _, t in docs) / 1e6:.1f}M characters")
     tokenizer = train_tokenizer([t for _, t in docs])

@@ -234,3 +234,62 @@ def test_prune_and_evaluate_default_model(capsys, tmp_path):
     assert code == 0 and result["n_nodes"] == 40
     for key in ("full", "circuit", "random", "complement"):
         assert result[f"{key}_loss"] == pytest.approx(summary["losses"][key], abs=1e-5)
+
+
+QUOTE_ROWS = [{"prompt": f"{v} = {q}{w} {i}", "correct": q, "incorrect": "'" if q == '"' else '"'}
+              for i, (v, w, q) in enumerate([("x", "abc", "'"), ("y", "text", '"'), ("name", "hello", "'"),
+                                              ("value", "world", '"'), ("key", "data", "'"), ("path", "line", '"'),
+                                              ("s", "word", "'"), ("t", "item", '"')])]
+
+
+def task_file(path, rows=QUOTE_ROWS):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_tasks_check_reports_accuracy_on_a_task_file(capsys, tiny, tmp_path):
+    from modeling_csp.ablation import evaluate
+    from modeling_csp.loading import load_model_and_tokenizer
+    from modeling_csp.tasks import load_task_file, make_task_dataset
+
+    file = task_file(tmp_path / "quotes.jsonl")
+    code, out, _ = run(capsys, "tasks", "--check", file, "--model", tiny)
+    report = one_json(out)
+    assert code == 0 and report["task"] == "quotes" and report["n"] == 8 and report["classes"] == [4, 4]
+    model, tokenizer = load_model_and_tokenizer(str(tiny))
+    data = make_task_dataset(load_task_file(file, tokenizer), tokenizer, n=512)
+    test_loss, test_acc = evaluate(model, data.test)
+    assert report["test_loss"] == pytest.approx(test_loss) and report["test_accuracy"] == test_acc
+    assert 0 <= report["accuracy"] <= 1 and report["n_train"] + report["n_test"] == 8
+
+
+def test_prune_a_task_file_with_the_shuffled_control(capsys, tiny, tmp_path):
+    file, out_file = task_file(tmp_path / "quotes.jsonl"), tmp_path / "c.json"
+    code, out, _ = run(capsys, "prune", "--model", tiny, "--task-file", file, "--control", "shuffled", "--steps", 3,
+                       "--quiet", "--target-loss", 10, "--out", out_file)
+    summary = one_json(out)
+    assert code == 0 and summary["task"] == "quotes" and summary["control"]["kind"] == "shuffled"
+    circuit = CircuitGraph.load(out_file)
+    assert circuit.control == summary["control"] and circuit.control["k"] == circuit.k
+    assert circuit.control["k_to_target"] is not None  # a target of 10 nats: anything reaches it
+    assert circuit.meta["task_file"]["path"] == str(file) and len(circuit.meta["task_file"]["sha256"]) == 64
+    assert circuit.meta["options"]["control"] == "shuffled"
+    code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task-file", file, "--circuit", out_file)
+    assert code == 0 and one_json(out)["circuit_loss"] == pytest.approx(circuit.losses["circuit"])
+
+
+def test_task_file_errors(capsys, tiny, tmp_path):
+    rows = QUOTE_ROWS[:3] + [{"prompt": "x = 1", "correct": "a"}]
+    code, _, err = run(capsys, "tasks", "--check", task_file(tmp_path / "bad.jsonl", rows), "--model", tiny)
+    assert_one_line_error(code, err, "bad.jsonl:4: missing incorrect")
+    one_class = [r for r in QUOTE_ROWS if r["correct"] == "'"]
+    code, _, err = run(capsys, "prune", "--model", tiny, "--task-file", task_file(tmp_path / "one.jsonl", one_class),
+                       "--out", tmp_path / "c.json")
+    assert_one_line_error(code, err, "one.jsonl: only one class")
+    code, _, err = run(capsys, "prune", "--model", tiny, "--task", "for_while", "--task-file", tmp_path / "one.jsonl",
+                       "--out", tmp_path / "c.json")
+    assert_one_line_error(code, err, "exactly one of --task NAME and --task-file")
+    code, _, err = run(capsys, "prune", "--model", tiny, "--task-file", tmp_path / "none.jsonl", "--out", tmp_path / "c.json")
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run(capsys, "prune", "--model", tiny, "--task", "for_while", "--control", "random", "--out", tmp_path / "c.json")
+    assert_one_line_error(code, err, "invalid choice: 'random'")

@@ -170,14 +170,15 @@ def test_sweep_over_tasks_under_accelerate_launch(tmp_path):
     from modeling_csp.cli import shipped_circuits
 
     out = tmp_path / "circuits"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modeling_csp.cli", "sweep", "--model", "default",
            "--tasks", "while_return_true,bracket_brace", "--ks", "4,8", "--steps", "20", "--n-examples", "64",
            "--out-dir", str(out), "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CSP_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CSP_CACHE_DIR": str(tmp_path / "cache"), "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 6  # each task once (2 processes, one task each), at the target and at k = 4, 8
     assert sorted((e["task"], e["at_target"]) for e in lines if e["at_target"]) == [("bracket_brace", True), ("while_return_true", True)]
     index = json.loads((out / "index.json").read_text())
     assert {(e["task"], e["k"]) for e in index} == {(e["task"], e["k"]) for e in lines}
@@ -190,3 +191,109 @@ def test_sweep_over_tasks_under_accelerate_launch(tmp_path):
     listed = shipped_circuits(str(tmp_path / "model"))
     assert {(e["task"], e["k"]) for e in listed} == {(e["task"], e["k"]) for e in index}
     assert all(Path(e["path"]).is_file() for e in listed)
+
+
+class MetaGuard:
+    """Runs code with the model on the `meta` device, failing where a tensor on another device meets a meta tensor.
+
+    PyTorch lets some such ops pass on meta (indexing with CPU indices) that fail on a GPU, so every op is checked.
+    Reading a meta tensor (`.item()`, `.tolist()`, `nonzero`) gives placeholder values: the path runs, numbers are
+    meaningless, and any tensor created on a hard-coded device that reaches the model shows up in `mixed`."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        aten, guard = torch.ops.aten, self
+        self.mixed, self.meta_ops = [], 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                devices = {t.device.type for t in tensors if t.dim() > 0}  # 0-dim CPU scalars are fine anywhere
+                if "meta" in devices and len(devices) > 1:
+                    guard.mixed.append(f"{func}: {sorted(devices)}")
+                if tensors and tensors[0].is_meta:
+                    guard.meta_ops += 1
+                    x = tensors[0]
+                    if func is aten._local_scalar_dense.default:
+                        return False if x.dtype == torch.bool else (0.1 if x.is_floating_point() else 0)
+                    if func is aten.nonzero.default:
+                        return torch.empty((0, x.dim()), dtype=torch.long, device="meta")
+                    if func is aten._to_copy.default and str(kwargs.get("device")) == "cpu":
+                        return torch.zeros(x.shape, dtype=kwargs.get("dtype") or x.dtype)
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.fixture(scope="module")
+def meta_model():
+    from modeling_csp import CSPConfig, CSPForCausalLM
+
+    config = CSPConfig(block_size=128, vocab_size=2048, n_layer=2, n_head=2, d_head=16, d_model=32, d_mlp=64,
+                       bias=False, ln_bias=False, rms_norm=True, tied_unembed=False)
+    return CSPForCausalLM(config).to("meta").eval()
+
+
+def test_meta_guard_catches_a_hard_coded_device(meta_model):
+    with MetaGuard() as guard:
+        meta_model.transformer.wte.weight[torch.tensor([0, 1])]  # CPU indices into a meta tensor: PyTorch lets it pass
+    assert guard.mixed and "meta" in guard.mixed[0] and "cpu" in guard.mixed[0]
+
+
+def test_pruning_path_on_the_meta_device(meta_model):
+    """Means, masks, task batches, the control and the circuits at several k: nothing leaves the model's device."""
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_csp.pruning import prune
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(DEFAULT_MODEL))  # the shipped tokenizer.json
+    with MetaGuard() as guard:
+        means = compute_mean_activations(meta_model, [torch.randint(0, 2048, (4, 32))], cache_dir=False)
+        config = PruneConfig(steps=3, n_examples=32, n_random=2, n_example_tokens=0, control="shuffled", progress=False)
+        result = prune(meta_model, tokenizer, "single_double_quote", config, means=means, ks=(4,))
+    assert all(m.device.type == "meta" for m in means.values())
+    assert all(m.device.type == "meta" for m in result.keep_masks.values())
+    assert guard.meta_ops > 1000 and guard.mixed == []
+    assert result.circuit.control["kind"] == "shuffled" and result.at_k[4].control["k"] == 4
+
+
+def test_shuffled_labels_swap_about_half(batch):
+    from modeling_csp.pruning import shuffled_labels
+
+    a, b = shuffled_labels(batch, 0), shuffled_labels(batch, 0)
+    assert torch.equal(a.correct_ids, b.correct_ids)  # deterministic
+    swapped = a.correct_ids != batch.correct_ids
+    assert 0.25 < swapped.float().mean() < 0.75
+    assert torch.equal(a.correct_ids[swapped], batch.alternative_ids[swapped])
+    assert torch.equal(a.alternative_ids[swapped], batch.correct_ids[swapped])
+    assert torch.equal(a.correct_ids[~swapped], batch.correct_ids[~swapped])
+    assert not torch.equal(shuffled_labels(batch, 1).correct_ids, a.correct_ids)
+
+
+def test_control_record(rms_model, means, batch):
+    """The control prunes the same prompts with shuffled answers: the model is at chance or worse on them."""
+    from modeling_csp.pruning import run_control
+
+    train, test = synthetic_batch(rms_model, n=48, T=12, seed=1), batch
+    full = evaluate(rms_model, train)[0]
+    control = run_control(rms_model, train, test, means, PruneConfig(steps=10, batch_size=16, lr=0.1, progress=False),
+                          target_loss=full + 0.05)
+    record = control.record(rms_model, 20)
+    assert record["kind"] == "shuffled" and record["k"] == 20 and record["n_total_nodes"] == 2112
+    assert record["full_loss"] > full + 0.05  # half the answers are now the model's less favoured token
+    assert 0.25 < record["swapped_fraction"] < 0.75
+    assert record["reached"] == (record["k_to_target"] is not None)
+    loss, _ = evaluate(rms_model, control.train, top_k_masks(control.scores, 20), means)
+    assert record["loss_at_k"] == pytest.approx(loss)
+    with pytest.raises(ValueError, match="control must be one of"):
+        PruneConfig(control="permuted")

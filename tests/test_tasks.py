@@ -395,3 +395,78 @@ def test_hf_style_tokenizer(fixture_tiktoken):
 def test_batch_to(datasets):
     batch = datasets["for_while"].test.to("cpu")
     assert batch.input_ids.device.type == "cpu" and len(batch.examples) == len(batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# User-defined tasks from JSON lines
+# ---------------------------------------------------------------------------------------------------------
+
+
+def jsonl(*rows) -> str:
+    import json
+
+    return "\n".join(r if isinstance(r, str) else json.dumps(dict(zip(("prompt", "correct", "incorrect"), r))) for r in rows)
+
+
+QUOTES = [("x = 'abc", "'", '"'), ('x = "abc', '"', "'"), ("return 'text", "'", '"'), ('return "text', '"', "'")]
+
+
+def test_task_from_jsonl_keeps_every_example(fixture_tiktoken):
+    from modeling_csp.tasks import example_class, task_from_jsonl
+
+    text = jsonl(*QUOTES, "", QUOTES[0])  # blank lines are skipped, an exact repeat adds nothing
+    task = task_from_jsonl(text, fixture_tiktoken, max_len=128, name="quotes", source="q.jsonl")
+    assert task.name == "quotes" and "4 examples" in task.description and "q.jsonl" in task.description
+    data = make_task_dataset(task, fixture_tiktoken, n=100, seed=0)
+    kept = data.train.examples + data.test.examples
+    assert sorted((e.prompt, e.correct, e.alternative) for e in kept) == sorted(QUOTES)
+    assert sorted(example_class(e) for e in kept) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("text, message", [
+    (jsonl(QUOTES[0], "{not json"), r"q\.jsonl:2: not valid JSON"),
+    (jsonl(QUOTES[0], "[1, 2, 3]"), r"q\.jsonl:2: expected a JSON object"),
+    (jsonl(QUOTES[0], '{"prompt": "x = 1", "correct": "a"}'), r"q\.jsonl:2: missing incorrect"),
+    (jsonl(QUOTES[0], '{"prompt": "x", "correct": "a", "incorrect": "b", "note": 1}'), r"q\.jsonl:2: unknown field\(s\) note"),
+    (jsonl(QUOTES[0], ("x = 'a", 3, '"')), r"q\.jsonl:2: 'correct' must be a non-empty string"),
+    (jsonl(QUOTES[0], ("x = 'a", "'", "'")), r"q\.jsonl:2: 'correct' and 'incorrect' are the same"),
+    (jsonl(QUOTES[0], QUOTES[1], (QUOTES[0][0], '"', "'")), r"q\.jsonl:3: the prompt of line 1 again, with other answers"),
+    ("\n\n", r"q\.jsonl: no examples"),
+])
+def test_task_file_format_errors_name_the_line(fixture_tiktoken, text, message):
+    from modeling_csp.tasks import task_from_jsonl
+
+    with pytest.raises(ValueError, match=message):
+        task_from_jsonl(text, fixture_tiktoken, max_len=128, source="q.jsonl")
+
+
+LONG = "y = '" + "text " * 40 + "end"
+
+
+def test_task_file_token_errors_name_the_line(fixture_tiktoken):
+    from modeling_csp.tasks import task_from_jsonl
+
+    def fails(rows, message, max_len=128):
+        with pytest.raises(ValueError, match=message):
+            task_from_jsonl(jsonl(*rows), fixture_tiktoken, max_len=max_len, source="t.jsonl")
+
+    fails([*QUOTES, ("x = [1", "]", "]]")], r"t\.jsonl:5: incorrect '\]\]' is not a single token after the prompt \(it adds 2 tokens\)")
+    fails([*QUOTES, ("def f(", "self", "x")], r"t\.jsonl:5: correct 'self' is not a single token .*merges with the end")
+    fails([*QUOTES, (LONG, "'", '"')], r"t\.jsonl:5: the prompt is \d+ tokens, more than the model's context of 16",
+          max_len=16)
+    fails([QUOTES[0], QUOTES[2]], r"t\.jsonl: only one class: in all 2 examples the correct answer is the candidate that sorts second")
+    task_from_jsonl(jsonl(*QUOTES, (LONG, "'", '"')), fixture_tiktoken, max_len=None)  # no limit given
+
+
+def test_load_task_file(fixture_tiktoken, tmp_path):
+    from modeling_csp.tasks import load_task_file
+
+    path = tmp_path / "my_quotes.jsonl"
+    path.write_text(jsonl(*QUOTES) + "\n")
+    assert load_task_file(path, fixture_tiktoken).name == "my_quotes"
+    assert load_task_file(path, fixture_tiktoken, name="other").name == "other"
+    with pytest.raises(ValueError, match="does not exist"):
+        load_task_file(tmp_path / "missing.jsonl", fixture_tiktoken)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_task_file(path, fixture_tiktoken)
