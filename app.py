@@ -313,9 +313,24 @@ def build_app() -> gr.Blocks:
                                        elem_id="prune-mode")
                     pr_target = gr.Number(value=0.15, label="Target loss", elem_id="prune-target")
                     pr_steps = Number(10, 2000, value=200, step=10, label="Mask training steps", elem_id="prune-steps")
+                    pr_control = gr.Checkbox(False, label="Shuffled-answer control (about doubles the time)",
+                                             elem_id="prune-control")
                 pr_check = gr.Markdown("", elem_id="prune-check")
                 pr_btn = gr.Button("Run pruning", variant="primary", elem_id="prune-run")
                 pr_md = gr.Markdown("", elem_id="prune-md")
+                gr.Markdown("### Your own task\nOne JSON object per line, `{\"prompt\": ..., \"correct\": ..., "
+                            "\"incorrect\": ...}`: each answer one token right after the prompt, and each of the two "
+                            "answers correct somewhere (else always giving one answer solves it). The task joins the "
+                            "task list of this session; its runs carry its examples.")
+                with gr.Row():
+                    ct_text = gr.Textbox(lines=5, max_lines=12, label="Task lines (JSON lines)", elem_id="custom-task-text",
+                                         placeholder='{"prompt": "x = \'a", "correct": "\'", "incorrect": "\\""}', scale=3)
+                    with gr.Column(scale=1):
+                        ct_file = gr.File(label="or a .jsonl file", file_types=[".jsonl", ".json", ".txt"],
+                                          elem_id="custom-task-file")
+                        ct_name = gr.Textbox(label="Name", placeholder="my_task", elem_id="custom-task-name")
+                ct_btn = gr.Button("Check and add the task", elem_id="custom-task-add")
+                ct_md = gr.Markdown("", elem_id="custom-task-md")
             with gr.Tab("Share & files", id="share") as share_tab:
                 share_link = gr.Textbox(label="Link to this view", elem_id="share-link", buttons=["copy"], interactive=False)
                 download = gr.DownloadButton("Download circuit (csp-circuit JSON)", value=None, elem_id="download")
@@ -341,7 +356,8 @@ def build_app() -> gr.Blocks:
                 shown.remember(request, view.selection)
             parts = {
                 "model": lambda: {model_in: gr.Dropdown(choices=view.model_choices, value=view.model)},
-                "task": lambda: {task_in: gr.Dropdown(value=view.task), pr_task: gr.Dropdown(value=view.task)},
+                "task": lambda: {task_in: gr.Dropdown(choices=view.task_choices, value=view.task),
+                                 pr_task: gr.Dropdown(choices=view.task_choices, value=view.task)},
                 "run": lambda: {run_in: gr.Dropdown(choices=view.run_choices, value=None if none else view.run.id),
                                 cmp_in: gr.Dropdown(choices=view.run_choices, value=None)},
                 "k": lambda: {k_in: gr.Slider(minimum=1, maximum=max(view.k_max, 2), value=view.k or 1, step=1,
@@ -522,23 +538,31 @@ def build_app() -> gr.Blocks:
                 return {message_box: result.message}
             return {**show(result.view, request), message_box: result.message, saved: result.view.session.saved()}
 
-        def on_prune(state, model, task, target, mode, steps, tab_name, request: gr.Request,
+        def on_prune(state, model, task, target, mode, steps, control, tab_name, request: gr.Request,
                      progress=gr.Progress(track_tqdm=True)):
             result = panels.prune_new_run(state, model, task, target, mode != "nats", steps,
-                                          lambda f, desc: progress(f, desc=desc), tab_name)
+                                          lambda f, desc: progress(f, desc=desc), tab_name, control)
             return new_run(result, pr_md, request)
 
-        def on_prune_here(state, model, task, target, mode, steps, tab_name, request: gr.Request,
+        def on_prune_here(state, model, task, target, mode, steps, control, tab_name, request: gr.Request,
                           progress=gr.Progress(track_tqdm=True)):
             result = panels.prune_new_run(state, model, task, target, mode != "nats", steps,
-                                          lambda f, desc: progress(f, desc=desc), tab_name)
+                                          lambda f, desc: progress(f, desc=desc), tab_name, control)
             return {**new_run(result, empty_out, request), pr_md: result.message, status: result.message}
 
-        prune_inputs = [session, model_in, pr_task, pr_target, pr_mode, pr_steps, tab]
+        prune_inputs = [session, model_in, pr_task, pr_target, pr_mode, pr_steps, pr_control, tab]
         chain(pr_btn.click, on_prune, prune_inputs, view_outputs + [pr_md, saved], concurrency_limit=1,
               concurrency_id="prune", show_progress_on=[pr_md])
-        chain(empty_btn.click, on_prune_here, [session, model_in, task_in, pr_target, pr_mode, pr_steps, tab],
+        chain(empty_btn.click, on_prune_here, [session, model_in, task_in, pr_target, pr_mode, pr_steps, pr_control, tab],
               view_outputs + [pr_md, saved, status], concurrency_limit=1, concurrency_id="prune", show_progress_on=[empty_out])
+
+        def on_custom_task(state, model, text, file, name, tab_name, request: gr.Request):
+            path = file if isinstance(file, str) or file is None else getattr(file, "path", None) or getattr(file, "name", None)
+            result = panels.add_custom_task(state, model, text, path, name, tab_name)
+            return new_run(result, ct_md, request)
+
+        chain(ct_btn.click, on_custom_task, [session, model_in, ct_text, ct_file, ct_name, tab],
+              view_outputs + [ct_md, saved], concurrency_limit=2, concurrency_id="ablate")
 
         def on_upload(state, file, model, tab_name, request: gr.Request):
             """Imports the file as a saved run, and empties the box for the next file."""

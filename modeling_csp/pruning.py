@@ -406,6 +406,8 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
                 },
                 "n_total_nodes": total, "seconds": round(time.perf_counter() - t0, 2),
                 "timings": {**timings, "circuit": round(time.perf_counter() - start, 2)},
+                **({"task_examples": [[e.prompt, e.correct, e.alternative] for e in task.examples]}
+                   if task.examples is not None else {}),  # a user task travels with its circuit
             },
         )
         if control is not None:

@@ -175,6 +175,7 @@ class Task:
     name: str
     description: str
     generate: Callable[[random.Random], TaskExample]
+    examples: tuple[TaskExample, ...] | None = None  # a user-defined task's own list (None: a generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def task_from_pairs(name: str, examples: Sequence[tuple[str, str, str]], descrip
         return rng.choice(items)
 
     description = description or f"user-defined task with {len(items)} examples"
-    return Task(name=name, description=description, generate=generate)
+    return Task(name=name, description=description, generate=generate, examples=tuple(items))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -336,6 +336,39 @@ def test_prune_from_no_circuit_yet_then_reload_and_share(page, browser, app_serv
     page.get_by_role("tab", name="Circuit browser").click()
 
 
+def test_your_own_task_from_a_file_pruned_with_its_control(page, tmp_path):
+    """Upload task lines: the task is checked and selected (no circuit yet); pruning it with the shuffled-answer
+    control shows the control next to the random baseline."""
+    from test_explorer_panels import quote_task_lines
+
+    lines = tmp_path / "quotes.jsonl"
+    lines.write_text(quote_task_lines(30))
+    page.get_by_role("tab", name="Ablations & pruning").click()
+    page.locator("#custom-task-file input[type=file]").set_input_files(str(lines))
+    wait_text(page, "#custom-task-file", "quotes.jsonl")  # uploaded
+    page.locator("#custom-task-add").click()
+    wait_text(page, "#custom-task-md", "✅ added custom:quotes:")
+    assert "the full model's accuracy" in text_of(page, "#custom-task-md")
+    task = page.locator("#task-select input").input_value()
+    assert task.startswith("custom:quotes:")
+    page.locator("#custom-task-text textarea").fill('{"prompt": "x = 1", "correct": "\'", "incorrect": "\'"}')
+    page.locator("#custom-task-add").click()
+    wait_text(page, "#custom-task-md", "line:1: 'correct' and 'incorrect' are the same")
+    page.locator("#custom-task-text textarea").fill("")
+    type_number(page, "#prune-steps", 10)
+    page.locator("#prune-control input").check()
+    page.get_by_role("tab", name="Circuit browser").click()
+    wait_text(page, "#no-circuit-md", f"No circuit yet for {task}")
+    page.locator("#prune-here").click()
+    wait_text(page, "#summary", "Shuffled-answer control: loss", timeout=600_000)
+    assert "random same-size" in text_of(page, "#summary") and page.locator("#task-select input").input_value() == task
+    assert_no_errors(page)
+    shot(page, "08_own_task_with_control")
+    page.get_by_role("tab", name="Ablations & pruning").click()
+    page.locator("#prune-control input").uncheck()
+    page.get_by_role("tab", name="Circuit browser").click()
+
+
 def test_imported_run_survives_a_reload(page, app_server, tmp_path):
     mine = tmp_path / "my_upload.json"
     mine.write_text(Path(app_server["circuit"]).read_text())

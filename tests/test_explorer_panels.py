@@ -148,3 +148,66 @@ def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     assert registry.run_store().load(view.run.id) is not None
     failed = panels.prune_new_run(Session(), page["model"], "nope", 0.15, False, 10)
     assert failed.view is None and failed.message == "⚠️ pruning failed: choose a task to prune for"
+
+
+def quote_task_lines(n=40, seed=0) -> str:
+    """JSON lines of a real task in the file format a user writes (drawn from the built-in quote task)."""
+    import random
+
+    from modeling_csp.tasks import get_task
+
+    rng, task = random.Random(seed), get_task("single_double_quote")
+    examples = {}
+    while len(examples) < n:
+        ex = task.generate(rng)
+        examples[ex.prompt] = {"prompt": ex.prompt, "correct": ex.correct, "incorrect": ex.alternative}
+    return "\n".join(json.dumps(e) for e in examples.values())
+
+
+def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link(page, tmp_path, monkeypatch):
+    """Paste or upload task lines: the task joins the session's task list (checked: the full model's accuracy),
+    a pruning run with the shuffled-answer control is browsable, and a link to it works on a server that has
+    forgotten the task (the run carries its examples)."""
+    from modeling_csp.explorer.view import Request, resolve_view
+
+    monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))
+    added = panels.add_custom_task(Session(), page["model"], quote_task_lines(), None, "quotes")
+    assert added.message.startswith("✅ added `custom:quotes:") and "the full model's accuracy" in added.message
+    name = added.view.task
+    assert name.startswith("custom:quotes:") and name in added.view.task_choices and added.view.run is None
+    assert added.view.empty and "No circuit yet" in added.view.empty
+    file = tmp_path / "quotes.jsonl"
+    file.write_text(quote_task_lines())
+    assert panels.add_custom_task(Session(), page["model"], "", str(file)).view.task == name  # same lines, same name
+
+    new = panels.prune_new_run(added.view.session, page["model"], name, 1.5, True, 10, control=True)
+    assert "Shuffled-answer control: loss" in new.message, new.message
+    view = new.view
+    assert view.task == name and view.run.task == name and name in view.task_choices
+    assert "Shuffled-answer control: loss" in view.summary and f"**Task** `{name}`: your task" in view.summary
+    circuit = view.run.load()
+    assert circuit.control["kind"] == "shuffled" and len(circuit.meta["task_examples"]) == 40
+
+    registry._CUSTOM_TASKS.clear()  # a restarted server: only the run store remembers
+    registry.run_store()._runs.clear()
+    assert not registry.is_task(name)
+    linked = resolve_view(None, Request("load", query={"task": name, "run": view.run.id}))
+    assert linked.task == name and linked.run.id == view.run.id and not linked.notices
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "paste or upload task lines first"),
+    ('{"prompt": "x = \'a", "correct": "\'"}', "line:1: missing incorrect"),
+    ("not json", "line:1: not valid JSON"),
+    ('{"prompt": "x = \'a", "correct": "\'", "incorrect": "\\""}', "only one class"),
+    ('{"prompt": "x = \'a", "correct": "\' + 1", "incorrect": "\\""}', "line:1: correct \"' + 1\" is not a single token"),
+    ("x" * 1_000_001, "up to 1 MB"),
+])
+def test_bad_task_lines_are_named(page, text, message):
+    bad = panels.add_custom_task(Session(), page["model"], text)
+    assert bad.view is None and bad.message.startswith("⚠️") and message in bad.message, bad.message
+
+
+def test_unknown_user_tasks_are_errors_not_guesses(page):
+    out = panels.api_next_tokens("x = 'a", page["model"], "custom:gone:0123456789ab")
+    assert "is not known here any more" in out["error"]

@@ -25,7 +25,7 @@ import torch
 from ..circuits import QUANTILES, CircuitGraph, parse_node_id, quantile_examples
 from ..evaluation import EvalOptions, circuit_losses
 from ..tasks import list_tasks
-from .registry import ModelEntry, Run, UserError, first_line, log, settings
+from .registry import ModelEntry, Run, UserError, first_line, is_task, log, resolve_task, settings
 
 TOP_N = 10  # next tokens shown by default
 MAX_TOP = 50
@@ -360,7 +360,7 @@ def task_activations(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, 
     live); for a task this package does not know, the activations the circuit file stores (first half of its
     task documents one class, second half the other)."""
     loc, ch = parse_node_id(node)
-    if task in task_names():
+    if is_task(task):
         batch, store, chosen, names = _task_rows(entry, run, task, per_class)
         rows = tuple([TaskRow(entry.token_strs(batch.input_ids[i, _real(batch, i)].tolist()),
                               store[loc][i, _real(batch, i), ch].float().tolist()) for i in idx] for idx in chosen)
@@ -428,7 +428,7 @@ def head_attention(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, no
     layer_s, kind = loc.split(".", 1)
     if not kind.startswith("attn."):
         return None
-    if task not in task_names():
+    if not is_task(task):
         raise UserError("choose a task to see this head's attention on its examples")
     layer, d = int(layer_s), entry.d_head
     heads = _node_heads(circuit, node, d)
@@ -650,7 +650,7 @@ def ablation_effects(entry: ModelEntry, run: Run | None, circuit: CircuitGraph |
     from ..ablation import ablate, all_kept, frozen_norm_scales, task_logits
     from ..tasks import task_loss
 
-    if task not in task_names():
+    if not is_task(task):
         raise UserError("choose a task to ablate on")
     if mode not in ("mean", "zero") or base not in ("full", "circuit"):
         raise UserError("ablation must be mean or zero, from the full model or the circuit")
@@ -710,7 +710,7 @@ def live_importances(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, 
     total)` after each) up to MAX_EXACT_IMPORTANCES nodes, first-order attribution beyond. (importances, method)."""
     from ..ablation import node_importances
 
-    if task not in task_names():
+    if not is_task(task):
         raise UserError("choose a task to compute importances on")
     options = _options(run)
     batch = entry.task_batch(task, options)
@@ -740,7 +740,7 @@ class PruneTarget:
 def prune_target(entry: ModelEntry, task: str | None, target: Any, relative: bool = False) -> PruneTarget:
     """The target in nats: `target` itself, or `target` × the full model's loss when `relative`; and a message
     that warns when even the full model misses it."""
-    if task not in task_names():
+    if not is_task(task):
         raise UserError("choose a task to prune for")
     full = full_loss(entry, task, EvalOptions())
     try:
@@ -778,9 +778,10 @@ class PruneOutcome:
 
 
 def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps: Any = 200, relative: bool = False,
-                  progress: Callable[[float, str], None] | None = None) -> PruneOutcome:
-    """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise); its hooks are this
-    call's own, so other users' views keep running on the same model meanwhile."""
+                  progress: Callable[[float, str], None] | None = None, control: bool = False) -> PruneOutcome:
+    """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise), with the
+    shuffled-answer control when asked; its hooks are this call's own, so other users' views keep running on the
+    same model meanwhile."""
     from ..pruning import PruneConfig, prune
 
     goal = prune_target(entry, task, target, relative)
@@ -789,8 +790,8 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     report(0, "mean activations")
     means = entry.means()
     report(0.05, "pruning")
-    result = prune(entry.model, entry.tokenizer, task, PruneConfig(target_loss=goal.target, steps=steps),
-                   means=means, model_name=entry.spec)
+    config = PruneConfig(target_loss=goal.target, steps=steps, control="shuffled" if control else None)
+    result = prune(entry.model, entry.tokenizer, resolve_task(task), config, means=means, model_name=entry.spec)
     c = result.circuit
     share = c.n_nodes / entry.n_total_nodes
     loss = float(c.meta.get("train_circuit_loss") or float("nan"))
@@ -804,10 +805,24 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     else:
         message = (f"✅ target reached: k={c.n_nodes} nodes, {c.n_edges} edges, training loss {loss:.3f} ≤ "
                    f"{goal.target:.3f} nats; held-out circuit loss {c.losses.get('circuit', float('nan')):.3f}.")
+    if c.control:
+        message += " " + control_text(c.control, c.losses.get("random"))
     message += f" ({result.seconds:.0f} s, {steps} steps)" + (f" — {note}" if note else "")
     run = Run(id=f"pruned:{task}:{int(time.time())}", name=f"pruned here · {task} · k={c.k} · {time.strftime('%H:%M')}",
               source="pruned", circuit=c, scores=result.scores, task=task, k=c.k)
     return PruneOutcome(run, bool(result.target_reached and share <= 0.5), message, goal)
+
+
+def control_text(control: dict, random: float | None = None) -> str:
+    """One line on a circuit's shuffled-answer control (docs/circuit_format.md): what the same pruning finds when
+    the answers are noise, at the circuit's size and to reach the target."""
+    needs = (f"needs k={control['k_to_target']} to reach the target" if control.get("k_to_target") is not None
+             else "cannot reach the target")
+    verdict = ("✅ the circuit means something" if control.get("k_to_target") is None or control["k_to_target"] > control["k"]
+               else "⚠️ the control does as well: this circuit may fit noise")
+    base = f", random same-size {random:.3f}" if random is not None else ""
+    return (f"Shuffled-answer control: loss {control['loss_at_k']:.3f} at k={control['k']}{base}; it {needs} — "
+            f"{verdict}.")
 
 
 def warm_up(spec: str | None = None) -> None:
@@ -827,7 +842,7 @@ def warm_up(spec: str | None = None) -> None:
 
 
 __all__ = [
-    "TOP_N", "clamp", "parse_node", "task_names", "max_k", "circuit_at_k", "CircuitStats", "full_loss", "circuit_stats",
+    "TOP_N", "control_text", "clamp", "parse_node", "task_names", "max_k", "circuit_at_k", "CircuitStats", "full_loss", "circuit_stats",
     "FaithCurve", "faithfulness_curve", "best_layer", "best_node", "NodeExamples", "node_examples", "TaskRow",
     "TaskActivations", "task_activations", "AttentionRow", "HeadAttention", "head_attention", "embedding_channel",
     "clean_prompt", "encode_prompt", "candidate_id", "top_tokens", "LogitDiff", "PromptResult", "predict",

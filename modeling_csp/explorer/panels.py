@@ -18,7 +18,8 @@ from typing import Any, Callable
 from .. import plotting
 from . import analysis as A
 from .registry import (
-    ModelEntry, Run, Session, UserError, choose_run, find_run, first_line, get_model, import_run_file, log, run_store,
+    MAX_TASK_TEXT_BYTES, ModelEntry, Run, Session, UserError, choose_run, custom_task_from_text, find_run, first_line,
+    get_model, import_run_file, is_task, log, resolve_task, run_store,
 )
 from .view import Request, View, resolve_view
 
@@ -80,7 +81,7 @@ def node_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_cente
         return NodePanel(connections=message_html(_explain(exc)))
     if circuit is None or not node or node not in circuit.nodes:
         return NodePanel()
-    task = task if task in A.task_names() else circuit.task
+    task = task if is_task(task) else circuit.task
     panel = NodePanel()
 
     def part(fn: Callable[[], str]) -> str:
@@ -243,7 +244,7 @@ def curves_panel(model: Any, task: Any, run_id: Any, k: Any) -> CurvesPanel:
         panel.pruning = plotting.message_figure("No run selected.")
         return panel
     panel.pruning = plotting.pruning_curve_figure(run.load().pruning_curve)
-    task = task if task in A.task_names() else None
+    task = task if is_task(task) else None
     try:
         curve = A.faithfulness_curve(entry, run, task)
         stats = A.circuit_stats(entry, run, circuit.n_nodes, task)
@@ -384,14 +385,53 @@ class NewRun:
 
 
 def prune_new_run(session: Session, model: Any, task: Any, target: Any, relative: bool, steps: Any,
-                  progress: Callable[[float, str], None] | None = None, tab: str = "browser") -> NewRun:
+                  progress: Callable[[float, str], None] | None = None, tab: str = "browser",
+                  control: bool = False) -> NewRun:
     try:
         entry = get_model(str(model or "") or None)
-        outcome = A.prune_circuit(entry, task, target, steps, bool(relative), progress)
+        outcome = A.prune_circuit(entry, task, target, steps, bool(relative), progress, bool(control))
         view, notes = _with_new_run(session, entry, outcome.run, tab)
     except Exception as exc:
         return NewRun(None, f"⚠️ pruning failed: {_explain(exc)}")
     return NewRun(view, outcome.message + "".join(f" ⚠️ {n}" for n in notes), notes)
+
+
+def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, label: Any = None,
+                    tab: str = "browser") -> NewRun:
+    """Your own task from pasted JSON lines (or, when none are pasted, an uploaded file): validated against the
+    model, checked (the full model's accuracy on it) and added to the session's tasks; the view shows it, with
+    its "no circuit yet" button to prune it."""
+    from ..tasks import check_task, example_class
+
+    try:
+        entry = get_model(str(model or "") or None)
+        source = "pasted lines"
+        if not (isinstance(text, str) and text.strip()) and path:
+            p = Path(str(path))
+            try:
+                size = p.stat().st_size
+                if size > MAX_TASK_TEXT_BYTES:
+                    raise UserError(f"{p.name} is {size / 1e6:.1f} MB; task files up to "
+                                    f"{MAX_TASK_TEXT_BYTES / 1e6:.0f} MB are read")
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{p.name} is not UTF-8 text") from None
+            except OSError:
+                raise UserError(f"{p.name} cannot be read; upload it again") from None
+            source, label = p.name, label or p.stem
+        task = custom_task_from_text(entry, text, label or "my_task")
+        check = check_task(entry.model, entry.tokenizer, task)
+        session = (session if isinstance(session, Session) else Session()).with_task(task.name)
+        view = resolve_view(session, Request("task", model=entry.spec, task=task.name, tab=tab))
+    except Exception as exc:
+        return NewRun(None, f"⚠️ {_explain(exc)}")
+    classes = [example_class(e) for e in task.examples]
+    warn = (" ⚠️ the full model gets under 90% of it right: a circuit for it may explain little."
+            if check["accuracy"] < 0.9 else "")
+    return NewRun(view, f"✅ added `{task.name}` from {source}: {len(task.examples)} examples ({classes.count(0)} / "
+                        f"{classes.count(1)} per class), {check['n_test']} held out; the full model's accuracy "
+                        f"{check['accuracy']:.0%}, loss {check['loss']:.3f} nats.{warn} Prune it with the button "
+                        "at the top (it is now the selected task).")
 
 
 def import_new_run(session: Session, model: Any, path: Any, name: str | None = None, tab: str = "browser") -> NewRun:
@@ -414,8 +454,8 @@ def api_next_tokens(prompt: Any, model: Any = "", task: Any = "", run: Any = "",
     try:
         entry = get_model(str(model or "").strip() or None)
         task = str(task or "").strip() or None
-        if task is not None and task not in A.task_names():
-            raise UserError(f"unknown task {task!r} (`csp tasks` lists them)")
+        if task is not None:
+            resolve_task(task)  # an unknown task is an error
         chosen = choose_run(entry, str(run or "").strip() or None, task)
         answer = A.next_tokens(entry, prompt, chosen, k)
         if chosen is None and k not in (None, "", 0):
@@ -443,5 +483,5 @@ def download_path(model: Any, run_id: Any, k: Any) -> str | None:
 __all__ = [
     "NodePanel", "node_panel", "PromptPanel", "prompt_panel", "CurvesPanel", "curves_panel", "run_details",
     "EmbeddingsPanel", "embeddings_panel", "AblationPanel", "ablation_panel", "importance_panel", "ComparePanel",
-    "compare_panel", "circuit_nodes", "prune_check", "api_next_tokens", "NewRun", "prune_new_run", "import_new_run", "download_path", "message_html",
+    "compare_panel", "circuit_nodes", "prune_check", "api_next_tokens", "NewRun", "prune_new_run", "add_custom_task", "import_new_run", "download_path", "message_html",
 ]

@@ -45,6 +45,10 @@ MAX_STORE_BYTES = 500_000_000  # the whole store; the oldest runs go first
 MAX_SESSION_RUNS = 50  # runs a session (and a browser) remembers
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 SAVED_ID = re.compile(r"^saved:[0-9a-f]{16}$")
+MAX_TASK_TEXT_BYTES = 1_000_000  # a user task pasted or uploaded in the app
+MAX_TASK_EXAMPLES = 5_000
+MAX_CUSTOM_TASKS = 200  # user tasks the server keeps (least recently used dropped first)
+CUSTOM_TASK = re.compile(r"^custom:[A-Za-z0-9_.-]{1,40}:[0-9a-f]{12}$")
 
 
 class UserError(ValueError):
@@ -85,6 +89,98 @@ class Settings:
 
 
 settings = Settings()
+
+
+# =====================================================================================================
+# User tasks: named by their content, so that a name always means the same examples
+# =====================================================================================================
+
+_CUSTOM_TASKS: OrderedDict[str, Any] = OrderedDict()
+_CUSTOM_LOCK = threading.Lock()
+
+
+def _task_digest(triples: list[list[str]]) -> str:
+    return hashlib.sha256(json.dumps(triples, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+
+
+def register_task(label: str, triples: list[list[str]]):
+    """Registers a user task as `custom:<label>:<digest of its examples>` and returns the `Task` (the same name
+    for the same examples, whoever registers them)."""
+    from ..tasks import task_from_pairs
+
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(label or "task")).strip("_")[:40] or "task"
+    name = f"custom:{label}:{_task_digest(triples)}"
+    with _CUSTOM_LOCK:
+        if name in _CUSTOM_TASKS:
+            _CUSTOM_TASKS.move_to_end(name)
+            return _CUSTOM_TASKS[name]
+        task = task_from_pairs(name, triples, description=f"your task ({len(triples)} examples)")
+        _CUSTOM_TASKS[name] = task
+        while len(_CUSTOM_TASKS) > MAX_CUSTOM_TASKS:
+            _CUSTOM_TASKS.popitem(last=False)
+    return task
+
+
+def custom_task_from_text(entry: "ModelEntry", text: Any, label: Any = "task"):
+    """A user task from JSON lines (`{"prompt", "correct", "incorrect"}` per line), validated against the model's
+    tokenizer and context (`modeling_csp.tasks.task_from_jsonl`) and registered; size-capped."""
+    from ..tasks import task_from_jsonl
+
+    text = text if isinstance(text, str) else ""
+    if not text.strip():
+        raise UserError('paste or upload task lines first: one {"prompt", "correct", "incorrect"} object per line')
+    if len(text.encode("utf-8")) > MAX_TASK_TEXT_BYTES:
+        raise UserError(f"the task is {len(text.encode('utf-8')) / 1e6:.1f} MB; up to {MAX_TASK_TEXT_BYTES / 1e6:.0f} MB "
+                        "of task lines are read")
+    try:
+        task = task_from_jsonl(text, entry.tokenizer, max_len=entry.config.block_size, name="task", source="line")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if len(task.examples) > MAX_TASK_EXAMPLES:
+        raise UserError(f"the task has {len(task.examples)} examples; up to {MAX_TASK_EXAMPLES} are used")
+    return register_task(str(label or "task"), [[e.prompt, e.correct, e.alternative] for e in task.examples])
+
+
+def task_of_circuit(circuit: CircuitGraph) -> str | None:
+    """The task name a circuit is browsed under: a built-in name as it is, a user task (examples in
+    `meta.task_examples`) registered under its content name, None when there is no usable task."""
+    from ..tasks import list_tasks
+
+    task = circuit.task
+    if task is None or task in {t.name for t in list_tasks()}:
+        return task
+    triples = (circuit.meta or {}).get("task_examples")
+    if not (isinstance(triples, list) and 0 < len(triples) <= MAX_TASK_EXAMPLES
+            and all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) and x for x in t) for t in triples)):
+        return task if task in _CUSTOM_TASKS else None
+    label = task.split(":")[1] if CUSTOM_TASK.match(task) else task
+    return register_task(label, triples).name
+
+
+def resolve_task(name: Any):
+    """The `Task` a name means: a built-in task or a registered user task."""
+    from ..tasks import get_task
+
+    name = str(name or "")
+    with _CUSTOM_LOCK:
+        if name in _CUSTOM_TASKS:
+            _CUSTOM_TASKS.move_to_end(name)
+            return _CUSTOM_TASKS[name]
+    try:
+        return get_task(name)
+    except ValueError:
+        if CUSTOM_TASK.match(name):
+            raise UserError(f"task {name!r} is not known here any more: open a run made for it, or add the task "
+                            "lines again") from None
+        raise UserError(f"unknown task {name!r} (`csp tasks` lists them)") from None
+
+
+def is_task(name: Any) -> bool:
+    try:
+        resolve_task(name)
+        return True
+    except UserError:
+        return False
 
 
 # =====================================================================================================
@@ -240,9 +336,14 @@ class Run:
     task: str | None = None
     k: int | None = None
 
+    def __post_init__(self):
+        if self.circuit is not None:
+            self.task = task_of_circuit(self.circuit) or self.task
+
     def load(self) -> CircuitGraph:
         if self.circuit is None:
             self.circuit = CircuitGraph.load(self.path)
+            self.task = task_of_circuit(self.circuit) or self.task
         return self.circuit
 
 
@@ -385,7 +486,7 @@ class ModelEntry:
         """The held-out split of a task that circuits evaluated with `options` use (cached)."""
         def make():
             try:
-                batch = task_split(task, self.tokenizer, self.config.block_size, options)
+                batch = task_split(resolve_task(task), self.tokenizer, self.config.block_size, options)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
             if int(batch.input_ids.max()) >= self.config.vocab_size:
@@ -623,14 +724,19 @@ class Session:
 
     runs: dict[str, str] = field(default_factory=dict)
     view: dict[str, Any] = field(default_factory=dict)
+    tasks: tuple[str, ...] = ()  # user tasks added in this session (names of `register_task`)
 
     def with_run(self, run_id: str, spec: str) -> "Session":
         runs = {k: v for k, v in self.runs.items() if k != run_id}
         runs[run_id] = spec
-        return Session(runs=dict(list(runs.items())[-MAX_SESSION_RUNS:]), view=dict(self.view))
+        return Session(runs=dict(list(runs.items())[-MAX_SESSION_RUNS:]), view=dict(self.view), tasks=self.tasks)
 
     def with_view(self, view: dict[str, Any]) -> "Session":
-        return Session(runs=dict(self.runs), view=dict(view))
+        return Session(runs=dict(self.runs), view=dict(view), tasks=self.tasks)
+
+    def with_task(self, name: str) -> "Session":
+        tasks = tuple(t for t in self.tasks if t != name) + (name,)
+        return Session(runs=dict(self.runs), view=dict(self.view), tasks=tasks[-MAX_SESSION_RUNS:])
 
     def saved(self) -> list[list[str]]:
         """What the browser keeps (its localStorage): [[run id, model spec]]."""
@@ -696,5 +802,6 @@ __all__ = [
     "choose_run", "UserError", "first_line", "Settings", "settings", "default_roots", "resolve_spec", "not_available",
     "HubLookup", "hub", "Run", "Memo", "ModelEntry", "get_model", "default_model_spec", "loaded_models",
     "import_run_file", "RunStore", "run_store", "Session", "session_runs", "runs_for_task", "find_run",
-    "MAX_UPLOAD_BYTES", "MAX_SESSION_RUNS",
+    "MAX_UPLOAD_BYTES", "MAX_SESSION_RUNS", "register_task", "custom_task_from_text", "task_of_circuit", "resolve_task",
+    "is_task",
 ]

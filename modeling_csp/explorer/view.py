@@ -25,8 +25,8 @@ from .. import plotting
 from ..circuits import CircuitGraph
 from . import analysis as A
 from .registry import (
-    MAX_SPEC_CHARS, ModelEntry, Run, Session, UserError, default_model_spec, find_run, get_model, loaded_models,
-    runs_for_task, session_runs,
+    MAX_SPEC_CHARS, ModelEntry, Run, Session, UserError, default_model_spec, find_run, get_model, is_task,
+    loaded_models, resolve_task, runs_for_task, session_runs,
 )
 
 SELECTORS = ("model", "task", "run", "k", "layer", "node")
@@ -113,7 +113,9 @@ class View:
 
     @property
     def task_choices(self) -> list[str]:
-        return A.task_names()
+        """The built-in tasks, then the user tasks of this session and of its runs (while the server knows them)."""
+        own = [*self.session.tasks, *(r.task for r in session_runs(self.entry, self.session)), self.task]
+        return A.task_names() + [t for t in dict.fromkeys(own) if t and t.startswith("custom:") and is_task(t)]
 
     @property
     def run_choices(self) -> list[tuple[str, str]]:
@@ -160,9 +162,7 @@ class View:
         lines = [f"**Model** `{self.model}` · {e.n_layer} layers · d_model {c.d_model} · {c.n_head}×{e.d_head} heads · "
                  f"d_mlp {c.d_mlp} · vocab {c.vocab_size}"]
         try:
-            from ..tasks import get_task
-
-            lines.append(f"**Task** `{self.task}`: {get_task(self.task).description}")
+            lines.append(f"**Task** `{self.task}`: {resolve_task(self.task).description}")
         except ValueError:
             lines.append(f"**Task** `{self.task}`")
         if self.run is None or self.circuit is None:  # the "no circuit yet" box says the rest
@@ -181,6 +181,9 @@ class View:
             lines.append("⚠️ " + "; ".join(s.notices))
         if s.random_as_good:
             lines.append("⚠️ random circuits of the same size do as well: this circuit says little about which nodes matter.")
+        control = self.circuit.control
+        if isinstance(control, dict) and control.get("k") == self.circuit.n_nodes and "loss_at_k" in control:
+            lines.append(A.control_text(control, s.random))
         return "\n\n".join(lines)
 
     @cached_property
@@ -244,9 +247,8 @@ def search_nodes(circuit: CircuitGraph, text: str, d_head: int) -> list[str]:
 
 
 def _first_task_with_run(entry: ModelEntry, session: Session) -> str:
-    names = A.task_names()
-    tasked = [r.task for r in session_runs(entry, session) if r.task in names]
-    return tasked[0] if tasked else names[0]
+    tasked = [r.task for r in session_runs(entry, session) if r.task and is_task(r.task)]
+    return tasked[0] if tasked else A.task_names()[0]
 
 
 def _resolve(session: Session, request: Request) -> View:
@@ -277,9 +279,10 @@ def _resolve(session: Session, request: Request) -> View:
         fresh = RESETS["model"]
 
     # task
-    names = A.task_names()
     task = _text(wanted("task"))
-    if task is not None and task not in names:
+    if task is not None and not is_task(task) and _text(wanted("run")):
+        find_run(entry, session, _text(wanted("run")))  # a linked run of a user task brings the task back
+    if task is not None and not is_task(task):
         if "task" in explicit:
             if event == "task":
                 raise UserError(f"unknown task {task!r}")
