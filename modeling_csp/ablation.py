@@ -32,6 +32,16 @@ Masks = dict[str, torch.Tensor]
 # ---- running a task ------------------------------------------------------------------------
 
 
+def input_device(model) -> torch.device:
+    """Where a model's inputs, masks and means belong: its parameters' device, or, when accelerate has offloaded
+    them (parameters on `meta`), the device its dispatch hooks run the layers on."""
+    device = model.device
+    hook = getattr(model.get_input_embeddings(), "_hf_hook", None)  # accelerate's dispatch (device_map, offload)
+    if device.type == "meta" and hook is not None:
+        return torch.device(getattr(hook, "execution_device", None) or "cpu")
+    return device
+
+
 def task_logits(model, batch: TaskBatch) -> torch.Tensor:
     """(n, vocab) logits at the decision position (prompts are left-padded: always the last one)."""
     if int(batch.input_ids.max()) >= model.config.vocab_size:
@@ -41,7 +51,7 @@ def task_logits(model, batch: TaskBatch) -> torch.Tensor:
         )
     if batch.input_ids.shape[1] > model.config.block_size:
         raise ValueError(f"task prompts of {batch.input_ids.shape[1]} tokens exceed the model's block_size {model.config.block_size}")
-    device = model.device  # a batch built on the CPU runs where the model is
+    device = input_device(model)  # a batch built on the CPU runs where the model is
     out = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_to_keep=1, use_cache=False)
     return out.logits[:, -1]
 
@@ -206,14 +216,14 @@ def compute_mean_activations(
         path = Path(cache_dir or default_cache_dir()) / f"means-{weights_hash(model)}-{digest}.pt"
         if path.exists():
             try:
-                return {loc: m.to(model.device) for loc, m in torch.load(path, weights_only=True).items()}
+                return {loc: m.to(input_device(model)) for loc, m in torch.load(path, weights_only=True).items()}
             except Exception:
                 pass  # unreadable cache: recompute
     if batches is None:
         batches = text_windows(data, stdlib_heldout_texts(), n_tokens, model.config.block_size).split(batch_size)
 
     locations = node_locations(model.config)
-    device = model.device
+    device = input_device(model)
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     sums = {loc: torch.zeros(location_width(model.config, loc), dtype=acc_dtype, device=device) for loc in locations}
     count = 0
@@ -297,9 +307,9 @@ def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: 
 
     With `keep_masks` the nodes outside it are ablated first (their attribution is then 0). Rank nodes with
     `pruning.top_k_masks(node_attributions(...), k)`. `means=None` means zero ablation."""
-    keep_masks = keep_masks or all_kept(model.config, model.device)
+    keep_masks = keep_masks or all_kept(model.config, input_device(model))
     locations = list(keep_masks)
-    leaf = torch.zeros((), requires_grad=True, device=model.device)  # makes the graph reach every activation, even with frozen weights
+    leaf = torch.zeros((), requires_grad=True, device=input_device(model))  # makes the graph reach every activation, even with frozen weights
     with torch.enable_grad(), contextlib.ExitStack() as stack:
         if freeze_norm_scales:
             stack.enter_context(frozen_norm_scales(model, batch))
@@ -317,7 +327,7 @@ def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: 
 
 
 __all__ = [
-    "task_logits", "evaluate", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales",
+    "input_device", "task_logits", "evaluate", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales",
     "compute_mean_activations", "stdlib_heldout_texts", "text_windows", "example_windows", "layer_ablation_deltas",
     "node_importances", "node_attributions", "all_kept",
 ]

@@ -457,12 +457,15 @@ def quantile_examples(acts: torch.Tensor, windows: torch.Tensor, per_side: int =
 def record_node_activations(model, input_ids: torch.Tensor, locations, attention_mask=None, batch_size: int = 32
                             ) -> dict[str, torch.Tensor]:
     """{location: (n, T, width) float16} activations of the model on `input_ids`, batch by batch."""
+    from .ablation import input_device
+
+    device = input_device(model)
     store: dict[str, list[torch.Tensor]] = {loc: [] for loc in locations}
     for start in range(0, input_ids.shape[0], batch_size):
         mask = None if attention_mask is None else attention_mask[start: start + batch_size]
-        ids = input_ids[start: start + batch_size].to(model.device)
+        ids = input_ids[start: start + batch_size].to(device)
         with model.record_activations(list(locations)) as acts:
-            model(ids, attention_mask=None if mask is None else mask.to(model.device), use_cache=False, logits_to_keep=1)
+            model(ids, attention_mask=None if mask is None else mask.to(device), use_cache=False, logits_to_keep=1)
         for loc in locations:
             store[loc].append(acts[loc].to(torch.float16))
     return {loc: torch.cat(v) for loc, v in store.items()}

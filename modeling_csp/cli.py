@@ -145,7 +145,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .ablation import compute_mean_activations
+    from .ablation import compute_mean_activations, input_device
     from .circuits import CircuitGraph
     from .evaluation import EvalOptions, circuit_losses, task_split
 
@@ -156,7 +156,7 @@ def cmd_evaluate(args) -> int:
         print(f"note: {notice}", file=sys.stderr)
     batch = task_split(task, tokenizer, model.config.block_size, options)
     means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
-    faith = circuit_losses(model, batch, circuit.masks(model.config, model.device), means, options)
+    faith = circuit_losses(model, batch, circuit.masks(model.config, input_device(model)), means, options)
     _emit({
         "task": task.name, "circuit_task": circuit.task, "ablation": circuit.ablation,
         "full_loss": faith["full"], "circuit_loss": faith["circuit"], "random_loss": faith["random"],

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .ablation import (
     ablate, compute_mean_activations, evaluate, example_windows, frozen_norm_scales, layer_ablation_deltas,
-    node_attributions, node_importances, task_logits,
+    input_device, node_attributions, node_importances, task_logits,
 )
 from .circuits import CircuitGraph, attach_node_data, location_width, node_locations
 from .tasks import TaskBatch, TaskExample, get_task, make_task_dataset, task_loss
@@ -138,7 +138,7 @@ class NodeMasks(torch.nn.Module):
 def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfig) -> tuple[Masks, list[list]]:
     """Learns node scores (tau) for a task; returns them and the curve [[step, task loss, n_kept]]."""
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: the same masks and batches on any device
-    device = model.device
+    device = input_device(model)
     masks = NodeMasks(model.config, config.init, config.init_noise, gen).to(device)
     batch = batch.to(device)
     opt = torch.optim.Adam(masks.parameters(), lr=config.lr)
@@ -350,7 +350,8 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     task = get_task(task)
     model.eval()
     data = make_task_dataset(task, tokenizer, n=config.n_examples, seed=config.data_seed, max_len=model.config.block_size)
-    data.train, data.test = data.train.to(model.device), data.test.to(model.device)
+    device = input_device(model)
+    data.train, data.test = data.train.to(device), data.test.to(device)
     if config.ablation == "mean" and means is None:
         means = compute_mean_activations(model, tokenizer, n_tokens=config.n_mean_tokens, cache_dir=cache_dir)
     fill = means if config.ablation == "mean" else None

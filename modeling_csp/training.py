@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -390,7 +392,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         "curve": curve,
         "final": None,
     }
-    if previous is not None:  # the first stage, without its curve
+    if previous is not None:  # the stage(s) before, without their curve
         record["previous"] = {k: v for k, v in previous.items() if k != "curve"}
     if finished and main:
         for p, target in targets.values():
@@ -440,13 +442,21 @@ def write_curve_svg(curve: list[dict], path: Path, width: int = 640, height: int
     path.write_text("\n".join(parts) + "\n")
 
 
+def training_stages(record: dict) -> list[dict]:
+    """The records of a run and of the runs it continued (`--init-from`), first stage first."""
+    stages = []
+    while record:
+        stages.insert(0, record)
+        record = record.get("previous")
+    return stages
+
+
 def training_card(record: dict, corpus_meta: dict | None = None) -> str:
     """The model card's training section: recipe, data (sources and licences), held-out losses."""
     from .corpus import sources_table
 
     f, env = record["final"], record["environment"]
-    stages = [record.get("previous"), record]
-    stages = [s for s in stages if s]
+    stages = training_stages(record)
 
     def stage(s: dict) -> str:
         c, sf = s["config"], s["final"]
@@ -488,14 +498,19 @@ def save_trained_model(result: TrainResult, out: str | Path, tokenizer_dir: str 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # Replace the model's own files (no stale shard survives); anything else (circuits/) stays.
-    for pattern in ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                    "configuration_csp.py", "modeling_csp.py", "tokenizer*.json", "special_tokens_map.json",
-                    "README.md", CURVE, "loss_curve.svg"):
-        for f in out.glob(pattern):
-            f.unlink()
-    save_model_folder(result.model, out, tokenizer_json_dir=tokenizer_dir, name=name,
-                      source="trained by modeling_csp.training", card_extra=training_card(result.record, corpus_meta))
+    with tempfile.TemporaryDirectory() as held:
+        # The tokenizer may live in `out` itself (retraining the default model in place): keep a copy first.
+        for f in Path(tokenizer_dir).glob("*.json"):
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy(f, held)
+        # Replace the model's own files (no stale shard survives); anything else (circuits/) stays.
+        for pattern in ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                        "configuration_csp.py", "modeling_csp.py", "tokenizer*.json", "special_tokens_map.json",
+                        "README.md", CURVE, "loss_curve.svg"):
+            for f in out.glob(pattern):
+                f.unlink()
+        save_model_folder(result.model, out, tokenizer_json_dir=held, name=name,
+                          source="trained by modeling_csp.training", card_extra=training_card(result.record, corpus_meta))
     record = dict(result.record)
     if corpus_meta:  # what the model was trained on, without the long list of held-out files
         record["corpus"] = {k: v for k, v in corpus_meta.items() if k != "val_files"}
@@ -505,4 +520,4 @@ def save_trained_model(result: TrainResult, out: str | Path, tokenizer_dir: str 
 
 
 __all__ = ["TrainConfig", "TokenData", "TrainResult", "train", "save_trained_model", "project_topk", "annealed",
-           "sparse_targets", "lr_at", "val_windows", "lm_loss", "write_curve_svg", "BASE_MODEL_CONFIG"]
+           "sparse_targets", "training_stages", "lr_at", "val_windows", "lm_loss", "write_curve_svg", "BASE_MODEL_CONFIG"]

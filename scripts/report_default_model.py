@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from modeling_csp.ablation import evaluate  # noqa: E402
 from modeling_csp.loading import load_model_and_tokenizer  # noqa: E402
 from modeling_csp.tasks import list_tasks, make_task_dataset  # noqa: E402
+from modeling_csp.training import training_stages  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from _report import write_section  # noqa: E402
@@ -82,13 +83,15 @@ def report(folder: Path) -> tuple[str, list[str]]:
     data = (f"CPython's standard library and {len(sources) - 1} pinned permissively licensed projects (model card: "
             "sources, versions, licences)" if sources else "Python source")
 
+    n_stages = len(training_stages(record))
+    stages_note = f", {n_stages} stages" if n_stages > 1 else ""
     lines = [
         f"{c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads x d_head {c.d_head}, d_mlp {c.d_mlp}, "
         f"context {c.block_size}; {100 * final['density']:.1f}% of weight-matrix entries nonzero "
         f"(bigram table {100 * final['density_per_matrix']['bigram_table']:.1f}%), AbsTopK afrac {c.afrac}. "
         f"Trained on {final.get('total_tokens', final['tokens']):,} tokens of {data} in "
         f"{final.get('total_train_seconds', final['train_seconds']) / 60:.0f} minutes ({env['processes']} process x "
-        f"{env['threads']} CPU thread{', two stages' if record.get('previous') else ''}): held-out loss "
+        f"{env['threads']} CPU thread{stages_note}): held-out loss "
         f"**{final['val_loss']:.3f}** nats/token on the standard library's held-out files"
         + (f", {final['val_extra_loss']:.3f} on the projects' held-out files" if final.get("val_extra_loss") else "")
         + f" (train {final['train_loss']:.3f}).",

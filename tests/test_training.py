@@ -117,6 +117,11 @@ def test_csp_train_writes_a_loadable_model(corpus, tmp_path, capsys):
     card = (tmp_path / "model" / "README.md").read_text()
     assert "## Training" in card and "Held-out loss" in card
     assert (tmp_path / "model" / "loss_curve.svg").is_file() and (tmp_path / "model" / "training_curve.json").is_file()
+    # retraining in place, the tokenizer taken from the output folder itself (as the default model is rebuilt)
+    (tmp_path / "model" / "circuits").mkdir()
+    assert main(args + ["--tokenizer-dir", str(tmp_path / "model")]) == 0
+    assert load_model_and_tokenizer(str(tmp_path / "model"))[1].eos_token_id == 2047
+    assert (tmp_path / "model" / "circuits").is_dir()  # what is not the model's own stays
 
     (corpus / "meta.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
     try:
@@ -157,5 +162,12 @@ def test_second_stage_starts_from_a_finished_run(corpus, tmp_path):
     from modeling_csp.training import training_card
 
     assert "then, continued from those weights" in training_card(rec)
+    third = train(TrainConfig(steps=2, lr=5e-4, init_from=str(tmp_path / "two"), **options), corpus,
+                  tmp_path / "third", progress=False).record
+    from modeling_csp.training import training_stages
+
+    assert [s["final"]["steps"] for s in training_stages(third)] == [4, 2, 2]
+    assert third["final"]["total_tokens"] == (4 + 2 + 2) * 8 * 128
+    assert training_card(third).count("then, continued from those weights") == 2
     with pytest.raises(ValueError, match="no checkpoint.pt"):
         train(TrainConfig(steps=2, init_from=str(tmp_path / "nothing"), **options), corpus, tmp_path / "three", progress=False)
