@@ -97,8 +97,9 @@ def report(folder: Path) -> tuple[str, list[str]]:
         + f" (train {final['train_loss']:.3f}).",
         "",
         "Task losses are the mean binary cross-entropy over the two candidates, in nats, on each task's test split; "
-        f"circuits are shipped for the tasks where the full model's accuracy is at least {SHIP_ACCURACY}, pruned to "
-        f"the target max({TARGET}, full loss + {MARGIN}). Circuit: everything outside it mean-ablated. Random: the mean "
+        f"circuits are shipped for the tasks where the full model's accuracy is at least {SHIP_ACCURACY}, whose loss on "
+        f"the test split must be at most max({TARGET}, full loss + {MARGIN}); the target they were pruned to (on the "
+        "training split) is in each circuit file, stricter where the first one missed on the test split. Circuit: everything outside it mean-ablated. Random: the mean "
         "of 5 random circuits with the same number of nodes per location. Complement: only the circuit ablated. "
         "Control: the same prompts with correct/incorrect swapped at random per example, pruned alike "
         "(`csp prune --control shuffled`): its loss with as many nodes as the circuit, and the size it needs to reach "

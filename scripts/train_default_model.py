@@ -6,10 +6,9 @@
     python scripts/train_default_model.py --runs work_dirs/smoke --steps 300 --out work_dirs/smoke/model  # smoke run
     accelerate launch --num_processes 4 scripts/train_default_model.py ...   # data-parallel over 4 GPUs
 
-Three stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
+Two stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
 (geometrically over its first 60%, top-k after every AdamW step, bigram table at 5%); stage 2 starts from its
-weights with a new optimizer at 25% density (lr 3e-3, 3,500 steps); stage 3 continues at 25% with a lower
-learning rate (1e-3, 2,500 steps), still within the corpus's first epoch. Each stage checkpoints into its run folder
+weights with a new optimizer at 25% density (lr 3e-3, 3,500 steps). Each stage checkpoints into its run folder
 under `--runs` (default work_dirs/) and a rerun resumes there; the finished model is written to `--out` with `save_model_folder`
 (sparse safetensors, remote code, tokenizer, model card with the corpus sources and licences). Options given
 on the command line are passed to every stage.
@@ -37,15 +36,10 @@ def main(argv: list[str]) -> int:
     stage1 = ARCH + ["--run-dir", str(args.runs / "run_4l15"), "--steps", "7500", "--lr", "5e-3",
                      "--anneal-frac", "0.6", "--anneal-shape", "geometric", "--seed", "0"]
     stage2 = ARCH + ["--run-dir", str(args.runs / "run_4l15_stage2"), "--init-from", str(args.runs / "run_4l15"),
-                     "--steps", "3500", "--lr", "3e-3", "--anneal-frac", "0", "--seed", "1", "--density", "0.25"]
-    stage3 = ARCH + ["--run-dir", str(args.runs / "run_4l15_stage3"), "--init-from", str(args.runs / "run_4l15_stage2"),
-                     "--steps", "2500", "--lr", "1e-3", "--anneal-frac", "0", "--seed", "2", "--density", "0.25",
+                     "--steps", "3500", "--lr", "3e-3", "--anneal-frac", "0", "--seed", "1", "--density", "0.25",
                      "--out", str(REPO_ROOT / "modeling_csp" / "default_model")]
-    for stage in (stage1, stage2, stage3):
-        code = csp_main(["train", *stage, *rest])
-        if code:
-            return code
-    return 0
+    code = csp_main(["train", *stage1, *rest])
+    return code or csp_main(["train", *stage2, *rest])
 
 
 if __name__ == "__main__":
