@@ -45,7 +45,7 @@ def test_first_view(first):
     assert first.layer == plotting.most_important_layer(first.circuit) and first.node in first.circuit.nodes
     assert first.node.startswith(first.layer + ".")
     assert first.changed == frozenset(PARTS) - {"overview"} and first.empty is None
-    assert "| full model loss |" in first.summary and f"{first.k} of 2816" in first.summary
+    assert "| full model loss |" in first.summary and f"{first.k} of {first.entry.n_total_nodes}" in first.summary
     assert first.node in first.node_header and [v for _, v in first.node_choices].count(first.node) == 1
     assert first.session.view == first.selection
 

@@ -1,15 +1,18 @@
-"""The quote circuit of the embedded model, looked at the way an interpretability user would.
+"""A shipped circuit of the embedded model, looked at the way an interpretability user would.
 
-    python examples/quote_circuit_walkthrough.py
+    python examples/circuit_walkthrough.py [TASK]       # default: bracket_brace
 
-The task: after `x = 'hello` the model should close with `'`, after `x = "hello` with `"`. The shipped circuit
-is the set of nodes that still does the task with every other node mean-ablated. We
+The task (bracket_brace): after `x = [1, 2` the model should close with `]`, after `x = {1, 2` with `}`. The
+shipped circuit is the set of nodes that still does the task with every other node mean-ablated. We
 1. cache a forward pass (`run_with_cache`) and read the circuit's attention heads: where does the last
-   position look? (at the opening quote, if the circuit works the way the paper describes);
+   position look? (at the opening bracket, if the circuit works the way the paper describes for quotes);
 2. run the circuit alone (everything else mean-ablated), then patch out its most important node;
 3. rank every node by attribution (gradient x (mean - activation), one backward pass) and compare with
    the pruned circuit.
+Any task with a circuit in `modeling_csp/default_model/circuits/` works (see its index.json).
 """
+
+import sys
 
 import torch
 
@@ -19,7 +22,7 @@ from modeling_csp.loading import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from modeling_csp.pruning import top_k_masks
 from modeling_csp.tasks import make_task_dataset
 
-TASK = "single_double_quote"
+TASK = sys.argv[1] if len(sys.argv) > 1 else "bracket_brace"
 
 model, tokenizer = load_model_and_tokenizer("default")
 circuit = CircuitGraph.load(DEFAULT_MODEL_DIR / "circuits" / f"{TASK}.json", model=model)
@@ -30,7 +33,7 @@ print(f"circuit: {circuit.n_nodes} of {sum(m.numel() for m in masks.values())} n
 
 
 def logit_diff(logits: torch.Tensor) -> torch.Tensor:
-    """Correct minus incorrect closing quote, per prompt."""
+    """Correct minus incorrect answer, per prompt."""
     return logits.gather(1, batch.correct_ids[:, None])[:, 0] - logits.gather(1, batch.alternative_ids[:, None])[:, 0]
 
 
@@ -61,7 +64,7 @@ with torch.no_grad():
     patched[location][index] = False
     with mean_ablate(model, patched, means):
         without = logit_diff(task_logits(model, batch)).mean()
-print(f"mean logit difference (correct - incorrect quote): full model {full:.2f}, circuit alone {alone:.2f}, "
+print(f"mean logit difference (correct - incorrect): full model {full:.2f}, circuit alone {alone:.2f}, "
       f"circuit without {key} {without:.2f}")
 
 # 3. Attribution: every node's first-order effect of mean ablation, from one backward pass.
