@@ -74,7 +74,11 @@ def app_server(test_circuit, folders):
             yield {"url": url, "model": spec, "run": "imported:test_circuit", "started_s": time.perf_counter() - t0,
                    "circuit": circuit_path}
     finally:
-        assert "Traceback" not in (ARTIFACTS / "app_server.log").read_text(), "the server logged a traceback"
+        # A traceback through this project's code is a bug; one entirely inside the web stack (gradio's SSE stream
+        # when a browser page closes mid-stream, seen with gradio 6.31) is not ours to fail on.
+        blocks = (ARTIFACTS / "app_server.log").read_text().split("Traceback (most recent call last):")[1:]
+        ours = [b for b in blocks if str(PROJECT_ROOT) in b]
+        assert not ours, f"the server logged a traceback through the project's code:\n{ours[0][-3000:]}"
 
 
 @pytest.fixture(scope="module")
