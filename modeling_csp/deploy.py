@@ -46,6 +46,14 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def check_model_specs(models: list[str]) -> list[str]:
+    """The models an app lists: 'default' or hub ids, each once, in order."""
+    for spec in models:
+        if spec != "default":
+            check_repo_id(spec)
+    return list(dict.fromkeys(models))
+
+
 # ---- the Space folder ----------------------------------------------------------------------------
 
 
@@ -94,10 +102,7 @@ def build_space(out: str | Path, models: list[str] | None = None, default_repo: 
 
     `models` are what the app lists: `default` (the embedded model, shipped inside the Space) and hub ids of
     converted models, loaded from the Hub when picked."""
-    models = models or ["default"]
-    for spec in models:
-        if spec != "default":
-            check_repo_id(spec)
+    models = check_model_specs(models or ["default"])
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DeployError(f"{out}: exists and is not an empty folder; choose a new output folder")
@@ -136,13 +141,10 @@ def listed_models(app_dir: str | Path, env: str | None = None) -> list[str]:
         source = str(path)
     if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
         raise DeployError(f"{source}: expected a non-empty list of model names ('default' or hub ids)")
-    for spec in models:
-        if spec != "default":
-            try:
-                check_repo_id(spec)
-            except DeployError as exc:
-                raise DeployError(f"{source}: {exc}") from None
-    return list(dict.fromkeys(models))
+    try:
+        return check_model_specs(models)
+    except DeployError as exc:
+        raise DeployError(f"{source}: {exc}") from None
 
 
 # ---- uploading -------------------------------------------------------------------------------------
@@ -203,4 +205,4 @@ def publish_model(folder: str | Path, repo_id: str, token: str | None = None, pr
 
 
 __all__ = ["DeployError", "build_space", "push_space", "publish_model", "pinned_requirements", "space_card",
-           "DEFAULT_MODEL_REPO", "SPACE_MODELS_FILE", "listed_models"]
+           "DEFAULT_MODEL_REPO", "SPACE_MODELS_FILE", "listed_models", "check_model_specs"]

@@ -401,7 +401,7 @@ def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, l
     """Your own task from pasted JSON lines (or, when none are pasted, an uploaded file): validated against the
     model, checked (the full model's accuracy on it) and added to the session's tasks; the view shows it, with
     its "no circuit yet" button to prune it."""
-    from ..tasks import check_task, example_class
+    from ..tasks import check_task
 
     try:
         entry = get_model(str(model or "") or None)
@@ -425,11 +425,11 @@ def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, l
         view = resolve_view(session, Request("task", model=entry.spec, task=task.name, tab=tab))
     except Exception as exc:
         return NewRun(None, f"⚠️ {_explain(exc)}")
-    classes = [example_class(e) for e in task.examples]
+    classes = check["classes"]
     warn = (" ⚠️ the full model gets under 90% of it right: a circuit for it may explain little."
             if check["accuracy"] < 0.9 else "")
-    return NewRun(view, f"✅ added `{task.name}` from {source}: {len(task.examples)} examples ({classes.count(0)} / "
-                        f"{classes.count(1)} per class), {check['n_test']} held out; the full model's accuracy "
+    return NewRun(view, f"✅ added `{task.name}` from {source}: {len(task.examples)} examples ({classes[0]} / "
+                        f"{classes[1]} per class), {check['n_test']} held out; the full model's accuracy "
                         f"{check['accuracy']:.0%}, loss {check['loss']:.3f} nats.{warn} Prune it with the button "
                         "at the top (it is now the selected task).")
 
