@@ -6,7 +6,8 @@
     csp prune --model M --task-file FILE.jsonl --out FILE  your own task: one {"prompt", "correct", "incorrect"} per line
     csp prune ... --control shuffled                       also prune the task with answers swapped at random, and
                                                            record that control in the circuit file
-    csp evaluate --model M --task T --circuit FILE         one object with the circuit's losses
+    csp evaluate --model M --circuit FILE [--task T]       one object with the circuit's losses (default: on the
+                                                           task it was pruned on, a task file's examples included)
     csp circuits --model M                                 circuits shipped with a model, one per line
     csp sweep --model M --out-dir DIR [--tasks T1,T2|all] [--ks 8,16,32]
                                                            circuits for many tasks, one summary per line;
@@ -149,8 +150,22 @@ def cmd_evaluate(args) -> int:
     from .circuits import CircuitGraph
     from .evaluation import EvalOptions, circuit_losses, task_split
 
-    model, tokenizer, task = _setup(args)
-    circuit = CircuitGraph.load(args.circuit, model=model)
+    if args.task or args.task_file:
+        model, tokenizer, task = _setup(args)
+        circuit = CircuitGraph.load(args.circuit, model=model)
+    else:  # the circuit's own task: a built-in name, or the examples a --task-file circuit keeps
+        from .tasks import circuit_examples, get_task, list_tasks, task_from_pairs
+
+        model, tokenizer = _load(args)
+        circuit = CircuitGraph.load(args.circuit, model=model)
+        triples = circuit_examples(circuit.meta)
+        if circuit.task in {t.name for t in list_tasks()}:
+            task = get_task(circuit.task)
+        elif triples:
+            task = task_from_pairs(circuit.task, triples)
+        else:
+            raise ValueError(f"{args.circuit} names no built-in task ({circuit.task!r}) and keeps no task examples: "
+                             "give --task NAME or --task-file FILE.jsonl")
     options = EvalOptions.of(circuit, n_random=args.n_random, seed=args.seed)  # the app evaluates the same way
     for notice in options.notices:
         print(f"note: {notice}", file=sys.stderr)
@@ -237,9 +252,25 @@ def cmd_train(args) -> int:
     expected = data.meta.get("tokenizer_sha256")
     if expected and hashlib.sha256(tokenizer_json.read_bytes()).hexdigest() != expected:
         raise ValueError(f"{args.data} was tokenized with another tokenizer than {tokenizer_json}")
+    if args.select_snapshot == "best" and not (args.task_probe and args.snapshots):
+        raise ValueError("--select-snapshot best needs --task-probe (what to choose by) and --snapshots (what to choose from)")
     _set_threads(args, config.model_config())
+    probe = None
+    if args.task_probe:
+        from .loading import load_tokenizer
+        from .tasks import get_task, list_tasks
+        from .training import task_probe
+
+        tasks = list_tasks() if args.task_probe == "all" else [get_task(n) for n in args.task_probe.split(",")]
+        probe = task_probe(load_tokenizer(str(args.tokenizer_dir)), [t.name for t in tasks],
+                           max_len=config.model_config().block_size)
     acc = Accelerator()
-    result = train(config, data, args.run_dir, resume=not args.no_resume, progress=not args.quiet, accelerator=acc)
+    result = train(config, data, args.run_dir, resume=not args.no_resume, progress=not args.quiet, accelerator=acc,
+                   probe=probe, snapshots=args.snapshots)
+    if result.finished and args.select_snapshot == "best" and acc.is_main_process:
+        from .training import best_probed_step, result_at_snapshot
+
+        result = result_at_snapshot(args.run_dir, best_probed_step(result.record), data)
     summary = {"run_dir": str(args.run_dir), "finished": result.finished, "step": result.record["curve"][-1]["step"]
                if result.record["curve"] else 0, "final": result.record["final"]}
     if result.finished and args.out and acc.is_main_process:
@@ -399,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         extra = {"choices": ("linear", "geometric")} if name == "anneal_shape" else {}
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})", **extra)
     p.add_argument("--threads", type=int, help=f"torch CPU threads per process (default: 1 for d_model <= {SMALL_MODEL_D})")
+    p.add_argument("--task-probe", metavar="TASKS", help="'all' or comma-separated task names: their accuracy on the "
+                   "train splits at every evaluation, in the curve (the test splits stay unseen)")
+    p.add_argument("--snapshots", action="store_true", help="keep every checkpoint's weights in RUN_DIR/snapshots/")
+    p.add_argument("--select-snapshot", choices=("last", "best"), default="last",
+                   help="what --out gets: the last weights, or the snapshot whose probed tasks reach 0.9 most often")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 

@@ -623,12 +623,19 @@ def pruning_curve_figure(curve: Sequence[Sequence[float]], title: str = "Pruning
 
 def training_curve_figure(record: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
                           title: str = "Model training") -> go.Figure:
-    """The model's training metrics (`training_curve.json`: {"curve": [{step, train_loss, val_loss, ...}]})."""
-    curve = record.get("curve") if isinstance(record, Mapping) else record
+    """The model's training metrics (`training_curve.json`: {"curve": [{step, train_loss, val_loss, ...}]}), over
+    all its stages (`--init-from` runs keep the curves before them) against tokens seen."""
+    if isinstance(record, Mapping):
+        from .training import stages_curve
+
+        curve = stages_curve(dict(record)) if record.get("curve") else None
+    else:
+        curve = record
     if not curve:
         return message_figure("This model ships no training curve.")
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    steps = [c.get("step") for c in curve]
+    by_tokens = all(c.get("tokens") is not None for c in curve)
+    steps = [c.get("tokens") if by_tokens else c.get("step") for c in curve]
     for key, color in (("train_loss", "#1f4e79"), ("val_loss", "#2ca02c")):
         if any(key in c for c in curve):
             fig.add_trace(go.Scatter(x=steps, y=[c.get(key) for c in curve], name=key.replace("_", " "),
@@ -636,7 +643,10 @@ def training_curve_figure(record: Mapping[str, Any] | Sequence[Mapping[str, Any]
     if any("density" in c for c in curve):
         fig.add_trace(go.Scatter(x=steps, y=[c.get("density") for c in curve], name="weight density",
                                  line=dict(color="#e08a2c", dash="dot")), secondary_y=True)
-    fig.update_xaxes(title="step")
+    for a, b in zip(curve, curve[1:]):  # after the traces: plotly skips shapes on empty subplots
+        if a.get("stage") != b.get("stage"):
+            fig.add_vline(x=b.get("tokens") if by_tokens else b.get("step"), line=dict(color="#999", dash="dot"))
+    fig.update_xaxes(title="tokens seen (dotted: a new stage)" if by_tokens else "step")
     fig.update_yaxes(title="loss (nats/token)", secondary_y=False)
     fig.update_yaxes(title="density", secondary_y=True, type="log", **_log_ticks(c.get("density") for c in curve))
     fig.update_layout(legend=dict(orientation="h", y=-0.25))

@@ -50,6 +50,7 @@ __all__ = [
     "task_from_pairs",
     "read_task_jsonl",
     "validate_task_examples",
+    "circuit_examples",
     "task_from_jsonl",
     "load_task_file",
     "example_class",
@@ -234,6 +235,16 @@ def task_from_pairs(name: str, examples: Sequence[tuple[str, str, str]], descrip
 
     description = description or f"user-defined task with {len(items)} examples"
     return Task(name=name, description=description, generate=generate, examples=tuple(items))
+
+
+def circuit_examples(meta: Any, limit: int | None = None) -> list[tuple[str, str, str]] | None:
+    """The (prompt, correct, incorrect) triples a circuit pruned on a task file keeps in `meta["task_examples"]`,
+    or None when it keeps none (a built-in task) or they are malformed (or more than `limit`)."""
+    triples = meta.get("task_examples") if isinstance(meta, dict) else None
+    if not (isinstance(triples, list) and triples and (limit is None or len(triples) <= limit)
+            and all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) and x for x in t) for t in triples)):
+        return None
+    return [tuple(t) for t in triples]
 
 
 # ----------------------------------------------------------------------------------------------------------

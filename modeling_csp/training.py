@@ -267,6 +267,52 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable training checkpoint ({type(exc).__name__}: {exc})") from None
 
 
+def _init_weights(model: CSPForCausalLM, init: Path) -> dict:
+    """Loads a finished run's weights (its folder's checkpoint.pt) or a trained model folder's (model.safetensors,
+    e.g. the shipped default model) into `model`; returns that run's record, without which the card could not
+    tell the stages apart."""
+    if not (init / CURVE).is_file():
+        raise ValueError(f"--init-from {init}: no {CURVE}; give a training run folder or a model folder saved by csp train")
+    previous = json.loads((init / CURVE).read_text())
+    if not previous.get("final"):
+        raise ValueError(f"--init-from {init}: that run has not finished")
+    if (init / CHECKPOINT).is_file():
+        state = load_checkpoint(init / CHECKPOINT)["model"]
+    elif (init / "config.json").is_file():
+        trained = CSPForCausalLM.from_pretrained(init, dtype=torch.float32)
+        arch = ("n_layer", "d_model", "n_head", "d_head", "d_mlp", "vocab_size", "block_size")
+        other = {a: (getattr(trained.config, a), getattr(model.config, a)) for a in arch
+                 if getattr(trained.config, a) != getattr(model.config, a)}
+        if other:
+            raise ValueError(f"--init-from {init}: its architecture differs {other} (there, here); pass the same "
+                             "--n-layer/--d-model/... as that model")
+        state = trained.state_dict()
+    else:
+        raise ValueError(f"--init-from {init}: neither a training run ({CHECKPOINT}) nor a model folder (config.json)")
+    model.load_state_dict(state)
+    return previous
+
+
+def task_probe(tokenizer, tasks, n: int = 512, seed: int = 0, max_len: int | None = None):
+    """A function model -> {task: accuracy} on the tasks' *train* splits (`make_task_dataset(n, seed)`), for
+    watching (and choosing) checkpoints by the tasks without looking at the test splits circuits report on."""
+    from .ablation import evaluate
+    from .tasks import make_task_dataset
+
+    splits = {name: make_task_dataset(name, tokenizer, n=n, seed=seed, max_len=max_len).train for name in tasks}
+
+    @torch.no_grad()
+    def probe(model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        accuracy = {name: round(evaluate(model, batch.to(device))[1], 4) for name, batch in splits.items()}
+        model.train(was_training)
+        return accuracy
+
+    return probe
+
+
 def _save_checkpoint(path: Path, model, optimizer, gen, step: int, curve: list, window: list, elapsed: float,
                      config: TrainConfig) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
@@ -277,11 +323,13 @@ def _save_checkpoint(path: Path, model, optimizer, gen, step: int, curve: list, 
 
 
 def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, resume: bool = True,
-          progress: bool = True, accelerator=None) -> TrainResult:
+          progress: bool = True, accelerator=None, probe=None, snapshots: bool = False) -> TrainResult:
     """Trains (or resumes) a run in `out`; returns the unwrapped model, its record and whether it finished.
 
     `out` gets checkpoint.pt (the resume point, kept after the end: a rerun then only re-saves), training_curve.json
-    and loss_curve.svg. A checkpoint of another config is an error rather than a silent restart."""
+    and loss_curve.svg. A checkpoint of another config is an error rather than a silent restart. `probe`
+    (e.g. `task_probe`) is called on the model at every evaluation and its result goes into the curve row as
+    `tasks`; `snapshots` keeps the weights of every checkpoint as `snapshots/step_N.safetensors`."""
     from accelerate import Accelerator
 
     data = data if isinstance(data, TokenData) else TokenData(data)
@@ -300,13 +348,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
     ckpt_path = out / CHECKPOINT
     previous = None
     if config.init_from:
-        init = Path(config.init_from)
-        if not (init / CHECKPOINT).is_file() or not (init / CURVE).is_file():
-            raise ValueError(f"--init-from {init}: no {CHECKPOINT} and {CURVE} of a training run there")
-        previous = json.loads((init / CURVE).read_text())
-        if not previous.get("final"):
-            raise ValueError(f"--init-from {init}: that run has not finished")
-        model.load_state_dict(load_checkpoint(init / CHECKPOINT)["model"])
+        previous = _init_weights(model, Path(config.init_from))
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         saved = TrainConfig.from_dict(ckpt["config"])
@@ -366,6 +408,8 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
                 "target_density": annealed(config.density, step, anneal_steps, config.anneal_shape),
                 "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1),
             }
+            if probe is not None and main:
+                row["tasks"] = probe(unwrapped)
             curve.append(row)
             window = []
             bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss'] or 0:.3f}", dens=f"{density:.3f}")
@@ -375,6 +419,14 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
             _save_checkpoint(ckpt_path, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                              gen, step, curve, window, elapsed, config)
             write_curve_svg(curve, out / "loss_curve.svg")
+            if snapshots:
+                from safetensors.torch import save_file
+
+                weights = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+                for name, (_, target) in targets.items():  # exact, as the final model would be
+                    project_topk(weights[name], annealed(target, step, anneal_steps, config.anneal_shape))
+                (out / "snapshots").mkdir(exist_ok=True)
+                save_file(weights, out / "snapshots" / f"step_{step}.safetensors")
         if out_of_time and not finished:
             break
     bar.close()
@@ -392,25 +444,70 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         "curve": curve,
         "final": None,
     }
-    if previous is not None:  # the stage(s) before, without their curve
-        record["previous"] = {k: v for k, v in previous.items() if k != "curve"}
+    if previous is not None:  # the stage(s) before, with their curves: the plots show the whole training
+        record["previous"] = previous
     if finished and main:
         for p, target in targets.values():
             project_topk(p, target)  # exact, at the target density (a no-op when the anneal finished)
-        density, per_matrix = weight_densities(targets)
-        record["final"] = {
-            "val_loss": lm_loss(unwrapped, val_windows(data.val, T)),
-            "val_extra_loss": lm_loss(unwrapped, val_windows(data.val_extra, T)) if data.val_extra is not None else None,
-            "train_loss": curve[-1]["train_loss"], "density": density, "density_per_matrix": per_matrix,
-            "steps": step, "tokens": step * B * T, "train_seconds": round(curve[-1]["elapsed_s"], 1),
-        }
-        before = (previous or {}).get("final") or {}
-        record["final"]["total_tokens"] = record["final"]["tokens"] + before.get("total_tokens", before.get("tokens", 0))
-        record["final"]["total_train_seconds"] = round(
-            record["final"]["train_seconds"] + before.get("total_train_seconds", before.get("train_seconds", 0)), 1)
+        record["final"] = _final_numbers(unwrapped, targets, data, curve[-1], previous)
     if main:
         (out / CURVE).write_text(json.dumps(record, indent=1) + "\n")
     return TrainResult(unwrapped, record, finished)
+
+
+def _final_numbers(model: CSPForCausalLM, targets: dict, data: TokenData, row: dict, previous: dict | None) -> dict:
+    """record["final"]: held-out losses on all the val windows, density, and the totals over the stages."""
+    T = model.config.block_size
+    density, per_matrix = weight_densities(targets)
+    final = {
+        "val_loss": lm_loss(model, val_windows(data.val, T)),
+        "val_extra_loss": lm_loss(model, val_windows(data.val_extra, T)) if data.val_extra is not None else None,
+        "train_loss": row["train_loss"], "density": density, "density_per_matrix": per_matrix,
+        "steps": row["step"], "tokens": row["tokens"], "train_seconds": round(row["elapsed_s"], 1),
+    }
+    before = (previous or {}).get("final") or {}
+    final["total_tokens"] = final["tokens"] + before.get("total_tokens", before.get("tokens", 0))
+    final["total_train_seconds"] = round(
+        final["train_seconds"] + before.get("total_train_seconds", before.get("train_seconds", 0)), 1)
+    return final
+
+
+def best_probed_step(record: dict, threshold: float = 0.9) -> int | None:
+    """The evaluated step whose probed tasks (`task_probe`, train splits) reach `threshold` most often; ties go
+    to the lower held-out loss. None when the run had no probe."""
+    rows = [r for r in record.get("curve", []) if r.get("tasks")]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: (sum(a >= threshold for a in r["tasks"].values()), -(r.get("val_loss") or math.inf)))
+    return best["step"]
+
+
+def result_at_snapshot(run_dir: str | Path, step: int, data: TokenData | str | Path) -> TrainResult:
+    """A finished run's model with the weights of its snapshot at `step` (`train(snapshots=True)`), e.g. the one
+    `best_probed_step` chose: the record's curve stops there and its final numbers are recomputed."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    data = data if isinstance(data, TokenData) else TokenData(data)
+    record = json.loads((run_dir / CURVE).read_text())
+    if not record.get("final"):
+        raise ValueError(f"{run_dir}: the run has not finished; resume it first")
+    path = run_dir / "snapshots" / f"step_{step}.safetensors"
+    rows = [r for r in record["curve"] if r["step"] == step]
+    if not path.is_file() or not rows:
+        have = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "snapshots").glob("step_*.safetensors"))
+        raise ValueError(f"{run_dir}: no snapshot of step {step} (snapshots: {have or 'none, train with snapshots=True'})")
+    config = TrainConfig.from_dict(record["config"])
+    model = CSPForCausalLM(config.model_config())
+    model.load_state_dict(load_file(path))
+    targets = sparse_targets(model, config.density, config.bigram_density)
+    anneal_steps = round(config.anneal_frac * config.steps)
+    for p, target in targets.values():
+        project_topk(p, annealed(target, step, anneal_steps, config.anneal_shape))
+    model.eval()
+    record = {**record, "curve": [r for r in record["curve"] if r["step"] <= step], "selected_step": step}
+    record["final"] = _final_numbers(model, targets, data, rows[0], record.get("previous"))
+    return TrainResult(model, record, True)
 
 
 def write_curve_svg(curve: list[dict], path: Path, width: int = 640, height: int = 360) -> None:
@@ -451,6 +548,17 @@ def training_stages(record: dict) -> list[dict]:
     return stages
 
 
+def stages_curve(record: dict) -> list[dict]:
+    """The curve rows of every stage that kept its curve, in order, each with `stage` (1-based) and `tokens`
+    counted from the start of the first stage."""
+    rows, offset = [], 0
+    for i, s in enumerate(training_stages(record), 1):
+        for row in s.get("curve") or []:
+            rows.append({**row, "stage": i, **({"tokens": offset + row["tokens"]} if "tokens" in row else {})})
+        offset += ((s.get("final") or {}).get("tokens") or (s.get("curve") or [{}])[-1].get("tokens", 0))
+    return rows
+
+
 def training_card(record: dict, corpus_meta: dict | None = None) -> str:
     """The model card's training section: recipe, data (sources and licences), held-out losses."""
     from .corpus import sources_table
@@ -462,9 +570,11 @@ def training_card(record: dict, corpus_meta: dict | None = None) -> str:
         c, sf = s["config"], s["final"]
         anneal = (f"the kept fraction annealed ({c['anneal_shape']}) from 1.0 to {c['density']} over the first "
                   f"{c['anneal_frac']:.0%} of the stage" if c["anneal_frac"] > 0 else f"the density held at {c['density']}")
+        chosen = (f" (the snapshot after {s['selected_step']:,} of {c['steps']:,} steps, chosen by the task probe on "
+                  "the tasks' train splits)" if s.get("selected_step") else "")
         return (f"{sf['tokens']:,} tokens in {sf['steps']:,} steps of {c['batch_size']}x{s['model_config']['block_size']} "
-                f"tokens ({sf['train_seconds'] / 60:.0f} minutes), {anneal} (bigram table {c['bigram_density']}), lr "
-                f"{c['lr']} with warmup and cosine decay, weight decay {c['weight_decay']}")
+                f"tokens ({sf['train_seconds'] / 60:.0f} minutes){chosen}, {anneal} (bigram table {c['bigram_density']}), "
+                f"lr {c['lr']} with warmup and cosine decay, weight decay {c['weight_decay']}")
 
     text = (
         "\n## Training\n\n"
@@ -515,9 +625,10 @@ def save_trained_model(result: TrainResult, out: str | Path, tokenizer_dir: str 
     if corpus_meta:  # what the model was trained on, without the long list of held-out files
         record["corpus"] = {k: v for k, v in corpus_meta.items() if k != "val_files"}
     (out / CURVE).write_text(json.dumps(record, indent=1) + "\n")
-    write_curve_svg(result.record["curve"], out / "loss_curve.svg")
+    write_curve_svg(stages_curve(result.record), out / "loss_curve.svg")
     return out
 
 
 __all__ = ["TrainConfig", "TokenData", "TrainResult", "train", "save_trained_model", "project_topk", "annealed",
-           "sparse_targets", "training_stages", "lr_at", "val_windows", "lm_loss", "write_curve_svg", "BASE_MODEL_CONFIG"]
+           "sparse_targets", "training_stages", "stages_curve", "task_probe",
+           "best_probed_step", "result_at_snapshot", "lr_at", "val_windows", "lm_loss", "write_curve_svg", "BASE_MODEL_CONFIG"]

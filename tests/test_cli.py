@@ -86,6 +86,8 @@ def test_evaluate_numbers(capsys, tiny, tmp_path):
     assert result["complement_loss"] == pytest.approx(result["full_loss"], abs=1e-6)
     assert (result["n_random"], result["seed"], result["freeze_norm_scales"]) == (5, 0, False)
     assert result["n_nodes"] == 0 and result["n_edges"] == 0
+    code, _, err = run(capsys, "evaluate", "--model", tiny, "--circuit", empty)  # no task given, none in the file
+    assert_one_line_error(code, err, "names no built-in task (None) and keeps no task examples: give --task NAME")
 
 
 def test_evaluate_uses_the_circuits_own_options_capped(capsys, tiny, tmp_path):
@@ -228,10 +230,9 @@ def test_prune_and_evaluate_default_model(capsys, tmp_path):
                        "--steps", 40, "--k", 40, "--n-examples", 128, "--out", tmp_path / "c.json")
     summary = one_json(out)
     assert code == 0 and summary["k"] == summary["n_nodes"] == 40 and summary["n_edges"] > 0
-    code, out, _ = run(capsys, "evaluate", "--model", "default", "--task", "single_double_quote",
-                       "--circuit", tmp_path / "c.json")
+    code, out, _ = run(capsys, "evaluate", "--model", "default", "--circuit", tmp_path / "c.json")  # its own task
     result = one_json(out)
-    assert code == 0 and result["n_nodes"] == 40
+    assert code == 0 and result["n_nodes"] == 40 and result["task"] == "single_double_quote"
     for key in ("full", "circuit", "random", "complement"):
         assert result[f"{key}_loss"] == pytest.approx(summary["losses"][key], abs=1e-5)
 
@@ -276,6 +277,10 @@ def test_prune_a_task_file_with_the_shuffled_control(capsys, tiny, tmp_path):
     assert circuit.meta["options"]["control"] == "shuffled"
     code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task-file", file, "--circuit", out_file)
     assert code == 0 and one_json(out)["circuit_loss"] == pytest.approx(circuit.losses["circuit"])
+    file.unlink()  # the circuit keeps its examples: it is evaluated on its own task without the file
+    code, out, _ = run(capsys, "evaluate", "--model", tiny, "--circuit", out_file)
+    assert code == 0 and one_json(out)["circuit_loss"] == pytest.approx(circuit.losses["circuit"])
+    assert one_json(out)["task"] == "quotes"
 
 
 def test_task_file_errors(capsys, tiny, tmp_path):

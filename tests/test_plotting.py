@@ -222,6 +222,12 @@ def test_curves(small):
                                              {"step": 2, "train_loss": 4, "val_loss": 4.5, "density": 0.1}]})
     assert {t.name for t in fig.data} == {"train loss", "val loss", "weight density"}
     assert P.training_curve_figure(None).layout.annotations
+    # a model trained in two stages (--init-from): both curves, against the tokens seen since the first stage
+    first = {"curve": [{"step": 1, "tokens": 100, "train_loss": 5}, {"step": 2, "tokens": 200, "train_loss": 4}],
+             "final": {"tokens": 200}}
+    fig = P.training_curve_figure({"curve": [{"step": 1, "tokens": 50, "train_loss": 3.5}], "previous": first})
+    assert list(fig.data[0].x) == [100, 200, 250] and list(fig.data[0].y) == [5, 4, 3.5]
+    assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].x0 == 250  # the new stage's first point
 
 
 def test_ablation_figures(small):

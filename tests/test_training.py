@@ -155,7 +155,7 @@ def test_second_stage_starts_from_a_finished_run(corpus, tmp_path):
     second = train(TrainConfig(steps=2, lr=1e-3, init_from=str(tmp_path / "one"), **options), corpus, tmp_path / "two",
                    progress=False)
     rec = second.record
-    assert rec["previous"]["final"]["steps"] == 4 and "curve" not in rec["previous"]
+    assert rec["previous"]["final"]["steps"] == 4 and rec["previous"]["curve"] == first.record["curve"]
     assert rec["final"]["total_tokens"] == (4 + 2) * 8 * 128 and rec["final"]["steps"] == 2
     assert rec["final"]["density"] == pytest.approx(0.2, abs=0.01)  # anneal_frac 0: the density is held
     assert rec["curve"][0]["val_loss"] == pytest.approx(first.record["curve"][-1]["val_loss"], abs=0.05)  # not from scratch
@@ -169,5 +169,56 @@ def test_second_stage_starts_from_a_finished_run(corpus, tmp_path):
     assert [s["final"]["steps"] for s in training_stages(third)] == [4, 2, 2]
     assert third["final"]["total_tokens"] == (4 + 2 + 2) * 8 * 128
     assert training_card(third).count("then, continued from those weights") == 2
-    with pytest.raises(ValueError, match="no checkpoint.pt"):
+    with pytest.raises(ValueError, match="no training_curve.json"):
         train(TrainConfig(steps=2, init_from=str(tmp_path / "nothing"), **options), corpus, tmp_path / "three", progress=False)
+
+
+def test_continue_a_saved_model_folder_watching_tasks(corpus, tmp_path):
+    """A model folder saved by csp train (like the shipped default model) is a starting point too; the task probe
+    puts train-split accuracies in the curve and snapshots keep each checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    from modeling_csp.loading import load_tokenizer
+    from modeling_csp.training import save_trained_model, task_probe, training_stages
+
+    first = train(TrainConfig(steps=4, **TINY), corpus, tmp_path / "one", progress=False)
+    save_trained_model(first, tmp_path / "model", PROJECT_ROOT / "modeling_csp" / "default_model")
+    probe = task_probe(load_tokenizer(str(tmp_path / "model")), ["while_return_true", "indent_for"], n=64, max_len=128)
+    options = {**TINY, "anneal_frac": 0.0}
+    second = train(TrainConfig(steps=4, init_from=str(tmp_path / "model"), **options), corpus, tmp_path / "two",
+                   progress=False, probe=probe, snapshots=True)
+    assert [s["final"]["steps"] for s in training_stages(second.record)] == [4, 4]
+    assert second.record["curve"][0]["val_loss"] == pytest.approx(first.record["curve"][-1]["val_loss"], abs=0.05)
+    for row in second.record["curve"]:
+        assert set(row["tasks"]) == {"while_return_true", "indent_for"} and all(0 <= a <= 1 for a in row["tasks"].values())
+    assert sorted(p.name for p in (tmp_path / "two" / "snapshots").iterdir()) == ["step_2.safetensors", "step_4.safetensors"]
+    last = load_file(tmp_path / "two" / "snapshots" / "step_4.safetensors")
+    for name, value in second.model.state_dict().items():
+        if name in last:
+            assert torch.equal(value, last[name]), name
+    with pytest.raises(ValueError, match="architecture differs"):
+        train(TrainConfig(steps=2, init_from=str(tmp_path / "model"), **{**options, "d_mlp": 128}), corpus,
+              tmp_path / "three", progress=False)
+
+
+def test_csp_train_keeps_the_best_probed_snapshot(corpus, tmp_path, capsys):
+    """`--select-snapshot best`: the model folder gets the snapshot whose probed tasks (train splits) reach 0.9
+    most often, with the curve and final numbers of that step."""
+    from modeling_csp.cli import main
+    from modeling_csp.loading import load_model_and_tokenizer
+    from modeling_csp.training import best_probed_step
+
+    base = ["train", "--data", str(corpus), "--steps", "6", "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(base + ["--run-dir", str(tmp_path / "bad"), "--select-snapshot", "best"]) == 2
+    assert "--select-snapshot best needs --task-probe" in capsys.readouterr().err
+    assert main(base + ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--snapshots",
+                        "--task-probe", "while_return_true,indent_for", "--select-snapshot", "best"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = json.loads((tmp_path / "run" / "training_curve.json").read_text())
+    chosen = best_probed_step(run)
+    assert summary["step"] == summary["final"]["steps"] == chosen
+    saved = json.loads((tmp_path / "model" / "training_curve.json").read_text())
+    assert saved["selected_step"] == chosen and saved["curve"][-1]["step"] == chosen
+    assert f"the snapshot after {chosen:,} of 6 steps" in (tmp_path / "model" / "README.md").read_text()
+    model, _ = load_model_and_tokenizer(str(tmp_path / "model"))
+    assert model.config.n_layer == 1

@@ -144,17 +144,16 @@ def custom_task_from_text(entry: "ModelEntry", text: Any, label: Any = "task"):
 def task_of_circuit(circuit: CircuitGraph) -> str | None:
     """The task name a circuit is browsed under: a built-in name as it is, a user task (examples in
     `meta.task_examples`) registered under its content name, None when there is no usable task."""
-    from ..tasks import list_tasks
+    from ..tasks import circuit_examples, list_tasks
 
     task = circuit.task
     if task is None or task in {t.name for t in list_tasks()}:
         return task
-    triples = (circuit.meta or {}).get("task_examples")
-    if not (isinstance(triples, list) and 0 < len(triples) <= MAX_TASK_EXAMPLES
-            and all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) and x for x in t) for t in triples)):
+    triples = circuit_examples(circuit.meta, limit=MAX_TASK_EXAMPLES)
+    if triples is None:
         return task if task in _CUSTOM_TASKS else None
     label = task.split(":")[1] if CUSTOM_TASK.match(task) else task
-    return register_task(label, triples).name
+    return register_task(label, [list(t) for t in triples]).name
 
 
 def resolve_task(name: Any):
