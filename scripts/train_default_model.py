@@ -6,12 +6,14 @@
     python scripts/train_default_model.py --runs work_dirs/smoke --steps 300 --out work_dirs/smoke/model  # smoke run
     accelerate launch --num_processes 4 scripts/train_default_model.py ...   # data-parallel over 4 GPUs
 
-Two stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
+Three stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
 (geometrically over its first 60%, top-k after every AdamW step, bigram table at 5%); stage 2 starts from its
-weights with a new optimizer at 25% density (lr 3e-3, 3,500 steps). Each stage checkpoints into its run folder
-under `--runs` (default work_dirs/) and a rerun resumes there; the finished model is written to `--out` with `save_model_folder`
-(sparse safetensors, remote code, tokenizer, model card with the corpus sources and licences). Options given
-on the command line are passed to every stage.
+weights with a new optimizer at 25% density (lr 3e-3, 3,500 steps) and saves a model folder; stage 3 continues
+that folder at 35% density (lr 2e-3, 6,000 steps), probing the 20 tasks on their train splits at every
+evaluation, and ships the snapshot whose tasks reach 0.9 most often (`--select-snapshot best`). Each stage
+checkpoints into its run folder under `--runs` (default work_dirs/) and a rerun resumes there; the finished
+model is written to `--out` with `save_model_folder` (sparse safetensors, remote code, tokenizer, model card
+with the corpus sources and licences). Options given on the command line are passed to every stage.
 """
 
 from __future__ import annotations
@@ -37,9 +39,16 @@ def main(argv: list[str]) -> int:
                      "--anneal-frac", "0.6", "--anneal-shape", "geometric", "--seed", "0"]
     stage2 = ARCH + ["--run-dir", str(args.runs / "run_4l15_stage2"), "--init-from", str(args.runs / "run_4l15"),
                      "--steps", "3500", "--lr", "3e-3", "--anneal-frac", "0", "--seed", "1", "--density", "0.25",
+                     "--out", str(args.runs / "model_stage2")]
+    stage3 = ARCH + ["--run-dir", str(args.runs / "run_4l35_stage3"), "--init-from", str(args.runs / "model_stage2"),
+                     "--steps", "6000", "--lr", "2e-3", "--anneal-frac", "0", "--seed", "2", "--density", "0.35",
+                     "--task-probe", "all", "--snapshots", "--select-snapshot", "best",
                      "--out", str(REPO_ROOT / "modeling_csp" / "default_model")]
-    code = csp_main(["train", *stage1, *rest])
-    return code or csp_main(["train", *stage2, *rest])
+    for stage in (stage1, stage2, stage3):
+        code = csp_main(["train", *stage, *rest])
+        if code:
+            return code
+    return 0
 
 
 if __name__ == "__main__":
