@@ -314,9 +314,10 @@ def task_probe(tokenizer, tasks, n: int = 512, seed: int = 0, max_len: int | Non
 
 
 def _save_checkpoint(path: Path, model, optimizer, gen, step: int, curve: list, window: list, elapsed: float,
-                     config: TrainConfig) -> None:
+                     config: TrainConfig, environment: dict) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-             "step": step, "curve": curve, "window_losses": window, "elapsed_s": elapsed, "config": asdict(config)}
+             "step": step, "curve": curve, "window_losses": window, "elapsed_s": elapsed, "config": asdict(config),
+             "environment": environment}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -346,6 +347,8 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
     gen = torch.Generator().manual_seed(config.seed)
     step, curve, window, elapsed0 = 0, [], [], 0.0
     ckpt_path = out / CHECKPOINT
+    environment = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "processes": acc.num_processes,
+                   "device": str(acc.device)}
     previous = None
     if config.init_from:
         previous = _init_weights(model, Path(config.init_from))
@@ -361,6 +364,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         optimizer.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
         step, curve, window, elapsed0 = ckpt["step"], ckpt["curve"], ckpt["window_losses"], ckpt["elapsed_s"]
+        environment = ckpt.get("environment") or environment  # where it trained, not where a rerun re-saves
     model.train()
     targets = sparse_targets(model, config.density, config.bigram_density)
     wrapped, optimizer = acc.prepare(model, optimizer)
@@ -417,7 +421,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
                 print(json.dumps(row), flush=True)
         if main and (step % config.checkpoint_every == 0 or finished or out_of_time):
             _save_checkpoint(ckpt_path, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                             gen, step, curve, window, elapsed, config)
+                             gen, step, curve, window, elapsed, config, environment)
             write_curve_svg(curve, out / "loss_curve.svg")
             if snapshots:
                 from safetensors.torch import save_file
@@ -439,8 +443,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         "data": {"folder": str(data.folder), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val)),
                  "val_extra_tokens": int(len(data.val_extra)) if data.val_extra is not None else 0,
                  "corpus_key": data.meta.get("key")},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "processes": n_proc,
-                        "device": str(acc.device)},
+        "environment": environment,
         "curve": curve,
         "final": None,
     }

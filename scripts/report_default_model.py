@@ -90,8 +90,8 @@ def report(folder: Path) -> tuple[str, list[str]]:
         f"context {c.block_size}; {100 * final['density']:.1f}% of weight-matrix entries nonzero "
         f"(bigram table {100 * final['density_per_matrix']['bigram_table']:.1f}%), AbsTopK afrac {c.afrac}. "
         f"Trained on {final.get('total_tokens', final['tokens']):,} tokens of {data} in "
-        f"{final.get('total_train_seconds', final['train_seconds']) / 60:.0f} minutes ({env['processes']} process x "
-        f"{env['threads']} CPU thread{stages_note}): held-out loss "
+        f"{final.get('total_train_seconds', final['train_seconds']) / 60:.0f} minutes ({env['processes']} process"
+        f"{'es' if env['processes'] > 1 else ''} x {env['threads']} CPU thread{'s' if env['threads'] > 1 else ''}{stages_note}): held-out loss "
         f"**{final['val_loss']:.3f}** nats/token on the standard library's held-out files"
         + (f", {final['val_extra_loss']:.3f} on the projects' held-out files" if final.get("val_extra_loss") else "")
         + f" (train {final['train_loss']:.3f}).",
