@@ -272,11 +272,13 @@ def test_two_users_at_once_prune_and_browse_the_same_model(model_run):
     entry, run = model_run
     alone = [A.next_tokens(entry, 'x = "hello', run, k=5), A.next_tokens(entry, "def f(x):\n    return x")]
     with ThreadPoolExecutor(2) as pool:
-        pruning = pool.submit(A.prune_circuit, entry, "with_as", 1.2, A.MIN_PRUNE_STEPS, True)
+        # a task the model does but ships no circuit for (on one it fails, such as with_as, the empty circuit
+        # can already be within 1.2x of the full model's loss)
+        pruning = pool.submit(A.prune_circuit, entry, "single_double_quote", 1.2, A.MIN_PRUNE_STEPS, True)
         during = []
         while not pruning.done() or not during:
             during.append([A.next_tokens(entry, 'x = "hello', run, k=5), A.next_tokens(entry, "def f(x):\n    return x")])
         outcome = pruning.result()
     assert all(answers == alone for answers in during)
-    assert outcome.run.circuit.n_nodes > 0 and outcome.run.circuit.task == "with_as"
+    assert outcome.run.circuit.n_nodes > 0 and outcome.run.circuit.task == "single_double_quote"
     assert all(p.grad is None for p in entry.model.parameters())
