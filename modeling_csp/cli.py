@@ -270,7 +270,10 @@ def cmd_train(args) -> int:
     if result.finished and args.select_snapshot == "best" and acc.is_main_process:
         from .training import best_probed_step, result_at_snapshot
 
-        result = result_at_snapshot(args.run_dir, best_probed_step(result.record), data)
+        step = best_probed_step(result.record)
+        if step is None:
+            raise ValueError(f"{args.run_dir}: its curve has no task-probe results (trained without --task-probe)")
+        result = result_at_snapshot(args.run_dir, step, data)
     summary = {"run_dir": str(args.run_dir), "finished": result.finished, "step": result.record["curve"][-1]["step"]
                if result.record["curve"] else 0, "final": result.record["final"]}
     if result.finished and args.out and acc.is_main_process:

@@ -502,11 +502,8 @@ def result_at_snapshot(run_dir: str | Path, step: int, data: TokenData | str | P
         raise ValueError(f"{run_dir}: no snapshot of step {step} (snapshots: {have or 'none, train with snapshots=True'})")
     config = TrainConfig.from_dict(record["config"])
     model = CSPForCausalLM(config.model_config())
-    model.load_state_dict(load_file(path))
+    model.load_state_dict(load_file(path))  # saved exactly projected, as a finished model is
     targets = sparse_targets(model, config.density, config.bigram_density)
-    anneal_steps = round(config.anneal_frac * config.steps)
-    for p, target in targets.values():
-        project_topk(p, annealed(target, step, anneal_steps, config.anneal_shape))
     model.eval()
     record = {**record, "curve": [r for r in record["curve"] if r["step"] <= step], "selected_step": step}
     record["final"] = _final_numbers(model, targets, data, rows[0], record.get("previous"))
