@@ -6,11 +6,12 @@
     python scripts/train_default_model.py --runs work_dirs/smoke --steps 300 --out work_dirs/smoke/model  # smoke run
     accelerate launch --num_processes 4 scripts/train_default_model.py ...   # data-parallel over 4 GPUs
 
-Three stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
+Four stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
 (geometrically over its first 60%, top-k after every AdamW step, bigram table at 5%); stage 2 starts from its
 weights with a new optimizer at 25% density (lr 3e-3, 3,500 steps) and saves a model folder; stage 3 continues
-that folder at 35% density (lr 2e-3, 6,000 steps), probing the 20 tasks on their train splits at every
-evaluation, and ships the snapshot whose tasks reach 0.9 most often (`--select-snapshot best`). Each stage
+that folder at 35% density (lr 2e-3, 6,000 steps) and stage 4 continues stage 3 at 45% (lr 1e-3, 8,000 steps).
+Stages 3 and 4 probe the 20 tasks on their train splits at every evaluation and keep the snapshot whose tasks
+reach 0.9 most often (`--select-snapshot best`); stage 4's is the shipped model. Each stage
 checkpoints into its run folder under `--runs` (default work_dirs/) and a rerun resumes there; the finished
 model is written to `--out` with `save_model_folder` (sparse safetensors, remote code, tokenizer, model card
 with the corpus sources and licences). Options given on the command line are passed to every stage.
@@ -43,8 +44,12 @@ def main(argv: list[str]) -> int:
     stage3 = ARCH + ["--run-dir", str(args.runs / "run_4l35_stage3"), "--init-from", str(args.runs / "model_stage2"),
                      "--steps", "6000", "--lr", "2e-3", "--anneal-frac", "0", "--seed", "2", "--density", "0.35",
                      "--task-probe", "all", "--snapshots", "--select-snapshot", "best",
+                     "--out", str(args.runs / "model_stage3")]
+    stage4 = ARCH + ["--run-dir", str(args.runs / "run_4l45_stage4"), "--init-from", str(args.runs / "model_stage3"),
+                     "--steps", "8000", "--lr", "1e-3", "--anneal-frac", "0", "--seed", "3", "--density", "0.45",
+                     "--task-probe", "all", "--snapshots", "--select-snapshot", "best",
                      "--out", str(REPO_ROOT / "modeling_csp" / "default_model")]
-    for stage in (stage1, stage2, stage3):
+    for stage in (stage1, stage2, stage3, stage4):
         code = csp_main(["train", *stage, *rest])
         if code:
             return code

@@ -48,7 +48,7 @@ def test_folder_contents():
                  "configuration_csp.py", "modeling_csp.py", "training_curve.json"):
         assert (FOLDER / name).is_file(), f"{name} missing from {FOLDER}"
     size = sum(f.stat().st_size for f in FOLDER.iterdir() if f.is_file())
-    # 35% dense and stored sparse: about 5.4 MB of weights (dense float32 would be 22 MB)
+    # 45% dense and stored sparse: about 6.5 MB of weights (dense float32 would be 22 MB)
     assert size < 8_000_000, f"default model folder is {size / 1e6:.1f} MB (circuits/ aside)"
     with safe_open(str(FOLDER / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -71,7 +71,7 @@ def test_weights_are_sparse(model, record):
         if p.ndim != 2:
             continue
         target = record["config"]["bigram_density"] if name == "bigram_table" else record["config"]["density"]
-        assert target <= 0.35  # a weight-sparse model: most entries of every matrix are zero
+        assert target <= 0.45  # a weight-sparse model: most entries of every matrix are zero
         density = int(p.count_nonzero()) / p.numel()
         assert density <= target + 1e-3, f"{name}: density {density:.4f} > target {target}"
         assert density > 0.5 * target, f"{name}: density {density:.4f}, far below target {target}"
@@ -149,7 +149,7 @@ def test_shipped_circuits_meet_the_goal(record):
     """Issue 11: each target circuit at most max(0.15, full + 0.05) on held-out examples, with a random same-size
     baseline at least twice its loss and its shuffled-answer control recorded (it needs more nodes, or cannot)."""
     at_target = _at_target()
-    assert len(at_target) >= 5  # the shipped model's count (see the next test for the goal)
+    assert len({e["task"] for e in at_target}) >= 6  # the goal: six tasks
     for e in at_target:
         L, control = e["losses"], e["control"]
         assert L["circuit"] <= max(0.15, L["full"] + 0.05) + 1e-9, e["task"]
@@ -158,12 +158,6 @@ def test_shipped_circuits_meet_the_goal(record):
         assert control["k_to_target"] is None or control["k_to_target"] > e["k"], e["task"]
     size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
     assert size < 20_000_000, f"default model folder with circuits is {size / 1e6:.1f} MB"
-
-
-@pytest.mark.xfail(strict=True, reason="issue 11 asks for 6 tasks; the shipped 4-layer model meets the goal on 5 "
-                                       "(a model that meets it turns this into a failure: remove the mark)")
-def test_six_tasks_meet_the_goal():
-    assert len(_at_target()) >= 6
 
 
 @pytest.mark.parametrize("name", ["modeling_csp.py", "configuration_csp.py"])
