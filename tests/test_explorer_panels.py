@@ -192,7 +192,7 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
     registry.run_store()._runs.clear()
     assert not registry.is_task(name)
     linked = resolve_view(None, Request("load", query={"task": name, "run": view.run.id}))
-    assert linked.task == name and linked.run.id == view.run.id and not linked.notices
+    assert linked.task == name and linked.run.id == view.run.id and not linked.notices, (linked.notices, new.message)
 
 
 @pytest.mark.parametrize("text, message", [
