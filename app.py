@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import OrderedDict
 import tempfile
 import threading
 import traceback
@@ -44,7 +43,7 @@ from modeling_csp.deploy import listed_models  # noqa: E402
 from modeling_csp.explorer import panels, settings  # noqa: E402
 from modeling_csp.explorer.analysis import task_names, warm_up  # noqa: E402
 from modeling_csp.explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line  # noqa: E402
-from modeling_csp.explorer.view import Request, View, resolve_view  # noqa: E402
+from modeling_csp.explorer.view import Request, Shown, View, resolve_view  # noqa: E402
 
 # The app's environment configures the explorer (see the module docstring).
 settings.models = listed_models(Path(__file__).resolve().parent, os.environ.get("CSP_MODELS"))
@@ -146,41 +145,6 @@ try:
 finally:
     if _write_stub is not None:
         component_meta.create_or_modify_pyi = _write_stub
-
-
-class Shown:
-    """What each page shows last (session hash -> selection). A follow-up step that finishes after the user has
-    moved on (the slow numbers of a run left behind, the panel of a node no longer selected) must not paint over
-    the newer view: it asks here first."""
-
-    def __init__(self, limit: int = 10_000):
-        self._lock = threading.Lock()
-        self._pages: OrderedDict[str, dict] = OrderedDict()
-        self._limit = limit
-
-    @staticmethod
-    def _same(value) -> str:
-        """A selection value as the page and the view both spell it (36, 36.0 and "36" alike)."""
-        try:
-            number = float(value)
-            return str(int(number)) if number.is_integer() else str(number)
-        except (TypeError, ValueError, OverflowError):
-            return str(value)
-
-    def remember(self, request, selection: dict) -> None:
-        key = getattr(request, "session_hash", None)
-        if key:
-            with self._lock:
-                self._pages[key] = {name: self._same(v) for name, v in selection.items()}
-                self._pages.move_to_end(key)
-                while len(self._pages) > self._limit:
-                    self._pages.popitem(last=False)
-
-    def still(self, request, **selection) -> bool:
-        """Whether the page still shows these selection values (True when it is not known)."""
-        with self._lock:
-            shown = self._pages.get(getattr(request, "session_hash", None) or "")
-        return shown is None or all(shown.get(name) == self._same(v) for name, v in selection.items())
 
 
 shown = Shown()
@@ -345,10 +309,12 @@ def build_app() -> gr.Blocks:
         # ------------------------------------------------------------------------------------------
         # the view: one function from (session, request) to View; here only its mapping onto components
 
-        def show(view: View, request: gr.Request | None = None) -> dict:
+        def show(view: View, request: gr.Request | None = None, ticket: int | None = None) -> dict:
             """Component updates for the parts of the page this view changes; nothing for the slow numbers of a
-            selection the page no longer shows."""
+            selection the page no longer shows, nor for a selection overtaken by a later one."""
             none = view.run is None
+            if not shown.newest(request, ticket):
+                return {summary: gr.skip()}
             if view.event == "stats":
                 if not shown.still(request, **{key: view.selection[key] for key in ("model", "task", "run", "k")}):
                     return {summary: gr.skip()}  # (an empty dict reads as one value)
@@ -390,25 +356,30 @@ def build_app() -> gr.Blocks:
 
         def on_view(event):
             def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
+                picked = {"model": model, "task": task, "run": run}.get(event)  # (a dropdown re-sends its value on blur)
+                ticket = shown.begin(request, picks=event in ("model", "task", "run") and not shown.still(request, **{event: picked}))
                 view = resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name))
-                return show(view, request)
+                return show(view, request, ticket)
 
             return guarded(handler, status)
 
         def on_load(saved_runs, request: gr.Request):
             query = dict(request.query_params) if request is not None else {}
+            ticket = shown.begin(request, picks=True)
             view = resolve_view(None, Request("load", query=query, saved=saved_runs))
-            return {**show(view, request), saved: view.session.saved()}
+            return {**show(view, request, ticket), saved: view.session.saved()}
 
         def on_click(state, model, task, run, k, layer, node, edges, tab_name, clicked, request: gr.Request):
             node, _, rest = (clicked or "").partition("|")
             event = "click" if rest.startswith("graph") else "node"
+            ticket = shown.begin(request, picks=False)
             return show(resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name)),
-                        request)
+                        request, ticket)
 
         def on_search(state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
+            ticket = shown.begin(request, picks=False)
             return show(resolve_view(state, Request("search", model, task, run, k, layer, node, edges, search=text,
-                                                    tab=tab_name)), request)
+                                                    tab=tab_name)), request, ticket)
 
         def on_node_panel(model, task, run, k, node, zc, request: gr.Request):
             if not shown.still(request, run=run, k=k, node=node):

@@ -271,6 +271,11 @@ def test_typed_values_out_of_range_are_clamped(page):
     type_number(page, "#k-slider", 3)  # Enter applies a typed value
     wait_text(page, "#summary", "3 of ")
     assert "outside" not in text_of(page, "#status")
+    for box in ("#model-select", "#task-select"):  # a dropdown sends its value again when it loses focus
+        page.locator(f"{box} input").click()
+        page.locator("#summary").click()
+    time.sleep(2)  # (nothing to wait for: the page must not change)
+    assert "3 of " in text_of(page, "#summary") and page.locator("#k-slider input[type=number]").input_value() == "3"
     type_number(page, "#edge-threshold", 500)
     wait_text(page, "#status", "edge threshold (%)=500 is outside [0, 100]")
     type_number(page, "#edge-threshold", 0)

@@ -5,6 +5,7 @@ bad values, share links and saved runs. Runs on the embedded default model and t
 from __future__ import annotations
 
 import urllib.parse
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +13,7 @@ from modeling_csp import plotting
 from modeling_csp.explorer import registry
 from modeling_csp.explorer.analysis import best_node, task_names
 from modeling_csp.explorer.registry import Session
-from modeling_csp.explorer.view import PARTS, Request, View, resolve_view
+from modeling_csp.explorer.view import PARTS, Request, Shown, View, resolve_view
 from modeling_csp.loading import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model installed")
@@ -74,6 +75,19 @@ def test_run_change_resets_k_layer_and_node(first):
     v = ask(first, "run", run=other.id, k=3, layer="1.mlp", node="junk")
     assert v.run.id == other.id and v.k == other.load().n_nodes and v.status == ""
     assert v.layer == plotting.most_important_layer(v.circuit) and v.node in v.circuit.nodes
+
+
+def test_picking_what_is_shown_changes_nothing(first):
+    """Gradio 6 dropdowns send their value again when they lose focus: that must not reset k, layer or node, nor
+    redraw anything."""
+    v = ask(first, "k", k=first.k - 1)
+    v = ask(v, "node", node=next(n for n in v.circuit.nodes if n != v.node))
+    for event in ("model", "task", "run", "node"):
+        again = ask(v, event)
+        assert again.selection == v.selection and again.changed == frozenset() and again.status == "", event
+    assert ask(v, "task", task=v.task).changed == ask(v, "run", run=v.run.id).changed == frozenset()
+    other = next(r for r in first.runs if r.id != v.run.id)
+    assert ask(v, "run", run=other.id).k == other.load().n_nodes  # another run still starts at its own size
 
 
 @pytest.mark.parametrize("typed, shown, message", [
@@ -193,3 +207,15 @@ def test_figures_are_computed_when_used(first):
     assert v.graph.layout.title.text.startswith(first.layer) and "graph" in vars(v)
     assert "overview" not in v.changed
     assert "overview" in resolve_view(first.session, Request("tab", **first.selection, tab="overview")).changed
+
+
+def test_a_view_overtaken_by_a_later_pick_is_not_painted():
+    """Two models picked quickly, the first slow to load: its view arrives last and must be dropped (a k, layer or
+    node change made meanwhile too)."""
+    shown, page, other_page = Shown(), SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
+    shown.remember(page, {"model": "default", "task": "bracket_brace"})
+    slow = shown.begin(page, picks=True)
+    k_change = shown.begin(page, picks=False)
+    fast = shown.begin(page, picks=True)
+    assert not shown.newest(page, slow) and not shown.newest(page, k_change) and shown.newest(page, fast)
+    assert shown.newest(other_page, 1) and shown.newest(page, None)

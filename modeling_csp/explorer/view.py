@@ -5,7 +5,8 @@
 naming every change in `View.status`; it never raises for bad input. The figures and texts of the view are
 properties computed on first use, so a front end pays only for what it sends; `View.changed` names the parts of
 the page that a transition changes. The app (app.py) maps these onto its components in a few lines, and the
-tests drive every transition here, without a browser.
+tests drive every transition here, without a browser. `Shown` remembers what each page shows and which pick is
+the newest, so that an answer arriving late (a slow model load) does not paint over a newer view.
 
 Events: "load" (the page opens: URL parameters in `query`, the browser's saved runs in `saved`), "model",
 "task", "run", "k", "layer", "node", "click" (a node clicked in the graph), "search" (node search), "edges"
@@ -16,7 +17,9 @@ Events: "load" (the page opens: URL parameters in `query`, the browser's saved r
 from __future__ import annotations
 
 import math
+import threading
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping
@@ -261,7 +264,10 @@ def _resolve(session: Session, request: Request) -> View:
         session = Session.restore(request.saved)
         query = request.query or {}
         asked = {name: _text(query.get(name)) for name in SELECTORS}
-    fresh = RESETS.get(event, set())
+    # Gradio 6 dropdowns send their value again when they lose focus: picking what is already shown changes nothing
+    repeated = event in ("model", "task", "run", "node") and bool(session.view) and \
+        _text(asked[event]) == _text(session.view.get(event))
+    fresh = set() if repeated else RESETS.get(event, set())
     explicit = set(SELECTORS) if event == "load" else {event}  # values the user typed or linked: say if they fail
 
     def wanted(name):
@@ -365,12 +371,12 @@ def _resolve(session: Session, request: Request) -> View:
             if event == "edges":
                 notices.append(str(exc))
 
-    changed = CHANGES[event]
+    changed = frozenset() if repeated else CHANGES[event]
     if event in ("layer", "node", "click", "search") and layer == _text(request.layer):
         changed = changed - {"layer"}  # the layer list already shows this layer
         if event == "click":
             changed = changed - {"graph"}  # the page moved the selection ring itself
-    if request.tab == "overview" and event not in ("stats",):
+    if request.tab == "overview" and event != "stats" and not repeated:
         changed = changed | {"overview"}
     view = View(session=session, entry=entry, model=entry.spec, task=task, run=run,
                 runs=runs, k=k, k_max=k_max, layer=layer, node=node, circuit=circuit, stats=stats,
@@ -398,4 +404,60 @@ def resolve_view(session: Session | None, request: Request) -> View:
         return replace(view, notices=[str(exc)], changed=frozenset({"status"} | reverted))
 
 
-__all__ = ["Request", "View", "resolve_view", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
+class Shown:
+    """What each page shows last (session hash -> selection). A follow-up step that finishes after the user has
+    moved on (the slow numbers of a run left behind, the panel of a node no longer selected) must not paint over
+    the newer view: it asks here first. Events that pick a model, task or run take a ticket when they start, so
+    that a view overtaken by a later pick (a slow model load) is dropped instead of painted last."""
+
+    def __init__(self, limit: int = 10_000):
+        self._lock = threading.Lock()
+        self._pages: OrderedDict[str, dict] = OrderedDict()
+        self._tickets: OrderedDict[str, int] = OrderedDict()
+        self._limit = limit
+
+    def begin(self, request, picks: bool) -> int | None:
+        """The ticket of an event starting now: a new one if it picks another model, task or run, else the current
+        one (a k, layer or node change computed for a model the page has since left must not be painted either)."""
+        key = getattr(request, "session_hash", None)
+        if not key:
+            return None
+        with self._lock:
+            ticket = self._tickets.get(key, 0) + picks
+            self._tickets[key] = ticket
+            self._tickets.move_to_end(key)
+            while len(self._tickets) > self._limit:
+                self._tickets.popitem(last=False)
+        return ticket
+
+    def newest(self, request, ticket: int | None) -> bool:
+        """Whether no selection event of this page started after the one holding `ticket`."""
+        with self._lock:
+            return ticket is None or self._tickets.get(getattr(request, "session_hash", None) or "") in (None, ticket)
+
+    @staticmethod
+    def _same(value) -> str:
+        """A selection value as the page and the view both spell it (36, 36.0 and "36" alike)."""
+        try:
+            number = float(value)
+            return str(int(number)) if number.is_integer() else str(number)
+        except (TypeError, ValueError, OverflowError):
+            return str(value)
+
+    def remember(self, request, selection: dict) -> None:
+        key = getattr(request, "session_hash", None)
+        if key:
+            with self._lock:
+                self._pages[key] = {name: self._same(v) for name, v in selection.items()}
+                self._pages.move_to_end(key)
+                while len(self._pages) > self._limit:
+                    self._pages.popitem(last=False)
+
+    def still(self, request, **selection) -> bool:
+        """Whether the page still shows these selection values (True when it is not known)."""
+        with self._lock:
+            shown = self._pages.get(getattr(request, "session_hash", None) or "")
+        return shown is None or all(shown.get(name) == self._same(v) for name, v in selection.items())
+
+
+__all__ = ["Request", "View", "resolve_view", "Shown", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
