@@ -152,6 +152,31 @@ def test_run_store_caps(tmp_path, viz_run):
     assert len(on_disk) == 2 and on_disk == {i.split(":")[1] for i in ids[-2:]}  # the oldest went first
 
 
+def test_a_run_saved_without_its_edges_gets_them_back_from_the_weights(tmp_path, viz_run, monkeypatch):
+    """Edges are most of a large run's file (a dense-ish model has many nonzero weights between the nodes): the
+    store leaves them out when it must, and the run read back for its model has the same edges again."""
+    from modeling_csp.circuits import CircuitGraph
+
+    entry, imported = viz_run
+    circuit = CircuitGraph.from_masks(entry.model, imported.circuit.masks(entry.config), task=imported.task)
+    run = registry.Run(id="pruned:y", name="pruned here", source="pruned", circuit=circuit, task=circuit.task)
+    edges = lambda c: sorted((e.source, e.target, e.weight, e.kind) for e in c.edges)  # noqa: E731
+    assert len(edges(circuit)) > 20
+    without_edges = len(json.dumps({**circuit.to_dict(), "edges": []}, separators=(",", ":")))
+    monkeypatch.setattr(registry.settings, "store_dir", tmp_path / "store")
+    store = registry.run_store()
+    store.max_file_bytes = without_edges + 1000
+    saved, notice = store.save(run)
+    on_disk = json.loads((tmp_path / "store" / f"{saved.id.split(':')[1]}.json").read_text())
+    assert notice is None and on_disk["circuit"]["edges"] == [] and on_disk["circuit"]["meta"]["edges_dropped"]
+    store._runs.clear()  # a restarted server: only the file is left
+    again = registry.find_run(entry, None, saved.id)
+    assert edges(again.circuit) == edges(circuit) and "edges_dropped" not in again.circuit.meta
+    assert set(again.circuit.nodes) == set(circuit.nodes) and again.circuit.task == circuit.task
+    store._runs.clear()  # read from disk again, for a model that has seen this run before
+    assert edges(registry.find_run(entry, None, saved.id).circuit) == edges(circuit)
+
+
 def test_sessions_restore_only_well_formed_saved_runs():
     good = ["saved:" + "ab" * 8, "default"]
     s = Session.restore([good, ["saved:zz", "default"], "junk", ["saved:" + "cd" * 8], [1, 2], None])

@@ -94,12 +94,13 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert [r["train_loss"] for r in resumed.record["curve"]][-1] == pytest.approx(straight.record["curve"][-1]["train_loss"])
     with pytest.raises(ValueError, match="trained with other settings.*'lr'"):
         train(TrainConfig(steps=6, lr=1e-3, **TINY), corpus, tmp_path / "b", progress=False)
-    torch.set_num_threads(2)  # a rerun elsewhere re-saves: the record keeps where the run trained
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a rerun elsewhere re-saves: the record keeps where the run trained
     try:
         again = train(config, corpus, tmp_path / "b", progress=False)
     finally:
-        torch.set_num_threads(1)
-    assert again.finished and again.record["environment"]["threads"] == 1
+        torch.set_num_threads(threads)
+    assert again.finished and again.record["environment"]["threads"] == threads
 
 
 def test_curve_svg(tmp_path):

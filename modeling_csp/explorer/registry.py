@@ -33,18 +33,19 @@ from typing import Any, Callable
 
 import torch
 
-from ..circuits import CircuitGraph, location_width, node_locations, record_node_activations
+from ..circuits import CircuitGraph, compute_edges, location_width, node_locations, record_node_activations
 from ..evaluation import EvalOptions, task_split
 
 MAX_MODELS = 3  # models kept loaded at once (least recently used dropped first)
 MAX_SPEC_CHARS = 300
 MAX_MODEL_PARAMS = 2_000_000_000  # dense parameter count a model's config may describe
 MAX_UPLOAD_BYTES = 50_000_000  # a circuit file or viz_data.pt given to the app
-MAX_SAVED_RUN_BYTES = 16_000_000  # one saved run (circuit + pruning scores; a short run on a 45%-dense model is ~9 MB)
+MAX_SAVED_RUN_BYTES = 8_000_000  # one saved run on disk (circuit + pruning scores; without its edges when larger)
 MAX_STORE_BYTES = 500_000_000  # the whole store; the oldest runs go first
 MAX_SESSION_RUNS = 50  # runs a session (and a browser) remembers
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 SAVED_ID = re.compile(r"^saved:[0-9a-f]{16}$")
+EDGES_DROPPED = "edges_dropped"  # a saved run's meta: its file left out the edges (rebuilt from the weights)
 MAX_TASK_TEXT_BYTES = 1_000_000  # a user task pasted or uploaded in the app
 MAX_TASK_EXAMPLES = 5_000
 MAX_CUSTOM_TASKS = 200  # user tasks the server keeps (least recently used dropped first)
@@ -621,9 +622,10 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
 
 class RunStore:
     """Runs pruned or imported in the app, kept under a content id `saved:<16 hex>`: in memory (LRU) and, with
-    a folder, on disk as one JSON file each (circuit, pruning scores), at most `max_file_bytes` each (without
-    the circuit's node data when that is what makes it too large: the app recomputes it) and `max_total_bytes`
-    together (oldest removed first). A run too large even so lives in memory only."""
+    a folder, on disk as one JSON file each (circuit, pruning scores), at most `max_file_bytes` each and
+    `max_total_bytes` together (oldest removed first). A file too large goes without what the app can recompute:
+    first the circuit's node data, then its edges (rebuilt from the model's weights, see `find_run`). A run too
+    large even so lives in memory only."""
 
     def __init__(self, folder: Path | None = None, max_file_bytes: int = MAX_SAVED_RUN_BYTES,
                  max_total_bytes: int = MAX_STORE_BYTES, cached: int = 64):
@@ -648,8 +650,11 @@ class RunStore:
                 "scores": {loc: [round(float(v), 5) for v in s.flatten().tolist()] for loc, s in run.scores.items()}
                 if run.scores is not None else None}
         text = json.dumps(data, separators=(",", ":"))
-        if len(text) > self.max_file_bytes:  # node data (examples, task activations) is what the app can recompute
+        if len(text) > self.max_file_bytes:  # node data (examples, task activations): the app recomputes it
             data["circuit"] = {k: v for k, v in data["circuit"].items() if k not in ("node_data", "task_docs")}
+            text = json.dumps(data, separators=(",", ":"))
+        if len(text) > self.max_file_bytes:  # edges: the nonzero weights between the nodes (a dense-ish model has many)
+            data["circuit"] = {**data["circuit"], "edges": [], "meta": {**(data["circuit"]["meta"] or {}), EDGES_DROPPED: True}}
             text = json.dumps(data, separators=(",", ":"))
         saved = replace(run, id=f"saved:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
         notice = None
@@ -755,8 +760,26 @@ class Session:
 def session_runs(entry: ModelEntry, session: Session) -> list[Run]:
     """The model's runs, then the session's runs made for this model that the store still has."""
     store = run_store()
-    saved = [store.load(rid) for rid, spec in session.runs.items() if spec == entry.spec]
+    saved = [_for_model(entry, store.load(rid)) for rid, spec in session.runs.items() if spec == entry.spec]
     return list(entry.runs.values()) + [r for r in saved if r is not None]
+
+
+def _for_model(entry: ModelEntry, run: Run | None) -> Run | None:
+    """A saved run if it was made with this model (a link may come from another one), with its edges rebuilt from
+    the weights when the store left them out."""
+    if run is None:
+        return None
+    circuit = run.load()
+    if run.id not in entry.checked_runs:
+        try:
+            circuit.check_model(entry.model, entry.spec)
+        except ValueError:
+            return None
+        entry.checked_runs.add(run.id)
+    if circuit.meta.get(EDGES_DROPPED) and not circuit.edges:  # (also a run the store read again from disk)
+        circuit.edges = compute_edges(entry.model, circuit.node_indices())
+        circuit.meta.pop(EDGES_DROPPED, None)
+    return run
 
 
 def runs_for_task(entry: ModelEntry, session: Session, task: str | None) -> list[Run]:
@@ -771,16 +794,7 @@ def find_run(entry: ModelEntry, session: Session | None, run_id: str | None) -> 
         return None
     if run_id in entry.runs:
         return entry.runs[run_id]
-    run = run_store().load(run_id)
-    if run is None:
-        return None
-    if run_id not in entry.checked_runs:  # a saved run may come from a link made with another model
-        try:
-            run.load().check_model(entry.model, entry.spec)
-        except ValueError:
-            return None
-        entry.checked_runs.add(run_id)
-    return run
+    return _for_model(entry, run_store().load(run_id))
 
 
 def choose_run(entry: ModelEntry, run_id: str | None = None, task: str | None = None) -> Run | None:
