@@ -356,8 +356,9 @@ def build_app() -> gr.Blocks:
 
         def on_view(event):
             def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
-                picked = {"model": model, "task": task, "run": run}.get(event)  # (a dropdown re-sends its value on blur)
-                ticket = shown.begin(request, picks=event in ("model", "task", "run") and not shown.still(request, **{event: picked}))
+                # a pick of what the page already shows (a dropdown re-sends its value on blur) is not a new pick
+                picked = {"model": model, "task": task, "run": run}
+                ticket = shown.begin(request, picks=event in picked and not shown.still(request, **{event: picked[event]}))
                 view = resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name))
                 return show(view, request, ticket)
 
