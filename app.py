@@ -43,7 +43,7 @@ from modeling_csp.deploy import listed_models  # noqa: E402
 from modeling_csp.explorer import panels, settings  # noqa: E402
 from modeling_csp.explorer.analysis import task_names, warm_up  # noqa: E402
 from modeling_csp.explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line  # noqa: E402
-from modeling_csp.explorer.view import Request, Shown, View, resolve_view  # noqa: E402
+from modeling_csp.explorer.view import Request, Shown, View, picks_again, resolve_view  # noqa: E402
 
 # The app's environment configures the explorer (see the module docstring).
 settings.models = listed_models(Path(__file__).resolve().parent, os.environ.get("CSP_MODELS"))
@@ -356,11 +356,9 @@ def build_app() -> gr.Blocks:
 
         def on_view(event):
             def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
-                # a pick of what the page already shows (a dropdown re-sends its value on blur) is not a new pick
-                picked = {"model": model, "task": task, "run": run}
-                ticket = shown.begin(request, picks=event in picked and not shown.still(request, **{event: picked[event]}))
-                view = resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name))
-                return show(view, request, ticket)
+                asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
+                ticket = shown.begin(request, picks=event in ("model", "task", "run") and not picks_again(state, asked))
+                return show(resolve_view(state, asked), request, ticket)
 
             return guarded(handler, status)
 

@@ -254,6 +254,14 @@ def _first_task_with_run(entry: ModelEntry, session: Session) -> str:
     return tasked[0] if tasked else A.task_names()[0]
 
 
+def picks_again(session: Session | None, request: Request) -> bool:
+    """Whether a model, task, run or node event asks for what the session already shows: Gradio 6 dropdowns send
+    their value again whenever they lose focus, which is not a new pick."""
+    event = request.event
+    return (event in ("model", "task", "run", "node") and isinstance(session, Session) and bool(session.view)
+            and _text(getattr(request, event)) == _text(session.view.get(event)))
+
+
 def _resolve(session: Session, request: Request) -> View:
     event = request.event
     if event not in CHANGES:
@@ -264,9 +272,7 @@ def _resolve(session: Session, request: Request) -> View:
         session = Session.restore(request.saved)
         query = request.query or {}
         asked = {name: _text(query.get(name)) for name in SELECTORS}
-    # Gradio 6 dropdowns send their value again when they lose focus: picking what is already shown changes nothing
-    repeated = event in ("model", "task", "run", "node") and bool(session.view) and \
-        _text(asked[event]) == _text(session.view.get(event))
+    repeated = picks_again(session, request)  # then nothing changes
     fresh = set() if repeated else RESETS.get(event, set())
     explicit = set(SELECTORS) if event == "load" else {event}  # values the user typed or linked: say if they fail
 
@@ -416,6 +422,13 @@ class Shown:
         self._tickets: OrderedDict[str, int] = OrderedDict()
         self._limit = limit
 
+    def _put(self, table: OrderedDict, key: str, value) -> None:
+        """(under the lock) the newest entry of a table that keeps the `limit` most recent pages"""
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self._limit:
+            table.popitem(last=False)
+
     def begin(self, request, picks: bool) -> int | None:
         """The ticket of an event starting now: a new one if it picks another model, task or run, else the current
         one (a k, layer or node change computed for a model the page has since left must not be painted either)."""
@@ -424,10 +437,7 @@ class Shown:
             return None
         with self._lock:
             ticket = self._tickets.get(key, 0) + picks
-            self._tickets[key] = ticket
-            self._tickets.move_to_end(key)
-            while len(self._tickets) > self._limit:
-                self._tickets.popitem(last=False)
+            self._put(self._tickets, key, ticket)
         return ticket
 
     def newest(self, request, ticket: int | None) -> bool:
@@ -448,10 +458,7 @@ class Shown:
         key = getattr(request, "session_hash", None)
         if key:
             with self._lock:
-                self._pages[key] = {name: self._same(v) for name, v in selection.items()}
-                self._pages.move_to_end(key)
-                while len(self._pages) > self._limit:
-                    self._pages.popitem(last=False)
+                self._put(self._pages, key, {name: self._same(v) for name, v in selection.items()})
 
     def still(self, request, **selection) -> bool:
         """Whether the page still shows these selection values (True when it is not known)."""
@@ -460,4 +467,4 @@ class Shown:
         return shown is None or all(shown.get(name) == self._same(v) for name, v in selection.items())
 
 
-__all__ = ["Request", "View", "resolve_view", "Shown", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
+__all__ = ["Request", "View", "resolve_view", "picks_again", "Shown", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
