@@ -734,7 +734,8 @@ def next_tokens_figure(full: Sequence[Sequence[Any]], circuit: Sequence[Sequence
 
 
 def display_token(tok: str) -> str:
-    """A token as visible text: spaces as ·, newlines as ↵, tabs as →."""
+    """A token as visible text: spaces as ·, newlines as ↵, tabs as →; ∅ for a token with no character of its
+    own (its bytes belong to a character a later token completes, see `tokenization.token_texts`)."""
     return tok.replace(" ", "·").replace("\n", "↵").replace("\t", "→").replace("\r", "␍") or "∅"
 
 
@@ -752,6 +753,11 @@ def _act_color(v: float, vmax: float, vmin: float, zero_centered: bool) -> str:
     return f"rgba(241,105,19,{0.85 * a:.3f})"
 
 
+def _token_title(tok: str) -> str:
+    """A token's hover text; an empty one holds the first bytes of a character that a later token completes."""
+    return repr(tok) if tok else "'' (first bytes of a character that a later token completes)"
+
+
 def _token_span(tok: str, v: float | None, color: str, boxed: bool) -> str:
     text = tok.replace("\t", "→   ")
     newline = text.endswith("\n")
@@ -759,7 +765,7 @@ def _token_span(tok: str, v: float | None, color: str, boxed: bool) -> str:
     style = f"background:{color};"
     if boxed:
         style += "outline:2px solid #111;outline-offset:-1px;border-radius:2px;"
-    title = f' title="{html.escape(repr(tok))}: {_fmt(v)}"' if v is not None else f' title="{html.escape(repr(tok))}"'
+    title = f' title="{html.escape(_token_title(tok))}' + (f': {_fmt(v)}"' if v is not None else '"')
     return f'<span class="csp-tok" style="{style}"{title}>{vis}</span>' + ("<br>" if newline else "")
 
 
@@ -791,7 +797,7 @@ def tokens_html(tokens: Sequence[str], ids: Sequence[int] | None = None) -> str:
     spans = []
     for i, tok in enumerate(tokens):
         bg = "#e8eef7" if i % 2 == 0 else "#f7efe3"
-        title = f"{i}: {tok!r}" + (f" (id {ids[i]})" if ids is not None else "")
+        title = f"{i}: {_token_title(tok)}" + (f" (id {ids[i]})" if ids is not None else "")
         text = html.escape(tok.replace("\n", "↵").replace("\t", "→   ").replace("\r", "␍"))
         spans.append(f'<span class="csp-tok" style="background:{bg}" title="{html.escape(title)}">{text}</span>'
                      + ("<br>" if tok.endswith("\n") else ""))
@@ -802,6 +808,7 @@ _CSS = """<style>
 .csp-tokens{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px;line-height:1.9;
 white-space:pre-wrap;word-break:break-all;padding:4px 6px;border:1px solid #e5e5e5;border-radius:4px;margin:2px 0;}
 .csp-tok{padding:1px 0;}
+.csp-tok:empty{display:inline-block;min-width:.4em;height:1.1em;vertical-align:text-bottom;border-bottom:1px dotted #999;}
 .csp-ex-title{font-size:11px;color:#666;margin-top:4px;}
 .csp-q{border-collapse:collapse;width:100%;} .csp-q td,.csp-q th{vertical-align:top;padding:4px;border-bottom:1px solid #eee;}
 .csp-q th{text-align:left;font-size:12px;color:#444;}

@@ -12,7 +12,10 @@ The converted tokenizer gives exactly the ids of the reference's tiktoken encodi
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -191,3 +194,105 @@ def save_hf_tokenizer(tokenizer: Tokenizer, dst_dir: str | Path, model_max_lengt
     (dst_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (dst_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
     return dst_dir
+
+
+# ---- tokens as text -------------------------------------------------------------------------
+# A byte-level BPE token need not hold whole UTF-8 characters ("é" can be two tokens of one byte each), so decoding a
+# token alone gives U+FFFD. These give each token's text without that loss, for every view that draws tokens.
+
+_UNICODE_TO_BYTE = {c: b for b, c in _BYTE_TO_UNICODE.items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece-style byte tokens
+
+
+def byte_escape(data: bytes) -> str:
+    """Bytes that form no whole character, as visible escapes: b"\\xe6\\x97" -> "⟨e6⟩⟨97⟩"."""
+    return "".join(f"⟨{b:02x}⟩" for b in data)
+
+
+def token_pieces(tokenizer: Any, ids: Iterable[int]) -> list[bytes | str]:
+    """Each token's bytes, or its text for a special token (and `<id>` for an id the tokenizer does not have).
+
+    Works from the vocabulary, not from `decode` (which turns a partial character into U+FFFD): a byte-level
+    tokenizer's token string maps back through GPT-2's byte alphabet; a tiktoken `Encoding` gives the bytes
+    itself; any other tokenizer falls back to `decode([id])` (with `<0xXX>` byte tokens read as bytes)."""
+    ids = [int(i) for i in ids]
+    if hasattr(tokenizer, "decode_single_token_bytes"):  # tiktoken.Encoding
+        out: list[bytes | str] = []
+        for i in ids:
+            try:
+                out.append(tokenizer.decode_single_token_bytes(i))
+            except (KeyError, ValueError, OverflowError):
+                out.append(f"<{i}>")
+        return out
+    added = {int(i): str(t) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    char_to_byte = getattr(tokenizer, "byte_decoder", None)  # slow GPT-2 style tokenizers
+    if char_to_byte is None and isinstance(getattr(backend, "decoder", None), decoders.ByteLevel):
+        char_to_byte = _UNICODE_TO_BYTE
+    strings = tokenizer.convert_ids_to_tokens([i if i >= 0 else 0 for i in ids])
+    out = []
+    for i, s in zip(ids, strings):
+        if i < 0 or s is None:
+            out.append(f"<{i}>")
+        elif i in added:
+            out.append(added[i])
+        elif char_to_byte is not None and all(c in char_to_byte for c in s):
+            out.append(bytes(char_to_byte[c] for c in s))
+        elif (m := _BYTE_FALLBACK.fullmatch(s)) is not None:
+            out.append(bytes([int(m.group(1), 16)]))
+        else:
+            try:
+                out.append(tokenizer.decode([i]).encode("utf-8"))
+            except Exception:  # a tokenizer that cannot decode this id alone: still a label
+                out.append(f"<{i}>")
+    return out
+
+
+def texts_of_pieces(pieces: Sequence[bytes | str]) -> list[str]:
+    """`token_texts` for pieces from `token_pieces`: each UTF-8 character on the token holding its last byte;
+    a byte that forms no whole character with its neighbours as `byte_escape`, on its own token. A special
+    token (a `str` piece) is its text and joins no bytes across it."""
+    out = [piece if isinstance(piece, str) else "" for piece in pieces]
+    data, origin = bytearray(), []
+
+    def flush():
+        p = 0
+        while p < len(data):
+            for width in range(1, min(4, len(data) - p) + 1):  # UTF-8 is prefix-free: at most one width decodes
+                try:
+                    char = bytes(data[p:p + width]).decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                out[origin[p + width - 1]] += char
+                p += width
+                break
+            else:
+                out[origin[p]] += byte_escape(bytes(data[p:p + 1]))
+                p += 1
+        data.clear()
+        origin.clear()
+
+    for n, piece in enumerate(pieces):
+        if isinstance(piece, str):
+            flush()
+        else:
+            data += piece
+            origin += [n] * len(piece)
+    flush()
+    return out
+
+
+def token_texts(tokenizer: Any, ids: Iterable[int]) -> list[str]:
+    """The text of each token of a sequence, so that the texts joined are the decoded sequence exactly.
+
+    A character whose bytes span several tokens is shown on the token that completes it (where a causal model
+    has read all of it); the tokens before show "" for those bytes. Bytes that form no whole character even
+    with their neighbours (a window cut inside a character) are shown as `⟨e9⟩` escapes. Never U+FFFD, unless
+    the text holds U+FFFD itself."""
+    return texts_of_pieces(token_pieces(tokenizer, ids))
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """One token out of context (vocabulary and top-k lists): its whole characters as text, the bytes of a
+    partial character as `⟨e9⟩` escapes."""
+    return texts_of_pieces(token_pieces(tokenizer, [token_id]))[0]

@@ -541,7 +541,8 @@ def candidate_id(entry: ModelEntry, text: str | None, ids: list[int]) -> tuple[i
 
 
 def top_tokens(entry: ModelEntry, logits: torch.Tensor, n: int = TOP_N) -> list[dict[str, Any]]:
-    """[{"token", "id", "prob"}] of the n most likely next tokens, most likely first."""
+    """[{"token", "id", "prob"}] of the n most likely next tokens, most likely first; "token" is the token's text
+    alone, the bytes of a partial character as `⟨e9⟩` escapes (the id gives the exact bytes)."""
     probs = torch.softmax(logits.float(), dim=-1)
     p, idx = probs.topk(max(1, min(int(n), probs.shape[-1])))
     return [{"token": entry.vocab[i], "id": int(i), "prob": round(float(v), 6)} for v, i in zip(p.tolist(), idx.tolist())]

@@ -416,13 +416,10 @@ class ModelEntry:
     # -- static data ---------------------------------------------------------------------------
 
     def _vocab_strings(self) -> list[str]:
-        out = []
-        for i in range(self.config.vocab_size):
-            try:
-                out.append(self.tokenizer.decode([i]))
-            except Exception:
-                out.append(f"<{i}>")
-        return out
+        """Each token alone as text, a partial character's bytes as `⟨e9⟩` escapes (never U+FFFD)."""
+        from ..tokenization import texts_of_pieces, token_pieces
+
+        return [texts_of_pieces([piece])[0] for piece in token_pieces(self.tokenizer, range(self.config.vocab_size))]
 
     def _read_training_curve(self):
         path = Path(self.folder) / "training_curve.json" if Path(self.folder).is_dir() else None
@@ -449,7 +446,13 @@ class ModelEntry:
             self.runs[run.id] = run
 
     def token_strs(self, ids) -> list[str]:
-        return [self.vocab[i] if 0 <= i < len(self.vocab) else f"<{i}>" for i in (int(x) for x in ids)]
+        """A sequence's tokens as text that joins back to the sequence: a character split over tokens is shown
+        on the token that completes it (`tokenization.token_texts`)."""
+        from ..tokenization import texts_of_pieces, token_pieces
+
+        ids = [int(x) for x in ids]
+        pieces = token_pieces(self.tokenizer, ids)
+        return texts_of_pieces([p if 0 <= i < len(self.vocab) else f"<{i}>" for i, p in zip(ids, pieces)])
 
     @property
     def n_layer(self) -> int:
