@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -18,12 +19,16 @@ from modeling_csp.tokenization import (
     build_tokenizer_json,
     load_data_gym,
     tiktoken_encoding,
+    token_text,
+    token_texts,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOK_DIR = PROJECT_ROOT.parent / "shared" / "fixtures" / "tokenizer_tinypython_like"
 REFERENCE = json.loads((TOK_DIR / "reference.json").read_text(encoding="utf-8"))
 CASES = REFERENCE["cases"]
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "modeling_csp" / "default_model"
+MIXED = 's = "héllo wörld 日本語 🙂'  # characters of 2, 3 and 4 UTF-8 bytes
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +200,57 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
     with pytest.raises(ValueError, match="tokenizer has ids up to 2047 but the model's vocab_size is 512"):
         convert_tokenizer(TOK_DIR, tmp_path / "out", vocab_size=512)
     assert main([str(TOK_DIR), str(tmp_path / "out"), "--vocab-size", "512"]) == 2
+
+
+# ---- tokens as text -------------------------------------------------------------------------------
+
+
+def shown_bytes(text):
+    """The bytes a token text stands for: its characters in UTF-8, each `⟨e9⟩` escape as that byte."""
+    parts = re.split(r"⟨([0-9a-f]{2})⟩", text)
+    return b"".join(bytes.fromhex(p) if i % 2 else p.encode("utf-8") for i, p in enumerate(parts))
+
+
+@pytest.fixture(scope="module")
+def default_tok():
+    if not (DEFAULT_MODEL_DIR / "tokenizer.json").is_file():
+        pytest.skip("no default model installed (modeling_csp/default_model)")
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+
+
+def test_token_texts_join_back_to_the_text_without_replacement_characters(default_tok):
+    ids = default_tok.encode(MIXED, add_special_tokens=False)
+    texts = token_texts(default_tok, ids)
+    assert "".join(texts) == MIXED and not any("\ufffd" in t for t in texts)
+    assert len(texts) == len(ids) and {"é", "ö", "🙂"} <= set(texts)  # each character on the token completing it
+    assert any(t == "" for t in texts)  # tokens that only start a character show nothing of their own
+    alone = [token_text(default_tok, i) for i in ids]  # out of context: partial characters as escapes
+    assert not any("\ufffd" in t for t in alone) and any("⟨" in t for t in alone)
+    assert b"".join(shown_bytes(t) for t in alone) == MIXED.encode("utf-8")
+    assert [t for t in alone if "⟨" not in t] == [t for t, a in zip(texts, alone) if "⟨" not in a]
+
+
+def test_token_texts_escape_bytes_cut_from_their_character(default_tok):
+    ids = default_tok.encode("日本", add_special_tokens=False)
+    head, tail = (shown_bytes(token_text(default_tok, i)) for i in (ids[0], ids[-1]))
+    assert len(ids) >= 3 and len(head) < 3 and len(tail) < 3  # the characters span several tokens
+    texts = token_texts(default_tok, ids[1:-1])  # a window that starts and ends inside a character
+    assert "⟨" in texts[0] and "⟨" in texts[-1] and not any("\ufffd" in t for t in texts)
+    assert head + b"".join(shown_bytes(t) for t in texts) + tail == "日本".encode("utf-8")
+    eot = default_tok.convert_tokens_to_ids(ENDOFTEXT)
+    split = token_texts(default_tok, ids[:1] + [eot] + ids[1:])  # a special token joins no bytes across it
+    assert split[1] == ENDOFTEXT and "⟨" in split[0] and "".join(split[1:]).startswith(ENDOFTEXT + "⟨")
+    real = default_tok.encode("a\ufffdb", add_special_tokens=False)  # the text's own U+FFFD stays
+    assert "".join(token_texts(default_tok, real)) == "a\ufffdb"
+    assert token_texts(default_tok, [-1, len(default_tok) + 5]) == ["<-1>", f"<{len(default_tok) + 5}>"]
+
+
+def test_token_texts_of_the_fixture_tokenizer_match_tiktoken_bytes(hf_tok, enc):
+    """The converted tokenizer and tiktoken's `Encoding` show the same texts, whose bytes are tiktoken's exactly."""
+    for text in [MIXED] + [case["text"] for case in CASES] + random_texts(60, seed=1):
+        ids = enc.encode_ordinary(text)
+        texts = token_texts(hf_tok, ids)
+        assert texts == token_texts(enc, ids) and "".join(texts) == text
+    for i in range(enc.n_vocab - 1):  # every ordinary token alone
+        assert shown_bytes(token_text(hf_tok, i)) == enc.decode_single_token_bytes(i), i
+    assert token_text(hf_tok, enc.eot_token) == ENDOFTEXT
