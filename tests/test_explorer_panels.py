@@ -56,6 +56,32 @@ def test_prompt_panel_clears_on_error(page):
     assert spaces.json["full"] and spaces.logit_diff.startswith("ℹ️ type a candidate token in both boxes")
 
 
+def test_prompt_lab_shows_characters_split_over_tokens_as_text(page):
+    """Byte tokens of é, 日 or 🙂 show as the whole character on the token completing it, and alone (top next
+    tokens) as ⟨c3⟩-style escapes of their bytes: never U+FFFD, in the page or the `/next_tokens` answer."""
+    import html
+    import re
+
+    from modeling_csp.tokenization import bytes_to_unicode
+
+    prompt = 's = "héllo wörld 日本語 🙂'
+    args = (page["model"], page["task"], page["run"], page["k"], page["node"])
+    p = panels.prompt_panel(*args, prompt, "é", "'")
+    for part in (p.tokens, p.node_acts):
+        shown = [html.unescape(t) for t in re.findall(r'<span class="csp-tok"[^>]*>(.*?)</span>', part)]
+        assert "".join(shown) == prompt and "\ufffd" not in part
+    assert "\ufffd" not in p.figure.to_json() + p.notice + p.logit_diff
+    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    tokenizer = page["entry"].tokenizer
+    answer = panels.api_next_tokens(prompt, page["model"])
+    assert "".join(answer["tokens"]) == prompt
+    for row in p.json["full"] + p.json["circuit"] + answer["full"]:
+        token_bytes = bytes(char_to_byte[c] for c in tokenizer.convert_ids_to_tokens(row["id"]))
+        parts = re.split(r"⟨([0-9a-f]{2})⟩", row["token"])
+        assert b"".join(bytes.fromhex(t) if i % 2 else t.encode() for i, t in enumerate(parts)) == token_bytes, row
+    assert "\ufffd" not in json.dumps(answer, ensure_ascii=False)
+
+
 def test_ablation_and_importance_panels(page):
     args = (page["model"], page["task"], page["run"], page["k"])
     ok = panels.ablation_panel(*args, ["0.attn"], [page["node"]], "mean", "circuit")

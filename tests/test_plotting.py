@@ -265,6 +265,41 @@ def test_token_heatmap_html():
     assert "csp-tok" in P.tokens_html(["a", "\n"], [1, 2])
 
 
+def _span_texts(out):
+    import html
+    import re
+
+    return [html.unescape(t) for t in re.findall(r'<span class="csp-tok"[^>]*>(.*?)</span>', out)]
+
+
+def test_token_views_show_characters_split_over_tokens_as_text():
+    """A character whose bytes span several tokens shows whole on the token completing it, a token alone shows its
+    partial bytes as ⟨e9⟩ escapes: no view shows U+FFFD, and token text stays text, not HTML."""
+    from transformers import AutoTokenizer
+
+    from modeling_csp.loading import DEFAULT_MODEL_DIR
+    from modeling_csp.tokenization import token_text, token_texts
+
+    if not (DEFAULT_MODEL_DIR / "tokenizer.json").is_file():
+        pytest.skip("no default model installed (modeling_csp/default_model)")
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    prompt = 's = "héllo wörld 日本語 🙂 <b>&amp;'
+    ids = tok.encode(prompt, add_special_tokens=False)
+    texts = token_texts(tok, ids)
+    values = [math.sin(i) for i in range(len(ids))]
+    strip, heat = P.tokens_html(texts, ids), P.token_heatmap_html(texts, values, peak=3)
+    for out in (strip, heat):
+        assert "\ufffd" not in out and "<b>" not in out and "".join(_span_texts(out)).replace("↵", "\n") == prompt
+        assert "a later token completes" in out  # the hover note of a token that only starts a character
+    assert "\ufffd" not in P.examples_html([(texts, values, 5)], context=2, after=2)
+    pattern = [[1.0 if j <= i else 0.0 for j in range(len(ids))] for i in range(len(ids))]
+    att = P.attention_pattern_figure(pattern, texts, "pattern")
+    assert "\ufffd" not in att.to_json() and any("🙂" in y for y in att.data[0].y)
+    alone = [token_text(tok, i) for i in ids]
+    top = P.next_tokens_figure([(t, 1 / len(alone)) for t in alone])
+    assert "\ufffd" not in top.to_json() and any("⟨" in y for y in top.data[0].y)
+
+
 def test_quantile_examples_html():
     ex = {"tokens": ["x", " =", " 1"], "activations": [0.0, 3.0, -1.0], "position": 1}
     samples = {0.001: {"top": [ex], "bottom": [("a", "b")]}, 0.5: {"top": [(["q"], [1.0], 0)], "bottom": []}}
