@@ -183,6 +183,10 @@ def test_next_tokens(capsys, tiny, converted, tmp_path):
     assert len(plain["full"]) == 5 and {"token", "id", "prob"} == set(plain["full"][0])
     probs = [r["prob"] for r in plain["full"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    mixed = 's = "héllo wörld 日本語 🙂'  # characters split over byte tokens: shown joined, never as U+FFFD
+    code, out, _ = run(capsys, "next-tokens", "--model", tiny, "--prompt", mixed)
+    answer = one_json(out)
+    assert code == 0 and "".join(answer["tokens"]) == mixed and "\ufffd" not in json.dumps(answer, ensure_ascii=False)
     # the whole model as a circuit predicts as the model does; half of its nodes differently
     model = CSPForCausalLM.from_pretrained(tiny)
     whole = CircuitGraph.from_masks(model, all_kept(model.config), model_name="tiny").save(tmp_path / "whole.json")
