@@ -21,6 +21,7 @@ from modeling_csp.circuits import CircuitGraph, parse_node_id
 from modeling_csp.loading import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from modeling_csp.pruning import top_k_masks
 from modeling_csp.tasks import make_task_dataset
+from modeling_csp.tokenization import token_texts
 
 TASK = sys.argv[1] if len(sys.argv) > 1 else "bracket_brace"
 
@@ -45,7 +46,7 @@ length = int(batch.attention_mask[prompt].sum())
 ids = batch.input_ids[prompt:prompt + 1, -length:]
 with torch.no_grad():
     out, cache = model.run_with_cache(ids, names=[f"{layer}.attn.pattern" for layer, _ in heads])
-tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
+tokens = token_texts(tokenizer, ids[0].tolist())  # whole characters, never U+FFFD
 print(f"prompt: {tokenizer.decode(ids[0])!r}")
 for layer, head in heads:
     row = cache[f"{layer}.attn.pattern"][0, head, -1]  # the last position's attention over the prompt
