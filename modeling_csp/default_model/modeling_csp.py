@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -336,6 +337,38 @@ def make_norm(config: CSPConfig, ndim: int) -> nn.Module:
     return RMSNorm(ndim) if config.rms_norm else LayerNorm(ndim, bias=config.ln_bias)
 
 
+class _CSR(NamedTuple):
+    """A weight's nonzeros in row-major order: `rows`/`cols` index the weight, `offsets` start each row's run."""
+
+    shape: torch.Size
+    rows: torch.Tensor
+    cols: torch.Tensor
+    offsets: torch.Tensor
+    values: torch.Tensor
+
+
+# The sparse kernels' promise that weights do not change (a context variable, like the hooks below): inside,
+# each module checks its weight once and then reuses that CSR. Outside, every forward pass reads the weights.
+_FROZEN_WEIGHTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("csp_frozen_weights", default=None)
+
+
+@contextlib.contextmanager
+def frozen_weights() -> Iterator[None]:
+    """Lets the sparse kernels check each weight once for the whole block instead of at every forward pass.
+
+    For loops of forward passes on weights that stay as they are (`generate()` opens one itself); a weight
+    changed inside the block may be served stale until the block ends. Nested blocks share the outer one.
+    """
+    if _FROZEN_WEIGHTS.get() is not None:
+        yield
+        return
+    token = _FROZEN_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _FROZEN_WEIGHTS.reset(token)
+
+
 class SparseKernelLinear(nn.Linear):
     """nn.Linear that, on CPU without autograd, multiplies with only the nonzero weights.
 
@@ -347,38 +380,60 @@ class SparseKernelLinear(nn.Linear):
     The input may be token-major or feature-major (a transposed view, as the output is with
     `contiguous_output=False`); a feature-major input needs no copy. Either way the result has the
     layout its shape promises, (..., out_features), for module hooks and elementwise functions alike.
+
+    The CSR is checked against the weight at every forward pass (one read of the weight: its nonzero count
+    and the values at the kept positions), because no cheap key sees every write: `w.data` has a version
+    counter of its own and a new tensor may reuse a freed address. Inside `frozen_weights()` (and
+    `generate()`) the check runs once per module.
     """
 
     use_sparse_kernel = False
     max_density = 0.1
-    _csr_cache: tuple | None = None
+    _csr_cache: _CSR | None = None
 
     def forward(self, x: torch.Tensor, contiguous_output: bool = True) -> torch.Tensor:
         csr = self._csr_weight(x)
         if csr is None:
             return super().forward(x)
-        cols, offsets, values = csr
         x_t = x.reshape(-1, self.in_features).T  # (in, N): no copy when x is feature-major
-        out_t = F.embedding_bag(cols, x_t if x_t.is_contiguous() else x_t.contiguous(), offsets, mode="sum",
-                                per_sample_weights=values, include_last_offset=True)  # (out, N)
+        out_t = F.embedding_bag(csr.cols, x_t if x_t.is_contiguous() else x_t.contiguous(), csr.offsets, mode="sum",
+                                per_sample_weights=csr.values, include_last_offset=True)  # (out, N)
         if self.bias is not None:
             out_t = out_t + self.bias[:, None]
         out = out_t.T.contiguous() if contiguous_output else out_t.T  # a 2-D transpose copies in cache blocks
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _csr_weight(self, x: torch.Tensor) -> tuple | None:
-        """(column indices, row offsets, values) of the weight, or None where the dense kernel is used."""
+    def _csr_weight(self, x: torch.Tensor) -> _CSR | None:
+        """The weight's nonzeros as they are now, or None where the dense kernel is used."""
         if not self.use_sparse_kernel or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return None
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        if self._csr_cache is None or self._csr_cache[0] != key:
-            weight, csr = self.weight.detach(), None
-            if weight.dtype in (torch.float32, torch.float64) and weight.count_nonzero() <= self.max_density * weight.numel():
-                rows, cols = weight.nonzero(as_tuple=True)  # row-major order
-                offsets = F.pad(torch.bincount(rows, minlength=self.out_features).cumsum(0), (1, 0))
-                csr = (cols, offsets, weight[rows, cols])
-            self._csr_cache = (key, csr)
-        return self._csr_cache[1]
+        weight = self.weight.detach()
+        frozen = _FROZEN_WEIGHTS.get()
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+        if frozen is not None and self in frozen and frozen[self][0] == key:
+            return frozen[self][1]
+        csr = self._current_csr(weight)
+        if frozen is not None:
+            frozen[self] = (key, csr)
+        return csr
+
+    def _current_csr(self, weight: torch.Tensor) -> _CSR | None:
+        """The cached CSR if the weight still holds exactly its nonzeros, else a new one (None: too dense)."""
+        if weight.dtype not in (torch.float32, torch.float64):
+            return None
+        nnz = int(weight.count_nonzero())
+        if nnz > self.max_density * weight.numel():
+            self._csr_cache = None
+            return None
+        cached = self._csr_cache
+        # Same count, and every kept position holds its (nonzero) value: then nothing else is nonzero.
+        if (cached is not None and cached.shape == weight.shape and cached.values.dtype == weight.dtype
+                and cached.values.numel() == nnz and bool((weight[cached.rows, cached.cols] == cached.values).all())):
+            return cached
+        rows, cols = weight.nonzero(as_tuple=True)  # row-major order
+        offsets = F.pad(torch.bincount(rows, minlength=weight.shape[0]).cumsum(0), (1, 0))
+        self._csr_cache = _CSR(weight.shape, rows, cols, offsets, weight[rows, cols])
+        return self._csr_cache
 
 
 # --------------------------------------------------------------------------------------
@@ -767,6 +822,17 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         for module in self.modules():
             if isinstance(module, SparseKernelLinear):
                 module.use_sparse_kernel = enabled
+                if not enabled:
+                    module._csr_cache = None
+
+    def frozen_weights(self):
+        """A block of forward passes in which the sparse kernels read each weight once, not at every pass.
+
+        Outside one, every no-grad CPU forward pass checks the weights it multiplies with (about a fifth of a
+        256-token forward pass, BENCHMARKS.md), so any change to them is seen. `generate()` opens one itself;
+        open one around a loop of forward passes that does not change the weights. Per thread, like the hooks.
+        """
+        return frozen_weights()
 
     # ---- hooks ---------------------------------------------------------------------
 
@@ -1054,7 +1120,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
                     f"tokens and the prompt has {ids.shape[1]}; ask for at most "
                     f"max_new_tokens={max(self.config.block_size - ids.shape[1], 0)}"
                 )
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+        with frozen_weights():  # one check of the weights per call, not per generated token
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
