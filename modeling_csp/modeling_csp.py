@@ -893,8 +893,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     def frozen_weights(self):
         """A block of forward passes in which the sparse kernels read each weight once, not at every pass.
 
-        Outside one, every no-grad CPU forward pass checks the weights it multiplies with (about a fifth of a
-        256-token forward pass, BENCHMARKS.md), so any change to them is seen. `generate()` opens one itself;
+        Outside one, every no-grad CPU forward pass checks the weights it multiplies with (one read of each: 15-50%
+        of a 256-token forward pass, BENCHMARKS.md), so any change to them is seen. `generate()` opens one itself;
         open one around a loop of forward passes that does not change the weights. Per thread, like the hooks.
         """
         return frozen_weights()
@@ -1177,7 +1177,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     # ---- generation and vocabulary -----------------------------------------------------
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """transformers' `generate`, refusing up front a length the model's context cannot hold."""
+        """transformers' `generate`, refusing up front a length the model's context cannot hold; the sparse kernels
+        check the weights once per call (`frozen_weights`), not once per token."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim == 2:
             config = generation_config if generation_config is not None else self.generation_config

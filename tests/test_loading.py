@@ -191,3 +191,20 @@ def test_a_tied_model_may_store_its_unembedding_only_as_a_copy_of_the_embedding(
     write_bin(folder, dense, None)
     with pytest.raises(ValueError, match="lm_head.weight differs from transformer.wte.weight"):
         CSPForCausalLM.from_pretrained(folder)
+
+
+def test_the_file_transformers_reads_is_the_one_checked(converted, tmp_path):
+    """`use_safetensors=False` reads pytorch_model.bin beside model.safetensors; `variant` reads model.<variant>.*."""
+    source = converted["rms_sink_bigram"]
+    dense, sparse = _weights(source)
+    dense["final_logits_bias"][0] = float("inf")
+    sparse[SINK][0] = float("nan")
+    both = shutil.copytree(source, tmp_path / "both")
+    write_bin(both, dense, None)
+    CSPForCausalLM.from_pretrained(both)  # model.safetensors comes first, and it is sound
+    with pytest.raises(ValueError, match="pytorch_model.bin: final_logits_bias holds NaN"):
+        CSPForCausalLM.from_pretrained(both, use_safetensors=False)
+    variant = shutil.copytree(source, tmp_path / "variant")
+    save_file(sparse, variant / "model.fp16.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"model.fp16.safetensors: {SINK} holds NaN"):
+        CSPForCausalLM.from_pretrained(variant, variant="fp16")
