@@ -94,7 +94,10 @@ BASELINE = OLD
 
 
 def time_interleaved(variants: dict, fn, runs: int) -> tuple[dict, dict, bool]:
-    """Median seconds per variant and median per-run ratio to the baseline; variants interleaved run by run."""
+    """Median CPU seconds per variant and median per-run ratio to the baseline; variants interleaved run by run.
+
+    CPU time of this process, not wall time: on one thread it hardly moves with the load other processes put on
+    a shared machine, where wall times here swung by 3x between runs."""
     times = {name: [] for name in variants}
     outputs = {}
     with torch.no_grad():
@@ -104,9 +107,9 @@ def time_interleaved(variants: dict, fn, runs: int) -> tuple[dict, dict, bool]:
         for _ in range(runs):
             for name, (csr_weight, frozen) in variants.items():
                 with kernel(csr_weight, frozen):
-                    start = time.perf_counter()
+                    start = time.process_time()
                     fn()
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(time.process_time() - start)
     reference = outputs[BASELINE]
     same = all(torch.equal(o, reference) if o.dtype == torch.long else bool((o - reference).abs().max() <= 1e-5)
                for o in outputs.values())
@@ -126,7 +129,7 @@ def measure(label: str, config, density: float, args) -> str:
              f"Forward pass of 1 x {args.seq} tokens, {args.runs} runs (same logits: {'yes' if fwd_same else 'NO'}); "
              f"greedy generation of {args.new_tokens} tokens after a {args.prompt}-token prompt, {args.generate_runs} runs "
              f"(same tokens: {'yes' if gen_same else 'NO'}).", "",
-             "| variant | forward s | forward vs old | generate s | generate vs old |", "|---|---|---|---|---|"]
+             "| variant | forward CPU s | forward vs old | generate CPU s | generate vs old |", "|---|---|---|---|---|"]
     for name in ROWS:
         f = (f"{fwd[name]:.3f}", f"{fwd_ratio[name]:.2f}x") if name in fwd else ("-", "-")
         g = (f"{gen[name]:.3f}", f"{gen_ratio[name]:.2f}x") if name in gen else ("-", "-")
@@ -155,13 +158,14 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = f"""## Sparse kernels that never serve stale weights
 
-CPU, {args.threads} thread(s), torch {torch.__version__}, load average {load:.1f} when the run ended (a shared
-2-core machine; the ratios are medians of per-run ratios, variants interleaved run by run).
+CPU time of the process (`time.process_time`, not wall time: this is a shared 2-core machine, load average
+{load:.1f} when the run ended), {args.threads} thread(s), torch {torch.__version__}; medians over runs, the
+ratios medians of per-run ratios, variants interleaved run by run.
 `python scripts/benchmark_weight_checks.py --runs {args.runs} --generate-runs {args.generate_runs} --threads {args.threads}`.
 No cheap key sees every weight change (`w.data` has a version counter of its own, a new tensor may reuse a freed
 address), so the sparse kernels now check the weight at every forward pass: the nonzero count and the values at
 the cached positions, one read of the weight, which proves the cached CSR is still the weight's. `generate()`
-checks once per call (`frozen_weights()`), so generation costs what the old cache did.
+checks once per call (`frozen_weights()`), so generation costs about what the old cache did.
 
 {tables[0]}
 

@@ -893,7 +893,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     def frozen_weights(self):
         """A block of forward passes in which the sparse kernels read each weight once, not at every pass.
 
-        Outside one, every no-grad CPU forward pass checks the weights it multiplies with (one read of each: 15-50%
+        Outside one, every no-grad CPU forward pass checks the weights it multiplies with (one read of each: 14-50%
         of a 256-token forward pass, BENCHMARKS.md), so any change to them is seen. `generate()` opens one itself;
         open one around a loop of forward passes that does not change the weights. Per thread, like the hooks.
         """
