@@ -168,3 +168,24 @@ def test_a_frozen_weights_block_checks_each_weight_once(sparse_model):
         fresh = module._csr_weight(x)
     assert fresh is not first and torch.equal(fresh.values, first.values * 2)
     assert_sparse_path_is_exact(model)
+
+
+def test_a_frozen_weights_block_belongs_to_its_thread(sparse_model):
+    """Another thread, outside any block, reads the weights as they are (a context variable, like the hooks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = copy.deepcopy(sparse_model)
+    module = model.get_submodule(FC.rsplit(".", 1)[0])
+    x = torch.zeros(1)
+
+    def csr_in_another_thread():
+        with torch.no_grad():
+            return module._csr_weight(x)
+
+    with torch.no_grad(), model.frozen_weights():
+        first = module._csr_weight(x)
+        model.get_parameter(FC).data.mul_(2)
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(csr_in_another_thread).result()
+        assert module._csr_weight(x) is first
+    assert torch.equal(other.values, first.values * 2)
