@@ -1,12 +1,12 @@
 """Max |logit difference| between the sparse kernels and dense matmuls after each way of changing a weight.
 
-    python scripts/weight_change_routes.py [--density 0.06]
+    PYTHONPATH=CHECKOUT python scripts/weight_change_routes.py [--density 0.06]
 
 Each route starts from a fresh copy of one random weight-sparse model, runs one sparse forward pass (so a
 kernel that keeps state has it), changes the weights, and compares the logits of a no-grad forward pass
 (sparse kernels) with those of a forward pass under autograd (dense matmuls). A difference above 1e-5
-means the sparse kernels served weights the model no longer has. Imports `modeling_csp` from the path
-(`PYTHONPATH=/some/checkout python /tmp/weight_change_routes.py` measures another checkout's code).
+means the sparse kernels served weights the model no longer has. `modeling_csp` comes from PYTHONPATH, so the
+same script measures any checkout's code (`PYTHONPATH=.` this one; BENCHMARKS.md has the figures before the fix).
 """
 
 import argparse
