@@ -83,6 +83,10 @@ def write_bin(folder, dense: dict, sparse: dict):
     torch.save(dense, folder / "pytorch_model.bin")
 
 
+def write_sparse_bin(folder, dense: dict, sparse: dict):
+    torch.save(sparse, folder / "pytorch_model.bin")  # the sparse parts of model.safetensors, pickled
+
+
 def write_sharded_bin(folder, dense: dict, sparse: dict):
     _save_shards(dense, folder, "pytorch_model", "bin", torch.save)
 
@@ -91,7 +95,8 @@ def write_sharded_safetensors(folder, dense: dict, sparse: dict):
     _save_shards(sparse, folder, "model", "safetensors", lambda t, f: save_file(t, f, metadata={"format": "pt"}))
 
 
-FORMATS = {"pytorch_model.bin": write_bin, "sharded .bin": write_sharded_bin, "sharded safetensors": write_sharded_safetensors}
+FORMATS = {"pytorch_model.bin": write_bin, "pytorch_model.bin, sparse layout": write_sparse_bin, "sharded .bin": write_sharded_bin,
+           "sharded safetensors": write_sharded_safetensors}
 
 
 def _weights(converted_folder):
