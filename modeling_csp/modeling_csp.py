@@ -240,7 +240,9 @@ def _torch_contents(file: str) -> dict[str, tuple[str, Callable[[], torch.Tensor
             if "mmap" not in str(exc):
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a pickle of objects, just not a pickle
+            raise ValueError(f"{file}: not a readable PyTorch weights file (torch.load failed: unpickling error)") from None
         raise ValueError(f"{file}: holds objects other than tensors, and weights are only read with weights_only=True; "
                          "save just the state dict (torch.save(model.state_dict(), path)) or convert the folder to "
                          "model.safetensors (model.save_pretrained(folder))") from None

@@ -213,3 +213,13 @@ def test_the_file_transformers_reads_is_the_one_checked(converted, tmp_path):
     save_file(sparse, variant / "model.fp16.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"model.fp16.safetensors: {SINK} holds NaN"):
         CSPForCausalLM.from_pretrained(variant, variant="fp16")
+
+
+def test_a_truncated_bin_is_refused(converted, tmp_path):
+    folder = _without_weights(converted["rms_sink_bigram"], tmp_path / "model")
+    write_bin(folder, _weights(converted["rms_sink_bigram"])[0], None)
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="pytorch_model.bin: not a readable PyTorch weights file") as error:
+        CSPForCausalLM.from_pretrained(folder)
+    assert "\n" not in str(error.value)
