@@ -1265,4 +1265,4 @@ def _weight_files(name, kwargs: dict, explicit: str | None = None) -> list[str]:
 
 
 __all__ = ["CSPForCausalLM", "CSPPreTrainedModel", "ActivationCache", "HookName", "abs_topk", "sparsify", "densify",
-           "check_weight_files", "expected_shapes", "few_names"]
+           "check_weight_files", "expected_shapes", "few_names", "frozen_weights"]
