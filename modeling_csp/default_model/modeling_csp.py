@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,58 @@ def expected_shapes(config: CSPConfig) -> dict[str, tuple[int, ...]]:
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# torch dtypes under safetensors' names, so that both formats go through the same checks
+_DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+                torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def _safetensors_contents(file: str) -> dict[str, tuple[str, Callable[[], torch.Tensor]]]:
+    """key -> (dtype code, reader) of a safetensors file; tensors are read only when asked for."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    except Exception as exc:  # a truncated or non-safetensors file
+        raise ValueError(f"{file}: not a readable safetensors file ({_first_line(exc)})") from None
+
+    def reader(key):
+        def read():
+            with safe_open(file, "pt") as f:
+                return f.get_tensor(key)
+        return read
+
+    return {key: (dtype, reader(key)) for key, dtype in dtypes.items()}
+
+
+def _torch_contents(file: str) -> dict[str, tuple[str, Callable[[], torch.Tensor]]]:
+    """key -> (dtype code, reader) of a PyTorch state-dict file (`pytorch_model.bin`), read with weights_only=True."""
+    import pickle
+
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a pickle of objects, just not a pickle
+            raise ValueError(f"{file}: not a readable PyTorch weights file (torch.load failed: unpickling error)") from None
+        raise ValueError(f"{file}: holds objects other than tensors, and weights are only read with weights_only=True; "
+                         "save just the state dict (torch.save(model.state_dict(), path)) or convert the folder to "
+                         "model.safetensors (model.save_pretrained(folder))") from None
+    except Exception as exc:
+        raise ValueError(f"{file}: not a readable PyTorch weights file ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{file}: not a state dict of named tensors (got {type(state).__name__}); save "
+                         "model.state_dict() or convert the folder to model.safetensors (model.save_pretrained(folder))")
+    return {key: (_DTYPE_CODES.get(t.dtype, str(t.dtype)), lambda t=t: t) for key, t in state.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_weight_files(files: list, config: CSPConfig) -> None:
@@ -211,23 +264,24 @@ def check_weight_files(files: list, config: CSPConfig) -> None:
 
     Checks every stored tensor against `config` before transformers reads anything: nothing missing or
     unexpected, shapes (a sparse tensor's recorded shape too) as the config says, floating-point values
-    without NaN or infinities, sparse indices stored as digits, strictly increasing and in range.
+    without NaN or infinities, sparse indices stored as digits, strictly increasing and in range. Files are
+    safetensors (`model.safetensors` or its shards) or PyTorch state dicts (`pytorch_model.bin` or its shards,
+    read with weights_only=True), which may also hold weights dense; a tied model's `lm_head.weight` may be
+    stored when it equals `transformer.wte.weight`.
     """
-    from safetensors import safe_open
-
     expected = expected_shapes(config)
-    parts: dict[str, dict[str, tuple]] = {}  # tensor -> {part or "": (file, key)}
+    parts: dict[str, dict[str, tuple]] = {}  # tensor -> {part or "": (file, key, dtype code, reader)}
+    dense_allowed: set[str] = set()  # files where a sparse-stored name may hold its dense tensor
     for file in map(str, files):
-        try:
-            with safe_open(file, "pt") as f:
-                keys = list(f.keys())
-        except Exception as exc:  # a truncated or non-safetensors file
-            raise ValueError(f"{file}: not a readable safetensors file ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
-        for key in keys:
+        contents = _safetensors_contents(file) if file.endswith(".safetensors") else _torch_contents(file)
+        if not file.endswith(".safetensors"):
+            dense_allowed.add(file)
+        for key, (dtype, read) in contents.items():
             base, _, part = key.rpartition(".")
             if part not in SPARSE_PARTS:
                 base, part = key, ""
-            parts.setdefault(base, {})[part] = (file, key)
+            parts.setdefault(base, {})[part] = (file, key, dtype, read)
+    tied_copy = parts.pop("lm_head.weight", None) if "lm_head.weight" not in expected else None
     missing = sorted(set(expected) - set(parts), key=_natural)
     unexpected = sorted(set(parts) - set(expected), key=_natural)
     where = str(files[0]) if len(files) == 1 else f"{len(files)} weight files of {Path(str(files[0])).parent}"
@@ -235,38 +289,52 @@ def check_weight_files(files: list, config: CSPConfig) -> None:
         raise ValueError(f"{where}: missing tensor(s) {few_names(missing)} that config.json (n_layer={config.n_layer}) needs")
     if unexpected:
         raise ValueError(f"{where}: unexpected tensor(s) {few_names(unexpected)} that config.json does not use")
+    wte = None
     for name, stored in parts.items():
-        sparse = is_sparse_stored(name)
-        if sparse and set(stored) != set(SPARSE_PARTS):
-            file, _ = next(iter(stored.values()))
-            absent = [f"{name}.{p}" for p in SPARSE_PARTS if p not in stored]
-            raise ValueError(f"{file}: {name} must be stored as .sparse_values, .sparse_indices and .sparse_shape; "
-                             f"missing {', '.join(absent)}")
-        if not sparse and set(stored) != {""}:
-            file, key = next(iter(stored.values()))
-            raise ValueError(f"{file}: {key}: {name} is stored dense, not as sparse parts")
-        tensors = {}
-        for part, (file, key) in stored.items():
-            with safe_open(file, "pt") as f:
-                dtype = f.get_slice(key).get_dtype()
-                want_float = part in ("", SPARSE_VALUES)
-                if want_float and dtype not in _FLOAT_DTYPES:
-                    raise ValueError(f"{file}: {key} has dtype {dtype}, expected floating-point values")
-                if not want_float and dtype != "U8":
-                    raise ValueError(f"{file}: {key} has dtype {dtype}, expected uint8 base-256 digits")
-                tensors[part] = f.get_tensor(key)
-        file = stored[SPARSE_VALUES if sparse else ""][0]
-        try:
-            if sparse:
-                densify(tensors[SPARSE_VALUES], tensors[SPARSE_INDICES], tensors[SPARSE_SHAPE], expected[name], name)
-            else:
-                if tuple(tensors[""].shape) != expected[name]:
-                    raise ValueError(f"{name} has shape {tuple(tensors[''].shape)} but the config gives {expected[name]}: "
-                                     "config.json does not match the weights")
-                if not bool(torch.isfinite(tensors[""]).all()):
-                    raise ValueError(f"{name} holds NaN or infinite values")
-        except ValueError as exc:
-            raise ValueError(f"{file}: {exc}") from None
+        tensor = _checked_tensor(name, stored, expected[name], dense_allowed)
+        if name == "transformer.wte.weight":
+            wte = tensor
+    if tied_copy is not None:
+        file = next(iter(tied_copy.values()))[0]
+        head = _checked_tensor("lm_head.weight", tied_copy, expected["transformer.wte.weight"], dense_allowed)
+        if not torch.equal(head.to(wte.dtype), wte):
+            raise ValueError(f"{file}: lm_head.weight differs from transformer.wte.weight, but config.json ties "
+                             "them (tied_unembed=true); drop lm_head.weight or set tied_unembed=false")
+
+
+def _checked_tensor(name: str, stored: dict[str, tuple], shape: tuple[int, ...], dense_allowed: set[str]) -> torch.Tensor:
+    """The dense tensor `name` from its stored parts, or a one-line ValueError naming the file and the tensor."""
+    sparse = is_sparse_stored(name) and not (set(stored) == {""} and stored[""][0] in dense_allowed)
+    if sparse and set(stored) != set(SPARSE_PARTS):
+        file = next(iter(stored.values()))[0]
+        if set(stored) == {""}:
+            raise ValueError(f"{file}: {stored[''][1]}: {name} is stored dense, not as sparse parts")
+        absent = [f"{name}.{p}" for p in SPARSE_PARTS if p not in stored]
+        raise ValueError(f"{file}: {name} must be stored as .sparse_values, .sparse_indices and .sparse_shape; "
+                         f"missing {', '.join(absent)}")
+    if not sparse and set(stored) != {""}:
+        file, key = next(iter(stored.values()))[:2]
+        raise ValueError(f"{file}: {key}: {name} is stored dense, not as sparse parts")
+    tensors = {}
+    for part, (file, key, dtype, read) in stored.items():
+        want_float = part in ("", SPARSE_VALUES)
+        if want_float and dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{file}: {key} has dtype {dtype}, expected floating-point values")
+        if not want_float and dtype != "U8":
+            raise ValueError(f"{file}: {key} has dtype {dtype}, expected uint8 base-256 digits")
+        tensors[part] = read()
+    file = stored[SPARSE_VALUES if sparse else ""][0]
+    try:
+        if sparse:
+            return densify(tensors[SPARSE_VALUES], tensors[SPARSE_INDICES], tensors[SPARSE_SHAPE], shape, name)
+        if tuple(tensors[""].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[''].shape)} but the config gives {shape}: "
+                             "config.json does not match the weights")
+        if not bool(torch.isfinite(tensors[""]).all()):
+            raise ValueError(f"{name} holds NaN or infinite values")
+        return tensors[""]
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from None
 
 
 def _natural(name: str):
@@ -336,6 +404,38 @@ def make_norm(config: CSPConfig, ndim: int) -> nn.Module:
     return RMSNorm(ndim) if config.rms_norm else LayerNorm(ndim, bias=config.ln_bias)
 
 
+class _CSR(NamedTuple):
+    """A weight's nonzeros in row-major order: `rows`/`cols` index the weight, `offsets` start each row's run."""
+
+    shape: torch.Size
+    rows: torch.Tensor
+    cols: torch.Tensor
+    offsets: torch.Tensor
+    values: torch.Tensor
+
+
+# The sparse kernels' promise that weights do not change (a context variable, like the hooks below): inside,
+# each module checks its weight once and then reuses that CSR. Outside, every forward pass reads the weights.
+_FROZEN_WEIGHTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("csp_frozen_weights", default=None)
+
+
+@contextlib.contextmanager
+def frozen_weights() -> Iterator[None]:
+    """Lets the sparse kernels check each weight once for the whole block instead of at every forward pass.
+
+    For loops of forward passes on weights that stay as they are (`generate()` opens one itself); a weight
+    changed inside the block may be served stale until the block ends. Nested blocks share the outer one.
+    """
+    if _FROZEN_WEIGHTS.get() is not None:
+        yield
+        return
+    token = _FROZEN_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _FROZEN_WEIGHTS.reset(token)
+
+
 class SparseKernelLinear(nn.Linear):
     """nn.Linear that, on CPU without autograd, multiplies with only the nonzero weights.
 
@@ -347,38 +447,60 @@ class SparseKernelLinear(nn.Linear):
     The input may be token-major or feature-major (a transposed view, as the output is with
     `contiguous_output=False`); a feature-major input needs no copy. Either way the result has the
     layout its shape promises, (..., out_features), for module hooks and elementwise functions alike.
+
+    The CSR is checked against the weight at every forward pass (one read of the weight: its nonzero count
+    and the values at the kept positions), because no cheap key sees every write: `w.data` has a version
+    counter of its own and a new tensor may reuse a freed address. Inside `frozen_weights()` (and
+    `generate()`) the check runs once per module.
     """
 
     use_sparse_kernel = False
     max_density = 0.1
-    _csr_cache: tuple | None = None
+    _csr_cache: _CSR | None = None
 
     def forward(self, x: torch.Tensor, contiguous_output: bool = True) -> torch.Tensor:
         csr = self._csr_weight(x)
         if csr is None:
             return super().forward(x)
-        cols, offsets, values = csr
         x_t = x.reshape(-1, self.in_features).T  # (in, N): no copy when x is feature-major
-        out_t = F.embedding_bag(cols, x_t if x_t.is_contiguous() else x_t.contiguous(), offsets, mode="sum",
-                                per_sample_weights=values, include_last_offset=True)  # (out, N)
+        out_t = F.embedding_bag(csr.cols, x_t if x_t.is_contiguous() else x_t.contiguous(), csr.offsets, mode="sum",
+                                per_sample_weights=csr.values, include_last_offset=True)  # (out, N)
         if self.bias is not None:
             out_t = out_t + self.bias[:, None]
         out = out_t.T.contiguous() if contiguous_output else out_t.T  # a 2-D transpose copies in cache blocks
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _csr_weight(self, x: torch.Tensor) -> tuple | None:
-        """(column indices, row offsets, values) of the weight, or None where the dense kernel is used."""
+    def _csr_weight(self, x: torch.Tensor) -> _CSR | None:
+        """The weight's nonzeros as they are now, or None where the dense kernel is used."""
         if not self.use_sparse_kernel or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return None
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        if self._csr_cache is None or self._csr_cache[0] != key:
-            weight, csr = self.weight.detach(), None
-            if weight.dtype in (torch.float32, torch.float64) and weight.count_nonzero() <= self.max_density * weight.numel():
-                rows, cols = weight.nonzero(as_tuple=True)  # row-major order
-                offsets = F.pad(torch.bincount(rows, minlength=self.out_features).cumsum(0), (1, 0))
-                csr = (cols, offsets, weight[rows, cols])
-            self._csr_cache = (key, csr)
-        return self._csr_cache[1]
+        weight = self.weight.detach()
+        frozen = _FROZEN_WEIGHTS.get()
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+        if frozen is not None and self in frozen and frozen[self][0] == key:
+            return frozen[self][1]
+        csr = self._current_csr(weight)
+        if frozen is not None:
+            frozen[self] = (key, csr)
+        return csr
+
+    def _current_csr(self, weight: torch.Tensor) -> _CSR | None:
+        """The cached CSR if the weight still holds exactly its nonzeros, else a new one (None: too dense)."""
+        if weight.dtype not in (torch.float32, torch.float64):
+            return None
+        nnz = int(weight.count_nonzero())
+        if nnz > self.max_density * weight.numel():
+            self._csr_cache = None
+            return None
+        cached = self._csr_cache
+        # Same count, and every kept position holds its (nonzero) value: then nothing else is nonzero.
+        if (cached is not None and cached.shape == weight.shape and cached.values.dtype == weight.dtype
+                and cached.values.numel() == nnz and bool((weight[cached.rows, cached.cols] == cached.values).all())):
+            return cached
+        rows, cols = weight.nonzero(as_tuple=True)  # row-major order
+        offsets = F.pad(torch.bincount(rows, minlength=weight.shape[0]).cumsum(0), (1, 0))
+        self._csr_cache = _CSR(weight.shape, rows, cols, offsets, weight[rows, cols])
+        return self._csr_cache
 
 
 # --------------------------------------------------------------------------------------
@@ -767,6 +889,17 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         for module in self.modules():
             if isinstance(module, SparseKernelLinear):
                 module.use_sparse_kernel = enabled
+                if not enabled:
+                    module._csr_cache = None
+
+    def frozen_weights(self):
+        """A block of forward passes in which the sparse kernels read each weight once, not at every pass.
+
+        Outside one, every no-grad CPU forward pass checks the weights it multiplies with (one read of each: 14-50%
+        of a 256-token forward pass, BENCHMARKS.md), so any change to them is seen. `generate()` opens one itself;
+        open one around a loop of forward passes that does not change the weights. Per thread, like the hooks.
+        """
+        return frozen_weights()
 
     # ---- hooks ---------------------------------------------------------------------
 
@@ -888,11 +1021,15 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         instead of a randomly initialised weight."""
         config = kwargs.get("config")
         if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None and (config is None or isinstance(config, PreTrainedConfig)):
-            files = _weight_files(pretrained_model_name_or_path, kwargs)
-            if files:
-                if config is None:
+            if config is None:
+                try:
                     config = CSPConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-                check_weight_files(files, config)
+                except OSError:
+                    config = None  # no config.json: transformers says so in its own words
+            if config is not None:
+                files = _weight_files(pretrained_model_name_or_path, kwargs, getattr(config, "transformers_weights", None))
+                if files:
+                    check_weight_files(files, config)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         info = info if isinstance(info, dict) else dataclasses.asdict(info)
@@ -1042,7 +1179,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     # ---- generation and vocabulary -----------------------------------------------------
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """transformers' `generate`, refusing up front a length the model's context cannot hold."""
+        """transformers' `generate`, refusing up front a length the model's context cannot hold; the sparse kernels
+        check the weights once per call (`frozen_weights`), not once per token."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim == 2:
             config = generation_config if generation_config is not None else self.generation_config
@@ -1054,7 +1192,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
                     f"tokens and the prompt has {ids.shape[1]}; ask for at most "
                     f"max_new_tokens={max(self.config.block_size - ids.shape[1], 0)}"
                 )
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+        with frozen_weights():  # one check of the weights per call, not per generated token
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -1093,25 +1232,37 @@ def _hub_kwargs(kwargs: dict) -> dict:
                                    "subfolder") if kwargs.get(k) is not None}
 
 
-def _weight_files(name, kwargs: dict) -> list[str]:
-    """The safetensors files `from_pretrained` will read (one file or the shards of an index); [] if none is found."""
+def _weight_files(name, kwargs: dict, explicit: str | None = None) -> list[str]:
+    """The weight files `from_pretrained` will read, found as transformers finds them: the config's
+    `transformers_weights`, else safetensors, else PyTorch `.bin` (with `variant` and `use_safetensors`), one file
+    or the shards of an index; [] if none is found."""
     from transformers.utils import cached_file
 
-    if kwargs.get("variant") or kwargs.get("use_safetensors") is False:
-        return []
+    def with_variant(file: str) -> str:  # as transformers names variants: model.safetensors -> model.fp16.safetensors
+        stem, suffix = file.rsplit(".", 1)
+        return f"{stem}.{kwargs['variant']}.{suffix}" if kwargs.get("variant") else file
+
+    use_safetensors = kwargs.get("use_safetensors")
+    if explicit:
+        candidates = [explicit]
+    else:
+        candidates = (["model.safetensors", "model.safetensors.index.json"] if use_safetensors is not False else []) + \
+                     (["pytorch_model.bin", "pytorch_model.bin.index.json"] if not use_safetensors else [])
+        candidates = [with_variant(c) for c in candidates]
     hub = _hub_kwargs(kwargs)
     try:
-        single = cached_file(name, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
-        if single:
-            return [single]
-        index = cached_file(name, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
-        if not index:
-            return []
-        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-        return [cached_file(name, shard, **hub) for shard in shards]
-    except (OSError, ValueError, KeyError):
-        return []  # transformers reports the problem in its own words
+        for candidate in candidates:
+            found = cached_file(name, candidate, _raise_exceptions_for_missing_entries=False, **hub)
+            if not found:
+                continue
+            if not candidate.endswith(".index.json"):
+                return [found]
+            shards = sorted(set(json.loads(Path(found).read_text())["weight_map"].values()))
+            return [cached_file(name, shard, **hub) for shard in shards]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # transformers reports the problem in its own words
+    return []
 
 
 __all__ = ["CSPForCausalLM", "CSPPreTrainedModel", "ActivationCache", "HookName", "abs_topk", "sparsify", "densify",
-           "check_weight_files", "expected_shapes", "few_names"]
+           "check_weight_files", "expected_shapes", "few_names", "frozen_weights"]
