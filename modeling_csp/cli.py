@@ -227,7 +227,7 @@ def cmd_evaluate(args) -> int:
             raise ValueError(f"{args.circuit} names no built-in task ({circuit.task!r}) and keeps no task examples: "
                              "give --task NAME or --task-file FILE.jsonl")
     options = EvalOptions.of(circuit, n_random=args.n_random, seed=args.seed)  # the app evaluates the same way
-    for notice in options.notices:
+    for notice in [*circuit.notices, *options.notices]:  # circuit.notices: edges recomputed from the weights
         print(f"note: {notice}", file=sys.stderr)
     batch = task_split(task, tokenizer, model.config.block_size, options)
     means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
@@ -353,6 +353,8 @@ def cmd_next_tokens(args) -> int:
     entry = get_model(args.model)
     _set_threads(args, entry.config)
     run = import_run_file(entry, args.circuit) if args.circuit else None
+    for notice in run.circuit.notices if run else ():
+        print(f"note: {args.circuit}: {notice}", file=sys.stderr)
     _emit(next_tokens(entry, args.prompt, run, top=args.top))
     return 0
 
