@@ -398,8 +398,8 @@ class CircuitGraph:
             edges = []
             for e in data["edges"]:
                 for end in (e["source"], e["target"]):
-                    parse_node_id(end)
                     if end not in nodes:
+                        parse_node_id(end)  # a malformed id says so
                         raise ValueError(f"edge endpoint {end} is not a node of the circuit")
                 edges.append(Edge(e["source"], e["target"], float(e["weight"]), e.get("kind", "weight")))
         except (KeyError, TypeError) as exc:
@@ -480,6 +480,11 @@ def _first_non_finite(obj, where: str) -> tuple[str, float] | None:
 def check_finite(data: Any, source: str = "circuit") -> None:
     """ValueError naming the file and field when a circuit holds NaN or an infinity (a loss, a weight, an
     activation): such a number is no reading at all, and a strict JSON file cannot even hold it."""
+    try:
+        json.dumps(data, allow_nan=False)  # at C speed; the walk below only runs to name the field
+        return
+    except (ValueError, TypeError):
+        pass
     found = _first_non_finite(data, "")
     if found:
         raise ValueError(f"{source}: {found[0]} is {found[1]}, not a finite number (a value that was not computed "
@@ -521,8 +526,10 @@ def compute_edges(model, kept: dict[str, list[int]]) -> list[Edge]:
             if not s_idx or not t_idx:
                 continue
             sub = w[t_idx][:, s_idx].float()  # (n_tgt, n_src)
-            for ti, si in sub.nonzero().tolist():
-                edges.append(Edge(node_id(src, s_idx[si]), node_id(tgt, t_idx[ti]), float(sub[ti, si])))
+            nonzero = sub.nonzero()
+            values = sub[nonzero[:, 0], nonzero[:, 1]].tolist()
+            s_ids, t_ids = [node_id(src, i) for i in s_idx], [node_id(tgt, i) for i in t_idx]
+            edges.extend(Edge(s_ids[si], t_ids[ti], v) for (ti, si), v in zip(nonzero.tolist(), values))
     writes = [loc for loc in kept if loc.endswith("resid_delta")]
     reads = [loc for loc in kept if loc.endswith("act_in")]
     for w in sorted(writes, key=sublayer_order):

@@ -30,7 +30,10 @@ def finite_or_none(obj: Any) -> Any:
 
 def dumps_strict(obj: Any, **kwargs) -> str:
     """`json.dumps` that writes non-finite floats as null and can never emit NaN/Infinity."""
-    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)  # the common case, at C speed
+    except ValueError:
+        return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
