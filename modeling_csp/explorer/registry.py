@@ -600,7 +600,8 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
         try:
             circuit = CircuitGraph.load(p)
         except ValueError as exc:
-            raise UserError(f"{label}: {exc}".replace(str(p), label)) from None
+            message = str(exc).replace(str(p), label)
+            raise UserError(message if message.startswith(label) else f"{label}: {message}") from None
     else:
         from ..viz_import import import_viz_data
 
