@@ -28,7 +28,10 @@
                                                            of the full model and of the circuit alone
 
 M is a converted model folder, a Hugging Face hub id, or `default` (the model embedded in this package).
-Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback).
+Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback). Numeric
+options are checked as they are parsed (finite, in range: a target loss > 0, --k and each of --ks from 1 to the
+model's node count, read from its config before anything runs), so nonsense never starts a run or writes a file.
+Everything written, stdout included, is strict JSON: a number that was not computed is null, never NaN.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -80,11 +81,11 @@ class PruneConfig:
             value = getattr(self, name)
             if value is None and optional:
                 return
-            kind = "an integer" if integer else "a number"
-            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            kind = "an integer" if integer else "a finite number"
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
                 raise ValueError(f"{name} must be {kind}, not {value!r}")
             if not math.isfinite(value) or value < low or (value == low and not low_ok):
-                raise ValueError(f"{name} must be a finite number {'>=' if low_ok else '>'} {low}, got {value}")
+                raise ValueError(f"{name} must be {kind} {'>=' if low_ok else '>'} {low}, got {value}")
 
         if self.ablation not in ("mean", "zero"):
             raise ValueError(f"ablation must be 'mean' or 'zero', not {self.ablation!r}")
