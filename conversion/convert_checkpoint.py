@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from modeling_csp.configuration_csp import CSPConfig
+from modeling_csp.jsonio import dumps_strict, write_json_atomic
 from modeling_csp.modeling_csp import CSPForCausalLM, expected_shapes, few_names
 
 
@@ -250,7 +251,7 @@ def save_model_folder(
     config_path = dst / "config.json"
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(config_path, config, indent=2, sort_keys=True)
     (dst / "README.md").write_text(render_model_card(model, name or dst.name, source, card_extra))
     return dst
 
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(json.dumps({"output": str(out), "safetensors_bytes": size}))
+    print(dumps_strict({"output": str(out), "safetensors_bytes": size}))
     return 0
 
 

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .jsonio import dumps_strict, write_text_atomic
 
 FORMAT, VERSION = "csp-circuit", 1
 LOCATION_KINDS = (
@@ -47,6 +50,7 @@ LOCATION_KINDS = (
 )
 ARCH_FIELDS = ("n_layer", "d_model", "d_model_in", "d_mlp", "n_head", "d_head", "vocab_size")
 REQUIRED_KEYS = ("format", "version", "model", "nodes", "edges")
+EDGE_RTOL, EDGE_ATOL = 1e-2, 1e-6  # an edge matches its weight within this (bfloat16 rounding is 2**-8 relative)
 _LOCATION_RE = re.compile(r"^(\d+)\.(attn\.(?:act_in|q|k|v|resid_delta)|mlp\.(?:act_in|post_act|resid_delta))$")
 
 
@@ -68,6 +72,11 @@ def location_width(config, location: str) -> int:
     if kind == "mlp.post_act":
         return config.d_mlp
     return config.n_head * config.d_head
+
+
+def n_total_nodes(config) -> int:
+    """Nodes of the whole model: every channel at every node location (the largest possible circuit)."""
+    return sum(location_width(config, loc) for loc in node_locations(config))
 
 
 def parse_location(location: str) -> tuple[int, str]:
@@ -186,6 +195,8 @@ class CircuitGraph:
     task_docs: list[list[int]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     control: dict[str, Any] | None = None  # the same task with shuffled answers, pruned alike (pruning.run_control)
+    # what loading changed and the user should hear (edges recomputed from the model's weights); not saved
+    notices: list[str] = field(default_factory=list, repr=False, compare=False)
 
     # -- building --------------------------------------------------------------------------
 
@@ -271,6 +282,59 @@ class CircuitGraph:
             raise ValueError(f"circuit was made for model {_describe(mine)}, not {_describe(theirs)}{why}")
         self.masks(model.config)  # node indices in range
 
+    def match_weights(self, model, rtol: float = EDGE_RTOL, atol: float = EDGE_ATOL) -> str | None:
+        """Checks every edge against the model's weights; when any is wrong, replaces all edges by the ones
+        recomputed from the weights (`compute_edges`) and returns a notice saying so (also kept in `notices`).
+
+        An edge is wrong when its weight is zero or absent in the model (a pair of locations no weight joins,
+        a zero entry), differs from the model's by more than `atol + rtol * |model's|` (rtol covers bfloat16
+        rounding), is listed twice, or is a residual edge the residual stream does not carry (see the module
+        docstring). A file may list fewer edges than the model has (the original visualizer's files do): that
+        is not wrong. Recomputed edges of a circuit that had no residual edges get none either."""
+        if not self.edges:
+            return None
+        config = model.config
+        kept = self.node_indices()
+        where = {n: parse_node_id(n) for n in self.nodes}
+        matrices = {(src, tgt): w for layer in range(config.n_layer) for src, tgt, w in weight_pairs(model, layer)}
+        groups: dict[tuple[str, str], list[int]] = {}
+        bad: list[int] = []
+        seen: set[tuple[str, str, str]] = set()
+        for i, e in enumerate(self.edges):
+            key = (e.source, e.target, e.kind)
+            (s_loc, s_idx), (t_loc, t_idx) = where[e.source], where[e.target]
+            if key in seen:
+                bad.append(i)
+            elif e.kind == "weight" and (s_loc, t_loc) in matrices:
+                groups.setdefault((s_loc, t_loc), []).append(i)
+            elif not (e.kind == "residual" and e.weight == 1.0 and s_idx == t_idx and s_idx < config.d_model
+                      and s_loc.endswith("resid_delta") and t_loc.endswith("act_in")
+                      and sublayer_order(t_loc) > sublayer_order(s_loc)):
+                bad.append(i)
+            seen.add(key)
+        for pair, members in groups.items():
+            w = matrices[pair]
+            rows = torch.tensor([where[self.edges[i].target][1] for i in members])
+            cols = torch.tensor([where[self.edges[i].source][1] for i in members])
+            expected = w[rows, cols].float()
+            given = torch.tensor([self.edges[i].weight for i in members], dtype=torch.float32)
+            wrong = (expected == 0) | ((given - expected).abs() > atol + rtol * expected.abs())
+            bad.extend(members[j] for j in wrong.nonzero().flatten().tolist())
+        if not bad:
+            return None
+        first = self.edges[min(bad)]
+        model_weight = _model_weight(matrices, where[first.source], where[first.target]) if first.kind == "weight" else None
+        has_residual = any(e.kind == "residual" for e in self.edges)
+        recomputed = [e for e in compute_edges(model, kept) if has_residual or e.kind != "residual"]
+        notice = (f"{len(bad):,} of {len(self.edges):,} edges do not match the model's weights (first: "
+                  f"{first.source} -> {first.target}, {first.kind} {first.weight:.6g}"
+                  + ("" if first.kind != "weight" else
+                     ", no such weight in the model" if model_weight is None else f", the model's weight {model_weight:.6g}")
+                  + f"); the edges were recomputed from the model's weights: {len(recomputed):,} edges")
+        self.edges = recomputed
+        self.notices.append(notice)
+        return notice
+
     # -- file format -----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,6 +381,13 @@ class CircuitGraph:
             raise ValueError(f"{source} has csp-circuit version {data.get('version')!r}; this code reads version {VERSION}")
         if missing:
             raise ValueError(f"{source} is missing keys {missing}")
+        check_finite(data, source)
+        for key in ("losses", "layer_deltas"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise ValueError(f"{source}: '{key}' must be an object")
+            for name, value in (data.get(key) or {}).items():
+                _check_number(value, f"{source}: {key}.{name}")
+        _check_number(data.get("target_loss"), f"{source}: target_loss")
         if not isinstance(data["model"], dict):
             raise ValueError(f"{source}: 'model' must be an object")
         try:
@@ -327,8 +398,8 @@ class CircuitGraph:
             edges = []
             for e in data["edges"]:
                 for end in (e["source"], e["target"]):
-                    parse_node_id(end)
                     if end not in nodes:
+                        parse_node_id(end)  # a malformed id says so
                         raise ValueError(f"edge endpoint {end} is not a node of the circuit")
                 edges.append(Edge(e["source"], e["target"], float(e["weight"]), e.get("kind", "weight")))
         except (KeyError, TypeError) as exc:
@@ -352,16 +423,16 @@ class CircuitGraph:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         bulky = {key: data.pop(key) for key in ("pruning_curve", "node_data", "task_docs") if key in data}
-        text = json.dumps(data, indent=1)
+        text = dumps_strict(data, indent=1)
         if bulky:  # one compact line each: readable headers, small files
-            text = text[:-2] + ",\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+            text = text[:-2] + ",\n" + ",\n".join(f" {json.dumps(k)}: {dumps_strict(v, separators=(',', ':'))}"
                                                    for k, v in bulky.items()) + "\n}"
-        path.write_text(text + "\n")
-        return path
+        return write_text_atomic(path, text + "\n")
 
     @classmethod
     def load(cls, path: str | Path, model=None, model_name: str | None = None) -> "CircuitGraph":
-        """Reads a circuit file; with `model`, also checks that the circuit was made for it."""
+        """Reads a circuit file; with `model`, also checks that the circuit was made for it and that its edges are
+        the model's weights (else they are recomputed, with a notice in `notices`: see `match_weights`)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"circuit file {str(path)!r} does not exist")
@@ -372,6 +443,7 @@ class CircuitGraph:
         graph = cls.from_dict(data, source=str(path))
         if model is not None:
             graph.check_model(model, model_name)
+            graph.match_weights(model)
         return graph
 
 
@@ -379,7 +451,54 @@ def _opt_float(x) -> float | None:
     return None if x is None else float(x)
 
 
+def _check_number(value, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{what} is {value!r}: expected a number, or null when unknown")
+
+
+def _first_non_finite(obj, where: str) -> tuple[str, float] | None:
+    """(field path, value) of the first NaN or infinite float in a parsed JSON value, else None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where, obj)
+    if isinstance(obj, dict):
+        items = ((f"{where}.{key}" if where else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, list):
+        items = ((f"{where}[{i}]", value) for i, value in enumerate(obj))
+    else:
+        return None
+    for path, value in items:  # floats inline: node data holds millions of them
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return path, value
+        elif isinstance(value, (dict, list)):
+            found = _first_non_finite(value, path)
+            if found:
+                return found
+    return None
+
+
+def check_finite(data: Any, source: str = "circuit") -> None:
+    """ValueError naming the file and field when a circuit holds NaN or an infinity (a loss, a weight, an
+    activation): such a number is no reading at all, and a strict JSON file cannot even hold it."""
+    try:
+        json.dumps(data, allow_nan=False)  # at C speed; the walk below only runs to name the field
+        return
+    except (ValueError, TypeError):
+        pass
+    found = _first_non_finite(data, "")
+    if found:
+        raise ValueError(f"{source}: {found[0]} is {found[1]}, not a finite number (a value that was not computed "
+                         "is null); the file is refused")
+
+
 # ---- edges from weights --------------------------------------------------------------------
+
+def _model_weight(matrices, source: tuple[str, int], target: tuple[str, int]) -> float | None:
+    w = matrices.get((source[0], target[0]))
+    if w is None or target[1] >= w.shape[0] or source[1] >= w.shape[1] or w[target[1], source[1]] == 0:
+        return None
+    return float(w[target[1], source[1]])
+
 
 
 def weight_pairs(model, layer: int) -> list[tuple[str, str, torch.Tensor]]:
@@ -407,8 +526,10 @@ def compute_edges(model, kept: dict[str, list[int]]) -> list[Edge]:
             if not s_idx or not t_idx:
                 continue
             sub = w[t_idx][:, s_idx].float()  # (n_tgt, n_src)
-            for ti, si in sub.nonzero().tolist():
-                edges.append(Edge(node_id(src, s_idx[si]), node_id(tgt, t_idx[ti]), float(sub[ti, si])))
+            nonzero = sub.nonzero()
+            values = sub[nonzero[:, 0], nonzero[:, 1]].tolist()
+            s_ids, t_ids = [node_id(src, i) for i in s_idx], [node_id(tgt, i) for i in t_idx]
+            edges.extend(Edge(s_ids[si], t_ids[ti], v) for (ti, si), v in zip(nonzero.tolist(), values))
     writes = [loc for loc in kept if loc.endswith("resid_delta")]
     reads = [loc for loc in kept if loc.endswith("act_in")]
     for w in sorted(writes, key=sublayer_order):
@@ -500,7 +621,7 @@ def attach_node_data(model, circuit: "CircuitGraph", windows: torch.Tensor, batc
 
 
 __all__ = [
-    "CircuitGraph", "CircuitDiff", "Edge", "LOCATION_KINDS", "node_locations", "location_width", "node_id",
-    "parse_node_id", "parse_location", "model_info", "weights_hash", "compute_edges", "weight_pairs",
+    "CircuitGraph", "CircuitDiff", "Edge", "LOCATION_KINDS", "node_locations", "location_width", "n_total_nodes", "node_id",
+    "parse_node_id", "parse_location", "model_info", "weights_hash", "compute_edges", "weight_pairs", "check_finite",
     "QUANTILES", "quantile_examples", "record_node_activations", "attach_node_data",
 ]

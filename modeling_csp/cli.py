@@ -28,17 +28,22 @@
                                                            of the full model and of the circuit alone
 
 M is a converted model folder, a Hugging Face hub id, or `default` (the model embedded in this package).
-Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback).
+Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback). Numeric
+options are checked as they are parsed (finite, in range: a target loss > 0, --k and each of --ks from 1 to the
+model's node count, read from its config before anything runs), so nonsense never starts a run or writes a file.
+Everything written, stdout included, is strict JSON: a number that was not computed is null, never NaN.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+from .jsonio import dumps_strict, write_json_atomic
 from .loading import shipped_circuits
 
 
@@ -56,7 +61,65 @@ def _fail(message: str) -> int:
 
 
 def _emit(obj) -> None:
-    print(json.dumps(obj), flush=True)
+    print(dumps_strict(obj), flush=True)
+
+
+# ---- option values: checked while parsing, so nonsense never starts a run ---------------------
+
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 1_000_000
+MAX_THREADS = 1024
+
+
+def _number(low: float | None = None, high: float | None = None, *, integer: bool = False, above: bool = False):
+    """An argparse `type=`: a finite number (an integer when `integer`) >= low (> low when `above`) and <= high."""
+    kind = "an integer" if integer else "a finite number"
+    bounds = [f"{'>' if above else '>='} {low:g}" if low is not None else "", f"<= {high:,}" if high is not None else ""]
+    wanted = f"{kind} {' and '.join(b for b in bounds if b)}".strip()
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if (not math.isfinite(value) or (low is not None and (value < low or (above and value == low)))
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+def _sizes(text: str) -> list[int]:
+    """--ks: comma-separated circuit sizes (each at least 1; at most the model's node count, checked later)."""
+    sizes = []
+    for part in text.split(","):
+        if part.strip():
+            try:
+                sizes.append(_number(1, integer=True)(part.strip()))
+            except argparse.ArgumentTypeError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
+    return sorted(set(sizes))
+
+
+def _check_sizes_against_model(args) -> None:
+    """--k / --ks name at most the model's node count: read from its config alone, before any model is loaded.
+    A k past it is not a whole-model "circuit" but a mistake."""
+    asked = [("--k", k) for k in ([args.k] if getattr(args, "k", None) is not None else [])]
+    asked += [("--ks", k) for k in getattr(args, "ks", None) or []]
+    if not asked:
+        return
+    from .circuits import n_total_nodes
+    from .configuration_csp import CSPConfig
+    from .loading import _config_json, resolve_model
+
+    config = CSPConfig.from_dict(_config_json(resolve_model(args.model)))
+    total = n_total_nodes(config)
+    for flag, k in asked:
+        if k > total:
+            raise ValueError(f"{flag} {k} is more than the {total:,} nodes of model {args.model!r}: give a size from 1 "
+                             f"to {total}")
 
 
 # ---- subcommands ---------------------------------------------------------------------------
@@ -167,7 +230,7 @@ def cmd_evaluate(args) -> int:
             raise ValueError(f"{args.circuit} names no built-in task ({circuit.task!r}) and keeps no task examples: "
                              "give --task NAME or --task-file FILE.jsonl")
     options = EvalOptions.of(circuit, n_random=args.n_random, seed=args.seed)  # the app evaluates the same way
-    for notice in options.notices:
+    for notice in [*circuit.notices, *options.notices]:  # circuit.notices: edges recomputed from the weights
         print(f"note: {notice}", file=sys.stderr)
     batch = task_split(task, tokenizer, model.config.block_size, options)
     means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
@@ -192,10 +255,7 @@ def cmd_sweep(args) -> int:
     from .tasks import get_task, list_tasks
 
     tasks = [t.name for t in list_tasks()] if args.tasks == "all" else [get_task(t).name for t in args.tasks.split(",")]
-    try:
-        ks = sorted({int(k) for k in args.ks.split(",") if k.strip()}) if args.ks else []
-    except ValueError:
-        raise ValueError(f"--ks must be comma-separated integers, got {args.ks!r}") from None
+    ks = args.ks  # parsed and checked against the model's size before this runs (_sizes, _check_sizes_against_model)
     # one process, or this process's rank under `accelerate launch` (on CPUs: ACCELERATE_USE_CPU=1, gloo)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -207,7 +267,7 @@ def cmd_sweep(args) -> int:
     out_dir = Path(args.out_dir)
     summaries = prune_sweep(model, tokenizer, tasks, out_dir, config, ks=ks, model_name=args.model,
                             process_index=state.process_index, num_processes=state.num_processes)
-    (out_dir / f".sweep-{state.process_index}.json").write_text(json.dumps(summaries))
+    write_json_atomic(out_dir / f".sweep-{state.process_index}.json", summaries, trailing_newline=False)
     for summary in summaries:
         _emit(summary)
     state.wait_for_everyone()
@@ -219,7 +279,7 @@ def cmd_sweep(args) -> int:
             paths = {e["path"] for e in new}
             entries = [e for e in entries if e.get("path") not in paths] + new
             part.unlink()
-        index.write_text(json.dumps(sorted(entries, key=lambda e: (e["task"], e["k"])), indent=1) + "\n")
+        write_json_atomic(index, sorted(entries, key=lambda e: (e["task"], e["k"])), indent=1)
     return 0
 
 
@@ -293,11 +353,11 @@ def cmd_next_tokens(args) -> int:
     from .explorer import clean_prompt, get_model, import_run_file, next_tokens
 
     clean_prompt(args.prompt)  # an empty prompt fails before the model loads
-    if args.top < 1:
-        raise ValueError(f"--top must be at least 1, got {args.top}")
     entry = get_model(args.model)
     _set_threads(args, entry.config)
     run = import_run_file(entry, args.circuit) if args.circuit else None
+    for notice in run.circuit.notices if run else ():
+        print(f"note: {args.circuit}: {notice}", file=sys.stderr)
     _emit(next_tokens(entry, args.prompt, run, top=args.top))
     return 0
 
@@ -338,9 +398,15 @@ def cmd_publish(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation import MAX_EXAMPLES, MAX_RANDOM
     from .pruning import PruneConfig
 
     d = PruneConfig()
+    target_loss = _number(0, above=True)  # the verdict code refuses a target at or above chance (ln 2) too
+    n_examples = _number(8, MAX_EXAMPLES, integer=True)  # what `csp evaluate` can reproduce
+    steps = _number(1, MAX_STEPS, integer=True)
+    seed = _number(0, MAX_SEED, integer=True)
+    threads = _number(1, MAX_THREADS, integer=True)
     parser = _Parser(prog="csp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -348,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", metavar="FILE.jsonl", help="validate a task file ({\"prompt\", \"correct\", \"incorrect\"} "
                    "per line) and report the model's accuracy and loss on it")
     p.add_argument("--model", default="default", help="model for --check (default: the embedded one)")
-    p.add_argument("--n-examples", type=int, default=d.n_examples, help="examples used by --check (as csp prune)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--n-examples", type=n_examples, default=d.n_examples, help="examples used by --check (as csp prune)")
+    p.add_argument("--threads", type=threads, help="torch CPU threads")
     p.set_defaults(fn=cmd_tasks)
 
     def model_task(p, seed_help="random seed"):
@@ -357,26 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", help="task name (see `csp tasks`)")
         p.add_argument("--task-file", metavar="FILE.jsonl",
                        help="your own task instead: one {\"prompt\", \"correct\", \"incorrect\"} object per line")
-        p.add_argument("--seed", type=int, default=0, help=seed_help)
-        p.add_argument("--threads", type=int, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+        p.add_argument("--seed", type=seed, default=0, help=seed_help)
+        p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
 
     def control_options(p):
         p.add_argument("--control", choices=("shuffled",), help="also prune the task with correct/incorrect swapped at "
                        "random per example and record that control (its loss at the circuit's size, the size it needs)")
-        p.add_argument("--target-above-full", type=float, metavar="MARGIN",
+        p.add_argument("--target-above-full", type=_number(0), metavar="MARGIN",
                        help="target = max(--target-loss, the full model's loss + MARGIN)")
 
     p = sub.add_parser("prune", help="find a circuit for a task by learning node masks")
     model_task(p)
     p.add_argument("--out", required=True, help="circuit JSON file to write")
-    p.add_argument("--target-loss", type=float, default=d.target_loss)
+    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0)")
     p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
-    p.add_argument("--k", type=int, help="keep exactly the top-k nodes instead of searching for the target loss")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="loss cost per kept node")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--n-examples", type=int, default=d.n_examples)
+    p.add_argument("--k", type=_number(1, integer=True), help="keep exactly the top-k nodes instead of searching for "
+                   "the target loss (1 to the model's node count)")
+    p.add_argument("--steps", type=steps, default=d.steps)
+    p.add_argument("--lr", type=_number(0, above=True), default=d.lr)
+    p.add_argument("--lambda", dest="lam", type=_number(0), default=d.lam, help="loss cost per kept node")
+    p.add_argument("--batch-size", type=_number(1, 65536, integer=True), default=d.batch_size)
+    p.add_argument("--n-examples", type=n_examples, default=d.n_examples)
     p.add_argument("--freeze-norm-scales", action="store_true", help="norms use the unablated model's 1/rms")
     control_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -386,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_task(p, "seed of the random baseline (default: the circuit's pruning seed)")
     p.set_defaults(seed=None)
     p.add_argument("--circuit", required=True, help="circuit JSON file")
-    p.add_argument("--n-random", type=int, default=None,
+    p.add_argument("--n-random", type=_number(1, MAX_RANDOM, integer=True), default=None,
                    help="random circuits averaged for the baseline (default: the circuit's, else 5; at most 10)")
     p.set_defaults(fn=cmd_evaluate)
 
@@ -398,14 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
     p.add_argument("--out-dir", required=True, help="folder for the circuit files and index.json")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
-    p.add_argument("--ks", default="", help="comma-separated circuit sizes besides the target-loss one")
-    p.add_argument("--target-loss", type=float, default=d.target_loss)
+    p.add_argument("--ks", type=_sizes, default=[], help="comma-separated circuit sizes besides the target-loss one "
+                   "(each 1 to the model's node count)")
+    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0)")
     p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--n-examples", type=int, default=d.n_examples)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=steps, default=d.steps)
+    p.add_argument("--n-examples", type=n_examples, default=d.n_examples)
+    p.add_argument("--seed", type=seed, default=0)
     control_options(p)
-    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--threads", type=threads, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_sweep)
 
@@ -420,6 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import TrainConfig
 
     t = TrainConfig()
+    count, fraction = _number(1, 2**31 - 1, integer=True), _number(0, 1)
+    TRAIN_TYPES = {
+        **dict.fromkeys(("n_layer", "d_model", "n_head", "d_head", "d_mlp", "batch_size", "eval_every",
+                         "eval_windows", "checkpoint_every"), count),
+        "steps": steps, "seed": seed, "lr": _number(0, above=True), "weight_decay": _number(0),
+        "warmup_frac": fraction, "anneal_frac": fraction, "grad_clip": _number(0, above=True),
+        "density": _number(0, 1, above=True), "bigram_density": _number(0, 1, above=True),
+        "max_minutes": _number(0, above=True), "anneal_shape": str, "init_from": str,
+    }
     p = sub.add_parser("train", help="train a weight-sparse model from a corpus folder (accelerate-aware, resumable)")
     p.add_argument("--data", required=True, help="corpus folder (csp corpus / scripts/build_corpus.py)")
     p.add_argument("--run-dir", required=True, type=Path, help="checkpoint.pt, training_curve.json, loss_curve.svg")
@@ -429,10 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR has a checkpoint")
     for name in TRAIN_OPTIONS:
         default = getattr(t, name)
-        kind = {"max_minutes": float, "init_from": str}.get(name, type(default))
+        kind = TRAIN_TYPES.get(name, str)
         extra = {"choices": ("linear", "geometric")} if name == "anneal_shape" else {}
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})", **extra)
-    p.add_argument("--threads", type=int, help=f"torch CPU threads per process (default: 1 for d_model <= {SMALL_MODEL_D})")
+    p.add_argument("--threads", type=threads, help=f"torch CPU threads per process (default: 1 for d_model <= {SMALL_MODEL_D})")
     p.add_argument("--task-probe", metavar="TASKS", help="'all' or comma-separated task names: their accuracy on the "
                    "train splits at every evaluation, in the curve (the test splits stay unseen)")
     p.add_argument("--snapshots", action="store_true", help="keep every checkpoint's weights in RUN_DIR/snapshots/")
@@ -445,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
     p.add_argument("--prompt", required=True, help="the text to continue (Python code)")
     p.add_argument("--circuit", help="circuit JSON file (or viz_data.pt): also predict with everything outside it ablated")
-    p.add_argument("--top", type=int, default=10, help="how many next tokens to list")
-    p.add_argument("--threads", type=int, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+    p.add_argument("--top", type=_number(1, integer=True), default=10, help="how many next tokens to list")
+    p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
     p.set_defaults(fn=cmd_next_tokens)
 
     p = sub.add_parser("import-viz", help="convert the original visualizer's viz_data.pt to a circuit JSON")
@@ -488,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr is for our own progress bar and errors
     try:
+        _check_sizes_against_model(args)
         return args.fn(args)
     except KeyboardInterrupt:
         _fail("interrupted")

@@ -33,6 +33,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .jsonio import write_json_atomic
+
 PYPI_INDEX = "https://pypi.org/simple"
 STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 VENDOR_DIRS = {"_vendor", "vendor", "_vendored"}
@@ -382,7 +384,7 @@ def build_corpus(out: Path, tokenizer_json: Path, wheels_dir: Path | None = None
                   "near_duplicate": f">= {NEAR_DUP_FRACTION:.0%} of lines of >= {NEAR_DUP_MIN_CHARS} chars shared "
                                     "with held-out files", "vendored_dirs_skipped": sorted(VENDOR_DIRS)},
     }
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    write_json_atomic(meta_path, meta, indent=1)
     return meta
 
 

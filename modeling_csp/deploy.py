@@ -16,6 +16,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
+from .jsonio import write_json_atomic
 from .loading import DEFAULT_MODEL_DIR
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -118,7 +119,7 @@ def build_space(out: str | Path, models: list[str] | None = None, default_repo: 
         (out / "requirements.txt").write_text("\n".join(pinned_requirements()) + "\n", encoding="utf-8")
         (out / "README.md").write_text(space_card(hub_models(models, default_repo), title), encoding="utf-8")
         (out / ".gitattributes").write_text(GITATTRIBUTES, encoding="utf-8")
-        (out / SPACE_MODELS_FILE).write_text(json.dumps({"models": models}, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(out / SPACE_MODELS_FILE, {"models": models}, indent=2)
     except OSError as exc:
         raise DeployError(f"{out}: cannot write the Space folder ({exc.strerror or exc})") from None
     return out

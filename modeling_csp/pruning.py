@@ -24,6 +24,8 @@ control's best loss at the circuit's size and the size the control needs to reac
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -75,16 +77,32 @@ class PruneConfig:
     progress: bool = True
 
     def __post_init__(self):
+        def number(name, low, low_ok=True, integer=False, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            kind = "an integer" if integer else "a finite number"
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+                raise ValueError(f"{name} must be {kind}, not {value!r}")
+            if not math.isfinite(value) or value < low or (value == low and not low_ok):
+                raise ValueError(f"{name} must be {kind} {'>=' if low_ok else '>'} {low}, got {value}")
+
         if self.ablation not in ("mean", "zero"):
             raise ValueError(f"ablation must be 'mean' or 'zero', not {self.ablation!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.lam < 0 or self.temperature <= 0:
-            raise ValueError("steps >= 0, batch_size >= 1, lr > 0, lam >= 0 and temperature > 0 are required")
-        if self.k is not None and self.k < 0:
-            raise ValueError(f"k must be >= 0, got {self.k}")
+        number("target_loss", 0, low_ok=False)  # a loss is positive: 0, negative or NaN can never be reached
+        number("target_above_full", 0, optional=True)
+        number("k", 1, integer=True, optional=True)  # at most the model's node count: checked by `prune`'s caller
+        for name in ("steps", "seed", "data_seed", "n_example_tokens", "max_exact_importances"):
+            number(name, 0, integer=True)
+        for name in ("batch_size", "n_examples", "n_random", "n_mean_tokens"):
+            number(name, 1, integer=True)
+        for name in ("lr", "temperature"):
+            number(name, 0, low_ok=False)
+        for name in ("lam", "random_margin", "init_noise"):
+            number(name, 0)
+        number("init", -1e9)  # any finite tau
         if self.control not in CONTROLS:
             raise ValueError(f"control must be one of {', '.join(map(str, CONTROLS))}, not {self.control!r}")
-        if self.target_above_full is not None and self.target_above_full < 0:
-            raise ValueError(f"target_above_full must be >= 0, got {self.target_above_full}")
 
 
 # ---- masks ---------------------------------------------------------------------------------

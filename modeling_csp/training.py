@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .configuration_csp import CSPConfig
+from .jsonio import dumps_strict, write_json_atomic
 from .modeling_csp import CSPForCausalLM
 
 # The architecture of the embedded default model; TrainConfig's n_layer, d_model, ... override it.
@@ -418,7 +419,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
             window = []
             bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss'] or 0:.3f}", dens=f"{density:.3f}")
             if main and not (progress and sys.stderr.isatty()):
-                print(json.dumps(row), flush=True)
+                print(dumps_strict(row), flush=True)
         if main and (step % config.checkpoint_every == 0 or finished or out_of_time):
             _save_checkpoint(ckpt_path, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                              gen, step, curve, window, elapsed, config, environment)
@@ -454,7 +455,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
             project_topk(p, target)  # exact, at the target density (a no-op when the anneal finished)
         record["final"] = _final_numbers(unwrapped, targets, data, curve[-1], previous)
     if main:
-        (out / CURVE).write_text(json.dumps(record, indent=1) + "\n")
+        write_json_atomic(out / CURVE, record, indent=1)
     return TrainResult(unwrapped, record, finished)
 
 
@@ -624,7 +625,7 @@ def save_trained_model(result: TrainResult, out: str | Path, tokenizer_dir: str 
     record = dict(result.record)
     if corpus_meta:  # what the model was trained on, without the long list of held-out files
         record["corpus"] = {k: v for k, v in corpus_meta.items() if k != "val_files"}
-    (out / CURVE).write_text(json.dumps(record, indent=1) + "\n")
+    write_json_atomic(out / CURVE, record, indent=1)
     write_curve_svg(stages_curve(result.record), out / "loss_curve.svg")
     return out
 

@@ -4,17 +4,19 @@ The file is read with `torch.load(..., weights_only=True)` only: plain container
 Every node and every nonzero edge of `importances.pair_data` is kept (no residual edges are added: the
 visualizer's file has none). Task-loss numbers in these files are twice the true value (the visualizer halves
 them for display), so they are halved here: `losses`, node importances (ablated loss - circuit loss), layer
-deltas and the pruning curve. Activation samples become `node_data`, task documents `task_docs`.
+deltas and the pruning curve. Activation samples become `node_data`, task documents `task_docs`. A loss that is
+NaN or infinite (or any other non-finite number in the file) is refused with the file and field named.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .circuits import ARCH_FIELDS, CircuitGraph, Edge, config_hash, node_id, parse_location
+from .circuits import ARCH_FIELDS, CircuitGraph, Edge, check_finite, config_hash, node_id, parse_location
 
 REQUIRED = ("circuit_data", "importances")
 REQUIRED_IMPORTANCES = ("pair_data", "interv_loss", "loss")
@@ -41,6 +43,23 @@ def _load(path: Path) -> dict:
     if missing:
         raise ValueError(f"{path.name} is not a viz_data.pt file: missing keys {missing}")
     return data
+
+
+def _check_losses(path: Path, data: dict) -> None:
+    """Every loss the file records must be a finite number: NaN or an infinity is no reading, and is refused."""
+    imp = data["importances"]
+    found = [("importances.loss", imp["loss"]), ("importances.interv_loss", imp["interv_loss"])]
+    found += [(f"importances.ch_interv_losses[{loc!r}][{i}]", v)
+              for loc, values in (imp.get("ch_interv_losses") or {}).items() for i, v in enumerate(values)]
+    found += [(f"importances.layer_interv_losses[{k!r}]", v) for k, v in (imp.get("layer_interv_losses") or {}).items()]
+    found += [(f"all_loss[{i}]", row[1]) for i, row in enumerate(data.get("all_loss") or [])]
+    for where, value in found:
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{path.name}: {where} is not a number ({type(value).__name__})") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{path.name}: {where} is {number}, not a finite loss; the file is refused")
 
 
 def _floats(t) -> list:
@@ -76,6 +95,7 @@ def import_viz_data(path: str | Path, model_name: str | None = None) -> CircuitG
     """Reads a visualizer `viz_data.pt` into a CircuitGraph (see the module docstring)."""
     path = Path(path)
     data = _load(path)
+    _check_losses(path, data)
     imp = data["importances"]
     half = lambda x: None if x is None else float(x) / 2  # noqa: E731
     circuit_loss = half(imp["interv_loss"])
@@ -111,7 +131,7 @@ def import_viz_data(path: str | Path, model_name: str | None = None) -> CircuitG
 
     prune_config = dict(data.get("prune_config") or {})
     docs = imp["task_samples"][0] if imp.get("task_samples") is not None else None
-    return CircuitGraph(
+    circuit = CircuitGraph(
         model=model, nodes=nodes, edges=edges, task=prune_config.get("task"),
         ablation=prune_config.get("ablation", "mean"), target_loss=prune_config.get("target_loss"),
         k=prune_config.get("k", len(nodes)),
@@ -124,6 +144,8 @@ def import_viz_data(path: str | Path, model_name: str | None = None) -> CircuitG
               "num_total_nodes": data.get("num_total_nodes"), "beeg_model_config": imp.get("beeg_model_config"),
               "losses_halved": True},
     )
+    check_finite(circuit.to_dict(), path.name)  # edge weights, activations: a NaN there is no reading either
+    return circuit
 
 
 __all__ = ["import_viz_data"]

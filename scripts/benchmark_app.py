@@ -21,7 +21,6 @@ Targets (issues 3 and 8): page ready < 15 s, each selection and /next_tokens < 5
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
@@ -34,7 +33,10 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _report import write_section  # noqa: E402
+
+from modeling_csp.jsonio import dumps_strict, write_json_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -285,7 +287,7 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    print(json.dumps(results, indent=1))
+    print(dumps_strict(results, indent=1))
     lines = [
         "## The app",
         "",
@@ -310,7 +312,7 @@ def main(argv=None) -> int:
                  f"({100 * results['api_rss_growth']:+.1f}%; {results['api_calls_s']} s for the calls) | within ±10% |")
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        write_json_atomic(args.out, results, indent=1)
     if args.benchmarks:
         write_section(Path(args.benchmarks), "app-benchmark", "\n".join(lines))
     return 0

@@ -10,13 +10,13 @@ file and writes uint16 token arrays and meta.json; prints the per-source table o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from modeling_csp.corpus import PYPI_INDEX, build_corpus, sources_table  # noqa: E402
+from modeling_csp.jsonio import dumps_strict  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "work_dirs" / "corpus"
 DEFAULT_TOKENIZER = REPO_ROOT / "modeling_csp" / "default_model" / "tokenizer.json"
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     meta = build_corpus(args.out, args.tokenizer, args.wheels, index_url=args.index_url)
     print(sources_table(meta))
-    print(json.dumps({"out": str(args.out), "tokens": meta["tokens"]}))
+    print(dumps_strict({"out": str(args.out), "tokens": meta["tokens"]}))
 
 
 if __name__ == "__main__":

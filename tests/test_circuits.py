@@ -7,9 +7,11 @@ import torch
 
 from conftest import FIXTURES
 from modeling_csp import CSPForCausalLM
+from modeling_csp.ablation import all_kept
 from modeling_csp.circuits import (
-    CircuitGraph, location_width, node_id, node_locations, parse_node_id, weights_hash,
+    CircuitGraph, Edge, location_width, n_total_nodes, node_id, node_locations, parse_node_id, weights_hash,
 )
+from modeling_csp.jsonio import loads_strict
 
 VIZ = FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
 
@@ -29,7 +31,7 @@ def test_locations_and_widths(rms_model):
     assert len(locs) == 8 * c.n_layer and locs[0] == "0.attn.act_in" and locs[-1] == f"{c.n_layer - 1}.mlp.resid_delta"
     assert set(locs) <= set(rms_model.hook_names())
     # the fixture's num_total_nodes
-    assert sum(location_width(c, loc) for loc in locs) == 2112
+    assert sum(location_width(c, loc) for loc in locs) == n_total_nodes(c) == 2112
     assert parse_node_id("2.mlp.post_act:17") == ("2.mlp.post_act", 17)
     for bad in ("2.mlp.post_act", "2.mlp.nope:1", "x:1", "0.attn.q:-1"):
         with pytest.raises(ValueError):
@@ -155,3 +157,85 @@ def test_node_data_quantile_examples_and_task_activations(rms_model, viz_masks, 
 
     loaded = CircuitGraph.load(circuit.save(tmp_path / "c.json"), model=rms_model)
     assert loaded.node_data == json.loads(json.dumps(circuit.node_data)) and loaded.task_docs == circuit.task_docs
+
+
+def test_non_finite_numbers_are_refused_naming_the_file_and_field(rms_model, viz_masks, tmp_path):
+    masks, _ = viz_masks
+    good = CircuitGraph.from_masks(rms_model, masks, losses={"full": 0.1, "circuit": 0.2}, target_loss=0.15).to_dict()
+    path = tmp_path / "bad.json"
+    for field, change, message in [
+        ("losses.circuit", {"losses": {"full": 0.1, "circuit": float("nan")}}, r"bad\.json: losses\.circuit is nan"),
+        ("target_loss", {"target_loss": float("inf")}, r"bad\.json: target_loss is inf"),
+        ("edges", {"edges": [{**good["edges"][0], "weight": float("-inf")}, *good["edges"][1:]]},
+         r"bad\.json: edges\[0\]\.weight is -inf"),
+        ("layer_deltas", {"layer_deltas": {"0.attn": float("nan")}}, r"layer_deltas\.0\.attn is nan"),
+        ("losses as text", {"losses": {"circuit": "0.2"}}, r"losses\.circuit is '0\.2': expected a number"),
+    ]:
+        path.write_text(json.dumps({**good, **change}))  # json.dumps writes the bare NaN / Infinity a strict writer never does
+        with pytest.raises(ValueError, match=message):
+            CircuitGraph.load(path)
+
+
+def test_a_loss_that_was_not_computed_is_saved_as_null(rms_model, viz_masks, tmp_path):
+    masks, _ = viz_masks
+    circuit = CircuitGraph.from_masks(rms_model, masks, losses={"full": 0.1, "circuit": float("nan")},
+                                      pruning_curve=[[0, float("inf"), 93]])
+    text = circuit.save(tmp_path / "c.json").read_text()
+    data = loads_strict(text)  # a strict parser reads every file `save` writes
+    assert data["losses"] == {"full": 0.1, "circuit": None} and data["pruning_curve"] == [[0, None, 93]]
+    assert CircuitGraph.load(tmp_path / "c.json").losses["circuit"] is None
+
+
+def test_edges_that_match_the_weights_are_kept_as_they_are(rms_model, viz_masks, tmp_path):
+    masks, _ = viz_masks
+    real = CircuitGraph.from_masks(rms_model, masks)
+    loaded = CircuitGraph.load(real.save(tmp_path / "real.json"), model=rms_model)
+    assert loaded.edges == real.edges and loaded.notices == []
+    fewer = CircuitGraph(model=real.model, nodes=real.nodes, edges=real.edges[::2])  # a file may list fewer
+    assert fewer.match_weights(rms_model) is None and fewer.edges == real.edges[::2]
+
+
+def test_a_tampered_weight_is_recomputed_with_a_notice(rms_model, viz_masks, tmp_path):
+    masks, _ = viz_masks
+    real = CircuitGraph.from_masks(rms_model, masks)
+    data = real.to_dict()
+    i = next(i for i, e in enumerate(data["edges"]) if e["kind"] == "weight")
+    true_weight = data["edges"][i]["weight"]
+    data["edges"][i]["weight"] = 2 * true_weight
+    path = tmp_path / "tampered.json"
+    path.write_text(json.dumps(data))
+    loaded = CircuitGraph.load(path, model=rms_model)
+    assert loaded.edges == real.edges  # the model's weights, every edge
+    notice = loaded.notices[0]
+    assert notice.startswith(f"1 of {real.n_edges} edges do not match the model's weights")
+    assert f"{data['edges'][i]['source']} -> {data['edges'][i]['target']}" in notice
+    assert f"the model's weight {true_weight:.6g}" in notice and f"{real.n_edges} edges" in notice
+
+    q = next(n for n in real.nodes if n.startswith("0.attn.q:"))
+    k = next(n for n in real.nodes if n.startswith("0.attn.k:"))
+    write = next(n for n in real.nodes if n.startswith("0.attn.resid_delta:"))
+    read = next(n for n in real.nodes if n.startswith("1.attn.act_in:"))
+    for wrong in (Edge(q, k, 0.5),  # q and k are joined by no weight
+                  Edge(write, read, 2.0, "residual")):  # the residual stream carries a channel with weight 1
+        forged = CircuitGraph(model=real.model, nodes=real.nodes, edges=[*real.edges, wrong])
+        notice = forged.match_weights(rms_model)
+        assert notice.startswith(f"1 of {real.n_edges + 1} edges") and f"{wrong.source} -> {wrong.target}" in notice
+        assert forged.edges == real.edges and forged.notices == [notice]
+
+
+def test_fabricated_edges_are_replaced_by_the_models_weights(rms_model, tmp_path):
+    """400k random edges over every node of the model: the file loads, its edges are the model's."""
+    real = CircuitGraph.from_masks(rms_model, all_kept(rms_model.config))
+    nodes = list(real.nodes)
+    gen = torch.Generator().manual_seed(0)
+    ends = torch.randint(len(nodes), (400_000, 2), generator=gen).tolist()
+    weights = (10 + torch.rand(400_000, generator=gen)).tolist()  # far from any weight of the model
+    fake = CircuitGraph(model={k: v for k, v in real.model.items() if k != "weights_hash"}, nodes=real.nodes,
+                        edges=[Edge(nodes[s], nodes[t], w) for (s, t), w in zip(ends, weights)])
+    path = fake.save(tmp_path / "fake.json")
+    assert CircuitGraph.load(path).n_edges == 400_000  # without a model there is nothing to check against
+    loaded = CircuitGraph.load(path, model=rms_model)
+    weight_edges = [e for e in real.edges if e.kind == "weight"]  # the file had no residual edges: none are added
+    assert loaded.edges == weight_edges
+    assert loaded.notices[0].startswith("400,000 of 400,000 edges do not match the model's weights")
+    assert loaded.notices[0].endswith(f"recomputed from the model's weights: {len(weight_edges):,} edges")

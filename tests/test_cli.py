@@ -302,3 +302,84 @@ def test_task_file_errors(capsys, tiny, tmp_path):
     assert_one_line_error(code, err, "does not exist")
     code, _, err = run(capsys, "prune", "--model", tiny, "--task", "for_while", "--control", "random", "--out", tmp_path / "c.json")
     assert_one_line_error(code, err, "invalid choice: 'random'")
+
+
+# ---- nonsense is refused before any work, and nothing is written ------------------------------------------
+
+TINY_NODES = 288  # the tiny model: 1 layer, 2 * 32 act_in + 3 * 32 q/k/v + 2 * 32 resid_delta + 64 neurons
+PRUNE = ("prune", "--task", "single_double_quote", "--out", "OUT/c.json", "--steps", 2, "--n-examples", 32, "--quiet")
+SWEEP = ("sweep", "--tasks", "single_double_quote", "--out-dir", "OUT/sweep", "--steps", 2, "--n-examples", 32, "--quiet")
+
+
+@pytest.mark.parametrize("command, flag, value, message", [
+    (PRUNE, "--target-loss", "nan", "argument --target-loss: expected a finite number > 0, got 'nan'"),
+    (PRUNE, "--target-loss", "-1", "argument --target-loss: expected a finite number > 0, got '-1'"),
+    (PRUNE, "--target-loss", "0", "expected a finite number > 0"),
+    (PRUNE, "--target-loss", "inf", "expected a finite number > 0, got 'inf'"),
+    (PRUNE, "--target-above-full", "nan", "argument --target-above-full: expected a finite number >= 0, got 'nan'"),
+    (PRUNE, "--target-above-full", "-0.1", "expected a finite number >= 0"),
+    (PRUNE, "--k", "1000000000", f"--k 1000000000 is more than the {TINY_NODES} nodes of model"),
+    (PRUNE, "--k", str(TINY_NODES + 1), f"give a size from 1 to {TINY_NODES}"),
+    (PRUNE, "--k", "0", "argument --k: expected an integer >= 1, got '0'"),
+    (PRUNE, "--k", "2.5", "argument --k: expected an integer >= 1, got '2.5'"),
+    (PRUNE, "--steps", "0", "argument --steps: expected an integer >= 1 and <= 1,000,000"),
+    (PRUNE, "--lr", "nan", "argument --lr: expected a finite number > 0"),
+    (PRUNE, "--lambda", "-1", "argument --lambda: expected a finite number >= 0"),
+    (PRUNE, "--batch-size", "0", "argument --batch-size: expected an integer >= 1"),
+    (PRUNE, "--n-examples", "0", "argument --n-examples: expected an integer >= 8 and <= 2,048"),
+    (PRUNE, "--seed", "-1", "argument --seed: expected an integer >= 0"),
+    (PRUNE, "--threads", "0", "argument --threads: expected an integer >= 1"),
+    (SWEEP, "--ks", "1000000000", f"--ks 1000000000 is more than the {TINY_NODES} nodes of model"),
+    (SWEEP, "--ks", "8,0", "argument --ks: expected comma-separated integers >= 1, got '8,0'"),
+    (SWEEP, "--ks", "8,x", "argument --ks: expected comma-separated integers >= 1"),
+    (SWEEP, "--target-loss", "nan", "argument --target-loss: expected a finite number > 0"),
+    (("evaluate", "--circuit", "OUT/c.json"), "--n-random", "11", "argument --n-random: expected an integer >= 1 and <= 10"),
+    (("next-tokens", "--prompt", "x = 1"), "--top", "0", "argument --top: expected an integer >= 1"),
+    (("tasks", "--check", "OUT/t.jsonl"), "--n-examples", "4", "argument --n-examples: expected an integer >= 8"),
+])
+def test_nonsense_options_are_refused_before_any_work(capsys, tiny, tmp_path, command, flag, value, message):
+    argv = [str(a).replace("OUT", str(tmp_path)) for a in command]
+    code, out, err = run(capsys, *argv[:1], "--model", tiny, *argv[1:], flag, value)
+    assert_one_line_error(code, err, message)
+    assert out == "" and list(tmp_path.iterdir()) == []  # no circuit, no folder, no index
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--density", "0"), ("--density", "1.5"), ("--lr", "nan"),
+                                         ("--batch-size", "-4"), ("--warmup-frac", "2"), ("--max-minutes", "-1")])
+def test_nonsense_training_options_are_refused(capsys, tmp_path, flag, value):
+    code, out, err = run(capsys, "train", "--data", tmp_path, "--run-dir", tmp_path / "run", flag, value)
+    assert_one_line_error(code, err, f"argument {flag}: expected")
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_target_is_refused_in_a_fresh_process(tmp_path):
+    """What a shell sees: status 2 and one line, for the command of the issue."""
+    proc = subprocess.run([sys.executable, "-m", "modeling_csp.cli", "prune", "--model", "default", "--task",
+                           "indent_for", "--target-loss", "nan", "--out", str(tmp_path / "c.json")],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "c.json").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: csp prune: argument --target-loss: expected a finite number > 0, got 'nan'"]
+
+
+def test_every_json_the_cli_writes_is_strict(capsys, tiny, tmp_path):
+    """Circuits, the sweep's index and every stdout line parse with a parser that refuses NaN and Infinity."""
+    from modeling_csp.jsonio import loads_strict
+
+    outputs = []
+    for argv in (("prune", "--model", tiny, "--task", "single_double_quote", "--steps", 2, "--n-examples", 32, "--quiet",
+                  "--target-loss", 10, "--out", tmp_path / "c.json"),
+                 ("sweep", "--model", tiny, "--tasks", "single_double_quote", "--ks", "4,8", "--steps", 2,
+                  "--n-examples", 32, "--quiet", "--target-loss", 10, "--out-dir", tmp_path / "sweep"),
+                 ("import-viz", VIZ, tmp_path / "viz.json"),
+                 ("tasks", "--check", task_file(tmp_path / "two.jsonl", QUOTE_ROWS[:2]), "--model", tiny,
+                  "--n-examples", 8)):
+        code, out, err = run(capsys, *argv)
+        assert out.strip(), err
+        outputs += out.strip().splitlines()
+    assert len([loads_strict(line) for line in outputs]) == 1 + 3 + 1 + 1  # prune, sweep (target, k=4, k=8), viz, check
+    files = sorted(tmp_path.rglob("*.json"))
+    assert {f.name for f in files} >= {"c.json", "index.json", "single_double_quote_k4.json", "viz.json"}
+    for file in files:
+        loads_strict(file.read_text())
+    assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporary files

@@ -154,6 +154,17 @@ def test_an_imported_run_joins_the_session_and_survives_a_reload(page, tmp_path)
     assert json.loads(open(path).read())["k"] == 5
 
 
+def test_an_import_with_forged_edges_says_they_were_recomputed(page, tmp_path):
+    data = json.loads(open(page["path"]).read())
+    data["edges"] = [{**e, "weight": 10 + e["weight"]} for e in data["edges"]]
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(data))
+    new = panels.import_new_run(Session(), page["model"], str(forged), "forged.json")
+    assert new.view is not None and new.message.startswith("✅ imported forged.json")
+    assert f"⚠️ {len(data['edges']):,} of {len(data['edges']):,} edges do not match the model's weights" in new.message
+    assert new.view.run.load().edges == registry.find_run(page["entry"], None, page["run"]).circuit.edges
+
+
 def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     """Pruning warns beforehand, then a short run that misses its target says so (no ✅) and becomes a saved
     run of the session, selected in the view."""

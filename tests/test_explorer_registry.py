@@ -258,3 +258,38 @@ def test_the_library_never_imports_the_cli():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_imports_refuse_non_finite_losses_naming_the_file_and_field(tmp_path, viz_run):
+    entry, run = viz_run
+    data = run.circuit.to_dict()
+    data["losses"] = {**data["losses"], "circuit": float("nan")}
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(data))  # a bare NaN, as the old writer left it
+    with pytest.raises(UserError, match=r"^upload\.json: losses\.circuit is nan, not a finite number"):
+        registry.import_run_file(entry, str(path), "upload.json")
+
+
+def test_imported_edges_that_are_not_the_models_weights_are_recomputed(tmp_path, viz_run):
+    entry, run = viz_run
+    data = run.circuit.to_dict()
+    data["edges"][0]["weight"] += 1.0
+    path = tmp_path / "tampered.json"
+    path.write_text(json.dumps(data))
+    imported = registry.import_run_file(entry, str(path), "tampered.json")
+    assert imported.circuit.notices and imported.circuit.notices[0].startswith(
+        f"1 of {run.circuit.n_edges} edges do not match the model's weights")
+    assert {(e.source, e.target): e.weight for e in imported.circuit.edges} == {
+        (e.source, e.target): pytest.approx(e.weight, abs=1e-6) for e in run.circuit.edges}
+    assert run.circuit.notices == []  # the fixture's own edges are the weights
+
+
+def test_the_run_store_writes_strict_json(tmp_path, viz_run):
+    from modeling_csp.jsonio import loads_strict
+
+    entry, run = viz_run
+    circuit = registry.CircuitGraph.from_dict(run.circuit.to_dict())
+    circuit.losses["random"] = float("nan")  # not computed
+    RunStore(tmp_path / "store").save(registry.Run(id="imported:x", name="x", source="imported", circuit=circuit))
+    (saved,) = (tmp_path / "store").glob("*.json")
+    assert loads_strict(saved.read_text())["circuit"]["losses"]["random"] is None

@@ -1,5 +1,6 @@
 """Mask training (surrogate gradients, determinism), top-k bisection, faithfulness, and a real prune."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,22 @@ def test_training_options_zero_ablation_and_frozen_norms(rms_model, batch):
     assert "forward" not in vars(rms_model.transformer.h[0].ln_1)
     with pytest.raises(ValueError, match="ablation must be"):
         PruneConfig(ablation="resample")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"target_loss": float("nan")}, "target_loss must be a finite number > 0, got nan"),
+    ({"target_loss": -1.0}, "target_loss must be a finite number > 0, got -1.0"),
+    ({"target_loss": 0}, "target_loss must be a finite number > 0"),
+    ({"target_above_full": float("nan")}, "target_above_full must be a finite number >= 0, got nan"),
+    ({"k": 0}, "k must be an integer >= 1, got 0"),
+    ({"k": 2.5}, "k must be an integer, not 2.5"),
+    ({"lr": float("inf")}, "lr must be a finite number > 0"),
+    ({"n_random": 0}, "n_random must be an integer >= 1"),
+    ({"steps": -1}, "steps must be an integer >= 0"),
+])
+def test_prune_config_refuses_nonsense(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PruneConfig(**options)
 
 
 def test_top_k_masks():

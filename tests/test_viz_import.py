@@ -81,3 +81,53 @@ def test_refuses_pickles_and_other_files(tmp_path):
         import_viz_data(text)
     with pytest.raises(ValueError, match="does not exist"):
         import_viz_data(tmp_path / "missing.pt")
+
+
+def _tampered(raw, tmp_path, change, name="viz_data.pt"):
+    """The fixture with one value changed (deep copies of what changes), saved like the original."""
+    import copy
+
+    data = copy.deepcopy(raw)
+    change(data)
+    torch.save(data, tmp_path / name)
+    return tmp_path / name
+
+
+def test_non_finite_losses_are_refused_naming_the_field(raw, tmp_path):
+    nan, inf = float("nan"), float("inf")
+    loc = next(iter(raw["importances"]["ch_interv_losses"]))
+    for change, field in [
+        (lambda d: d["importances"].__setitem__("interv_loss", torch.tensor(nan)), r"importances\.interv_loss is nan"),
+        (lambda d: d["importances"].__setitem__("loss", inf), r"importances\.loss is inf"),
+        (lambda d: d["importances"]["ch_interv_losses"][loc].__setitem__(1, nan),
+         rf"importances\.ch_interv_losses\['{loc}'\]\[1\] is nan"),
+        (lambda d: d["importances"]["layer_interv_losses"].__setitem__("0.mlp", -inf),
+         r"importances\.layer_interv_losses\['0\.mlp'\] is -inf"),
+        (lambda d: d.__setitem__("all_loss", [(0, 1.0), (1, nan)]), r"all_loss\[1\] is nan"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^viz_data\.pt: {field}, not a finite loss"):
+            import_viz_data(_tampered(raw, tmp_path, change))
+
+
+def test_a_non_finite_edge_weight_is_refused(raw, tmp_path):
+    def poison(d):
+        d["importances"]["pair_data"][0][0][d["importances"]["pair_data"][0][0] != 0] = float("nan")
+
+    with pytest.raises(ValueError, match=r"^viz_data\.pt: edges\[0\]\.weight is nan"):
+        import_viz_data(_tampered(raw, tmp_path, poison))
+
+
+def test_a_tampered_pair_data_weight_is_recomputed_from_the_model(raw, converted, tmp_path):
+    def double(d):
+        d["importances"]["pair_data"][0][0] *= 2
+
+    rms = CSPForCausalLM.from_pretrained(converted["rms_sink_bigram"])
+    honest = import_viz_data(VIZ)
+    assert honest.match_weights(rms) is None and honest.notices == []  # the fixture's edges are the real weights
+    forged = import_viz_data(_tampered(raw, tmp_path, double))
+    n_doubled = int((raw["importances"]["pair_data"][0][0] != 0).sum())
+    notice = forged.match_weights(rms)
+    assert notice.startswith(f"{n_doubled} of 76 edges do not match the model's weights") and "recomputed" in notice
+    # the real weights, and no residual edges added (the file had none)
+    assert {(e.source, e.target, e.kind): e.weight for e in forged.edges} == {
+        (e.source, e.target, e.kind): pytest.approx(e.weight, abs=1e-6) for e in honest.edges}

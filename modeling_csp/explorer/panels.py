@@ -444,6 +444,7 @@ def import_new_run(session: Session, model: Any, path: Any, name: str | None = N
     except Exception as exc:
         return NewRun(None, f"⚠️ could not import {name or 'the file'}: {_explain(exc)}")
     c = view.run.load()
+    notes = [*run.circuit.notices, *notes]  # e.g. edges recomputed from the model's weights
     return NewRun(view, f"✅ imported {name or Path(str(path)).name}: {c.n_nodes} nodes, {c.n_edges} edges"
                   + "".join(f" ⚠️ {n}" for n in notes), notes)
 

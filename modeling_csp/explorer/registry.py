@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import sys
 import threading
@@ -35,6 +34,7 @@ import torch
 
 from ..circuits import CircuitGraph, compute_edges, location_width, node_locations, record_node_activations
 from ..evaluation import EvalOptions, task_split
+from ..jsonio import dumps_strict, write_text_atomic
 
 MAX_MODELS = 3  # models kept loaded at once (least recently used dropped first)
 MAX_SPEC_CHARS = 300
@@ -410,6 +410,8 @@ class ModelEntry:
             try:
                 run = import_run_file(self, path)
                 self.runs[run.id] = run
+                for notice in run.circuit.notices:
+                    log(f"{path}: {notice}")
             except UserError as exc:
                 log(f"could not import {path}: {exc}")
 
@@ -586,7 +588,9 @@ def get_model(spec: str | None) -> ModelEntry:
 
 
 def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Run:
-    """A circuit file (.json) or a visualizer viz_data.pt as a run, checked against the model (size-capped)."""
+    """A circuit file (.json) or a visualizer viz_data.pt as a run, checked against the model (size-capped): a
+    non-finite loss is refused, and edges that are not the model's weights are replaced by the recomputed ones,
+    said in `run.circuit.notices` (the app's import message and `csp next-tokens` show it)."""
     p = Path(path)
     label = name or p.name
     try:
@@ -599,7 +603,8 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
         try:
             circuit = CircuitGraph.load(p)
         except ValueError as exc:
-            raise UserError(f"{label}: {exc}".replace(str(p), label)) from None
+            message = str(exc).replace(str(p), label)
+            raise UserError(message if message.startswith(label) else f"{label}: {message}") from None
     else:
         from ..viz_import import import_viz_data
 
@@ -613,6 +618,7 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
         circuit.check_model(entry.model, entry.spec)
     except ValueError as exc:
         raise UserError(f"{label}: {exc}") from None
+    circuit.match_weights(entry.model)  # edges that are not the model's weights are recomputed (circuit.notices)
     rid = f"imported:{re.sub(r'[^A-Za-z0-9_.-]+', '_', p.stem)[:80]}"
     return Run(id=rid, name=f"imported · {label}", source="imported", circuit=circuit, task=circuit.task,
                k=circuit.k or circuit.n_nodes)
@@ -652,13 +658,13 @@ class RunStore:
         data = {"name": run.name, "source": run.source, "task": run.task, "circuit": circuit.to_dict(),
                 "scores": {loc: [round(float(v), 5) for v in s.flatten().tolist()] for loc, s in run.scores.items()}
                 if run.scores is not None else None}
-        text = json.dumps(data, separators=(",", ":"))
+        text = dumps_strict(data, separators=(",", ":"))
         if len(text) > self.max_file_bytes:  # node data (examples, task activations): the app recomputes it
             data["circuit"] = {k: v for k, v in data["circuit"].items() if k not in ("node_data", "task_docs")}
-            text = json.dumps(data, separators=(",", ":"))
+            text = dumps_strict(data, separators=(",", ":"))
         if len(text) > self.max_file_bytes:  # edges: the nonzero weights between the nodes (a dense-ish model has many)
             data["circuit"] = {**data["circuit"], "edges": [], "meta": {**(data["circuit"]["meta"] or {}), EDGES_DROPPED: True}}
-            text = json.dumps(data, separators=(",", ":"))
+            text = dumps_strict(data, separators=(",", ":"))
         saved = replace(run, id=f"saved:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
         notice = None
         path = self._path(saved.id)
@@ -667,9 +673,7 @@ class RunStore:
                 notice = (f"this run is {len(text) / 1e6:.1f} MB, more than the {self.max_file_bytes / 1e6:.0f} MB a "
                           "shared run may take: it is not saved for links and reloads")
             else:
-                tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-                tmp.write_text(text)
-                os.replace(tmp, path)
+                write_text_atomic(path, text)
                 self._trim()
         with self._lock:
             self._runs[saved.id] = saved
