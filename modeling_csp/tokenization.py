@@ -12,6 +12,7 @@ The converted tokenizer gives exactly the ids of the reference's tiktoken encodi
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 import tiktoken
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from .jsonio import write_json_atomic
 
 TINYPYTHON_PAT_STR = (
     r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -177,7 +180,12 @@ def save_hf_tokenizer(tokenizer: Tokenizer, dst_dir: str | Path, model_max_lengt
     on raw tiktoken ids)."""
     dst_dir = Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(dst_dir / "tokenizer.json"))
+    tmp = dst_dir / f".tokenizer.json.tmp{os.getpid()}"
+    try:
+        tokenizer.save(str(tmp))
+        os.replace(tmp, dst_dir / "tokenizer.json")
+    finally:
+        tmp.unlink(missing_ok=True)
 
     has_eot = tokenizer.token_to_id(ENDOFTEXT) is not None
     special_map = {k: ENDOFTEXT for k in ("bos_token", "eos_token", "unk_token", "pad_token")} if has_eot else {}
@@ -191,8 +199,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, dst_dir: str | Path, model_max_lengt
     }
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
-    (dst_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (dst_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(dst_dir / "tokenizer_config.json", config, indent=2)
+    write_json_atomic(dst_dir / "special_tokens_map.json", special_map, indent=2)
     return dst_dir
 
 
