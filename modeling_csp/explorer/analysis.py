@@ -777,7 +777,7 @@ def prune_target(entry: ModelEntry, task: str | None, target: Any, relative: boo
         message = f"{head}; the target {nats:.3f} nats is {nats / max(full, 1e-9):.2f} × that."
     elif at_chance:
         message = (f"⚠️ {head}, at or above chance (ln 2 = {CHANCE_LOSS:.3f}): the model does not do this task, so "
-                   f"pruning will not reach the target {nats:.3f} nats, and no target below chance is within reach.")
+                   f"pruning will not reach the target {nats:.3f} nats, nor any target below chance.")
     else:
         suggestion = min(1.2 * full, (full + CHANCE_LOSS) / 2)  # above the full model, still below chance
         message = (f"⚠️ {head}, above the target {nats:.3f}: pruning will most likely not reach it (a circuit "
@@ -820,12 +820,12 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     size = f"k={c.n_nodes:,} of {entry.n_total_nodes:,} nodes ({share:.0%}), {c.n_edges:,} edges"
     texts = list(verdict.messages(without=("control",)))
     if verdict.passed and share > 0.5:
-        texts.append(f"⚠️ that takes {share:.0%} of the model's nodes: most of the model, not a circuit. Train longer "
-                     "(more steps).")
+        texts.append(f"⚠️ that takes {share:.0%} of the model's nodes: most of the model, not a circuit; train longer "
+                     "(more steps)")
     elif not verdict.passed:
-        texts.append("Train longer, or set a higher target (below chance)." if not verdict.at_or_above_chance else
-                     "Train longer; if the full model itself is weak on this task, no circuit will do it.")
-    message = " ".join([texts[0], f"— {size}."] + texts[1:]) if texts else f"{size}."
+        texts.append("Train longer, or set a higher target (below chance)" if not verdict.at_or_above_chance else
+                     "Train longer; if the full model itself is weak on this task, no circuit will do it")
+    message = ". ".join([f"{texts[0]} — {size}" if texts else size] + texts[1:]) + "."
     if c.control:
         message += " " + control_text(c.control, c.losses.get("random"), verdict)
     message += f" ({result.seconds:.0f} s, {steps} steps)" + (f" — {note}" if note else "")
