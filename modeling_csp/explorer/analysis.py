@@ -819,7 +819,8 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     share = c.n_nodes / entry.n_total_nodes
     size = f"k={c.n_nodes:,} of {entry.n_total_nodes:,} nodes ({share:.0%}), {c.n_edges:,} edges"
     texts = list(verdict.messages(without=("control",)))
-    if verdict.passed and share > 0.5:
+    if verdict.passed and share > 0.5:  # reached, but with most of the model: no ✅
+        texts[0] = "⚠️" + texts[0][1:]
         texts.append(f"⚠️ that takes {share:.0%} of the model's nodes: most of the model, not a circuit; train longer "
                      "(more steps)")
     elif not verdict.passed:
