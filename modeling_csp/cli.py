@@ -30,8 +30,11 @@
 M is a converted model folder, a Hugging Face hub id, or `default` (the model embedded in this package).
 Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback). Numeric
 options are checked as they are parsed (finite, in range: a target loss > 0, --k and each of --ks from 1 to the
-model's node count, read from its config before anything runs), so nonsense never starts a run or writes a file.
-Everything written, stdout included, is strict JSON: a number that was not computed is null, never NaN.
+model's node count, read from its config before anything runs), so nonsense never starts a run or writes a file;
+a target at or above chance (ln 2) is such an error too. Everything written, stdout included, is strict JSON: a
+number that was not computed is null, never NaN. Circuits are judged on held-out examples (`verdict` in the JSON,
+`warning: ...` lines on stderr); `csp evaluate` exits with status 1 when the circuit misses its own target there
+(or its held-out loss is at or above chance).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from .loading import shipped_circuits
 
 
 SMALL_MODEL_D = 256  # models up to this width run single-threaded unless --threads is given
+EXIT_MISSED_TARGET = 1  # `csp evaluate`: the circuit misses its own target on held-out examples (or is at chance)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,19 +203,27 @@ def cmd_prune(args) -> int:
     if args.task_file:
         c.meta["task_file"] = _task_file_meta(args.task_file)
     path = c.save(args.out)
+    _warn(result.verdict)
     _emit({
         "out": str(path), "task": c.task, "k": c.k, "n_nodes": c.n_nodes, "n_edges": c.n_edges, "losses": c.losses,
         "train_circuit_loss": result.train_loss, "target_loss": c.target_loss, "target_reached": result.target_reached,
+        "target_reached_train": result.target_reached_train, "verdict": c.meta["verdict"],
         "random_baseline_as_good": c.meta["random_baseline_as_good"], "control": c.control,
         "attribution_baseline": c.meta["attribution_baseline"], "seconds": round(result.seconds, 1),
     })
     return 0
 
 
+def _warn(verdict) -> None:
+    """A verdict's bad news, one `warning:` line each on stderr (stdout stays JSON)."""
+    for text in verdict.warnings:
+        print(f"warning: {text}", file=sys.stderr)
+
+
 def cmd_evaluate(args) -> int:
     from .ablation import compute_mean_activations, input_device
     from .circuits import CircuitGraph
-    from .evaluation import EvalOptions, circuit_losses, task_split
+    from .evaluation import EvalOptions, circuit_losses, task_split, verdict_of
 
     if args.task or args.task_file:
         model, tokenizer, task = _setup(args)
@@ -235,6 +247,8 @@ def cmd_evaluate(args) -> int:
     batch = task_split(task, tokenizer, model.config.block_size, options)
     means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
     faith = circuit_losses(model, batch, circuit.masks(model.config, input_device(model)), means, options)
+    verdict = verdict_of(circuit, faith, own_task=task.name == circuit.task)  # another task: no target to meet
+    _warn(verdict)
     _emit({
         "task": task.name, "circuit_task": circuit.task, "ablation": circuit.ablation,
         "full_loss": faith["full"], "circuit_loss": faith["circuit"], "random_loss": faith["random"],
@@ -242,8 +256,9 @@ def cmd_evaluate(args) -> int:
         "circuit_accuracy": faith["circuit_accuracy"], "random_baseline_as_good": faith["random_baseline_as_good"],
         "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "n_examples": len(batch),
         "n_random": options.n_random, "seed": options.seed, "freeze_norm_scales": options.freeze_norm_scales,
+        "target_loss": verdict.target, "target_reached": verdict.target_reached_heldout, "verdict": verdict.as_dict(),
     })
-    return 0
+    return EXIT_MISSED_TARGET if verdict.passed is False else 0
 
 
 def cmd_sweep(args) -> int:
@@ -267,8 +282,11 @@ def cmd_sweep(args) -> int:
     out_dir = Path(args.out_dir)
     summaries = prune_sweep(model, tokenizer, tasks, out_dir, config, ks=ks, model_name=args.model,
                             process_index=state.process_index, num_processes=state.num_processes)
-    write_json_atomic(out_dir / f".sweep-{state.process_index}.json", summaries, trailing_newline=False)
+    circuits = [s for s in summaries if s.get("path")]  # the others: tasks whose target was refused
+    write_json_atomic(out_dir / f".sweep-{state.process_index}.json", circuits, trailing_newline=False)
     for summary in summaries:
+        if summary.get("refused"):
+            print(f"warning: {summary['task']}: {summary['refused']}", file=sys.stderr)
         _emit(summary)
     state.wait_for_everyone()
     if state.is_main_process:  # merge every process's share into the folder's index.json

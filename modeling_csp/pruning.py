@@ -10,9 +10,12 @@ trains only tau, on
 with tau clamped to [-1, 1] after every step (so any node can come back). Training only ranks the nodes:
 afterwards nodes are ordered by tau and `prune_to_target_loss` bisects over k for the smallest top-k circuit
 whose task loss reaches the target (default 0.15 nats). Faithfulness is then measured on held-out examples:
-full model, circuit, random circuits of the same size per location, and the complement.
+full model, circuit, random circuits of the same size per location, and the complement; the verdict (target
+reached, below chance, better than the full model, meaningful next to its control) is judged on those held-out
+numbers by `evaluation.circuit_verdict` and stored in the file (`meta.verdict`).
 
-    result = prune(model, tokenizer, "single_double_quote", PruneConfig(steps=300))
+    result = prune(model, tokenizer, "single_double_quote", PruneConfig(steps=300),
+                   progress=lambda fraction, desc: print(f"{fraction:.0%} {desc}"))  # "mask training: step 40 of 300"
     result.circuit.save("circuit.json")
 
 A control guards against circuits for tasks the model does not solve: `PruneConfig(control="shuffled")` also
@@ -29,7 +32,7 @@ import numbers
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -38,10 +41,12 @@ from .ablation import (
     ablate, compute_mean_activations, evaluate, example_windows, frozen_norm_scales, layer_ablation_deltas,
     input_device, node_attributions, node_importances, task_logits,
 )
-from .circuits import CircuitGraph, attach_node_data, location_width, node_locations
+from .circuits import CircuitGraph, attach_node_data, location_width, n_total_nodes, node_locations
+from .evaluation import CircuitVerdict, TargetAtChance, check_target, circuit_verdict
 from .tasks import TaskBatch, TaskExample, get_task, make_task_dataset, task_loss
 
 Masks = dict[str, torch.Tensor]
+Progress = Callable[[float, str], None]  # (fraction of the whole prune done, what runs now with its counts)
 
 
 CONTROLS = (None, "shuffled")
@@ -52,7 +57,7 @@ class PruneConfig:
     """Options of `prune` (all recorded in the circuit file's meta.options)."""
 
     ablation: str = "mean"  # "mean" or "zero"
-    target_loss: float = 0.15  # task loss (nats) the circuit must reach on the training examples
+    target_loss: float = 0.15  # task loss (nats) the circuit must reach (k: on training examples; verdict: held out)
     # when set, the target is max(target_loss, the full model's loss on the training examples + this): a model
     # that is itself above the target still gets a circuit "as good as the model, up to this margin"
     target_above_full: float | None = None
@@ -103,6 +108,7 @@ class PruneConfig:
         number("init", -1e9)  # any finite tau
         if self.control not in CONTROLS:
             raise ValueError(f"control must be one of {', '.join(map(str, CONTROLS))}, not {self.control!r}")
+        check_target(self.target_loss, "the target loss")
 
 
 # ---- masks ---------------------------------------------------------------------------------
@@ -153,8 +159,10 @@ class NodeMasks(torch.nn.Module):
             t.clamp_(-1.0, 1.0)
 
 
-def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfig) -> tuple[Masks, list[list]]:
-    """Learns node scores (tau) for a task; returns them and the curve [[step, task loss, n_kept]]."""
+def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfig,
+                report: Callable[[int, int], None] | None = None) -> tuple[Masks, list[list]]:
+    """Learns node scores (tau) for a task; returns them and the curve [[step, task loss, n_kept]].
+    `report(steps done, steps)` after every step."""
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: the same masks and batches on any device
     device = input_device(model)
     masks = NodeMasks(model.config, config.init, config.init_noise, gen).to(device)
@@ -178,6 +186,8 @@ def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfi
         curve.append([step, round(loss.item(), 6), int(n_kept.item())])
         if step % 10 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", kept=int(n_kept.item()), refresh=False)
+        if report is not None:
+            report(step + 1, config.steps)
     return masks.scores(), curve
 
 
@@ -211,18 +221,26 @@ def sweep_k(model, batch: TaskBatch, scores: Masks, means: Masks | None, ks, fre
 
 
 def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None, target_loss: float = 0.15,
-                         freeze_norm_scales: bool = False) -> tuple[int, float, bool]:
+                         freeze_norm_scales: bool = False,
+                         report: Callable[[int, int, int], None] | None = None) -> tuple[int, float, bool]:
     """Smallest k whose top-k circuit has task loss <= target, by bisection over k.
 
     The upper end is the trained circuit (nodes with score > 0) if it reaches the target, else all nodes:
     a pruned circuit is often *better* than the full model, so the full model missing the target does not
     mean no circuit reaches it. Bisection assumes the loss falls with k below that end. Returns
-    (k, its loss, reached); when neither end reaches the target, the better end with reached=False."""
-    def loss_at(k):
-        return evaluate(model, batch, top_k_masks(scores, k), means, freeze_norm_scales)[0]
-
+    (k, its loss, reached); when neither end reaches the target, the better end with reached=False.
+    `report(probe, most probes, k)` before each evaluation."""
     trained = sum(int((s > 0).sum()) for s in scores.values())
     total = sum(s.numel() for s in scores.values())
+    probes = [0]
+    most = len({trained, total}) + 1 + math.ceil(math.log2(max(total, 2)))
+
+    def loss_at(k):
+        probes[0] += 1
+        if report is not None:
+            report(probes[0], most, k)
+        return evaluate(model, batch, top_k_masks(scores, k), means, freeze_norm_scales)[0]
+
     ends = [(k, loss_at(k)) for k in dict.fromkeys((trained, total))]
     reaching = [(k, loss) for k, loss in ends if loss <= target_loss]
     if not reaching:
@@ -322,15 +340,18 @@ class ControlRun:
 
 
 def run_control(model, train: TaskBatch, test: TaskBatch, means: Masks | None, config: PruneConfig,
-                target_loss: float, kind: str = "shuffled") -> ControlRun:
-    """Prunes the control task (same prompts, shuffled answers) with the same options and target as the real one."""
+                target_loss: float, kind: str = "shuffled", stages: "_Stages | None" = None) -> ControlRun:
+    """Prunes the control task (same prompts, shuffled answers) with the same options and target as the real one;
+    `stages` hears of its mask training and bisection as the "control" stages."""
     if kind != "shuffled":
         raise ValueError(f"unknown control {kind!r}; known: shuffled")
     start = time.perf_counter()
     seed = config.seed + 1_000_003  # other swaps than any data seed, the same for every task
     ctrl_train, ctrl_test = shuffled_labels(train, seed), shuffled_labels(test, seed + 1)
-    scores, _ = train_masks(model, ctrl_train, means, config)
-    k, loss, reached = prune_to_target_loss(model, ctrl_train, scores, means, target_loss, config.freeze_norm_scales)
+    stages = stages or _Stages(None, config)
+    scores, _ = train_masks(model, ctrl_train, means, config, stages.training("control mask training"))
+    k, loss, reached = prune_to_target_loss(model, ctrl_train, scores, means, target_loss, config.freeze_norm_scales,
+                                            stages.bisection("control k bisection"))
     full_loss, _ = evaluate(model, ctrl_train)
     n = len(ctrl_train) + len(ctrl_test)
     swapped = sum(int((a.correct_ids != b.correct_ids).sum()) for a, b in ((ctrl_train, train), (ctrl_test, test))) / n
@@ -341,32 +362,79 @@ def run_control(model, train: TaskBatch, test: TaskBatch, means: Masks | None, c
 # ---- everything together -------------------------------------------------------------------
 
 
+class _Stages:
+    """The prune's progress for a `Progress` callback: each stage gets a share of [0, 1] by its rough cost (a mask
+    training step is one unit; a bisection about 60, evaluating a circuit about 80) and a description that names
+    it and its counts, e.g. "mask training: step 40 of 200"."""
+
+    NAMES = ("data", "mask training", "k bisection", "control mask training", "control k bisection", "evaluation")
+
+    def __init__(self, progress: Progress | None, config: PruneConfig, n_circuits: int = 1):
+        self.progress = progress
+        cost = {"data": 2, "mask training": config.steps, "k bisection": 60 if config.k is None else 1,
+                "control mask training": config.steps if config.control else 0,
+                "control k bisection": 60 if config.control else 0, "evaluation": 80 * n_circuits}
+        total, start, self.spans = sum(cost.values()), 0.0, {}
+        for name in self.NAMES:
+            self.spans[name] = (start / total, (start + cost[name]) / total)
+            start += cost[name]
+
+    def __call__(self, stage: str, done: float, total: float, desc: str) -> None:
+        if self.progress is not None:
+            lo, hi = self.spans[stage]
+            self.progress(lo + (hi - lo) * min(max(done / max(total, 1), 0.0), 1.0), desc)
+
+    def training(self, stage: str) -> Callable[[int, int], None]:
+        label = "control: mask training" if stage.startswith("control") else "mask training"
+        return lambda step, steps: self(stage, step, steps, f"{label}: step {step} of {steps}")
+
+    def bisection(self, stage: str) -> Callable[[int, int, int], None]:
+        label = "control: k bisection" if stage.startswith("control") else "k bisection"
+        return lambda probe, most, k: self(stage, probe - 1, most,
+                                           f"{label}: probe {probe} (at most {most}), k={k:,}")
+
+
 @dataclass
 class PruneResult:
     circuit: CircuitGraph
     scores: Masks
     keep_masks: Masks
-    train_loss: float
-    target_reached: bool
+    train_loss: float  # the circuit's loss on the training examples, where its size was chosen
+    target_reached: bool  # judged on held-out examples (verdict.passed): not only on the training ones
     seconds: float
     at_k: dict[int, CircuitGraph] = field(default_factory=dict)  # circuits of the sizes asked for with `ks`
+    verdict: CircuitVerdict | None = None  # evaluation.circuit_verdict of the circuit (also in meta.verdict)
+    target_reached_train: bool = False
 
 
 def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Masks | None = None,
-          model_name: str | None = None, cache_dir=None, ks=(), windows: torch.Tensor | None = None) -> PruneResult:
-    """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness on test.
+          model_name: str | None = None, cache_dir=None, ks=(), windows: torch.Tensor | None = None,
+          progress: Progress | None = None) -> PruneResult:
+    """Finds a circuit for a task: dataset, means, mask training, bisection on k, faithfulness and the verdict on
+    held-out examples.
 
     `ks` adds circuits of exactly those sizes, ranked by the same trained masks, in `result.at_k`. `means` and
     `windows` (held-out text for the nodes' activating examples) are computed when not given. With
-    `config.control`, every circuit also gets the control's numbers at its size (`circuit.control`)."""
+    `config.control`, every circuit also gets the control's numbers at its size (`circuit.control`).
+    `progress(fraction, description)` hears of every stage in order with its counts: "data", "mask training:
+    step i of N", "k bisection: probe j (at most M), k=...", "control: ..." (its own mask training and
+    bisection), "evaluation: circuit i of n (k=...): ...". A target at or above chance is a ValueError
+    (`evaluation.TargetAtChance`)."""
     config = config or PruneConfig()
+    n_nodes = n_total_nodes(model.config)
+    too_big = [k for k in ([config.k] if config.k is not None else []) + list(ks) if not 1 <= int(k) <= n_nodes]
+    if too_big:
+        raise ValueError(f"circuit size k={too_big[0]} is outside 1..{n_nodes}, the model's node count: a circuit "
+                         "of every node is the whole model, not a circuit")
     timings, t0 = {}, time.perf_counter()
+    stages = _Stages(progress, config, 1 + len(set(ks)))
 
     def lap(name):
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
 
     task = get_task(task)
     model.eval()
+    stages("data", 0, 1, "data: task examples and mean activations")
     data = make_task_dataset(task, tokenizer, n=config.n_examples, seed=config.data_seed, max_len=model.config.block_size)
     device = input_device(model)
     data.train, data.test = data.train.to(device), data.test.to(device)
@@ -377,45 +445,64 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
 
     target = config.target_loss
     if config.target_above_full is not None:
-        target = max(target, evaluate(model, data.train)[0] + config.target_above_full)
-    scores, curve = train_masks(model, data.train, fill, config)
+        full_train = evaluate(model, data.train)[0]
+        target = max(target, full_train + config.target_above_full)
+        check_target(target, f"the target max({config.target_loss:g}, the full model's training loss "
+                             f"{full_train:.3f} + {config.target_above_full:g}) on {task.name} =")
+    scores, curve = train_masks(model, data.train, fill, config, stages.training("mask training"))
     lap("training")
-    attributions = node_attributions(model, data.train, fill, None, config.freeze_norm_scales)  # the cheap ranking to beat
-    if windows is None and config.n_example_tokens:
-        windows = example_windows(model, tokenizer, config.n_example_tokens)
     total = sum(s.numel() for s in scores.values())
     if config.k is not None:
         k = min(config.k, total)
+        stages("k bisection", 0, 1, f"k bisection: none, k fixed at {k:,}")
         train_loss = evaluate(model, data.train, top_k_masks(scores, k), fill, config.freeze_norm_scales)[0]
         reached = train_loss <= target
     else:
-        k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, target, config.freeze_norm_scales)
+        k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, target, config.freeze_norm_scales,
+                                                      stages.bisection("k bisection"))
     lap("bisection")
+    test = data.test if len(data.test) else data.train  # held out; the training split only when none is
     control = None
     if config.control:
-        control = run_control(model, data.train, data.test if len(data.test) else data.train, fill, config, target,
-                              config.control)
+        control = run_control(model, data.train, test, fill, config, target, config.control, stages)
         lap("control")
+    n_circuits = 1 + len({min(int(x), total) for x in ks} - {k})
+    evaluated = [0]
+
+    def evaluating(k: int, what: str, part: int):  # part 0-4 of evaluating one circuit
+        stages("evaluation", evaluated[0] + part / 5, n_circuits,
+               f"evaluation: circuit {evaluated[0] + 1} of {n_circuits} (k={k:,}): {what}")
+
+    evaluating(k, "attribution baseline and held-out text", 0)
+    attributions = node_attributions(model, data.train, fill, None, config.freeze_norm_scales)  # the cheap ranking to beat
+    if windows is None and config.n_example_tokens:
+        windows = example_windows(model, tokenizer, config.n_example_tokens)
 
     def circuit_at(k: int, train_loss: float, reached: bool) -> CircuitGraph:
         start = time.perf_counter()
         keep = top_k_masks(scores, k)
-        test = data.test if len(data.test) else data.train
         fns = config.freeze_norm_scales
+        evaluating(k, "held-out losses", 1)
         faith = faithfulness(model, test, keep, fill, config.n_random, config.seed, config.random_margin, fns)
         method = "exact" if k <= config.max_exact_importances else "attribution"
+        evaluating(k, f"node importances ({method})", 2)
         importances = node_importances(model, test, keep, fill, fns, method=method)
+        evaluating(k, "layer deltas and attribution baseline", 3)
         deltas = layer_ablation_deltas(model, test, keep, fill, fns)
         by_attribution = top_k_masks(attributions, k)
         attribution_loss, attribution_acc = evaluate(model, test, by_attribution, fill, fns)
+        losses = {key: faith[key] for key in ("full", "circuit", "random", "complement")}
+        control_record = control.record(model, k) if control is not None else None
+        split = "test" if len(data.test) else "train"
+        verdict = circuit_verdict(losses, target, train_loss, control_record, k, split)
         circuit = CircuitGraph.from_masks(
             model, keep, importances, model_name=model_name, task=task.name, ablation=config.ablation,
-            target_loss=target, k=k, layer_deltas=deltas,
-            losses={key: faith[key] for key in ("full", "circuit", "random", "complement")},
+            target_loss=target, k=k, layer_deltas=deltas, losses=losses,
             pruning_curve=curve,
             meta={
                 "options": {key: v for key, v in asdict(config).items() if key != "progress"},
-                "train_circuit_loss": train_loss, "target_reached": reached, "eval_split": "test",
+                "train_circuit_loss": train_loss, "target_reached": bool(verdict.passed),
+                "target_reached_train": bool(reached), "verdict": verdict.as_dict(), "eval_split": split,
                 "n_train": len(data.train), "n_test": len(test), "importance_method": method,
                 "full_accuracy": faith["full_accuracy"], "circuit_accuracy": faith["circuit_accuracy"],
                 "random_losses": faith["random_losses"], "random_baseline_as_good": faith["random_baseline_as_good"],
@@ -429,9 +516,12 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
                    if task.examples is not None else {}),  # a user task travels with its circuit
             },
         )
-        if control is not None:
-            circuit.control = control.record(model, k)
-        return attach_node_data(model, circuit, windows, test) if windows is not None else circuit
+        circuit.control = control_record
+        if windows is not None:
+            evaluating(k, "node examples", 4)
+            circuit = attach_node_data(model, circuit, windows, test)
+        evaluated[0] += 1
+        return circuit
 
     circuit = circuit_at(k, train_loss, reached)
     lap("circuit")
@@ -439,7 +529,10 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     for extra in sorted({min(int(x), total) for x in ks} - {k}):
         loss = evaluate(model, data.train, top_k_masks(scores, extra), fill, config.freeze_norm_scales)[0]
         at_k[extra] = circuit_at(extra, loss, loss <= target)
-    return PruneResult(circuit, scores, top_k_masks(scores, k), train_loss, reached, time.perf_counter() - t0, at_k)
+    stages("evaluation", 1, 1, f"evaluation: done, k={k:,}")
+    verdict = circuit_verdict(circuit.losses, target, train_loss, circuit.control, k, circuit.meta["eval_split"])
+    return PruneResult(circuit, scores, top_k_masks(scores, k), train_loss, bool(verdict.passed),
+                       time.perf_counter() - t0, at_k, verdict, bool(reached))
 
 
 def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = None, ks=(), model_name: str | None = None,
@@ -447,7 +540,8 @@ def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = N
     """Circuits for many tasks (at the target loss and at each of `ks`), this process's share of them.
 
     Tasks are dealt round-robin to `num_processes` processes (`csp sweep` under `accelerate launch`); each
-    writes `{task}.json` and `{task}_k{k}.json` into `out_dir` and returns one summary per circuit."""
+    writes `{task}.json` and `{task}_k{k}.json` into `out_dir` and returns one summary per circuit (with its
+    verdict), and one `{"task", "refused": why, "path": None}` per task whose target is at or above chance."""
     config = config or PruneConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,7 +549,11 @@ def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = N
     windows = example_windows(model, tokenizer, config.n_example_tokens) if config.n_example_tokens else None
     summaries = []
     for task in list(tasks)[process_index::num_processes]:
-        result = prune(model, tokenizer, task, config, means=means, model_name=model_name, ks=ks, windows=windows)
+        try:
+            result = prune(model, tokenizer, task, config, means=means, model_name=model_name, ks=ks, windows=windows)
+        except TargetAtChance as exc:  # this task's target (relative to its full model) means nothing; go on
+            summaries.append({"task": get_task(task).name, "k": None, "path": None, "refused": str(exc)})
+            continue
         for name, circuit in [(f"{get_task(task).name}.json", result.circuit)] + [
             (f"{get_task(task).name}_k{k}.json", c) for k, c in result.at_k.items()
         ]:
@@ -465,6 +563,7 @@ def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = N
                 "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "losses": circuit.losses,
                 "full_accuracy": circuit.meta["full_accuracy"], "circuit_accuracy": circuit.meta["circuit_accuracy"],
                 "target_reached": circuit.meta["target_reached"],
+                "target_reached_train": circuit.meta["target_reached_train"], "verdict": circuit.meta["verdict"],
                 "random_baseline_as_good": circuit.meta["random_baseline_as_good"], "control": circuit.control,
             })
     return summaries

@@ -90,6 +90,19 @@ def test_evaluate_numbers(capsys, tiny, tmp_path):
     assert_one_line_error(code, err, "names no built-in task (None) and keeps no task examples: give --task NAME")
 
 
+def test_evaluate_judges_a_circuit_against_its_own_target(capsys, tiny, tmp_path):
+    """Status 1 when the held-out loss misses the target in the file; on another task there is no target to meet."""
+    model = CSPForCausalLM.from_pretrained(tiny)
+    strict = CircuitGraph.from_masks(model, all_kept(model.config), model_name="tiny", task="single_double_quote",
+                                     target_loss=0.01, meta={"options": {"n_examples": 64}}).save(tmp_path / "c.json")
+    code, out, err = run(capsys, "evaluate", "--model", tiny, "--circuit", strict)
+    result = one_json(out)
+    assert code == 1 and result["circuit_loss"] > 0.01 and result["verdict"]["target_reached_heldout"] is False
+    assert "warning: target not reached: held-out circuit loss" in err and "error" not in err
+    code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task", "for_while", "--circuit", strict)
+    assert code == 0 and one_json(out)["verdict"]["target"] is None
+
+
 def test_evaluate_uses_the_circuits_own_options_capped(capsys, tiny, tmp_path):
     """The random baseline is drawn as the circuit's pruning did (its n_random, seed, frozen norms), as the app
     does; a file asking for huge sizes is capped with a note on stderr."""
@@ -108,12 +121,21 @@ def test_evaluate_uses_the_circuits_own_options_capped(capsys, tiny, tmp_path):
 
 def test_prune_writes_a_circuit(capsys, tiny, tmp_path):
     out_file = tmp_path / "c.json"
-    code, out, _ = run(capsys, "prune", "--model", tiny, "--task", "single_double_quote", "--steps", 4, "--quiet",
-                       "--n-examples", 64, "--target-loss", 10, "--out", out_file)
+    code, _, err = run(capsys, "prune", "--model", tiny, "--task", "single_double_quote", "--target-loss", 10,
+                       "--out", out_file)
+    assert_one_line_error(code, err, "the target loss 10.000 nats is at or above chance (ln 2 = 0.693")
+    code, out, err = run(capsys, "prune", "--model", tiny, "--task", "single_double_quote", "--steps", 4, "--quiet",
+                         "--n-examples", 64, "--target-loss", 0.6, "--out", out_file)
     summary = one_json(out)
-    assert code == 0 and summary["out"] == str(out_file) and summary["target_reached"]
+    verdict = summary["verdict"]  # judged on held-out examples, as the file records it
+    assert code == 0 and summary["out"] == str(out_file) and summary["target_reached"] == verdict["passed"]
+    assert verdict["circuit_loss"] == summary["losses"]["circuit"] and verdict["split"] == "test"
+    assert summary["target_reached_train"] == (summary["train_circuit_loss"] <= 0.6)
+    assert [line[len("warning: "):] for line in err.splitlines() if line.startswith("warning: ")] == [
+        m[2:].lstrip() for m in verdict["messages"] if m.startswith("⚠️")]
     circuit = CircuitGraph.load(out_file, model=CSPForCausalLM.from_pretrained(tiny))
     assert circuit.task == "single_double_quote" and circuit.n_nodes == summary["n_nodes"] == circuit.k
+    assert circuit.meta["verdict"] == verdict and circuit.meta["target_reached"] == summary["target_reached"]
     assert circuit.meta["options"]["steps"] == 4 and circuit.meta["options"]["freeze_norm_scales"] is False
     assert len(circuit.pruning_curve) == 4 and set(circuit.losses) == {"full", "circuit", "random", "complement"}
 
@@ -236,9 +258,31 @@ def test_prune_and_evaluate_default_model(capsys, tmp_path):
     assert code == 0 and summary["k"] == summary["n_nodes"] == 40 and summary["n_edges"] > 0
     code, out, _ = run(capsys, "evaluate", "--model", "default", "--circuit", tmp_path / "c.json")  # its own task
     result = one_json(out)
-    assert code == 0 and result["n_nodes"] == 40 and result["task"] == "single_double_quote"
+    assert code == (0 if summary["verdict"]["passed"] else 1)  # judged on held-out examples, as prune judged it
+    assert result["n_nodes"] == 40 and result["task"] == "single_double_quote"
     for key in ("full", "circuit", "random", "complement"):
         assert result[f"{key}_loss"] == pytest.approx(summary["losses"][key], abs=1e-5)
+    assert result["verdict"]["passed"] == summary["verdict"]["passed"]
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),
+                    reason="the default model (modeling_csp/default_model) has not been trained yet")
+def test_evaluate_exits_1_for_a_circuit_that_misses_its_own_target_held_out(capsys):
+    """Shipped circuits: status 0 for one whose held-out loss meets the target in its file, 1 (with a warning
+    line) for one that reaches it only on its training examples; 2 stays for bad input."""
+    from modeling_csp.evaluation import verdict_of
+
+    shipped = [CircuitGraph.load(DEFAULT_MODEL / "circuits" / e["path"]) for e in
+               json.loads((DEFAULT_MODEL / "circuits" / "index.json").read_text()) if e["at_target"]]
+    by_outcome = {bool(verdict_of(c).passed): c for c in shipped}
+    for passed, circuit in sorted(by_outcome.items()):
+        path = DEFAULT_MODEL / "circuits" / f"{circuit.task}.json"
+        code, out, err = run(capsys, "evaluate", "--model", "default", "--circuit", path)
+        result = one_json(out)
+        assert code == (0 if passed else 1) and result["verdict"]["passed"] is passed, (circuit.task, err)
+        assert result["target_loss"] == circuit.target_loss
+        assert result["target_reached"] == (result["circuit_loss"] <= circuit.target_loss)
+        assert ("warning: target" in err) is not passed
 
 
 QUOTE_ROWS = [{"prompt": f"{v} = {q}{w} {i}", "correct": q, "incorrect": "'" if q == '"' else '"'}
@@ -271,19 +315,21 @@ def test_tasks_check_reports_accuracy_on_a_task_file(capsys, tiny, tmp_path):
 def test_prune_a_task_file_with_the_shuffled_control(capsys, tiny, tmp_path):
     file, out_file = task_file(tmp_path / "quotes.jsonl"), tmp_path / "c.json"
     code, out, _ = run(capsys, "prune", "--model", tiny, "--task-file", file, "--control", "shuffled", "--steps", 3,
-                       "--quiet", "--target-loss", 10, "--out", out_file)
+                       "--quiet", "--target-loss", 0.6, "--out", out_file)
     summary = one_json(out)
     assert code == 0 and summary["task"] == "quotes" and summary["control"]["kind"] == "shuffled"
     circuit = CircuitGraph.load(out_file)
     assert circuit.control == summary["control"] and circuit.control["k"] == circuit.k
-    assert circuit.control["k_to_target"] is not None  # a target of 10 nats: anything reaches it
+    assert circuit.control["reached"] == (circuit.control["k_to_target"] is not None)
+    assert summary["verdict"]["means_something"] is not None  # judged with the control
+    missed = 0 if summary["verdict"]["passed"] else 1  # csp evaluate's status: 1 when the held-out loss misses
     assert circuit.meta["task_file"]["path"] == str(file) and len(circuit.meta["task_file"]["sha256"]) == 64
     assert circuit.meta["options"]["control"] == "shuffled"
     code, out, _ = run(capsys, "evaluate", "--model", tiny, "--task-file", file, "--circuit", out_file)
-    assert code == 0 and one_json(out)["circuit_loss"] == pytest.approx(circuit.losses["circuit"])
+    assert code == missed and one_json(out)["circuit_loss"] == pytest.approx(circuit.losses["circuit"])
     file.unlink()  # the circuit keeps its examples: it is evaluated on its own task without the file
     code, out, _ = run(capsys, "evaluate", "--model", tiny, "--circuit", out_file)
-    assert code == 0 and one_json(out)["circuit_loss"] == pytest.approx(circuit.losses["circuit"])
+    assert code == missed and one_json(out)["circuit_loss"] == pytest.approx(circuit.losses["circuit"])
     assert one_json(out)["task"] == "quotes"
 
 

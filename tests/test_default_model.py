@@ -160,6 +160,26 @@ def test_shipped_circuits_meet_the_goal(record):
     assert size < 20_000_000, f"default model folder with circuits is {size / 1e6:.1f} MB"
 
 
+def test_shipped_circuits_are_judged_on_held_out_data_and_their_flags_reported():
+    """Every shipped circuit still loads and is judged by `evaluation.circuit_verdict` on its held-out losses: the
+    report's goal (max(0.15, full + 0.05)) holds there, and whatever its own target raises is named in the report."""
+    from modeling_csp.circuits import CircuitGraph
+    from modeling_csp.evaluation import circuit_verdict, verdict_of
+
+    readme = (FOLDER / "README.md").read_text()
+    for e in json.loads((FOLDER / "circuits" / "index.json").read_text()):
+        circuit = CircuitGraph.load(FOLDER / "circuits" / e["path"])
+        verdict = verdict_of(circuit)
+        assert verdict.circuit_loss == circuit.losses["circuit"] and verdict.split == "test"
+        if not e["at_target"]:
+            continue
+        goal = circuit_verdict(circuit.losses, max(0.15, circuit.losses["full"] + 0.05))
+        assert goal.passed and not goal.at_or_above_chance, e["task"]
+        assert verdict.means_something, e["task"]  # its control stays far above it on held-out examples
+        for warning in verdict.warnings:
+            assert f"**{e['task']}**" in readme and warning in readme, (e["task"], warning)
+
+
 @pytest.mark.parametrize("name", ["modeling_csp.py", "configuration_csp.py"])
 def test_remote_code_is_the_package_code(name):
     """The folder's remote code is what the package runs, so both give the same numbers."""

@@ -14,7 +14,7 @@ import torch
 
 from conftest import FIXTURES, TEST_TASK
 from modeling_csp.circuits import parse_node_id
-from modeling_csp.evaluation import MAX_EXAMPLES
+from modeling_csp.evaluation import MAX_EXAMPLES, verdict_of
 from modeling_csp.explorer import analysis as A
 from modeling_csp.explorer import registry
 from modeling_csp.explorer.registry import UserError
@@ -250,14 +250,37 @@ def test_next_tokens_clamps_k_with_a_notice(model_run):
 
 
 def test_pruning_says_beforehand_when_the_target_is_out_of_reach(model_run):
+    """Before pruning: a target under the full model's held-out loss is out of reach, one at or above chance
+    (ln 2) is refused, absolute or relative, and no message calls a target at or above chance reachable."""
+    import math
+
     entry, _ = model_run
-    full = A.full_loss(entry, "with_as", A.EvalOptions())
-    strict = A.prune_target(entry, "with_as", 0.5 * full)
-    assert not strict.reachable and strict.message.startswith("⚠️") and f"{1.2 * full:.3f}" in strict.message
-    relative = A.prune_target(entry, "with_as", 1.2, relative=True)
-    assert relative.reachable and relative.target == pytest.approx(1.2 * full) and "1.20 ×" in relative.message
+    fulls = {task: A.full_loss(entry, task, A.EvalOptions()) for task in A.task_names()}
+    good = min(fulls, key=fulls.get)  # the task the model does best, and one it does not do at all
+    bad = max(fulls, key=fulls.get)
+    assert fulls[good] < 0.5 and fulls[bad] >= math.log(2)
+    strict = A.prune_target(entry, good, 0.5 * fulls[good])
+    suggested = min(1.2 * fulls[good], (fulls[good] + math.log(2)) / 2)
+    assert not strict.reachable and strict.message.startswith("⚠️") and f"= {suggested:.3f} nats" in strict.message
+    relative = A.prune_target(entry, good, 1.2, relative=True)
+    assert relative.reachable and relative.target == pytest.approx(1.2 * fulls[good]) and "1.20 ×" in relative.message
+    hopeless = A.prune_target(entry, bad, 0.15)
+    assert not hopeless.reachable and "at or above chance" in hopeless.message and "within reach" not in hopeless.message
+    for target, relative in ((math.log(2), False), (0.8, False), (1.2, True)):
+        with pytest.raises(UserError, match=r"at or above chance \(ln 2 = 0\.693"):
+            A.prune_target(entry, bad, target, relative)
+    with pytest.raises(UserError, match=f"{fulls[bad]:.3f}, itself at or above chance"):
+        A.prune_target(entry, bad, 1.2, True)
+    for task, full in fulls.items():  # 1.2 x the full model: refused, or a target under chance
+        try:
+            goal = A.prune_target(entry, task, 1.2, relative=True)
+        except UserError as exc:
+            assert 1.2 * full >= math.log(2) and "at or above chance" in str(exc)
+        else:
+            assert goal.target < math.log(2) and goal.reachable
     for target, relative, message in ((0, False, "between 0 and 10"), (12, False, "between 0 and 10"),
-                                      ("x", False, "not a number"), (50, True, "factor")):
+                                      ("x", False, "not a number"), ("nan", False, "not a number"),
+                                      (50, True, "factor")):
         with pytest.raises(UserError, match=message):
             A.prune_target(entry, "with_as", target, relative)
     with pytest.raises(UserError, match="choose a task"):
@@ -271,10 +294,12 @@ def test_two_users_at_once_prune_and_browse_the_same_model(model_run):
 
     entry, run = model_run
     alone = [A.next_tokens(entry, 'x = "hello', run, k=5), A.next_tokens(entry, "def f(x):\n    return x")]
+    calls = []
     with ThreadPoolExecutor(2) as pool:
         # a task the model does but ships no circuit for (on one it fails, such as with_as, the empty circuit
         # can already be within 1.2x of the full model's loss)
-        pruning = pool.submit(A.prune_circuit, entry, "single_double_quote", 1.2, A.MIN_PRUNE_STEPS, True)
+        pruning = pool.submit(A.prune_circuit, entry, "single_double_quote", 1.2, A.MIN_PRUNE_STEPS, True,
+                              lambda fraction, desc: calls.append((fraction, desc)))
         during = []
         while not pruning.done() or not during:
             during.append([A.next_tokens(entry, 'x = "hello', run, k=5), A.next_tokens(entry, "def f(x):\n    return x")])
@@ -282,3 +307,13 @@ def test_two_users_at_once_prune_and_browse_the_same_model(model_run):
     assert all(answers == alone for answers in during)
     assert outcome.run.circuit.n_nodes > 0 and outcome.run.circuit.task == "single_double_quote"
     assert all(p.grad is None for p in entry.model.parameters())
+    # the progress the app shows: every stage in order, with its counts
+    stages = list(dict.fromkeys(desc.split(":")[0] for _, desc in calls))
+    assert stages == ["mean activations", "data", "mask training", "k bisection", "evaluation"], stages
+    assert f"mask training: step {A.MIN_PRUNE_STEPS} of {A.MIN_PRUNE_STEPS}" in [d for _, d in calls]
+    assert [f for f, _ in calls] == sorted(f for f, _ in calls) and calls[-1][0] == 1.0
+    # the message is the held-out verdict: ✅ only when the circuit meets its target there
+    c, verdict = outcome.run.circuit, verdict_of(outcome.run.circuit)
+    assert outcome.reached == bool(verdict.passed and c.n_nodes <= entry.n_total_nodes / 2)
+    assert outcome.message.startswith("✅") == outcome.reached
+    assert f"{c.losses['circuit']:.3f}" in outcome.message and verdict.messages(without=("control",))[0][1:] in outcome.message

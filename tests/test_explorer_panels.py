@@ -205,6 +205,7 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
     """Paste or upload task lines: the task joins the session's task list (checked: the full model's accuracy),
     a pruning run with the shuffled-answer control is browsable, and a link to it works on a server that has
     forgotten the task (the run carries its examples)."""
+    from modeling_csp.evaluation import verdict_of
     from modeling_csp.explorer.view import Request, resolve_view
 
     monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))
@@ -224,6 +225,9 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
     assert "Shuffled-answer control: loss" in view.summary and f"**Task** `{name}`: your task" in view.summary
     circuit = view.run.load()
     assert circuit.control["kind"] == "shuffled" and len(circuit.meta["task_examples"]) == 40
+    verdict = verdict_of(circuit)  # a custom task's circuit is judged like any other, on its held-out examples
+    assert ("better than the full model" in new.message) == bool(verdict.better_than_full)
+    assert new.message.startswith("✅") == bool(verdict.passed and circuit.n_nodes <= view.entry.n_total_nodes / 2)
 
     registry._CUSTOM_TASKS.clear()  # a restarted server: only the run store remembers
     registry.run_store()._runs.clear()

@@ -314,3 +314,82 @@ def test_control_record(rms_model, means, batch):
     assert record["loss_at_k"] == pytest.approx(loss)
     with pytest.raises(ValueError, match="control must be one of"):
         PruneConfig(control="permuted")
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="the default model has not been trained yet")
+def test_prune_reports_every_stage_in_order_and_judges_on_held_out_examples():
+    """`progress(fraction, description)` hears of each stage with its counts, in order, on a short real prune
+    with its control; the circuit's verdict is `circuit_verdict` of its held-out losses, stored in the file."""
+    import json
+    import re
+
+    from modeling_csp.evaluation import circuit_verdict
+    from modeling_csp.loading import load_model_and_tokenizer
+    from modeling_csp.pruning import prune
+
+    model, tokenizer = load_model_and_tokenizer("default")
+    config = PruneConfig(steps=6, n_examples=32, n_random=1, n_example_tokens=0, n_mean_tokens=2048, target_loss=0.5,
+                         control="shuffled", max_exact_importances=0, progress=False)
+    calls = []
+    result = prune(model, tokenizer, "while_return_true", config, cache_dir=False, ks=[8],
+                   progress=lambda fraction, desc: calls.append((fraction, desc)))
+    fractions, descs = [f for f, _ in calls], [d for _, d in calls]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] == 1.0
+
+    def stage(desc):
+        return re.match(r"(control: )?[a-z ]+", desc).group(0)
+
+    order = list(dict.fromkeys(stage(d) for d in descs))
+    assert order == ["data", "mask training", "k bisection", "control: mask training", "control: k bisection",
+                     "evaluation"]
+    assert [d for d in descs if d.startswith("mask training")] == [f"mask training: step {i} of 6" for i in range(1, 7)]
+    probes = [re.match(r"k bisection: probe (\d+) \(at most (\d+)\), k=([\d,]+)$", d) for d in descs
+              if d.startswith("k bisection")]
+    assert all(probes) and [int(p.group(1)) for p in probes] == list(range(1, len(probes) + 1)) and len(probes) > 3
+    assert len(probes) <= int(probes[0].group(2))
+    assert any(d.startswith("evaluation: circuit 2 of 2 (k=8)") for d in descs)
+
+    circuit, verdict = result.circuit, result.verdict
+    recomputed = circuit_verdict(circuit.losses, circuit.target_loss, result.train_loss, circuit.control, circuit.k)
+    assert verdict == recomputed and circuit.meta["verdict"] == verdict.as_dict()
+    assert result.target_reached == circuit.meta["target_reached"] == (circuit.losses["circuit"] <= 0.5)
+    assert result.target_reached_train == circuit.meta["target_reached_train"] == (result.train_loss <= 0.5)
+    assert verdict.reached_only_on_train == (result.target_reached_train and not result.target_reached)
+    assert json.loads(json.dumps(circuit.meta["verdict"], allow_nan=False)) == circuit.meta["verdict"]
+    small = result.at_k[8]
+    assert small.meta["verdict"]["circuit_loss"] == small.losses["circuit"] and small.meta["verdict"]["split"] == "test"
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="the default model has not been trained yet")
+def test_a_target_at_or_above_chance_is_refused(tmp_path):
+    """Also one relative to a full model that is itself worse than chance: a sweep skips that task and says why."""
+    import math
+
+    from modeling_csp.evaluation import TargetAtChance
+    from modeling_csp.loading import load_model_and_tokenizer
+    from modeling_csp.pruning import prune, prune_sweep
+    from modeling_csp.tasks import make_task_dataset
+
+    for target in (math.log(2), 0.8, 10):
+        with pytest.raises(TargetAtChance, match="at or above chance"):
+            PruneConfig(target_loss=target)
+    model, tokenizer = load_model_and_tokenizer("default")
+    config = PruneConfig(ablation="zero", target_above_full=0.05, n_examples=64, n_example_tokens=0, progress=False)
+    full = evaluate(model, make_task_dataset("set_or_string_fixedvarname", tokenizer, n=64, max_len=128).train)[0]
+    assert full >= math.log(2)  # the model does not do this task
+    with pytest.raises(TargetAtChance, match=f"training loss {full:.3f}"):
+        prune(model, tokenizer, "set_or_string_fixedvarname", config)
+    summaries = prune_sweep(model, tokenizer, ["set_or_string_fixedvarname"], tmp_path, config)
+    assert summaries[0]["path"] is None and "at or above chance" in summaries[0]["refused"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_refuses_a_circuit_larger_than_the_model_before_any_work(rms_model):
+    """PruneConfig cannot know the model; `prune` checks k and ks against its node count before it trains."""
+    from modeling_csp.circuits import n_total_nodes
+    from modeling_csp.pruning import prune
+
+    n = n_total_nodes(rms_model.config)
+    for config, ks in ((PruneConfig(k=n + 1, progress=False), ()), (PruneConfig(progress=False), (8, 10**9))):
+        with pytest.raises(ValueError, match=f"outside 1..{n}"):
+            prune(rms_model, None, "single_double_quote", config, ks=ks)

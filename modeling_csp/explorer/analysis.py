@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..circuits import QUANTILES, CircuitGraph, parse_node_id, quantile_examples
-from ..evaluation import EvalOptions, circuit_losses
+from ..evaluation import CHANCE_LOSS, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of
 from ..tasks import list_tasks
 from .registry import ModelEntry, Run, UserError, first_line, is_task, log, resolve_task, settings
 
@@ -119,7 +119,8 @@ def circuit_at_k(entry: ModelEntry, run: Run, k: int | None) -> CircuitGraph:
 class CircuitStats:
     """Task losses (nats) of the full model, the circuit, random same-size circuits (mean) and the complement,
     and each sublayer's ablation delta. `live`: some were computed now rather than read from the file;
-    `complete`: nothing more will be computed; `notices`: capped evaluation options."""
+    `complete`: nothing more will be computed; `notices`: capped evaluation options; `verdict`: what the held-out
+    losses say (`evaluation.circuit_verdict`; against the circuit's target only at its own k and task)."""
 
     full: float | None = None
     circuit: float | None = None
@@ -130,6 +131,7 @@ class CircuitStats:
     complete: bool = False
     error: str | None = None
     notices: tuple[str, ...] = ()
+    verdict: CircuitVerdict | None = None
 
     @property
     def random_as_good(self) -> bool:
@@ -190,7 +192,9 @@ def circuit_stats(entry: ModelEntry, run: Run, k: int | None, task: str | None, 
         error = str(exc)
     except Exception as exc:
         error = f"could not evaluate the circuit on {task}: {first_line(exc)}"
-    stats = CircuitStats(**values, layer_deltas=deltas, live=live, complete=True, error=error, notices=options.notices)
+    verdict = None if error else verdict_of(circuit, values, own_task=own)
+    stats = CircuitStats(**values, layer_deltas=deltas, live=live, complete=True, error=error, notices=options.notices,
+                         verdict=verdict)
     return entry.memo.get("stats", key, lambda: stats)
 
 
@@ -739,31 +743,47 @@ class PruneTarget:
 
 
 def prune_target(entry: ModelEntry, task: str | None, target: Any, relative: bool = False) -> PruneTarget:
-    """The target in nats: `target` itself, or `target` × the full model's loss when `relative`; and a message
-    that warns when even the full model misses it."""
+    """The target in nats: `target` itself, or `target` × the full model's held-out loss when `relative`; and a
+    message that warns when even the full model misses it. A target at or above chance (ln 2) is refused: a
+    circuit reaching it would not do the task."""
     if not is_task(task):
         raise UserError("choose a task to prune for")
     full = full_loss(entry, task, EvalOptions())
     try:
         value = float(target)
+        if not math.isfinite(value):
+            raise ValueError
     except (TypeError, ValueError):
         raise UserError(f"the target {target!r} is not a number") from None
     if relative:
         if not 0 < value <= 20:
             raise UserError("a relative target must be a factor in (0, 20] of the full model's loss")
-        nats = value * full
+        nats, what = value * full, f"the target {value:g} × the full model's held-out loss {full:.3f} ="
     else:
         if not 0 < value < 10:
             raise UserError("the target loss must be between 0 and 10 nats")
-        nats = value
+        nats, what = value, "the target"
+    at_chance = full >= CHANCE_LOSS
+    try:
+        check_target(nats, what)
+    except ValueError as exc:
+        hint = (f" The full model's held-out loss on {task} is {full:.3f}, itself at or above chance: it does not do "
+                "this task, so no circuit of it will." if at_chance else
+                f" A factor below {CHANCE_LOSS / full:.2f} of the full model's {full:.3f} is under chance."
+                if relative else "")
+        raise UserError(str(exc) + "." + hint) from None
     reachable = full <= nats
-    head = f"The full model's loss on {task} is {full:.3f} nats"
+    head = f"The full model's held-out loss on {task} is {full:.3f} nats"
     if reachable:
         message = f"{head}; the target {nats:.3f} nats is {nats / max(full, 1e-9):.2f} × that."
+    elif at_chance:
+        message = (f"⚠️ {head}, at or above chance (ln 2 = {CHANCE_LOSS:.3f}): the model does not do this task, so "
+                   f"pruning will not reach the target {nats:.3f} nats, nor any target below chance.")
     else:
+        suggestion = min(1.2 * full, (full + CHANCE_LOSS) / 2)  # above the full model, still below chance
         message = (f"⚠️ {head}, above the target {nats:.3f}: pruning will most likely not reach it (a circuit "
                    f"rarely beats the full model by much). A target relative to the full model, such as "
-                   f"1.2 × {full:.3f} = {1.2 * full:.3f} nats, is reachable.")
+                   f"{suggestion / full:.2f} × {full:.3f} = {suggestion:.3f} nats, is within reach.")
     return PruneTarget(task, full, nats, reachable, message)
 
 
@@ -782,7 +802,10 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
                   progress: Callable[[float, str], None] | None = None, control: bool = False) -> PruneOutcome:
     """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise), with the
     shuffled-answer control when asked; its hooks are this call's own, so other users' views keep running on the
-    same model meanwhile."""
+    same model meanwhile. `progress(fraction, description)` hears of every stage with its counts ("mask training:
+    step 40 of 200", "k bisection: probe 3 (at most 15), k=1,410", "control: ...", "evaluation: ..."). The
+    message is the held-out verdict (`evaluation.circuit_verdict`): ✅ only for a target reached on held-out
+    examples, below chance, by a circuit smaller than half of the model."""
     from ..pruning import PruneConfig, prune
 
     goal = prune_target(entry, task, target, relative)
@@ -790,40 +813,49 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     report = progress or (lambda fraction, desc: None)
     report(0, "mean activations")
     means = entry.means()
-    report(0.05, "pruning")
     config = PruneConfig(target_loss=goal.target, steps=steps, control="shuffled" if control else None)
-    result = prune(entry.model, entry.tokenizer, resolve_task(task), config, means=means, model_name=entry.spec)
-    c = result.circuit
+    result = prune(entry.model, entry.tokenizer, resolve_task(task), config, means=means, model_name=entry.spec,
+                   progress=lambda fraction, desc: report(0.02 + 0.98 * fraction, desc))
+    c, verdict = result.circuit, result.verdict
     share = c.n_nodes / entry.n_total_nodes
-    loss = float(c.meta.get("train_circuit_loss") or float("nan"))
-    if not result.target_reached:
-        message = (f"⚠️ target not reached: the best circuit found keeps {c.n_nodes:,} of {entry.n_total_nodes:,} nodes "
-                   f"({share:.0%}) with training loss {loss:.3f} > target {goal.target:.3f} nats. Train longer or "
-                   "set a higher target.")
-    elif share > 0.5:
-        message = (f"⚠️ target reached only with {c.n_nodes:,} of {entry.n_total_nodes:,} nodes ({share:.0%}): "
-                   "that is most of the model, not a circuit. Train longer (more steps).")
-    else:
-        message = (f"✅ target reached: k={c.n_nodes} nodes, {c.n_edges} edges, training loss {loss:.3f} ≤ "
-                   f"{goal.target:.3f} nats; held-out circuit loss {c.losses.get('circuit', float('nan')):.3f}.")
+    size = f"k={c.n_nodes:,} of {entry.n_total_nodes:,} nodes ({share:.0%}), {c.n_edges:,} edges"
+    texts = list(verdict.messages(without=("control",)))
+    if verdict.passed and share > 0.5:  # reached, but with most of the model: no ✅
+        texts[0] = "⚠️" + texts[0][1:]
+        texts.append(f"⚠️ that takes {share:.0%} of the model's nodes: most of the model, not a circuit; train longer "
+                     "(more steps)")
+    elif not verdict.passed:
+        texts.append("Train longer, or set a higher target (below chance)" if not verdict.at_or_above_chance else
+                     "Train longer; if the full model itself is weak on this task, no circuit will do it")
+    message = ". ".join([f"{texts[0]} — {size}" if texts else size] + texts[1:]) + "."
     if c.control:
-        message += " " + control_text(c.control, c.losses.get("random"))
+        message += " " + control_text(c.control, c.losses.get("random"), verdict)
     message += f" ({result.seconds:.0f} s, {steps} steps)" + (f" — {note}" if note else "")
     run = Run(id=f"pruned:{task}:{int(time.time())}", name=f"pruned here · {task} · k={c.k} · {time.strftime('%H:%M')}",
               source="pruned", circuit=c, scores=result.scores, task=task, k=c.k)
-    return PruneOutcome(run, bool(result.target_reached and share <= 0.5), message, goal)
+    return PruneOutcome(run, bool(verdict.passed and share <= 0.5), message, goal)
 
 
-def control_text(control: dict, random: float | None = None) -> str:
+def control_text(control: dict, random: float | None = None, verdict: CircuitVerdict | None = None) -> str:
     """One line on a circuit's shuffled-answer control (docs/circuit_format.md): what the same pruning finds when
-    the answers are noise, at the circuit's size and to reach the target."""
+    the answers are noise, at the circuit's size (held out and on training examples) and to reach the target, and
+    whether the circuit means something: the held-out judgement of `verdict` when given, else said to be a
+    training-split reading."""
     needs = (f"needs k={control['k_to_target']} to reach the target" if control.get("k_to_target") is not None
              else "cannot reach the target")
-    verdict = ("✅ the circuit means something" if control.get("k_to_target") is None or control["k_to_target"] > control["k"]
-               else "⚠️ the control does as well: this circuit may fit noise")
     base = f", random same-size {random:.3f}" if random is not None else ""
-    return (f"Shuffled-answer control: loss {control['loss_at_k']:.3f} at k={control['k']}{base}; it {needs} — "
-            f"{verdict}.")
+    test = control.get("test_loss_at_k")
+    held = (f"loss {test:.3f} held out ({control['loss_at_k']:.3f} on training examples)"
+            if isinstance(test, (int, float)) else f"loss {control['loss_at_k']:.3f} on training examples")
+    note = verdict.note("control") if verdict is not None else None
+    if note is not None:
+        judged = ("✅ " if note.good else "⚠️ ") + note.text
+    else:
+        fits = control.get("k_to_target") is not None and control["k_to_target"] <= control["k"]
+        judged = ("⚠️ training-split reading only: " + ("the control does as well, this circuit may fit noise" if fits
+                                                        else "the control needs more nodes than the circuit"))
+    return (f"Shuffled-answer control: {held} at k={control['k']}{base}; on its training examples it {needs} — "
+            f"{judged}.")
 
 
 def warm_up(spec: str | None = None) -> None:

@@ -195,16 +195,24 @@ DETAILS_CSS = ("<style>.csp-details-row{display:flex;gap:24px;flex-wrap:wrap;ali
 def run_details(entry: ModelEntry, run: Run | None) -> str:
     """The run's pruning configuration and outcome, and the model's final training metrics, as three tables
     side by side (HTML)."""
+    from ..evaluation import verdict_of
+
     parts = []
     if run is not None:
-        meta = run.load().meta or {}
+        circuit = run.load()
+        meta = circuit.meta or {}
         config = meta.get("options") or meta.get("prune_config") or {}
         if isinstance(config, dict) and config:
             parts.append(_table("Pruning configuration", [(k, v) for k, v in config.items()
                                                           if not isinstance(v, (dict, list))]))
-        outcome = [(k, meta[k]) for k in ("target_reached", "train_circuit_loss", "full_accuracy", "circuit_accuracy",
-                                          "random_baseline_as_good", "importance_method", "n_train", "n_test", "seconds")
-                   if k in meta]
+        verdict = verdict_of(circuit)  # judged now on the held-out losses, also for files older than meta.verdict
+        judged = [("target_reached", verdict.passed), ("target_reached_train", verdict.target_reached_train),
+                  ("reached_only_on_train", verdict.reached_only_on_train),
+                  ("at_or_above_chance", verdict.at_or_above_chance), ("better_than_full", verdict.better_than_full),
+                  ("means_something", verdict.means_something)] if verdict.target is not None else []
+        outcome = [(k, v) for k, v in judged if v is not None] + [
+            (k, meta[k]) for k in ("train_circuit_loss", "full_accuracy", "circuit_accuracy", "random_baseline_as_good",
+                                   "importance_method", "n_train", "n_test", "seconds") if k in meta]
         if outcome:
             parts.append(_table("Pruning outcome", outcome, ("measure", "value")))
         if not parts:

@@ -182,11 +182,13 @@ class View:
             lines.append(f"⚠️ {s.error}")
         if s.notices:
             lines.append("⚠️ " + "; ".join(s.notices))
+        if s.verdict is not None:  # judged on held-out examples (evaluation.circuit_verdict)
+            lines += s.verdict.messages(without=("control",))
         if s.random_as_good:
             lines.append("⚠️ random circuits of the same size do as well: this circuit says little about which nodes matter.")
         control = self.circuit.control
         if isinstance(control, dict) and control.get("k") == self.circuit.n_nodes and "loss_at_k" in control:
-            lines.append(A.control_text(control, s.random))
+            lines.append(A.control_text(control, s.random, s.verdict))
         return "\n\n".join(lines)
 
     @cached_property
