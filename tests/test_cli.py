@@ -414,9 +414,9 @@ def test_every_json_the_cli_writes_is_strict(capsys, tiny, tmp_path):
 
     outputs = []
     for argv in (("prune", "--model", tiny, "--task", "single_double_quote", "--steps", 2, "--n-examples", 32, "--quiet",
-                  "--target-loss", 10, "--out", tmp_path / "c.json"),
+                  "--target-loss", 0.5, "--out", tmp_path / "c.json"),
                  ("sweep", "--model", tiny, "--tasks", "single_double_quote", "--ks", "4,8", "--steps", 2,
-                  "--n-examples", 32, "--quiet", "--target-loss", 10, "--out-dir", tmp_path / "sweep"),
+                  "--n-examples", 32, "--quiet", "--target-loss", 0.5, "--out-dir", tmp_path / "sweep"),
                  ("import-viz", VIZ, tmp_path / "viz.json"),
                  ("tasks", "--check", task_file(tmp_path / "two.jsonl", QUOTE_ROWS[:2]), "--model", tiny,
                   "--n-examples", 8)):
