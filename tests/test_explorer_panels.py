@@ -169,18 +169,23 @@ def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     """Pruning warns beforehand, then a short run that misses its target says so (no ✅) and becomes a saved
     run of the session, selected in the view."""
     monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))
-    check = panels.prune_check(page["model"], "with_as", 0.01, False)
-    assert check.startswith("⚠️ The full model's loss on with_as is") and "above the target 0.010" in check
+    check = panels.prune_check(page["model"], "bracket_brace", 0.01, False)
+    assert check.startswith("⚠️ The full model's held-out loss on bracket_brace is") and "above the target 0.010" in check
     assert "relative" in check
-    assert panels.prune_check(page["model"], "with_as", 1.1, True).startswith("The full model's loss")
+    assert panels.prune_check(page["model"], "bracket_brace", 1.1, True).startswith("The full model's held-out loss")
+    weak = panels.prune_check(page["model"], "with_as", 0.1, False)  # the model does not do with_as: no target helps
+    assert weak.startswith("⚠️") and "at or above chance" in weak and "within reach" not in weak
     assert panels.prune_check(page["model"], None, 0.15, False) == "⚠️ choose a task to prune for"
     stages = []
-    new = panels.prune_new_run(Session(), page["model"], "with_as", 0.01, False, 3,
+    new = panels.prune_new_run(Session(), page["model"], "bracket_brace", 0.01, False, 3,
                                progress=lambda f, desc: stages.append(desc))
     assert new.message.startswith("⚠️ target not reached") and "✅" not in new.message
-    assert "steps=3 is outside [10, 2000]: using 10" in new.message and stages == ["mean activations", "pruning"]
+    assert "steps=3 is outside [10, 2000]: using 10" in new.message
+    assert stages[0] == "mean activations" and "mask training: step 10 of 10" in stages
+    assert [s.split(":")[0] for s in stages[1:]] == sorted([s.split(":")[0] for s in stages[1:]],
+                                                           key=["data", "mask training", "k bisection", "evaluation"].index)
     view = new.view
-    assert view.task == "with_as" and view.run.id.startswith("saved:") and view.run.scores is not None
+    assert view.task == "bracket_brace" and view.run.id.startswith("saved:") and view.run.scores is not None
     assert view.k_max == page["entry"].n_total_nodes and view.session.runs == {view.run.id: page["model"]}
     assert registry.run_store().load(view.run.id) is not None
     failed = panels.prune_new_run(Session(), page["model"], "nope", 0.15, False, 10)
