@@ -15,6 +15,7 @@ reads the logits at the last position only (`logits_to_keep=1`), which is all a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sysconfig
@@ -40,6 +41,19 @@ def input_device(model) -> torch.device:
     if device.type == "meta" and hook is not None:
         return torch.device(getattr(hook, "execution_device", None) or "cpu")
     return device
+
+
+def unchanged_weights(fn: Callable) -> Callable:
+    """For a function of `model, ...` that runs many forward passes and changes no weight: the sparse kernels
+    check each weight once per call (`CSPForCausalLM.frozen_weights`) instead of once per pass. A model without
+    it (older remote code) runs as is."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        frozen = getattr(model, "frozen_weights", None)
+        with frozen() if callable(frozen) else contextlib.nullcontext():
+            return fn(model, *args, **kwargs)
+
+    return wrapper
 
 
 def task_logits(model, batch: TaskBatch) -> torch.Tensor:
@@ -183,6 +197,7 @@ def default_cache_dir() -> Path:
 
 
 @torch.no_grad()
+@unchanged_weights
 def compute_mean_activations(
     model,
     data,
@@ -257,6 +272,7 @@ def _sublayer(location: str) -> str:
 
 
 @torch.no_grad()
+@unchanged_weights
 def layer_ablation_deltas(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
                           freeze_norm_scales: bool = False) -> dict[str, float]:
     """{"0.attn": d, "0.mlp": d, ...}: loss increase when a sublayer's circuit nodes are ablated too."""
@@ -270,6 +286,7 @@ def layer_ablation_deltas(model, batch: TaskBatch, keep_masks: Masks, means: Mas
     return out
 
 
+@unchanged_weights
 def node_importances(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
                      freeze_norm_scales: bool = False, method: str = "exact",
                      progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
@@ -329,5 +346,5 @@ def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: 
 __all__ = [
     "input_device", "task_logits", "evaluate", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales",
     "compute_mean_activations", "stdlib_heldout_texts", "text_windows", "example_windows", "layer_ablation_deltas",
-    "node_importances", "node_attributions", "all_kept",
+    "node_importances", "node_attributions", "all_kept", "unchanged_weights",
 ]

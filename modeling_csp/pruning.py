@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .ablation import (
     ablate, compute_mean_activations, evaluate, example_windows, frozen_norm_scales, layer_ablation_deltas,
-    input_device, node_attributions, node_importances, task_logits,
+    input_device, node_attributions, node_importances, task_logits, unchanged_weights,
 )
 from .circuits import CircuitGraph, attach_node_data, location_width, n_total_nodes, node_locations
 from .evaluation import CircuitVerdict, TargetAtChance, check_target, circuit_verdict
@@ -215,11 +215,13 @@ def top_k_masks(scores: Masks, k: int) -> Masks:
     return dict(zip(scores, keep.split([s.numel() for s in scores.values()])))
 
 
+@unchanged_weights
 def sweep_k(model, batch: TaskBatch, scores: Masks, means: Masks | None, ks, freeze_norm_scales: bool = False) -> list[list]:
     """The faithfulness curve [[k, task loss, accuracy]] of top-k circuits."""
     return [[int(k), *evaluate(model, batch, top_k_masks(scores, int(k)), means, freeze_norm_scales)] for k in ks]
 
 
+@unchanged_weights
 def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None, target_loss: float = 0.15,
                          freeze_norm_scales: bool = False,
                          report: Callable[[int, int, int], None] | None = None) -> tuple[int, float, bool]:
@@ -271,6 +273,7 @@ def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
 
 
 @torch.no_grad()
+@unchanged_weights
 def faithfulness(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None, n_random: int = 5, seed: int = 0,
                  margin: float = 0.02, freeze_norm_scales: bool = False) -> dict[str, Any]:
     """Task losses/accuracies of the full model, the circuit, random same-size circuits and the complement.
@@ -407,6 +410,7 @@ class PruneResult:
     target_reached_train: bool = False
 
 
+@unchanged_weights
 def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Masks | None = None,
           model_name: str | None = None, cache_dir=None, ks=(), windows: torch.Tensor | None = None,
           progress: Progress | None = None) -> PruneResult:

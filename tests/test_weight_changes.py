@@ -189,3 +189,27 @@ def test_a_frozen_weights_block_belongs_to_its_thread(sparse_model):
             other = pool.submit(csr_in_another_thread).result()
         assert module._csr_weight(x) is first
     assert torch.equal(other.values, first.values * 2)
+
+
+def test_loops_of_the_circuit_library_check_each_weight_once(sparse_model, monkeypatch):
+    """Node importances run one forward pass per node on unchanged weights: the kernels read each weight once per
+    call (`ablation.unchanged_weights`), not once per pass, and still give the dense path's numbers."""
+    from conftest import synthetic_batch
+
+    from modeling_csp.ablation import all_kept, node_importances
+    from modeling_csp.modeling_csp import SparseKernelLinear
+
+    batch = synthetic_batch(sparse_model, n=4, T=8)
+    masks = {loc: m & (torch.arange(len(m)) < 2) for loc, m in all_kept(sparse_model.config).items()}  # 2 per location
+    reads, read = [], SparseKernelLinear._current_csr
+    monkeypatch.setattr(SparseKernelLinear, "_current_csr", lambda self, w: reads.append(self) or read(self, w))
+    sparse = node_importances(sparse_model, batch, masks, None)
+    kernels = [m for m in sparse_model.modules() if isinstance(m, SparseKernelLinear)]
+    assert len(sparse) == sum(int(m.sum()) for m in masks.values()) > 1
+    assert sorted(map(id, reads)) == sorted(map(id, kernels))  # each weight read once for all those passes
+    sparse_model.set_sparse_kernels(False)  # the dense matmuls
+    try:
+        dense = node_importances(sparse_model, batch, masks, None)
+    finally:
+        sparse_model.set_sparse_kernels(True)
+    assert max(abs(sparse[n] - dense[n]) for n in sparse) < 1e-5
