@@ -34,6 +34,7 @@ import os
 import tempfile
 import threading
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from modeling_csp.deploy import listed_models  # noqa: E402
 from modeling_csp.explorer import panels, settings  # noqa: E402
 from modeling_csp.explorer.analysis import task_names, warm_up  # noqa: E402
 from modeling_csp.explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line  # noqa: E402
-from modeling_csp.explorer.view import Progress, Request, Selection, Shown, View, new_pick, resolve_view  # noqa: E402
+from modeling_csp.explorer.view import PICKS, Progress, Request, Selection, Shown, View, resolve_view  # noqa: E402
 
 # The app's environment configures the explorer (see the module docstring).
 settings.models = listed_models(Path(__file__).resolve().parent, os.environ.get("CSP_MODELS"))
@@ -364,28 +365,32 @@ def build_app() -> gr.Blocks:
                 asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
                 if event.startswith("stats") and not shown.shows(request, Selection.of(model, task, run, k, layer, node), True):
                     return {summary: gr.skip()}  # the page has moved on: its own "stats" step follows
-                ticket = shown.begin(request, picks=new_pick(state, asked))
-                return show(resolve_view(state, asked), request, ticket)
+                ticket, fresh = shown.begin(request, asked)
+                if event in PICKS and not fresh:  # a re-send of the newest pick, or of what is shown: no change
+                    return {summary: gr.skip()}
+                return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
 
             return guarded(handler, status)
 
         def on_load(saved_runs, request: gr.Request):
             query = dict(request.query_params) if request is not None else {}
-            ticket = shown.begin(request, picks=True)
+            ticket, _ = shown.begin(request, Request("load"))
             view = resolve_view(None, Request("load", query=query, saved=saved_runs))
             return {**show(view, request, ticket), saved: view.session.saved()}
 
         def on_click(state, model, task, run, k, layer, node, edges, tab_name, clicked, request: gr.Request):
             node, _, rest = (clicked or "").partition("|")
-            event = "click" if rest.startswith("graph") else "node"
-            ticket = shown.begin(request, picks=True)
-            return show(resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name)),
-                        request, ticket)
+            asked = Request("click" if rest.startswith("graph") else "node", model, task, run, k, layer, node, edges,
+                            tab=tab_name)
+            ticket, fresh = shown.begin(request, asked)
+            if not fresh:
+                return {summary: gr.skip()}
+            return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
 
         def on_search(state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
-            ticket = shown.begin(request, picks=True)
-            return show(resolve_view(state, Request("search", model, task, run, k, layer, node, edges, search=text,
-                                                    tab=tab_name)), request, ticket)
+            asked = Request("search", model, task, run, k, layer, node, edges, search=text, tab=tab_name)
+            ticket, _ = shown.begin(request, asked)
+            return show(resolve_view(state, asked), request, ticket)
 
         def node_outputs_of(p: panels.NodePanel) -> dict:
             return {connections: p.connections, examples: p.examples, task_acts: p.task, attn_rows: p.attention,
@@ -450,7 +455,7 @@ def build_app() -> gr.Blocks:
             t.select(lambda n=name: n, None, tab, queue=False, show_progress="hidden")
 
         def on_overview(state, model, task, run, k, layer, node, edges, _tab, request: gr.Request):
-            ticket = shown.begin(request, picks=False)
+            ticket, _ = shown.begin(request)
             return show(resolve_view(state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")),
                         request, ticket)
 
@@ -529,7 +534,7 @@ def build_app() -> gr.Blocks:
         def new_run(result: panels.NewRun, message_box, request) -> dict:
             if result.view is None:
                 return {message_box: result.message}
-            ticket = shown.begin(request, picks=True)  # the new run is the newest pick
+            ticket, _ = shown.begin(request, Request("load"))  # the new run is the newest pick
             return {**show(result.view, request, ticket), message_box: result.message, saved: result.view.session.saved()}
 
         def pruning(box, finish):

@@ -740,6 +740,7 @@ def test_typed_k_is_not_overwritten(fresh):
         problems = disagreements(state) + ([] if typed == str(k) else [f"typed {k}, the box held {typed}"])
         if f"{k} of " not in state["summary"] or state["k"] != str(k):
             problems.append(f"k={k} typed, the page shows k={state['k']}")
+        print(f"typed k={k}: {problems or 'consistent'}")
         results.append(problems)
     trials("typed k", results)
 

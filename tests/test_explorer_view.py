@@ -5,6 +5,7 @@ bad values, share links and saved runs. Runs on the embedded default model and t
 from __future__ import annotations
 
 import urllib.parse
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,7 @@ from modeling_csp import plotting
 from modeling_csp.explorer import registry
 from modeling_csp.explorer.analysis import best_node, task_names
 from modeling_csp.explorer.registry import Session
-from modeling_csp.explorer.view import PARTS, Request, Selection, Shown, View, new_pick, resolve_view
+from modeling_csp.explorer.view import PARTS, Request, Selection, Shown, View, resolve_view
 from modeling_csp.loading import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model installed")
@@ -214,20 +215,26 @@ def test_figures_are_computed_when_used(first):
 
 
 def test_a_view_overtaken_by_a_later_pick_is_not_painted(first):
-    """Two tasks picked quickly, the first slow: its view arrives last and is dropped (a k, layer or node change
-    made meanwhile too); the numbers are painted whenever the page shows their selection."""
+    """Two picks in quick succession, the first slow: its view arrives last and is dropped; the numbers are painted
+    whenever the page shows their selection; a dropdown re-sending what the page shows is not a new pick."""
     shown, page, other_page = Shown(), SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
-    assert shown.accept(page, first, shown.begin(page, picks=True)) and shown.current(page) == first.selected
+    ticket, new = shown.begin(page, Request("load"))
+    assert new and shown.accept(page, first, ticket) and shown.current(page) == first.selected
     smaller = ask(first, "k", k=first.k - 2)
-    slow = shown.begin(page, picks=new_pick(first.session, Request("task", **{**first.selection, "task": "if_ternary"})))
-    k_change = shown.begin(page, picks=new_pick(first.session, Request("k", **smaller.selection)))
-    assert shown.accept(page, smaller, k_change) and shown.current(page) == smaller.selected
+    slow, _ = shown.begin(page, Request("task", **{**first.selection, "task": "if_ternary"}))
+    k_change, new = shown.begin(page, Request("k", **smaller.selection))
+    assert new and shown.accept(page, smaller, k_change) and shown.current(page) == smaller.selected
     assert not shown.accept(page, ask(first, "task", task="if_ternary"), slow)  # overtaken: not painted
     assert not shown.newest(page, slow) and shown.newest(other_page, 1) and shown.newest(page, None)
     assert not shown.accept(page, ask(first, "stats"), None)  # the old k's numbers: not under the new k
     assert shown.accept(page, ask(smaller, "stats"), None) and shown.current(page) == smaller.selected
-    again = Request("task", **smaller.selection)  # a dropdown's blur: the same selection, no new ticket
-    assert not new_pick(smaller.session, again) and shown.begin(page, picks=False) == k_change
+    blur = Request("task", **smaller.selection)  # a dropdown's blur: what is shown, nothing on its way
+    assert shown.begin(page, blur) == (k_change, False) and resolve_view(smaller.session, blur).changed == frozenset()
+    # back to the shown layer while a pick of another layer is on its way: a new pick (it must win)
+    shown.begin(page, Request("layer", **{**smaller.selection, "layer": "1.mlp"}))
+    back, new = shown.begin(page, Request("layer", **smaller.selection))
+    assert new and back == k_change + 2
+    assert resolve_view(smaller.session, Request("layer", **smaller.selection, fresh=True)).changed
 
 
 def test_a_selection_is_spelled_one_way(first):
@@ -279,20 +286,22 @@ class SimulatedPage:
         self.painted: dict[str, object] = {}
         self.in_flight: list[tuple] = []
         self.last_pick: Selection | None = None
-        self._answer("view", first_view, self.shown.begin(self.request, picks=True), "stats")
+        self._answer("view", first_view, self.shown.begin(self.request, Request("load"))[0], "stats")
         self.last_pick = first_view.selected
 
     def send(self, event: str, **changes) -> None:
         """The user changes a selector (the page shows it at once) and the page sends the event."""
         self.selectors.update(changes)
         asked = Request(event, **self.selectors)
-        picks = new_pick(self.server_session, asked)
-        ticket = self.shown.begin(self.request, picks=picks)
-        view = resolve_view(self.server_session, asked)
+        ticket, fresh = self.shown.begin(self.request, asked)
+        follow = "stats" if event in ("task", "run", "k") else "stats_cached"
+        if not fresh:  # (app.py answers a re-send of the newest pick, or of what is shown, with nothing)
+            self._answer("view", None, ticket, follow)
+            return
+        view = resolve_view(self.server_session, replace(asked, fresh=fresh))
         self.server_session = view.session
-        if picks:
-            self.last_pick = view.selected
-        self._answer("view", view, ticket, "stats" if event in ("task", "run", "k") else "stats_cached")
+        self.last_pick = view.selected
+        self._answer("view", view, ticket, follow)
 
     def _answer(self, kind, payload, ticket=None, follow=None):
         self.in_flight.append((kind, payload, ticket, follow))
@@ -301,7 +310,7 @@ class SimulatedPage:
         kind, payload, ticket, follow = self.in_flight.pop(index % len(self.in_flight))
         if kind == "view":
             before = self.shown.current(self.request)
-            if self.shown.accept(self.request, payload, ticket):  # app.show
+            if payload is not None and self.shown.accept(self.request, payload, ticket):  # app.show
                 view = payload
                 if not view.numbers_only:  # (the layer list of a "stats" view gets new labels, not a new value)
                     for part in view.changed & {"model", "task", "run", "k", "layer", "node"}:
@@ -317,7 +326,7 @@ class SimulatedPage:
                 if self.shown.shows(self.request, here, numbers_only=True):  # app.on_view("stats")
                     asked = Request(follow, **{name: self.selectors.get(name) for name in ("model", "task", "run", "k",
                                                                                              "layer", "node")})
-                    self._answer("view", resolve_view(self.server_session, asked), self.shown.begin(self.request, False))
+                    self._answer("view", resolve_view(self.server_session, asked), self.shown.begin(self.request)[0])
         elif self.shown.shows(self.request, payload):  # app.on_node_panel, after computing
             self.painted["node_panel"] = payload
 

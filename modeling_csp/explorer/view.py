@@ -79,6 +79,11 @@ class Request:
     tab: str = "browser"
     query: Mapping[str, Any] | None = None
     saved: Any = None
+    fresh: bool = False  # a new pick of the page (`Shown.begin`): its parts are painted even if the session has it
+
+    @property
+    def asked(self) -> "Selection":
+        return Selection.of(*(getattr(self, name) for name in SELECTORS))
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -334,19 +339,15 @@ def picks_again(session: Session | None, request: Request) -> bool:
     """Whether a model, task, run, k, layer or node event asks for the selection the session already shows:
     Gradio 6 dropdowns send their value again whenever they lose focus, and a slider's number box sends its value
     when clicked into; neither is a new pick."""
-    if request.event not in SELECTORS or not isinstance(session, Session) or not session.view:
+    event = request.event
+    if event not in SELECTORS or not isinstance(session, Session) or not session.view:
         return False
-    asked = Selection.of(*(getattr(request, name) for name in SELECTORS))
-    return asked == Selection.of(*(session.view.get(name) for name in SELECTORS))
+    if event == "k":
+        return _whole(request.k) is not None and _whole(request.k) == _whole(session.view.get("k"))
+    return _text(getattr(request, event)) == _text(session.view.get(event))
 
 
 PICKS = ("load", "model", "task", "run", "k", "layer", "node", "click", "search")
-
-
-def new_pick(session: Session | None, request: Request) -> bool:
-    """Whether an event picks a selection other than the one shown: it takes a new `Shown` ticket, so that the
-    answer of any earlier event still on its way is dropped (the last pick wins, whatever order answers come in)."""
-    return request.event in PICKS and not picks_again(session, request)
 
 
 def _resolve(session: Session, request: Request) -> View:
@@ -464,7 +465,13 @@ def _resolve(session: Session, request: Request) -> View:
             if event == "edges":
                 notices.append(str(exc))
 
-    changed = frozenset() if repeated else CHANGES[event]
+    changed = frozenset() if repeated and not request.fresh else CHANGES[event]
+    if event not in ("load", "stats", "stats_cached", "tab", "edges"):
+        # a selector whose value the view does not take as asked is sent back (clamped, fallen back, or asked
+        # while an earlier pick's answer was on its way)
+        shown = Selection.of(entry.spec, task, run.id if run else None, k, layer, node)
+        changed = changed | {name for name in ("model", "task", "run", "k", "layer", "node")
+                             if getattr(shown, name) != getattr(request.asked, name)}
     if event == "stats_cached" and (stats is None or not stats.complete):
         changed = frozenset()  # the "stats" step still computing them paints them
     if event == "k" and k is not None and _whole(request.k) == k:
@@ -512,6 +519,8 @@ class Shown:
         self._lock = threading.Lock()
         self._pages: OrderedDict[str, Selection] = OrderedDict()
         self._tickets: OrderedDict[str, int] = OrderedDict()
+        self._asked: OrderedDict[str, Selection] = OrderedDict()  # what the newest pick asked for
+        self._painted: OrderedDict[str, int] = OrderedDict()  # the ticket of the view painted last
         self._limit = limit
 
     def _put(self, table: OrderedDict, key: str, value) -> None:
@@ -521,16 +530,27 @@ class Shown:
         while len(table) > self._limit:
             table.popitem(last=False)
 
-    def begin(self, request, picks: bool) -> int | None:
-        """The ticket of an event starting now: a new one if it picks a new selection (`new_pick`), else the
-        current one (a follow-up computed for a selection the page has since left must not be painted either)."""
+    def begin(self, request, asked: Request | None = None) -> tuple[int | None, bool]:
+        """The ticket of an event starting now, and whether it is a new pick. A pick (`PICKS`) takes a new ticket,
+        so that the answers of earlier events still on their way are dropped (the last pick wins, whatever order
+        answers arrive in), unless it asks for what the newest pick asked for, or for what the page shows with
+        no pick on its way: Gradio 6 dropdowns send their value again whenever they lose focus, and a slider's
+        number box when clicked into. Anything else (a follow-up step) keeps the current ticket."""
         key = getattr(request, "session_hash", None)
         if not key:
-            return None
+            return None, bool(asked is not None and asked.event in PICKS)
         with self._lock:
-            ticket = self._tickets.get(key, 0) + picks
+            ticket, new = self._tickets.get(key, 0), False
+            if asked is not None and asked.event in PICKS:
+                wanted = asked.asked
+                again = asked.event not in ("load", "click", "search") and (
+                    wanted == self._asked.get(key)
+                    or (wanted == self._pages.get(key) and self._painted.get(key) == ticket))
+                if not again:
+                    ticket, new = ticket + 1, True
+                    self._put(self._asked, key, wanted)
             self._put(self._tickets, key, ticket)
-        return ticket
+        return ticket, new
 
     def _newest(self, key: str, ticket: int | None) -> bool:
         return ticket is None or self._tickets.get(key) in (None, ticket)
@@ -552,6 +572,7 @@ class Shown:
                 return False
             if key:
                 self._put(self._pages, key, view.selected)
+                self._put(self._painted, key, self._tickets.get(key, 0))
             return True
 
     def current(self, request) -> Selection | None:
@@ -595,4 +616,4 @@ class Progress:
         return "⏳ " + " · ".join(part for part in (desc, done) if part)
 
 
-__all__ = ["Request", "Selection", "View", "resolve_view", "picks_again", "new_pick", "Shown", "Progress", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
+__all__ = ["Request", "Selection", "View", "resolve_view", "picks_again", "PICKS", "Shown", "Progress", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
