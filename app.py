@@ -46,7 +46,9 @@ from modeling_csp.deploy import listed_models  # noqa: E402
 from modeling_csp.explorer import panels, settings  # noqa: E402
 from modeling_csp.explorer.analysis import task_names, warm_up  # noqa: E402
 from modeling_csp.explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line  # noqa: E402
-from modeling_csp.explorer.view import PICKS, Progress, Request, Selection, Shown, View, resolve_view  # noqa: E402
+from modeling_csp.explorer.view import (  # noqa: E402
+    PICKS, SELECTORS, Progress, Request, Selection, Shown, View, resolve_view,
+)
 
 # The app's environment configures the explorer (see the module docstring).
 settings.models = listed_models(Path(__file__).resolve().parent, os.environ.get("CSP_MODELS"))
@@ -154,6 +156,12 @@ finally:
 
 
 shown = Shown()
+
+
+@functools.lru_cache(maxsize=4096)
+def page_lock(session_hash) -> threading.Lock:
+    """One lock per page (recently seen), so that its numbers are computed once, not by each step that asks."""
+    return threading.Lock()
 
 
 def guarded(fn, status_component):
@@ -346,7 +354,7 @@ def build_app() -> gr.Blocks:
                 "node_header": lambda: {node_header: view.node_header},
             }
             out = {session: view.session}
-            for name in view.changed:
+            for name in view.parts_to_paint(before):
                 out.update(parts[name]())
             if not view.numbers_only and view.selected != before:  # the node panel of the old selection goes
                 out.update(node_outputs_of(panels.node_panel_updating(view.selected)))
@@ -362,9 +370,14 @@ def build_app() -> gr.Blocks:
 
         def on_view(event):
             def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
+                page = shown.current(request)
+                if event == "stats":  # the numbers of what the page shows now, one computation at a time per page
+                    if page is not None:
+                        model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
+                    with page_lock(getattr(request, "session_hash", None)):
+                        asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
+                        return show(resolve_view(state, asked), request, None)
                 asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
-                if event.startswith("stats") and not shown.shows(request, Selection.of(model, task, run, k, layer, node), True):
-                    return {summary: gr.skip()}  # the page has moved on: its own "stats" step follows
                 ticket, fresh = shown.begin(request, asked)
                 if event in PICKS and not fresh:  # a re-send of the newest pick, or of what is shown: no change
                     return {summary: gr.skip()}
@@ -398,11 +411,14 @@ def build_app() -> gr.Blocks:
                     qk_plot: p.qk_figure or plotting.message_figure("q·k contributions are shown for q and k channels.", 200)}
 
         def on_node_panel(model, task, run, k, layer, node, zc, request: gr.Request):
-            if not shown.shows(request, Selection.of(model, task, run, k, layer, node)):
-                return {connections: gr.skip()}  # the page has moved on: its own node panel step follows
+            """The panel of the node the page shows now (as `Shown` knows it: the page's boxes may still hold a
+            pick whose answer is on its way), painted only if the page still shows it when done."""
+            page = shown.current(request)
+            if page is not None:
+                model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
             p = panels.node_panel(model, task, run, k, node, zc, layer=layer)
             if not shown.shows(request, p.selection):
-                return {connections: gr.skip()}
+                return {connections: gr.skip()}  # the page has moved on: its own node panel step follows
             return node_outputs_of(p)
 
         node_inputs = [model_in, task_in, run_in, k_in, layer_in, node_in, zero_centered]
@@ -414,15 +430,14 @@ def build_app() -> gr.Blocks:
                 return {empty_out: gr.skip()}
             return {empty_out: panels.prune_check(model, task, target, mode != "nats")}
 
-        def chain(trigger, fn, inputs, outputs=None, stats="stats", **kwargs):
-            """An event that changes the view, then the node panel, then the slow numbers (`stats`: "stats" computes
-            them, "stats_cached" paints them only if computed; either only while the page shows their selection);
-            returns the event's own step."""
+        def chain(trigger, fn, inputs, outputs=None, stats=True, **kwargs):
+            """An event that changes the view, then the node panel, then the slow numbers (painted only while the
+            page shows their selection); returns the event's own step."""
             first = trigger(fn if inspect.isgeneratorfunction(fn) else guarded(fn, status), inputs,
                             outputs or view_outputs, **kwargs)
             step = first.then(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="hidden")
             if stats:
-                step.then(on_view(stats), [session] + selection, view_outputs, show_progress="hidden").then(
+                step.then(on_view("stats"), [session] + selection, view_outputs, show_progress="hidden").then(
                     guarded(on_empty_check, status), [model_in, task_in, run_in, pr_target, pr_mode],
                     [empty_out, status], show_progress="hidden")
             return first
@@ -436,13 +451,12 @@ def build_app() -> gr.Blocks:
         # (selections answer within a few hundred ms: no progress overlays, whose drawing on every output costs
         # as much as the answer)
         chain(k_in.release, on_view("k"), [session] + selection, show_progress="hidden")
-        # (a layer or node change computes no numbers: those of its model, task, run and k come with the event
-        # that picked them, or are painted again from the cache here, over labels a slower answer may have marked)
-        cached = dict(stats="stats_cached", show_progress="hidden")
-        chain(layer_in.input, on_view("layer"), [session] + selection, **cached)
-        chain(node_in.blur, on_view("node"), [session] + selection, **cached)
-        chain(node_click.change, on_click, [session] + selection + [node_click], **cached)
-        chain(search_in.submit, on_search, [session] + selection + [search_in], **cached)
+        # (the numbers follow every pick: a layer or node pick may have overtaken the pick of a run or k whose
+        # own numbers step then found the page elsewhere; cached, they cost little)
+        chain(layer_in.input, on_view("layer"), [session] + selection, show_progress="hidden")
+        chain(node_in.blur, on_view("node"), [session] + selection, show_progress="hidden")
+        chain(node_click.change, on_click, [session] + selection + [node_click], show_progress="hidden")
+        chain(search_in.submit, on_search, [session] + selection + [search_in], show_progress="hidden")
         edges_in.release(on_view("edges"), [session] + selection, view_outputs, show_progress="hidden")
         zero_centered.input(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="minimal")
         share_query.change(None, [share_query], [share_link], js=SHARE_JS)

@@ -16,7 +16,7 @@ from modeling_csp import plotting
 from modeling_csp.explorer import registry
 from modeling_csp.explorer.analysis import best_node, task_names
 from modeling_csp.explorer.registry import Session
-from modeling_csp.explorer.view import PARTS, Request, Selection, Shown, View, resolve_view
+from modeling_csp.explorer.view import PARTS, SELECTORS, Request, Selection, Shown, View, resolve_view
 from modeling_csp.loading import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model installed")
@@ -255,7 +255,6 @@ def test_numbers_still_to_come_are_marked_updating(first):
     done = ask(v, "stats")
     assert done.updating == () and "updating" not in done.summary and not message_of(done.layer_bars)
     assert done.layer_bars.layout.title.text.endswith(f"{first.task} · k={k}")
-    assert ask(v, "stats_cached").changed == done.changed  # computed now: painted from the cache
     assert "layer_bars" not in first.updating  # the run's own k: its file has the layer deltas
 
 
@@ -294,7 +293,7 @@ class SimulatedPage:
         self.selectors.update(changes)
         asked = Request(event, **self.selectors)
         ticket, fresh = self.shown.begin(self.request, asked)
-        follow = "stats" if event in ("task", "run", "k") else "stats_cached"
+        follow = "stats"
         if not fresh:  # (app.py answers a re-send of the newest pick, or of what is shown, with nothing)
             self._answer("view", None, ticket, follow)
             return
@@ -313,20 +312,17 @@ class SimulatedPage:
             if payload is not None and self.shown.accept(self.request, payload, ticket):  # app.show
                 view = payload
                 if not view.numbers_only:  # (the layer list of a "stats" view gets new labels, not a new value)
-                    for part in view.changed & {"model", "task", "run", "k", "layer", "node"}:
+                    for part in view.parts_to_paint(before) & {"model", "task", "run", "k", "layer", "node"}:
                         self.selectors[part] = view.selection[part]
-                for part in set(PANELS) & view.changed:
+                for part in set(PANELS) & view.parts_to_paint(before):
                     self.painted[part] = (("updating", view.selected) if part in view.updating else view.selected)
                 if not view.numbers_only and view.selected != before:
                     self.painted["node_panel"] = ("updating", view.selected)
-            if follow:  # the chain goes on whether the view was painted or dropped
-                here = Selection.of(*(self.selectors.get(name) for name in ("model", "task", "run", "k", "layer", "node")))
-                if self.shown.shows(self.request, here):  # app.on_node_panel, before computing
-                    self._answer("node_panel", here)
-                if self.shown.shows(self.request, here, numbers_only=True):  # app.on_view("stats")
-                    asked = Request(follow, **{name: self.selectors.get(name) for name in ("model", "task", "run", "k",
-                                                                                             "layer", "node")})
-                    self._answer("view", resolve_view(self.server_session, asked), self.shown.begin(self.request)[0])
+            if follow:  # the chain goes on whether the view was painted or dropped, for what the page shows now
+                here = self.shown.current(self.request) or Selection.of(*(self.selectors.get(n) for n in SELECTORS))
+                self._answer("node_panel", here)  # app.on_node_panel
+                asked = Request(follow, **{name: getattr(here, name) for name in SELECTORS})  # app.on_view("stats")
+                self._answer("view", resolve_view(self.server_session, asked), self.shown.begin(self.request)[0])
         elif self.shown.shows(self.request, payload):  # app.on_node_panel, after computing
             self.painted["node_panel"] = payload
 

@@ -13,8 +13,7 @@ numbers are named in `View.updating` and marked "updating…" on the page.
 
 Events: "load" (the page opens: URL parameters in `query`, the browser's saved runs in `saved`), "model",
 "task", "run", "k", "layer", "node", "click" (a node clicked in the graph), "search" (node search), "edges"
-(edge threshold), "stats" (the slow numbers of the current view: random baseline, layer deltas), "stats_cached"
-(the same only if they are computed already, else nothing: after a layer or node change), "tab"
+(edge threshold), "stats" (the slow numbers of the current view: random baseline, layer deltas), "tab"
 (a tab opened: its figures).
 """
 
@@ -50,7 +49,6 @@ CHANGES = {  # what each event changes on the page (the overview only when its t
     "search": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer changes
     "edges": frozenset({"graph", "status"}),
     "stats": frozenset({"summary", "layer", "layer_bars"}),
-    "stats_cached": frozenset({"summary", "layer", "layer_bars"}),
     "tab": frozenset(),
 }
 RESETS = {  # selections that go back to their defaults when an earlier one changes
@@ -159,7 +157,7 @@ class View:
     @property
     def numbers_only(self) -> bool:
         """A "stats" view: it brings the slow numbers of its selection and changes no selector."""
-        return self.event in ("stats", "stats_cached")
+        return self.event == "stats"
 
     # -- selectors ------------------------------------------------------------------------------
 
@@ -214,6 +212,22 @@ class View:
     def selected(self) -> Selection:
         """This view's selection, the one every panel it paints is labelled with."""
         return Selection.of(**self.selection)
+
+    def parts_to_paint(self, shown: Selection | None) -> frozenset[str]:
+        """The parts to send to a page that shows `shown`: what the event changes, and whatever else differs from
+        what the page shows (the answer of a pick this one overtook was never painted)."""
+        if self.numbers_only or not self.changed:
+            return self.changed
+        parts = set(self.changed)
+        if shown is None or shown.numbers != self.selected.numbers:
+            parts |= _VIEW_PARTS
+        elif (shown.layer, shown.node) != (self.layer, self.node):
+            parts |= {"layer", "node", "graph", "share", "node_header"}
+            if self.event == "click" and shown.layer == self.layer:
+                parts.discard("graph")  # the page moved the selection ring itself
+        if self.event == "k" and "k" not in self.changed:
+            parts.discard("k")  # the box holds it: sent back, it would overwrite digits typed meanwhile
+        return frozenset(parts)
 
     @property
     def updating(self) -> tuple[str, ...]:
@@ -466,21 +480,19 @@ def _resolve(session: Session, request: Request) -> View:
                 notices.append(str(exc))
 
     changed = frozenset() if repeated and not request.fresh else CHANGES[event]
-    if event not in ("load", "stats", "stats_cached", "tab", "edges"):
+    if event not in ("load", "stats", "tab", "edges"):
         # a selector whose value the view does not take as asked is sent back (clamped, fallen back, or asked
         # while an earlier pick's answer was on its way)
         shown = Selection.of(entry.spec, task, run.id if run else None, k, layer, node)
         changed = changed | {name for name in ("model", "task", "run", "k", "layer", "node")
                              if getattr(shown, name) != getattr(request.asked, name)}
-    if event == "stats_cached" and (stats is None or not stats.complete):
-        changed = frozenset()  # the "stats" step still computing them paints them
     if event == "k" and k is not None and _whole(request.k) == k:
         changed = changed - {"k"}  # the box holds it already: sent back, it would overwrite digits typed meanwhile
     if event in ("layer", "node", "click", "search") and layer == _text(request.layer):
         changed = changed - {"layer"}  # the layer list already shows this layer
         if event == "click":
             changed = changed - {"graph"}  # the page moved the selection ring itself
-    if request.tab == "overview" and event not in ("stats", "stats_cached") and not repeated:
+    if request.tab == "overview" and event != "stats" and not repeated:
         changed = changed | {"overview"}
     view = View(session=session, entry=entry, model=entry.spec, task=task, run=run,
                 runs=runs, k=k, k_max=k_max, layer=layer, node=node, circuit=circuit, stats=stats,
@@ -533,8 +545,8 @@ class Shown:
     def begin(self, request, asked: Request | None = None) -> tuple[int | None, bool]:
         """The ticket of an event starting now, and whether it is a new pick. A pick (`PICKS`) takes a new ticket,
         so that the answers of earlier events still on their way are dropped (the last pick wins, whatever order
-        answers arrive in), unless it asks for what the newest pick asked for, or for what the page shows with
-        no pick on its way: Gradio 6 dropdowns send their value again whenever they lose focus, and a slider's
+        answers arrive in), unless it asks for what the newest pick, still on its way, asked for, or (none on
+        its way) for what the page shows: Gradio 6 dropdowns send their value again whenever they lose focus, and a slider's
         number box when clicked into. Anything else (a follow-up step) keeps the current ticket."""
         key = getattr(request, "session_hash", None)
         if not key:
@@ -543,9 +555,9 @@ class Shown:
             ticket, new = self._tickets.get(key, 0), False
             if asked is not None and asked.event in PICKS:
                 wanted = asked.asked
+                on_its_way = self._painted.get(key) != ticket
                 again = asked.event not in ("load", "click", "search") and (
-                    wanted == self._asked.get(key)
-                    or (wanted == self._pages.get(key) and self._painted.get(key) == ticket))
+                    wanted == (self._asked.get(key) if on_its_way else self._pages.get(key)))
                 if not again:
                     ticket, new = ticket + 1, True
                     self._put(self._asked, key, wanted)
