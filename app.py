@@ -435,28 +435,34 @@ def build_app() -> gr.Blocks:
             page shows their selection); returns the event's own step."""
             first = trigger(fn if inspect.isgeneratorfunction(fn) else guarded(fn, status), inputs,
                             outputs or view_outputs, **kwargs)
-            step = first.then(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="hidden")
+            # (Gradio's default, "once", drops a step triggered while the same step is pending: the node panel and
+            # numbers of the last pick would never come; "always_last" runs the newest trigger when it is done)
+            last = dict(show_progress="hidden", trigger_mode="always_last")
+            step = first.then(guarded(on_node_panel, status), node_inputs, node_outputs, **last)
             if stats:
-                step.then(on_view("stats"), [session] + selection, view_outputs, show_progress="hidden").then(
+                step.then(on_view("stats"), [session] + selection, view_outputs, **last).then(
                     guarded(on_empty_check, status), [model_in, task_in, run_in, pr_target, pr_mode],
-                    [empty_out, status], show_progress="hidden")
+                    [empty_out, status], **last)
             return first
 
         chain(demo.load, on_load, [saved], view_outputs + [saved])
         # A dropdown pick ends with the box losing focus (Gradio 6 sends "input" for the pick and again for the blur):
         # one request per pick. A blur without a pick asks for what is shown, which changes nothing.
-        chain(model_in.blur, on_view("model"), [session] + selection, concurrency_id="model", concurrency_limit=2)
-        chain(task_in.blur, on_view("task"), [session] + selection)
-        chain(run_in.blur, on_view("run"), [session] + selection)
+        # A pick made while the previous one of the same box is on its way is sent when that one is done
+        # ("always_last"; Gradio's "once" would drop it while the box shows it).
+        pick = dict(trigger_mode="always_last")
+        chain(model_in.blur, on_view("model"), [session] + selection, concurrency_id="model", concurrency_limit=2, **pick)
+        chain(task_in.blur, on_view("task"), [session] + selection, **pick)
+        chain(run_in.blur, on_view("run"), [session] + selection, **pick)
         # (selections answer within a few hundred ms: no progress overlays, whose drawing on every output costs
         # as much as the answer)
-        chain(k_in.release, on_view("k"), [session] + selection, show_progress="hidden")
+        chain(k_in.release, on_view("k"), [session] + selection, show_progress="hidden", **pick)
         # (the numbers follow every pick: a layer or node pick may have overtaken the pick of a run or k whose
         # own numbers step then found the page elsewhere; cached, they cost little)
-        chain(layer_in.input, on_view("layer"), [session] + selection, show_progress="hidden")
-        chain(node_in.blur, on_view("node"), [session] + selection, show_progress="hidden")
-        chain(node_click.change, on_click, [session] + selection + [node_click], show_progress="hidden")
-        chain(search_in.submit, on_search, [session] + selection + [search_in], show_progress="hidden")
+        chain(layer_in.input, on_view("layer"), [session] + selection, show_progress="hidden", **pick)
+        chain(node_in.blur, on_view("node"), [session] + selection, show_progress="hidden", **pick)
+        chain(node_click.change, on_click, [session] + selection + [node_click], show_progress="hidden", **pick)
+        chain(search_in.submit, on_search, [session] + selection + [search_in], show_progress="hidden", **pick)
         edges_in.release(on_view("edges"), [session] + selection, view_outputs, show_progress="hidden")
         zero_centered.input(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="minimal")
         share_query.change(None, [share_query], [share_link], js=SHARE_JS)
