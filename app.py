@@ -5,8 +5,9 @@
 Runs unchanged as a Hugging Face Space (see hub_cards/space_card.md). This file is the layout and the event
 wiring only: what the browser shows is decided by the view model `modeling_csp.explorer.view.resolve_view`
 (session, request) -> View, the other panels by `modeling_csp.explorer.panels`, and both are tested without
-a browser. A view change answers in steps: the selection, graph and node header first, then the node panel,
-then the slower numbers (random baseline, layer deltas).
+a browser. A view change answers in steps: the selection, graph and node header first (the node panel and the
+numbers still to come marked "updating…"), then the node panel, then the slower numbers (random baseline, layer
+deltas). Each answer is painted only while the page shows the selection it was computed for (`Shown`).
 
 Environment:
     CSP_MODELS         comma-separated models the model box lists ('default', hub ids); default: the list in
@@ -28,10 +29,12 @@ of the full model and of the circuit alone (everything outside it mean-ablated);
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import tempfile
 import threading
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,7 +46,9 @@ from modeling_csp.deploy import listed_models  # noqa: E402
 from modeling_csp.explorer import panels, settings  # noqa: E402
 from modeling_csp.explorer.analysis import task_names, warm_up  # noqa: E402
 from modeling_csp.explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line  # noqa: E402
-from modeling_csp.explorer.view import Request, Shown, View, picks_again, resolve_view  # noqa: E402
+from modeling_csp.explorer.view import (  # noqa: E402
+    PICKS, SELECTORS, Progress, Request, Selection, Shown, View, resolve_view,
+)
 
 # The app's environment configures the explorer (see the module docstring).
 settings.models = listed_models(Path(__file__).resolve().parent, os.environ.get("CSP_MODELS"))
@@ -63,6 +68,9 @@ CSS = """
 #status p {margin: 0;}
 .csp-summary table {font-size: 13px;}
 #node-click, #share-query {display: none !important;}
+.csp-updating {color: #8a5a00; font-style: italic;}
+#prune-progress p, #prune-here-progress p {margin: 4px 0; padding: 6px 8px; background: #eef4ff; border-radius: 4px;
+  font-weight: 600;}
 footer {display: none !important;}
 """
 
@@ -150,6 +158,12 @@ finally:
 shown = Shown()
 
 
+@functools.lru_cache(maxsize=4096)
+def page_lock(session_hash) -> threading.Lock:
+    """One lock per page (recently seen), so that its numbers are computed once, not by each step that asks."""
+    return threading.Lock()
+
+
 def guarded(fn, status_component):
     """The last line of defence: an unexpected error becomes a message in the status line, never a traceback."""
     @functools.wraps(fn)
@@ -182,6 +196,7 @@ def build_app() -> gr.Blocks:
         with gr.Group(visible=False, elem_id="no-circuit") as empty_box:
             empty_md = gr.Markdown("", elem_id="no-circuit-md")
             empty_btn = gr.Button("Prune a circuit for this task", variant="primary", elem_id="prune-here")
+            empty_progress = gr.Markdown("", elem_id="prune-here-progress")
             empty_out = gr.Markdown("", elem_id="prune-here-md")
 
         with gr.Tabs():
@@ -281,6 +296,7 @@ def build_app() -> gr.Blocks:
                                              elem_id="prune-control")
                 pr_check = gr.Markdown("", elem_id="prune-check")
                 pr_btn = gr.Button("Run pruning", variant="primary", elem_id="prune-run")
+                pr_progress = gr.Markdown("", elem_id="prune-progress")
                 pr_md = gr.Markdown("", elem_id="prune-md")
                 gr.Markdown("### Your own task\nOne JSON object per line, `{\"prompt\": ..., \"correct\": ..., "
                             "\"incorrect\": ...}`: each answer one token right after the prompt, and each of the two "
@@ -313,13 +329,9 @@ def build_app() -> gr.Blocks:
             """Component updates for the parts of the page this view changes; nothing for the slow numbers of a
             selection the page no longer shows, nor for a selection overtaken by a later one."""
             none = view.run is None
-            if not shown.newest(request, ticket):
-                return {summary: gr.skip()}
-            if view.event == "stats":
-                if not shown.still(request, **{key: view.selection[key] for key in ("model", "task", "run", "k")}):
-                    return {summary: gr.skip()}  # (an empty dict reads as one value)
-            else:
-                shown.remember(request, view.selection)
+            before = shown.current(request)
+            if not shown.accept(request, view, ticket):
+                return {summary: gr.skip()}  # (an empty dict reads as one value)
             parts = {
                 "model": lambda: {model_in: gr.Dropdown(choices=view.model_choices, value=view.model)},
                 "task": lambda: {task_in: gr.Dropdown(choices=view.task_choices, value=view.task),
@@ -332,7 +344,7 @@ def build_app() -> gr.Blocks:
                 "status": lambda: {status: view.status},
                 "empty": lambda: {empty_box: gr.Group(visible=none), empty_md: view.empty or "", empty_out: ""},
                 "layer": lambda: {layer_in: gr.Radio(choices=view.layer_choices)  # not the value the user may
-                                  if view.event == "stats"                          # have changed since
+                                  if view.numbers_only                              # have changed since
                                   else gr.Radio(choices=view.layer_choices, value=view.layer)},
                 "node": lambda: {node_in: gr.Dropdown(choices=view.node_choices, value=view.node)},
                 "graph": lambda: {graph: view.graph},
@@ -342,8 +354,10 @@ def build_app() -> gr.Blocks:
                 "node_header": lambda: {node_header: view.node_header},
             }
             out = {session: view.session}
-            for name in view.changed:
+            for name in view.parts_to_paint(before):
                 out.update(parts[name]())
+            if not view.numbers_only and view.selected != before:  # the node panel of the old selection goes
+                out.update(node_outputs_of(panels.node_panel_updating(view.selected)))
             if "run" in view.changed:
                 out[abl_layers] = gr.CheckboxGroup(choices=plotting.layer_names(view.entry.n_layer), value=[])
                 out[channel_in] = gr.Slider(minimum=0, maximum=int(view.entry.config.d_model) - 1, step=1)
@@ -351,71 +365,104 @@ def build_app() -> gr.Blocks:
 
         view_outputs = [session, model_in, task_in, pr_task, run_in, cmp_in, k_in, summary, status, empty_box, empty_md,
                         empty_out, layer_in, node_in, graph, layer_bars, overview, share_query, node_header, abl_layers,
-                        channel_in]
+                        channel_in, connections, examples, task_acts, attn_rows, attn_plot, qk_plot]
         selection = [model_in, task_in, run_in, k_in, layer_in, node_in, edges_in, tab]
 
         def on_view(event):
             def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
+                page = shown.current(request)
+                if event == "stats":  # the numbers of what the page shows now, one computation at a time per page
+                    if page is not None:
+                        model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
+                    with page_lock(getattr(request, "session_hash", None)):
+                        asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
+                        return show(resolve_view(state, asked), request, None)
                 asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
-                ticket = shown.begin(request, picks=event in ("model", "task", "run") and not picks_again(state, asked))
-                return show(resolve_view(state, asked), request, ticket)
+                ticket, fresh = shown.begin(request, asked)
+                if event in PICKS and not fresh:  # a re-send of the newest pick, or of what is shown: no change
+                    return {summary: gr.skip()}
+                return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
 
             return guarded(handler, status)
 
         def on_load(saved_runs, request: gr.Request):
             query = dict(request.query_params) if request is not None else {}
-            ticket = shown.begin(request, picks=True)
+            ticket, _ = shown.begin(request, Request("load"))
             view = resolve_view(None, Request("load", query=query, saved=saved_runs))
             return {**show(view, request, ticket), saved: view.session.saved()}
 
         def on_click(state, model, task, run, k, layer, node, edges, tab_name, clicked, request: gr.Request):
             node, _, rest = (clicked or "").partition("|")
-            event = "click" if rest.startswith("graph") else "node"
-            ticket = shown.begin(request, picks=False)
-            return show(resolve_view(state, Request(event, model, task, run, k, layer, node, edges, tab=tab_name)),
-                        request, ticket)
+            asked = Request("click" if rest.startswith("graph") else "node", model, task, run, k, layer, node, edges,
+                            tab=tab_name)
+            ticket, fresh = shown.begin(request, asked)
+            if not fresh:
+                return {summary: gr.skip()}
+            return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
 
         def on_search(state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
-            ticket = shown.begin(request, picks=False)
-            return show(resolve_view(state, Request("search", model, task, run, k, layer, node, edges, search=text,
-                                                    tab=tab_name)), request, ticket)
+            asked = Request("search", model, task, run, k, layer, node, edges, search=text, tab=tab_name)
+            ticket, _ = shown.begin(request, asked)
+            return show(resolve_view(state, asked), request, ticket)
 
-        def on_node_panel(model, task, run, k, node, zc, request: gr.Request):
-            if not shown.still(request, run=run, k=k, node=node):
-                return {connections: gr.skip()}  # the page has moved on to another node
-            p = panels.node_panel(model, task, run, k, node, zc)
+        def node_outputs_of(p: panels.NodePanel) -> dict:
             return {connections: p.connections, examples: p.examples, task_acts: p.task, attn_rows: p.attention,
                     attn_plot: p.attention_figure or plotting.message_figure("No attention pattern for this node.", 200),
                     qk_plot: p.qk_figure or plotting.message_figure("q·k contributions are shown for q and k channels.", 200)}
 
-        node_inputs = [model_in, task_in, run_in, k_in, node_in, zero_centered]
+        def on_node_panel(model, task, run, k, layer, node, zc, request: gr.Request):
+            """The panel of the node the page shows now (as `Shown` knows it: the page's boxes may still hold a
+            pick whose answer is on its way), painted only if the page still shows it when done."""
+            page = shown.current(request)
+            if page is not None:
+                model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
+            p = panels.node_panel(model, task, run, k, node, zc, layer=layer)
+            if not shown.shows(request, p.selection):
+                return {connections: gr.skip()}  # the page has moved on: its own node panel step follows
+            return node_outputs_of(p)
+
+        node_inputs = [model_in, task_in, run_in, k_in, layer_in, node_in, zero_centered]
         node_outputs = [connections, examples, task_acts, attn_rows, attn_plot, qk_plot, status]
 
-        def on_empty_check(model, task, run, target, mode):
+        def on_empty_check(model, task, run, target, mode, request: gr.Request):
             """Before pruning from "no circuit yet": what the full model's loss says about the target."""
-            return {empty_out: "" if run else panels.prune_check(model, task, target, mode != "nats")}
+            if run or not shown.shows(request, Selection.of(model, task), True):
+                return {empty_out: gr.skip()}
+            return {empty_out: panels.prune_check(model, task, target, mode != "nats")}
 
         def chain(trigger, fn, inputs, outputs=None, stats=True, **kwargs):
-            """An event that changes the view, then the node panel, then (if the selection changed) the numbers."""
-            step = trigger(guarded(fn, status), inputs, outputs or view_outputs, **kwargs).then(
-                guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="hidden")
+            """An event that changes the view, then the node panel, then the slow numbers (painted only while the
+            page shows their selection); returns the event's own step."""
+            first = trigger(fn if inspect.isgeneratorfunction(fn) else guarded(fn, status), inputs,
+                            outputs or view_outputs, **kwargs)
+            # (Gradio's default, "once", drops a step triggered while the same step is pending: the node panel and
+            # numbers of the last pick would never come; "always_last" runs the newest trigger when it is done)
+            last = dict(show_progress="hidden", trigger_mode="always_last")
+            step = first.then(guarded(on_node_panel, status), node_inputs, node_outputs, **last)
             if stats:
-                step.then(on_view("stats"), [session] + selection, view_outputs, show_progress="hidden").then(
+                step.then(on_view("stats"), [session] + selection, view_outputs, **last).then(
                     guarded(on_empty_check, status), [model_in, task_in, run_in, pr_target, pr_mode],
-                    [empty_out, status], show_progress="hidden")
-            return step
+                    [empty_out, status], **last)
+            return first
 
         chain(demo.load, on_load, [saved], view_outputs + [saved])
-        chain(model_in.input, on_view("model"), [session] + selection, concurrency_id="model", concurrency_limit=2)
-        chain(task_in.input, on_view("task"), [session] + selection)
-        chain(run_in.input, on_view("run"), [session] + selection)
+        # A dropdown pick ends with the box losing focus (Gradio 6 sends "input" for the pick and again for the blur):
+        # one request per pick. A blur without a pick asks for what is shown, which changes nothing.
+        # A pick made while the previous one of the same box is on its way is sent when that one is done
+        # ("always_last"; Gradio's "once" would drop it while the box shows it).
+        pick = dict(trigger_mode="always_last")
+        chain(model_in.blur, on_view("model"), [session] + selection, concurrency_id="model", concurrency_limit=2, **pick)
+        chain(task_in.blur, on_view("task"), [session] + selection, **pick)
+        chain(run_in.blur, on_view("run"), [session] + selection, **pick)
         # (selections answer within a few hundred ms: no progress overlays, whose drawing on every output costs
         # as much as the answer)
-        chain(k_in.release, on_view("k"), [session] + selection, show_progress="hidden")
-        chain(layer_in.input, on_view("layer"), [session] + selection, stats=False, show_progress="hidden")
-        chain(node_in.input, on_view("node"), [session] + selection, stats=False, show_progress="hidden")
-        chain(node_click.change, on_click, [session] + selection + [node_click], stats=False, show_progress="hidden")
-        chain(search_in.submit, on_search, [session] + selection + [search_in], stats=False, show_progress="hidden")
+        chain(k_in.release, on_view("k"), [session] + selection, show_progress="hidden", **pick)
+        # (the numbers follow every pick: a layer or node pick may have overtaken the pick of a run or k whose
+        # own numbers step then found the page elsewhere; cached, they cost little)
+        chain(layer_in.input, on_view("layer"), [session] + selection, show_progress="hidden", **pick)
+        chain(node_in.blur, on_view("node"), [session] + selection, show_progress="hidden", **pick)
+        chain(node_click.change, on_click, [session] + selection + [node_click], show_progress="hidden", **pick)
+        chain(search_in.submit, on_search, [session] + selection + [search_in], show_progress="hidden", **pick)
         edges_in.release(on_view("edges"), [session] + selection, view_outputs, show_progress="hidden")
         zero_centered.input(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="minimal")
         share_query.change(None, [share_query], [share_link], js=SHARE_JS)
@@ -428,8 +475,9 @@ def build_app() -> gr.Blocks:
             t.select(lambda n=name: n, None, tab, queue=False, show_progress="hidden")
 
         def on_overview(state, model, task, run, k, layer, node, edges, _tab, request: gr.Request):
+            ticket, _ = shown.begin(request)
             return show(resolve_view(state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")),
-                        request)
+                        request, ticket)
 
         overview_tab.select(guarded(on_overview, status), [session] + selection, view_outputs)
 
@@ -506,25 +554,51 @@ def build_app() -> gr.Blocks:
         def new_run(result: panels.NewRun, message_box, request) -> dict:
             if result.view is None:
                 return {message_box: result.message}
-            return {**show(result.view, request), message_box: result.message, saved: result.view.session.saved()}
+            ticket, _ = shown.begin(request, Request("load"))  # the new run is the newest pick
+            return {**show(result.view, request, ticket), message_box: result.message, saved: result.view.session.saved()}
 
-        def on_prune(state, model, task, target, mode, steps, control, tab_name, request: gr.Request,
-                     progress=gr.Progress(track_tqdm=True)):
-            result = panels.prune_new_run(state, model, task, target, mode != "nats", steps,
-                                          lambda f, desc: progress(f, desc=desc), tab_name, control)
-            return new_run(result, pr_md, request)
+        def pruning(box, finish):
+            """A prune as a page step: its stage and step counts in `box` while it runs (polled from the pruning
+            thread's reports), then `finish(result, request)`."""
+            def handler(state, model, task, target, mode, steps, control, tab_name, request: gr.Request):
+                progress, done = Progress(), {}
 
-        def on_prune_here(state, model, task, target, mode, steps, control, tab_name, request: gr.Request,
-                          progress=gr.Progress(track_tqdm=True)):
-            result = panels.prune_new_run(state, model, task, target, mode != "nats", steps,
-                                          lambda f, desc: progress(f, desc=desc), tab_name, control)
-            return {**new_run(result, empty_out, request), pr_md: result.message, status: result.message}
+                def work():
+                    done["result"] = panels.prune_new_run(state, model, task, target, mode != "nats", steps, progress,
+                                                          tab_name, control)
+
+                worker = threading.Thread(target=work, daemon=True)
+                worker.start()
+                text = None
+                while worker.is_alive():
+                    if progress.text != text:
+                        text = progress.text
+                        yield {box: text}
+                    worker.join(0.5)
+                result = done.get("result") or panels.NewRun(None, "⚠️ pruning failed: see the server log")
+                try:
+                    yield {**finish(result, request), box: ""}
+                except Exception as exc:
+                    traceback.print_exc()
+                    yield {box: "", status: f"⚠️ unexpected error: {type(exc).__name__}: {first_line(exc)}"}
+
+            return handler
+
+        def prune_buttons(running: bool):
+            """Both prune buttons off while a prune of this page runs (back on afterwards, also after an error)."""
+            return lambda: {pr_btn: gr.Button(interactive=not running), empty_btn: gr.Button(interactive=not running)}
 
         prune_inputs = [session, model_in, pr_task, pr_target, pr_mode, pr_steps, pr_control, tab]
-        chain(pr_btn.click, on_prune, prune_inputs, view_outputs + [pr_md, saved], concurrency_limit=1,
-              concurrency_id="prune", show_progress_on=[pr_md])
-        chain(empty_btn.click, on_prune_here, [session, model_in, task_in, pr_target, pr_mode, pr_steps, pr_control, tab],
-              view_outputs + [pr_md, saved, status], concurrency_limit=1, concurrency_id="prune", show_progress_on=[empty_out])
+        for button, box, inputs, finish in (
+            (pr_btn, pr_progress, prune_inputs, lambda result, request: new_run(result, pr_md, request)),
+            (empty_btn, empty_progress, [session, model_in, task_in, pr_target, pr_mode, pr_steps, pr_control, tab],
+             lambda result, request: {**new_run(result, empty_out, request), pr_md: result.message,
+                                      status: result.message}),
+        ):
+            started = button.click(prune_buttons(True), None, [pr_btn, empty_btn], queue=False, show_progress="hidden")
+            chain(started.then, pruning(box, finish), inputs, view_outputs + [pr_md, saved, status, box],
+                  concurrency_limit=1, concurrency_id="prune", show_progress="hidden").then(
+                prune_buttons(False), None, [pr_btn, empty_btn], queue=False, show_progress="hidden")
 
         def on_custom_task(state, model, text, file, name, tab_name, request: gr.Request):
             path = file if isinstance(file, str) or file is None else getattr(file, "path", None) or getattr(file, "name", None)

@@ -602,3 +602,221 @@ def test_next_tokens_api(app_server):
     again = client.predict(prompt="x", model="nobody/nothing", api_name="/next_tokens")
     assert "nobody/nothing" in bad["error"] and again == bad and time.perf_counter() - t < max(first, 2.0)
     assert "is not available" in client.predict(prompt="x", model="/etc", api_name="/next_tokens")["error"]
+
+
+# ---- rapid changes: every panel shows the page's one selection (each test on a page of its own) ------------
+
+SHIPPED = ("indent_for", "while_return_true", "lambda_func", "bracket_brace", "fstring_brace", "if_ternary")
+PAGE_STATE_JS = """() => {
+  const q = (s) => document.querySelector(s);
+  const plot = q('#circuit-graph .js-plotly-plot');
+  const layout = plot && plot.layout;
+  const title = layout && layout.title ? (typeof layout.title === 'string' ? layout.title : layout.title.text || '') : '';
+  const message = layout && layout.annotations && layout.annotations.length ? layout.annotations[0].text || '' : '';
+  const acts = q('#task-acts h4');
+  const checked = q('#layer-select input:checked');
+  return {task: q('#task-select input').value, k: q('#k-slider input[type=number]').value,
+          header: q('#node-header').innerText, acts: acts ? acts.innerText : '', acts_text: q('#task-acts').innerText,
+          layer: checked ? checked.value : null, graph: title || message, node: q('#node-select input').value,
+          summary: q('#summary').innerText};
+}"""
+
+
+def page_state(page) -> dict:
+    return page.evaluate(PAGE_STATE_JS)
+
+
+def settle(page, quiet_s: float = 4.0, timeout_s: float = 240.0) -> dict:
+    """Waits until the page has stopped changing (the same state for `quiet_s`, no pending numbers) and returns
+    that state."""
+    deadline = time.time() + timeout_s
+    last, since = None, time.time()
+    while time.time() < deadline:
+        state = page_state(page)
+        busy = any("…" in state[part] or "updating" in state[part] for part in ("summary", "acts_text", "graph"))
+        busy = busy or not state["summary"].strip()
+        if state != last or busy:
+            last, since = state, time.time()
+        elif time.time() - since >= quiet_s:
+            return state
+        time.sleep(0.5)
+    pytest.fail(f"the page did not settle within {timeout_s:.0f} s: {last}")
+
+
+def disagreements(state: dict) -> list[str]:
+    """What in a settled page does not belong to the selection its selectors show (empty when it all agrees)."""
+    task, out = state["task"], []
+    if f"Task {task}:" not in state["summary"]:
+        out.append(f"summary is not about {task}")
+    header = re.search(r"\d+\.(?:attn|mlp)\.\w+:\d+", state["header"])
+    acts = re.match(r"(\S+) on (.+)'s examples", state["acts"])
+    if state["layer"] is None:  # a task without a circuit: no node, no node panel
+        if header or state["acts_text"].strip() or f"No circuit for {task}" not in state["graph"]:
+            out.append(f"a task without a circuit shows {state['header']!r} / {state['acts']!r} / {state['graph']!r}")
+        return out
+    if not state["graph"].startswith(state["layer"]):
+        out.append(f"layer {state['layer']} selected, graph shows {state['graph'][:40]!r}")
+    if header:
+        if not header.group(0).startswith(state["layer"] + "."):
+            out.append(f"header node {header.group(0)} is not in layer {state['layer']}")
+        if header.group(0) not in state["node"]:
+            out.append(f"header node {header.group(0)}, node box {state['node']!r}")
+        if not acts or acts.group(1) != header.group(0) or acts.group(2) != task:
+            out.append(f"header {header.group(0)} on {task}, task panel {state['acts']!r}")
+    elif state["acts_text"].strip():
+        out.append(f"no node selected, task panel {state['acts']!r}")
+    return out
+
+
+@pytest.fixture
+def fresh(browser, app_server):
+    """A page of its own, loaded and settled."""
+    pg = new_page(browser, app_server["url"])
+    pg.wait_for_function("() => window.__cspClickReady === true")
+    settle(pg)
+    yield pg
+    pg.context.close()
+
+
+def trials(name: str, results: list[list[str]]) -> None:
+    """Reports how many trials ended inconsistent (the closing note quotes these lines), then asserts none did."""
+    bad = [r for r in results if r]
+    print(f"{name}: {len(bad)} of {len(results)} trials ended inconsistent {bad}")
+    assert not bad, bad
+
+
+def test_a_task_without_a_circuit_clears_the_node_panel(fresh):
+    choose(fresh, "#task-select", PRUNE_TASK)
+    state = settle(fresh)
+    assert state["task"] == PRUNE_TASK
+    trials("task without a circuit after load", [disagreements(state)])
+
+
+@pytest.mark.parametrize("gap_s", [1.5, 0.3])
+def test_rapid_task_picks_end_on_one_selection(fresh, gap_s):
+    """Five tasks picked `gap_s` apart, three times: the settled page shows the last one everywhere."""
+    results = []
+    for trial in range(3):
+        picks = [*SHIPPED[trial:], *SHIPPED[:trial]][:4] + [PRUNE_TASK if trial == 1 else SHIPPED[(trial + 4) % 6]]
+        for task in picks:
+            t = time.perf_counter()
+            choose(fresh, "#task-select", task)
+            time.sleep(max(0.0, gap_s - (time.perf_counter() - t)))
+        state = settle(fresh)
+        results.append(disagreements(state) + ([] if state["task"] == picks[-1] else [f"task box {state['task']}"]))
+    trials(f"5 task picks {gap_s} s apart", results)
+    assert_no_errors(fresh)
+
+
+def test_rapid_layer_clicks_end_on_one_selection(fresh):
+    """Nine layer clicks 80 ms apart, three times: the graph, layer list, node and node panel agree."""
+    results = []
+    labels = fresh.locator("#layer-select label")
+    n = labels.count()
+    assert n >= 4
+    for trial in range(3):
+        order = [(trial + 3 * i) % n for i in range(9)]
+        for i in order:
+            labels.nth(i).click()
+            time.sleep(0.08)
+        state = settle(fresh)
+        want = fresh.locator("#layer-select input").nth(order[-1]).get_attribute("value")
+        results.append(disagreements(state) + ([] if state["layer"] == want else [f"layer {state['layer']}, clicked {want}"]))
+    trials("9 layer clicks 80 ms apart", results)
+
+
+def test_typed_k_is_not_overwritten(fresh):
+    """Clicking into the k box and typing: the typed digits stay, and the page shows that k (four tries)."""
+    box = fresh.locator("#k-slider input[type=number]")
+    k_max = int(float(box.get_attribute("max")))
+    results = []
+    for k in (k_max - 7, k_max // 2, 12, k_max - 1):
+        box.click()
+        box.select_text()
+        box.press_sequentially(str(k), delay=150)
+        typed = box.input_value()
+        box.press("Enter")
+        state = settle(fresh)
+        problems = disagreements(state) + ([] if typed == str(k) else [f"typed {k}, the box held {typed}"])
+        if f"{k} of " not in state["summary"] or state["k"] != str(k):
+            problems.append(f"k={k} typed, the page shows k={state['k']}")
+        print(f"typed k={k}: {problems or 'consistent'}")
+        results.append(problems)
+    trials("typed k", results)
+
+
+def test_a_task_pick_is_sent_once(fresh):
+    """One pick from the task list is one request of the task event (Gradio 6 dropdowns also fire on blur)."""
+    deps = fresh.evaluate("""() => {
+      const cfg = window.gradio_config;
+      const box = cfg.components.find((c) => c.props && c.props.elem_id === 'task-select');
+      return cfg.dependencies.filter((d) => (d.targets || []).some((t) => t[0] === box.id)).map((d) => d.id);
+    }""")
+    assert deps
+    sent = []
+
+    def count(request):
+        if "/queue/join" in request.url and request.method == "POST":
+            body = request.post_data_json or {}
+            if body.get("fn_index") in deps:
+                sent.append(body["fn_index"])
+
+    fresh.on("request", count)
+    for task in ("lambda_func", PRUNE_TASK):
+        sent.clear()
+        choose(fresh, "#task-select", task)
+        settle(fresh)
+        print(f"a pick of {task}: {len(sent)} request(s) of the task event")
+        assert len(sent) == 1, sent
+
+
+def test_numbers_of_an_old_k_are_marked_updating(fresh):
+    """After a k change the summary and the layer bars say "updating…" (the bars of the old k are gone) until the
+    new k's losses and layer deltas arrive."""
+    k = int(float(fresh.locator("#k-slider input[type=number]").get_attribute("max"))) - 9
+    bars_say = "(t) => { const d = document.querySelector('#layer-bars .js-plotly-plot'); const l = d && d.layout; " \
+               "return !!l && JSON.stringify([l.title, l.annotations || []]).includes(t); }"
+    type_number(fresh, "#k-slider", k)
+    wait_text(fresh, "#summary", f"updating… ", timeout=30_000)
+    fresh.wait_for_function(bars_say, arg="updating…", timeout=30_000)
+    assert f"k={k}" in text_of(fresh, "#summary")
+    fresh.wait_for_function("() => !document.querySelector('#summary').innerText.includes('updating')", timeout=300_000)
+    fresh.wait_for_function(bars_say, arg=f"k={k}", timeout=60_000)
+    fresh.wait_for_selector("#layer-bars .js-plotly-plot .barlayer .point", state="attached")
+    assert not fresh.evaluate(bars_say, "updating") and "…" not in text_of(fresh, "#summary")
+    assert "Δ …" not in text_of(fresh, "#layer-select")
+
+
+# whether each prune button is disabled (null for a button the page has not drawn: a hidden box or tab)
+BUTTONS_JS = "() => ['#prune-here', '#prune-run'].map((s) => { const b = document.querySelector(s); return b ? b.disabled : null; })"
+
+
+def test_pruning_shows_its_stage_and_disables_the_buttons(fresh):
+    """A short prune from "no circuit yet": a visible progress line with the stage and how far it is, both prune
+    buttons off while it runs and on again afterwards."""
+    fresh.get_by_role("tab", name="Ablations & pruning").click()
+    type_number(fresh, "#prune-steps", 10)
+    fresh.get_by_role("tab", name="Circuit browser").click()
+    choose(fresh, "#task-select", PRUNE_TASK)
+    wait_text(fresh, "#prune-here-md", "The full model's loss on")
+    fresh.locator("#prune-here").click()
+    wait_text(fresh, "#prune-here-progress", "⏳", timeout=60_000)
+    assert fresh.locator("#prune-here-progress").bounding_box()["height"] > 10
+    fresh.get_by_role("tab", name="Ablations & pruning").click()  # (a tab's buttons are drawn when it opens)
+    fresh.wait_for_selector("#prune-run")
+    assert fresh.evaluate(BUTTONS_JS) == [True, True]
+    seen = set()
+    while not re.search(r"target (not )?reached|failed", text_of(fresh, "#status")):
+        line = fresh.evaluate("() => { const e = document.querySelector('#prune-here-progress'); "
+                              "return e ? e.innerText.trim() : ''; }")
+        if line:
+            seen.add(line)
+        time.sleep(0.3)
+    print("progress lines seen:", sorted(seen))
+    assert seen and all(re.fullmatch(r"⏳ .+", line) for line in seen), seen
+    assert any(re.search(r"\S+.* · \d+%$", line) for line in seen), seen
+    fresh.wait_for_function(f"() => ({BUTTONS_JS})().every((disabled) => disabled !== true)")
+    assert fresh.evaluate(BUTTONS_JS)[1] is False
+    assert fresh.evaluate("() => [...document.querySelectorAll('#prune-progress, #prune-here-progress')]"
+                          ".map((e) => e.innerText.trim()).join('')") == ""
+    assert_no_errors(fresh)

@@ -4,6 +4,7 @@ $CSP_APP_TEST_MODEL) with the small test circuit; pruning and imports through th
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from conftest import TEST_TASK
 from modeling_csp.explorer import panels, registry
 from modeling_csp.explorer.registry import Session
+from modeling_csp.explorer.view import Selection
 
 TASK = TEST_TASK
 
@@ -33,13 +35,19 @@ def test_node_panel(page):
     p = panels.node_panel(page["model"], page["task"], page["run"], page["k"], page["node"])
     assert "incoming" in p.connections and "Top / bottom activating examples" in p.examples
     assert "pair difference" in p.task and "class 1: correct" in p.task
+    # labelled with the selection it was computed for (the page paints it only while it shows that selection)
+    assert p.selection == Selection.of(page["model"], page["task"], page["run"], page["k"], None, page["node"])
+    assert html.escape(f"{page['node']} on {page['task']}'s examples, circuit k={p.selection.k}") in p.task
+    waiting = panels.node_panel_updating(p.selection)
+    assert "updating… " + page["node"] in waiting.task and "updating" not in p.task
     attn = next(n for n in registry.find_run(page["entry"], None, page["run"]).circuit.nodes if ".attn.q:" in n)
     q = panels.node_panel(page["model"], page["task"], page["run"], page["k"], attn)
     assert "head" in q.attention and q.attention_figure is not None and q.qk_figure is not None
     mlp = next(n for n in registry.find_run(page["entry"], None, page["run"]).circuit.nodes if ".mlp." in n)
     m = panels.node_panel(page["model"], page["task"], page["run"], page["k"], mlp)
     assert "shown for attention nodes" in m.attention and m.attention_figure is None
-    assert panels.node_panel(page["model"], page["task"], page["run"], page["k"], "9.mlp.post_act:1") == panels.NodePanel()
+    gone = panels.node_panel(page["model"], page["task"], page["run"], page["k"], "9.mlp.post_act:1")
+    assert gone == panels.NodePanel(selection=gone.selection) and gone.selection.node == "9.mlp.post_act:1"
     bad = panels.node_panel("/no/such/model", page["task"], page["run"], page["k"], page["node"])
     assert "⚠️" in bad.connections and bad.examples == bad.task == ""
 

@@ -5,15 +5,18 @@ bad values, share links and saved runs. Runs on the embedded default model and t
 from __future__ import annotations
 
 import urllib.parse
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from modeling_csp import plotting
 from modeling_csp.explorer import registry
 from modeling_csp.explorer.analysis import best_node, task_names
 from modeling_csp.explorer.registry import Session
-from modeling_csp.explorer.view import PARTS, Request, Shown, View, resolve_view
+from modeling_csp.explorer.view import PARTS, SELECTORS, Request, Selection, Shown, View, resolve_view
 from modeling_csp.loading import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model installed")
@@ -98,8 +101,10 @@ def test_typed_k_is_clamped_with_a_message(first, typed, shown, message):
     v = ask(first, "k", k=typed)
     assert v.k == (shown if shown is not None else first.k) and v.circuit.n_nodes == v.k
     assert (message in v.status) if message else v.status == ""
-    assert "model" not in v.changed and {"k", "summary", "graph", "status"} <= v.changed
-    assert "layer_bars" not in v.changed  # drawn once, by the "stats" step that knows the new deltas
+    assert "model" not in v.changed and {"summary", "graph", "status", "layer_bars"} <= v.changed
+    # the box is sent back only when the view shows another k than typed (sent back, it would overwrite digits
+    # typed meanwhile)
+    assert ("k" in v.changed) == (str(v.k) != str(typed))
 
 
 def test_k_change_keeps_layer_and_node_where_it_can(first):
@@ -209,13 +214,167 @@ def test_figures_are_computed_when_used(first):
     assert "overview" in resolve_view(first.session, Request("tab", **first.selection, tab="overview")).changed
 
 
-def test_a_view_overtaken_by_a_later_pick_is_not_painted():
-    """Two models picked quickly, the first slow to load: its view arrives last and must be dropped (a k, layer or
-    node change made meanwhile too)."""
+def test_a_view_overtaken_by_a_later_pick_is_not_painted(first):
+    """Two picks in quick succession, the first slow: its view arrives last and is dropped; the numbers are painted
+    whenever the page shows their selection; a dropdown re-sending what the page shows is not a new pick."""
     shown, page, other_page = Shown(), SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
-    shown.remember(page, {"model": "default", "task": "bracket_brace"})
-    slow = shown.begin(page, picks=True)
-    k_change = shown.begin(page, picks=False)
-    fast = shown.begin(page, picks=True)
-    assert not shown.newest(page, slow) and not shown.newest(page, k_change) and shown.newest(page, fast)
-    assert shown.newest(other_page, 1) and shown.newest(page, None)
+    ticket, new = shown.begin(page, Request("load"))
+    assert new and shown.accept(page, first, ticket) and shown.current(page) == first.selected
+    smaller = ask(first, "k", k=first.k - 2)
+    slow, _ = shown.begin(page, Request("task", **{**first.selection, "task": "if_ternary"}))
+    k_change, new = shown.begin(page, Request("k", **smaller.selection))
+    assert new and shown.accept(page, smaller, k_change) and shown.current(page) == smaller.selected
+    assert not shown.accept(page, ask(first, "task", task="if_ternary"), slow)  # overtaken: not painted
+    assert not shown.newest(page, slow) and shown.newest(other_page, 1) and shown.newest(page, None)
+    assert not shown.accept(page, ask(first, "stats"), None)  # the old k's numbers: not under the new k
+    assert shown.accept(page, ask(smaller, "stats"), None) and shown.current(page) == smaller.selected
+    blur = Request("task", **smaller.selection)  # a dropdown's blur: what is shown, nothing on its way
+    assert shown.begin(page, blur) == (k_change, False) and resolve_view(smaller.session, blur).changed == frozenset()
+    # back to the shown layer while a pick of another layer is on its way: a new pick (it must win)
+    shown.begin(page, Request("layer", **{**smaller.selection, "layer": "1.mlp"}))
+    back, new = shown.begin(page, Request("layer", **smaller.selection))
+    assert new and back == k_change + 2
+    assert resolve_view(smaller.session, Request("layer", **smaller.selection, fresh=True)).changed
+
+
+def test_a_selection_is_spelled_one_way(first):
+    page = Selection.of("default", first.task, first.run.id, f"{first.k}.0", first.layer, first.node)
+    assert page == first.selected and page.numbers == ("default", first.task, first.run.id, first.k)
+    assert Selection.of("default", "with_as", [], 1, first.layer, first.node) == Selection("default", "with_as")
+    assert first.selected.caption == f"{first.task} · k={first.k}" and first.selected.caption in first.node_header
+
+
+def test_numbers_still_to_come_are_marked_updating(first):
+    """After a k change the losses and layer deltas of the new k are not known yet: the view names those parts,
+    the summary and the bars say "updating…" (never the old k's bars), and the "stats" step clears the marks."""
+    k = first.k - 4
+    v = ask(first, "k", k=k)
+    assert v.updating == ("summary", "layer", "layer_bars") and "layer_bars" in v.changed
+    assert "⏳ updating…" in v.summary and f"k={k}" in v.summary and "updating…" in message_of(v.layer_bars)
+    assert all(" · Δ … · " in label for label, _ in v.layer_choices)
+    done = ask(v, "stats")
+    assert done.updating == () and "updating" not in done.summary and not message_of(done.layer_bars)
+    assert done.layer_bars.layout.title.text.endswith(f"{first.task} · k={k}")
+    assert "layer_bars" not in first.updating  # the run's own k: its file has the layer deltas
+
+
+def test_a_typed_k_equal_to_the_shown_one_changes_nothing(first):
+    """A slider's number box sends its value when clicked into: that must not send the box back (it would
+    overwrite digits typed meanwhile) nor reset anything."""
+    v = ask(first, "node", node=next(n for n in first.circuit.nodes if n != first.node))
+    for same in (v.k, float(v.k), str(v.k)):
+        again = ask(v, "k", k=same)
+        assert again.changed == frozenset() and again.selection == v.selection
+
+
+# ---- the page, simulated: random events, answers in a random order -----------------------------------------
+
+PANELS = ("graph", "node_header", "layer", "summary", "layer_bars", "node_panel")
+
+
+class SimulatedPage:
+    """A browser page as app.py drives it, without the browser: selectors the user changes at once, a server
+    that answers each event with a view (then, as the app chains them, the node panel and the numbers), and
+    answers delivered in whatever order the test draws. Every answer goes through `Shown` as in app.py; `painted`
+    records, per panel, the selection of what it shows (or ("updating", selection))."""
+
+    def __init__(self, first_view: View):
+        self.shown, self.request = Shown(), SimpleNamespace(session_hash="page")
+        self.selectors = dict(first_view.selection)
+        self.server_session = first_view.session
+        self.painted: dict[str, object] = {}
+        self.in_flight: list[tuple] = []
+        self.last_pick: Selection | None = None
+        self._answer("view", first_view, self.shown.begin(self.request, Request("load"))[0], "stats")
+        self.last_pick = first_view.selected
+
+    def send(self, event: str, **changes) -> None:
+        """The user changes a selector (the page shows it at once) and the page sends the event."""
+        self.selectors.update(changes)
+        asked = Request(event, **self.selectors)
+        ticket, fresh = self.shown.begin(self.request, asked)
+        follow = "stats"
+        if not fresh:  # (app.py answers a re-send of the newest pick, or of what is shown, with nothing)
+            self._answer("view", None, ticket, follow)
+            return
+        view = resolve_view(self.server_session, replace(asked, fresh=fresh))
+        self.server_session = view.session
+        self.last_pick = view.selected
+        self._answer("view", view, ticket, follow)
+
+    def _answer(self, kind, payload, ticket=None, follow=None):
+        self.in_flight.append((kind, payload, ticket, follow))
+
+    def deliver(self, index: int) -> None:
+        kind, payload, ticket, follow = self.in_flight.pop(index % len(self.in_flight))
+        if kind == "view":
+            before = self.shown.current(self.request)
+            if payload is not None and self.shown.accept(self.request, payload, ticket):  # app.show
+                view = payload
+                if not view.numbers_only:  # (the layer list of a "stats" view gets new labels, not a new value)
+                    for part in view.parts_to_paint(before) & {"model", "task", "run", "k", "layer", "node"}:
+                        self.selectors[part] = view.selection[part]
+                for part in set(PANELS) & view.parts_to_paint(before):
+                    self.painted[part] = (("updating", view.selected) if part in view.updating else view.selected)
+                if not view.numbers_only and view.selected != before:
+                    self.painted["node_panel"] = ("updating", view.selected)
+            if follow:  # the chain goes on whether the view was painted or dropped, for what the page shows now
+                here = self.shown.current(self.request) or Selection.of(*(self.selectors.get(n) for n in SELECTORS))
+                self._answer("node_panel", here)  # app.on_node_panel
+                asked = Request(follow, **{name: getattr(here, name) for name in SELECTORS})  # app.on_view("stats")
+                self._answer("view", resolve_view(self.server_session, asked), self.shown.begin(self.request)[0])
+        elif self.shown.shows(self.request, payload):  # app.on_node_panel, after computing
+            self.painted["node_panel"] = payload
+
+    def settle(self, order) -> None:
+        while self.in_flight:
+            self.deliver(order.draw(st.integers(0, 10**6)))
+
+
+@pytest.fixture(scope="module")
+def page_start(first):
+    """The first view, and a task without a circuit and its k values to draw from (views of these are cached)."""
+    other = next(t for t in ("if_ternary", "lambda_func", "indent_for") if t != first.task)
+    return first, [first.task, other, "with_as"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_events_answered_in_any_order_paint_one_selection(page_start, data):
+    """Random task, run, k, layer, node and click events; their answers (views, node panels, numbers) arrive in
+    a random order, some while later events are sent. When all have arrived, every painted panel belongs to the
+    page's selection, which is the last pick's, and nothing is left "updating…"."""
+    first, tasks = page_start
+    page = SimulatedPage(first)
+    for _ in range(data.draw(st.integers(1, 6), label="events")):
+        view_now = resolve_view(page.server_session, Request("k", **page.selectors))
+        event = data.draw(st.sampled_from(["task", "run", "k", "layer", "node", "click"]), label="event")
+        if event == "task":
+            page.send("task", task=data.draw(st.sampled_from(tasks), label="task"))
+        elif view_now.circuit is None:
+            page.send("task", task=first.task)
+        elif event == "run":
+            page.send("run", run=data.draw(st.sampled_from([r.id for r in view_now.runs]), label="run"))
+        elif event == "k":
+            page.send("k", k=data.draw(st.sampled_from([view_now.k_max, view_now.k_max - 3]), label="k"))
+        elif event == "layer":
+            page.send("layer", layer=data.draw(st.sampled_from(plotting.layer_names(view_now.entry.n_layer)), label="layer"))
+        else:
+            nodes = sorted(view_now.circuit.nodes)[:: max(1, len(view_now.circuit.nodes) // 6)]
+            page.send(event, node=data.draw(st.sampled_from(nodes), label="node"))
+        for _ in range(data.draw(st.integers(0, 3), label="answers before the next event")):
+            if page.in_flight:
+                page.deliver(data.draw(st.integers(0, 10**6)))
+    page.settle(data)
+    final = page.shown.current(page.request)
+    assert final == page.last_pick
+    assert Selection.of(*(page.selectors.get(n) for n in ("model", "task", "run", "k", "layer", "node"))) == final
+    for panel, what in page.painted.items():
+        assert isinstance(what, Selection), f"{panel} is still {what}"
+        if panel in ("summary", "layer_bars", "layer"):  # these show the numbers of (model, task, run, k)
+            assert what.numbers == final.numbers, (panel, what, final)
+        elif panel == "graph":  # (a click in the shown layer moves the selection ring in the page itself)
+            assert (what.numbers, what.layer) == (final.numbers, final.layer), (panel, what, final)
+        else:
+            assert what == final, (panel, what, final)

@@ -21,7 +21,7 @@ from .registry import (
     MAX_TASK_TEXT_BYTES, ModelEntry, Run, Session, UserError, choose_run, custom_task_from_text, find_run, first_line,
     get_model, import_run_file, is_task, log, resolve_task, run_store,
 )
-from .view import Request, View, resolve_view
+from .view import Request, Selection, View, resolve_view
 
 MESSAGE_CSS = "<style>.csp-msg{color:#8a5a00;background:#fff7e6;border:1px solid #f3d9a4;border-radius:4px;padding:6px 8px;margin:4px 0;}</style>"
 
@@ -72,17 +72,32 @@ class NodePanel:
     attention: str = ""
     attention_figure: Any = None
     qk_figure: Any = None
+    selection: Selection = field(default_factory=Selection)  # what it was computed for (the page paints it only then)
 
 
-def node_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_centered: bool = True) -> NodePanel:
+def node_panel_updating(selection: Selection) -> NodePanel:
+    """What the node panel shows from the moment the page picks `selection` until its panel arrives: the older
+    selection's panel is gone, and each part says what is coming."""
+    if selection.node is None:
+        return NodePanel(selection=selection)
+    note = f'<div class="csp-updating">⏳ updating… {selection.node} on {selection.task}\'s examples, circuit k={selection.k}</div>'
+    figure = plotting.message_figure(f"{selection.node}: updating…", 200)
+    return NodePanel(note, note, note, note, figure, figure, selection)
+
+
+def node_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_centered: bool = True,
+               layer: Any = None) -> NodePanel:
+    """The panel of a node of the circuit (model, run, k), labelled with that selection (`layer`: the layer the
+    page shows, which names the selection when no node is selected)."""
+    selection = Selection.of(model, task, run_id, k, layer, node)
     try:
         entry, run, circuit = _selection(model, run_id, k)
     except Exception as exc:
-        return NodePanel(connections=message_html(_explain(exc)))
+        return NodePanel(connections=message_html(_explain(exc)), selection=selection)
     if circuit is None or not node or node not in circuit.nodes:
-        return NodePanel()
+        return NodePanel(selection=selection)
     task = task if is_task(task) else circuit.task
-    panel = NodePanel()
+    panel = NodePanel(selection=selection)
 
     def part(fn: Callable[[], str]) -> str:
         try:
@@ -103,7 +118,8 @@ def node_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_cente
         rows = tuple([(r.tokens, r.values) for r in cls] for cls in acts.classes)
         diffs = [(r.tokens, r.values) for r in acts.pair_differences()]
         return plotting.task_examples_html(rows, acts.names, diffs, zero_centered,
-                                           title=f"{node} on {task or 'the task'}'s examples ({acts.source})")
+                                           title=f"{node} on {task or 'the task'}'s examples, circuit "
+                                                 f"k={circuit.n_nodes} ({acts.source})")
 
     panel.task = part(task_part)
     try:
@@ -490,7 +506,7 @@ def download_path(model: Any, run_id: Any, k: Any) -> str | None:
 
 
 __all__ = [
-    "NodePanel", "node_panel", "PromptPanel", "prompt_panel", "CurvesPanel", "curves_panel", "run_details",
+    "NodePanel", "node_panel", "node_panel_updating", "PromptPanel", "prompt_panel", "CurvesPanel", "curves_panel", "run_details",
     "EmbeddingsPanel", "embeddings_panel", "AblationPanel", "ablation_panel", "importance_panel", "ComparePanel",
     "compare_panel", "circuit_nodes", "prune_check", "api_next_tokens", "NewRun", "prune_new_run", "add_custom_task", "import_new_run", "download_path", "message_html",
 ]

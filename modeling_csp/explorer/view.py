@@ -5,8 +5,11 @@
 naming every change in `View.status`; it never raises for bad input. The figures and texts of the view are
 properties computed on first use, so a front end pays only for what it sends; `View.changed` names the parts of
 the page that a transition changes. The app (app.py) maps these onto its components in a few lines, and the
-tests drive every transition here, without a browser. `Shown` remembers what each page shows and which pick is
-the newest, so that an answer arriving late (a slow model load) does not paint over a newer view.
+tests drive every transition here, without a browser. Every answer is computed for one `Selection` (model, task,
+run, k, layer, node) and labelled from it; `Shown` remembers which selection each page shows and which selection
+event is the newest, so that an answer arriving late (a slow model load, the node panel of a node left behind,
+the numbers of an old k) is never painted under another selection's labels. Parts still waiting for their
+numbers are named in `View.updating` and marked "updating…" on the page.
 
 Events: "load" (the page opens: URL parameters in `query`, the browser's saved runs in `saved`), "model",
 "task", "run", "k", "layer", "node", "click" (a node clicked in the graph), "search" (node search), "edges"
@@ -38,7 +41,7 @@ PARTS = ("model", "task", "run", "k", "summary", "status", "empty", "layer", "no
 _VIEW_PARTS = frozenset(PARTS) - {"overview"}
 CHANGES = {  # what each event changes on the page (the overview only when its tab is open, see resolve_view)
     "load": _VIEW_PARTS, "model": _VIEW_PARTS, "task": _VIEW_PARTS, "run": _VIEW_PARTS,
-    "k": _VIEW_PARTS - {"model", "task", "run", "empty", "layer_bars"},  # bars: with the new deltas ("stats")
+    "k": _VIEW_PARTS - {"model", "task", "run", "empty"},  # bars: "updating…" until the "stats" step's deltas
     # (the layer bars do not depend on the selection: the layer list shows which layer is chosen)
     "layer": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),
     "node": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer (and, for a click,
@@ -74,10 +77,57 @@ class Request:
     tab: str = "browser"
     query: Mapping[str, Any] | None = None
     saved: Any = None
+    fresh: bool = False  # a new pick of the page (`Shown.begin`): its parts are painted even if the session has it
+
+    @property
+    def asked(self) -> "Selection":
+        return Selection.of(*(getattr(self, name) for name in SELECTORS))
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x + 0.0:.{digits}g}"
+
+
+def _whole(value: Any) -> int | None:
+    """A k as the page may send it (36, 36.0, "36") as an int; None for nothing or not a number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One choice of model, task, run, k, layer and node, spelled one way whatever the page sends (36, 36.0 and
+    "36" alike, "" and [] as None). Without a run there is no k, layer or node. Every
+    panel is computed for one selection and painted only while the page shows that selection."""
+
+    model: str | None = None
+    task: str | None = None
+    run: str | None = None
+    k: int | None = None
+    layer: str | None = None
+    node: str | None = None
+
+    @classmethod
+    def of(cls, model: Any = None, task: Any = None, run: Any = None, k: Any = None, layer: Any = None,
+           node: Any = None) -> "Selection":
+        text = lambda v, limit=MAX_QUERY_CHARS: None if isinstance(v, (list, tuple)) and not v else _text(v, limit)  # noqa: E731
+        run = text(run)
+        if run is None:
+            return cls(text(model, MAX_SPEC_CHARS), text(task))
+        return cls(text(model, MAX_SPEC_CHARS), text(task), run, _whole(k), text(layer), text(node))
+
+    @property
+    def numbers(self) -> tuple:
+        """What the losses and layer deltas depend on: model, task, run and k (not the layer or node)."""
+        return (self.model, self.task, self.run, self.k)
+
+    @property
+    def caption(self) -> str:
+        """The selection in a few words, for panel titles: "bracket_brace · k=135"."""
+        return f"{self.task}" + (f" · k={self.k}" if self.k is not None else "")
 
 
 @dataclass
@@ -103,6 +153,11 @@ class View:
     matches: tuple[str, ...] = ()
     tab: str = "browser"
     event: str = "load"  # the request's event ("stats": only the slow numbers of this selection)
+
+    @property
+    def numbers_only(self) -> bool:
+        """A "stats" view: it brings the slow numbers of its selection and changes no selector."""
+        return self.event == "stats"
 
     # -- selectors ------------------------------------------------------------------------------
 
@@ -137,7 +192,9 @@ class View:
     def layer_choices(self) -> list[tuple[str, str]]:
         if self.circuit is None:
             return []
-        return [(f"{r['layer']} · Δ {_fmt(r['delta'], 3)} · {r['n_nodes']} nodes", r["layer"]) for r in self._layer_rows]
+        pending = "layer" in self.updating
+        return [(f"{r['layer']} · Δ {'…' if pending else _fmt(r['delta'], 3)} · {r['n_nodes']} nodes", r["layer"])
+                for r in self._layer_rows]
 
     @property
     def node_choices(self) -> list[tuple[str, str]]:
@@ -150,6 +207,35 @@ class View:
     def selection(self) -> dict[str, Any]:
         return {"model": self.model, "task": self.task, "run": self.run.id if self.run else None, "k": self.k,
                 "layer": self.layer, "node": self.node}
+
+    @property
+    def selected(self) -> Selection:
+        """This view's selection, the one every panel it paints is labelled with."""
+        return Selection.of(**self.selection)
+
+    def parts_to_paint(self, shown: Selection | None) -> frozenset[str]:
+        """The parts to send to a page that shows `shown`: what the event changes, and whatever else differs from
+        what the page shows (the answer of a pick this one overtook was never painted)."""
+        if self.numbers_only or not self.changed:
+            return self.changed
+        parts = set(self.changed)
+        if shown is None or shown.numbers != self.selected.numbers:
+            parts |= _VIEW_PARTS
+        elif (shown.layer, shown.node) != (self.layer, self.node):
+            parts |= {"layer", "node", "graph", "share", "node_header"}
+            if self.event == "click" and shown.layer == self.layer:
+                parts.discard("graph")  # the page moved the selection ring itself
+        if self.event == "k" and "k" not in self.changed:
+            parts.discard("k")  # the box holds it: sent back, it would overwrite digits typed meanwhile
+        return frozenset(parts)
+
+    @property
+    def updating(self) -> tuple[str, ...]:
+        """The parts of the page whose numbers this view does not have yet (the "stats" step brings them): the
+        page marks them "updating…" rather than leave an older selection's numbers under this one's labels."""
+        if self.circuit is None or self.stats is None or self.stats.complete:
+            return ()
+        return ("summary",) + (() if self.stats.layer_deltas else ("layer", "layer_bars"))
 
     @property
     def share_query(self) -> str:
@@ -178,6 +264,11 @@ class View:
                      "|---|---|---|---|---|---|---|\n"
                      f"| {val(s.full)} | {val(s.circuit)} | {val(s.random)} | {val(s.complement)} | "
                      f"{self.circuit.n_nodes} of {e.n_total_nodes} | {self.circuit.n_edges} | {_fmt(self.circuit.target_loss)} |")
+        if "summary" in self.updating:
+            missing = [name for name, v in (("random same-size", s.random), ("complement", s.complement),
+                                            ("circuit", s.circuit)) if v is None]
+            missing += [] if s.layer_deltas else ["layer deltas"]
+            lines.append(f'<span class="csp-updating">⏳ updating… {", ".join(missing)} for {self.selected.caption}</span>')
         if s.error:
             lines.append(f"⚠️ {s.error}")
         if s.notices:
@@ -198,7 +289,7 @@ class View:
         d = self.entry.d_head
         return (f"### `{self.node}` · {plotting.node_label(self.node, d)}\n{plotting._node_detail(self.node, d)} · "
                 f"ablation importance **{_fmt(self.circuit.nodes[self.node])}** (task-loss increase when it alone is "
-                "ablated)")
+                f"ablated) · circuit of {self.selected.caption}")
 
     # -- figures ----------------------------------------------------------------------------------
 
@@ -219,7 +310,11 @@ class View:
     def layer_bars(self):
         if self.circuit is None:
             return plotting.message_figure("No circuit.", 200)
-        return plotting.layer_bars_figure(self._layer_rows)
+        if "layer_bars" in self.updating:
+            return plotting.message_figure(f"Layer ablation deltas for {self.selected.caption}: updating…", 200)
+        figure = plotting.layer_bars_figure(self._layer_rows)
+        figure.update_layout(title_text=f"Layer ablation deltas (nodes) · {self.selected.caption}")
+        return figure
 
     @cached_property
     def overview(self):
@@ -257,11 +352,18 @@ def _first_task_with_run(entry: ModelEntry, session: Session) -> str:
 
 
 def picks_again(session: Session | None, request: Request) -> bool:
-    """Whether a model, task, run or node event asks for what the session already shows: Gradio 6 dropdowns send
-    their value again whenever they lose focus, which is not a new pick."""
+    """Whether a model, task, run, k, layer or node event asks for the selection the session already shows:
+    Gradio 6 dropdowns send their value again whenever they lose focus, and a slider's number box sends its value
+    when clicked into; neither is a new pick."""
     event = request.event
-    return (event in ("model", "task", "run", "node") and isinstance(session, Session) and bool(session.view)
-            and _text(getattr(request, event)) == _text(session.view.get(event)))
+    if event not in SELECTORS or not isinstance(session, Session) or not session.view:
+        return False
+    if event == "k":
+        return _whole(request.k) is not None and _whole(request.k) == _whole(session.view.get("k"))
+    return _text(getattr(request, event)) == _text(session.view.get(event))
+
+
+PICKS = ("load", "model", "task", "run", "k", "layer", "node", "click", "search")
 
 
 def _resolve(session: Session, request: Request) -> View:
@@ -379,7 +481,15 @@ def _resolve(session: Session, request: Request) -> View:
             if event == "edges":
                 notices.append(str(exc))
 
-    changed = frozenset() if repeated else CHANGES[event]
+    changed = frozenset() if repeated and not request.fresh else CHANGES[event]
+    if event not in ("load", "stats", "tab", "edges"):
+        # a selector whose value the view does not take as asked is sent back (clamped, fallen back, or asked
+        # while an earlier pick's answer was on its way)
+        shown = Selection.of(entry.spec, task, run.id if run else None, k, layer, node)
+        changed = changed | {name for name in ("model", "task", "run", "k", "layer", "node")
+                             if getattr(shown, name) != getattr(request.asked, name)}
+    if event == "k" and k is not None and _whole(request.k) == k:
+        changed = changed - {"k"}  # the box holds it already: sent back, it would overwrite digits typed meanwhile
     if event in ("layer", "node", "click", "search") and layer == _text(request.layer):
         changed = changed - {"layer"}  # the layer list already shows this layer
         if event == "click":
@@ -413,15 +523,18 @@ def resolve_view(session: Session | None, request: Request) -> View:
 
 
 class Shown:
-    """What each page shows last (session hash -> selection). A follow-up step that finishes after the user has
-    moved on (the slow numbers of a run left behind, the panel of a node no longer selected) must not paint over
-    the newer view: it asks here first. Events that pick a model, task or run take a ticket when they start, so
-    that a view overtaken by a later pick (a slow model load) is dropped instead of painted last."""
+    """What each page shows (session hash -> its `Selection`), and a ticket per page that each new pick takes
+    when it starts. The app paints an answer only through here: a view only if no pick started after its own
+    event (`accept`), the slow numbers and the node panel only while the page shows the selection they were
+    computed for (`shows`). So nothing is painted under another selection's labels, whatever order the answers
+    arrive in. Pages not known here (no session hash: tests, the API) accept everything."""
 
     def __init__(self, limit: int = 10_000):
         self._lock = threading.Lock()
-        self._pages: OrderedDict[str, dict] = OrderedDict()
+        self._pages: OrderedDict[str, Selection] = OrderedDict()
         self._tickets: OrderedDict[str, int] = OrderedDict()
+        self._asked: OrderedDict[str, Selection] = OrderedDict()  # what the newest pick asked for
+        self._painted: OrderedDict[str, int] = OrderedDict()  # the ticket of the view painted last
         self._limit = limit
 
     def _put(self, table: OrderedDict, key: str, value) -> None:
@@ -431,42 +544,90 @@ class Shown:
         while len(table) > self._limit:
             table.popitem(last=False)
 
-    def begin(self, request, picks: bool) -> int | None:
-        """The ticket of an event starting now: a new one if it picks another model, task or run, else the current
-        one (a k, layer or node change computed for a model the page has since left must not be painted either)."""
+    def begin(self, request, asked: Request | None = None) -> tuple[int | None, bool]:
+        """The ticket of an event starting now, and whether it is a new pick. A pick (`PICKS`) takes a new ticket,
+        so that the answers of earlier events still on their way are dropped (the last pick wins, whatever order
+        answers arrive in), unless it asks for what the newest pick, still on its way, asked for, or (none on
+        its way) for what the page shows: Gradio 6 dropdowns send their value again whenever they lose focus, and a slider's
+        number box when clicked into. Anything else (a follow-up step) keeps the current ticket."""
         key = getattr(request, "session_hash", None)
         if not key:
-            return None
+            return None, bool(asked is not None and asked.event in PICKS)
         with self._lock:
-            ticket = self._tickets.get(key, 0) + picks
+            ticket, new = self._tickets.get(key, 0), False
+            if asked is not None and asked.event in PICKS:
+                wanted = asked.asked
+                on_its_way = self._painted.get(key) != ticket
+                again = asked.event not in ("load", "click", "search") and (
+                    wanted == (self._asked.get(key) if on_its_way else self._pages.get(key)))
+                if not again:
+                    ticket, new = ticket + 1, True
+                    self._put(self._asked, key, wanted)
             self._put(self._tickets, key, ticket)
-        return ticket
+        return ticket, new
+
+    def _newest(self, key: str, ticket: int | None) -> bool:
+        return ticket is None or self._tickets.get(key) in (None, ticket)
 
     def newest(self, request, ticket: int | None) -> bool:
-        """Whether no selection event of this page started after the one holding `ticket`."""
+        """Whether no pick of this page started after the event holding `ticket`."""
         with self._lock:
-            return ticket is None or self._tickets.get(getattr(request, "session_hash", None) or "") in (None, ticket)
+            return self._newest(getattr(request, "session_hash", None) or "", ticket)
 
-    @staticmethod
-    def _same(value) -> str:
-        """A selection value as the page and the view both spell it (36, 36.0 and "36" alike)."""
+    def accept(self, request, view: "View", ticket: int | None) -> bool:
+        """Whether to paint a view: not if a later pick started; the slow numbers of a "stats" view whenever the
+        page shows the model, task, run and k they are for. A painted view's selection becomes the page's."""
+        key = getattr(request, "session_hash", None) or ""
+        with self._lock:
+            if view.numbers_only:  # (no ticket: numbers are right whenever the page shows their selection)
+                shown = self._pages.get(key)
+                return shown is None or shown.numbers == view.selected.numbers
+            if not self._newest(key, ticket):
+                return False
+            if key:
+                self._put(self._pages, key, view.selected)
+                self._put(self._painted, key, self._tickets.get(key, 0))
+            return True
+
+    def current(self, request) -> Selection | None:
+        """The selection this page shows (None when not known)."""
+        with self._lock:
+            return self._pages.get(getattr(request, "session_hash", None) or "")
+
+    def shows(self, request, selection: Selection, numbers_only: bool = False) -> bool:
+        """Whether the page shows this selection (only its model, task, run and k when `numbers_only`); True when
+        the page is not known."""
+        shown = self.current(request)
+        if shown is None:
+            return True
+        return shown.numbers == selection.numbers if numbers_only else shown == selection
+
+
+class Progress:
+    """What a long job (pruning) reported last, as the page's progress line: the job calls it from its own thread
+    with (fraction done, stage text), the page reads `text` while it waits."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._latest: tuple[float | None, str] | None = None
+
+    def __call__(self, fraction: Any, desc: Any = "") -> None:
         try:
-            number = float(value)
-            return str(int(number)) if number.is_integer() else str(number)
-        except (TypeError, ValueError, OverflowError):
-            return str(value)
-
-    def remember(self, request, selection: dict) -> None:
-        key = getattr(request, "session_hash", None)
-        if key:
-            with self._lock:
-                self._put(self._pages, key, {name: self._same(v) for name, v in selection.items()})
-
-    def still(self, request, **selection) -> bool:
-        """Whether the page still shows these selection values (True when it is not known)."""
+            fraction = min(max(float(fraction), 0.0), 1.0)
+        except (TypeError, ValueError):
+            fraction = None
         with self._lock:
-            shown = self._pages.get(getattr(request, "session_hash", None) or "")
-        return shown is None or all(shown.get(name) == self._same(v) for name, v in selection.items())
+            self._latest = (fraction, str(desc or "").strip())
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            latest = self._latest
+        if latest is None:
+            return "⏳ starting…"
+        fraction, desc = latest
+        done = f"{fraction:.0%}" if fraction is not None else ""
+        return "⏳ " + " · ".join(part for part in (desc, done) if part)
 
 
-__all__ = ["Request", "View", "resolve_view", "picks_again", "Shown", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
+__all__ = ["Request", "Selection", "View", "resolve_view", "picks_again", "PICKS", "Shown", "Progress", "search_nodes", "SELECTORS", "PARTS", "CHANGES"]
