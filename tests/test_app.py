@@ -32,7 +32,8 @@ ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-PRUNE_TASK = "with_as"  # a task the default model ships no circuit for
+PRUNE_TASK = "else_elif"  # a task the default model ships no circuit for (and does better than chance)
+WEAK_TASK = "with_as"  # a task the default model does no better than chance: every target is refused
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ def test_every_task_can_be_picked(page, app_server):
         if page.locator("#no-circuit-md").first.is_visible():
             assert f"No circuit yet for {task}" in text_of(page, "#no-circuit-md")
             assert page.locator("#prune-here").is_visible()
-            wait_text(page, "#prune-here-md", f"The full model's loss on {task}")  # the last step of the change
+            wait_text(page, "#prune-here-md", f"The full model's held-out loss on {task}")  # the last step of the change
         else:
             shipped.add(task)
             page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
@@ -312,7 +313,7 @@ def test_prune_from_no_circuit_yet_then_reload_and_share(page, browser, app_serv
     page.get_by_role("tab", name="Circuit browser").click()
     choose(page, "#task-select", PRUNE_TASK)
     wait_text(page, "#no-circuit-md", f"No circuit yet for {PRUNE_TASK}")
-    wait_text(page, "#prune-here-md", "The full model's loss on")
+    wait_text(page, "#prune-here-md", "The full model's held-out loss on")
     page.locator("#prune-here").click()
     page.wait_for_function("() => /target (not )?reached/.test(document.querySelector('#status').innerText)",
                            timeout=600_000)
@@ -500,6 +501,8 @@ def test_ablations_importances_and_pruning_check(page):
     page.get_by_label("× full model's loss").check()
     page.locator("#prune-target input").fill("1.2")
     page.locator("#prune-target input").press("Enter")
+    wait_text(page, "#prune-check", "1.20 × that")
+    choose(page, "#prune-task", WEAK_TASK)
     wait_text(page, "#prune-check", "at or above chance")  # 1.2 × with_as's full loss: refused
     assert_no_errors(page)
     shot(page, "12_ablations")
@@ -798,7 +801,7 @@ def test_pruning_shows_its_stage_and_disables_the_buttons(fresh):
     type_number(fresh, "#prune-steps", 10)
     fresh.get_by_role("tab", name="Circuit browser").click()
     choose(fresh, "#task-select", PRUNE_TASK)
-    wait_text(fresh, "#prune-here-md", "The full model's loss on")
+    wait_text(fresh, "#prune-here-md", "The full model's held-out loss on")
     fresh.locator("#prune-here").click()
     wait_text(fresh, "#prune-here-progress", "⏳", timeout=60_000)
     assert fresh.locator("#prune-here-progress").bounding_box()["height"] > 10
@@ -815,6 +818,7 @@ def test_pruning_shows_its_stage_and_disables_the_buttons(fresh):
     print("progress lines seen:", sorted(seen))
     assert seen and all(re.fullmatch(r"⏳ .+", line) for line in seen), seen
     assert any(re.search(r"\S+.* · \d+%$", line) for line in seen), seen
+    assert any(re.search(r"mask training: step \d+ of 10 · \d+%", line) for line in seen), seen  # the stage, counted
     fresh.wait_for_function(f"() => ({BUTTONS_JS})().every((disabled) => disabled !== true)")
     assert fresh.evaluate(BUTTONS_JS)[1] is False
     assert fresh.evaluate("() => [...document.querySelectorAll('#prune-progress, #prune-here-progress')]"
