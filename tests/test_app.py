@@ -657,7 +657,7 @@ def disagreements(state: dict) -> list[str]:
         if header or state["acts_text"].strip() or f"No circuit for {task}" not in state["graph"]:
             out.append(f"a task without a circuit shows {state['header']!r} / {state['acts']!r} / {state['graph']!r}")
         return out
-    if not state["graph"].startswith(state["layer"]):
+    if not state["graph"].startswith(state["layer"]) and state["graph"] != f"The circuit has no nodes in {state['layer']}.":
         out.append(f"layer {state['layer']} selected, graph shows {state['graph'][:40]!r}")
     if header:
         if not header.group(0).startswith(state["layer"] + "."):

@@ -267,6 +267,17 @@ def test_a_typed_k_equal_to_the_shown_one_changes_nothing(first):
         assert again.changed == frozenset() and again.selection == v.selection
 
 
+def test_a_layer_answer_does_not_send_the_layer_back(first):
+    """Layers clicked in quick succession: the answer for one layer arrives when the page already shows the
+    next one the user clicked; it repaints the graph and node, never the layer list (that would undo the later
+    click, and the later pick would then be lost)."""
+    layers = [value for _, value in first.layer_choices]
+    clicked = ask(first, "layer", layer=next(name for name in layers if name != first.layer))
+    later_click = replace(first.selected, layer=next(name for name in layers if name not in (first.layer, clicked.layer)))
+    parts = clicked.parts_to_paint(later_click)
+    assert "layer" not in parts and {"graph", "node", "node_header"} <= parts
+
+
 # ---- the page, simulated: random events, answers in a random order -----------------------------------------
 
 PANELS = ("graph", "node_header", "layer", "summary", "layer_bars", "node_panel")

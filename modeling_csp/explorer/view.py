@@ -225,8 +225,10 @@ class View:
             parts |= {"layer", "node", "graph", "share", "node_header"}
             if self.event == "click" and shown.layer == self.layer:
                 parts.discard("graph")  # the page moved the selection ring itself
-        if self.event == "k" and "k" not in self.changed:
-            parts.discard("k")  # the box holds it: sent back, it would overwrite digits typed meanwhile
+        if self.event in ("k", "layer") and self.event not in self.changed:
+            # the selector the user just set holds this value: sent back, it would overwrite a later click or
+            # digits typed meanwhile (the last pick must win)
+            parts.discard(self.event)
         return frozenset(parts)
 
     @property
