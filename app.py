@@ -358,6 +358,11 @@ def build_app() -> gr.Blocks:
                 out.update(parts[name]())
             if not view.numbers_only and view.selected != before:  # the node panel of the old selection goes
                 out.update(node_outputs_of(panels.node_panel_updating(view.selected)))
+            if not view.numbers_only and (before is None or before.numbers != view.selected.numbers):
+                # the download of an older selection is never left on the button: on the Share tab the new one
+                # is written now, elsewhere when the tab opens
+                path = panels.download_path(view.model, view.run.id, view.k) if view.tab == "share" and view.run else None
+                out[download] = gr.DownloadButton(value=path)
             if "run" in view.changed:
                 out[abl_layers] = gr.CheckboxGroup(choices=plotting.layer_names(view.entry.n_layer), value=[])
                 out[channel_in] = gr.Slider(minimum=0, maximum=int(view.entry.config.d_model) - 1, step=1)
@@ -365,7 +370,7 @@ def build_app() -> gr.Blocks:
 
         view_outputs = [session, model_in, task_in, pr_task, run_in, cmp_in, k_in, summary, status, empty_box, empty_md,
                         empty_out, layer_in, node_in, graph, layer_bars, overview, share_query, node_header, abl_layers,
-                        channel_in, connections, examples, task_acts, attn_rows, attn_plot, qk_plot]
+                        channel_in, connections, examples, task_acts, attn_rows, attn_plot, qk_plot, download]
         selection = [model_in, task_in, run_in, k_in, layer_in, node_in, edges_in, tab]
 
         def on_view(event):

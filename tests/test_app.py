@@ -539,6 +539,15 @@ def test_shared_url_restores_view(page, browser, app_server):
         page.locator("#download").click()
     data = json.loads(Path(download.value.path()).read_text())
     assert data["format"] == "csp-circuit" and data["k"] == int(params["k"]) and len(data["nodes"]) == int(params["k"])
+    # a task picked on this tab: the button offers the new selection's circuit, never the old one's
+    choose(page, "#task-select", "indent_for")
+    wait_text(page, "#summary", "Task indent_for:")
+    page.wait_for_function("() => { const b = document.querySelector('#download'); return !!b && !b.disabled; }")
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    shown_k = int(float(page.locator("#k-slider input[type=number]").input_value()))
+    assert json.loads(Path(download.value.path()).read_text())["task"] == "indent_for"
+    assert json.loads(Path(download.value.path()).read_text())["k"] == shown_k
     k = max(2, int(params["k"]) * 2 // 3)
     other = new_page(browser, app_server["url"] + "?" + urllib.parse.urlencode({**params, "k": k, "node": ""}))
     try:
