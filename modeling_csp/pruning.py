@@ -42,7 +42,7 @@ from .ablation import (
     input_device, node_attributions, node_importances, task_logits, unchanged_weights,
 )
 from .circuits import CircuitGraph, attach_node_data, location_width, n_total_nodes, node_locations
-from .evaluation import CircuitVerdict, TargetAtChance, check_target, circuit_verdict
+from .evaluation import CircuitVerdict, TargetAtChance, check_target, circuit_verdict, verdict_of
 from .tasks import TaskBatch, TaskExample, get_task, make_task_dataset, task_loss
 
 Masks = dict[str, torch.Tensor]
@@ -534,7 +534,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
         loss = evaluate(model, data.train, top_k_masks(scores, extra), fill, config.freeze_norm_scales)[0]
         at_k[extra] = circuit_at(extra, loss, loss <= target)
     stages("evaluation", 1, 1, f"evaluation: done, k={k:,}")
-    verdict = circuit_verdict(circuit.losses, target, train_loss, circuit.control, k, circuit.meta["eval_split"])
+    verdict = verdict_of(circuit)  # the judgement stored in its meta.verdict, from the same numbers
     return PruneResult(circuit, scores, top_k_masks(scores, k), train_loss, bool(verdict.passed),
                        time.perf_counter() - t0, at_k, verdict, bool(reached))
 
