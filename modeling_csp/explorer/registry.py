@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..circuits import CircuitGraph, compute_edges, location_width, node_locations, record_node_activations
+from ..circuits import CircuitGraph, compute_edges, n_total_nodes, node_locations, record_node_activations
 from ..evaluation import EvalOptions, task_split
 from ..jsonio import dumps_strict, write_text_atomic
 
@@ -467,7 +467,7 @@ class ModelEntry:
     @property
     def n_total_nodes(self) -> int:
         """Nodes of the whole model (every channel at every node location)."""
-        return sum(location_width(self.config, l) for l in node_locations(self.config))
+        return n_total_nodes(self.config)
 
     # -- shared computations ---------------------------------------------------------------------
 
