@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_weight_changes import IDS, ROUTES, make_sparse_model, sparse_and_dense_logits  # noqa: E402
+from test_weight_changes import ROUTES, make_sparse_model, sparse_and_dense_logits  # noqa: E402
 
 
 def main():

@@ -789,7 +789,7 @@ def test_numbers_of_an_old_k_are_marked_updating(fresh):
     bars_say = "(t) => { const d = document.querySelector('#layer-bars .js-plotly-plot'); const l = d && d.layout; " \
                "return !!l && JSON.stringify([l.title, l.annotations || []]).includes(t); }"
     type_number(fresh, "#k-slider", k)
-    wait_text(fresh, "#summary", f"updating… ", timeout=30_000)
+    wait_text(fresh, "#summary", "updating… ", timeout=30_000)
     fresh.wait_for_function(bars_say, arg="updating…", timeout=30_000)
     assert f"k={k}" in text_of(fresh, "#summary")
     fresh.wait_for_function("() => !document.querySelector('#summary').innerText.includes('updating')", timeout=300_000)
