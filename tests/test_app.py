@@ -388,7 +388,9 @@ def test_imported_run_survives_a_reload(page, app_server, tmp_path):
     wait_text(page, "#summary", "imported · my_upload.json")
     page.reload()
     page.wait_for_selector("#summary table")
-    choose(page, "#task-select", json.loads(mine.read_text())["task"])  # the first view may show another task
+    task = json.loads(mine.read_text())["task"]
+    choose(page, "#task-select", task)  # the first view may show another task
+    wait_text(page, "#summary", f"Task {task}:")  # the run list below is this task's, not the first view's
     wait_text(page, "#summary", "Run ")
     page.locator("#run-select input").click()
     names = page.locator("#run-select [role=option]").all_inner_texts()
