@@ -20,21 +20,19 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hub_constants
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
-from modeling_csp.configuration_csp import CSPConfig
-from modeling_csp.jsonio import dumps_strict, write_json_atomic
-from modeling_csp.modeling_csp import CSPForCausalLM, expected_shapes, few_names
+from modeling_csp.model.configuration_csp import CSPConfig
+from modeling_csp.model.modeling_csp import CSPForCausalLM, expected_shapes, few_names
+from modeling_csp.model.saving import ModelFolderError, prepare_output_folder, save_model_folder
+from modeling_csp.utils.jsonio import dumps_strict
 
 
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/circuit-sparsity"
 RELEASE_TOKENIZER = "tinypython"  # {RELEASE_URL}/tinypython/{encoder.json,vocab.bpe}
 RELEASED_NAME = re.compile(r"^(csp|dense)\d*_[\w.-]+$")
-CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"  # packaged with `conversion`
-ENDOFTEXT = "<|endoftext|>"
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
     """A problem with the input files, reported as one line naming the file."""
 
 
@@ -185,108 +183,36 @@ def check_memory(config: CSPConfig, source: Path) -> None:
                               f"{free / 2**30:.1f} GiB of memory is free")
 
 
-# ---- writing our format ---------------------------------------------------------------
-
-
-def weight_density(model: CSPForCausalLM) -> float:
-    """Fraction of nonzero entries over all weight matrices (what the paper's L0 budget counts); the bigram
-    logit table has its own budget and is left out."""
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and n != "bigram_table"]
-    return sum(int(p.count_nonzero()) for p in matrices) / sum(p.numel() for p in matrices)
-
-
-def render_model_card(model: CSPForCausalLM, name: str, source: str, extra: str = "") -> str:
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    return CARD_TEMPLATE.read_text().format(
-        name=name, source=source, n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head, d_head=c.d_head,
-        d_mlp=c.d_mlp, block_size=c.block_size, vocab_size=c.vocab_size, norm="RMSNorm" if c.rms_norm else "LayerNorm",
-        afrac=c.afrac, sink=c.sink, bigram=c.enable_bigram_table, n_params=f"{n_params / 1e6:.2f}M",
-        density=f"{100 * weight_density(model):.2f}%" + (
-            f" (bigram table {100 * model.bigram_table.count_nonzero().item() / model.bigram_table.numel():.2f}%)"
-            if model.bigram_table is not None else ""
-        ), extra=extra,
-    )
-
-
-def save_model_folder(
-    model: CSPForCausalLM,
-    dst: str | os.PathLike,
-    tokenizer_dir: str | os.PathLike | None = None,
-    tokenizer_json_dir: str | os.PathLike | None = None,
-    name: str | None = None,
-    source: str = "",
-    card_extra: str = "",
-) -> Path:
-    """Writes a self-contained folder: config with auto_map, modeling files, sparse safetensors,
-    generation config, tokenizer (from data-gym files or an existing tokenizer.json folder) and card.
-
-    Weights keep their dtype on disk (bf16 stays exactly bf16) while config.json asks for float32,
-    the reference's compute dtype.
-    """
-    dst = prepare_output_folder(dst)
-    CSPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    model.config.register_for_auto_class()
-    eot = None
-    if tokenizer_dir is not None:
-        from conversion.convert_tokenizer import convert_tokenizer
-
-        try:
-            convert_tokenizer(tokenizer_dir, dst, model_max_length=model.config.block_size, vocab_size=model.config.vocab_size)
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
-    elif tokenizer_json_dir is not None:
-        import shutil
-
-        check_tokenizer_size(json.loads((Path(tokenizer_json_dir) / "tokenizer.json").read_text()), model.config.vocab_size,
-                             Path(tokenizer_json_dir) / "tokenizer.json")
-        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(tokenizer_json_dir) / file).exists():
-                shutil.copy(Path(tokenizer_json_dir) / file, dst / file)
-    if (dst / "tokenizer.json").exists():
-        added = json.loads((dst / "tokenizer.json").read_text())["added_tokens"]
-        eot = next((t["id"] for t in added if t["content"] == ENDOFTEXT), None)
-    model.generation_config = GenerationConfig(eos_token_id=eot, pad_token_id=eot, bos_token_id=None)
-    model.save_pretrained(dst)
-    config_path = dst / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    write_json_atomic(config_path, config, indent=2, sort_keys=True)
-    (dst / "README.md").write_text(render_model_card(model, name or dst.name, source, card_extra))
-    return dst
-
-
-def check_tokenizer_size(tokenizer_json: dict, vocab_size: int, source) -> None:
-    """Refuses a tokenizer with ids the model has no embedding for (every such text would fail in `wte`)."""
-    ids = [*tokenizer_json["model"]["vocab"].values(), *(t["id"] for t in tokenizer_json.get("added_tokens", []))]
-    if ids and max(ids) >= vocab_size:
-        raise ConversionError(f"{source}: the tokenizer has ids up to {max(ids)} but the model's vocab_size is {vocab_size}; "
-                              "pass the model's own tokenizer")
-
-
-def prepare_output_folder(dst: str | os.PathLike) -> Path:
-    """Creates DST (a folder) or refuses in one line: a file in the way, or no permission to write."""
-    dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"{dst}: exists and is not a folder; choose a new output folder")
+def folder_ready(dst: str | os.PathLike) -> Path:
     try:
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConversionError(f"{dst}: cannot create the output folder ({e.strerror or e})") from None
-    if not os.access(dst, os.W_OK | os.X_OK):
-        raise ConversionError(f"{dst}: the output folder is not writable")
-    return dst
+        return prepare_output_folder(dst)
+    except ModelFolderError as e:
+        raise ConversionError(str(e)) from None
+
+
+def save_converted_folder(model: CSPForCausalLM, dst: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                          name: str | None = None, source: str = "") -> Path:
+    """`save_model_folder`, with the tokenizer converted from the data-gym files in `tokenizer_dir` first."""
+    dst = folder_ready(dst)
+    try:
+        if tokenizer_dir is not None:
+            from conversion.convert_tokenizer import convert_tokenizer
+
+            convert_tokenizer(tokenizer_dir, dst, model_max_length=model.config.block_size, vocab_size=model.config.vocab_size)
+        return save_model_folder(model, dst, name=name, source=source)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def convert_checkpoint(
     src: str, dst: str | os.PathLike, tokenizer_dir: str | None = None, push_to_hub: str | None = None
 ) -> Path:
     source = resolve_source(src)
-    prepare_output_folder(dst)  # before the slow part
+    folder_ready(dst)  # before the slow part
     model = load_original(source)
     if tokenizer_dir is None and RELEASED_NAME.match(src) and not Path(src).is_dir():
         tokenizer_dir = resolve_release_tokenizer()
-    out = save_model_folder(model, dst, tokenizer_dir=tokenizer_dir, name=Path(src).name, source=src)
+    out = save_converted_folder(model, dst, tokenizer_dir=tokenizer_dir, name=Path(src).name, source=src)
     if push_to_hub:
         from modeling_csp.deploy import DeployError, publish_model
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from modeling_csp.tokenization import (
+from modeling_csp.model.tokenization import (
     TINYPYTHON_PAT_STR,
     build_tokenizer_json,
     load_data_gym,

@@ -16,12 +16,12 @@ import sys
 
 import torch
 
-from modeling_csp.ablation import compute_mean_activations, mean_ablate, node_attributions, task_logits
-from modeling_csp.circuits import CircuitGraph, parse_node_id
-from modeling_csp.loading import DEFAULT_MODEL_DIR, load_model_and_tokenizer
-from modeling_csp.pruning import top_k_masks
-from modeling_csp.tasks import make_task_dataset
-from modeling_csp.tokenization import token_texts
+from modeling_csp.circuits.ablation import compute_mean_activations, mean_ablate, node_attributions, task_logits
+from modeling_csp.circuits.graph import CircuitGraph, parse_node_id
+from modeling_csp.model.loading import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+from modeling_csp.circuits.pruning import top_k_masks
+from modeling_csp.circuits.tasks import make_task_dataset
+from modeling_csp.model.tokenization import token_texts
 
 TASK = sys.argv[1] if len(sys.argv) > 1 else "bracket_brace"
 

@@ -2,8 +2,8 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_csp import CSPConfig
-from .modeling_csp import CSPForCausalLM
+from .model.configuration_csp import CSPConfig
+from .model.modeling_csp import CSPForCausalLM
 
 # With the package imported, the Auto classes use its code for model_type "csp" and never ask about
 # running a folder's remote code (which is the same code).

@@ -46,8 +46,8 @@ import os
 import sys
 from pathlib import Path
 
-from .jsonio import dumps_strict, write_json_atomic
-from .loading import shipped_circuits
+from .utils.jsonio import dumps_strict, write_json_atomic
+from .model.loading import shipped_circuits
 
 
 SMALL_MODEL_D = 256  # models up to this width run single-threaded unless --threads is given
@@ -114,11 +114,11 @@ def _check_sizes_against_model(args) -> None:
     asked += [("--ks", k) for k in getattr(args, "ks", None) or []]
     if not asked:
         return
-    from .circuits import n_total_nodes
-    from .configuration_csp import CSPConfig
-    from .loading import _config_json, resolve_model
+    from .circuits.graph import n_total_nodes
+    from .model.configuration_csp import CSPConfig
+    from .model.loading import read_config_json, resolve_model
 
-    config = CSPConfig.from_dict(_config_json(resolve_model(args.model)))
+    config = CSPConfig.from_dict(read_config_json(resolve_model(args.model)))
     total = n_total_nodes(config)
     for flag, k in asked:
         if k > total:
@@ -130,7 +130,7 @@ def _check_sizes_against_model(args) -> None:
 
 
 def cmd_tasks(args) -> int:
-    from .tasks import check_task, list_tasks
+    from .circuits.tasks import check_task, list_tasks
 
     if args.check:
         if not Path(args.check).is_file():  # before loading a model
@@ -145,7 +145,7 @@ def cmd_tasks(args) -> int:
 
 
 def _load(args):
-    from .loading import load_model_and_tokenizer
+    from .model.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     _set_threads(args, model.config)
@@ -153,14 +153,14 @@ def _load(args):
 
 
 def _task_file(path, tokenizer, model):
-    from .tasks import load_task_file
+    from .circuits.tasks import load_task_file
 
     return load_task_file(path, tokenizer, max_len=model.config.block_size)
 
 
 def _setup(args):
     """(model, tokenizer, task) for --task NAME or --task-file FILE (a bad name fails before the model loads)."""
-    from .tasks import get_task
+    from .circuits.tasks import get_task
 
     if bool(args.task) == bool(args.task_file):
         raise ValueError("give exactly one of --task NAME and --task-file FILE.jsonl")
@@ -189,7 +189,7 @@ def _set_threads(args, config) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .pruning import PruneConfig, prune
+    from .circuits.pruning import PruneConfig, prune
 
     config = PruneConfig(
         ablation=args.ablation, target_loss=args.target_loss, k=args.k, steps=args.steps, lr=args.lr,
@@ -221,15 +221,16 @@ def _warn(verdict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .ablation import compute_mean_activations, input_device
-    from .circuits import CircuitGraph
-    from .evaluation import EvalOptions, circuit_losses, task_split, verdict_of
+    from .circuits.ablation import compute_mean_activations
+    from .utils.devices import input_device
+    from .circuits.graph import CircuitGraph
+    from .circuits.evaluation import EvalOptions, circuit_losses, task_split, verdict_of
 
     if args.task or args.task_file:
         model, tokenizer, task = _setup(args)
         circuit = CircuitGraph.load(args.circuit, model=model)
     else:  # the circuit's own task: a built-in name, or the examples a --task-file circuit keeps
-        from .tasks import circuit_examples, get_task, list_tasks, task_from_pairs
+        from .circuits.tasks import circuit_examples, get_task, list_tasks, task_from_pairs
 
         model, tokenizer = _load(args)
         circuit = CircuitGraph.load(args.circuit, model=model)
@@ -265,9 +266,9 @@ def cmd_sweep(args) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from .loading import load_model_and_tokenizer
-    from .pruning import PruneConfig, prune_sweep
-    from .tasks import get_task, list_tasks
+    from .model.loading import load_model_and_tokenizer
+    from .circuits.pruning import PruneConfig, prune_sweep
+    from .circuits.tasks import get_task, list_tasks
 
     tasks = [t.name for t in list_tasks()] if args.tasks == "all" else [get_task(t).name for t in args.tasks.split(",")]
     ks = args.ks  # parsed and checked against the model's size before this runs (_sizes, _check_sizes_against_model)
@@ -302,7 +303,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_corpus(args) -> int:
-    from .corpus import PYPI_INDEX, build_corpus
+    from .data.corpus import PYPI_INDEX, build_corpus
 
     meta = build_corpus(args.out, args.tokenizer, args.wheels, index_url=args.index_url or PYPI_INDEX,
                         progress=not args.quiet)
@@ -320,7 +321,7 @@ def cmd_train(args) -> int:
 
     from accelerate import Accelerator
 
-    from .training import TokenData, TrainConfig, save_trained_model, train
+    from .training.train import TokenData, TrainConfig, save_trained_model, train
 
     config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
     tokenizer_json = Path(args.tokenizer_dir) / "tokenizer.json"
@@ -335,9 +336,9 @@ def cmd_train(args) -> int:
     _set_threads(args, config.model_config())
     probe = None
     if args.task_probe:
-        from .loading import load_tokenizer
-        from .tasks import get_task, list_tasks
-        from .training import task_probe
+        from .model.loading import load_tokenizer
+        from .circuits.tasks import get_task, list_tasks
+        from .training.train import task_probe
 
         tasks = list_tasks() if args.task_probe == "all" else [get_task(n) for n in args.task_probe.split(",")]
         probe = task_probe(load_tokenizer(str(args.tokenizer_dir)), [t.name for t in tasks],
@@ -346,7 +347,7 @@ def cmd_train(args) -> int:
     result = train(config, data, args.run_dir, resume=not args.no_resume, progress=not args.quiet, accelerator=acc,
                    probe=probe, snapshots=args.snapshots)
     if result.finished and args.select_snapshot == "best" and acc.is_main_process:
-        from .training import best_probed_step, result_at_snapshot
+        from .training.train import best_probed_step, result_at_snapshot
 
         step = best_probed_step(result.record)
         if step is None:
@@ -381,7 +382,7 @@ def cmd_next_tokens(args) -> int:
 
 
 def cmd_import_viz(args) -> int:
-    from .viz_import import import_viz_data
+    from .circuits.viz_import import import_viz_data
 
     circuit = import_viz_data(args.viz_data)
     path = circuit.save(args.out)
@@ -416,8 +417,8 @@ def cmd_publish(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation import MAX_EXAMPLES, MAX_RANDOM
-    from .pruning import PruneConfig
+    from .circuits.evaluation import MAX_EXAMPLES, MAX_RANDOM
+    from .circuits.pruning import PruneConfig
 
     d = PruneConfig()
     target_loss = _number(0, above=True)  # the verdict code refuses a target at or above chance (ln 2) too
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_corpus)
 
-    from .training import TrainConfig
+    from .training.train import TrainConfig
 
     t = TrainConfig()
     count, fraction = _number(1, 2**31 - 1, integer=True), _number(0, 1)

@@ -16,8 +16,8 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
-from .jsonio import write_json_atomic
-from .loading import DEFAULT_MODEL_DIR
+from .utils.jsonio import write_json_atomic
+from .model.loading import DEFAULT_MODEL_DIR
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -29,6 +29,16 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # Binary files go through git-lfs/xet on the Hub.
 GITATTRIBUTES = "".join(f"*.{ext} filter=lfs diff=lfs merge=lfs -text\n" for ext in
                         ("safetensors", "bin", "pt", "pth", "ckpt", "npz", "npy", "gz", "zip", "png", "jpg"))
+# The Space's app.py: the app itself is this package's (`modeling_csp.app.ui.main`), shipped in the Space.
+SPACE_APP = '''"""The circuit explorer (Gradio), as built by `csp space build`."""
+
+from pathlib import Path
+
+from modeling_csp.app.ui import main
+
+if __name__ == "__main__":
+    main(Path(__file__).resolve().parent)
+'''
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
@@ -109,12 +119,12 @@ def build_space(out: str | Path, models: list[str] | None = None, default_repo: 
         raise DeployError(f"{out}: exists and is not an empty folder; choose a new output folder")
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise DeployError(f"the embedded model is missing ({DEFAULT_MODEL_DIR}); train it or check out the full project")
-    if not (PROJECT_ROOT / "app.py").is_file() or not SPACE_CARD.is_file():
-        raise DeployError(f"{PROJECT_ROOT} has no app.py or hub_cards/space_card.md: build from a project checkout "
+    if not SPACE_CARD.is_file():
+        raise DeployError(f"{PROJECT_ROOT} has no hub_cards/space_card.md: build from a project checkout "
                           "(pip install -e .)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(PROJECT_ROOT / "app.py", out / "app.py")
+        (out / "app.py").write_text(SPACE_APP, encoding="utf-8")
         shutil.copytree(PACKAGE_DIR, out / "modeling_csp", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (out / "requirements.txt").write_text("\n".join(pinned_requirements()) + "\n", encoding="utf-8")
         (out / "README.md").write_text(space_card(hub_models(models, default_repo), title), encoding="utf-8")

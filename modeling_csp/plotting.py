@@ -7,8 +7,8 @@ I/O, so the app (`app.py`) stays a thin layer and every figure is unit-testable.
 Node ids are the circuits module's `"{location}:{index}"`, e.g. `"0.attn.q:37"`. Every node marker carries
 its id in `customdata[0]`, so a front end can map a Plotly click back to a node.
 
-    from modeling_csp.circuits import CircuitGraph
-    from modeling_csp import plotting
+    from .circuits.graph import CircuitGraph
+    from . import plotting
     c = CircuitGraph.load("circuit.json")
     plotting.layer_graph_figure(c, "0.attn").show()
     plotting.circuit_overview_figure(c).show()
@@ -79,7 +79,7 @@ def node_label(node: str, d_head: int | None = None) -> str:
     return f"r{index}"
 
 
-def _node_detail(node: str, d_head: int | None) -> str:
+def node_detail(node: str, d_head: int | None) -> str:
     layer, sub, kind, index = split_node(node)
     if kind in ("q", "k", "v") and d_head:
         return f"{kind} of head {index // d_head}, channel {index % d_head} (index {index})"
@@ -239,7 +239,7 @@ def _node_trace(xs, ys, nodes: list[str], importances: list[float | None], d_hea
     hover = []
     for n, v in zip(nodes, importances):
         extra = (extra_hover or {}).get(n, "")
-        hover.append(f"<b>{n}</b><br>{_node_detail(n, d_head)}<br>importance: {_fmt(v)}{extra}")
+        hover.append(f"<b>{n}</b><br>{node_detail(n, d_head)}<br>importance: {_fmt(v)}{extra}")
     return go.Scatter(
         x=xs, y=ys, mode="markers+text" if labels else "markers", text=labels, textposition=text_position,
         textfont=dict(size=10, color="#333"), customdata=[[n] for n in nodes], hovertext=hover, hoverinfo="text",
@@ -621,16 +621,9 @@ def pruning_curve_figure(curve: Sequence[Sequence[float]], title: str = "Pruning
     return _base_layout(fig, title, 340)
 
 
-def training_curve_figure(record: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-                          title: str = "Model training") -> go.Figure:
-    """The model's training metrics (`training_curve.json`: {"curve": [{step, train_loss, val_loss, ...}]}), over
-    all its stages (`--init-from` runs keep the curves before them) against tokens seen."""
-    if isinstance(record, Mapping):
-        from .training import stages_curve
-
-        curve = stages_curve(dict(record)) if record.get("curve") else None
-    else:
-        curve = record
+def training_curve_figure(curve: Sequence[Mapping[str, Any]] | None, title: str = "Model training") -> go.Figure:
+    """The model's training metrics ({step, train_loss, val_loss, ...} rows, over all its stages as
+    `training.stages_curve` joins them) against tokens seen."""
     if not curve:
         return message_figure("This model ships no training curve.")
     fig = make_subplots(specs=[[{"secondary_y": True}]])
@@ -804,7 +797,7 @@ def tokens_html(tokens: Sequence[str], ids: Sequence[int] | None = None) -> str:
     return f'<div class="csp-tokens">{"".join(spans)}</div>'
 
 
-_CSS = """<style>
+TABLE_CSS = """<style>
 .csp-tokens{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px;line-height:1.9;
 white-space:pre-wrap;word-break:break-all;padding:4px 6px;border:1px solid #e5e5e5;border-radius:4px;margin:2px 0;}
 .csp-tok{padding:1px 0;}
@@ -855,7 +848,7 @@ def quantile_examples_html(samples: Mapping[Any, Mapping[str, Sequence[Any]]], z
 
     Rows are the quantiles (0.1%, 1%, 10%, 50%), columns the top and bottom examples."""
     if not samples:
-        return _CSS + '<div class="csp-ex-title">No activating examples for this node.</div>'
+        return TABLE_CSS + '<div class="csp-ex-title">No activating examples for this node.</div>'
     all_vals = [abs(a) for q in samples.values() for side in ("top", "bottom") for ex in q.get(side, [])
                 for a in _example_parts(ex)[1]]
     vmax = max(all_vals, default=0.0)
@@ -870,7 +863,7 @@ def quantile_examples_html(samples: Mapping[Any, Mapping[str, Sequence[Any]]], z
     key = ("blue: positive, red: negative activation (shared scale)" if zero_centered
            else "orange: activation from its minimum to its maximum")
     head += f'<div class="csp-ex-title">{key}; the boxed token is the peak; hover a token for its value</div>'
-    return (_CSS + head + '<table class="csp-q"><tr><th>quantile</th><th>top activating</th><th>bottom activating</th></tr>'
+    return (TABLE_CSS + head + '<table class="csp-q"><tr><th>quantile</th><th>top activating</th><th>bottom activating</th></tr>'
             + "".join(rows) + "</table>")
 
 
@@ -893,7 +886,7 @@ def task_examples_html(classes: Sequence[Sequence[tuple[Sequence[str], Sequence[
     dmax = max((abs(v) for _, values in diffs for v in values if math.isfinite(v)), default=0.0)
     n = max([len(c) for c in rows_of] + [len(diffs)], default=0)
     if n == 0:
-        return _CSS + '<div class="csp-ex-title">No task examples for this node.</div>'
+        return TABLE_CSS + '<div class="csp-ex-title">No task examples for this node.</div>'
 
     def cell(rows, i, scale_max, zc, scale_min=None):
         if i >= len(rows):
@@ -914,7 +907,7 @@ def task_examples_html(classes: Sequence[Sequence[tuple[Sequence[str], Sequence[
     head = (f"<h4>{html.escape(title)}</h4>" if title else "") + (
         f'<div class="csp-ex-title">{key}; boxed: each example\'s largest |value|; the last token is the decision '
         "position; hover a token for its value</div>")
-    return _CSS + head + f'<table class="csp-q csp-task"><tr>{heads}</tr>' + "".join(body) + "</table>"
+    return TABLE_CSS + head + f'<table class="csp-q csp-task"><tr>{heads}</tr>' + "".join(body) + "</table>"
 
 
 def attention_rows_html(rows: Sequence[Any], names: Sequence[str], title: str | None = None) -> str:
@@ -922,7 +915,7 @@ def attention_rows_html(rows: Sequence[Any], names: Sequence[str], title: str | 
     one scale for all examples), the sink's share in each example's caption. `rows` have `tokens`, `weights`,
     `sink` and `class_index` (analysis.AttentionRow)."""
     if not rows:
-        return _CSS + '<div class="csp-ex-title">No task examples.</div>'
+        return TABLE_CSS + '<div class="csp-ex-title">No task examples.</div>'
     vmax = max((w for r in rows for w in r.weights), default=0.0)
     columns: dict[int, list[str]] = defaultdict(list)
     for r in rows:
@@ -936,7 +929,7 @@ def attention_rows_html(rows: Sequence[Any], names: Sequence[str], title: str | 
     head = (f"<h4>{html.escape(title)}</h4>" if title else "") + (
         '<div class="csp-ex-title">shade: attention of the boxed decision token (the last) to each token, one scale for '
         "all examples; the rest goes to the attention sink</div>")
-    return _CSS + head + f'<table class="csp-q"><tr>{heads}</tr>{body}</table>'
+    return TABLE_CSS + head + f'<table class="csp-q"><tr>{heads}</tr>{body}</table>'
 
 
 # ---- node panel figures ---------------------------------------------------------------------
@@ -1034,7 +1027,7 @@ def connections_table(circuit, node: str, d_head: int | None = None) -> list[lis
 def connections_html(rows: Sequence[Sequence[Any]], max_height: int = 280) -> str:
     """`connections_table` rows as a compact HTML table: incoming and outgoing edges, weights coloured by sign."""
     if not rows:
-        return _CSS + '<div class="csp-ex-title">No connections to other circuit nodes.</div>'
+        return TABLE_CSS + '<div class="csp-ex-title">No connections to other circuit nodes.</div>'
     body = []
     for direction, other, label, weight, kind in rows:
         color = _rgba(POSITIVE if weight >= 0 else NEGATIVE, 1.0)
@@ -1043,7 +1036,7 @@ def connections_html(rows: Sequence[Sequence[Any]], max_height: int = 280) -> st
                     f'<td style="color:{color};text-align:right">{weight:+.4g}</td><td>{html.escape(str(kind))}</td></tr>')
     n_in = sum(1 for r in rows if r[0] == "in")
     head = f'<div class="csp-ex-title">{n_in} incoming, {len(rows) - n_in} outgoing edges in the circuit</div>'
-    return (_CSS + head + f'<div style="max-height:{max_height}px;overflow:auto"><table class="csp-q">'
+    return (TABLE_CSS + head + f'<div style="max-height:{max_height}px;overflow:auto"><table class="csp-q">'
             "<tr><th></th><th>node</th><th>label</th><th>weight</th><th>kind</th></tr>" + "".join(body) + "</table></div>")
 
 

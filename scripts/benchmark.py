@@ -124,8 +124,8 @@ def hook_points_removed():
 
 def hook_variants(model) -> dict:
     """Forward-pass variants for the hooks table: none, one recording, all reference hooks, mean ablation."""
-    from modeling_csp.ablation import mean_ablate
-    from modeling_csp.circuits import location_width, node_locations
+    from modeling_csp.circuits.ablation import mean_ablate
+    from modeling_csp.circuits.graph import location_width, node_locations
 
     generator = torch.Generator().manual_seed(3)
     masks = {loc: torch.rand(location_width(model.config, loc), generator=generator) < 0.5 for loc in node_locations(model.config)}
@@ -215,7 +215,7 @@ def main():
         M.SparseKernelLinear.max_density = max_density
 
     with tempfile.TemporaryDirectory() as tmp:
-        from conversion.convert_checkpoint import save_model_folder
+        from modeling_csp.model.saving import save_model_folder
         from transformers import AutoModelForCausalLM
 
         torch.save(model.state_dict(), Path(tmp) / "final_model.pt")

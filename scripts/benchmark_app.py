@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _report import write_section  # noqa: E402
 
-from modeling_csp.jsonio import dumps_strict, write_json_atomic  # noqa: E402
+from modeling_csp.utils.jsonio import dumps_strict, write_json_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the default model's training corpus (see modeling_csp/corpus.py): the stdlib plus pinned wheels.
+"""Build the default model's training corpus (see modeling_csp/data/corpus.py): the stdlib plus pinned wheels.
 
     python scripts/build_corpus.py [--out work_dirs/corpus] [--tokenizer modeling_csp/default_model/tokenizer.json]
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from modeling_csp.corpus import PYPI_INDEX, build_corpus, sources_table  # noqa: E402
-from modeling_csp.jsonio import dumps_strict  # noqa: E402
+from modeling_csp.data.corpus import PYPI_INDEX, build_corpus, sources_table  # noqa: E402
+from modeling_csp.utils.jsonio import dumps_strict  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "work_dirs" / "corpus"
 DEFAULT_TOKENIZER = REPO_ROOT / "modeling_csp" / "default_model" / "tokenizer.json"

@@ -6,7 +6,7 @@
     python scripts/train_default_model.py --runs work_dirs/smoke --steps 300 --out work_dirs/smoke/model  # smoke run
     accelerate launch --num_processes 4 scripts/train_default_model.py ...   # data-parallel over 4 GPUs
 
-Four stages (see modeling_csp/training.py): stage 1 anneals every weight matrix from dense to 15% nonzero
+Four stages (see modeling_csp/training/train.py): stage 1 anneals every weight matrix from dense to 15% nonzero
 (geometrically over its first 60%, top-k after every AdamW step, bigram table at 5%); stage 2 starts from its
 weights with a new optimizer at 25% density (lr 3e-3, 3,500 steps) and saves a model folder; stage 3 continues
 that folder at 35% density (lr 2e-3, 6,000 steps) and stage 4 continues stage 3 at 45% (lr 1e-3, 8,000 steps).

@@ -29,8 +29,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from modeling_csp.corpus import stdlib_documents, stdlib_root  # noqa: E402
-from modeling_csp.tokenization import ENDOFTEXT, TINYPYTHON_PAT_STR, save_hf_tokenizer  # noqa: E402
+from modeling_csp.data.corpus import stdlib_documents, stdlib_root  # noqa: E402
+from modeling_csp.model.tokenization import ENDOFTEXT, TINYPYTHON_PAT_STR, save_hf_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 2048  # 256 bytes + 1791 merges + <|endoftext|>
 DEFAULT_OUT = REPO_ROOT / "work_dirs" / "default_tokenizer"

@@ -91,8 +91,8 @@ def synthetic_batch(model, n=32, T=16, seed=0):
     """Random prompts; the correct candidate is the full model's favourite of two random tokens."""
     import torch
 
-    from modeling_csp.ablation import task_logits
-    from modeling_csp.tasks import TaskBatch
+    from modeling_csp.circuits.ablation import task_logits
+    from modeling_csp.circuits.tasks import TaskBatch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (n, T), generator=g)
@@ -113,7 +113,7 @@ def app_test_model() -> str | None:
     """The model the app and explorer tests use: $CSP_APP_TEST_MODEL, else the embedded default model."""
     if os.environ.get("CSP_APP_TEST_MODEL"):
         return os.environ["CSP_APP_TEST_MODEL"]
-    from modeling_csp.loading import DEFAULT_MODEL_DIR
+    from modeling_csp.model.loading import DEFAULT_MODEL_DIR
 
     return "default" if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
 
@@ -123,10 +123,10 @@ def build_test_circuit(spec: str, out: Path) -> Path:
     node importances and layer deltas (mean ablation), saved as a csp-circuit file."""
     import torch
 
-    from modeling_csp.ablation import compute_mean_activations, layer_ablation_deltas, node_importances
-    from modeling_csp.circuits import CircuitGraph, location_width, node_locations, weight_pairs
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.tasks import make_task_dataset
+    from modeling_csp.circuits.ablation import compute_mean_activations, layer_ablation_deltas, node_importances
+    from modeling_csp.circuits.graph import CircuitGraph, location_width, node_locations, weight_pairs
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.circuits.tasks import make_task_dataset
 
     model, tokenizer = load_model_and_tokenizer(spec)
     masks = {loc: torch.zeros(location_width(model.config, loc), dtype=torch.bool) for loc in node_locations(model.config)}

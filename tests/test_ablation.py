@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_csp.ablation import (
+from modeling_csp.circuits.ablation import (
     ablate, all_kept, compute_mean_activations, evaluate, frozen_norm_scales, layer_ablation_deltas, mean_ablate,
     node_importances, task_logits, zero_ablate,
 )
-from modeling_csp.circuits import location_width, node_locations
-from modeling_csp.modeling_csp import abs_topk
-from modeling_csp.tasks import TaskBatch
+from modeling_csp.circuits.graph import location_width, node_locations
+from modeling_csp.model.modeling_csp import abs_topk
+from modeling_csp.circuits.tasks import TaskBatch
 from conftest import synthetic_batch
 
 

@@ -40,7 +40,7 @@ WEAK_TASK = "with_as"  # a task the default model does no better than chance: ev
 def folders(test_circuit, tmp_path_factory):
     """An allowed root with a hostile model folder (its index points outside), and a real model folder that is
     not under any root."""
-    from modeling_csp.loading import resolve_model
+    from modeling_csp.model.loading import resolve_model
 
     source = Path(resolve_model(test_circuit[0]))
     if not source.is_dir():
@@ -62,7 +62,7 @@ def folders(test_circuit, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_server(test_circuit, folders):
-    from modeling_csp.loading import DEFAULT_MODEL_DIR
+    from modeling_csp.model.loading import DEFAULT_MODEL_DIR
 
     spec, circuit_path = test_circuit
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,11 @@ import torch
 
 from conftest import FIXTURES
 from modeling_csp import CSPForCausalLM
-from modeling_csp.ablation import all_kept
-from modeling_csp.circuits import (
+from modeling_csp.circuits.ablation import all_kept
+from modeling_csp.circuits.graph import (
     CircuitGraph, Edge, location_width, n_total_nodes, node_id, node_locations, parse_node_id, weights_hash,
 )
-from modeling_csp.jsonio import loads_strict
+from modeling_csp.utils.jsonio import loads_strict
 
 VIZ = FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
 
@@ -134,7 +134,7 @@ def test_load_checks_the_model(rms_model, converted, viz_masks, tmp_path):
 
 
 def test_node_data_quantile_examples_and_task_activations(rms_model, viz_masks, tmp_path):
-    from modeling_csp.circuits import attach_node_data, record_node_activations
+    from modeling_csp.circuits.graph import attach_node_data, record_node_activations
     from conftest import synthetic_batch
 
     masks, _ = viz_masks

@@ -10,8 +10,8 @@ import torch
 
 from conftest import FIXTURES, PROJECT_ROOT, TOKENIZER_FIXTURE
 from modeling_csp import CSPConfig, CSPForCausalLM
-from modeling_csp.ablation import all_kept
-from modeling_csp.circuits import CircuitGraph
+from modeling_csp.circuits.ablation import all_kept
+from modeling_csp.circuits.graph import CircuitGraph
 from modeling_csp.cli import main
 
 VIZ = FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
@@ -30,13 +30,13 @@ def isolated(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 1-layer model with the fixture tokenizer's 2,048-token vocabulary, saved like a converted folder."""
-    from conversion.convert_checkpoint import save_model_folder
+    from conversion.convert_checkpoint import save_converted_folder
 
     torch.manual_seed(0)
     config = CSPConfig(block_size=128, vocab_size=2048, n_layer=1, n_head=2, d_head=16, d_model=32, d_mlp=64,
                        bias=False, ln_bias=False, rms_norm=True, tied_unembed=False)
     folder = tmp_path_factory.mktemp("tiny") / "tiny"
-    save_model_folder(CSPForCausalLM(config).eval(), folder, tokenizer_dir=str(TOKENIZER_FIXTURE), name="tiny")
+    save_converted_folder(CSPForCausalLM(config).eval(), folder, tokenizer_dir=str(TOKENIZER_FIXTURE), name="tiny")
     return folder
 
 
@@ -270,7 +270,7 @@ def test_prune_and_evaluate_default_model(capsys, tmp_path):
 def test_evaluate_exits_1_for_a_circuit_that_misses_its_own_target_held_out(capsys):
     """Shipped circuits: status 0 for one whose held-out loss meets the target in its file, 1 (with a warning
     line) for one that reaches it only on its training examples; 2 stays for bad input."""
-    from modeling_csp.evaluation import verdict_of
+    from modeling_csp.circuits.evaluation import verdict_of
 
     shipped = [CircuitGraph.load(DEFAULT_MODEL / "circuits" / e["path"]) for e in
                json.loads((DEFAULT_MODEL / "circuits" / "index.json").read_text()) if e["at_target"]]
@@ -297,9 +297,9 @@ def task_file(path, rows=QUOTE_ROWS):
 
 
 def test_tasks_check_reports_accuracy_on_a_task_file(capsys, tiny, tmp_path):
-    from modeling_csp.ablation import evaluate
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.tasks import load_task_file, make_task_dataset
+    from modeling_csp.circuits.ablation import evaluate
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.circuits.tasks import load_task_file, make_task_dataset
 
     file = task_file(tmp_path / "quotes.jsonl")
     code, out, _ = run(capsys, "tasks", "--check", file, "--model", tiny)
@@ -410,7 +410,7 @@ def test_a_nan_target_is_refused_in_a_fresh_process(tmp_path):
 
 def test_every_json_the_cli_writes_is_strict(capsys, tiny, tmp_path):
     """Circuits, the sweep's index and every stdout line parse with a parser that refuses NaN and Infinity."""
-    from modeling_csp.jsonio import loads_strict
+    from modeling_csp.utils.jsonio import loads_strict
 
     outputs = []
     for argv in (("prune", "--model", tiny, "--task", "single_double_quote", "--steps", 2, "--n-examples", 32, "--quiet",

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import FIXTURES, PROJECT_ROOT
 from conversion.convert_checkpoint import ConversionError, check_memory, convert_checkpoint, load_original
 from modeling_csp import CSPConfig, CSPForCausalLM
-from modeling_csp.modeling_csp import decode_uint
+from modeling_csp.model.modeling_csp import decode_uint
 
 
 def copy_fixture(name, tmp_path):

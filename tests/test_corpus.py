@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT_ROOT
-from modeling_csp import corpus
-from modeling_csp.corpus import Pin, build_corpus, fetch_wheels, requirements_text, split_documents, wheel_documents
+from modeling_csp.data import corpus
+from modeling_csp.data.corpus import Pin, build_corpus, fetch_wheels, requirements_text, split_documents, wheel_documents
 
 TOKENIZER = PROJECT_ROOT / "modeling_csp" / "default_model" / "tokenizer.json"
 HELD = "def held_out_function(argument_one, argument_two):\n    return argument_one + argument_two * 1000\n"

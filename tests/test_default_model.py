@@ -90,7 +90,7 @@ def test_tokenizer(tokenizer):
 
 def _held_out_tokens(tokenizer, record):
     """This Python's held-out stdlib files (the corpus's split rule), joined by EOT; empty on another Python."""
-    from modeling_csp.corpus import is_stdlib_heldout, stdlib_documents
+    from modeling_csp.data.corpus import is_stdlib_heldout, stdlib_documents
 
     if record["corpus"]["python"].rsplit(".", 1)[0] != f"{sys.version_info[0]}.{sys.version_info[1]}":
         return []
@@ -120,10 +120,10 @@ def test_val_loss(model, tokenizer, record):
 def test_circuits_are_shipped_for_exactly_the_tasks_the_model_does_well(model, tokenizer):
     """A task has shipped circuits iff the full model's test accuracy is >= 0.9; each loads for this model
     and records the full-model loss measured here."""
-    from modeling_csp.ablation import evaluate
-    from modeling_csp.circuits import CircuitGraph
+    from modeling_csp.circuits.ablation import evaluate
+    from modeling_csp.circuits.graph import CircuitGraph
     from modeling_csp.cli import shipped_circuits
-    from modeling_csp.tasks import list_tasks, make_task_dataset
+    from modeling_csp.circuits.tasks import list_tasks, make_task_dataset
 
     shipped = shipped_circuits(str(FOLDER))
     full = {}
@@ -163,8 +163,8 @@ def test_shipped_circuits_meet_the_goal(record):
 def test_shipped_circuits_are_judged_on_held_out_data_and_their_flags_reported():
     """Every shipped circuit still loads and is judged by `evaluation.circuit_verdict` on its held-out losses: the
     report's goal (max(0.15, full + 0.05)) holds there, and whatever its own target raises is named in the report."""
-    from modeling_csp.circuits import CircuitGraph
-    from modeling_csp.evaluation import circuit_verdict, verdict_of
+    from modeling_csp.circuits.graph import CircuitGraph
+    from modeling_csp.circuits.evaluation import circuit_verdict, verdict_of
 
     readme = (FOLDER / "README.md").read_text()
     for e in json.loads((FOLDER / "circuits" / "index.json").read_text()):
@@ -183,5 +183,5 @@ def test_shipped_circuits_are_judged_on_held_out_data_and_their_flags_reported()
 @pytest.mark.parametrize("name", ["modeling_csp.py", "configuration_csp.py"])
 def test_remote_code_is_the_package_code(name):
     """The folder's remote code is what the package runs, so both give the same numbers."""
-    package = Path(__file__).resolve().parents[1] / "modeling_csp" / name
+    package = Path(__file__).resolve().parents[1] / "modeling_csp" / "model" / name
     assert (FOLDER / name).read_text() == package.read_text(), f"re-copy {package} into {FOLDER}"

@@ -15,7 +15,7 @@ from conftest import PROJECT_ROOT, serve_app
 from hub_standin import VALID_TOKEN, HubStandIn
 from modeling_csp.cli import main
 from modeling_csp.deploy import DeployError, listed_models
-from modeling_csp.loading import DEFAULT_MODEL_DIR
+from modeling_csp.model.loading import DEFAULT_MODEL_DIR
 
 
 def csp(*argv, env=None, timeout=600):
@@ -103,7 +103,7 @@ def test_space_push_sends_the_space(space):
         assert hub.repos[("space", "someone/circuits")]["sdk"] == "gradio"
         files = hub.files[("space", "someone/circuits")]
     assert {"README.md", "app.py", "requirements.txt", ".gitattributes", "csp_space.json",
-            "modeling_csp/default_model/model.safetensors", "modeling_csp/modeling_csp.py"} <= set(files)
+            "modeling_csp/default_model/model.safetensors", "modeling_csp/model/modeling_csp.py"} <= set(files)
 
 
 def test_offline_and_unauthorised_are_one_line_errors(space):

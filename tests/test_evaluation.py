@@ -4,8 +4,8 @@ That the app and `csp evaluate` give the same numbers through it is tested in te
 
 import pytest
 
-from modeling_csp.circuits import CircuitGraph
-from modeling_csp.evaluation import MAX_EXAMPLES, MAX_RANDOM, EvalOptions
+from modeling_csp.circuits.graph import CircuitGraph
+from modeling_csp.circuits.evaluation import MAX_EXAMPLES, MAX_RANDOM, EvalOptions
 
 
 def circuit_with(options):
@@ -50,7 +50,7 @@ def test_a_circuit_that_reaches_its_target_only_on_training_examples_says_so():
     import json
     import math
 
-    from modeling_csp.evaluation import CHANCE_LOSS, circuit_verdict
+    from modeling_csp.circuits.evaluation import CHANCE_LOSS, circuit_verdict
 
     v = circuit_verdict({"full": 0.408, "circuit": 1.026}, target=0.490, train_loss=0.477)
     assert CHANCE_LOSS == pytest.approx(math.log(2))
@@ -69,7 +69,7 @@ def test_a_circuit_that_reaches_its_target_only_on_training_examples_says_so():
 
 
 def test_a_circuit_much_better_than_the_full_model_is_flagged_with_the_control_suggested():
-    from modeling_csp.evaluation import circuit_verdict
+    from modeling_csp.circuits.evaluation import circuit_verdict
 
     v = circuit_verdict({"full": 0.553, "circuit": 0.099}, target=0.15)  # the custom task
     assert v.passed and v.better_than_full and "--control shuffled" in v.note("better_than_full").text
@@ -82,7 +82,7 @@ def test_a_circuit_much_better_than_the_full_model_is_flagged_with_the_control_s
 
 
 def test_the_control_is_read_on_held_out_examples():
-    from modeling_csp.evaluation import circuit_verdict
+    from modeling_csp.circuits.evaluation import circuit_verdict
 
     losses = {"full": 0.2, "circuit": 0.18}
     far = circuit_verdict(losses, 0.25, control={"k": 30, "test_loss_at_k": 0.9, "k_to_target": None}, k=30)
@@ -102,7 +102,7 @@ def test_the_control_is_read_on_held_out_examples():
 def test_targets_at_or_above_chance():
     import math
 
-    from modeling_csp.evaluation import TargetAtChance, check_target, circuit_verdict
+    from modeling_csp.circuits.evaluation import TargetAtChance, check_target, circuit_verdict
 
     assert check_target(0.69) == 0.69 and check_target(0) == 0
     for target in (math.log(2), 0.7, 5.519):
@@ -116,7 +116,7 @@ def test_targets_at_or_above_chance():
 
 
 def test_missing_numbers_leave_flags_unknown():
-    from modeling_csp.evaluation import circuit_verdict
+    from modeling_csp.circuits.evaluation import circuit_verdict
 
     v = circuit_verdict({"full": None, "circuit": float("nan")}, target=None)
     assert v.passed is None and v.at_or_above_chance is None and v.better_than_full is None and v.notes == ()
@@ -127,7 +127,7 @@ def test_missing_numbers_leave_flags_unknown():
 
 
 def test_a_circuit_file_is_judged_on_its_stored_held_out_losses():
-    from modeling_csp.evaluation import verdict_of
+    from modeling_csp.circuits.evaluation import verdict_of
 
     circuit = CircuitGraph(model={}, nodes={}, edges=[], target_loss=0.42, k=0,
                            losses={"full": 0.457, "circuit": 0.461}, meta={"train_circuit_loss": 0.416},

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import FIXTURES, TEST_TASK
-from modeling_csp.circuits import parse_node_id
-from modeling_csp.evaluation import MAX_EXAMPLES, verdict_of
+from modeling_csp.circuits.graph import parse_node_id
+from modeling_csp.circuits.evaluation import MAX_EXAMPLES, verdict_of
 from modeling_csp.explorer import analysis as A
 from modeling_csp.explorer import registry
 from modeling_csp.explorer.registry import UserError

@@ -70,7 +70,7 @@ def test_prompt_lab_shows_characters_split_over_tokens_as_text(page):
     import html
     import re
 
-    from modeling_csp.tokenization import bytes_to_unicode
+    from modeling_csp.model.tokenization import bytes_to_unicode
 
     prompt = 's = "héllo wörld 日本語 🙂'
     args = (page["model"], page["task"], page["run"], page["k"], page["node"])
@@ -204,7 +204,7 @@ def quote_task_lines(n=40, seed=0) -> str:
     """JSON lines of a real task in the file format a user writes (drawn from the built-in quote task)."""
     import random
 
-    from modeling_csp.tasks import get_task
+    from modeling_csp.circuits.tasks import get_task
 
     rng, task = random.Random(seed), get_task("single_double_quote")
     examples = {}
@@ -218,7 +218,7 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
     """Paste or upload task lines: the task joins the session's task list (checked: the full model's accuracy),
     a pruning run with the shuffled-answer control is browsable, and a link to it works on a server that has
     forgotten the task (the run carries its examples)."""
-    from modeling_csp.evaluation import verdict_of
+    from modeling_csp.circuits.evaluation import verdict_of
     from modeling_csp.explorer.view import Request, resolve_view
 
     monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))

@@ -155,7 +155,7 @@ def test_run_store_caps(tmp_path, viz_run):
 def test_a_run_saved_without_its_edges_gets_them_back_from_the_weights(tmp_path, viz_run, monkeypatch):
     """Edges are most of a large run's file (a dense-ish model has many nonzero weights between the nodes): the
     store leaves them out when it must, and the run read back for its model has the same edges again."""
-    from modeling_csp.circuits import CircuitGraph
+    from modeling_csp.circuits.graph import CircuitGraph
 
     entry, imported = viz_run
     circuit = CircuitGraph.from_masks(entry.model, imported.circuit.masks(entry.config), task=imported.task)
@@ -213,7 +213,7 @@ def test_uploads_are_size_capped(tmp_path, viz_run):
 def test_bad_files(tmp_path, viz_run):
     import torch
 
-    from modeling_csp.circuits import CircuitGraph
+    from modeling_csp.circuits.graph import CircuitGraph
 
     entry, _ = viz_run
     not_viz = tmp_path / "not_viz.pt"
@@ -285,7 +285,7 @@ def test_imported_edges_that_are_not_the_models_weights_are_recomputed(tmp_path,
 
 
 def test_the_run_store_writes_strict_json(tmp_path, viz_run):
-    from modeling_csp.jsonio import loads_strict
+    from modeling_csp.utils.jsonio import loads_strict
 
     entry, run = viz_run
     circuit = registry.CircuitGraph.from_dict(run.circuit.to_dict())

@@ -17,7 +17,7 @@ from modeling_csp.explorer import registry
 from modeling_csp.explorer.analysis import best_node, task_names
 from modeling_csp.explorer.registry import Session
 from modeling_csp.explorer.view import PARTS, SELECTORS, Request, Selection, Shown, View, resolve_view
-from modeling_csp.loading import DEFAULT_MODEL_DIR
+from modeling_csp.model.loading import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model installed")
 

@@ -99,9 +99,9 @@ def test_a_left_padded_row_equals_the_row_alone(name, models):
 
 def test_a_tasks_loss_does_not_depend_on_its_batch_mates():
     """Task batches are left-padded to their longest prompt: each prompt's logits must be its own."""
-    from modeling_csp.ablation import task_logits
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.tasks import make_task_dataset
+    from modeling_csp.circuits.ablation import task_logits
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.circuits.tasks import make_task_dataset
 
     model, tokenizer = load_model_and_tokenizer("default")
     batch = make_task_dataset("single_double_quote", tokenizer, n=16, seed=0, max_len=model.config.block_size).test

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conversion.convert_checkpoint import load_original
 from conftest import FIXTURES
 from modeling_csp import CSPConfig
-from modeling_csp.modeling_csp import Activation, SinkLogits, SparseKernelLinear, abs_topk
+from modeling_csp.model.modeling_csp import Activation, SinkLogits, SparseKernelLinear, abs_topk
 
 
 @pytest.fixture(scope="module")

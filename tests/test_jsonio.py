@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from modeling_csp.jsonio import dumps_strict, loads_strict, write_json_atomic
+from modeling_csp.utils.jsonio import dumps_strict, loads_strict, write_json_atomic
 
 
 def test_non_finite_floats_become_null_everywhere():

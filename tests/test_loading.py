@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from modeling_csp import CSPForCausalLM
-from modeling_csp.loading import load_model_and_tokenizer, shipped_circuits
+from modeling_csp.model.loading import load_model_and_tokenizer, shipped_circuits
 
 
 def test_index_paths_stay_inside_the_circuits_folder(converted, tmp_path):

@@ -9,12 +9,13 @@ import pytest
 
 from conftest import FIXTURES
 from modeling_csp import plotting as P
-from modeling_csp.circuits import CircuitDiff, CircuitGraph, Edge
+from modeling_csp.circuits.graph import CircuitDiff, CircuitGraph, Edge
+from modeling_csp.training.train import stages_curve
 
 
 @pytest.fixture(scope="module")
 def viz_circuit():
-    from modeling_csp.viz_import import import_viz_data
+    from modeling_csp.circuits.viz_import import import_viz_data
 
     return import_viz_data(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt")
 
@@ -200,7 +201,7 @@ def test_log_axis_ticks_are_written_out():
     assert list(wide.layout.xaxis.ticktext) == ["1", "10", "100", "1000"]  # many decades: powers of ten only
     narrow = P.faithfulness_figure([[30, 0.31], [36, 0.3]])
     assert len(narrow.layout.yaxis.tickvals) >= 2  # a range inside one decade still gets two ticks
-    density = P.training_curve_figure({"curve": [{"step": 1, "density": 0.5}, {"step": 2, "density": 0.1}]})
+    density = P.training_curve_figure(stages_curve({"curve": [{"step": 1, "density": 0.5}, {"step": 2, "density": 0.1}]}))
     assert list(density.layout.yaxis2.ticktext) == ["0.1", "0.2", "0.5"]
 
 
@@ -218,14 +219,14 @@ def test_curves(small):
     assert "No faithfulness" in P.faithfulness_figure([]).layout.annotations[0].text
     fig = P.pruning_curve_figure(small.pruning_curve)
     assert [t.name for t in fig.data] == ["task loss", "nodes kept"]
-    fig = P.training_curve_figure({"curve": [{"step": 1, "train_loss": 5, "val_loss": 5.5, "density": 0.5},
-                                             {"step": 2, "train_loss": 4, "val_loss": 4.5, "density": 0.1}]})
+    fig = P.training_curve_figure(stages_curve({"curve": [{"step": 1, "train_loss": 5, "val_loss": 5.5, "density": 0.5},
+                                             {"step": 2, "train_loss": 4, "val_loss": 4.5, "density": 0.1}]}))
     assert {t.name for t in fig.data} == {"train loss", "val loss", "weight density"}
     assert P.training_curve_figure(None).layout.annotations
     # a model trained in two stages (--init-from): both curves, against the tokens seen since the first stage
     first = {"curve": [{"step": 1, "tokens": 100, "train_loss": 5}, {"step": 2, "tokens": 200, "train_loss": 4}],
              "final": {"tokens": 200}}
-    fig = P.training_curve_figure({"curve": [{"step": 1, "tokens": 50, "train_loss": 3.5}], "previous": first})
+    fig = P.training_curve_figure(stages_curve({"curve": [{"step": 1, "tokens": 50, "train_loss": 3.5}], "previous": first}))
     assert list(fig.data[0].x) == [100, 200, 250] and list(fig.data[0].y) == [5, 4, 3.5]
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].x0 == 250  # the new stage's first point
 
@@ -277,8 +278,8 @@ def test_token_views_show_characters_split_over_tokens_as_text():
     partial bytes as ⟨e9⟩ escapes: no view shows U+FFFD, and token text stays text, not HTML."""
     from transformers import AutoTokenizer
 
-    from modeling_csp.loading import DEFAULT_MODEL_DIR
-    from modeling_csp.tokenization import token_text, token_texts
+    from modeling_csp.model.loading import DEFAULT_MODEL_DIR
+    from modeling_csp.model.tokenization import token_text, token_texts
 
     if not (DEFAULT_MODEL_DIR / "tokenizer.json").is_file():
         pytest.skip("no default model installed (modeling_csp/default_model)")

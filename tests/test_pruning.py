@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_csp.ablation import ablate, all_kept, compute_mean_activations, evaluate, task_logits
-from modeling_csp.circuits import CircuitGraph
-from modeling_csp.pruning import (
+from modeling_csp.circuits.ablation import ablate, all_kept, compute_mean_activations, evaluate, task_logits
+from modeling_csp.circuits.graph import CircuitGraph
+from modeling_csp.circuits.pruning import (
     NodeMasks, PruneConfig, faithfulness, heaviside_ste, prune_to_target_loss, random_masks_like, sweep_k,
     top_k_masks, train_masks,
 )
-from modeling_csp.tasks import task_loss
+from modeling_csp.circuits.tasks import task_loss
 from conftest import synthetic_batch
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
@@ -156,8 +156,8 @@ def test_faithfulness_edge_cases(rms_model, means, batch):
 @pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),
                     reason="the default model (modeling_csp/default_model) has not been trained yet")
 def test_default_model_prune_reaches_target(tmp_path):
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.pruning import prune
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.circuits.pruning import prune
 
     model, tokenizer = load_model_and_tokenizer("default")
     config = PruneConfig(n_examples=256, progress=False)
@@ -271,7 +271,7 @@ def test_pruning_path_on_the_meta_device(meta_model):
     """Means, masks, task batches, the control and the circuits at several k: nothing leaves the model's device."""
     from transformers import PreTrainedTokenizerFast
 
-    from modeling_csp.pruning import prune
+    from modeling_csp.circuits.pruning import prune
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(DEFAULT_MODEL))  # the shipped tokenizer.json
     with MetaGuard() as guard:
@@ -285,7 +285,7 @@ def test_pruning_path_on_the_meta_device(meta_model):
 
 
 def test_shuffled_labels_swap_about_half(batch):
-    from modeling_csp.pruning import shuffled_labels
+    from modeling_csp.circuits.pruning import shuffled_labels
 
     a, b = shuffled_labels(batch, 0), shuffled_labels(batch, 0)
     assert torch.equal(a.correct_ids, b.correct_ids)  # deterministic
@@ -299,7 +299,7 @@ def test_shuffled_labels_swap_about_half(batch):
 
 def test_control_record(rms_model, means, batch):
     """The control prunes the same prompts with shuffled answers: the model is at chance or worse on them."""
-    from modeling_csp.pruning import run_control
+    from modeling_csp.circuits.pruning import run_control
 
     train, test = synthetic_batch(rms_model, n=48, T=12, seed=1), batch
     full = evaluate(rms_model, train)[0]
@@ -323,9 +323,9 @@ def test_prune_reports_every_stage_in_order_and_judges_on_held_out_examples():
     import json
     import re
 
-    from modeling_csp.evaluation import circuit_verdict
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.pruning import prune
+    from modeling_csp.circuits.evaluation import circuit_verdict
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.circuits.pruning import prune
 
     model, tokenizer = load_model_and_tokenizer("default")
     config = PruneConfig(steps=6, n_examples=32, n_random=1, n_example_tokens=0, n_mean_tokens=2048, target_loss=0.5,
@@ -365,10 +365,10 @@ def test_a_target_at_or_above_chance_is_refused(tmp_path):
     """Also one relative to a full model that is itself worse than chance: a sweep skips that task and says why."""
     import math
 
-    from modeling_csp.evaluation import TargetAtChance
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.pruning import prune, prune_sweep
-    from modeling_csp.tasks import make_task_dataset
+    from modeling_csp.circuits.evaluation import TargetAtChance
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.circuits.pruning import prune, prune_sweep
+    from modeling_csp.circuits.tasks import make_task_dataset
 
     for target in (math.log(2), 0.8, 10):
         with pytest.raises(TargetAtChance, match="at or above chance"):
@@ -386,8 +386,8 @@ def test_a_target_at_or_above_chance_is_refused(tmp_path):
 
 def test_prune_refuses_a_circuit_larger_than_the_model_before_any_work(rms_model):
     """PruneConfig cannot know the model; `prune` checks k and ks against its node count before it trains."""
-    from modeling_csp.circuits import n_total_nodes
-    from modeling_csp.pruning import prune
+    from modeling_csp.circuits.graph import n_total_nodes
+    from modeling_csp.circuits.pruning import prune
 
     n = n_total_nodes(rms_model.config)
     for config, ks in ((PruneConfig(k=n + 1, progress=False), ()), (PruneConfig(progress=False), (8, 10**9))):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_csp import CSPConfig, CSPForCausalLM
-from modeling_csp.modeling_csp import decode_uint, encode_uint, sparsify
+from modeling_csp.model.modeling_csp import decode_uint, encode_uint, sparsify
 
 W = "transformer.h.0.mlp.c_fc.weight"  # a sparse-stored weight of the rms_sink_bigram checkpoint
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_csp.tasks import (
+from modeling_csp.circuits.tasks import (
     Task,
     TaskExample,
     get_task,
@@ -412,7 +412,7 @@ QUOTES = [("x = 'abc", "'", '"'), ('x = "abc', '"', "'"), ("return 'text", "'", 
 
 
 def test_task_from_jsonl_keeps_every_example(fixture_tiktoken):
-    from modeling_csp.tasks import example_class, task_from_jsonl
+    from modeling_csp.circuits.tasks import example_class, task_from_jsonl
 
     text = jsonl(*QUOTES, "", QUOTES[0])  # blank lines are skipped, an exact repeat adds nothing
     task = task_from_jsonl(text, fixture_tiktoken, max_len=128, name="quotes", source="q.jsonl")
@@ -434,7 +434,7 @@ def test_task_from_jsonl_keeps_every_example(fixture_tiktoken):
     ("\n\n", r"q\.jsonl: no examples"),
 ])
 def test_task_file_format_errors_name_the_line(fixture_tiktoken, text, message):
-    from modeling_csp.tasks import task_from_jsonl
+    from modeling_csp.circuits.tasks import task_from_jsonl
 
     with pytest.raises(ValueError, match=message):
         task_from_jsonl(text, fixture_tiktoken, max_len=128, source="q.jsonl")
@@ -444,7 +444,7 @@ LONG = "y = '" + "text " * 40 + "end"
 
 
 def test_task_file_token_errors_name_the_line(fixture_tiktoken):
-    from modeling_csp.tasks import task_from_jsonl
+    from modeling_csp.circuits.tasks import task_from_jsonl
 
     def fails(rows, message, max_len=128):
         with pytest.raises(ValueError, match=message):
@@ -459,7 +459,7 @@ def test_task_file_token_errors_name_the_line(fixture_tiktoken):
 
 
 def test_load_task_file(fixture_tiktoken, tmp_path):
-    from modeling_csp.tasks import load_task_file
+    from modeling_csp.circuits.tasks import load_task_file
 
     path = tmp_path / "my_quotes.jsonl"
     path.write_text(jsonl(*QUOTES) + "\n")

@@ -13,7 +13,7 @@ import tiktoken
 from transformers import AutoTokenizer
 
 from conversion.convert_tokenizer import convert_tokenizer, main
-from modeling_csp.tokenization import (
+from modeling_csp.model.tokenization import (
     ENDOFTEXT,
     TINYPYTHON_PAT_STR,
     build_tokenizer_json,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT
-from modeling_csp.training import (
+from modeling_csp.training.train import (
     TokenData, TrainConfig, annealed, lr_at, project_topk, train, val_windows, write_curve_svg,
 )
 
@@ -112,7 +112,7 @@ def test_curve_svg(tmp_path):
 
 def test_csp_train_writes_a_loadable_model(corpus, tmp_path, capsys):
     from modeling_csp.cli import main
-    from modeling_csp.loading import load_model_and_tokenizer
+    from modeling_csp.model.loading import load_model_and_tokenizer
 
     args = ["train", "--data", str(corpus), "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"),
             "--steps", "4", "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
@@ -166,12 +166,12 @@ def test_second_stage_starts_from_a_finished_run(corpus, tmp_path):
     assert rec["final"]["total_tokens"] == (4 + 2) * 8 * 128 and rec["final"]["steps"] == 2
     assert rec["final"]["density"] == pytest.approx(0.2, abs=0.01)  # anneal_frac 0: the density is held
     assert rec["curve"][0]["val_loss"] == pytest.approx(first.record["curve"][-1]["val_loss"], abs=0.05)  # not from scratch
-    from modeling_csp.training import training_card
+    from modeling_csp.training.train import training_card
 
     assert "then, continued from those weights" in training_card(rec)
     third = train(TrainConfig(steps=2, lr=5e-4, init_from=str(tmp_path / "two"), **options), corpus,
                   tmp_path / "third", progress=False).record
-    from modeling_csp.training import training_stages
+    from modeling_csp.training.train import training_stages
 
     assert [s["final"]["steps"] for s in training_stages(third)] == [4, 2, 2]
     assert third["final"]["total_tokens"] == (4 + 2 + 2) * 8 * 128
@@ -185,8 +185,8 @@ def test_continue_a_saved_model_folder_watching_tasks(corpus, tmp_path):
     puts train-split accuracies in the curve and snapshots keep each checkpoint's weights."""
     from safetensors.torch import load_file
 
-    from modeling_csp.loading import load_tokenizer
-    from modeling_csp.training import save_trained_model, task_probe, training_stages
+    from modeling_csp.model.loading import load_tokenizer
+    from modeling_csp.training.train import save_trained_model, task_probe, training_stages
 
     first = train(TrainConfig(steps=4, **TINY), corpus, tmp_path / "one", progress=False)
     save_trained_model(first, tmp_path / "model", PROJECT_ROOT / "modeling_csp" / "default_model")
@@ -212,8 +212,8 @@ def test_csp_train_keeps_the_best_probed_snapshot(corpus, tmp_path, capsys):
     """`--select-snapshot best`: the model folder gets the snapshot whose probed tasks (train splits) reach 0.9
     most often, with the curve and final numbers of that step."""
     from modeling_csp.cli import main
-    from modeling_csp.loading import load_model_and_tokenizer
-    from modeling_csp.training import best_probed_step
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.training.train import best_probed_step
 
     base = ["train", "--data", str(corpus), "--steps", "6", "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     assert main(base + ["--run-dir", str(tmp_path / "bad"), "--select-snapshot", "best"]) == 2

@@ -7,8 +7,8 @@ import torch
 
 from conftest import FIXTURES
 from modeling_csp import CSPForCausalLM
-from modeling_csp.circuits import CircuitGraph, node_id
-from modeling_csp.viz_import import import_viz_data
+from modeling_csp.circuits.graph import CircuitGraph, node_id
+from modeling_csp.circuits.viz_import import import_viz_data
 
 VIZ = FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
 

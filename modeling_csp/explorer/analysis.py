@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..circuits import QUANTILES, CircuitGraph, parse_node_id, quantile_examples
-from ..evaluation import CHANCE_LOSS, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of
-from ..tasks import list_tasks
+from ..circuits.graph import QUANTILES, CircuitGraph, parse_node_id, quantile_examples
+from ..circuits.evaluation import CHANCE_LOSS, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of
+from ..circuits.tasks import list_tasks
 from .registry import ModelEntry, Run, UserError, first_line, is_task, log, resolve_task, settings
 
 TOP_N = 10  # next tokens shown by default
@@ -97,7 +97,7 @@ def circuit_at_k(entry: ModelEntry, run: Run, k: int | None) -> CircuitGraph:
 
     def make() -> CircuitGraph:
         if run.scores is not None:
-            from ..pruning import top_k_masks
+            from ..circuits.pruning import top_k_masks
 
             sub = CircuitGraph.from_masks(entry.model, top_k_masks(run.scores, k), dict(full.nodes),
                                           model_name=entry.spec, task=full.task, ablation=full.ablation,
@@ -141,7 +141,7 @@ class CircuitStats:
 
 def full_loss(entry: ModelEntry, task: str, options: EvalOptions) -> float:
     """The full model's task loss on the task's held-out split (cached per task and split)."""
-    from ..ablation import evaluate
+    from ..circuits.ablation import evaluate
 
     batch = entry.task_batch(task, options)
 
@@ -184,7 +184,7 @@ def circuit_stats(entry: ModelEntry, run: Run, k: int | None, task: str | None, 
             values = {name: losses[name] if v is None else v for name, v in values.items()}
             live = True
         if not deltas:
-            from ..ablation import layer_ablation_deltas
+            from ..circuits.ablation import layer_ablation_deltas
 
             deltas = layer_ablation_deltas(entry.model, batch, masks, means, options.freeze_norm_scales)
             live = True
@@ -214,8 +214,8 @@ def faithfulness_curve(entry: ModelEntry, run: Run, task: str | None) -> FaithCu
         raise UserError("this run names no task: choose a task to compute its faithfulness curve")
 
     def compute():
-        from ..ablation import evaluate
-        from ..pruning import random_masks_like
+        from ..circuits.ablation import evaluate
+        from ..circuits.pruning import random_masks_like
 
         options = _options(run)
         n_max = max_k(entry, run)
@@ -652,8 +652,8 @@ def ablation_effects(entry: ModelEntry, run: Run | None, circuit: CircuitGraph |
     """Each chosen sublayer and node ablated in turn (and all of them together), relative to the full model
     (base "full") or to the circuit (base "circuit"); the first row is the baseline."""
     from .. import plotting
-    from ..ablation import ablate, all_kept, frozen_norm_scales, task_logits
-    from ..tasks import task_loss
+    from ..circuits.ablation import ablate, all_kept, frozen_norm_scales, task_logits
+    from ..circuits.tasks import task_loss
 
     if not is_task(task):
         raise UserError("choose a task to ablate on")
@@ -713,7 +713,7 @@ def live_importances(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, 
                      progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], str]:
     """Every circuit node's importance on the task, now: exact (one forward pass per node, `progress(done,
     total)` after each) up to MAX_EXACT_IMPORTANCES nodes, first-order attribution beyond. (importances, method)."""
-    from ..ablation import node_importances
+    from ..circuits.ablation import node_importances
 
     if not is_task(task):
         raise UserError("choose a task to compute importances on")
@@ -806,7 +806,7 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     step 40 of 200", "k bisection: probe 3 (at most 15), k=1,410", "control: ...", "evaluation: ..."). The
     message is the held-out verdict (`evaluation.circuit_verdict`): ✅ only for a target reached on held-out
     examples, below chance, by a circuit smaller than half of the model."""
-    from ..pruning import PruneConfig, prune
+    from ..circuits.pruning import PruneConfig, prune
 
     goal = prune_target(entry, task, target, relative)
     steps, note = clamp(steps, MIN_PRUNE_STEPS, MAX_PRUNE_STEPS, "steps")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import plotting
+from ..training.train import stages_curve
 from . import analysis as A
 from .registry import (
     MAX_TASK_TEXT_BYTES, ModelEntry, Run, Session, UserError, choose_run, custom_task_from_text, find_run, first_line,
@@ -128,7 +129,7 @@ def node_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_cente
         panel.attention = message_html(_explain(exc))
         return panel
     if att is None:
-        panel.attention = plotting._CSS + ('<div class="csp-ex-title">Attention patterns are shown for attention '
+        panel.attention = plotting.TABLE_CSS + ('<div class="csp-ex-title">Attention patterns are shown for attention '
                                            "nodes (act_in, q, k, v and resid_delta of an attention layer).</div>")
     else:
         title = f"{att.layer}.attn head {att.head} on {task}'s examples" + (f" — {att.note}" if att.note else "")
@@ -176,12 +177,12 @@ def prompt_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, prompt: 
         ld = f"ℹ️ {r.logit_note}"
     node_html = ""
     if r.node:
-        node_html = plotting._CSS + plotting.token_heatmap_html(
+        node_html = plotting.TABLE_CSS + plotting.token_heatmap_html(
             r.tokens, r.node_acts, zero_centered=zero_centered, title=f"activations of {r.node} on the prompt (full model)")
     title = f"Top {len(r.full)} next tokens" + (f" (circuit: {r.circuit_k} nodes)" if r.circuit else "")
     return PromptPanel(
         notice="\n".join(f"ℹ️ {n}" for n in r.notices) or f"{len(r.tokens)} token{'s' if len(r.tokens) != 1 else ''}",
-        tokens=plotting._CSS + plotting.tokens_html(r.tokens, r.ids),
+        tokens=plotting.TABLE_CSS + plotting.tokens_html(r.tokens, r.ids),
         figure=plotting.next_tokens_figure([(t["token"], t["prob"]) for t in r.full],
                                            [(t["token"], t["prob"]) for t in r.circuit] if r.circuit else None, title),
         logit_diff=ld, node_acts=node_html, json={"full": r.full, "circuit": r.circuit, "notices": r.notices})
@@ -211,7 +212,7 @@ DETAILS_CSS = ("<style>.csp-details-row{display:flex;gap:24px;flex-wrap:wrap;ali
 def run_details(entry: ModelEntry, run: Run | None) -> str:
     """The run's pruning configuration and outcome, and the model's final training metrics, as three tables
     side by side (HTML)."""
-    from ..evaluation import verdict_of
+    from ..circuits.evaluation import verdict_of
 
     parts = []
     if run is not None:
@@ -242,7 +243,7 @@ def run_details(entry: ModelEntry, run: Run | None) -> str:
         metrics.append((f"quote_accuracy.{name}", value))
     parts.append(_table("Model training: final metrics", metrics, ("metric", "value")) if metrics else
                  '<div class="csp-details"><h4>Model training</h4>This model ships no training record.</div>')
-    return plotting._CSS + DETAILS_CSS + '<div class="csp-details-row">' + "".join(parts) + "</div>"
+    return plotting.TABLE_CSS + DETAILS_CSS + '<div class="csp-details-row">' + "".join(parts) + "</div>"
 
 
 @dataclass
@@ -262,7 +263,9 @@ def curves_panel(model: Any, task: Any, run_id: Any, k: Any) -> CurvesPanel:
         msg = _explain(exc)
         return CurvesPanel(plotting.message_figure(msg), plotting.message_figure(msg), plotting.message_figure(msg),
                            f"⚠️ {msg}")
-    panel = CurvesPanel(training=plotting.training_curve_figure(entry.training_curve), details=run_details(entry, run))
+    record = entry.training_curve
+    curve = stages_curve(dict(record)) if record and record.get("curve") else None
+    panel = CurvesPanel(training=plotting.training_curve_figure(curve), details=run_details(entry, run))
     if run is None:
         panel.faithfulness = plotting.message_figure("No run selected.")
         panel.pruning = plotting.message_figure("No run selected.")
@@ -425,7 +428,7 @@ def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, l
     """Your own task from pasted JSON lines (or, when none are pasted, an uploaded file): validated against the
     model, checked (the full model's accuracy on it) and added to the session's tasks; the view shows it, with
     its "no circuit yet" button to prune it."""
-    from ..tasks import check_task
+    from ..circuits.tasks import check_task
 
     try:
         entry = get_model(str(model or "") or None)

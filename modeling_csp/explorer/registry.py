@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..circuits import CircuitGraph, compute_edges, n_total_nodes, node_locations, record_node_activations
-from ..evaluation import EvalOptions, task_split
-from ..jsonio import dumps_strict, write_text_atomic
+from ..circuits.graph import CircuitGraph, compute_edges, n_total_nodes, node_locations, record_node_activations
+from ..circuits.evaluation import EvalOptions, task_split
+from ..utils.jsonio import dumps_strict, write_text_atomic
 
 MAX_MODELS = 3  # models kept loaded at once (least recently used dropped first)
 MAX_SPEC_CHARS = 300
@@ -70,7 +70,7 @@ def default_roots() -> list[Path]:
     """The package's own models and the Hugging Face cache: the folders the app opens unless told otherwise."""
     from huggingface_hub import constants
 
-    from ..loading import DEFAULT_MODEL_DIR
+    from ..model.loading import DEFAULT_MODEL_DIR
 
     return [DEFAULT_MODEL_DIR, Path(constants.HF_HUB_CACHE)]
 
@@ -107,7 +107,7 @@ def _task_digest(triples: list[list[str]]) -> str:
 def register_task(label: str, triples: list[list[str]]):
     """Registers a user task as `custom:<label>:<digest of its examples>` and returns the `Task` (the same name
     for the same examples, whoever registers them)."""
-    from ..tasks import task_from_pairs
+    from ..circuits.tasks import task_from_pairs
 
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(label or "task")).strip("_")[:40] or "task"
     name = f"custom:{label}:{_task_digest(triples)}"
@@ -125,7 +125,7 @@ def register_task(label: str, triples: list[list[str]]):
 def custom_task_from_text(entry: "ModelEntry", text: Any, label: Any = "task"):
     """A user task from JSON lines (`{"prompt", "correct", "incorrect"}` per line), validated against the model's
     tokenizer and context (`modeling_csp.tasks.task_from_jsonl`) and registered; size-capped."""
-    from ..tasks import task_from_jsonl
+    from ..circuits.tasks import task_from_jsonl
 
     text = text if isinstance(text, str) else ""
     if not text.strip():
@@ -145,7 +145,7 @@ def custom_task_from_text(entry: "ModelEntry", text: Any, label: Any = "task"):
 def task_of_circuit(circuit: CircuitGraph) -> str | None:
     """The task name a circuit is browsed under: a built-in name as it is, a user task (examples in
     `meta.task_examples`) registered under its content name, None when there is no usable task."""
-    from ..tasks import circuit_examples, list_tasks
+    from ..circuits.tasks import circuit_examples, list_tasks
 
     task = circuit.task
     if task is None or task in {t.name for t in list_tasks()}:
@@ -159,7 +159,7 @@ def task_of_circuit(circuit: CircuitGraph) -> str | None:
 
 def resolve_task(name: Any):
     """The `Task` a name means: a built-in task or a registered user task."""
-    from ..tasks import get_task
+    from ..circuits.tasks import get_task
 
     name = str(name or "")
     with _CUSTOM_LOCK:
@@ -301,9 +301,9 @@ class HubLookup:
 
 
 def _fetch_config(name: str) -> dict:
-    from ..loading import _config_json
+    from ..model.loading import read_config_json
 
-    return _config_json(name)
+    return read_config_json(name)
 
 
 hub = HubLookup(_fetch_config)
@@ -385,7 +385,7 @@ class ModelEntry:
     """A loaded model with its runs and everything computed from it that sessions share (lazily, cached)."""
 
     def __init__(self, spec: str, kind: str, name: str):
-        from ..loading import load_model_and_tokenizer, resolve_model
+        from ..model.loading import load_model_and_tokenizer, resolve_model
 
         self.spec = spec
         try:
@@ -419,7 +419,7 @@ class ModelEntry:
 
     def _vocab_strings(self) -> list[str]:
         """Each token alone as text, a partial character's bytes as `⟨e9⟩` escapes (never U+FFFD)."""
-        from ..tokenization import texts_of_pieces, token_pieces
+        from ..model.tokenization import texts_of_pieces, token_pieces
 
         return [texts_of_pieces([piece])[0] for piece in token_pieces(self.tokenizer, range(self.config.vocab_size))]
 
@@ -433,7 +433,7 @@ class ModelEntry:
         return None
 
     def _add_shipped_runs(self):
-        from ..loading import shipped_circuits
+        from ..model.loading import shipped_circuits
 
         try:
             entries = shipped_circuits(self.folder)
@@ -450,7 +450,7 @@ class ModelEntry:
     def token_strs(self, ids) -> list[str]:
         """A sequence's tokens as text that joins back to the sequence: a character split over tokens is shown
         on the token that completes it (`tokenization.token_texts`)."""
-        from ..tokenization import texts_of_pieces, token_pieces
+        from ..model.tokenization import texts_of_pieces, token_pieces
 
         ids = [int(x) for x in ids]
         pieces = token_pieces(self.tokenizer, ids)
@@ -475,7 +475,7 @@ class ModelEntry:
         """Mean activations over held-out pretraining-like text (as pruning uses), cached on disk too."""
         with self._once_lock:
             if self._means is None:
-                from ..ablation import compute_mean_activations
+                from ..circuits.ablation import compute_mean_activations
 
                 try:
                     self._means = compute_mean_activations(self.model, self.tokenizer)
@@ -520,7 +520,7 @@ class ModelEntry:
         """(windows (n, T) token ids, {location: float16 (n, T, width)}) on held-out text, for live examples."""
         with self._once_lock:
             if self._pretrain is None:
-                from ..ablation import example_windows
+                from ..circuits.ablation import example_windows
 
                 try:
                     windows = example_windows(self.model, self.tokenizer, settings.pretrain_tokens)
@@ -531,7 +531,7 @@ class ModelEntry:
 
     def run_forward(self, ids: torch.Tensor, masks=None, means=None, record: str | None = None, attention_mask=None):
         """Logits (B, T, V) of the model (circuit-ablated with `masks`), and recorded activations."""
-        from ..ablation import ablate
+        from ..circuits.ablation import ablate
 
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if masks is not None:
@@ -606,7 +606,7 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
             message = str(exc).replace(str(p), label)
             raise UserError(message if message.startswith(label) else f"{label}: {message}") from None
     else:
-        from ..viz_import import import_viz_data
+        from ..circuits.viz_import import import_viz_data
 
         try:
             circuit = import_viz_data(p)

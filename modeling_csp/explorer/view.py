@@ -28,7 +28,7 @@ from functools import cached_property
 from typing import Any, Mapping
 
 from .. import plotting
-from ..circuits import CircuitGraph
+from ..circuits.graph import CircuitGraph
 from . import analysis as A
 from .registry import (
     MAX_SPEC_CHARS, ModelEntry, Run, Session, UserError, default_model_spec, find_run, get_model, is_task,
@@ -289,7 +289,7 @@ class View:
         if self.circuit is None or not self.node:
             return "*Select a node in the graph or the list above.*" if self.circuit is not None else ""
         d = self.entry.d_head
-        return (f"### `{self.node}` · {plotting.node_label(self.node, d)}\n{plotting._node_detail(self.node, d)} · "
+        return (f"### `{self.node}` · {plotting.node_label(self.node, d)}\n{plotting.node_detail(self.node, d)} · "
                 f"ablation importance **{_fmt(self.circuit.nodes[self.node])}** (task-loss increase when it alone is "
                 f"ablated) · circuit of {self.selected.caption}")
 

@@ -24,23 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .circuits import location_width, node_id, node_locations, weights_hash
+from ..utils.devices import input_device
+from .graph import location_width, node_id, node_locations, weights_hash
 from .tasks import TaskBatch, task_accuracy, task_loss
 
 Masks = dict[str, torch.Tensor]
 
 
 # ---- running a task ------------------------------------------------------------------------
-
-
-def input_device(model) -> torch.device:
-    """Where a model's inputs, masks and means belong: its parameters' device, or, when accelerate has offloaded
-    them (parameters on `meta`), the device its dispatch hooks run the layers on."""
-    device = model.device
-    hook = getattr(model.get_input_embeddings(), "_hf_hook", None)  # accelerate's dispatch (device_map, offload)
-    if device.type == "meta" and hook is not None:
-        return torch.device(getattr(hook, "execution_device", None) or "cpu")
-    return device
 
 
 def unchanged_weights(fn: Callable) -> Callable:
@@ -154,7 +145,7 @@ def stdlib_heldout_texts() -> list[str]:
 
     The rule is `corpus.is_stdlib_heldout`, the one the training corpus holds these files out by, so mean
     activations and node examples are computed on text the default model never trained on."""
-    from .corpus import is_stdlib_heldout, stdlib_documents, stdlib_root
+    from ..data.corpus import is_stdlib_heldout, stdlib_documents, stdlib_root
 
     texts = [text for path, text in stdlib_documents() if is_stdlib_heldout(path)]
     if not texts:

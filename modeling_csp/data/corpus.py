@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .jsonio import write_json_atomic
+from ..utils.jsonio import write_json_atomic
 
 PYPI_INDEX = "https://pypi.org/simple"
 STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -327,7 +327,7 @@ def build_corpus(out: Path, tokenizer_json: Path, wheels_dir: Path | None = None
     from tokenizers import Tokenizer
     from tqdm.auto import tqdm
 
-    from .tokenization import ENDOFTEXT
+    from ..model.tokenization import ENDOFTEXT
 
     pins = list(dict.fromkeys(pins))
     out = Path(out)

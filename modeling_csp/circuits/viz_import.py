@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .circuits import ARCH_FIELDS, CircuitGraph, Edge, check_finite, config_hash, node_id, parse_location
+from .graph import ARCH_FIELDS, CircuitGraph, Edge, check_finite, config_hash, node_id, parse_location
 
 REQUIRED = ("circuit_data", "importances")
 REQUIRED_IMPORTANCES = ("pair_data", "interv_loss", "loss")

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 
 
 def resolve_model(spec: str) -> str:
@@ -31,7 +31,8 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def _config_json(name: str) -> dict:
+def read_config_json(name: str) -> dict:
+    """A model's config.json (folder or hub name) as a dict, without building the model or running its code."""
     from transformers.utils import cached_file
 
     try:
@@ -63,7 +64,7 @@ def load_model_and_tokenizer(spec: str, dtype=None):
     from .modeling_csp import CSPForCausalLM
 
     name = resolve_model(spec)
-    config = _config_json(name)
+    config = read_config_json(name)
     if config.get("model_type") != "csp":
         raise ValueError(f"{spec} is not a weight-sparse CSP model (model_type={config.get('model_type')!r})")
     try:

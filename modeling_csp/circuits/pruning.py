@@ -37,12 +37,13 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.devices import input_device
 from .ablation import (
     ablate, compute_mean_activations, evaluate, example_windows, frozen_norm_scales, layer_ablation_deltas,
-    input_device, node_attributions, node_importances, task_logits, unchanged_weights,
+    node_attributions, node_importances, task_logits, unchanged_weights,
 )
-from .circuits import CircuitGraph, attach_node_data, location_width, n_total_nodes, node_locations
 from .evaluation import CircuitVerdict, TargetAtChance, check_target, circuit_verdict, verdict_of
+from .graph import CircuitGraph, attach_node_data, location_width, n_total_nodes, node_locations
 from .tasks import TaskBatch, TaskExample, get_task, make_task_dataset, task_loss
 
 Masks = dict[str, torch.Tensor]

@@ -21,7 +21,7 @@ from typing import Any
 import tiktoken
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from .jsonio import write_json_atomic
+from ..utils.jsonio import write_json_atomic
 
 TINYPYTHON_PAT_STR = (
     r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .jsonio import dumps_strict, write_text_atomic
+from ..utils.jsonio import dumps_strict, write_text_atomic
 
 FORMAT, VERSION = "csp-circuit", 1
 LOCATION_KINDS = (
@@ -578,7 +578,7 @@ def quantile_examples(acts: torch.Tensor, windows: torch.Tensor, per_side: int =
 def record_node_activations(model, input_ids: torch.Tensor, locations, attention_mask=None, batch_size: int = 32
                             ) -> dict[str, torch.Tensor]:
     """{location: (n, T, width) float16} activations of the model on `input_ids`, batch by batch."""
-    from .ablation import input_device
+    from ..utils.devices import input_device
 
     device = input_device(model)
     store: dict[str, list[torch.Tensor]] = {loc: [] for loc in locations}

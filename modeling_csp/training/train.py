@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_csp import CSPConfig
-from .jsonio import dumps_strict, write_json_atomic
-from .modeling_csp import CSPForCausalLM
+from ..model.configuration_csp import CSPConfig
+from ..utils.jsonio import dumps_strict, write_json_atomic
+from ..model.modeling_csp import CSPForCausalLM
 
 # The architecture of the embedded default model; TrainConfig's n_layer, d_model, ... override it.
 BASE_MODEL_CONFIG = dict(
@@ -297,8 +297,8 @@ def _init_weights(model: CSPForCausalLM, init: Path) -> dict:
 def task_probe(tokenizer, tasks, n: int = 512, seed: int = 0, max_len: int | None = None):
     """A function model -> {task: accuracy} on the tasks' *train* splits (`make_task_dataset(n, seed)`), for
     watching (and choosing) checkpoints by the tasks without looking at the test splits circuits report on."""
-    from .ablation import evaluate
-    from .tasks import make_task_dataset
+    from ..circuits.ablation import evaluate
+    from ..circuits.tasks import make_task_dataset
 
     splits = {name: make_task_dataset(name, tokenizer, n=n, seed=seed, max_len=max_len).train for name in tasks}
 
@@ -562,7 +562,7 @@ def stages_curve(record: dict) -> list[dict]:
 
 def training_card(record: dict, corpus_meta: dict | None = None) -> str:
     """The model card's training section: recipe, data (sources and licences), held-out losses."""
-    from .corpus import sources_table
+    from ..data.corpus import sources_table
 
     f, env = record["final"], record["environment"]
     stages = training_stages(record)
@@ -594,7 +594,7 @@ def training_card(record: dict, corpus_meta: dict | None = None) -> str:
             f"\n### Data\n\nThe `*.py` files of CPython {corpus_meta['python']}'s standard library (test directories "
             "excluded) and of pinned releases of permissively licensed pure-Python projects (wheels from PyPI, "
             "checked by sha256; vendored copies skipped), deduplicated, split by file "
-            f"(`modeling_csp/corpus.py`): {t['train']:,} training tokens, {t['val']:,} + {t.get('val_extra', 0):,} "
+            f"(`modeling_csp/data/corpus.py`): {t['train']:,} training tokens, {t['val']:,} + {t.get('val_extra', 0):,} "
             "held out. Every source keeps its own licence; the model's weights are derived from them.\n\n"
             + sources_table(corpus_meta) + "\n"
         )
@@ -605,7 +605,7 @@ def save_trained_model(result: TrainResult, out: str | Path, tokenizer_dir: str 
                        name: str = "csp-python-default") -> Path:
     """Writes the model folder with the project's `save_model_folder` (sparse safetensors, remote code,
     tokenizer, card with the training section) plus training_curve.json and loss_curve.svg."""
-    from conversion.convert_checkpoint import save_model_folder
+    from ..model.saving import save_model_folder
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
