@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from modeling_csp.circuits.ablation import compute_mean_activations, mean_ablate, node_attributions, task_logits
+from modeling_csp.circuits.ablation import compute_mean_activations, mean_ablate, task_logits
+from modeling_csp.circuits.evaluation import node_attributions
 from modeling_csp.circuits.graph import CircuitGraph, parse_node_id
 from modeling_csp.model.loading import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from modeling_csp.circuits.pruning import top_k_masks

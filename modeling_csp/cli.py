@@ -130,7 +130,8 @@ def _check_sizes_against_model(args) -> None:
 
 
 def cmd_tasks(args) -> int:
-    from .circuits.tasks import check_task, list_tasks
+    from .circuits.evaluation import check_task
+    from .circuits.tasks import list_tasks
 
     if args.check:
         if not Path(args.check).is_file():  # before loading a model

@@ -142,7 +142,8 @@ def main(argv=None) -> None:
     acc, kept = quote_accuracy(model, tokenizer, args.n_quote)
     print(f"quote matching: accuracy {acc:.3f} on {kept} of {args.n_quote} prompts (quote a single token in context)")
     try:  # the project's task module, when present: the paper's single_double_quote task
-        from modeling_csp.circuits.tasks import make_task_dataset, task_accuracy, last_token_logits
+        from modeling_csp.circuits.evaluation import last_token_logits, task_accuracy
+        from modeling_csp.circuits.tasks import make_task_dataset
 
         data = make_task_dataset("single_double_quote", tokenizer, n=256, max_len=model.config.block_size)
         split = data.test if getattr(data, "test", None) is not None else data.train

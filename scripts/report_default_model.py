@@ -28,9 +28,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from modeling_csp.circuits.ablation import evaluate  # noqa: E402
 from modeling_csp.circuits.graph import CircuitGraph  # noqa: E402
-from modeling_csp.circuits.evaluation import circuit_verdict, verdict_of  # noqa: E402
+from modeling_csp.circuits.evaluation import circuit_verdict, evaluate, verdict_of  # noqa: E402
 from modeling_csp.model.loading import load_model_and_tokenizer  # noqa: E402
 from modeling_csp.circuits.tasks import list_tasks, make_task_dataset  # noqa: E402
 from modeling_csp.training.train import training_stages  # noqa: E402

@@ -1,4 +1,5 @@
-"""Shared test helpers: where the reference fixtures are, converted copies of them, and the app's test circuit."""
+"""Shared test helpers: where the reference fixtures are, converted copies of them, the fixture tokenizer as tiktoken,
+and the app's test circuit."""
 
 import contextlib
 import os
@@ -12,6 +13,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 CHECKPOINTS = ["ln_gpt2", "rms_sink_bigram", "catpos_relu_bf16"]
 TOKENIZER_FIXTURE = FIXTURES / "tokenizer_tinypython_like"
+TIKTOKEN_PATTERN = r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # GPT-2 style, as tiktoken reads it
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,6 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def pytest_configure(config):
     if not FIXTURES.is_dir():
         raise pytest.UsageError(f"reference fixtures not found at {FIXTURES}: put shared/ beside the project root")
+
+
+@pytest.fixture(scope="session")
+def fixture_tiktoken():
+    """tinypython_2k-like tiktoken encoding built offline from data-gym files (`get_encoding` needs network)."""
+    tiktoken_load = pytest.importorskip("tiktoken.load")
+    import tiktoken
+
+    if not (TOKENIZER_FIXTURE / "vocab.bpe").exists():
+        pytest.skip(f"tokenizer fixture not found at {TOKENIZER_FIXTURE}")
+    ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(TOKENIZER_FIXTURE / "vocab.bpe"), encoder_json_file=str(TOKENIZER_FIXTURE / "encoder.json")
+    )
+    return tiktoken.Encoding(
+        "tinypython_like", pat_str=TIKTOKEN_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 2047}  # the vocabulary's last id
+    )
 
 
 def truncated_tokenizer(n_ids: int, dst: Path) -> Path:
@@ -123,7 +141,8 @@ def build_test_circuit(spec: str, out: Path) -> Path:
     node importances and layer deltas (mean ablation), saved as a csp-circuit file."""
     import torch
 
-    from modeling_csp.circuits.ablation import compute_mean_activations, layer_ablation_deltas, node_importances
+    from modeling_csp.circuits.ablation import compute_mean_activations
+    from modeling_csp.circuits.evaluation import layer_ablation_deltas, node_importances
     from modeling_csp.circuits.graph import CircuitGraph, location_width, node_locations, weight_pairs
     from modeling_csp.model.loading import load_model_and_tokenizer
     from modeling_csp.circuits.tasks import make_task_dataset

@@ -297,7 +297,7 @@ def task_file(path, rows=QUOTE_ROWS):
 
 
 def test_tasks_check_reports_accuracy_on_a_task_file(capsys, tiny, tmp_path):
-    from modeling_csp.circuits.ablation import evaluate
+    from modeling_csp.circuits.evaluation import evaluate
     from modeling_csp.model.loading import load_model_and_tokenizer
     from modeling_csp.circuits.tasks import load_task_file, make_task_dataset
 

@@ -120,7 +120,7 @@ def test_val_loss(model, tokenizer, record):
 def test_circuits_are_shipped_for_exactly_the_tasks_the_model_does_well(model, tokenizer):
     """A task has shipped circuits iff the full model's test accuracy is >= 0.9; each loads for this model
     and records the full-model loss measured here."""
-    from modeling_csp.circuits.ablation import evaluate
+    from modeling_csp.circuits.evaluation import evaluate
     from modeling_csp.circuits.graph import CircuitGraph
     from modeling_csp.cli import shipped_circuits
     from modeling_csp.circuits.tasks import list_tasks, make_task_dataset

@@ -1,11 +1,109 @@
-"""`modeling_csp.evaluation`: how a circuit is evaluated, from its own pruning options, with file sizes capped.
+"""`modeling_csp.circuits.evaluation`: the task metrics, a circuit against random circuits and its complement, each
+node's and sublayer's effect, how a circuit is evaluated (from its own pruning options, with file sizes capped) and
+the verdict on its numbers.
 
 That the app and `csp evaluate` give the same numbers through it is tested in test_explorer_analysis.py."""
 
-import pytest
+import dataclasses
+import math
 
+import pytest
+import torch
+
+from modeling_csp.circuits.ablation import all_kept, compute_mean_activations
+from modeling_csp.circuits.evaluation import (
+    MAX_EXAMPLES, MAX_RANDOM, EvalOptions, evaluate, faithfulness, last_token_logits, layer_ablation_deltas,
+    node_importances, random_masks_like, task_accuracy, task_loss,
+)
 from modeling_csp.circuits.graph import CircuitGraph
-from modeling_csp.circuits.evaluation import MAX_EXAMPLES, MAX_RANDOM, EvalOptions
+from modeling_csp.circuits.pruning import PruneConfig, top_k_masks
+from modeling_csp.circuits.tasks import make_task_dataset
+from conftest import synthetic_batch
+
+
+@pytest.fixture(scope="module")
+def means(rms_model):
+    tokens = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    return compute_mean_activations(rms_model, [tokens], cache_dir=False)
+
+
+# ---- task metrics ------------------------------------------------------------------------------
+
+
+def test_loss_and_accuracy(fixture_tiktoken):
+    batch = make_task_dataset("single_double_quote", fixture_tiktoken, n=128).test
+    n, V = len(batch), 2048
+    rows = torch.arange(n)
+    equal = torch.zeros(n, V)
+    assert task_loss(equal, batch).item() == pytest.approx(math.log(2))
+    assert task_accuracy(equal, batch) == 0.0  # ties are not correct
+
+    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(0))
+    logits[rows, batch.correct_ids] = logits[rows, batch.alternative_ids] + 1.0
+    assert task_loss(logits, batch).item() == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-5)
+    assert task_loss(logits, batch).item() < math.log(2)
+    assert task_accuracy(logits, batch) == 1.0
+
+    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    lc, la = logits[rows, batch.correct_ids], logits[rows, batch.alternative_ids]
+    manual = torch.stack([-torch.log(torch.exp(c) / (torch.exp(c) + torch.exp(a))) for c, a in zip(lc, la)]).mean()
+    loss = task_loss(logits, batch)
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    loss.backward()
+    assert logits.grad is not None
+    assert task_accuracy(logits, batch) == pytest.approx((lc > la).float().mean().item())
+
+
+def test_last_token_logits(fixture_tiktoken):
+    batch = make_task_dataset("bracket_counting", fixture_tiktoken, n=128).test
+    n, T = batch.input_ids.shape
+    full = torch.randn(n, T, 2048)
+    last = last_token_logits(full, batch)
+    assert torch.equal(last, full[:, -1])
+    assert task_loss(full, batch).item() == pytest.approx(task_loss(last, batch).item())
+
+
+# ---- a circuit against random circuits, and each node's effect ----------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_faithfulness_edge_cases(rms_model, means):
+    batch = synthetic_batch(rms_model, n=48, T=12)
+    keep_all = all_kept(rms_model.config)
+    f = faithfulness(rms_model, batch, keep_all, means, n_random=2)
+    assert f["circuit"] == pytest.approx(f["full"], abs=1e-6) and f["random"] == pytest.approx(f["full"], abs=1e-6)
+    none = {k: torch.zeros_like(v) for k, v in keep_all.items()}
+    f = faithfulness(rms_model, batch, none, means, n_random=5)
+    assert f["complement"] == pytest.approx(f["full"], abs=1e-6)
+    assert len(f["random_losses"]) == 5 and f["random_baseline_as_good"]  # empty circuits are all alike
+
+    gen = torch.Generator().manual_seed(0)
+    some = top_k_masks({k: torch.rand(v.numel(), generator=gen) for k, v in keep_all.items()}, 100)
+    rand = random_masks_like(some, torch.Generator().manual_seed(1))
+    assert all(int(rand[k].sum()) == int(some[k].sum()) for k in some)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_importances_and_layer_deltas(rms_model, means):
+    batch = synthetic_batch(rms_model, n=16)
+    keep = all_kept(rms_model.config)
+    keep = {loc: m & (torch.arange(m.numel()) == 2) for loc, m in keep.items()}  # node 2 at every location
+    base = evaluate(rms_model, batch, keep, means)[0]
+    exact = node_importances(rms_model, batch, keep, means)
+    assert len(exact) == len(keep)
+    dropped = {**keep, "1.mlp.post_act": keep["1.mlp.post_act"].clone()}
+    dropped["1.mlp.post_act"][2] = False
+    assert exact["1.mlp.post_act:2"] == pytest.approx(evaluate(rms_model, batch, dropped, means)[0] - base, abs=1e-6)
+    approx = node_importances(rms_model, batch, keep, means, method="attribution")
+    assert approx.keys() == exact.keys() and all(map(lambda v: v == v, approx.values()))
+
+    deltas = layer_ablation_deltas(rms_model, batch, keep, means)
+    assert list(deltas) == ["0.attn", "0.mlp", "1.attn", "1.mlp", "2.attn", "2.mlp"]
+    no_mlp2 = {loc: (torch.zeros_like(m) if loc.startswith("2.mlp") else m) for loc, m in keep.items()}
+    assert deltas["2.mlp"] == pytest.approx(evaluate(rms_model, batch, no_mlp2, means)[0] - base, abs=1e-6)
+
+
+# ---- how a circuit is evaluated ------------------------------------------------------------------
 
 
 def circuit_with(options):
@@ -34,9 +132,18 @@ def test_sizes_from_a_file_are_capped_with_a_notice():
     assert EvalOptions.of(CircuitGraph(model={}, meta={"options": "not a dict"})).notices == ()
 
 
-def test_options_are_frozen():
-    import dataclasses
+def test_a_prune_and_a_later_evaluation_of_its_file_use_the_same_options():
+    """Pruning evaluates its circuits with `EvalOptions.from_config(config)`; `csp evaluate` and the app read the
+    options back from the file's `meta.options` (all of `PruneConfig`): both must give the same options, and the
+    defaults of both are pruning's."""
+    assert EvalOptions.from_config(PruneConfig()) == EvalOptions() == EvalOptions.of(None)
+    config = PruneConfig(n_examples=300, data_seed=4, n_random=3, seed=8, random_margin=0.1, freeze_norm_scales=True)
+    stored = circuit_with(dataclasses.asdict(config))
+    assert EvalOptions.from_config(config) == EvalOptions.of(stored)
+    assert EvalOptions.from_config(config) != EvalOptions()
 
+
+def test_options_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EvalOptions().n_examples = 3
 
@@ -48,7 +155,6 @@ def test_a_circuit_that_reaches_its_target_only_on_training_examples_says_so():
     """The issue's else_elif prune: k chosen on the training split (0.477 <= 0.490), held out it is worse than a
     coin flip."""
     import json
-    import math
 
     from modeling_csp.circuits.evaluation import CHANCE_LOSS, circuit_verdict
 
@@ -100,8 +206,6 @@ def test_the_control_is_read_on_held_out_examples():
 
 
 def test_targets_at_or_above_chance():
-    import math
-
     from modeling_csp.circuits.evaluation import TargetAtChance, check_target, circuit_verdict
 
     assert check_target(0.69) == 0.69 and check_target(0) == 0

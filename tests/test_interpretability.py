@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import CHECKPOINTS, random_ids
-from modeling_csp.circuits.ablation import ablate, evaluate, frozen_norm_scales, node_attributions, task_logits
+from modeling_csp.circuits.ablation import ablate, frozen_norm_scales, task_logits
+from modeling_csp.circuits.evaluation import evaluate, node_attributions, task_loss
 from modeling_csp.circuits.graph import location_width, node_locations
-from modeling_csp.circuits.tasks import task_loss
 
 
 # ---- run_with_cache and the cache -------------------------------------------------------------

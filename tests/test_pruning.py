@@ -1,4 +1,4 @@
-"""Mask training (surrogate gradients, determinism), top-k bisection, faithfulness, and a real prune."""
+"""Mask training (surrogate gradients, determinism), top-k bisection, and a real prune."""
 
 import re
 from pathlib import Path
@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_csp.circuits.ablation import ablate, all_kept, compute_mean_activations, evaluate, task_logits
+from modeling_csp.circuits.ablation import ablate, compute_mean_activations, task_logits
+from modeling_csp.circuits.evaluation import evaluate, task_loss
 from modeling_csp.circuits.graph import CircuitGraph
 from modeling_csp.circuits.pruning import (
-    NodeMasks, PruneConfig, faithfulness, heaviside_ste, prune_to_target_loss, random_masks_like, sweep_k,
-    top_k_masks, train_masks,
+    NodeMasks, PruneConfig, heaviside_ste, prune_to_target_loss, sweep_k, top_k_masks, train_masks,
 )
-from modeling_csp.circuits.tasks import task_loss
 from conftest import synthetic_batch
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
@@ -136,21 +135,6 @@ def test_bisection_reaches_target(rms_model, means, batch):
     k, loss, reached = prune_to_target_loss(rms_model, batch, scores, means, full - 1.0)
     assert not reached and k in (trained, 2112)
     assert loss == pytest.approx(min(full, evaluate(rms_model, batch, top_k_masks(scores, trained), means)[0]), abs=1e-6)
-
-
-def test_faithfulness_edge_cases(rms_model, means, batch):
-    keep_all = all_kept(rms_model.config)
-    f = faithfulness(rms_model, batch, keep_all, means, n_random=2)
-    assert f["circuit"] == pytest.approx(f["full"], abs=1e-6) and f["random"] == pytest.approx(f["full"], abs=1e-6)
-    none = {k: torch.zeros_like(v) for k, v in keep_all.items()}
-    f = faithfulness(rms_model, batch, none, means, n_random=5)
-    assert f["complement"] == pytest.approx(f["full"], abs=1e-6)
-    assert len(f["random_losses"]) == 5 and f["random_baseline_as_good"]  # empty circuits are all alike
-
-    gen = torch.Generator().manual_seed(0)
-    some = top_k_masks({k: torch.rand(v.numel(), generator=gen) for k, v in keep_all.items()}, 100)
-    rand = random_masks_like(some, torch.Generator().manual_seed(1))
-    assert all(int(rand[k].sum()) == int(some[k].sum()) for k in some)
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),

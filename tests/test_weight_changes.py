@@ -201,7 +201,8 @@ def test_loops_of_the_circuit_library_check_each_weight_once(sparse_model, monke
     call (`ablation.unchanged_weights`), not once per pass, and still give the dense path's numbers."""
     from conftest import synthetic_batch
 
-    from modeling_csp.circuits.ablation import all_kept, node_importances
+    from modeling_csp.circuits.ablation import all_kept
+    from modeling_csp.circuits.evaluation import node_importances
     from modeling_csp.model.modeling_csp import SparseKernelLinear
 
     batch = synthetic_batch(sparse_model, n=4, T=8)

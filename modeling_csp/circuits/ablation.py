@@ -8,8 +8,9 @@ or by zero. With a keep mask m (1 = kept) the activation at a location becomes
 
 which is built on `model.intervene`, so gradients flow to m (pruning learns m this way).
 
-Task evaluation runs the model on the left-padded prompts of a `TaskBatch` with its attention mask and
-reads the logits at the last position only (`logits_to_keep=1`), which is all a binary task needs.
+A task runs on the left-padded prompts of a `TaskBatch` with its attention mask, and `task_logits` reads the
+logits at the last position only (`logits_to_keep=1`), which is all a binary task needs. Measuring what an
+ablation does (task loss, `evaluate`, node importances) is `evaluation`, above this module.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ..utils.devices import input_device
-from .graph import location_width, node_id, node_locations, weights_hash
-from .tasks import TaskBatch, task_accuracy, task_loss
+from .graph import location_width, node_locations, weights_hash
+from .tasks import TaskBatch
 
 Masks = dict[str, torch.Tensor]
 
@@ -59,21 +60,6 @@ def task_logits(model, batch: TaskBatch) -> torch.Tensor:
     device = input_device(model)  # a batch built on the CPU runs where the model is
     out = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_to_keep=1, use_cache=False)
     return out.logits[:, -1]
-
-
-@torch.no_grad()
-def evaluate(model, batch: TaskBatch, keep_masks: Masks | None = None, means: Masks | None = None,
-             freeze_norm_scales: bool = False) -> tuple[float, float]:
-    """(task loss, accuracy) with the nodes outside `keep_masks` ablated (nothing ablated if None).
-
-    `means=None` means zero ablation."""
-    with contextlib.ExitStack() as stack:
-        if freeze_norm_scales:
-            stack.enter_context(frozen_norm_scales(model, batch))
-        if keep_masks is not None:
-            stack.enter_context(ablate(model, keep_masks, means))
-        logits = task_logits(model, batch)
-    return task_loss(logits, batch).item(), task_accuracy(logits, batch)
 
 
 # ---- ablation contexts ---------------------------------------------------------------------
@@ -250,92 +236,15 @@ def compute_mean_activations(
     return means
 
 
-# ---- effects of ablations ------------------------------------------------------------------
+# ---- masks ---------------------------------------------------------------------------------
 
 
 def all_kept(config, device=None) -> Masks:
+    """Masks keeping every node: the whole model as a circuit (nothing ablated)."""
     return {loc: torch.ones(location_width(config, loc), dtype=torch.bool, device=device) for loc in node_locations(config)}
 
 
-def _sublayer(location: str) -> str:
-    layer, kind = location.split(".", 2)[:2]
-    return f"{layer}.{kind}"
-
-
-@torch.no_grad()
-@unchanged_weights
-def layer_ablation_deltas(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
-                          freeze_norm_scales: bool = False) -> dict[str, float]:
-    """{"0.attn": d, "0.mlp": d, ...}: loss increase when a sublayer's circuit nodes are ablated too."""
-    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
-    out = {}
-    for layer in range(model.config.n_layer):
-        for part in ("attn", "mlp"):
-            name = f"{layer}.{part}"
-            masks = {loc: (torch.zeros_like(m) if _sublayer(loc) == name else m) for loc, m in keep_masks.items()}
-            out[name] = evaluate(model, batch, masks, means, freeze_norm_scales)[0] - base
-    return out
-
-
-@unchanged_weights
-def node_importances(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
-                     freeze_norm_scales: bool = False, method: str = "exact",
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """{"loc:idx": d}: task-loss increase when that kept node alone is ablated (others as in the circuit).
-
-    method "exact" runs one forward pass per node; "attribution" estimates all of them from one backward
-    pass, d ~ -dL/dm at m = 1 (first order in the mask; cheap for large circuits, less accurate).
-    `progress(done, total)` is called after each node (exact) so that a front end can show a bar."""
-    if method == "attribution":
-        return _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales)
-    if method != "exact":
-        raise ValueError(f"method must be 'exact' or 'attribution', not {method!r}")
-    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
-    total = sum(int(m.bool().sum()) for m in keep_masks.values())
-    out = {}
-    for loc, mask in keep_masks.items():
-        for i in mask.bool().nonzero().flatten().tolist():
-            m = mask.clone().bool()
-            m[i] = False
-            out[node_id(loc, i)] = evaluate(model, batch, {**keep_masks, loc: m}, means, freeze_norm_scales)[0] - base
-            if progress is not None:
-                progress(len(out), total)
-    return out
-
-
-def _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales) -> dict[str, float]:
-    scores = node_attributions(model, batch, means, keep_masks, freeze_norm_scales)
-    return {node_id(loc, i): float(scores[loc][i]) for loc, m in keep_masks.items() for i in m.bool().nonzero().flatten().tolist()}
-
-
-def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: Masks | None = None,
-                      freeze_norm_scales: bool = False) -> Masks:
-    """{location: (width,) first-order task-loss increase when each node alone is mean-ablated} (attribution
-    patching): gradient x (mean - activation), summed over the batch's positions, from one backward pass.
-
-    With `keep_masks` the nodes outside it are ablated first (their attribution is then 0). Rank nodes with
-    `pruning.top_k_masks(node_attributions(...), k)`. `means=None` means zero ablation."""
-    keep_masks = keep_masks or all_kept(model.config, input_device(model))
-    locations = list(keep_masks)
-    leaf = torch.zeros((), requires_grad=True, device=input_device(model))  # makes the graph reach every activation, even with frozen weights
-    with torch.enable_grad(), contextlib.ExitStack() as stack:
-        if freeze_norm_scales:
-            stack.enter_context(frozen_norm_scales(model, batch))
-        stack.enter_context(ablate(model, keep_masks, means))
-        stack.enter_context(model.intervene({"tok_emb": lambda x: x + leaf}))
-        acts = stack.enter_context(model.record_activations(locations, detach=False))
-        grads = stack.enter_context(model.record_gradients(locations))
-        loss = task_loss(task_logits(model, batch), batch)
-        torch.autograd.grad(loss, [acts[loc] for loc in locations])  # fills `grads`; no parameter gradients
-    out = {}
-    for loc in locations:
-        baseline = means[loc].to(acts[loc]) if means is not None else torch.zeros((), dtype=acts[loc].dtype)
-        out[loc] = (grads[loc] * (baseline - acts[loc].detach())).sum(dim=(0, 1))  # on the model's device
-    return out
-
-
 __all__ = [
-    "input_device", "task_logits", "evaluate", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales",
-    "compute_mean_activations", "stdlib_heldout_texts", "text_windows", "example_windows", "layer_ablation_deltas",
-    "node_importances", "node_attributions", "all_kept", "unchanged_weights",
+    "Masks", "task_logits", "ablate", "mean_ablate", "zero_ablate", "frozen_norm_scales", "compute_mean_activations",
+    "stdlib_heldout_texts", "text_windows", "example_windows", "all_kept", "unchanged_weights",
 ]

@@ -1,5 +1,10 @@
-"""One way to compute a circuit's task losses, and one way to judge them, shared by the app
-(`modeling_csp.explorer`), `csp prune`/`sweep`/`evaluate` and the default-model report.
+"""Everything that measures a model or a circuit on a task, in one place: the task metrics, running a task with
+nodes ablated, a circuit against random same-size circuits and its complement, each node's and sublayer's effect,
+the options a circuit is evaluated with, and the one judgement of its numbers (the verdict). The app
+(`modeling_csp.explorer`), `csp prune`/`sweep`/`evaluate`/`tasks --check` and the default-model report all use it.
+
+    data = make_task_dataset("single_double_quote", tokenizer, n=256)
+    loss = task_loss(task_logits(model, data.train), data.train)  # or: loss, accuracy = evaluate(model, data.train)
 
 A circuit's numbers depend on the task examples, the random circuits drawn for the baseline and whether norm
 scales are frozen. A circuit file records how it was pruned (`meta.options`); both front ends evaluate it
@@ -15,30 +20,244 @@ at most MAX_EXAMPLES task examples and MAX_RANDOM random circuits; a capped valu
 
 A verdict is judged on held-out examples (the test split): pruning chooses k on the training split, where a
 circuit can fit its examples without doing the task (`verdict_of(circuit)` judges a circuit's stored losses).
+
+Ablating nodes (the contexts, mean activations) is `ablation`, below this module; finding circuits is `pruning`,
+above it: pruning builds its `EvalOptions` from its `PruneConfig` (`EvalOptions.from_config`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
-from .tasks import TaskBatch, make_task_dataset
+import torch
+import torch.nn.functional as F
 
-MAX_EXAMPLES = 2048  # task examples (75% train / 25% test) a circuit's evaluation may ask for (pruning: 512)
-MAX_RANDOM = 10  # random same-size circuits averaged for the baseline (pruning: 5)
-DEFAULTS = {"n_examples": 512, "data_seed": 0, "n_random": 5, "seed": 0}
+from ..utils.devices import input_device
+from .ablation import Masks, ablate, all_kept, frozen_norm_scales, task_logits, unchanged_weights
+from .graph import node_id
+from .tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES, Task, TaskBatch, example_class, get_task, make_task_dataset
+
+DEFAULT_N_RANDOM = 5  # random same-size circuits averaged for the baseline
+DEFAULT_RANDOM_MARGIN = 0.02  # random circuits within this of the circuit's loss (nats) are "as good" as it
+
+
+# ---- task metrics --------------------------------------------------------------------------
+
+
+def last_token_logits(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """Select the logits at each row's decision position: `(n, T, V) -> (n, V)`."""
+    positions = batch.positions.to(logits.device)
+    return logits[torch.arange(logits.shape[0], device=logits.device), positions]
+
+
+def _pair_logits(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    if logits.dim() == 3:
+        logits = last_token_logits(logits, batch)
+    c = logits.gather(-1, batch.correct_ids.to(logits.device)[:, None])
+    a = logits.gather(-1, batch.alternative_ids.to(logits.device)[:, None])
+    return torch.cat([c, a], dim=-1).float()
+
+
+def task_loss(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """
+    Binary cross-entropy of the model restricted to the two candidates, averaged over the batch.
+
+    `mean(-log softmax([l_correct, l_alternative])[0])`, in nats: `log 2` when the model cannot tell the
+    candidates apart, 0 when it is certain and right. (The reference `circuit_sparsity` code stores twice this
+    number; its visualizer halves it for display.)
+
+    Args:
+        logits (`torch.Tensor`): `(n, V)` logits at the decision position, or `(n, T, V)` full logits (the last
+            position is then taken with [`last_token_logits`]).
+        batch (`TaskBatch`): the batch the logits were computed on.
+
+    Returns:
+        `torch.Tensor`: scalar loss (float32), differentiable.
+    """
+    pair = _pair_logits(logits, batch)
+    return -F.log_softmax(pair, dim=-1)[:, 0].mean()
+
+
+def task_accuracy(logits: torch.Tensor, batch: TaskBatch) -> float:
+    """Fraction of examples whose correct candidate gets a strictly higher logit than the alternative."""
+    pair = _pair_logits(logits, batch)
+    return (pair[:, 0] > pair[:, 1]).float().mean().item()
+
+
+# ---- running a task ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, batch: TaskBatch, keep_masks: Masks | None = None, means: Masks | None = None,
+             freeze_norm_scales: bool = False) -> tuple[float, float]:
+    """(task loss, accuracy) with the nodes outside `keep_masks` ablated (nothing ablated if None).
+
+    `means=None` means zero ablation."""
+    with contextlib.ExitStack() as stack:
+        if freeze_norm_scales:
+            stack.enter_context(frozen_norm_scales(model, batch))
+        if keep_masks is not None:
+            stack.enter_context(ablate(model, keep_masks, means))
+        logits = task_logits(model, batch)
+    return task_loss(logits, batch).item(), task_accuracy(logits, batch)
+
+
+def check_task(model, tokenizer, task: Task | str, n: int = DEFAULT_N_EXAMPLES, seed: int = DEFAULT_DATA_SEED
+               ) -> dict[str, Any]:
+    """The full model on a task before pruning: accuracy and loss on all its examples and on the test split that
+    pruning reports on, plus the class counts (`example_class`)."""
+    task = get_task(task)
+    data = make_task_dataset(task, tokenizer, n=n, seed=seed, max_len=model.config.block_size)
+    train_loss, train_acc = evaluate(model, data.train)
+    test_loss, test_acc = evaluate(model, data.test) if len(data.test) else (float("nan"), float("nan"))
+    n_train, n_test = len(data.train), len(data.test)
+    examples = data.train.examples + data.test.examples
+    classes = [example_class(ex) for ex in examples]
+    total = n_train + n_test
+    return {
+        "task": task.name, "n": total, "n_train": n_train, "n_test": n_test, "n_dropped": data.n_dropped,
+        "classes": [classes.count(0), classes.count(1)],
+        "accuracy": (train_acc * n_train + (test_acc * n_test if n_test else 0)) / total,
+        "loss": (train_loss * n_train + (test_loss * n_test if n_test else 0)) / total,
+        "test_accuracy": test_acc, "test_loss": test_loss,
+    }
+
+
+# ---- a circuit against random circuits and its complement ----------------------------------
+
+
+def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
+    """Random circuit with the same number of kept nodes at every location."""
+    out = {}
+    for loc, m in masks.items():
+        r = torch.zeros(m.numel(), dtype=torch.bool)  # drawn on the CPU generator, then moved to the masks' device
+        r[torch.randperm(m.numel(), generator=generator)[: int(m.sum())]] = True
+        out[loc] = r.to(m.device)
+    return out
+
+
+@torch.no_grad()
+@unchanged_weights
+def faithfulness(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None, n_random: int = DEFAULT_N_RANDOM,
+                 seed: int = 0, margin: float = DEFAULT_RANDOM_MARGIN, freeze_norm_scales: bool = False) -> dict[str, Any]:
+    """Task losses/accuracies of the full model, the circuit, random same-size circuits and the complement.
+
+    `random_baseline_as_good` flags circuits that random node sets of the same size match (within `margin`):
+    then the circuit says little about which nodes matter."""
+    full, full_acc = evaluate(model, batch)
+    circuit, circuit_acc = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
+    gen = torch.Generator().manual_seed(seed)
+    randoms = [evaluate(model, batch, random_masks_like(keep_masks, gen), means, freeze_norm_scales)[0]
+               for _ in range(n_random)]
+    complement = {loc: ~m.bool() for loc, m in keep_masks.items()}
+    comp, _ = evaluate(model, batch, complement, means, freeze_norm_scales)
+    random = sum(randoms) / max(len(randoms), 1)
+    return {
+        "full": full, "circuit": circuit, "random": random, "complement": comp,
+        "full_accuracy": full_acc, "circuit_accuracy": circuit_acc, "random_losses": randoms,
+        "random_baseline_as_good": bool(random <= circuit + margin),
+    }
+
+
+# ---- effects of ablations ------------------------------------------------------------------
+
+
+def _sublayer(location: str) -> str:
+    layer, kind = location.split(".", 2)[:2]
+    return f"{layer}.{kind}"
+
+
+@torch.no_grad()
+@unchanged_weights
+def layer_ablation_deltas(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
+                          freeze_norm_scales: bool = False) -> dict[str, float]:
+    """{"0.attn": d, "0.mlp": d, ...}: loss increase when a sublayer's circuit nodes are ablated too."""
+    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
+    out = {}
+    for layer in range(model.config.n_layer):
+        for part in ("attn", "mlp"):
+            name = f"{layer}.{part}"
+            masks = {loc: (torch.zeros_like(m) if _sublayer(loc) == name else m) for loc, m in keep_masks.items()}
+            out[name] = evaluate(model, batch, masks, means, freeze_norm_scales)[0] - base
+    return out
+
+
+@unchanged_weights
+def node_importances(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
+                     freeze_norm_scales: bool = False, method: str = "exact",
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """{"loc:idx": d}: task-loss increase when that kept node alone is ablated (others as in the circuit).
+
+    method "exact" runs one forward pass per node; "attribution" estimates all of them from one backward
+    pass, d ~ -dL/dm at m = 1 (first order in the mask; cheap for large circuits, less accurate).
+    `progress(done, total)` is called after each node (exact) so that a front end can show a bar."""
+    if method == "attribution":
+        return _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales)
+    if method != "exact":
+        raise ValueError(f"method must be 'exact' or 'attribution', not {method!r}")
+    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
+    total = sum(int(m.bool().sum()) for m in keep_masks.values())
+    out = {}
+    for loc, mask in keep_masks.items():
+        for i in mask.bool().nonzero().flatten().tolist():
+            m = mask.clone().bool()
+            m[i] = False
+            out[node_id(loc, i)] = evaluate(model, batch, {**keep_masks, loc: m}, means, freeze_norm_scales)[0] - base
+            if progress is not None:
+                progress(len(out), total)
+    return out
+
+
+def _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales) -> dict[str, float]:
+    scores = node_attributions(model, batch, means, keep_masks, freeze_norm_scales)
+    return {node_id(loc, i): float(scores[loc][i]) for loc, m in keep_masks.items() for i in m.bool().nonzero().flatten().tolist()}
+
+
+def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: Masks | None = None,
+                      freeze_norm_scales: bool = False) -> Masks:
+    """{location: (width,) first-order task-loss increase when each node alone is mean-ablated} (attribution
+    patching): gradient x (mean - activation), summed over the batch's positions, from one backward pass.
+
+    With `keep_masks` the nodes outside it are ablated first (their attribution is then 0). Rank nodes with
+    `pruning.top_k_masks(node_attributions(...), k)`. `means=None` means zero ablation."""
+    keep_masks = keep_masks or all_kept(model.config, input_device(model))
+    locations = list(keep_masks)
+    leaf = torch.zeros((), requires_grad=True, device=input_device(model))  # makes the graph reach every activation, even with frozen weights
+    with torch.enable_grad(), contextlib.ExitStack() as stack:
+        if freeze_norm_scales:
+            stack.enter_context(frozen_norm_scales(model, batch))
+        stack.enter_context(ablate(model, keep_masks, means))
+        stack.enter_context(model.intervene({"tok_emb": lambda x: x + leaf}))
+        acts = stack.enter_context(model.record_activations(locations, detach=False))
+        grads = stack.enter_context(model.record_gradients(locations))
+        loss = task_loss(task_logits(model, batch), batch)
+        torch.autograd.grad(loss, [acts[loc] for loc in locations])  # fills `grads`; no parameter gradients
+    out = {}
+    for loc in locations:
+        baseline = means[loc].to(acts[loc]) if means is not None else torch.zeros((), dtype=acts[loc].dtype)
+        out[loc] = (grads[loc] * (baseline - acts[loc].detach())).sum(dim=(0, 1))  # on the model's device
+    return out
+
+
+# ---- evaluation options ----------------------------------------------------------------------
+
+MAX_EXAMPLES = 2048  # task examples (75% train / 25% test) a circuit's evaluation may ask for
+MAX_RANDOM = 10  # random same-size circuits averaged for the baseline
 
 
 def _bounded_int(options: dict, key: str, lo: int, hi: int, notices: list[str]) -> int:
-    raw = options.get(key, DEFAULTS[key])
+    default = getattr(EvalOptions, key)  # the field's default
+    raw = options.get(key, default)
     try:
         value = int(raw)
         if isinstance(raw, float) and not math.isfinite(raw):
             raise ValueError
     except (TypeError, ValueError, OverflowError):
-        notices.append(f"{key}={raw!r} in the circuit's options is not a number: using {DEFAULTS[key]}")
-        return DEFAULTS[key]
+        notices.append(f"{key}={raw!r} in the circuit's options is not a number: using {default}")
+        return default
     if not lo <= value <= hi:
         clamped = min(max(value, lo), hi)
         notices.append(f"{key}={value} is outside [{lo}, {hi}]: using {clamped}")
@@ -51,12 +270,12 @@ class EvalOptions:
     """How a circuit is evaluated: its examples (n_examples, data_seed), random baseline (n_random, seed),
     frozen norm scales, and what was capped on the way (notices)."""
 
-    n_examples: int = 512
-    data_seed: int = 0
-    n_random: int = 5
+    n_examples: int = DEFAULT_N_EXAMPLES
+    data_seed: int = DEFAULT_DATA_SEED
+    n_random: int = DEFAULT_N_RANDOM
     seed: int = 0
     freeze_norm_scales: bool = False
-    margin: float = 0.02
+    margin: float = DEFAULT_RANDOM_MARGIN
     notices: tuple[str, ...] = ()
 
     @classmethod
@@ -71,16 +290,23 @@ class EvalOptions:
         if seed is not None:
             options["seed"] = seed
         notices: list[str] = []
-        margin = options.get("random_margin", 0.02)
+        margin = options.get("random_margin", cls.margin)
         return cls(
             n_examples=_bounded_int(options, "n_examples", 8, MAX_EXAMPLES, notices),
             data_seed=_bounded_int(options, "data_seed", 0, 2**31 - 1, notices),
             n_random=_bounded_int(options, "n_random", 1, MAX_RANDOM, notices),
             seed=_bounded_int(options, "seed", 0, 2**63 - 1, notices),
             freeze_norm_scales=bool(options.get("freeze_norm_scales", False)),
-            margin=float(margin) if isinstance(margin, (int, float)) and math.isfinite(margin) else 0.02,
+            margin=float(margin) if isinstance(margin, (int, float)) and math.isfinite(margin) else cls.margin,
             notices=tuple(notices),
         )
+
+    @classmethod
+    def from_config(cls, config) -> "EvalOptions":
+        """The options a prune with `config` (a `pruning.PruneConfig`) evaluates its circuits with: what
+        `EvalOptions.of` later reads back from the circuit's `meta.options`."""
+        return cls(n_examples=config.n_examples, data_seed=config.data_seed, n_random=config.n_random,
+                   seed=config.seed, freeze_norm_scales=config.freeze_norm_scales, margin=config.random_margin)
 
     @property
     def data_key(self) -> tuple[int, int]:
@@ -96,9 +322,7 @@ def task_split(task, tokenizer, block_size: int, options: EvalOptions) -> TaskBa
 
 def circuit_losses(model, batch: TaskBatch, masks, means, options: EvalOptions) -> dict[str, Any]:
     """Task losses of the full model, the circuit, random same-size circuits and the complement, drawn and
-    normalised as `options` say (see `pruning.faithfulness`)."""
-    from .pruning import faithfulness  # pruning judges its circuits with circuit_verdict, from this module
-
+    normalised as `options` say (see `faithfulness`)."""
     return faithfulness(model, batch, masks, means, n_random=options.n_random, seed=options.seed,
                         margin=options.margin, freeze_norm_scales=options.freeze_norm_scales)
 
@@ -287,6 +511,8 @@ def verdict_of(circuit, losses: dict | None = None, own_task: bool = True, split
 
 
 __all__ = [
-    "EvalOptions", "task_split", "circuit_losses", "MAX_EXAMPLES", "MAX_RANDOM", "CHANCE_LOSS", "BETTER_THAN_FULL",
-    "CircuitVerdict", "Note", "circuit_verdict", "verdict_of", "check_target", "TargetAtChance",
+    "DEFAULT_N_RANDOM", "DEFAULT_RANDOM_MARGIN", "last_token_logits", "task_loss", "task_accuracy", "evaluate",
+    "check_task", "random_masks_like", "faithfulness", "layer_ablation_deltas", "node_importances",
+    "node_attributions", "EvalOptions", "task_split", "circuit_losses", "MAX_EXAMPLES", "MAX_RANDOM", "CHANCE_LOSS",
+    "BETTER_THAN_FULL", "CircuitVerdict", "Note", "circuit_verdict", "verdict_of", "check_target", "TargetAtChance",
 ]

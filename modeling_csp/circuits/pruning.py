@@ -9,7 +9,7 @@ trains only tau, on
 
 with tau clamped to [-1, 1] after every step (so any node can come back). Training only ranks the nodes:
 afterwards nodes are ordered by tau and `prune_to_target_loss` bisects over k for the smallest top-k circuit
-whose task loss reaches the target (default 0.15 nats). Faithfulness is then measured on held-out examples:
+whose task loss reaches the target (`DEFAULT_TARGET_LOSS` unless set). Faithfulness is then measured on held-out examples:
 full model, circuit, random circuits of the same size per location, and the complement; the verdict (target
 reached, below chance, better than the full model, meaningful next to its control) is judged on those held-out
 numbers by `evaluation.circuit_verdict` and stored in the file (`meta.verdict`).
@@ -39,18 +39,21 @@ from tqdm.auto import tqdm
 
 from ..utils.devices import input_device
 from .ablation import (
-    ablate, compute_mean_activations, evaluate, example_windows, frozen_norm_scales, layer_ablation_deltas,
-    node_attributions, node_importances, task_logits, unchanged_weights,
+    Masks, ablate, compute_mean_activations, example_windows, frozen_norm_scales, task_logits, unchanged_weights,
 )
-from .evaluation import CircuitVerdict, TargetAtChance, check_target, circuit_verdict, verdict_of
+from .evaluation import (
+    DEFAULT_N_RANDOM, DEFAULT_RANDOM_MARGIN, CircuitVerdict, EvalOptions, TargetAtChance, check_target,
+    circuit_losses, circuit_verdict, evaluate, layer_ablation_deltas, node_attributions, node_importances, task_loss,
+    verdict_of,
+)
 from .graph import CircuitGraph, attach_node_data, location_width, n_total_nodes, node_locations
-from .tasks import TaskBatch, TaskExample, get_task, make_task_dataset, task_loss
+from .tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES, TaskBatch, TaskExample, get_task, make_task_dataset
 
-Masks = dict[str, torch.Tensor]
 Progress = Callable[[float, str], None]  # (fraction of the whole prune done, what runs now with its counts)
 
 
 CONTROLS = (None, "shuffled")
+DEFAULT_TARGET_LOSS = 0.15  # task loss (nats) a circuit must reach: well below chance (ln 2 = 0.693)
 
 
 @dataclass
@@ -58,7 +61,7 @@ class PruneConfig:
     """Options of `prune` (all recorded in the circuit file's meta.options)."""
 
     ablation: str = "mean"  # "mean" or "zero"
-    target_loss: float = 0.15  # task loss (nats) the circuit must reach (k: on training examples; verdict: held out)
+    target_loss: float = DEFAULT_TARGET_LOSS  # task loss (nats) the circuit must reach (k: on training examples; verdict: held out)
     # when set, the target is max(target_loss, the full model's loss on the training examples + this): a model
     # that is itself above the target still gets a circuit "as good as the model, up to this margin"
     target_above_full: float | None = None
@@ -72,10 +75,10 @@ class PruneConfig:
     init_noise: float = 0.01
     seed: int = 0
     freeze_norm_scales: bool = False  # norms use the unablated model's 1/rms (see ablation.frozen_norm_scales)
-    n_examples: int = 512  # task examples, 75% train / 25% test
-    data_seed: int = 0
-    n_random: int = 5  # random circuits averaged for the baseline
-    random_margin: float = 0.02
+    n_examples: int = DEFAULT_N_EXAMPLES  # task examples, 75% train / 25% test
+    data_seed: int = DEFAULT_DATA_SEED
+    n_random: int = DEFAULT_N_RANDOM  # random circuits averaged for the baseline
+    random_margin: float = DEFAULT_RANDOM_MARGIN
     n_mean_tokens: int = 32768
     max_exact_importances: int = 128  # larger circuits get gradient (attribution) importances
     n_example_tokens: int = 8192  # held-out text for each node's quantile examples in the file (0: none)
@@ -223,7 +226,7 @@ def sweep_k(model, batch: TaskBatch, scores: Masks, means: Masks | None, ks, fre
 
 
 @unchanged_weights
-def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None, target_loss: float = 0.15,
+def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None, target_loss: float = DEFAULT_TARGET_LOSS,
                          freeze_norm_scales: bool = False,
                          report: Callable[[int, int, int], None] | None = None) -> tuple[int, float, bool]:
     """Smallest k whose top-k circuit has task loss <= target, by bisection over k.
@@ -261,39 +264,6 @@ def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | 
         else:
             lo = mid
     return hi, hi_loss, True
-
-
-def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
-    """Random circuit with the same number of kept nodes at every location."""
-    out = {}
-    for loc, m in masks.items():
-        r = torch.zeros(m.numel(), dtype=torch.bool)  # drawn on the CPU generator, then moved to the masks' device
-        r[torch.randperm(m.numel(), generator=generator)[: int(m.sum())]] = True
-        out[loc] = r.to(m.device)
-    return out
-
-
-@torch.no_grad()
-@unchanged_weights
-def faithfulness(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None, n_random: int = 5, seed: int = 0,
-                 margin: float = 0.02, freeze_norm_scales: bool = False) -> dict[str, Any]:
-    """Task losses/accuracies of the full model, the circuit, random same-size circuits and the complement.
-
-    `random_baseline_as_good` flags circuits that random node sets of the same size match (within `margin`):
-    then the circuit says little about which nodes matter."""
-    full, full_acc = evaluate(model, batch)
-    circuit, circuit_acc = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
-    gen = torch.Generator().manual_seed(seed)
-    randoms = [evaluate(model, batch, random_masks_like(keep_masks, gen), means, freeze_norm_scales)[0]
-               for _ in range(n_random)]
-    complement = {loc: ~m.bool() for loc, m in keep_masks.items()}
-    comp, _ = evaluate(model, batch, complement, means, freeze_norm_scales)
-    random = sum(randoms) / max(len(randoms), 1)
-    return {
-        "full": full, "circuit": circuit, "random": random, "complement": comp,
-        "full_accuracy": full_acc, "circuit_accuracy": circuit_acc, "random_losses": randoms,
-        "random_baseline_as_good": bool(random <= circuit + margin),
-    }
 
 
 # ---- controls ------------------------------------------------------------------------------
@@ -471,6 +441,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     if config.control:
         control = run_control(model, data.train, test, fill, config, target, config.control, stages)
         lap("control")
+    options = EvalOptions.from_config(config)  # as `csp evaluate` and the app evaluate the circuit file later
     n_circuits = 1 + len({min(int(x), total) for x in ks} - {k})
     evaluated = [0]
 
@@ -488,7 +459,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
         keep = top_k_masks(scores, k)
         fns = config.freeze_norm_scales
         evaluating(k, "held-out losses", 1)
-        faith = faithfulness(model, test, keep, fill, config.n_random, config.seed, config.random_margin, fns)
+        faith = circuit_losses(model, test, keep, fill, options)
         method = "exact" if k <= config.max_exact_importances else "attribution"
         evaluating(k, f"node importances ({method})", 2)
         importances = node_importances(model, test, keep, fill, fns, method=method)
@@ -575,7 +546,7 @@ def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = N
 
 
 __all__ = [
-    "PruneConfig", "NodeMasks", "heaviside_ste", "train_masks", "top_k_masks", "sweep_k", "prune_to_target_loss",
-    "random_masks_like", "faithfulness", "prune", "prune_sweep", "PruneResult", "shuffled_labels", "run_control",
-    "ControlRun", "CONTROLS",
+    "DEFAULT_TARGET_LOSS", "PruneConfig", "NodeMasks", "heaviside_ste", "train_masks", "top_k_masks", "sweep_k",
+    "prune_to_target_loss", "prune", "prune_sweep", "PruneResult", "shuffled_labels", "run_control", "ControlRun",
+    "CONTROLS",
 ]

@@ -141,7 +141,7 @@ class CircuitStats:
 
 def full_loss(entry: ModelEntry, task: str, options: EvalOptions) -> float:
     """The full model's task loss on the task's held-out split (cached per task and split)."""
-    from ..circuits.ablation import evaluate
+    from ..circuits.evaluation import evaluate
 
     batch = entry.task_batch(task, options)
 
@@ -184,7 +184,7 @@ def circuit_stats(entry: ModelEntry, run: Run, k: int | None, task: str | None, 
             values = {name: losses[name] if v is None else v for name, v in values.items()}
             live = True
         if not deltas:
-            from ..circuits.ablation import layer_ablation_deltas
+            from ..circuits.evaluation import layer_ablation_deltas
 
             deltas = layer_ablation_deltas(entry.model, batch, masks, means, options.freeze_norm_scales)
             live = True
@@ -214,8 +214,7 @@ def faithfulness_curve(entry: ModelEntry, run: Run, task: str | None) -> FaithCu
         raise UserError("this run names no task: choose a task to compute its faithfulness curve")
 
     def compute():
-        from ..circuits.ablation import evaluate
-        from ..circuits.pruning import random_masks_like
+        from ..circuits.evaluation import evaluate, random_masks_like
 
         options = _options(run)
         n_max = max_k(entry, run)
@@ -653,7 +652,7 @@ def ablation_effects(entry: ModelEntry, run: Run | None, circuit: CircuitGraph |
     (base "full") or to the circuit (base "circuit"); the first row is the baseline."""
     from .. import plotting
     from ..circuits.ablation import ablate, all_kept, frozen_norm_scales, task_logits
-    from ..circuits.tasks import task_loss
+    from ..circuits.evaluation import task_loss
 
     if not is_task(task):
         raise UserError("choose a task to ablate on")
@@ -713,7 +712,7 @@ def live_importances(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, 
                      progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], str]:
     """Every circuit node's importance on the task, now: exact (one forward pass per node, `progress(done,
     total)` after each) up to MAX_EXACT_IMPORTANCES nodes, first-order attribution beyond. (importances, method)."""
-    from ..circuits.ablation import node_importances
+    from ..circuits.evaluation import node_importances
 
     if not is_task(task):
         raise UserError("choose a task to compute importances on")

@@ -428,7 +428,7 @@ def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, l
     """Your own task from pasted JSON lines (or, when none are pasted, an uploaded file): validated against the
     model, checked (the full model's accuracy on it) and added to the session's tasks; the view shows it, with
     its "no circuit yet" button to prune it."""
-    from ..circuits.tasks import check_task
+    from ..circuits.evaluation import check_task
 
     try:
         entry = get_model(str(model or "") or None)

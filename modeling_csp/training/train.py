@@ -297,7 +297,7 @@ def _init_weights(model: CSPForCausalLM, init: Path) -> dict:
 def task_probe(tokenizer, tasks, n: int = 512, seed: int = 0, max_len: int | None = None):
     """A function model -> {task: accuracy} on the tasks' *train* splits (`make_task_dataset(n, seed)`), for
     watching (and choosing) checkpoints by the tasks without looking at the test splits circuits report on."""
-    from ..circuits.ablation import evaluate
+    from ..circuits.evaluation import evaluate
     from ..circuits.tasks import make_task_dataset
 
     splits = {name: make_task_dataset(name, tokenizer, n=n, seed=seed, max_len=max_len).train for name in tasks}
