@@ -2,7 +2,7 @@
 
     csp tasks                                              one {"name", "description"} per line
     csp tasks --check FILE.jsonl [--model M]               validate your own task, and the model's accuracy on it
-    csp prune --model M --task T --out FILE [--target-loss 0.15] [--ablation mean|zero] [--seed S] [--steps N]
+    csp prune --model M --task T --out FILE [--target-loss NATS] [--ablation mean|zero] [--seed S] [--steps N]
     csp prune --model M --task-file FILE.jsonl --out FILE  your own task: one {"prompt", "correct", "incorrect"} per line
     csp prune ... --control shuffled                       also prune the task with answers swapped at random, and
                                                            record that control in the circuit file
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", help="task name (see `csp tasks`)")
         p.add_argument("--task-file", metavar="FILE.jsonl",
                        help="your own task instead: one {\"prompt\", \"correct\", \"incorrect\"} object per line")
-        p.add_argument("--seed", type=seed, default=0, help=seed_help)
+        p.add_argument("--seed", type=seed, default=d.seed, help=seed_help)
         p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
 
     def control_options(p):
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="find a circuit for a task by learning node masks")
     model_task(p)
     p.add_argument("--out", required=True, help="circuit JSON file to write")
-    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0)")
+    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0; default %(default)s)")
     p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
     p.add_argument("--k", type=_number(1, integer=True), help="keep exactly the top-k nodes instead of searching for "
                    "the target loss (1 to the model's node count)")
@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_number(0, above=True), default=d.lr)
     p.add_argument("--lambda", dest="lam", type=_number(0), default=d.lam, help="loss cost per kept node")
     p.add_argument("--batch-size", type=_number(1, 65536, integer=True), default=d.batch_size)
-    p.add_argument("--n-examples", type=n_examples, default=d.n_examples)
+    p.add_argument("--n-examples", type=n_examples, default=d.n_examples,
+                   help="task examples, 75%% train / 25%% test (default %(default)s)")
     p.add_argument("--freeze-norm-scales", action="store_true", help="norms use the unablated model's 1/rms")
     control_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -474,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(seed=None)
     p.add_argument("--circuit", required=True, help="circuit JSON file")
     p.add_argument("--n-random", type=_number(1, MAX_RANDOM, integer=True), default=None,
-                   help="random circuits averaged for the baseline (default: the circuit's, else 5; at most 10)")
+                   help=f"random circuits averaged for the baseline (default: the circuit's, else {d.n_random}; at most "
+                        f"{MAX_RANDOM})")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("circuits", help="circuits shipped with a model (its circuits/ folder)")
@@ -487,11 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
     p.add_argument("--ks", type=_sizes, default=[], help="comma-separated circuit sizes besides the target-loss one "
                    "(each 1 to the model's node count)")
-    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0)")
+    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0; default %(default)s)")
     p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
     p.add_argument("--steps", type=steps, default=d.steps)
-    p.add_argument("--n-examples", type=n_examples, default=d.n_examples)
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--n-examples", type=n_examples, default=d.n_examples,
+                   help="task examples, 75%% train / 25%% test (default %(default)s)")
+    p.add_argument("--seed", type=seed, default=d.seed)
     control_options(p)
     p.add_argument("--threads", type=threads, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -67,6 +67,26 @@ def test_tasks(capsys):
     assert "single_double_quote" in {r["name"] for r in rows}
 
 
+def test_option_defaults_are_the_librarys(capsys):
+    """The CLI's defaults are read off `PruneConfig` (whose evaluation defaults are `EvalOptions`'), so `csp prune`,
+    `csp sweep`, `csp tasks --check` and the help text say what a prune in Python does."""
+    from modeling_csp.circuits.evaluation import EvalOptions
+    from modeling_csp.circuits.pruning import PruneConfig
+    from modeling_csp.cli import build_parser
+
+    d, parser = PruneConfig(), build_parser()
+    prune = parser.parse_args(["prune", "--model", "m", "--task", "t", "--out", "c.json"])
+    sweep = parser.parse_args(["sweep", "--model", "m", "--out-dir", "d"])
+    for args in (prune, sweep):
+        assert (args.target_loss, args.n_examples, args.seed, args.steps) == (d.target_loss, d.n_examples, d.seed, d.steps)
+    assert parser.parse_args(["tasks"]).n_examples == d.n_examples == EvalOptions().n_examples
+    assert EvalOptions.from_config(d) == EvalOptions()
+    code, out, _ = run(capsys, "prune", "--help")
+    assert code == 0 and f"default {d.target_loss}" in out and f"default {d.n_examples}" in out
+    code, out, _ = run(capsys, "evaluate", "--help")
+    assert code == 0 and f"else {d.n_random};" in " ".join(out.split())
+
+
 def test_evaluate_numbers(capsys, tiny, tmp_path):
     model = CSPForCausalLM.from_pretrained(tiny)
     full = CircuitGraph.from_masks(model, all_kept(model.config), model_name="tiny").save(tmp_path / "full.json")
@@ -306,7 +326,7 @@ def test_tasks_check_reports_accuracy_on_a_task_file(capsys, tiny, tmp_path):
     report = one_json(out)
     assert code == 0 and report["task"] == "quotes" and report["n"] == 8 and report["classes"] == [4, 4]
     model, tokenizer = load_model_and_tokenizer(str(tiny))
-    data = make_task_dataset(load_task_file(file, tokenizer), tokenizer, n=512)
+    data = make_task_dataset(load_task_file(file, tokenizer), tokenizer)  # csp tasks --check's default size
     test_loss, test_acc = evaluate(model, data.test)
     assert report["test_loss"] == pytest.approx(test_loss) and report["test_accuracy"] == test_acc
     assert 0 <= report["accuracy"] <= 1 and report["n_train"] + report["n_test"] == 8

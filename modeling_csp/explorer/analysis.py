@@ -23,7 +23,10 @@ from typing import Any, Callable
 import torch
 
 from ..circuits.graph import QUANTILES, CircuitGraph, parse_node_id, quantile_examples
-from ..circuits.evaluation import CHANCE_LOSS, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of
+from ..circuits.evaluation import (
+    CHANCE_LOSS, DEFAULT_RANDOM_MARGIN, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of,
+)
+from ..circuits.pruning import DEFAULT_TARGET_LOSS
 from ..circuits.tasks import list_tasks
 from .registry import ModelEntry, Run, UserError, first_line, is_task, log, resolve_task, settings
 
@@ -136,7 +139,7 @@ class CircuitStats:
     @property
     def random_as_good(self) -> bool:
         """Random circuits of the same size do as well: the circuit says little about which nodes matter."""
-        return self.random is not None and self.circuit is not None and self.random <= self.circuit + 0.02
+        return self.random is not None and self.circuit is not None and self.random <= self.circuit + DEFAULT_RANDOM_MARGIN
 
 
 def full_loss(entry: ModelEntry, task: str, options: EvalOptions) -> float:
@@ -797,7 +800,7 @@ class PruneOutcome:
     target: PruneTarget
 
 
-def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps: Any = 200, relative: bool = False,
+def prune_circuit(entry: ModelEntry, task: str | None, target: Any = DEFAULT_TARGET_LOSS, steps: Any = 200, relative: bool = False,
                   progress: Callable[[float, str], None] | None = None, control: bool = False) -> PruneOutcome:
     """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise), with the
     shuffled-answer control when asked; its hooks are this call's own, so other users' views keep running on the

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..circuits.tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES
 from ..model.configuration_csp import CSPConfig
 from ..utils.jsonio import dumps_strict, write_json_atomic
 from ..model.modeling_csp import CSPForCausalLM
@@ -294,7 +295,7 @@ def _init_weights(model: CSPForCausalLM, init: Path) -> dict:
     return previous
 
 
-def task_probe(tokenizer, tasks, n: int = 512, seed: int = 0, max_len: int | None = None):
+def task_probe(tokenizer, tasks, n: int = DEFAULT_N_EXAMPLES, seed: int = DEFAULT_DATA_SEED, max_len: int | None = None):
     """A function model -> {task: accuracy} on the tasks' *train* splits (`make_task_dataset(n, seed)`), for
     watching (and choosing) checkpoints by the tasks without looking at the test splits circuits report on."""
     from ..circuits.evaluation import evaluate
