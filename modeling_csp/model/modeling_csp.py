@@ -1001,7 +1001,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     def record_gradients(self, names=None) -> Iterator[ActivationCache]:
         """Records d(whatever you backpropagate)/d(activation) at the hook points `names` selects, when
         `.backward()` (or `torch.autograd.grad`) runs inside the context. Needs a graph: autograd on, and
-        parameters or an intervention that require grad (see `ablation.node_attributions`)."""
+        parameters or an intervention that require grad (see `circuits.evaluation.node_attributions`)."""
         grads = self.new_cache()
 
         def record(name, x):
