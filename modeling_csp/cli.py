@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="find a circuit for a task by learning node masks")
     model_task(p)
     p.add_argument("--out", required=True, help="circuit JSON file to write")
-    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0; default %(default)s)")
+    p.add_argument("--target-loss", type=target_loss, default=d.target_loss,
+                   help="task loss to reach (nats, > 0; default %(default)s)")
     p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
     p.add_argument("--k", type=_number(1, integer=True), help="keep exactly the top-k nodes instead of searching for "
                    "the target loss (1 to the model's node count)")
@@ -489,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
     p.add_argument("--ks", type=_sizes, default=[], help="comma-separated circuit sizes besides the target-loss one "
                    "(each 1 to the model's node count)")
-    p.add_argument("--target-loss", type=target_loss, default=d.target_loss, help="task loss to reach (nats, > 0; default %(default)s)")
+    p.add_argument("--target-loss", type=target_loss, default=d.target_loss,
+                   help="task loss to reach (nats, > 0; default %(default)s)")
     p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
     p.add_argument("--steps", type=steps, default=d.steps)
     p.add_argument("--n-examples", type=n_examples, default=d.n_examples,

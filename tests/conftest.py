@@ -13,7 +13,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 CHECKPOINTS = ["ln_gpt2", "rms_sink_bigram", "catpos_relu_bf16"]
 TOKENIZER_FIXTURE = FIXTURES / "tokenizer_tinypython_like"
-TIKTOKEN_PATTERN = r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # GPT-2 style, as tiktoken reads it
+# GPT-2's pre-tokenizer pattern, as tiktoken reads it
+TIKTOKEN_PATTERN = r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,7 +36,8 @@ def fixture_tiktoken():
         vocab_bpe_file=str(TOKENIZER_FIXTURE / "vocab.bpe"), encoder_json_file=str(TOKENIZER_FIXTURE / "encoder.json")
     )
     return tiktoken.Encoding(
-        "tinypython_like", pat_str=TIKTOKEN_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 2047}  # the vocabulary's last id
+        "tinypython_like", pat_str=TIKTOKEN_PATTERN, mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 2047},  # the vocabulary's last id
     )
 
 

@@ -142,7 +142,8 @@ def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
 @torch.no_grad()
 @unchanged_weights
 def faithfulness(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None, n_random: int = DEFAULT_N_RANDOM,
-                 seed: int = 0, margin: float = DEFAULT_RANDOM_MARGIN, freeze_norm_scales: bool = False) -> dict[str, Any]:
+                 seed: int = 0, margin: float = DEFAULT_RANDOM_MARGIN,
+                 freeze_norm_scales: bool = False) -> dict[str, Any]:
     """Task losses/accuracies of the full model, the circuit, random same-size circuits and the complement.
 
     `random_baseline_as_good` flags circuits that random node sets of the same size match (within `margin`):

@@ -9,8 +9,8 @@ trains only tau, on
 
 with tau clamped to [-1, 1] after every step (so any node can come back). Training only ranks the nodes:
 afterwards nodes are ordered by tau and `prune_to_target_loss` bisects over k for the smallest top-k circuit
-whose task loss reaches the target (`DEFAULT_TARGET_LOSS` unless set). Faithfulness is then measured on held-out examples:
-full model, circuit, random circuits of the same size per location, and the complement; the verdict (target
+whose task loss reaches the target (`DEFAULT_TARGET_LOSS` unless set). Faithfulness is then measured on held-out
+examples: full model, circuit, random circuits of the same size per location, and the complement; the verdict (target
 reached, below chance, better than the full model, meaningful next to its control) is judged on those held-out
 numbers by `evaluation.circuit_verdict` and stored in the file (`meta.verdict`).
 
@@ -61,7 +61,8 @@ class PruneConfig:
     """Options of `prune` (all recorded in the circuit file's meta.options)."""
 
     ablation: str = "mean"  # "mean" or "zero"
-    target_loss: float = DEFAULT_TARGET_LOSS  # task loss (nats) the circuit must reach (k: on training examples; verdict: held out)
+    # task loss (nats) the circuit must reach (k: on training examples; verdict: held out)
+    target_loss: float = DEFAULT_TARGET_LOSS
     # when set, the target is max(target_loss, the full model's loss on the training examples + this): a model
     # that is itself above the target still gets a circuit "as good as the model, up to this margin"
     target_above_full: float | None = None
@@ -226,8 +227,8 @@ def sweep_k(model, batch: TaskBatch, scores: Masks, means: Masks | None, ks, fre
 
 
 @unchanged_weights
-def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None, target_loss: float = DEFAULT_TARGET_LOSS,
-                         freeze_norm_scales: bool = False,
+def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None,
+                         target_loss: float = DEFAULT_TARGET_LOSS, freeze_norm_scales: bool = False,
                          report: Callable[[int, int, int], None] | None = None) -> tuple[int, float, bool]:
     """Smallest k whose top-k circuit has task loss <= target, by bisection over k.
 

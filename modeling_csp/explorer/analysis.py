@@ -139,7 +139,8 @@ class CircuitStats:
     @property
     def random_as_good(self) -> bool:
         """Random circuits of the same size do as well: the circuit says little about which nodes matter."""
-        return self.random is not None and self.circuit is not None and self.random <= self.circuit + DEFAULT_RANDOM_MARGIN
+        return (self.random is not None and self.circuit is not None
+                and self.random <= self.circuit + DEFAULT_RANDOM_MARGIN)
 
 
 def full_loss(entry: ModelEntry, task: str, options: EvalOptions) -> float:
@@ -800,8 +801,9 @@ class PruneOutcome:
     target: PruneTarget
 
 
-def prune_circuit(entry: ModelEntry, task: str | None, target: Any = DEFAULT_TARGET_LOSS, steps: Any = 200, relative: bool = False,
-                  progress: Callable[[float, str], None] | None = None, control: bool = False) -> PruneOutcome:
+def prune_circuit(entry: ModelEntry, task: str | None, target: Any = DEFAULT_TARGET_LOSS, steps: Any = 200,
+                  relative: bool = False, progress: Callable[[float, str], None] | None = None,
+                  control: bool = False) -> PruneOutcome:
     """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise), with the
     shuffled-answer control when asked; its hooks are this call's own, so other users' views keep running on the
     same model meanwhile. `progress(fraction, description)` hears of every stage with its counts ("mask training:

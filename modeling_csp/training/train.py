@@ -295,7 +295,8 @@ def _init_weights(model: CSPForCausalLM, init: Path) -> dict:
     return previous
 
 
-def task_probe(tokenizer, tasks, n: int = DEFAULT_N_EXAMPLES, seed: int = DEFAULT_DATA_SEED, max_len: int | None = None):
+def task_probe(tokenizer, tasks, n: int = DEFAULT_N_EXAMPLES, seed: int = DEFAULT_DATA_SEED,
+               max_len: int | None = None):
     """A function model -> {task: accuracy} on the tasks' *train* splits (`make_task_dataset(n, seed)`), for
     watching (and choosing) checkpoints by the tasks without looking at the test splits circuits report on."""
     from ..circuits.evaluation import evaluate
