@@ -1,5 +1,5 @@
 """The built-in tasks: generators of random but realistic Python snippets, each ending where one of two candidate
-next tokens is right, registered with `tasks.register_task` in the order `list_tasks` lists them.
+next tokens is right, registered with `tasks.register_builtin_task` in the order `list_tasks` lists them.
 
 Nothing imports the generators by name: importing this module registers them (the package `__init__` does, so
 `get_task("bracket_counting")` works wherever a circuit module is imported). It sits above `tasks` and nothing in
@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from .tasks import TaskExample, register_task
+from .tasks import TaskExample, register_builtin_task
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def _wrap(rng: random.Random, lines: list[str], styles: Sequence[str] = ("top", 
 # ----------------------------------------------------------------------------------------------------------
 
 
-@register_task(
+@register_builtin_task(
     "single_double_quote",
     "Close a string literal with the quote character that opened it: `\"` vs `'`.",
 )
@@ -152,7 +152,7 @@ def _bracket_elem(rng: random.Random) -> str:
     return rng.choice([_int(rng), _int(rng), rng.choice(NAMES), _quoted(rng)])
 
 
-@register_task(
+@register_builtin_task(
     "bracket_counting",
     "Close a (possibly nested) list literal at the end of its line: `]]` when two lists are open, `]` when one is.",
 )
@@ -203,7 +203,7 @@ def _set_or_string(rng: random.Random, fixed_name: bool) -> TaskExample:
     return TaskExample(prompt, *pair, fallbacks=(tuple(c.replace(".add", ".") for c in pair),))
 
 
-@register_task(
+@register_builtin_task(
     "set_or_string",
     "After a variable name, continue with `.add` if it was initialised as `set()` or ` +=` if as `\"\"`; names vary "
     "and distractor lines (including another set or string) sit in between.",
@@ -212,7 +212,7 @@ def _set_or_string_varied(rng: random.Random) -> TaskExample:
     return _set_or_string(rng, fixed_name=False)
 
 
-@register_task(
+@register_builtin_task(
     "set_or_string_fixedvarname",
     "As `set_or_string`, but the variable is always `x` and there are no distractor lines.",
 )
@@ -220,7 +220,7 @@ def _set_or_string_fixed(rng: random.Random) -> TaskExample:
     return _set_or_string(rng, fixed_name=True)
 
 
-@register_task(
+@register_builtin_task(
     "while_return_true",
     "After `True`, a `while True` header continues with `:` and a `return True` statement ends the line.",
 )
@@ -240,7 +240,7 @@ def _while_return_true(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, correct, alternative, fallbacks=(bare,))
 
 
-@register_task(
+@register_builtin_task(
     "with_as",
     "Inside `with open(p) as f:`, use the handle bound by `as` (` f`) rather than another name such as the path.",
 )
@@ -256,7 +256,7 @@ def _with_as(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, " " + handle, " " + alt)
 
 
-@register_task(
+@register_builtin_task(
     "with_open",
     "A file opened for reading is used with `.read`, one opened for writing or appending with `.write`.",
 )
@@ -274,7 +274,7 @@ def _with_open(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, correct, alternative)
 
 
-@register_task(
+@register_builtin_task(
     "for_while",
     "After the loop variable, a `for` loop continues with ` in` and a `while` loop with a comparison ` <`.",
 )
@@ -288,7 +288,7 @@ def _for_while(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, correct, alternative)
 
 
-@register_task(
+@register_builtin_task(
     "else_elif",
     "After `else` the header ends with `:`; after `elif` a condition follows (its first name).",
 )
@@ -309,7 +309,7 @@ def _condition(rng: random.Random, v: str) -> str:
     return rng.choice([f"{v} > {_int(rng)}", f"{v} is None", f"{v} == {_int(rng)}", f"not {v}", f"{v}"])
 
 
-@register_task(
+@register_builtin_task(
     "if_ternary",
     "After a condition, a conditional expression (`y = a if c`) continues with ` else`, an `if` statement with `:`.",
 )
@@ -325,7 +325,7 @@ def _if_ternary(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, ":\n", " else", fallbacks=((":", " else"),))
 
 
-@register_task(
+@register_builtin_task(
     "if_equals",
     "After a name, a condition (`if x`, `elif x`, `while x`) compares with ` ==` while a statement assigns with ` =`.",
 )
@@ -338,7 +338,7 @@ def _if_equals(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, *((" ==", " =") if compare else (" =", " ==")))
 
 
-@register_task(
+@register_builtin_task(
     "fstring_brace",
     "Inside an f-string, close an open `{` replacement field with `}`; with no field open, close the string.",
 )
@@ -356,7 +356,7 @@ def _fstring_brace(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, *(("}", q) if in_field else (q, "}")))
 
 
-@register_task(
+@register_builtin_task(
     "bracket_brace",
     "Close the innermost open literal with its matching bracket: `]` for a list, `}` for a set or dict.",
 )
@@ -380,7 +380,7 @@ def _bracket_brace(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, right + "\n", wrong + "\n", fallbacks=((right, wrong),))
 
 
-@register_task(
+@register_builtin_task(
     "var_swap",
     "Complete a swap `a, b = b, a`: after `a, b = b,` the other name ` a` follows.",
 )
@@ -393,7 +393,7 @@ def _var_swap(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, " " + a, " " + b)
 
 
-@register_task(
+@register_builtin_task(
     "var_if",
     "Inside `if v ...:` return the variable that was tested rather than another recently assigned one.",
 )
@@ -407,7 +407,7 @@ def _var_if(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, " " + v, " " + w)
 
 
-@register_task(
+@register_builtin_task(
     "indent_for",
     "After a `for` header the next line is indented one level deeper; after a plain statement it keeps the level. "
     "Candidates are whitespace tokens (one space of the indent goes with the following word in BPE).",
@@ -431,7 +431,7 @@ def _indent_for(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, *((deeper, same) if is_for else (same, deeper)))
 
 
-@register_task(
+@register_builtin_task(
     "lambda_func",
     "After the parameters, a `lambda` continues with `:` and a `def` closes its parameter list with `):`.",
 )
@@ -447,7 +447,7 @@ def _lambda_func(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, "):\n", ":", fallbacks=((")", ":"),))
 
 
-@register_task(
+@register_builtin_task(
     "enumerate_range",
     "In the loop body, `for i, x in enumerate(xs)` uses the element ` x`, `for i in range(len(xs))` indexes ` xs`.",
 )
@@ -463,7 +463,7 @@ def _enumerate_range(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, *((" " + x, " " + xs) if use_enumerate else (" " + xs, " " + x)))
 
 
-@register_task(
+@register_builtin_task(
     "final_kwarg",
     "In a call that passes keyword arguments in signature order, close the call with `)` after the function's "
     "last parameter and continue with `,` otherwise.",
@@ -482,7 +482,7 @@ def _final_kwarg(rng: random.Random) -> TaskExample:
     return TaskExample(prompt, ",", ")\n", fallbacks=((",", ")"),))
 
 
-@register_task(
+@register_builtin_task(
     "class_init",
     "In `__init__`, `self.a =` is assigned from the parameter of the same name ` a`, not another parameter.",
 )

@@ -9,7 +9,7 @@ list with `]` or `]]`, ...). The task loss is the cross-entropy of the model res
 This module holds:
 
 - [`TaskExample`], [`Task`]: a raw datapoint (text) and a named generator of them.
-- [`list_tasks`], [`get_task`], [`register_task`]: the task registry. The built-in tasks (the paper's, plus more
+- [`list_tasks`], [`get_task`], [`register_builtin_task`]: the task registry. The built-in tasks (the paper's, plus more
   of the same kind) are the generators of `task_generators`, which registers them here; the package
   (`modeling_csp/circuits/__init__.py`) imports it, so they are registered before any circuit module is used.
 - [`task_from_pairs`]: a user-defined task from `(prompt, correct, alternative)` triples.
@@ -48,7 +48,7 @@ __all__ = [
     "Task",
     "list_tasks",
     "get_task",
-    "register_task",
+    "register_builtin_task",
     "make_task_dataset",
     "task_from_pairs",
     "read_task_jsonl",
@@ -191,7 +191,7 @@ class Task:
 _TASKS: dict[str, Task] = {}
 
 
-def register_task(name: str, description: str):
+def register_builtin_task(name: str, description: str):
     """Decorator: registers a generator `fn(rng) -> TaskExample` as the built-in task `name` (listed in
     registration order)."""
     def decorator(fn: Callable[[random.Random], TaskExample]):
