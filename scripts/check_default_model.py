@@ -149,9 +149,9 @@ def main(argv=None) -> None:
         split = data.test if getattr(data, "test", None) is not None else data.train
         with torch.no_grad():
             logits = model(split.input_ids, attention_mask=getattr(split, "attention_mask", None), use_cache=False).logits
-        print(f"modeling_csp.tasks single_double_quote: accuracy {float(task_accuracy(last_token_logits(logits, split), split)):.3f}")
+        print(f"modeling_csp.circuits.tasks single_double_quote: accuracy {float(task_accuracy(last_token_logits(logits, split), split)):.3f}")
     except Exception as e:  # noqa: BLE001 - optional extra
-        print(f"(modeling_csp.tasks check skipped: {type(e).__name__}: {e})")
+        print(f"(modeling_csp.circuits.tasks check skipped: {type(e).__name__}: {e})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ circuit numbers are read from the circuit files in the folder's circuits/index.j
 MIN_TASKS tasks at full-model accuracy >= SHIP_ACCURACY, each with a shipped target-loss circuit whose loss is
 at most max(0.15, full loss + 0.05) and whose random same-size baseline is at least twice its loss. Both that goal
 and each circuit's own verdict (against the target in its file: reached on held-out examples or only on training
-ones, chance, better than the full model, its control) are judged by `modeling_csp.evaluation.circuit_verdict`
+ones, chance, better than the full model, its control) are judged by `modeling_csp.circuits.evaluation.circuit_verdict`
 on the held-out losses, as `csp evaluate` and the app judge them; the report lists every flag it raises.
 The text goes between the `<!-- default-model-report:start/end -->` markers of both files.
 """
@@ -136,7 +136,7 @@ def report(folder: Path) -> tuple[str, list[str]]:
               f"max({TARGET}, full + {MARGIN}), random >= {RANDOM_FACTOR:g}x circuit): {', '.join(passing) or 'none'}."]
     flagged = {name: v.warnings for name, v in sorted(own.items()) if v.warnings}
     lines += ["", "Each shipped circuit judged against the target in its file, on the test split (`csp evaluate`, "
-              "`modeling_csp.evaluation.circuit_verdict`: target reached on held-out examples, not only on training "
+              "`modeling_csp.circuits.evaluation.circuit_verdict`: target reached on held-out examples, not only on training "
               "ones; below chance, ln 2; not more than 0.05 better than the full model; its control): "
               + ("no flags." if not flagged else
                  f"{len(own) - len(flagged)} without flags; " + "; ".join(

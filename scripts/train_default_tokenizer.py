@@ -4,7 +4,7 @@
     python scripts/train_default_tokenizer.py [--out work_dirs/default_tokenizer]
 
 The corpus is every `*.py` file under `sysconfig.get_paths()["stdlib"]` of the running Python,
-minus test directories and site-packages (see `modeling_csp.corpus.stdlib_files`), read in sorted path order. The
+minus test directories and site-packages (see `modeling_csp.data.corpus.stdlib_files`), read in sorted path order. The
 tokenizer follows the `tinypython_2k` layout of Gao et al. (2025):
 
 - the same split regex (`TINYPYTHON_PAT_STR`), applied before a regex-free ByteLevel map;

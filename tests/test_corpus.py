@@ -1,4 +1,4 @@
-"""The training corpus (modeling_csp.corpus): wheels fetched by pip with pinned hashes (from a local index, offline),
+"""The training corpus (modeling_csp.data.corpus): wheels fetched by pip with pinned hashes (from a local index, offline),
 vendored and non-UTF-8 files skipped, duplicates and near-copies of held-out files dropped, token arrays and meta."""
 
 import hashlib
