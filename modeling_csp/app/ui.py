@@ -5,7 +5,7 @@
 The repository's `app.py` (and a Space's, written by `csp space build`) only calls `main`. Runs unchanged as a
 Hugging Face Space (see hub_cards/space_card.md). This module is the layout and the event
 wiring only: what the browser shows is decided by the view model `modeling_csp.explorer.view.resolve_view`
-(session, request) -> View, the other panels by `modeling_csp.explorer.panels`, and both are tested without
+(explorer, session, request) -> View, the other panels by `modeling_csp.explorer.panels`, and both are tested without
 a browser. A view change answers in steps: the selection, graph and node header first (the node panel and the
 numbers still to come marked "updating…"), then the node panel, then the slower numbers (random baseline, layer
 deltas). Each answer is painted only while the page shows the selection it was computed for (`Shown`).
@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import tempfile
 import threading
 import traceback
 from dataclasses import replace
@@ -43,22 +42,13 @@ import gradio.component_meta as component_meta
 import torch
 
 from .. import plotting
-from ..deploy import listed_models
-from ..explorer import panels, settings
+from ..explorer import panels
 from ..explorer.analysis import task_names, warm_up
-from ..explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line
+from ..explorer.errors import first_line
+from ..explorer.explorer import Explorer, Settings
+from ..explorer.models import MAX_UPLOAD_BYTES
+from ..explorer.sessions import Session
 from ..explorer.view import PICKS, SELECTORS, Progress, Request, Selection, Shown, View, resolve_view
-
-
-def configure(app_dir: Path) -> None:
-    """The app's environment configures the explorer (see the module docstring)."""
-    torch.set_num_threads(int(os.environ.get("CSP_APP_THREADS", "2")))
-    settings.models = listed_models(app_dir, os.environ.get("CSP_MODELS"))
-    settings.default_model = os.environ.get("CSP_APP_MODEL") or settings.models[0]
-    settings.run_files = [p for p in os.environ.get("CSP_APP_IMPORT", "").split(os.pathsep) if p]
-    settings.pretrain_tokens = int(os.environ.get("CSP_APP_PRETRAIN_TOKENS", "8192"))
-    settings.model_roots = [Path(p) for p in os.environ.get("CSP_MODEL_ROOTS", "").split(os.pathsep) if p] or default_roots()
-    settings.store_dir = Path(os.environ.get("CSP_APP_STORE") or Path(tempfile.gettempdir()) / "csp_app_runs")
 
 
 DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
@@ -177,7 +167,7 @@ def guarded(fn, status_component):
     return wrapper
 
 
-def build_app() -> gr.Blocks:
+def build_app(explorer: Explorer) -> gr.Blocks:
     with gr.Blocks(title="Circuit browser · weight-sparse transformers") as demo:
         session = gr.State(Session())
         saved = gr.BrowserState([], storage_key="csp-saved-runs")
@@ -185,7 +175,7 @@ def build_app() -> gr.Blocks:
         gr.Markdown("## Circuits in weight-sparse transformers\nBrowse the circuits of OpenAI-style weight-sparse "
                     "models (Gao et al. 2025): pick a model, a task, a pruning run and its size k.")
         with gr.Row(equal_height=True):
-            model_in = Choice(choices=list(dict.fromkeys([settings.default_model, *settings.models])), value=None, label="Model", allow_custom_value=True,
+            model_in = Choice(choices=list(dict.fromkeys([explorer.settings.default_model, *explorer.settings.models])), value=None, label="Model", allow_custom_value=True,
                               info="'default', a hub id (org/name), or a model folder on this server",
                               elem_id="model-select", scale=2)
             task_in = Choice(choices=task_names(), value=None, label="Task", elem_id="task-select", scale=2)
@@ -361,7 +351,7 @@ def build_app() -> gr.Blocks:
             if not view.numbers_only and (before is None or before.numbers != view.selected.numbers):
                 # the download of an older selection is never left on the button: on the Share tab the new one
                 # is written now, elsewhere when the tab opens
-                path = panels.download_path(view.model, view.run.id, view.k) if view.tab == "share" and view.run else None
+                path = panels.download_path(explorer, view.model, view.run.id, view.k) if view.tab == "share" and view.run else None
                 out[download] = gr.DownloadButton(value=path)
             if "run" in view.changed:
                 out[abl_layers] = gr.CheckboxGroup(choices=plotting.layer_names(view.entry.n_layer), value=[])
@@ -381,19 +371,19 @@ def build_app() -> gr.Blocks:
                         model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
                     with page_lock(getattr(request, "session_hash", None)):
                         asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
-                        return show(resolve_view(state, asked), request, None)
+                        return show(resolve_view(explorer, state, asked), request, None)
                 asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
                 ticket, fresh = shown.begin(request, asked)
                 if event in PICKS and not fresh:  # a re-send of the newest pick, or of what is shown: no change
                     return {summary: gr.skip()}
-                return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
+                return show(resolve_view(explorer, state, replace(asked, fresh=fresh)), request, ticket)
 
             return guarded(handler, status)
 
         def on_load(saved_runs, request: gr.Request):
             query = dict(request.query_params) if request is not None else {}
             ticket, _ = shown.begin(request, Request("load"))
-            view = resolve_view(None, Request("load", query=query, saved=saved_runs))
+            view = resolve_view(explorer, None, Request("load", query=query, saved=saved_runs))
             return {**show(view, request, ticket), saved: view.session.saved()}
 
         def on_click(state, model, task, run, k, layer, node, edges, tab_name, clicked, request: gr.Request):
@@ -403,12 +393,12 @@ def build_app() -> gr.Blocks:
             ticket, fresh = shown.begin(request, asked)
             if not fresh:
                 return {summary: gr.skip()}
-            return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
+            return show(resolve_view(explorer, state, replace(asked, fresh=fresh)), request, ticket)
 
         def on_search(state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
             asked = Request("search", model, task, run, k, layer, node, edges, search=text, tab=tab_name)
             ticket, _ = shown.begin(request, asked)
-            return show(resolve_view(state, asked), request, ticket)
+            return show(resolve_view(explorer, state, asked), request, ticket)
 
         def node_outputs_of(p: panels.NodePanel) -> dict:
             return {connections: p.connections, examples: p.examples, task_acts: p.task, attn_rows: p.attention,
@@ -421,7 +411,7 @@ def build_app() -> gr.Blocks:
             page = shown.current(request)
             if page is not None:
                 model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
-            p = panels.node_panel(model, task, run, k, node, zc, layer=layer)
+            p = panels.node_panel(explorer, model, task, run, k, node, zc, layer=layer)
             if not shown.shows(request, p.selection):
                 return {connections: gr.skip()}  # the page has moved on: its own node panel step follows
             return node_outputs_of(p)
@@ -433,7 +423,7 @@ def build_app() -> gr.Blocks:
             """Before pruning from "no circuit yet": what the full model's loss says about the target."""
             if run or not shown.shows(request, Selection.of(model, task), True):
                 return {empty_out: gr.skip()}
-            return {empty_out: panels.prune_check(model, task, target, mode != "nats")}
+            return {empty_out: panels.prune_check(explorer, model, task, target, mode != "nats")}
 
         def chain(trigger, fn, inputs, outputs=None, stats=True, **kwargs):
             """An event that changes the view, then the node panel, then the slow numbers (painted only while the
@@ -481,20 +471,20 @@ def build_app() -> gr.Blocks:
 
         def on_overview(state, model, task, run, k, layer, node, edges, _tab, request: gr.Request):
             ticket, _ = shown.begin(request)
-            return show(resolve_view(state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")),
+            return show(resolve_view(explorer, state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")),
                         request, ticket)
 
         overview_tab.select(guarded(on_overview, status), [session] + selection, view_outputs)
 
         def on_curves(model, task, run, k):
-            p = panels.curves_panel(model, task, run, k)
+            p = panels.curves_panel(explorer, model, task, run, k)
             return {faith_plot: p.faithfulness, prune_plot: p.pruning, train_plot: p.training, details: p.details}
 
         curves_tab.select(guarded(on_curves, status), [model_in, task_in, run_in, k_in],
                           [faith_plot, prune_plot, train_plot, details, status])
 
         def on_embeddings(model, channel):
-            p = panels.embeddings_panel(model, channel)
+            p = panels.embeddings_panel(explorer, model, channel)
             return {channel_in: gr.Slider(value=p.channel), emb_tokens: p.tokens, emb_hist: p.histogram,
                     pos_plot: p.positions, emb_notice: p.notice}
 
@@ -503,14 +493,14 @@ def build_app() -> gr.Blocks:
         channel_in.release(guarded(on_embeddings, status), [model_in, channel_in], emb_outputs)
 
         def on_ablations_tab(model, task, run, k, target, mode):
-            return {abl_nodes: gr.Dropdown(choices=panels.circuit_nodes(model, run, k), value=[]),
-                    pr_check: panels.prune_check(model, task, target, mode != "nats")}
+            return {abl_nodes: gr.Dropdown(choices=panels.circuit_nodes(explorer, model, run, k), value=[]),
+                    pr_check: panels.prune_check(explorer, model, task, target, mode != "nats")}
 
         ablations_tab.select(guarded(on_ablations_tab, status), [model_in, task_in, run_in, k_in, pr_target, pr_mode],
                              [abl_nodes, pr_check, status])
 
         def on_share_tab(model, run, k):
-            return {download: gr.DownloadButton(value=panels.download_path(model, run, k))}
+            return {download: gr.DownloadButton(value=panels.download_path(explorer, model, run, k))}
 
         share_tab.select(guarded(on_share_tab, status), [model_in, run_in, k_in], [download, status])
 
@@ -518,7 +508,7 @@ def build_app() -> gr.Blocks:
         # prompt lab, ablations, importances, comparison
 
         def on_prompt(model, task, run, k, node, prompt, a, b, zc):
-            p = panels.prompt_panel(model, task, run, k, node, prompt, a, b, zc)
+            p = panels.prompt_panel(explorer, model, task, run, k, node, prompt, a, b, zc)
             return {prompt_notice: p.notice, prompt_tokens: p.tokens, next_plot: p.figure, logit_diff: p.logit_diff,
                     prompt_node_acts: p.node_acts, prompt_json: p.json}
 
@@ -528,7 +518,7 @@ def build_app() -> gr.Blocks:
             trigger(guarded(on_prompt, status), prompt_inputs, prompt_outputs)
 
         def on_ablate(model, task, run, k, layers, nodes, mode, base):
-            p = panels.ablation_panel(model, task, run, k, layers, nodes, mode, base)
+            p = panels.ablation_panel(explorer, model, task, run, k, layers, nodes, mode, base)
             return {abl_plot: p.figure, abl_table: p.table}
 
         abl_btn.click(guarded(on_ablate, status), [model_in, task_in, run_in, k_in, abl_layers, abl_nodes, abl_mode, abl_base],
@@ -536,13 +526,13 @@ def build_app() -> gr.Blocks:
 
         def on_importances(model, task, run, k, node, progress=gr.Progress()):
             report = lambda done, total: progress(done / max(total, 1), desc=f"node {done} of {total}")  # noqa: E731
-            return {imp_plot: panels.importance_panel(model, task, run, k, node, report)}
+            return {imp_plot: panels.importance_panel(explorer, model, task, run, k, node, report)}
 
         imp_btn.click(guarded(on_importances, status), [model_in, task_in, run_in, k_in, node_in], [imp_plot, status],
                       concurrency_limit=2, concurrency_id="ablate")
 
         def on_compare(model, task, run, k, other):
-            p = panels.compare_panel(model, task, run, k, other)
+            p = panels.compare_panel(explorer, model, task, run, k, other)
             return {cmp_plot: p.figure, cmp_md: p.text}
 
         cmp_btn.click(guarded(on_compare, status), [model_in, task_in, run_in, k_in, cmp_in], [cmp_plot, cmp_md, status])
@@ -551,7 +541,7 @@ def build_app() -> gr.Blocks:
         # new runs: pruning (here or from "no circuit yet") and imports; they join the browser's saved runs
 
         def on_check(model, task, target, mode):
-            return {pr_check: panels.prune_check(model, task, target, mode != "nats")}
+            return {pr_check: panels.prune_check(explorer, model, task, target, mode != "nats")}
 
         for trigger in (pr_task.input, pr_mode.input, pr_target.submit, pr_target.blur):
             trigger(guarded(on_check, status), [model_in, pr_task, pr_target, pr_mode], [pr_check, status])
@@ -569,7 +559,7 @@ def build_app() -> gr.Blocks:
                 progress, done = Progress(), {}
 
                 def work():
-                    done["result"] = panels.prune_new_run(state, model, task, target, mode != "nats", steps, progress,
+                    done["result"] = panels.prune_new_run(explorer, state, model, task, target, mode != "nats", steps, progress,
                                                           tab_name, control)
 
                 worker = threading.Thread(target=work, daemon=True)
@@ -607,7 +597,7 @@ def build_app() -> gr.Blocks:
 
         def on_custom_task(state, model, text, file, name, tab_name, request: gr.Request):
             path = file if isinstance(file, str) or file is None else getattr(file, "path", None) or getattr(file, "name", None)
-            result = panels.add_custom_task(state, model, text, path, name, tab_name)
+            result = panels.add_custom_task(explorer, state, model, text, path, name, tab_name)
             return new_run(result, ct_md, request)
 
         chain(ct_btn.click, on_custom_task, [session, model_in, ct_text, ct_file, ct_name, tab],
@@ -618,7 +608,7 @@ def build_app() -> gr.Blocks:
             if file is None:
                 return {upload_md: ""}
             path = file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", None)
-            result = panels.import_new_run(state, model, path, Path(str(path)).name, tab_name)
+            result = panels.import_new_run(explorer, state, model, path, Path(str(path)).name, tab_name)
             return {**new_run(result, upload_md, request), upload: None}
 
         chain(upload.upload, on_upload, [session, upload, model_in, tab], view_outputs + [upload_md, saved, upload])
@@ -627,7 +617,7 @@ def build_app() -> gr.Blocks:
             """Top-10 next tokens and probabilities of the full model and of the circuit alone (nodes outside it
             mean-ablated) for a prompt. model/task/run/k default to the default model and its first circuit; an
             unknown model, task or run is an error, k is clamped to the run's range with a notice."""
-            return panels.api_next_tokens(prompt, model, task, run, k)
+            return panels.api_next_tokens(explorer, prompt, model, task, run, k)
 
         gr.api(next_tokens, api_name="next_tokens", concurrency_limit=4, concurrency_id="browse")
         demo.load(None, None, None, js=PAGE_JS)
@@ -642,11 +632,12 @@ def build_app() -> gr.Blocks:
 def main(app_dir: str | Path = ".") -> None:
     """Configures the explorer from the environment (the model list from `app_dir`'s csp_space.json), builds the
     page and serves it."""
-    configure(Path(app_dir))
-    demo = build_app()
+    torch.set_num_threads(int(os.environ.get("CSP_APP_THREADS", "2")))
+    explorer = Explorer(Settings.from_env(Path(app_dir)))
+    demo = build_app(explorer)
     # the model and what the first view needs load while the server starts (started earlier, this thread
     # slows Gradio's import more than it saves)
-    threading.Thread(target=warm_up, daemon=True).start()
+    threading.Thread(target=warm_up, args=(explorer,), daemon=True).start()
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"),
                 server_port=int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None,
                 css=CSS, theme=gr.themes.Soft(), max_file_size=MAX_UPLOAD_BYTES)
