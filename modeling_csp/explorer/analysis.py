@@ -24,6 +24,7 @@ import torch
 
 from ..circuits.graph import QUANTILES, CircuitGraph, parse_node_id, quantile_examples
 from ..circuits.evaluation import CHANCE_LOSS, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of
+from ..circuits.pruning import PruneConfig
 from ..circuits.tasks import list_tasks
 from .errors import UserError, first_line, log
 from .explorer import Explorer
@@ -801,7 +802,8 @@ class PruneOutcome:
     target: PruneTarget
 
 
-def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps: Any = 200, relative: bool = False,
+def prune_circuit(entry: ModelEntry, task: str | None, target: Any = PruneConfig.target_loss,
+                  steps: Any = PruneConfig.steps, relative: bool = False,
                   progress: Callable[[float, str], None] | None = None, control: bool = False) -> PruneOutcome:
     """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise), with the
     shuffled-answer control when asked; its hooks are this call's own, so other users' views keep running on the
@@ -809,7 +811,7 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = 0.15, steps
     step 40 of 200", "k bisection: probe 3 (at most 15), k=1,410", "control: ...", "evaluation: ..."). The
     message is the held-out verdict (`evaluation.circuit_verdict`): ✅ only for a target reached on held-out
     examples, below chance, by a circuit smaller than half of the model."""
-    from ..circuits.pruning import PruneConfig, prune
+    from ..circuits.pruning import prune
 
     goal = prune_target(entry, task, target, relative)
     steps, note = clamp(steps, MIN_PRUNE_STEPS, MAX_PRUNE_STEPS, "steps")
