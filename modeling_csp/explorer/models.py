@@ -20,7 +20,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -224,7 +224,7 @@ class ModelEntry:
     and `store` are its explorer's user tasks and saved runs; `run_files` are circuit files offered as its runs."""
 
     def __init__(self, spec: str, kind: str, name: str, tasks: UserTasks | None = None, store: RunStore | None = None,
-                 pretrain_tokens: int = 8192, run_files: list[str] = ()):
+                 pretrain_tokens: int = 8192, run_files: Sequence[str] = ()):
         from ..model.loading import load_model_and_tokenizer, resolve_model
 
         self.spec = spec
