@@ -18,7 +18,7 @@ from typing import Mapping
 from .errors import UserError
 from .models import (
     MAX_MODEL_PARAMS, MAX_MODELS, HubLookup, ModelEntry, check_spec, default_roots, dense_params, fetch_config,
-    not_available, resolve_spec,
+    resolve_spec,
 )
 from .runs import RunStore
 from .tasks import UserTasks
@@ -75,9 +75,6 @@ class Explorer:
     def resolve_spec(self, spec: str | None) -> tuple[str, str]:
         """(kind, name): ("default"|"folder"|"hub", what to load) for a spec under this explorer's model roots."""
         return resolve_spec(spec, self.settings.model_roots, self.settings.default_model)
-
-    def not_available(self, spec: str) -> UserError:
-        return not_available(spec, restricted=self.settings.model_roots is not None)
 
     def loaded_models(self) -> list[str]:
         """Specs of the models loaded now, least recently used first."""

@@ -51,12 +51,12 @@ def default_roots() -> list[Path]:
 # =====================================================================================================
 
 
-def not_available(spec: str, restricted: bool) -> UserError:
-    """The one message for a model that is absent or not allowed (so the box reveals nothing about paths)."""
+def not_available(spec: str) -> UserError:
+    """The one message for a model that is absent or not allowed where folders are restricted (so the box reveals
+    nothing about paths)."""
     shown = spec if len(spec) <= 80 else spec[:77] + "..."
-    where = " under the allowed model folders" if restricted else ""
     return UserError(f"model {shown!r} is not available: use 'default', a Hugging Face hub id (org/name) "
-                     f"or a converted model folder{where}")
+                     "or a converted model folder under the allowed model folders")
 
 
 def check_spec(spec: str, default_model: str) -> str:
@@ -101,7 +101,7 @@ def resolve_spec(spec: str | None, model_roots: list[Path] | None, default_model
         return "folder", folder
     if HUB_ID.match(spec) and ".." not in spec:
         return "hub", spec
-    raise not_available(spec, restricted=True)
+    raise not_available(spec)
 
 
 # =====================================================================================================
