@@ -370,10 +370,10 @@ def cmd_circuits(args) -> int:
 
 
 def cmd_next_tokens(args) -> int:
-    from .explorer import clean_prompt, get_model, import_run_file, next_tokens
+    from .explorer import Explorer, clean_prompt, import_run_file, next_tokens
 
     clean_prompt(args.prompt)  # an empty prompt fails before the model loads
-    entry = get_model(args.model)
+    entry = Explorer().get_model(args.model)  # the library's settings: any folder, saved runs in memory only
     _set_threads(args, entry.config)
     run = import_run_file(entry, args.circuit) if args.circuit else None
     for notice in run.circuit.notices if run else ():

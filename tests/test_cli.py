@@ -242,7 +242,7 @@ def test_next_tokens(capsys, tiny, converted, tmp_path):
     code, out, _ = run(capsys, "next-tokens", "--model", tiny, "--prompt", prompt, "--circuit", half)
     result = one_json(out)
     assert code == 0 and result["circuit_nodes"] == 144 and result["circuit"] != result["full"]
-    entry = explorer.get_model(str(tiny))
+    entry = explorer.Explorer().get_model(str(tiny))
     assert result == explorer.next_tokens(entry, prompt, explorer.import_run_file(entry, str(half)))
 
     code, _, err = run(capsys, "next-tokens", "--model", tiny, "--prompt", "")

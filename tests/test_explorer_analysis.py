@@ -16,22 +16,29 @@ from conftest import FIXTURES, TEST_TASK
 from modeling_csp.circuits.graph import parse_node_id
 from modeling_csp.circuits.evaluation import MAX_EXAMPLES, verdict_of
 from modeling_csp.explorer import analysis as A
-from modeling_csp.explorer import registry
-from modeling_csp.explorer.registry import UserError
+from modeling_csp.explorer.errors import UserError
+from modeling_csp.explorer.explorer import Explorer
+from modeling_csp.explorer.models import import_run_file
 
 TASK = TEST_TASK
+
+
+@pytest.fixture(scope="module")
+def explorer():
+    """The library's explorer: any folder, saved runs in memory only."""
+    return Explorer()
 
 
 # ---- on the converted fixture ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def entry(converted):
-    return registry.get_model(str(converted["rms_sink_bigram"]))
+def entry(explorer, converted):
+    return explorer.get_model(str(converted["rms_sink_bigram"]))
 
 
 def test_imported_viz_fixture(entry):
-    run = registry.import_run_file(entry, str(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"))
+    run = import_run_file(entry, str(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"))
     c = run.circuit
     assert c.n_nodes == 93 and c.n_edges == 76
     assert A.circuit_at_k(entry, run, None) is c and A.max_k(entry, run) == 93
@@ -75,10 +82,10 @@ def test_clamp():
 
 
 @pytest.fixture(scope="module")
-def model_run(test_circuit):
+def model_run(explorer, test_circuit):
     spec, path = test_circuit
-    entry = registry.get_model(spec)
-    return entry, registry.import_run_file(entry, str(path))
+    entry = explorer.get_model(spec)
+    return entry, import_run_file(entry, str(path))
 
 
 def test_activating_examples_five_per_side_with_wide_context(model_run):
@@ -175,7 +182,7 @@ def test_the_app_and_csp_evaluate_give_the_same_numbers(model_run, test_circuit,
         data["meta"] = {"options": options}
         file = tmp_path / f"{name}.json"
         file.write_text(json.dumps(data))
-        run = registry.import_run_file(entry, str(file))
+        run = import_run_file(entry, str(file))
         run.id = f"imported:{name}-same-numbers"  # distinct cache keys
         app = A.circuit_stats(entry, run, run.circuit.n_nodes, TASK)
         before = torch.get_num_threads()
@@ -195,7 +202,7 @@ def test_sizes_from_a_circuit_file_are_capped(model_run, test_circuit, tmp_path)
     data["meta"] = {"options": {"n_examples": 100_000, "n_random": 10**7}}
     file = tmp_path / "huge_options.json"
     file.write_text(json.dumps(data))
-    run = registry.import_run_file(entry, str(file))
+    run = import_run_file(entry, str(file))
     run.id = "imported:huge-options"
     stats = A.circuit_stats(entry, run, run.circuit.n_nodes, TASK, quick=True)  # the full model's loss, capped
     assert stats.full is not None and stats.error is None

@@ -10,8 +10,9 @@ import json
 import pytest
 
 from conftest import TEST_TASK
-from modeling_csp.explorer import panels, registry
-from modeling_csp.explorer.registry import Session
+from modeling_csp.explorer import panels
+from modeling_csp.explorer.explorer import Explorer, Settings
+from modeling_csp.explorer.sessions import Session, find_run
 from modeling_csp.explorer.view import Selection
 
 TASK = TEST_TASK
@@ -19,20 +20,19 @@ TASK = TEST_TASK
 
 @pytest.fixture(scope="module")
 def page(test_circuit, tmp_path_factory):
-    """What a page showing the test circuit holds: model, task, run id, k and a node; saved runs in a temp store."""
+    """What a page showing the test circuit holds: model, task, run id, k and a node, and the explorer behind it
+    (the test circuit offered as a run of every model, as CSP_APP_IMPORT does; saved runs in a temp store)."""
     spec, path = test_circuit
-    entry = registry.get_model(spec)
-    run = registry.import_run_file(entry, str(path))
-    entry.runs[run.id] = run  # as CSP_APP_IMPORT offers it
+    explorer = Explorer(Settings(run_files=[str(path)], store_dir=tmp_path_factory.mktemp("store")))
+    entry = explorer.get_model(spec)
+    run = entry.runs["imported:" + path.stem]
     node = max(run.circuit.nodes, key=lambda n: run.circuit.nodes[n] or 0)
-    before = registry.settings.store_dir
-    registry.settings.store_dir = tmp_path_factory.mktemp("store")
-    yield {"model": spec, "task": TASK, "run": run.id, "k": run.circuit.n_nodes, "node": node, "entry": entry, "path": path}
-    registry.settings.store_dir = before
+    return {"explorer": explorer, "model": spec, "task": TASK, "run": run.id, "k": run.circuit.n_nodes, "node": node,
+            "entry": entry, "path": path}
 
 
 def test_node_panel(page):
-    p = panels.node_panel(page["model"], page["task"], page["run"], page["k"], page["node"])
+    p = panels.node_panel(page["explorer"], page["model"], page["task"], page["run"], page["k"], page["node"])
     assert "incoming" in p.connections and "Top / bottom activating examples" in p.examples
     assert "pair difference" in p.task and "class 1: correct" in p.task
     # labelled with the selection it was computed for (the page paints it only while it shows that selection)
@@ -40,27 +40,27 @@ def test_node_panel(page):
     assert html.escape(f"{page['node']} on {page['task']}'s examples, circuit k={p.selection.k}") in p.task
     waiting = panels.node_panel_updating(p.selection)
     assert "updating… " + page["node"] in waiting.task and "updating" not in p.task
-    attn = next(n for n in registry.find_run(page["entry"], None, page["run"]).circuit.nodes if ".attn.q:" in n)
-    q = panels.node_panel(page["model"], page["task"], page["run"], page["k"], attn)
+    attn = next(n for n in find_run(page["entry"], None, page["run"]).circuit.nodes if ".attn.q:" in n)
+    q = panels.node_panel(page["explorer"], page["model"], page["task"], page["run"], page["k"], attn)
     assert "head" in q.attention and q.attention_figure is not None and q.qk_figure is not None
-    mlp = next(n for n in registry.find_run(page["entry"], None, page["run"]).circuit.nodes if ".mlp." in n)
-    m = panels.node_panel(page["model"], page["task"], page["run"], page["k"], mlp)
+    mlp = next(n for n in find_run(page["entry"], None, page["run"]).circuit.nodes if ".mlp." in n)
+    m = panels.node_panel(page["explorer"], page["model"], page["task"], page["run"], page["k"], mlp)
     assert "shown for attention nodes" in m.attention and m.attention_figure is None
-    gone = panels.node_panel(page["model"], page["task"], page["run"], page["k"], "9.mlp.post_act:1")
+    gone = panels.node_panel(page["explorer"], page["model"], page["task"], page["run"], page["k"], "9.mlp.post_act:1")
     assert gone == panels.NodePanel(selection=gone.selection) and gone.selection.node == "9.mlp.post_act:1"
-    bad = panels.node_panel("/no/such/model", page["task"], page["run"], page["k"], page["node"])
+    bad = panels.node_panel(page["explorer"], "/no/such/model", page["task"], page["run"], page["k"], page["node"])
     assert "⚠️" in bad.connections and bad.examples == bad.task == ""
 
 
 def test_prompt_panel_clears_on_error(page):
     args = (page["model"], page["task"], page["run"], page["k"], page["node"])
-    ok = panels.prompt_panel(*args, 'x = "hello', '"', "'")
+    ok = panels.prompt_panel(page["explorer"], *args, 'x = "hello', '"', "'")
     assert ok.json["full"] and ok.json["circuit"] and "logit(" in ok.logit_diff and "csp-tok" in ok.tokens
     assert "activations of" in ok.node_acts
-    err = panels.prompt_panel(*args, "", '"', "'")
+    err = panels.prompt_panel(page["explorer"], *args, "", '"', "'")
     assert err.notice == "⚠️ the prompt is empty: type some Python code" and err.tokens == "" and err.json is None
     assert err.logit_diff == "" and err.node_acts == "" and "prompt is empty" in err.figure.layout.annotations[0].text
-    spaces = panels.prompt_panel(*args, "    ", "", "'")  # indentation is a prompt; one candidate is not a pair
+    spaces = panels.prompt_panel(page["explorer"], *args, "    ", "", "'")  # indentation is a prompt; one candidate is not a pair
     assert spaces.json["full"] and spaces.logit_diff.startswith("ℹ️ type a candidate token in both boxes")
 
 
@@ -74,14 +74,14 @@ def test_prompt_lab_shows_characters_split_over_tokens_as_text(page):
 
     prompt = 's = "héllo wörld 日本語 🙂'
     args = (page["model"], page["task"], page["run"], page["k"], page["node"])
-    p = panels.prompt_panel(*args, prompt, "é", "'")
+    p = panels.prompt_panel(page["explorer"], *args, prompt, "é", "'")
     for part in (p.tokens, p.node_acts):
         shown = [html.unescape(t) for t in re.findall(r'<span class="csp-tok"[^>]*>(.*?)</span>', part)]
         assert "".join(shown) == prompt and "\ufffd" not in part
     assert "\ufffd" not in p.figure.to_json() + p.notice + p.logit_diff
     char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
     tokenizer = page["entry"].tokenizer
-    answer = panels.api_next_tokens(prompt, page["model"])
+    answer = panels.api_next_tokens(page["explorer"], prompt, page["model"])
     assert "".join(answer["tokens"]) == prompt
     for row in p.json["full"] + p.json["circuit"] + answer["full"]:
         token_bytes = bytes(char_to_byte[c] for c in tokenizer.convert_ids_to_tokens(row["id"]))
@@ -92,23 +92,23 @@ def test_prompt_lab_shows_characters_split_over_tokens_as_text(page):
 
 def test_ablation_and_importance_panels(page):
     args = (page["model"], page["task"], page["run"], page["k"])
-    ok = panels.ablation_panel(*args, ["0.attn"], [page["node"]], "mean", "circuit")
+    ok = panels.ablation_panel(page["explorer"], *args, ["0.attn"], [page["node"]], "mean", "circuit")
     assert "baseline (circuit)" in ok.table and len(ok.figure.data) == 2
-    err = panels.ablation_panel(*args, [], [], "mean", "full model")
+    err = panels.ablation_panel(page["explorer"], *args, [], [], "mean", "full model")
     assert err.table.startswith("⚠️ choose at least one") and "choose at least one" in err.figure.layout.annotations[0].text
     steps = []
-    fig = panels.importance_panel(*args, page["node"], progress=lambda done, total: steps.append(done))
+    fig = panels.importance_panel(page["explorer"], *args, page["node"], progress=lambda done, total: steps.append(done))
     assert fig.data[0].type == "bar" and steps == list(range(1, page["k"] + 1))
-    assert "choose a task" in panels.importance_panel(page["model"], None, page["run"], page["k"], None).layout.annotations[0].text
-    assert set(panels.circuit_nodes(page["model"], page["run"], 5)) <= set(
-        panels.circuit_nodes(page["model"], page["run"], page["k"])) and panels.circuit_nodes("/no/model", None, 1) == []
-    cmp = panels.compare_panel(*args, page["run"])
+    assert "choose a task" in panels.importance_panel(page["explorer"], page["model"], None, page["run"], page["k"], None).layout.annotations[0].text
+    assert set(panels.circuit_nodes(page["explorer"], page["model"], page["run"], 5)) <= set(
+        panels.circuit_nodes(page["explorer"], page["model"], page["run"], page["k"])) and panels.circuit_nodes(page["explorer"], "/no/model", None, 1) == []
+    cmp = panels.compare_panel(page["explorer"], *args, page["run"])
     assert cmp.text.startswith("nodes: 0 only in") and cmp.figure.data
-    assert panels.compare_panel(*args, None).text == "⚠️ choose a run to compare with"
+    assert panels.compare_panel(page["explorer"], *args, None).text == "⚠️ choose a run to compare with"
 
 
 def test_curves_panel_shows_the_pruning_config_and_training_metrics(page):
-    p = panels.curves_panel(page["model"], page["task"], page["run"], page["k"])
+    p = panels.curves_panel(page["explorer"], page["model"], page["task"], page["run"], page["k"])
     assert p.faithfulness.layout.xaxis.type == "log" and p.faithfulness.layout.xaxis.tickvals
     assert "<h4>Pruning configuration</h4>" in p.details and "<td>n_examples</td><td>64</td>" in p.details
     assert "<h4>Model training: final metrics</h4>" in p.details
@@ -122,43 +122,43 @@ def test_curves_panel_shows_the_pruning_config_and_training_metrics(page):
 
 
 def test_embeddings_panel_clamps_the_channel(page):
-    p = panels.embeddings_panel(page["model"], 99999)
+    p = panels.embeddings_panel(page["explorer"], page["model"], 99999)
     d = page["entry"].config.d_model
     assert p.channel == d - 1 and f"channel=99999 is outside [0, {d - 1}]" in p.notice and p.tokens.data
-    assert panels.embeddings_panel(page["model"], "x").notice.startswith("⚠️ channel='x' is not a number")
+    assert panels.embeddings_panel(page["explorer"], page["model"], "x").notice.startswith("⚠️ channel='x' is not a number")
 
 
 def test_next_tokens_api_validates_like_the_page(page):
-    ok = panels.api_next_tokens('x = "a', page["model"], page["task"], page["run"], 5)
+    ok = panels.api_next_tokens(page["explorer"], 'x = "a', page["model"], page["task"], page["run"], 5)
     assert ok["run"] == page["run"] and ok["circuit_nodes"] == 5 and ok["notices"] == []
-    assert panels.api_next_tokens("x", page["model"], "nope")["error"].startswith("unknown task 'nope'")
-    assert "unknown run 'nope'" in panels.api_next_tokens("x", page["model"], page["task"], "nope")["error"]
-    assert "is a circuit for single_double_quote, not with_as" in panels.api_next_tokens(
+    assert panels.api_next_tokens(page["explorer"], "x", page["model"], "nope")["error"].startswith("unknown task 'nope'")
+    assert "unknown run 'nope'" in panels.api_next_tokens(page["explorer"], "x", page["model"], page["task"], "nope")["error"]
+    assert "is a circuit for single_double_quote, not with_as" in panels.api_next_tokens(page["explorer"], 
         "x", page["model"], "with_as", page["run"])["error"]
     for k, used in ((-5, 1), (99999, page["k"])):
-        out = panels.api_next_tokens("x", page["model"], page["task"], page["run"], k)
+        out = panels.api_next_tokens(page["explorer"], "x", page["model"], page["task"], page["run"], k)
         assert out["circuit_nodes"] == used and f"k={k} is outside" in out["notices"][0]
-    assert "not a number" in panels.api_next_tokens("x", page["model"], page["task"], page["run"], "lots")["error"]
-    assert "no run for with_as" in panels.api_next_tokens("x", page["model"], "with_as", "", 3)["notices"][0]
-    assert "empty" in panels.api_next_tokens("", page["model"])["error"]
+    assert "not a number" in panels.api_next_tokens(page["explorer"], "x", page["model"], page["task"], page["run"], "lots")["error"]
+    assert "no run for with_as" in panels.api_next_tokens(page["explorer"], "x", page["model"], "with_as", "", 3)["notices"][0]
+    assert "empty" in panels.api_next_tokens(page["explorer"], "", page["model"])["error"]
 
 
 def test_an_imported_run_joins_the_session_and_survives_a_reload(page, tmp_path):
     session = Session()
-    new = panels.import_new_run(session, page["model"], str(page["path"]), "mine.json")
+    new = panels.import_new_run(page["explorer"], session, page["model"], str(page["path"]), "mine.json")
     assert new.message.startswith("✅ imported mine.json") and new.view.run.id.startswith("saved:")
     assert new.view.session.runs == {new.view.run.id: page["model"]} and new.view.run.id in dict(
         (v, n) for n, v in new.view.run_choices)
     from modeling_csp.explorer.view import Request, resolve_view
 
-    reloaded = resolve_view(None, Request("load", query={"task": TASK}, saved=new.view.session.saved()))
+    reloaded = resolve_view(page["explorer"], None, Request("load", query={"task": TASK}, saved=new.view.session.saved()))
     assert new.view.run.id in [v for _, v in reloaded.run_choices]
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    failed = panels.import_new_run(session, page["model"], str(bad), "bad.json")
+    failed = panels.import_new_run(page["explorer"], session, page["model"], str(bad), "bad.json")
     assert failed.view is None and failed.message.startswith("⚠️ could not import bad.json: ")
-    assert panels.import_new_run(session, page["model"], None).message.endswith("no file")
-    path = panels.download_path(page["model"], new.view.run.id, 5)
+    assert panels.import_new_run(page["explorer"], session, page["model"], None).message.endswith("no file")
+    path = panels.download_path(page["explorer"], page["model"], new.view.run.id, 5)
     assert json.loads(open(path).read())["k"] == 5
 
 
@@ -167,25 +167,25 @@ def test_an_import_with_forged_edges_says_they_were_recomputed(page, tmp_path):
     data["edges"] = [{**e, "weight": 10 + e["weight"]} for e in data["edges"]]
     forged = tmp_path / "forged.json"
     forged.write_text(json.dumps(data))
-    new = panels.import_new_run(Session(), page["model"], str(forged), "forged.json")
+    new = panels.import_new_run(page["explorer"], Session(), page["model"], str(forged), "forged.json")
     assert new.view is not None and new.message.startswith("✅ imported forged.json")
     assert f"⚠️ {len(data['edges']):,} of {len(data['edges']):,} edges do not match the model's weights" in new.message
-    assert new.view.run.load().edges == registry.find_run(page["entry"], None, page["run"]).circuit.edges
+    assert new.view.run.load().edges == find_run(page["entry"], None, page["run"]).circuit.edges
 
 
 def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     """Pruning warns beforehand, then a short run that misses its target says so (no ✅) and becomes a saved
     run of the session, selected in the view."""
     monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))
-    check = panels.prune_check(page["model"], "bracket_brace", 0.01, False)
+    check = panels.prune_check(page["explorer"], page["model"], "bracket_brace", 0.01, False)
     assert check.startswith("⚠️ The full model's held-out loss on bracket_brace is") and "above the target 0.010" in check
     assert "relative" in check
-    assert panels.prune_check(page["model"], "bracket_brace", 1.1, True).startswith("The full model's held-out loss")
-    weak = panels.prune_check(page["model"], "with_as", 0.1, False)  # the model does not do with_as: no target helps
+    assert panels.prune_check(page["explorer"], page["model"], "bracket_brace", 1.1, True).startswith("The full model's held-out loss")
+    weak = panels.prune_check(page["explorer"], page["model"], "with_as", 0.1, False)  # the model does not do with_as: no target helps
     assert weak.startswith("⚠️") and "at or above chance" in weak and "within reach" not in weak
-    assert panels.prune_check(page["model"], None, 0.15, False) == "⚠️ choose a task to prune for"
+    assert panels.prune_check(page["explorer"], page["model"], None, 0.15, False) == "⚠️ choose a task to prune for"
     stages = []
-    new = panels.prune_new_run(Session(), page["model"], "bracket_brace", 0.01, False, 3,
+    new = panels.prune_new_run(page["explorer"], Session(), page["model"], "bracket_brace", 0.01, False, 3,
                                progress=lambda f, desc: stages.append(desc))
     assert new.message.startswith("⚠️ target not reached") and "✅" not in new.message
     assert "steps=3 is outside [10, 2000]: using 10" in new.message
@@ -195,8 +195,8 @@ def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     view = new.view
     assert view.task == "bracket_brace" and view.run.id.startswith("saved:") and view.run.scores is not None
     assert view.k_max == page["entry"].n_total_nodes and view.session.runs == {view.run.id: page["model"]}
-    assert registry.run_store().load(view.run.id) is not None
-    failed = panels.prune_new_run(Session(), page["model"], "nope", 0.15, False, 10)
+    assert page["explorer"].store.load(view.run.id) is not None
+    failed = panels.prune_new_run(page["explorer"], Session(), page["model"], "nope", 0.15, False, 10)
     assert failed.view is None and failed.message == "⚠️ pruning failed: choose a task to prune for"
 
 
@@ -222,16 +222,16 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
     from modeling_csp.explorer.view import Request, resolve_view
 
     monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))
-    added = panels.add_custom_task(Session(), page["model"], quote_task_lines(), None, "quotes")
+    added = panels.add_custom_task(page["explorer"], Session(), page["model"], quote_task_lines(), None, "quotes")
     assert added.message.startswith("✅ added `custom:quotes:") and "the full model's accuracy" in added.message
     name = added.view.task
     assert name.startswith("custom:quotes:") and name in added.view.task_choices and added.view.run is None
     assert added.view.empty and "No circuit yet" in added.view.empty
     file = tmp_path / "quotes.jsonl"
     file.write_text(quote_task_lines())
-    assert panels.add_custom_task(Session(), page["model"], "", str(file)).view.task == name  # same lines, same name
+    assert panels.add_custom_task(page["explorer"], Session(), page["model"], "", str(file)).view.task == name  # same lines, same name
 
-    new = panels.prune_new_run(added.view.session, page["model"], name, 1.5, True, 10, control=True)
+    new = panels.prune_new_run(page["explorer"], added.view.session, page["model"], name, 1.5, True, 10, control=True)
     assert "Shuffled-answer control: loss" in new.message, new.message
     view = new.view
     assert view.task == name and view.run.task == name and name in view.task_choices
@@ -242,10 +242,9 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
     assert ("better than the full model" in new.message) == bool(verdict.better_than_full)
     assert new.message.startswith("✅") == bool(verdict.passed and circuit.n_nodes <= view.entry.n_total_nodes / 2)
 
-    registry._CUSTOM_TASKS.clear()  # a restarted server: only the run store remembers
-    registry.run_store()._runs.clear()
-    assert not registry.is_task(name)
-    linked = resolve_view(None, Request("load", query={"task": name, "run": view.run.id}))
+    restarted = Explorer(page["explorer"].settings)  # a restarted server: only the run store's folder remembers
+    assert not restarted.tasks.known(name)
+    linked = resolve_view(restarted, None, Request("load", query={"task": name, "run": view.run.id}))
     assert linked.task == name and linked.run.id == view.run.id and not linked.notices, (linked.notices, new.message)
     assert len(linked.run.load().edges) == len(circuit.edges)  # (a large run's file leaves them out: rebuilt)
 
@@ -259,10 +258,10 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
     ("x" * 1_000_001, "up to 1 MB"),
 ])
 def test_bad_task_lines_are_named(page, text, message):
-    bad = panels.add_custom_task(Session(), page["model"], text)
+    bad = panels.add_custom_task(page["explorer"], Session(), page["model"], text)
     assert bad.view is None and bad.message.startswith("⚠️") and message in bad.message, bad.message
 
 
 def test_unknown_user_tasks_are_errors_not_guesses(page):
-    out = panels.api_next_tokens("x = 'a", page["model"], "custom:gone:0123456789ab")
+    out = panels.api_next_tokens(page["explorer"], "x = 'a", page["model"], "custom:gone:0123456789ab")
     assert "is not known here any more" in out["error"]

@@ -1,4 +1,4 @@
-"""The view model, `resolve_view(session, Request) -> View`, through every transition the page makes, without a
+"""The view model, `resolve_view(explorer, session, Request) -> View`, through every transition the page makes, without a
 browser: first load, every task (with and without a circuit), run, k, layer, node, click, search, edge threshold,
 bad values, share links and saved runs. Runs on the embedded default model and the circuits it ships."""
 
@@ -13,29 +13,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modeling_csp import plotting
-from modeling_csp.explorer import registry
 from modeling_csp.explorer.analysis import best_node, task_names
-from modeling_csp.explorer.registry import Session
+from modeling_csp.explorer.explorer import Explorer, Settings
+from modeling_csp.explorer.models import default_roots, import_run_file
+from modeling_csp.explorer.sessions import Session
 from modeling_csp.explorer.view import PARTS, SELECTORS, Request, Selection, Shown, View, resolve_view
 from modeling_csp.model.loading import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model installed")
 
 
-@pytest.fixture(autouse=True)
-def app_policy(monkeypatch):
-    """Models as the app allows them: `default`, hub ids and folders under the default roots."""
-    monkeypatch.setattr(registry.settings, "model_roots", registry.default_roots())
+def app_explorer(**settings) -> Explorer:
+    """An explorer that opens models as the app allows them: `default`, hub ids and folders under the default roots."""
+    return Explorer(Settings(model_roots=default_roots(), **settings))
 
 
 def ask(view: View, event: str, **changes) -> View:
     """The page's next request: the current selection with some values changed (as the page would send them)."""
-    return resolve_view(view.session, Request(event, **{**view.selection, **changes}))
+    return resolve_view(view.explorer, view.session, Request(event, **{**view.selection, **changes}))
 
 
 @pytest.fixture(scope="module")
 def first() -> View:
-    return resolve_view(None, Request("load"))
+    return resolve_view(app_explorer(), None, Request("load"))
 
 
 def message_of(figure) -> str:
@@ -140,19 +140,19 @@ def test_a_click_in_the_same_layer_does_not_redraw_the_graph(first):
 
 
 def test_node_search(first):
-    v = resolve_view(first.session, Request("search", **first.selection, search="ch1"))
+    v = resolve_view(first.explorer, first.session, Request("search", **first.selection, search="ch1"))
     assert v.matches and all("ch1" in f"{n} {plotting.node_label(n, 16)}" for n in v.matches)
     assert v.node == v.matches[0] and "match 'ch1'" in v.status
     ring = [t for t in v.graph.data if t.name == "matches"]
     assert ring and {c[0] for c in ring[0].customdata} == {n for n in v.matches if n.startswith(v.layer + ".")}
-    none = resolve_view(first.session, Request("search", **first.selection, search="zzz"))
+    none = resolve_view(first.explorer, first.session, Request("search", **first.selection, search="zzz"))
     assert "no node of this circuit matches 'zzz'" in none.status and none.node == first.node
 
 
 def test_edge_threshold(first):
-    v = resolve_view(first.session, Request("edges", **first.selection, edges=50))
+    v = resolve_view(first.explorer, first.session, Request("edges", **first.selection, edges=50))
     assert v.edges == 0.5 and "≥ 50% of the largest" in v.graph.layout.title.text and v.changed == {"graph", "status"}
-    v = resolve_view(first.session, Request("edges", **first.selection, edges=500))
+    v = resolve_view(first.explorer, first.session, Request("edges", **first.selection, edges=500))
     assert v.edges == 1.0 and "outside [0, 100]" in v.status
 
 
@@ -168,32 +168,32 @@ def test_share_link_restores_the_view(first):
     chosen = ask(ask(first, "k", k=first.k - 5), "layer", layer=first.layer)
     query = dict(urllib.parse.parse_qsl(chosen.share_query))
     assert set(query) == {"model", "task", "run", "k", "layer", "node"}
-    again = resolve_view(None, Request("load", query=query))
+    again = resolve_view(first.explorer, None, Request("load", query=query))
     assert again.selection == chosen.selection and again.status == ""
 
 
 def test_a_bad_link_falls_back_with_messages(first):
-    v = resolve_view(None, Request("load", query={"task": "no_such_task", "run": "saved:0123456789abcdef", "k": "abc",
+    v = resolve_view(first.explorer, None, Request("load", query={"task": "no_such_task", "run": "saved:0123456789abcdef", "k": "abc",
                                                   "node": "9.mlp.post_act:1", "layer": "x" * 5000}))
     assert v.task == first.task and v.run.id == first.run.id and v.k == first.k
     for part in ("unknown task 'no_such_task'", "run 'saved:0123456789abcdef' is not available", "k='abc' is not a number",
                  "node '9.mlp.post_act:1' is not in this circuit", "is not in this model"):
         assert part in v.status, part
-    v = resolve_view(None, Request("load", query={"model": "../../etc"}))
+    v = resolve_view(first.explorer, None, Request("load", query={"model": "../../etc"}))
     assert v.model == "default" and "is not available" in v.status and "showing default instead" in v.status
 
 
-def test_saved_runs_survive_a_reload_and_travel_by_link(first, test_circuit, tmp_path, monkeypatch):
-    monkeypatch.setattr(registry.settings, "store_dir", tmp_path / "store")
+def test_saved_runs_survive_a_reload_and_travel_by_link(test_circuit, tmp_path):
+    explorer = app_explorer(store_dir=tmp_path / "store")
     spec, path = test_circuit
-    entry = registry.get_model(spec)
-    saved, _ = registry.run_store().save(registry.import_run_file(entry, str(path)))
+    entry = explorer.get_model(spec)
+    saved, _ = explorer.store.save(import_run_file(entry, str(path)))
     session = Session().with_run(saved.id, spec)
     # a reload: the browser hands back its saved runs
-    reloaded = resolve_view(None, Request("load", query={"task": saved.task}, saved=session.saved()))
+    reloaded = resolve_view(explorer, None, Request("load", query={"task": saved.task}, saved=session.saved()))
     assert saved.id in [rid for _, rid in reloaded.run_choices] and reloaded.session.runs == {saved.id: spec}
     # a link opened in another browser (nothing saved there): the server has the run
-    linked = resolve_view(None, Request("load", query={"task": saved.task, "run": saved.id, "k": 5}))
+    linked = resolve_view(explorer, None, Request("load", query={"task": saved.task, "run": saved.id, "k": 5}))
     assert linked.run.id == saved.id and linked.k == 5 and linked.status == "" and saved.id in linked.session.runs
 
 
@@ -211,7 +211,7 @@ def test_figures_are_computed_when_used(first):
     assert "graph" not in vars(v) and "overview" not in vars(v)
     assert v.graph.layout.title.text.startswith(first.layer) and "graph" in vars(v)
     assert "overview" not in v.changed
-    assert "overview" in resolve_view(first.session, Request("tab", **first.selection, tab="overview")).changed
+    assert "overview" in resolve_view(first.explorer, first.session, Request("tab", **first.selection, tab="overview")).changed
 
 
 def test_a_view_overtaken_by_a_later_pick_is_not_painted(first):
@@ -229,12 +229,12 @@ def test_a_view_overtaken_by_a_later_pick_is_not_painted(first):
     assert not shown.accept(page, ask(first, "stats"), None)  # the old k's numbers: not under the new k
     assert shown.accept(page, ask(smaller, "stats"), None) and shown.current(page) == smaller.selected
     blur = Request("task", **smaller.selection)  # a dropdown's blur: what is shown, nothing on its way
-    assert shown.begin(page, blur) == (k_change, False) and resolve_view(smaller.session, blur).changed == frozenset()
+    assert shown.begin(page, blur) == (k_change, False) and resolve_view(smaller.explorer, smaller.session, blur).changed == frozenset()
     # back to the shown layer while a pick of another layer is on its way: a new pick (it must win)
     shown.begin(page, Request("layer", **{**smaller.selection, "layer": "1.mlp"}))
     back, new = shown.begin(page, Request("layer", **smaller.selection))
     assert new and back == k_change + 2
-    assert resolve_view(smaller.session, Request("layer", **smaller.selection, fresh=True)).changed
+    assert resolve_view(smaller.explorer, smaller.session, Request("layer", **smaller.selection, fresh=True)).changed
 
 
 def test_a_selection_is_spelled_one_way(first):
@@ -291,6 +291,7 @@ class SimulatedPage:
 
     def __init__(self, first_view: View):
         self.shown, self.request = Shown(), SimpleNamespace(session_hash="page")
+        self.explorer = first_view.explorer
         self.selectors = dict(first_view.selection)
         self.server_session = first_view.session
         self.painted: dict[str, object] = {}
@@ -308,7 +309,7 @@ class SimulatedPage:
         if not fresh:  # (app.py answers a re-send of the newest pick, or of what is shown, with nothing)
             self._answer("view", None, ticket, follow)
             return
-        view = resolve_view(self.server_session, replace(asked, fresh=fresh))
+        view = resolve_view(self.explorer, self.server_session, replace(asked, fresh=fresh))
         self.server_session = view.session
         self.last_pick = view.selected
         self._answer("view", view, ticket, follow)
@@ -333,7 +334,7 @@ class SimulatedPage:
                 here = self.shown.current(self.request) or Selection.of(*(self.selectors.get(n) for n in SELECTORS))
                 self._answer("node_panel", here)  # app.on_node_panel
                 asked = Request(follow, **{name: getattr(here, name) for name in SELECTORS})  # app.on_view("stats")
-                self._answer("view", resolve_view(self.server_session, asked), self.shown.begin(self.request)[0])
+                self._answer("view", resolve_view(self.explorer, self.server_session, asked), self.shown.begin(self.request)[0])
         elif self.shown.shows(self.request, payload):  # app.on_node_panel, after computing
             self.painted["node_panel"] = payload
 
@@ -359,7 +360,7 @@ def test_random_events_answered_in_any_order_paint_one_selection(page_start, dat
     first, tasks = page_start
     page = SimulatedPage(first)
     for _ in range(data.draw(st.integers(1, 6), label="events")):
-        view_now = resolve_view(page.server_session, Request("k", **page.selectors))
+        view_now = resolve_view(page.explorer, page.server_session, Request("k", **page.selectors))
         event = data.draw(st.sampled_from(["task", "run", "k", "layer", "node", "click"]), label="event")
         if event == "task":
             page.send("task", task=data.draw(st.sampled_from(tasks), label="task"))

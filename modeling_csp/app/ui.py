@@ -5,7 +5,7 @@
 The repository's `app.py` (and a Space's, written by `csp space build`) only calls `main`. Runs unchanged as a
 Hugging Face Space (see hub_cards/space_card.md). This module is the layout and the event
 wiring only: what the browser shows is decided by the view model `modeling_csp.explorer.view.resolve_view`
-(session, request) -> View, the other panels by `modeling_csp.explorer.panels`, and both are tested without
+(explorer, session, request) -> View, the other panels by `modeling_csp.explorer.panels`, and both are tested without
 a browser. A view change answers in steps: the selection, graph and node header first (the node panel and the
 numbers still to come marked "updating…"), then the node panel, then the slower numbers (random baseline, layer
 deltas). Each answer is painted only while the page shows the selection it was computed for (`Shown`).
@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import tempfile
 import threading
 import traceback
 from dataclasses import replace
@@ -43,22 +42,14 @@ import gradio.component_meta as component_meta
 import torch
 
 from .. import plotting
-from ..deploy import listed_models
-from ..explorer import panels, settings
-from ..explorer.analysis import task_names, warm_up
-from ..explorer.registry import MAX_UPLOAD_BYTES, Session, default_roots, first_line
+from ..circuits.pruning import PruneConfig
+from ..explorer import panels
+from ..explorer.analysis import MAX_PRUNE_STEPS, MIN_PRUNE_STEPS, task_names, warm_up
+from ..explorer.errors import first_line
+from ..explorer.explorer import Explorer, Settings
+from ..explorer.models import MAX_UPLOAD_BYTES
+from ..explorer.sessions import Session
 from ..explorer.view import PICKS, SELECTORS, Progress, Request, Selection, Shown, View, resolve_view
-
-
-def configure(app_dir: Path) -> None:
-    """The app's environment configures the explorer (see the module docstring)."""
-    torch.set_num_threads(int(os.environ.get("CSP_APP_THREADS", "2")))
-    settings.models = listed_models(app_dir, os.environ.get("CSP_MODELS"))
-    settings.default_model = os.environ.get("CSP_APP_MODEL") or settings.models[0]
-    settings.run_files = [p for p in os.environ.get("CSP_APP_IMPORT", "").split(os.pathsep) if p]
-    settings.pretrain_tokens = int(os.environ.get("CSP_APP_PRETRAIN_TOKENS", "8192"))
-    settings.model_roots = [Path(p) for p in os.environ.get("CSP_MODEL_ROOTS", "").split(os.pathsep) if p] or default_roots()
-    settings.store_dir = Path(os.environ.get("CSP_APP_STORE") or Path(tempfile.gettempdir()) / "csp_app_runs")
 
 
 DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
@@ -155,15 +146,6 @@ finally:
         component_meta.create_or_modify_pyi = _write_stub
 
 
-shown = Shown()
-
-
-@functools.lru_cache(maxsize=4096)
-def page_lock(session_hash) -> threading.Lock:
-    """One lock per page (recently seen), so that its numbers are computed once, not by each step that asks."""
-    return threading.Lock()
-
-
 def guarded(fn, status_component):
     """The last line of defence: an unexpected error becomes a message in the status line, never a traceback."""
     @functools.wraps(fn)
@@ -177,459 +159,567 @@ def guarded(fn, status_component):
     return wrapper
 
 
-def build_app() -> gr.Blocks:
-    with gr.Blocks(title="Circuit browser · weight-sparse transformers") as demo:
-        session = gr.State(Session())
-        saved = gr.BrowserState([], storage_key="csp-saved-runs")
-        tab = gr.State("browser")
+def file_path(file) -> str | None:
+    """The server-side path of an uploaded file, as Gradio hands it over (a path, or an object with one)."""
+    return file if isinstance(file, str) or file is None else getattr(file, "path", None) or getattr(file, "name", None)
+
+
+class Page:
+    """The page of one app over one explorer: its components (one layout method per tab, as attributes), how a
+    `View` is painted onto them (`show`), and each tab's events (one wiring method per tab). Events are wired once
+    every tab is laid out: most of them paint the view, whose components lie on several tabs. `shown` remembers
+    what each browser page shows (view.py's `Shown`)."""
+
+    def __init__(self, explorer: Explorer):
+        self.explorer = explorer
+        self.shown = Shown()
+        self._page_locks = functools.lru_cache(maxsize=4096)(lambda session_hash: threading.Lock())
+        self.tabs: dict[str, gr.Tab] = {}  # by id, in the page's order
+
+    def page_lock(self, session_hash) -> threading.Lock:
+        """One lock per page (recently seen), so that its numbers are computed once, not by each step that asks."""
+        return self._page_locks(session_hash)
+
+    # ---- layout: one method per tab ---------------------------------------------------------------
+
+    def selectors(self) -> None:
+        """The state, the selectors above the tabs, the status line, the summary and the "no circuit yet" box."""
+        self.session = gr.State(Session())
+        self.saved = gr.BrowserState([], storage_key="csp-saved-runs")
+        self.tab = gr.State("browser")
         gr.Markdown("## Circuits in weight-sparse transformers\nBrowse the circuits of OpenAI-style weight-sparse "
                     "models (Gao et al. 2025): pick a model, a task, a pruning run and its size k.")
+        settings = self.explorer.settings
         with gr.Row(equal_height=True):
-            model_in = Choice(choices=list(dict.fromkeys([settings.default_model, *settings.models])), value=None, label="Model", allow_custom_value=True,
-                              info="'default', a hub id (org/name), or a model folder on this server",
-                              elem_id="model-select", scale=2)
-            task_in = Choice(choices=task_names(), value=None, label="Task", elem_id="task-select", scale=2)
-            run_in = Choice(choices=[], value=None, label="Pruning run", elem_id="run-select", scale=3)
-            k_in = Number(1, 2, value=1, step=1, label="k (nodes kept)", elem_id="k-slider", scale=2)
-        status = gr.Markdown("", elem_id="status")
-        summary = gr.Markdown("Loading…", elem_id="summary", elem_classes=["csp-summary"])
-        with gr.Group(visible=False, elem_id="no-circuit") as empty_box:
-            empty_md = gr.Markdown("", elem_id="no-circuit-md")
-            empty_btn = gr.Button("Prune a circuit for this task", variant="primary", elem_id="prune-here")
-            empty_progress = gr.Markdown("", elem_id="prune-here-progress")
-            empty_out = gr.Markdown("", elem_id="prune-here-md")
+            self.model_in = Choice(choices=list(dict.fromkeys([settings.default_model, *settings.models])), value=None,
+                                   label="Model", allow_custom_value=True,
+                                   info="'default', a hub id (org/name), or a model folder on this server",
+                                   elem_id="model-select", scale=2)
+            self.task_in = Choice(choices=task_names(), value=None, label="Task", elem_id="task-select", scale=2)
+            self.run_in = Choice(choices=[], value=None, label="Pruning run", elem_id="run-select", scale=3)
+            self.k_in = Number(1, 2, value=1, step=1, label="k (nodes kept)", elem_id="k-slider", scale=2)
+        self.status = gr.Markdown("", elem_id="status")
+        self.summary = gr.Markdown("Loading…", elem_id="summary", elem_classes=["csp-summary"])
+        with gr.Group(visible=False, elem_id="no-circuit") as self.empty_box:
+            self.empty_md = gr.Markdown("", elem_id="no-circuit-md")
+            self.empty_btn = gr.Button("Prune a circuit for this task", variant="primary", elem_id="prune-here")
+            self.empty_progress = gr.Markdown("", elem_id="prune-here-progress")
+            self.empty_out = gr.Markdown("", elem_id="prune-here-md")
 
-        with gr.Tabs():
-            with gr.Tab("Circuit browser", id="browser") as browser_tab:
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=260):
-                        layer_in = Options(choices=[], value=None, label="Layer (ablation Δ · nodes)", elem_id="layer-select")
-                        layer_bars = gr.Plot(plotting.message_figure("Loading…", 200), elem_id="layer-bars", show_label=False)
-                    with gr.Column(scale=3):
-                        with gr.Row():
-                            search_in = gr.Textbox(label="Find a node (Enter)", placeholder="id or label: h3.ch5, n12, r80, 1.attn.q",
-                                                   elem_id="node-search", scale=3)
-                            edges_in = Number(0, 100, value=0, step=5, label="Hide edges below |w| (% of the largest)",
-                                              elem_id="edge-threshold", scale=2)
-                        # (a figure from the start: the browser loads Plotly while the first view is computed)
-                        graph = gr.Plot(plotting.message_figure("Loading the circuit…"), elem_id="circuit-graph",
-                                        show_label=False)
-                        node_in = Choice(choices=[], value=None, label="Selected node (or click one in the graph)",
-                                         elem_id="node-select")
-                with gr.Group(elem_id="node-panel"):
-                    node_header = gr.Markdown("", elem_id="node-header")
-                    zero_centered = gr.Checkbox(value=True, label="zero-centred colours", elem_id="zero-centered")
-                with gr.Tabs(elem_id="node-tabs"):
-                    with gr.Tab("Task examples", id="node-task"):
-                        task_acts = gr.HTML("", elem_id="task-acts")
-                    with gr.Tab("Activating examples", id="node-examples-tab"):
-                        examples = gr.HTML("", elem_id="node-examples")
-                    with gr.Tab("Attention", id="node-attention"):
-                        attn_rows = gr.HTML("", elem_id="attn-rows")
-                        with gr.Row():
-                            attn_plot = gr.Plot(elem_id="attn-pattern", show_label=False)
-                            qk_plot = gr.Plot(elem_id="qk-contrib", show_label=False)
-                    with gr.Tab("Connections", id="node-connections"):
-                        connections = gr.HTML("", elem_id="connections")
-            with gr.Tab("Whole circuit", id="overview") as overview_tab:
-                overview = gr.Plot(elem_id="circuit-overview", show_label=False)
-            with gr.Tab("Curves", id="curves") as curves_tab:
-                faith_plot = gr.Plot(elem_id="faith-plot", show_label=False)
-                prune_plot = gr.Plot(elem_id="prune-plot", show_label=False)
-                train_plot = gr.Plot(elem_id="train-plot", show_label=False)
-                details = gr.HTML("", elem_id="run-details")
-            with gr.Tab("Embeddings", id="embeddings") as emb_tab:
-                channel_in = Number(0, 1, value=0, step=1, label="Residual channel", elem_id="channel-slider")
-                emb_notice = gr.Markdown("", elem_id="emb-notice")
-                emb_tokens = gr.Plot(show_label=False, elem_id="emb-tokens")
-                with gr.Row():
-                    emb_hist = gr.Plot(show_label=False, elem_id="emb-hist")
-                    pos_plot = gr.Plot(show_label=False, elem_id="pos-emb")
-            with gr.Tab("Prompt lab", id="prompt") as prompt_tab:
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        prompt_in = gr.Code(value=DEFAULT_PROMPT, language="python", label="Prompt (Python code)",
-                                            elem_id="prompt-input", interactive=True)
-                        with gr.Row():
-                            cand_a = gr.Textbox(value='"', label="candidate A", elem_id="cand-a", max_length=100)
-                            cand_b = gr.Textbox(value="'", label="candidate B", elem_id="cand-b", max_length=100)
-                        prompt_btn = gr.Button("Predict next token", variant="primary", elem_id="prompt-run")
-                    with gr.Column(scale=3):
-                        prompt_notice = gr.Markdown("", elem_id="prompt-notice")
-                        prompt_tokens = gr.HTML("", elem_id="prompt-tokens")
-                        logit_diff = gr.Markdown("", elem_id="logit-diff")
-                next_plot = gr.Plot(plotting.message_figure("Press Predict next token.", 160), elem_id="next-plot", show_label=False)
-                prompt_node_acts = gr.HTML("", elem_id="prompt-node-acts")
-                with gr.Accordion("/next_tokens output (JSON)", open=False):
-                    prompt_json = gr.JSON(label="/next_tokens output", elem_id="prompt-json")
-            with gr.Tab("Ablations & pruning", id="ablations") as ablations_tab:
-                with gr.Row():
-                    abl_layers = gr.CheckboxGroup(choices=[], label="Ablate layers", elem_id="abl-layers")
-                    abl_nodes = Choice(choices=[], value=[], multiselect=True, allow_custom_value=True,
-                                       label="Ablate nodes (any 'location:index')", elem_id="abl-nodes")
-                with gr.Row():
-                    abl_mode = gr.Radio(["mean", "zero"], value="mean", label="Ablation", elem_id="abl-mode")
-                    abl_base = gr.Radio(["full model", "circuit"], value="full model", label="Ablate from", elem_id="abl-base")
-                    abl_btn = gr.Button("Ablate", variant="primary", elem_id="abl-run")
-                abl_plot = gr.Plot(plotting.message_figure("Choose layers or nodes and press Ablate.", 160),
-                                   elem_id="ablation-plot", show_label=False)
-                abl_table = gr.Markdown("", elem_id="ablation-table")
-                imp_btn = gr.Button("Compute every circuit node's importance (live)", elem_id="imp-run")
-                imp_plot = gr.Plot(plotting.message_figure("Press the button to ablate every circuit node in turn.", 160),
-                                   elem_id="importance-plot", show_label=False)
-                with gr.Row():
-                    cmp_in = Choice(choices=[], value=None, label="Compare with run", elem_id="compare-select")
-                    cmp_btn = gr.Button("Compare", elem_id="compare-run")
-                cmp_plot = gr.Plot(plotting.message_figure("Choose a run to compare with.", 160), elem_id="compare-plot",
-                                   show_label=False)
-                cmp_md = gr.Markdown("", elem_id="compare-md")
-                gr.Markdown("### Run pruning\nLearns node masks for the task, then bisects for the smallest circuit "
-                            "reaching the target loss. The result becomes a run of this session (kept on the server, "
-                            "so it survives a reload and can be shared by link).")
-                with gr.Row():
-                    pr_task = Choice(choices=task_names(), value=None, label="Task", elem_id="prune-task")
-                    pr_mode = gr.Radio(["nats", "× full model's loss"], value="nats", label="Target is",
-                                       elem_id="prune-mode")
-                    pr_target = gr.Number(value=0.15, label="Target loss", elem_id="prune-target")
-                    pr_steps = Number(10, 2000, value=200, step=10, label="Mask training steps", elem_id="prune-steps")
-                    pr_control = gr.Checkbox(False, label="Shuffled-answer control (about doubles the time)",
-                                             elem_id="prune-control")
-                pr_check = gr.Markdown("", elem_id="prune-check")
-                pr_btn = gr.Button("Run pruning", variant="primary", elem_id="prune-run")
-                pr_progress = gr.Markdown("", elem_id="prune-progress")
-                pr_md = gr.Markdown("", elem_id="prune-md")
-                gr.Markdown("### Your own task\nOne JSON object per line, `{\"prompt\": ..., \"correct\": ..., "
-                            "\"incorrect\": ...}`: each answer one token right after the prompt, and each of the two "
-                            "answers correct somewhere (else always giving one answer solves it). The task joins the "
-                            "task list of this session; its runs carry its examples.")
-                with gr.Row():
-                    ct_text = gr.Textbox(lines=5, max_lines=12, label="Task lines (JSON lines)", elem_id="custom-task-text",
-                                         placeholder='{"prompt": "x = \'a", "correct": "\'", "incorrect": "\\""}', scale=3)
-                    with gr.Column(scale=1):
-                        ct_file = gr.File(label="or a .jsonl file", file_types=[".jsonl", ".json", ".txt"],
-                                          elem_id="custom-task-file")
-                        ct_name = gr.Textbox(label="Name", placeholder="my_task", elem_id="custom-task-name")
-                ct_btn = gr.Button("Check and add the task", elem_id="custom-task-add")
-                ct_md = gr.Markdown("", elem_id="custom-task-md")
-            with gr.Tab("Share & files", id="share") as share_tab:
-                share_link = gr.Textbox(label="Link to this view", elem_id="share-link", buttons=["copy"], interactive=False)
-                download = gr.DownloadButton("Download circuit (csp-circuit JSON)", value=None, elem_id="download")
-                upload = gr.File(label=f"Import a circuit file (.json) or the original visualizer's viz_data.pt "
-                                       f"(up to {MAX_UPLOAD_BYTES // 1_000_000} MB)", file_types=[".json", ".pt"], elem_id="upload")
-                upload_md = gr.Markdown("", elem_id="upload-md")
+    def browser_tab(self) -> None:
+        with gr.Tab("Circuit browser", id="browser") as self.tabs["browser"]:
+            with gr.Row():
+                with gr.Column(scale=1, min_width=260):
+                    self.layer_in = Options(choices=[], value=None, label="Layer (ablation Δ · nodes)",
+                                            elem_id="layer-select")
+                    self.layer_bars = gr.Plot(plotting.message_figure("Loading…", 200), elem_id="layer-bars",
+                                              show_label=False)
+                with gr.Column(scale=3):
+                    with gr.Row():
+                        self.search_in = gr.Textbox(label="Find a node (Enter)",
+                                                    placeholder="id or label: h3.ch5, n12, r80, 1.attn.q",
+                                                    elem_id="node-search", scale=3)
+                        self.edges_in = Number(0, 100, value=0, step=5, label="Hide edges below |w| (% of the largest)",
+                                               elem_id="edge-threshold", scale=2)
+                    # (a figure from the start: the browser loads Plotly while the first view is computed)
+                    self.graph = gr.Plot(plotting.message_figure("Loading the circuit…"), elem_id="circuit-graph",
+                                         show_label=False)
+                    self.node_in = Choice(choices=[], value=None, label="Selected node (or click one in the graph)",
+                                          elem_id="node-select")
+            with gr.Group(elem_id="node-panel"):
+                self.node_header = gr.Markdown("", elem_id="node-header")
+                self.zero_centered = gr.Checkbox(value=True, label="zero-centred colours", elem_id="zero-centered")
+            with gr.Tabs(elem_id="node-tabs"):
+                with gr.Tab("Task examples", id="node-task"):
+                    self.task_acts = gr.HTML("", elem_id="task-acts")
+                with gr.Tab("Activating examples", id="node-examples-tab"):
+                    self.examples = gr.HTML("", elem_id="node-examples")
+                with gr.Tab("Attention", id="node-attention"):
+                    self.attn_rows = gr.HTML("", elem_id="attn-rows")
+                    with gr.Row():
+                        self.attn_plot = gr.Plot(elem_id="attn-pattern", show_label=False)
+                        self.qk_plot = gr.Plot(elem_id="qk-contrib", show_label=False)
+                with gr.Tab("Connections", id="node-connections"):
+                    self.connections = gr.HTML("", elem_id="connections")
 
-        # hidden plumbing: Plotly clicks arrive in node_click (see PAGE_JS); share_query holds the view's query
-        node_click = gr.Textbox(visible="hidden", elem_id="node-click", label="clicked node")
-        share_query = gr.Textbox(visible="hidden", elem_id="share-query", label="query")
+    def overview_tab(self) -> None:
+        with gr.Tab("Whole circuit", id="overview") as self.tabs["overview"]:
+            self.overview = gr.Plot(elem_id="circuit-overview", show_label=False)
 
-        # ------------------------------------------------------------------------------------------
-        # the view: one function from (session, request) to View; here only its mapping onto components
+    def curves_tab(self) -> None:
+        with gr.Tab("Curves", id="curves") as self.tabs["curves"]:
+            self.faith_plot = gr.Plot(elem_id="faith-plot", show_label=False)
+            self.prune_plot = gr.Plot(elem_id="prune-plot", show_label=False)
+            self.train_plot = gr.Plot(elem_id="train-plot", show_label=False)
+            self.details = gr.HTML("", elem_id="run-details")
 
-        def show(view: View, request: gr.Request | None = None, ticket: int | None = None) -> dict:
-            """Component updates for the parts of the page this view changes; nothing for the slow numbers of a
-            selection the page no longer shows, nor for a selection overtaken by a later one."""
-            none = view.run is None
-            before = shown.current(request)
-            if not shown.accept(request, view, ticket):
-                return {summary: gr.skip()}  # (an empty dict reads as one value)
-            parts = {
-                "model": lambda: {model_in: gr.Dropdown(choices=view.model_choices, value=view.model)},
-                "task": lambda: {task_in: gr.Dropdown(choices=view.task_choices, value=view.task),
-                                 pr_task: gr.Dropdown(choices=view.task_choices, value=view.task)},
-                "run": lambda: {run_in: gr.Dropdown(choices=view.run_choices, value=None if none else view.run.id),
-                                cmp_in: gr.Dropdown(choices=view.run_choices, value=None)},
-                "k": lambda: {k_in: gr.Slider(minimum=1, maximum=max(view.k_max, 2), value=view.k or 1, step=1,
-                                              interactive=not none)},
-                "summary": lambda: {summary: view.summary},
-                "status": lambda: {status: view.status},
-                "empty": lambda: {empty_box: gr.Group(visible=none), empty_md: view.empty or "", empty_out: ""},
-                "layer": lambda: {layer_in: gr.Radio(choices=view.layer_choices)  # not the value the user may
-                                  if view.numbers_only                              # have changed since
-                                  else gr.Radio(choices=view.layer_choices, value=view.layer)},
-                "node": lambda: {node_in: gr.Dropdown(choices=view.node_choices, value=view.node)},
-                "graph": lambda: {graph: view.graph},
-                "layer_bars": lambda: {layer_bars: view.layer_bars},
-                "overview": lambda: {overview: view.overview},
-                "share": lambda: {share_query: view.share_query},
-                "node_header": lambda: {node_header: view.node_header},
-            }
-            out = {session: view.session}
-            for name in view.parts_to_paint(before):
-                out.update(parts[name]())
-            if not view.numbers_only and view.selected != before:  # the node panel of the old selection goes
-                out.update(node_outputs_of(panels.node_panel_updating(view.selected)))
-            if not view.numbers_only and (before is None or before.numbers != view.selected.numbers):
-                # the download of an older selection is never left on the button: on the Share tab the new one
-                # is written now, elsewhere when the tab opens
-                path = panels.download_path(view.model, view.run.id, view.k) if view.tab == "share" and view.run else None
-                out[download] = gr.DownloadButton(value=path)
-            if "run" in view.changed:
-                out[abl_layers] = gr.CheckboxGroup(choices=plotting.layer_names(view.entry.n_layer), value=[])
-                out[channel_in] = gr.Slider(minimum=0, maximum=int(view.entry.config.d_model) - 1, step=1)
-            return out
+    def embeddings_tab(self) -> None:
+        with gr.Tab("Embeddings", id="embeddings") as self.tabs["embeddings"]:
+            self.channel_in = Number(0, 1, value=0, step=1, label="Residual channel", elem_id="channel-slider")
+            self.emb_notice = gr.Markdown("", elem_id="emb-notice")
+            self.emb_tokens = gr.Plot(show_label=False, elem_id="emb-tokens")
+            with gr.Row():
+                self.emb_hist = gr.Plot(show_label=False, elem_id="emb-hist")
+                self.pos_plot = gr.Plot(show_label=False, elem_id="pos-emb")
 
-        view_outputs = [session, model_in, task_in, pr_task, run_in, cmp_in, k_in, summary, status, empty_box, empty_md,
-                        empty_out, layer_in, node_in, graph, layer_bars, overview, share_query, node_header, abl_layers,
-                        channel_in, connections, examples, task_acts, attn_rows, attn_plot, qk_plot, download]
-        selection = [model_in, task_in, run_in, k_in, layer_in, node_in, edges_in, tab]
+    def prompt_tab(self) -> None:
+        with gr.Tab("Prompt lab", id="prompt") as self.tabs["prompt"]:
+            with gr.Row():
+                with gr.Column(scale=2):
+                    self.prompt_in = gr.Code(value=DEFAULT_PROMPT, language="python", label="Prompt (Python code)",
+                                             elem_id="prompt-input", interactive=True)
+                    with gr.Row():
+                        self.cand_a = gr.Textbox(value='"', label="candidate A", elem_id="cand-a", max_length=100)
+                        self.cand_b = gr.Textbox(value="'", label="candidate B", elem_id="cand-b", max_length=100)
+                    self.prompt_btn = gr.Button("Predict next token", variant="primary", elem_id="prompt-run")
+                with gr.Column(scale=3):
+                    self.prompt_notice = gr.Markdown("", elem_id="prompt-notice")
+                    self.prompt_tokens = gr.HTML("", elem_id="prompt-tokens")
+                    self.logit_diff = gr.Markdown("", elem_id="logit-diff")
+            self.next_plot = gr.Plot(plotting.message_figure("Press Predict next token.", 160), elem_id="next-plot",
+                                     show_label=False)
+            self.prompt_node_acts = gr.HTML("", elem_id="prompt-node-acts")
+            with gr.Accordion("/next_tokens output (JSON)", open=False):
+                self.prompt_json = gr.JSON(label="/next_tokens output", elem_id="prompt-json")
 
-        def on_view(event):
-            def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
-                page = shown.current(request)
-                if event == "stats":  # the numbers of what the page shows now, one computation at a time per page
-                    if page is not None:
-                        model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
-                    with page_lock(getattr(request, "session_hash", None)):
-                        asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
-                        return show(resolve_view(state, asked), request, None)
-                asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
-                ticket, fresh = shown.begin(request, asked)
-                if event in PICKS and not fresh:  # a re-send of the newest pick, or of what is shown: no change
-                    return {summary: gr.skip()}
-                return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
+    def ablations_tab(self) -> None:
+        """Ablations, live importances, comparison, pruning (its defaults are the library's `PruneConfig`) and
+        user tasks."""
+        prune_defaults = PruneConfig()
+        with gr.Tab("Ablations & pruning", id="ablations") as self.tabs["ablations"]:
+            with gr.Row():
+                self.abl_layers = gr.CheckboxGroup(choices=[], label="Ablate layers", elem_id="abl-layers")
+                self.abl_nodes = Choice(choices=[], value=[], multiselect=True, allow_custom_value=True,
+                                        label="Ablate nodes (any 'location:index')", elem_id="abl-nodes")
+            with gr.Row():
+                self.abl_mode = gr.Radio(["mean", "zero"], value=prune_defaults.ablation, label="Ablation",
+                                         elem_id="abl-mode")
+                self.abl_base = gr.Radio(["full model", "circuit"], value="full model", label="Ablate from",
+                                         elem_id="abl-base")
+                self.abl_btn = gr.Button("Ablate", variant="primary", elem_id="abl-run")
+            self.abl_plot = gr.Plot(plotting.message_figure("Choose layers or nodes and press Ablate.", 160),
+                                    elem_id="ablation-plot", show_label=False)
+            self.abl_table = gr.Markdown("", elem_id="ablation-table")
+            self.imp_btn = gr.Button("Compute every circuit node's importance (live)", elem_id="imp-run")
+            self.imp_plot = gr.Plot(plotting.message_figure("Press the button to ablate every circuit node in turn.", 160),
+                                    elem_id="importance-plot", show_label=False)
+            with gr.Row():
+                self.cmp_in = Choice(choices=[], value=None, label="Compare with run", elem_id="compare-select")
+                self.cmp_btn = gr.Button("Compare", elem_id="compare-run")
+            self.cmp_plot = gr.Plot(plotting.message_figure("Choose a run to compare with.", 160), elem_id="compare-plot",
+                                    show_label=False)
+            self.cmp_md = gr.Markdown("", elem_id="compare-md")
+            gr.Markdown("### Run pruning\nLearns node masks for the task, then bisects for the smallest circuit "
+                        "reaching the target loss. The result becomes a run of this session (kept on the server, "
+                        "so it survives a reload and can be shared by link).")
+            with gr.Row():
+                self.pr_task = Choice(choices=task_names(), value=None, label="Task", elem_id="prune-task")
+                self.pr_mode = gr.Radio(["nats", "× full model's loss"], value="nats", label="Target is",
+                                        elem_id="prune-mode")
+                self.pr_target = gr.Number(value=prune_defaults.target_loss, label="Target loss", elem_id="prune-target")
+                self.pr_steps = Number(MIN_PRUNE_STEPS, MAX_PRUNE_STEPS, value=prune_defaults.steps, step=10,
+                                       label="Mask training steps", elem_id="prune-steps")
+                self.pr_control = gr.Checkbox(prune_defaults.control is not None,
+                                              label="Shuffled-answer control (about doubles the time)",
+                                              elem_id="prune-control")
+            self.pr_check = gr.Markdown("", elem_id="prune-check")
+            self.pr_btn = gr.Button("Run pruning", variant="primary", elem_id="prune-run")
+            self.pr_progress = gr.Markdown("", elem_id="prune-progress")
+            self.pr_md = gr.Markdown("", elem_id="prune-md")
+            gr.Markdown("### Your own task\nOne JSON object per line, `{\"prompt\": ..., \"correct\": ..., "
+                        "\"incorrect\": ...}`: each answer one token right after the prompt, and each of the two "
+                        "answers correct somewhere (else always giving one answer solves it). The task joins the "
+                        "task list of this session; its runs carry its examples.")
+            with gr.Row():
+                self.ct_text = gr.Textbox(lines=5, max_lines=12, label="Task lines (JSON lines)",
+                                          elem_id="custom-task-text",
+                                          placeholder='{"prompt": "x = \'a", "correct": "\'", "incorrect": "\\""}',
+                                          scale=3)
+                with gr.Column(scale=1):
+                    self.ct_file = gr.File(label="or a .jsonl file", file_types=[".jsonl", ".json", ".txt"],
+                                           elem_id="custom-task-file")
+                    self.ct_name = gr.Textbox(label="Name", placeholder="my_task", elem_id="custom-task-name")
+            self.ct_btn = gr.Button("Check and add the task", elem_id="custom-task-add")
+            self.ct_md = gr.Markdown("", elem_id="custom-task-md")
 
-            return guarded(handler, status)
+    def share_tab(self) -> None:
+        with gr.Tab("Share & files", id="share") as self.tabs["share"]:
+            self.share_link = gr.Textbox(label="Link to this view", elem_id="share-link", buttons=["copy"],
+                                         interactive=False)
+            self.download = gr.DownloadButton("Download circuit (csp-circuit JSON)", value=None, elem_id="download")
+            self.upload = gr.File(label=f"Import a circuit file (.json) or the original visualizer's viz_data.pt "
+                                        f"(up to {MAX_UPLOAD_BYTES // 1_000_000} MB)", file_types=[".json", ".pt"],
+                                  elem_id="upload")
+            self.upload_md = gr.Markdown("", elem_id="upload-md")
 
-        def on_load(saved_runs, request: gr.Request):
-            query = dict(request.query_params) if request is not None else {}
-            ticket, _ = shown.begin(request, Request("load"))
-            view = resolve_view(None, Request("load", query=query, saved=saved_runs))
-            return {**show(view, request, ticket), saved: view.session.saved()}
+    def plumbing(self) -> None:
+        """Hidden boxes: Plotly clicks arrive in node_click (see PAGE_JS); share_query holds the view's query."""
+        self.node_click = gr.Textbox(visible="hidden", elem_id="node-click", label="clicked node")
+        self.share_query = gr.Textbox(visible="hidden", elem_id="share-query", label="query")
+        self.view_outputs = [
+            self.session, self.model_in, self.task_in, self.pr_task, self.run_in, self.cmp_in, self.k_in, self.summary,
+            self.status, self.empty_box, self.empty_md, self.empty_out, self.layer_in, self.node_in, self.graph,
+            self.layer_bars, self.overview, self.share_query, self.node_header, self.abl_layers, self.channel_in,
+            self.connections, self.examples, self.task_acts, self.attn_rows, self.attn_plot, self.qk_plot, self.download]
+        self.selection = [self.model_in, self.task_in, self.run_in, self.k_in, self.layer_in, self.node_in,
+                          self.edges_in, self.tab]
+        self.node_inputs = [self.model_in, self.task_in, self.run_in, self.k_in, self.layer_in, self.node_in,
+                            self.zero_centered]
+        self.node_outputs = [self.connections, self.examples, self.task_acts, self.attn_rows, self.attn_plot,
+                             self.qk_plot, self.status]
 
-        def on_click(state, model, task, run, k, layer, node, edges, tab_name, clicked, request: gr.Request):
-            node, _, rest = (clicked or "").partition("|")
-            asked = Request("click" if rest.startswith("graph") else "node", model, task, run, k, layer, node, edges,
-                            tab=tab_name)
-            ticket, fresh = shown.begin(request, asked)
-            if not fresh:
-                return {summary: gr.skip()}
-            return show(resolve_view(state, replace(asked, fresh=fresh)), request, ticket)
+    # ---- painting ---------------------------------------------------------------------------------
 
-        def on_search(state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
-            asked = Request("search", model, task, run, k, layer, node, edges, search=text, tab=tab_name)
-            ticket, _ = shown.begin(request, asked)
-            return show(resolve_view(state, asked), request, ticket)
+    def show(self, view: View, request: gr.Request | None = None, ticket: int | None = None) -> dict:
+        """Component updates for the parts of the page this view changes; nothing for the slow numbers of a
+        selection the page no longer shows, nor for a selection overtaken by a later one."""
+        none = view.run is None
+        before = self.shown.current(request)
+        if not self.shown.accept(request, view, ticket):
+            return {self.summary: gr.skip()}  # (an empty dict reads as one value)
+        parts = {
+            "model": lambda: {self.model_in: gr.Dropdown(choices=view.model_choices, value=view.model)},
+            "task": lambda: {self.task_in: gr.Dropdown(choices=view.task_choices, value=view.task),
+                             self.pr_task: gr.Dropdown(choices=view.task_choices, value=view.task)},
+            "run": lambda: {self.run_in: gr.Dropdown(choices=view.run_choices, value=None if none else view.run.id),
+                            self.cmp_in: gr.Dropdown(choices=view.run_choices, value=None)},
+            "k": lambda: {self.k_in: gr.Slider(minimum=1, maximum=max(view.k_max, 2), value=view.k or 1, step=1,
+                                               interactive=not none)},
+            "summary": lambda: {self.summary: view.summary},
+            "status": lambda: {self.status: view.status},
+            "empty": lambda: {self.empty_box: gr.Group(visible=none), self.empty_md: view.empty or "",
+                              self.empty_out: ""},
+            "layer": lambda: {self.layer_in: gr.Radio(choices=view.layer_choices)  # not the value the user may
+                              if view.numbers_only                                   # have changed since
+                              else gr.Radio(choices=view.layer_choices, value=view.layer)},
+            "node": lambda: {self.node_in: gr.Dropdown(choices=view.node_choices, value=view.node)},
+            "graph": lambda: {self.graph: view.graph},
+            "layer_bars": lambda: {self.layer_bars: view.layer_bars},
+            "overview": lambda: {self.overview: view.overview},
+            "share": lambda: {self.share_query: view.share_query},
+            "node_header": lambda: {self.node_header: view.node_header},
+        }
+        out = {self.session: view.session}
+        for name in view.parts_to_paint(before):
+            out.update(parts[name]())
+        if not view.numbers_only and view.selected != before:  # the node panel of the old selection goes
+            out.update(self.node_outputs_of(panels.node_panel_updating(view.selected)))
+        if not view.numbers_only and (before is None or before.numbers != view.selected.numbers):
+            # the download of an older selection is never left on the button: on the Share tab the new one
+            # is written now, elsewhere when the tab opens
+            path = (panels.download_path(self.explorer, view.model, view.run.id, view.k)
+                    if view.tab == "share" and view.run else None)
+            out[self.download] = gr.DownloadButton(value=path)
+        if "run" in view.changed:
+            out[self.abl_layers] = gr.CheckboxGroup(choices=plotting.layer_names(view.entry.n_layer), value=[])
+            out[self.channel_in] = gr.Slider(minimum=0, maximum=int(view.entry.config.d_model) - 1, step=1)
+        return out
 
-        def node_outputs_of(p: panels.NodePanel) -> dict:
-            return {connections: p.connections, examples: p.examples, task_acts: p.task, attn_rows: p.attention,
-                    attn_plot: p.attention_figure or plotting.message_figure("No attention pattern for this node.", 200),
-                    qk_plot: p.qk_figure or plotting.message_figure("q·k contributions are shown for q and k channels.", 200)}
+    def node_outputs_of(self, p: panels.NodePanel) -> dict:
+        return {self.connections: p.connections, self.examples: p.examples, self.task_acts: p.task,
+                self.attn_rows: p.attention,
+                self.attn_plot: p.attention_figure or plotting.message_figure("No attention pattern for this node.", 200),
+                self.qk_plot: p.qk_figure or plotting.message_figure("q·k contributions are shown for q and k channels.",
+                                                                     200)}
 
-        def on_node_panel(model, task, run, k, layer, node, zc, request: gr.Request):
-            """The panel of the node the page shows now (as `Shown` knows it: the page's boxes may still hold a
-            pick whose answer is on its way), painted only if the page still shows it when done."""
-            page = shown.current(request)
-            if page is not None:
-                model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
-            p = panels.node_panel(model, task, run, k, node, zc, layer=layer)
-            if not shown.shows(request, p.selection):
-                return {connections: gr.skip()}  # the page has moved on: its own node panel step follows
-            return node_outputs_of(p)
+    def new_run(self, result: panels.NewRun, message_box, request) -> dict:
+        """A run pruned or imported here, shown (it joins the browser's saved runs), with its message."""
+        if result.view is None:
+            return {message_box: result.message}
+        ticket, _ = self.shown.begin(request, Request("load"))  # the new run is the newest pick
+        return {**self.show(result.view, request, ticket), message_box: result.message,
+                self.saved: result.view.session.saved()}
 
-        node_inputs = [model_in, task_in, run_in, k_in, layer_in, node_in, zero_centered]
-        node_outputs = [connections, examples, task_acts, attn_rows, attn_plot, qk_plot, status]
+    # ---- events: the view ---------------------------------------------------------------------------
 
-        def on_empty_check(model, task, run, target, mode, request: gr.Request):
-            """Before pruning from "no circuit yet": what the full model's loss says about the target."""
-            if run or not shown.shows(request, Selection.of(model, task), True):
-                return {empty_out: gr.skip()}
-            return {empty_out: panels.prune_check(model, task, target, mode != "nats")}
+    def on_view(self, event):
+        def handler(state, model, task, run, k, layer, node, edges, tab_name, request: gr.Request):
+            page = self.shown.current(request)
+            if event == "stats":  # the numbers of what the page shows now, one computation at a time per page
+                if page is not None:
+                    model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
+                with self.page_lock(getattr(request, "session_hash", None)):
+                    asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
+                    return self.show(resolve_view(self.explorer, state, asked), request, None)
+            asked = Request(event, model, task, run, k, layer, node, edges, tab=tab_name)
+            ticket, fresh = self.shown.begin(request, asked)
+            if event in PICKS and not fresh:  # a re-send of the newest pick, or of what is shown: no change
+                return {self.summary: gr.skip()}
+            return self.show(resolve_view(self.explorer, state, replace(asked, fresh=fresh)), request, ticket)
 
-        def chain(trigger, fn, inputs, outputs=None, stats=True, **kwargs):
-            """An event that changes the view, then the node panel, then the slow numbers (painted only while the
-            page shows their selection); returns the event's own step."""
-            first = trigger(fn if inspect.isgeneratorfunction(fn) else guarded(fn, status), inputs,
-                            outputs or view_outputs, **kwargs)
-            # (Gradio's default, "once", drops a step triggered while the same step is pending: the node panel and
-            # numbers of the last pick would never come; "always_last" runs the newest trigger when it is done)
-            last = dict(show_progress="hidden", trigger_mode="always_last")
-            step = first.then(guarded(on_node_panel, status), node_inputs, node_outputs, **last)
-            if stats:
-                step.then(on_view("stats"), [session] + selection, view_outputs, **last).then(
-                    guarded(on_empty_check, status), [model_in, task_in, run_in, pr_target, pr_mode],
-                    [empty_out, status], **last)
-            return first
+        return guarded(handler, self.status)
 
-        chain(demo.load, on_load, [saved], view_outputs + [saved])
+    def on_load(self, saved_runs, request: gr.Request):
+        query = dict(request.query_params) if request is not None else {}
+        ticket, _ = self.shown.begin(request, Request("load"))
+        view = resolve_view(self.explorer, None, Request("load", query=query, saved=saved_runs))
+        return {**self.show(view, request, ticket), self.saved: view.session.saved()}
+
+    def on_click(self, state, model, task, run, k, layer, node, edges, tab_name, clicked, request: gr.Request):
+        node, _, rest = (clicked or "").partition("|")
+        asked = Request("click" if rest.startswith("graph") else "node", model, task, run, k, layer, node, edges,
+                        tab=tab_name)
+        ticket, fresh = self.shown.begin(request, asked)
+        if not fresh:
+            return {self.summary: gr.skip()}
+        return self.show(resolve_view(self.explorer, state, replace(asked, fresh=fresh)), request, ticket)
+
+    def on_search(self, state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
+        asked = Request("search", model, task, run, k, layer, node, edges, search=text, tab=tab_name)
+        ticket, _ = self.shown.begin(request, asked)
+        return self.show(resolve_view(self.explorer, state, asked), request, ticket)
+
+    def on_node_panel(self, model, task, run, k, layer, node, zc, request: gr.Request):
+        """The panel of the node the page shows now (as `Shown` knows it: the page's boxes may still hold a
+        pick whose answer is on its way), painted only if the page still shows it when done."""
+        page = self.shown.current(request)
+        if page is not None:
+            model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
+        p = panels.node_panel(self.explorer, model, task, run, k, node, zc, layer=layer)
+        if not self.shown.shows(request, p.selection):
+            return {self.connections: gr.skip()}  # the page has moved on: its own node panel step follows
+        return self.node_outputs_of(p)
+
+    def on_empty_check(self, model, task, run, target, mode, request: gr.Request):
+        """Before pruning from "no circuit yet": what the full model's loss says about the target."""
+        if run or not self.shown.shows(request, Selection.of(model, task), True):
+            return {self.empty_out: gr.skip()}
+        return {self.empty_out: panels.prune_check(self.explorer, model, task, target, mode != "nats")}
+
+    def chain(self, trigger, fn, inputs, outputs=None, stats=True, **kwargs):
+        """An event that changes the view, then the node panel, then the slow numbers (painted only while the
+        page shows their selection); returns the event's own step."""
+        first = trigger(fn if inspect.isgeneratorfunction(fn) else guarded(fn, self.status), inputs,
+                        outputs or self.view_outputs, **kwargs)
+        # (Gradio's default, "once", drops a step triggered while the same step is pending: the node panel and
+        # numbers of the last pick would never come; "always_last" runs the newest trigger when it is done)
+        last = dict(show_progress="hidden", trigger_mode="always_last")
+        step = first.then(guarded(self.on_node_panel, self.status), self.node_inputs, self.node_outputs, **last)
+        if stats:
+            step.then(self.on_view("stats"), [self.session] + self.selection, self.view_outputs, **last).then(
+                guarded(self.on_empty_check, self.status),
+                [self.model_in, self.task_in, self.run_in, self.pr_target, self.pr_mode], [self.empty_out, self.status],
+                **last)
+        return first
+
+    def wire_browser(self, demo: gr.Blocks) -> None:
+        """The page's load and the selectors: each answers with the view, then the node panel, then the numbers."""
+        view_in = [self.session] + self.selection
+        self.chain(demo.load, self.on_load, [self.saved], self.view_outputs + [self.saved])
         # A dropdown pick ends with the box losing focus (Gradio 6 sends "input" for the pick and again for the blur):
         # one request per pick. A blur without a pick asks for what is shown, which changes nothing.
         # A pick made while the previous one of the same box is on its way is sent when that one is done
         # ("always_last"; Gradio's "once" would drop it while the box shows it).
         pick = dict(trigger_mode="always_last")
-        chain(model_in.blur, on_view("model"), [session] + selection, concurrency_id="model", concurrency_limit=2, **pick)
-        chain(task_in.blur, on_view("task"), [session] + selection, **pick)
-        chain(run_in.blur, on_view("run"), [session] + selection, **pick)
+        self.chain(self.model_in.blur, self.on_view("model"), view_in, concurrency_id="model", concurrency_limit=2,
+                   **pick)
+        self.chain(self.task_in.blur, self.on_view("task"), view_in, **pick)
+        self.chain(self.run_in.blur, self.on_view("run"), view_in, **pick)
         # (selections answer within a few hundred ms: no progress overlays, whose drawing on every output costs
         # as much as the answer)
-        chain(k_in.release, on_view("k"), [session] + selection, show_progress="hidden", **pick)
+        self.chain(self.k_in.release, self.on_view("k"), view_in, show_progress="hidden", **pick)
         # (the numbers follow every pick: a layer or node pick may have overtaken the pick of a run or k whose
         # own numbers step then found the page elsewhere; cached, they cost little)
-        chain(layer_in.input, on_view("layer"), [session] + selection, show_progress="hidden", **pick)
-        chain(node_in.blur, on_view("node"), [session] + selection, show_progress="hidden", **pick)
-        chain(node_click.change, on_click, [session] + selection + [node_click], show_progress="hidden", **pick)
-        chain(search_in.submit, on_search, [session] + selection + [search_in], show_progress="hidden", **pick)
-        edges_in.release(on_view("edges"), [session] + selection, view_outputs, show_progress="hidden")
-        zero_centered.input(guarded(on_node_panel, status), node_inputs, node_outputs, show_progress="minimal")
-        share_query.change(None, [share_query], [share_link], js=SHARE_JS)
+        self.chain(self.layer_in.input, self.on_view("layer"), view_in, show_progress="hidden", **pick)
+        self.chain(self.node_in.blur, self.on_view("node"), view_in, show_progress="hidden", **pick)
+        self.chain(self.node_click.change, self.on_click, view_in + [self.node_click], show_progress="hidden", **pick)
+        self.chain(self.search_in.submit, self.on_search, view_in + [self.search_in], show_progress="hidden", **pick)
+        self.edges_in.release(self.on_view("edges"), view_in, self.view_outputs, show_progress="hidden")
+        self.zero_centered.input(guarded(self.on_node_panel, self.status), self.node_inputs, self.node_outputs,
+                                 show_progress="minimal")
+        self.share_query.change(None, [self.share_query], [self.share_link], js=SHARE_JS)
 
-        # ------------------------------------------------------------------------------------------
-        # tabs: each computes its figures when it opens
+    # ---- events: the other tabs, each computing its figures when it opens ---------------------------------
 
-        for name, t in (("browser", browser_tab), ("overview", overview_tab), ("curves", curves_tab),
-                        ("embeddings", emb_tab), ("prompt", prompt_tab), ("ablations", ablations_tab), ("share", share_tab)):
-            t.select(lambda n=name: n, None, tab, queue=False, show_progress="hidden")
+    def wire_tab_names(self) -> None:
+        """The open tab's name in `tab` (the view computes the overview only while it is open)."""
+        for name, t in self.tabs.items():
+            t.select(lambda n=name: n, None, self.tab, queue=False, show_progress="hidden")
 
+    def wire_overview(self) -> None:
         def on_overview(state, model, task, run, k, layer, node, edges, _tab, request: gr.Request):
-            ticket, _ = shown.begin(request)
-            return show(resolve_view(state, Request("tab", model, task, run, k, layer, node, edges, tab="overview")),
-                        request, ticket)
+            ticket, _ = self.shown.begin(request)
+            return self.show(resolve_view(self.explorer, state, Request("tab", model, task, run, k, layer, node, edges,
+                                                                        tab="overview")), request, ticket)
 
-        overview_tab.select(guarded(on_overview, status), [session] + selection, view_outputs)
+        self.tabs["overview"].select(guarded(on_overview, self.status), [self.session] + self.selection, self.view_outputs)
 
+    def wire_curves(self) -> None:
         def on_curves(model, task, run, k):
-            p = panels.curves_panel(model, task, run, k)
-            return {faith_plot: p.faithfulness, prune_plot: p.pruning, train_plot: p.training, details: p.details}
+            p = panels.curves_panel(self.explorer, model, task, run, k)
+            return {self.faith_plot: p.faithfulness, self.prune_plot: p.pruning, self.train_plot: p.training,
+                    self.details: p.details}
 
-        curves_tab.select(guarded(on_curves, status), [model_in, task_in, run_in, k_in],
-                          [faith_plot, prune_plot, train_plot, details, status])
+        self.tabs["curves"].select(guarded(on_curves, self.status), [self.model_in, self.task_in, self.run_in, self.k_in],
+                                [self.faith_plot, self.prune_plot, self.train_plot, self.details, self.status])
 
+    def wire_embeddings(self) -> None:
         def on_embeddings(model, channel):
-            p = panels.embeddings_panel(model, channel)
-            return {channel_in: gr.Slider(value=p.channel), emb_tokens: p.tokens, emb_hist: p.histogram,
-                    pos_plot: p.positions, emb_notice: p.notice}
+            p = panels.embeddings_panel(self.explorer, model, channel)
+            return {self.channel_in: gr.Slider(value=p.channel), self.emb_tokens: p.tokens, self.emb_hist: p.histogram,
+                    self.pos_plot: p.positions, self.emb_notice: p.notice}
 
-        emb_outputs = [channel_in, emb_tokens, emb_hist, pos_plot, emb_notice, status]
-        emb_tab.select(guarded(on_embeddings, status), [model_in, channel_in], emb_outputs)
-        channel_in.release(guarded(on_embeddings, status), [model_in, channel_in], emb_outputs)
+        emb_outputs = [self.channel_in, self.emb_tokens, self.emb_hist, self.pos_plot, self.emb_notice, self.status]
+        self.tabs["embeddings"].select(guarded(on_embeddings, self.status), [self.model_in, self.channel_in], emb_outputs)
+        self.channel_in.release(guarded(on_embeddings, self.status), [self.model_in, self.channel_in], emb_outputs)
+
+    def wire_prompt(self) -> None:
+        def on_prompt(model, task, run, k, node, prompt, a, b, zc):
+            p = panels.prompt_panel(self.explorer, model, task, run, k, node, prompt, a, b, zc)
+            return {self.prompt_notice: p.notice, self.prompt_tokens: p.tokens, self.next_plot: p.figure,
+                    self.logit_diff: p.logit_diff, self.prompt_node_acts: p.node_acts, self.prompt_json: p.json}
+
+        prompt_inputs = [self.model_in, self.task_in, self.run_in, self.k_in, self.node_in, self.prompt_in, self.cand_a,
+                         self.cand_b, self.zero_centered]
+        prompt_outputs = [self.prompt_notice, self.prompt_tokens, self.next_plot, self.logit_diff,
+                          self.prompt_node_acts, self.prompt_json, self.status]
+        for trigger in (self.prompt_btn.click, self.cand_a.submit, self.cand_b.submit):
+            trigger(guarded(on_prompt, self.status), prompt_inputs, prompt_outputs)
+
+    def wire_ablations(self) -> None:
+        """Ablations, live importances and comparison of the shown circuit."""
+        shown_circuit = [self.model_in, self.task_in, self.run_in, self.k_in]
 
         def on_ablations_tab(model, task, run, k, target, mode):
-            return {abl_nodes: gr.Dropdown(choices=panels.circuit_nodes(model, run, k), value=[]),
-                    pr_check: panels.prune_check(model, task, target, mode != "nats")}
+            return {self.abl_nodes: gr.Dropdown(choices=panels.circuit_nodes(self.explorer, model, run, k), value=[]),
+                    self.pr_check: panels.prune_check(self.explorer, model, task, target, mode != "nats")}
 
-        ablations_tab.select(guarded(on_ablations_tab, status), [model_in, task_in, run_in, k_in, pr_target, pr_mode],
-                             [abl_nodes, pr_check, status])
-
-        def on_share_tab(model, run, k):
-            return {download: gr.DownloadButton(value=panels.download_path(model, run, k))}
-
-        share_tab.select(guarded(on_share_tab, status), [model_in, run_in, k_in], [download, status])
-
-        # ------------------------------------------------------------------------------------------
-        # prompt lab, ablations, importances, comparison
-
-        def on_prompt(model, task, run, k, node, prompt, a, b, zc):
-            p = panels.prompt_panel(model, task, run, k, node, prompt, a, b, zc)
-            return {prompt_notice: p.notice, prompt_tokens: p.tokens, next_plot: p.figure, logit_diff: p.logit_diff,
-                    prompt_node_acts: p.node_acts, prompt_json: p.json}
-
-        prompt_inputs = [model_in, task_in, run_in, k_in, node_in, prompt_in, cand_a, cand_b, zero_centered]
-        prompt_outputs = [prompt_notice, prompt_tokens, next_plot, logit_diff, prompt_node_acts, prompt_json, status]
-        for trigger in (prompt_btn.click, cand_a.submit, cand_b.submit):
-            trigger(guarded(on_prompt, status), prompt_inputs, prompt_outputs)
+        self.tabs["ablations"].select(guarded(on_ablations_tab, self.status), shown_circuit + [self.pr_target, self.pr_mode],
+                                   [self.abl_nodes, self.pr_check, self.status])
 
         def on_ablate(model, task, run, k, layers, nodes, mode, base):
-            p = panels.ablation_panel(model, task, run, k, layers, nodes, mode, base)
-            return {abl_plot: p.figure, abl_table: p.table}
+            p = panels.ablation_panel(self.explorer, model, task, run, k, layers, nodes, mode, base)
+            return {self.abl_plot: p.figure, self.abl_table: p.table}
 
-        abl_btn.click(guarded(on_ablate, status), [model_in, task_in, run_in, k_in, abl_layers, abl_nodes, abl_mode, abl_base],
-                      [abl_plot, abl_table, status], concurrency_limit=2, concurrency_id="ablate")
+        self.abl_btn.click(guarded(on_ablate, self.status),
+                           shown_circuit + [self.abl_layers, self.abl_nodes, self.abl_mode, self.abl_base],
+                           [self.abl_plot, self.abl_table, self.status], concurrency_limit=2, concurrency_id="ablate")
 
         def on_importances(model, task, run, k, node, progress=gr.Progress()):
             report = lambda done, total: progress(done / max(total, 1), desc=f"node {done} of {total}")  # noqa: E731
-            return {imp_plot: panels.importance_panel(model, task, run, k, node, report)}
+            return {self.imp_plot: panels.importance_panel(self.explorer, model, task, run, k, node, report)}
 
-        imp_btn.click(guarded(on_importances, status), [model_in, task_in, run_in, k_in, node_in], [imp_plot, status],
-                      concurrency_limit=2, concurrency_id="ablate")
+        self.imp_btn.click(guarded(on_importances, self.status), shown_circuit + [self.node_in],
+                           [self.imp_plot, self.status], concurrency_limit=2, concurrency_id="ablate")
 
         def on_compare(model, task, run, k, other):
-            p = panels.compare_panel(model, task, run, k, other)
-            return {cmp_plot: p.figure, cmp_md: p.text}
+            p = panels.compare_panel(self.explorer, model, task, run, k, other)
+            return {self.cmp_plot: p.figure, self.cmp_md: p.text}
 
-        cmp_btn.click(guarded(on_compare, status), [model_in, task_in, run_in, k_in, cmp_in], [cmp_plot, cmp_md, status])
+        self.cmp_btn.click(guarded(on_compare, self.status), shown_circuit + [self.cmp_in],
+                           [self.cmp_plot, self.cmp_md, self.status])
 
-        # ------------------------------------------------------------------------------------------
-        # new runs: pruning (here or from "no circuit yet") and imports; they join the browser's saved runs
-
+    def wire_pruning(self) -> None:
+        """Pruning, here or from "no circuit yet", and user tasks: new runs, which join the browser's saved runs."""
         def on_check(model, task, target, mode):
-            return {pr_check: panels.prune_check(model, task, target, mode != "nats")}
+            return {self.pr_check: panels.prune_check(self.explorer, model, task, target, mode != "nats")}
 
-        for trigger in (pr_task.input, pr_mode.input, pr_target.submit, pr_target.blur):
-            trigger(guarded(on_check, status), [model_in, pr_task, pr_target, pr_mode], [pr_check, status])
-
-        def new_run(result: panels.NewRun, message_box, request) -> dict:
-            if result.view is None:
-                return {message_box: result.message}
-            ticket, _ = shown.begin(request, Request("load"))  # the new run is the newest pick
-            return {**show(result.view, request, ticket), message_box: result.message, saved: result.view.session.saved()}
-
-        def pruning(box, finish):
-            """A prune as a page step: its stage and step counts in `box` while it runs (polled from the pruning
-            thread's reports), then `finish(result, request)`."""
-            def handler(state, model, task, target, mode, steps, control, tab_name, request: gr.Request):
-                progress, done = Progress(), {}
-
-                def work():
-                    done["result"] = panels.prune_new_run(state, model, task, target, mode != "nats", steps, progress,
-                                                          tab_name, control)
-
-                worker = threading.Thread(target=work, daemon=True)
-                worker.start()
-                text = None
-                while worker.is_alive():
-                    if progress.text != text:
-                        text = progress.text
-                        yield {box: text}
-                    worker.join(0.5)
-                result = done.get("result") or panels.NewRun(None, "⚠️ pruning failed: see the server log")
-                try:
-                    yield {**finish(result, request), box: ""}
-                except Exception as exc:
-                    traceback.print_exc()
-                    yield {box: "", status: f"⚠️ unexpected error: {type(exc).__name__}: {first_line(exc)}"}
-
-            return handler
+        for trigger in (self.pr_task.input, self.pr_mode.input, self.pr_target.submit, self.pr_target.blur):
+            trigger(guarded(on_check, self.status), [self.model_in, self.pr_task, self.pr_target, self.pr_mode],
+                    [self.pr_check, self.status])
 
         def prune_buttons(running: bool):
             """Both prune buttons off while a prune of this page runs (back on afterwards, also after an error)."""
-            return lambda: {pr_btn: gr.Button(interactive=not running), empty_btn: gr.Button(interactive=not running)}
+            return lambda: {self.pr_btn: gr.Button(interactive=not running),
+                            self.empty_btn: gr.Button(interactive=not running)}
 
-        prune_inputs = [session, model_in, pr_task, pr_target, pr_mode, pr_steps, pr_control, tab]
-        for button, box, inputs, finish in (
-            (pr_btn, pr_progress, prune_inputs, lambda result, request: new_run(result, pr_md, request)),
-            (empty_btn, empty_progress, [session, model_in, task_in, pr_target, pr_mode, pr_steps, pr_control, tab],
-             lambda result, request: {**new_run(result, empty_out, request), pr_md: result.message,
-                                      status: result.message}),
+        options = [self.pr_target, self.pr_mode, self.pr_steps, self.pr_control, self.tab]
+        for button, box, task_box, finish in (
+            (self.pr_btn, self.pr_progress, self.pr_task,
+             lambda result, request: self.new_run(result, self.pr_md, request)),
+            (self.empty_btn, self.empty_progress, self.task_in,
+             lambda result, request: {**self.new_run(result, self.empty_out, request), self.pr_md: result.message,
+                                      self.status: result.message}),
         ):
-            started = button.click(prune_buttons(True), None, [pr_btn, empty_btn], queue=False, show_progress="hidden")
-            chain(started.then, pruning(box, finish), inputs, view_outputs + [pr_md, saved, status, box],
-                  concurrency_limit=1, concurrency_id="prune", show_progress="hidden").then(
-                prune_buttons(False), None, [pr_btn, empty_btn], queue=False, show_progress="hidden")
+            started = button.click(prune_buttons(True), None, [self.pr_btn, self.empty_btn], queue=False,
+                                   show_progress="hidden")
+            self.chain(started.then, self.pruning(box, finish), [self.session, self.model_in, task_box] + options,
+                       self.view_outputs + [self.pr_md, self.saved, self.status, box],
+                       concurrency_limit=1, concurrency_id="prune", show_progress="hidden").then(
+                prune_buttons(False), None, [self.pr_btn, self.empty_btn], queue=False, show_progress="hidden")
 
         def on_custom_task(state, model, text, file, name, tab_name, request: gr.Request):
-            path = file if isinstance(file, str) or file is None else getattr(file, "path", None) or getattr(file, "name", None)
-            result = panels.add_custom_task(state, model, text, path, name, tab_name)
-            return new_run(result, ct_md, request)
+            result = panels.add_custom_task(self.explorer, state, model, text, file_path(file), name, tab_name)
+            return self.new_run(result, self.ct_md, request)
 
-        chain(ct_btn.click, on_custom_task, [session, model_in, ct_text, ct_file, ct_name, tab],
-              view_outputs + [ct_md, saved], concurrency_limit=2, concurrency_id="ablate")
+        self.chain(self.ct_btn.click, on_custom_task,
+                   [self.session, self.model_in, self.ct_text, self.ct_file, self.ct_name, self.tab],
+                   self.view_outputs + [self.ct_md, self.saved], concurrency_limit=2, concurrency_id="ablate")
+
+    def pruning(self, box, finish):
+        """A prune as a page step: its stage and step counts in `box` while it runs (polled from the pruning
+        thread's reports), then `finish(result, request)`."""
+        def handler(state, model, task, target, mode, steps, control, tab_name, request: gr.Request):
+            progress, done = Progress(), {}
+
+            def work():
+                done["result"] = panels.prune_new_run(self.explorer, state, model, task, target, mode != "nats", steps,
+                                                      progress, tab_name, control)
+
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            text = None
+            while worker.is_alive():
+                if progress.text != text:
+                    text = progress.text
+                    yield {box: text}
+                worker.join(0.5)
+            result = done.get("result") or panels.NewRun(None, "⚠️ pruning failed: see the server log")
+            try:
+                yield {**finish(result, request), box: ""}
+            except Exception as exc:
+                traceback.print_exc()
+                yield {box: "", self.status: f"⚠️ unexpected error: {type(exc).__name__}: {first_line(exc)}"}
+
+        return handler
+
+    def wire_share(self) -> None:
+        """The download of the shown circuit (written when the tab opens) and imports, which join the saved runs."""
+        def on_share_tab(model, run, k):
+            return {self.download: gr.DownloadButton(value=panels.download_path(self.explorer, model, run, k))}
+
+        self.tabs["share"].select(guarded(on_share_tab, self.status), [self.model_in, self.run_in, self.k_in],
+                               [self.download, self.status])
 
         def on_upload(state, file, model, tab_name, request: gr.Request):
             """Imports the file as a saved run, and empties the box for the next file."""
             if file is None:
-                return {upload_md: ""}
-            path = file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", None)
-            result = panels.import_new_run(state, model, path, Path(str(path)).name, tab_name)
-            return {**new_run(result, upload_md, request), upload: None}
+                return {self.upload_md: ""}
+            path = file_path(file)
+            result = panels.import_new_run(self.explorer, state, model, path, Path(str(path)).name, tab_name)
+            return {**self.new_run(result, self.upload_md, request), self.upload: None}
 
-        chain(upload.upload, on_upload, [session, upload, model_in, tab], view_outputs + [upload_md, saved, upload])
+        self.chain(self.upload.upload, on_upload, [self.session, self.upload, self.model_in, self.tab],
+                   self.view_outputs + [self.upload_md, self.saved, self.upload])
+
+    def api(self) -> None:
+        explorer = self.explorer
 
         def next_tokens(prompt: str, model: str = "", task: str = "", run: str = "", k: int = 0) -> dict:
             """Top-10 next tokens and probabilities of the full model and of the circuit alone (nodes outside it
             mean-ablated) for a prompt. model/task/run/k default to the default model and its first circuit; an
             unknown model, task or run is an error, k is clamped to the run's range with a notice."""
-            return panels.api_next_tokens(prompt, model, task, run, k)
+            return panels.api_next_tokens(explorer, prompt, model, task, run, k)
 
         gr.api(next_tokens, api_name="next_tokens", concurrency_limit=4, concurrency_id="browse")
+
+
+def build_app(explorer: Explorer) -> gr.Blocks:
+    """The page over `explorer`: the tabs laid out in order, then each tab's events."""
+    page = Page(explorer)
+    with gr.Blocks(title="Circuit browser · weight-sparse transformers") as demo:
+        page.selectors()
+        with gr.Tabs():
+            for tab in (page.browser_tab, page.overview_tab, page.curves_tab, page.embeddings_tab, page.prompt_tab,
+                        page.ablations_tab, page.share_tab):
+                tab()
+        page.plumbing()
+        page.wire_browser(demo)
+        page.wire_tab_names()
+        for wire in (page.wire_overview, page.wire_curves, page.wire_embeddings, page.wire_prompt, page.wire_ablations,
+                     page.wire_pruning, page.wire_share):
+            wire()
+        page.api()
         demo.load(None, None, None, js=PAGE_JS)
     # The UI's own events stay out of the API page; /next_tokens is the documented endpoint.
     for block_fn in demo.fns.values():
@@ -642,11 +732,12 @@ def build_app() -> gr.Blocks:
 def main(app_dir: str | Path = ".") -> None:
     """Configures the explorer from the environment (the model list from `app_dir`'s csp_space.json), builds the
     page and serves it."""
-    configure(Path(app_dir))
-    demo = build_app()
+    torch.set_num_threads(int(os.environ.get("CSP_APP_THREADS", "2")))
+    explorer = Explorer(Settings.from_env(Path(app_dir)))
+    demo = build_app(explorer)
     # the model and what the first view needs load while the server starts (started earlier, this thread
     # slows Gradio's import more than it saves)
-    threading.Thread(target=warm_up, daemon=True).start()
+    threading.Thread(target=warm_up, args=(explorer,), daemon=True).start()
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"),
                 server_port=int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None,
                 css=CSS, theme=gr.themes.Soft(), max_file_size=MAX_UPLOAD_BYTES)

@@ -1,10 +1,18 @@
 """The circuit explorer behind the app (`app.py`), the `/next_tokens` API and `csp next-tokens`; no Gradio here.
 
-- `registry`: models (`get_model`, with the app's allowed roots and timed, cached hub lookups), runs, the
-  server-side store of saved runs, sessions.
+Nothing is kept per process: an `Explorer(Settings(...))` holds what one host has (loaded models, saved runs, user
+tasks, hub lookups), and every function that needs it takes it (or a `ModelEntry` of it).
+
+- `errors`: `UserError` and one-line messages.
+- `tasks`: user tasks, named by their content (`UserTasks`).
+- `runs`: runs (`Run`) and the store of runs saved in the app (`RunStore`).
+- `models`: which spec names which model (allowed roots, timed and cached hub lookups) and `ModelEntry`, a loaded
+  model with its runs and caches; `import_run_file`.
+- `explorer`: `Settings` and `Explorer` (`get_model`).
+- `sessions`: a browser session (`Session`) and the runs it is offered.
 - `analysis`: what is computed about a circuit, as typed results (losses through `modeling_csp.evaluation`,
   the routine `csp evaluate` uses), cached per model.
-- `view`: the browser's view model, `resolve_view(session, Request) -> View`.
+- `view`: the browser's view model, `resolve_view(explorer, session, Request) -> View`.
 - `panels`: the app's other panels as plain results.
 
 A problem with what was asked for raises `UserError` (a ValueError whose message is meant for the user); the
@@ -18,11 +26,12 @@ from .analysis import (
     head_attention, live_importances, max_k, next_tokens, node_examples, predict, prune_circuit, prune_target,
     task_activations, task_names, top_tokens, warm_up,
 )
-from .registry import (
-    HubLookup, ModelEntry, Run, RunStore, Session, Settings, UserError, choose_run, default_model_spec, default_roots,
-    find_run, first_line, get_model, hub, import_run_file, loaded_models, resolve_spec, run_store, runs_for_task,
-    session_runs, settings,
-)
+from .errors import UserError, first_line
+from .explorer import Explorer, Settings
+from .models import HubLookup, ModelEntry, default_roots, import_run_file
+from .runs import Run, RunStore
+from .sessions import Session, choose_run, find_run, runs_for_task, session_runs
+from .tasks import UserTasks
 from .view import Request, View, resolve_view, search_nodes
 
 __all__ = [
@@ -31,8 +40,7 @@ __all__ = [
     "circuit_at_k", "circuit_stats", "clamp", "clean_prompt", "embedding_channel", "encode_prompt",
     "faithfulness_curve", "full_loss", "head_attention", "live_importances", "max_k", "next_tokens",
     "node_examples", "predict", "prune_circuit", "prune_target", "task_activations", "task_names", "top_tokens",
-    "warm_up", "HubLookup", "ModelEntry", "Run", "RunStore", "Session", "Settings", "UserError",
-    "choose_run", "default_model_spec", "default_roots", "find_run", "first_line", "get_model", "hub", "import_run_file",
-    "loaded_models", "resolve_spec", "run_store", "runs_for_task", "session_runs", "settings", "Request", "View",
-    "resolve_view", "search_nodes",
+    "warm_up", "UserError", "first_line", "Explorer", "Settings", "HubLookup", "ModelEntry", "default_roots",
+    "import_run_file", "Run", "RunStore", "Session", "choose_run", "find_run", "runs_for_task", "session_runs",
+    "UserTasks", "Request", "View", "resolve_view", "search_nodes",
 ]

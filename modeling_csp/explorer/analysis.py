@@ -2,7 +2,7 @@
 data (activating examples, activations on the task's examples, attention of the node's head), next-token
 predictions, ablations, live importances and pruning.
 
-Every function takes a `ModelEntry` (registry.py) and caches what is worth caching in that model's `memo`, so
+Every function takes a `ModelEntry` (models.py) and caches what is worth caching in that model's `memo`, so
 repeated views cost nothing and one model's values never evict another's. Losses come from
 `modeling_csp.evaluation`, the routine `csp evaluate` uses, with the options the circuit was pruned with.
 Values that come from users (k, channels, steps, targets, prompts, node lists) are checked here, so that the
@@ -26,9 +26,12 @@ from ..circuits.graph import QUANTILES, CircuitGraph, parse_node_id, quantile_ex
 from ..circuits.evaluation import (
     CHANCE_LOSS, DEFAULT_RANDOM_MARGIN, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of,
 )
-from ..circuits.pruning import DEFAULT_TARGET_LOSS
+from ..circuits.pruning import PruneConfig
 from ..circuits.tasks import list_tasks
-from .registry import ModelEntry, Run, UserError, first_line, is_task, log, resolve_task, settings
+from .errors import UserError, first_line, log
+from .explorer import Explorer
+from .models import ModelEntry
+from .runs import Run
 
 TOP_N = 10  # next tokens shown by default
 MAX_TOP = 50
@@ -297,7 +300,7 @@ def node_examples(entry: ModelEntry, circuit: CircuitGraph, node: str, per_side:
         return quantile_examples(store[loc][:, :, ch], windows, per_side, CONTEXT_BEFORE, CONTEXT_AFTER, QUANTILES)
 
     raw = entry.memo.get("examples", (node, per_side), live)
-    return NodeExamples(_decoded(entry, raw, per_side), f"live, on {settings.pretrain_tokens:,} tokens of held-out text")
+    return NodeExamples(_decoded(entry, raw, per_side), f"live, on {entry.pretrain_tokens:,} tokens of held-out text")
 
 
 @dataclass(frozen=True)
@@ -367,7 +370,7 @@ def task_activations(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, 
     live); for a task this package does not know, the activations the circuit file stores (first half of its
     task documents one class, second half the other)."""
     loc, ch = parse_node_id(node)
-    if is_task(task):
+    if entry.tasks.known(task):
         batch, store, chosen, names = _task_rows(entry, run, task, per_class)
         rows = tuple([TaskRow(entry.token_strs(batch.input_ids[i, _real(batch, i)].tolist()),
                               store[loc][i, _real(batch, i), ch].float().tolist()) for i in idx] for idx in chosen)
@@ -435,7 +438,7 @@ def head_attention(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, no
     layer_s, kind = loc.split(".", 1)
     if not kind.startswith("attn."):
         return None
-    if not is_task(task):
+    if not entry.tasks.known(task):
         raise UserError("choose a task to see this head's attention on its examples")
     layer, d = int(layer_s), entry.d_head
     heads = _node_heads(circuit, node, d)
@@ -658,7 +661,7 @@ def ablation_effects(entry: ModelEntry, run: Run | None, circuit: CircuitGraph |
     from ..circuits.ablation import ablate, all_kept, frozen_norm_scales, task_logits
     from ..circuits.evaluation import task_loss
 
-    if not is_task(task):
+    if not entry.tasks.known(task):
         raise UserError("choose a task to ablate on")
     if mode not in ("mean", "zero") or base not in ("full", "circuit"):
         raise UserError("ablation must be mean or zero, from the full model or the circuit")
@@ -718,7 +721,7 @@ def live_importances(entry: ModelEntry, run: Run | None, circuit: CircuitGraph, 
     total)` after each) up to MAX_EXACT_IMPORTANCES nodes, first-order attribution beyond. (importances, method)."""
     from ..circuits.evaluation import node_importances
 
-    if not is_task(task):
+    if not entry.tasks.known(task):
         raise UserError("choose a task to compute importances on")
     options = _options(run)
     batch = entry.task_batch(task, options)
@@ -749,7 +752,7 @@ def prune_target(entry: ModelEntry, task: str | None, target: Any, relative: boo
     """The target in nats: `target` itself, or `target` × the full model's held-out loss when `relative`; and a
     message that warns when even the full model misses it. A target at or above chance (ln 2) is refused: a
     circuit reaching it would not do the task."""
-    if not is_task(task):
+    if not entry.tasks.known(task):
         raise UserError("choose a task to prune for")
     full = full_loss(entry, task, EvalOptions())
     try:
@@ -801,16 +804,16 @@ class PruneOutcome:
     target: PruneTarget
 
 
-def prune_circuit(entry: ModelEntry, task: str | None, target: Any = DEFAULT_TARGET_LOSS, steps: Any = 200,
-                  relative: bool = False, progress: Callable[[float, str], None] | None = None,
-                  control: bool = False) -> PruneOutcome:
+def prune_circuit(entry: ModelEntry, task: str | None, target: Any = PruneConfig.target_loss,
+                  steps: Any = PruneConfig.steps, relative: bool = False,
+                  progress: Callable[[float, str], None] | None = None, control: bool = False) -> PruneOutcome:
     """Prunes the shared model for a task (mean ablation, the pruning defaults otherwise), with the
     shuffled-answer control when asked; its hooks are this call's own, so other users' views keep running on the
     same model meanwhile. `progress(fraction, description)` hears of every stage with its counts ("mask training:
     step 40 of 200", "k bisection: probe 3 (at most 15), k=1,410", "control: ...", "evaluation: ..."). The
     message is the held-out verdict (`evaluation.circuit_verdict`): ✅ only for a target reached on held-out
     examples, below chance, by a circuit smaller than half of the model."""
-    from ..circuits.pruning import PruneConfig, prune
+    from ..circuits.pruning import prune
 
     goal = prune_target(entry, task, target, relative)
     steps, note = clamp(steps, MIN_PRUNE_STEPS, MAX_PRUNE_STEPS, "steps")
@@ -818,7 +821,7 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = DEFAULT_TAR
     report(0, "mean activations")
     means = entry.means()
     config = PruneConfig(target_loss=goal.target, steps=steps, control="shuffled" if control else None)
-    result = prune(entry.model, entry.tokenizer, resolve_task(task), config, means=means, model_name=entry.spec,
+    result = prune(entry.model, entry.tokenizer, entry.tasks.resolve(task), config, means=means, model_name=entry.spec,
                    progress=lambda fraction, desc: report(0.02 + 0.98 * fraction, desc))
     c, verdict = result.circuit, result.verdict
     share = c.n_nodes / entry.n_total_nodes
@@ -836,7 +839,7 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = DEFAULT_TAR
         message += " " + control_text(c.control, c.losses.get("random"), verdict)
     message += f" ({result.seconds:.0f} s, {steps} steps)" + (f" — {note}" if note else "")
     run = Run(id=f"pruned:{task}:{int(time.time())}", name=f"pruned here · {task} · k={c.k} · {time.strftime('%H:%M')}",
-              source="pruned", circuit=c, scores=result.scores, task=task, k=c.k)
+              source="pruned", circuit=c, scores=result.scores, task=task, k=c.k, tasks=entry.tasks)
     return PruneOutcome(run, bool(verdict.passed and share <= 0.5), message, goal)
 
 
@@ -862,12 +865,10 @@ def control_text(control: dict, random: float | None = None, verdict: CircuitVer
             f"{judged}.")
 
 
-def warm_up(spec: str | None = None) -> None:
+def warm_up(explorer: Explorer, spec: str | None = None) -> None:
     """Loads a model and precomputes what a first view and a first ablation need; never raises."""
-    from .registry import get_model
-
     try:  # in the order the first view needs them: its summary, its node panel, then ablations
-        entry = get_model(spec)
+        entry = explorer.get_model(spec)
         first = next((r for r in entry.runs.values() if r.task), None)
         if first is not None:
             full_loss(entry, first.task, _options(first))

@@ -1,7 +1,7 @@
 """The app's other panels as plain results: the node panel, the prompt lab, curves and run details, embeddings,
 ablations, live importances, comparison, pruning, imports and downloads.
 
-Each `*_panel` function takes what the page holds (strings and numbers as the page has them) and returns a
+Each `*_panel` function takes the explorer and what the page holds (strings and numbers as the page has them) and returns a
 dataclass of ready-to-show texts and figures. A problem fills the panel it belongs to with its message and
 clears the rest of that panel (no stale result stays next to an error); it never raises for bad input.
 Pruning and imports return the new `View` (view.py) with the run selected, and the session that now holds it.
@@ -18,10 +18,12 @@ from typing import Any, Callable
 from .. import plotting
 from ..training.train import stages_curve
 from . import analysis as A
-from .registry import (
-    MAX_TASK_TEXT_BYTES, ModelEntry, Run, Session, UserError, choose_run, custom_task_from_text, find_run, first_line,
-    get_model, import_run_file, is_task, log, resolve_task, run_store,
-)
+from .errors import UserError, first_line, log
+from .explorer import Explorer
+from .models import ModelEntry, import_run_file
+from .runs import Run
+from .sessions import Session, choose_run, find_run
+from .tasks import MAX_TASK_TEXT_BYTES
 from .view import Request, Selection, View, resolve_view
 
 MESSAGE_CSS = "<style>.csp-msg{color:#8a5a00;background:#fff7e6;border:1px solid #f3d9a4;border-radius:4px;padding:6px 8px;margin:4px 0;}</style>"
@@ -43,9 +45,9 @@ def _explain(exc: BaseException) -> str:
     return f"unexpected error: {type(exc).__name__}: {first_line(exc)}"
 
 
-def _selection(model: Any, run_id: Any, k: Any) -> tuple[ModelEntry, Run | None, Any]:
+def _selection(explorer: Explorer, model: Any, run_id: Any, k: Any) -> tuple[ModelEntry, Run | None, Any]:
     """(model, run, circuit at k) for what the page holds; k is clamped silently (the view already said so)."""
-    entry = get_model(str(model or "") or None)
+    entry = explorer.get_model(str(model or "") or None)
     run = find_run(entry, None, str(run_id)) if run_id else None
     circuit = None
     if run is not None:
@@ -86,18 +88,18 @@ def node_panel_updating(selection: Selection) -> NodePanel:
     return NodePanel(note, note, note, note, figure, figure, selection)
 
 
-def node_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_centered: bool = True,
+def node_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_centered: bool = True,
                layer: Any = None) -> NodePanel:
     """The panel of a node of the circuit (model, run, k), labelled with that selection (`layer`: the layer the
     page shows, which names the selection when no node is selected)."""
     selection = Selection.of(model, task, run_id, k, layer, node)
     try:
-        entry, run, circuit = _selection(model, run_id, k)
+        entry, run, circuit = _selection(explorer, model, run_id, k)
     except Exception as exc:
         return NodePanel(connections=message_html(_explain(exc)), selection=selection)
     if circuit is None or not node or node not in circuit.nodes:
         return NodePanel(selection=selection)
-    task = task if is_task(task) else circuit.task
+    task = task if entry.tasks.known(task) else circuit.task
     panel = NodePanel(selection=selection)
 
     def part(fn: Callable[[], str]) -> str:
@@ -158,12 +160,12 @@ class PromptPanel:
     json: dict | None = None
 
 
-def prompt_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any, prompt: Any, a: Any, b: Any,
+def prompt_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, node: Any, prompt: Any, a: Any, b: Any,
                  zero_centered: bool = True) -> PromptPanel:
     """Top next tokens of the full model and the circuit, the candidates' logit difference, the node's
     activation per token; on a problem only its message (the previous prediction is cleared)."""
     try:
-        entry, run, circuit = _selection(model, run_id, k)
+        entry, run, circuit = _selection(explorer, model, run_id, k)
         node = node if circuit is not None and node in circuit.nodes else None
         r = A.predict(entry, prompt, circuit, node, (a if isinstance(a, str) else None, b if isinstance(b, str) else None))
     except Exception as exc:
@@ -254,11 +256,11 @@ class CurvesPanel:
     details: str = ""
 
 
-def curves_panel(model: Any, task: Any, run_id: Any, k: Any) -> CurvesPanel:
+def curves_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any) -> CurvesPanel:
     """Faithfulness (task loss vs k, log-log, with the full model, target and random baseline), the pruning
     curve, the model's training curve, and the run's configuration and the model's final metrics."""
     try:
-        entry, run, circuit = _selection(model, run_id, k)
+        entry, run, circuit = _selection(explorer, model, run_id, k)
     except Exception as exc:
         msg = _explain(exc)
         return CurvesPanel(plotting.message_figure(msg), plotting.message_figure(msg), plotting.message_figure(msg),
@@ -271,7 +273,7 @@ def curves_panel(model: Any, task: Any, run_id: Any, k: Any) -> CurvesPanel:
         panel.pruning = plotting.message_figure("No run selected.")
         return panel
     panel.pruning = plotting.pruning_curve_figure(run.load().pruning_curve)
-    task = task if is_task(task) else None
+    task = task if entry.tasks.known(task) else None
     try:
         curve = A.faithfulness_curve(entry, run, task)
         stats = A.circuit_stats(entry, run, circuit.n_nodes, task)
@@ -291,10 +293,10 @@ class EmbeddingsPanel:
     notice: str = ""
 
 
-def embeddings_panel(model: Any, channel: Any) -> EmbeddingsPanel:
+def embeddings_panel(explorer: Explorer, model: Any, channel: Any) -> EmbeddingsPanel:
     """One residual channel's token and position embeddings (the channel clamped to the model's width)."""
     try:
-        entry = get_model(str(model or "") or None)
+        entry = explorer.get_model(str(model or "") or None)
         c, wte, wpe, note = A.embedding_channel(entry, channel)
     except Exception as exc:
         msg = _explain(exc)
@@ -317,9 +319,10 @@ class AblationPanel:
     table: str = ""
 
 
-def ablation_panel(model: Any, task: Any, run_id: Any, k: Any, layers: Any, nodes: Any, mode: Any, base: Any) -> AblationPanel:
+def ablation_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, layers: Any, nodes: Any, mode: Any,
+                   base: Any) -> AblationPanel:
     try:
-        entry, run, circuit = _selection(model, run_id, k)
+        entry, run, circuit = _selection(explorer, model, run_id, k)
         base = "circuit" if base == "circuit" else "full"
         rows = A.ablation_effects(entry, run, circuit, task, list(layers or []), list(nodes or []), str(mode), base)
     except Exception as exc:
@@ -333,11 +336,11 @@ def ablation_panel(model: Any, task: Any, run_id: Any, k: Any, layers: Any, node
     return AblationPanel(figure, table)
 
 
-def importance_panel(model: Any, task: Any, run_id: Any, k: Any, node: Any,
+def importance_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, node: Any,
                      progress: Callable[[int, int], None] | None = None):
     """A bar figure of every circuit node's live importance (or a message figure)."""
     try:
-        entry, run, circuit = _selection(model, run_id, k)
+        entry, run, circuit = _selection(explorer, model, run_id, k)
         if circuit is None:
             raise UserError("no circuit selected")
         imps, method = A.live_importances(entry, run, circuit, task, progress)
@@ -353,9 +356,9 @@ class ComparePanel:
     text: str = ""
 
 
-def compare_panel(model: Any, task: Any, run_id: Any, k: Any, other_id: Any) -> ComparePanel:
+def compare_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, other_id: Any) -> ComparePanel:
     try:
-        entry, run, circuit = _selection(model, run_id, k)
+        entry, run, circuit = _selection(explorer, model, run_id, k)
         other = find_run(entry, None, str(other_id)) if other_id else None
         if circuit is None or other is None:
             raise UserError("choose a run to compare with")
@@ -374,31 +377,31 @@ def compare_panel(model: Any, task: Any, run_id: Any, k: Any, other_id: Any) -> 
 # =====================================================================================================
 
 
-def circuit_nodes(model: Any, run_id: Any, k: Any) -> list[str]:
+def circuit_nodes(explorer: Explorer, model: Any, run_id: Any, k: Any) -> list[str]:
     """The shown circuit's node ids (to offer for ablation), none when there is no circuit."""
     try:
-        _, _, circuit = _selection(model, run_id, k)
+        _, _, circuit = _selection(explorer, model, run_id, k)
     except Exception as exc:
         log(f"no circuit nodes: {first_line(exc)}")
         return []
     return list(circuit.nodes) if circuit is not None else []
 
 
-def prune_check(model: Any, task: Any, target: Any, relative: bool) -> str:
+def prune_check(explorer: Explorer, model: Any, task: Any, target: Any, relative: bool) -> str:
     """What the full model's loss says about a pruning target, before pruning (markdown)."""
     try:
-        entry = get_model(str(model or "") or None)
+        entry = explorer.get_model(str(model or "") or None)
         return A.prune_target(entry, task, target, bool(relative)).message
     except Exception as exc:
         return f"⚠️ {_explain(exc)}"
 
 
-def _with_new_run(session: Session, entry: ModelEntry, run: Run, tab: str) -> tuple[View, list[str]]:
+def _with_new_run(explorer: Explorer, session: Session, entry: ModelEntry, run: Run, tab: str) -> tuple[View, list[str]]:
     """Saves a new run (store), makes it the session's and returns the view that shows it, and notes."""
-    saved, notice = run_store().save(run)
+    saved, notice = explorer.store.save(run)
     session = (session if isinstance(session, Session) else Session()).with_run(saved.id, entry.spec)
-    view = resolve_view(session, Request("run", model=entry.spec, task=saved.task or session.view.get("task"),
-                                         run=saved.id, tab=tab))
+    view = resolve_view(explorer, session, Request("run", model=entry.spec, task=saved.task or session.view.get("task"),
+                                                   run=saved.id, tab=tab))
     return view, [notice] if notice else []
 
 
@@ -411,19 +414,19 @@ class NewRun:
     notes: list[str] = field(default_factory=list)
 
 
-def prune_new_run(session: Session, model: Any, task: Any, target: Any, relative: bool, steps: Any,
+def prune_new_run(explorer: Explorer, session: Session, model: Any, task: Any, target: Any, relative: bool, steps: Any,
                   progress: Callable[[float, str], None] | None = None, tab: str = "browser",
                   control: bool = False) -> NewRun:
     try:
-        entry = get_model(str(model or "") or None)
+        entry = explorer.get_model(str(model or "") or None)
         outcome = A.prune_circuit(entry, task, target, steps, bool(relative), progress, bool(control))
-        view, notes = _with_new_run(session, entry, outcome.run, tab)
+        view, notes = _with_new_run(explorer, session, entry, outcome.run, tab)
     except Exception as exc:
         return NewRun(None, f"⚠️ pruning failed: {_explain(exc)}")
     return NewRun(view, outcome.message + "".join(f" ⚠️ {n}" for n in notes), notes)
 
 
-def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, label: Any = None,
+def add_custom_task(explorer: Explorer, session: Session, model: Any, text: Any, path: Any = None, label: Any = None,
                     tab: str = "browser") -> NewRun:
     """Your own task from pasted JSON lines (or, when none are pasted, an uploaded file): validated against the
     model, checked (the full model's accuracy on it) and added to the session's tasks; the view shows it, with
@@ -431,7 +434,7 @@ def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, l
     from ..circuits.evaluation import check_task
 
     try:
-        entry = get_model(str(model or "") or None)
+        entry = explorer.get_model(str(model or "") or None)
         source = "pasted lines"
         if not (isinstance(text, str) and text.strip()) and path:
             p = Path(str(path))
@@ -446,10 +449,10 @@ def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, l
             except OSError:
                 raise UserError(f"{p.name} cannot be read; upload it again") from None
             source, label = p.name, label or p.stem
-        task = custom_task_from_text(entry, text, label or "my_task")
+        task = entry.tasks.from_text(text, entry.tokenizer, entry.config.block_size, label or "my_task")
         check = check_task(entry.model, entry.tokenizer, task)
         session = (session if isinstance(session, Session) else Session()).with_task(task.name)
-        view = resolve_view(session, Request("task", model=entry.spec, task=task.name, tab=tab))
+        view = resolve_view(explorer, session, Request("task", model=entry.spec, task=task.name, tab=tab))
     except Exception as exc:
         return NewRun(None, f"⚠️ {_explain(exc)}")
     classes = check["classes"]
@@ -461,13 +464,14 @@ def add_custom_task(session: Session, model: Any, text: Any, path: Any = None, l
                         "at the top (it is now the selected task).")
 
 
-def import_new_run(session: Session, model: Any, path: Any, name: str | None = None, tab: str = "browser") -> NewRun:
+def import_new_run(explorer: Explorer, session: Session, model: Any, path: Any, name: str | None = None,
+                   tab: str = "browser") -> NewRun:
     try:
         if not path:
             raise UserError("no file")
-        entry = get_model(str(model or "") or None)
+        entry = explorer.get_model(str(model or "") or None)
         run = import_run_file(entry, str(path), name or Path(str(path)).name)
-        view, notes = _with_new_run(session, entry, run, tab)
+        view, notes = _with_new_run(explorer, session, entry, run, tab)
     except Exception as exc:
         return NewRun(None, f"⚠️ could not import {name or 'the file'}: {_explain(exc)}")
     c = view.run.load()
@@ -476,14 +480,15 @@ def import_new_run(session: Session, model: Any, path: Any, name: str | None = N
                   + "".join(f" ⚠️ {n}" for n in notes), notes)
 
 
-def api_next_tokens(prompt: Any, model: Any = "", task: Any = "", run: Any = "", k: Any = 0) -> dict[str, Any]:
+def api_next_tokens(explorer: Explorer, prompt: Any, model: Any = "", task: Any = "", run: Any = "",
+                    k: Any = 0) -> dict[str, Any]:
     """The `/next_tokens` answer, validated as the page validates: an unknown model, task or run is an error,
     a run of another task too; k is clamped to the run's range with a notice. Errors are {"error": message}."""
     try:
-        entry = get_model(str(model or "").strip() or None)
+        entry = explorer.get_model(str(model or "").strip() or None)
         task = str(task or "").strip() or None
         if task is not None:
-            resolve_task(task)  # an unknown task is an error
+            entry.tasks.resolve(task)  # an unknown task is an error
         chosen = choose_run(entry, str(run or "").strip() or None, task)
         answer = A.next_tokens(entry, prompt, chosen, k)
         if chosen is None and k not in (None, "", 0):
@@ -493,10 +498,10 @@ def api_next_tokens(prompt: Any, model: Any = "", task: Any = "", run: Any = "",
         return {"error": _explain(exc)}
 
 
-def download_path(model: Any, run_id: Any, k: Any) -> str | None:
+def download_path(explorer: Explorer, model: Any, run_id: Any, k: Any) -> str | None:
     """The shown circuit written as a csp-circuit file (one file per run and k, rewritten), for download."""
     try:
-        entry, run, circuit = _selection(model, run_id, k)
+        entry, run, circuit = _selection(explorer, model, run_id, k)
     except Exception as exc:
         log(f"no download: {first_line(exc)}")
         return None

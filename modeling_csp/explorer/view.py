@@ -1,6 +1,7 @@
-"""The browser's view model: one function from (session, request) to a `View` that says what the page shows.
+"""The browser's view model: one function from (explorer, session, request) to a `View` that says what the page
+shows.
 
-`resolve_view(session, Request(event, model=…, task=…, run=…, k=…, layer=…, node=…))` decides every selection
+`resolve_view(explorer, session, Request(event, model=…, task=…, run=…, k=…, layer=…, node=…))` decides every selection
 (model, task, run, k, layer, node) from what the user asked for, falling back to defaults, clamping numbers and
 naming every change in `View.status`; it never raises for bad input. The figures and texts of the view are
 properties computed on first use, so a front end pays only for what it sends; `View.changed` names the parts of
@@ -30,10 +31,11 @@ from typing import Any, Mapping
 from .. import plotting
 from ..circuits.graph import CircuitGraph
 from . import analysis as A
-from .registry import (
-    MAX_SPEC_CHARS, ModelEntry, Run, Session, UserError, default_model_spec, find_run, get_model, is_task,
-    loaded_models, resolve_task, runs_for_task, session_runs,
-)
+from .errors import UserError
+from .explorer import Explorer
+from .models import MAX_SPEC_CHARS, ModelEntry
+from .runs import Run
+from .sessions import Session, find_run, runs_for_task, session_runs
 
 SELECTORS = ("model", "task", "run", "k", "layer", "node")
 PARTS = ("model", "task", "run", "k", "summary", "status", "empty", "layer", "node", "graph", "layer_bars",
@@ -135,6 +137,7 @@ class View:
     """Everything the circuit browser shows for one selection. Selections and choices are plain values; the
     summary, node header, share query and figures are computed on first use."""
 
+    explorer: Explorer
     session: Session
     entry: ModelEntry
     model: str
@@ -167,13 +170,13 @@ class View:
 
     @property
     def model_choices(self) -> list[str]:
-        return list(dict.fromkeys([self.model, default_model_spec()] + loaded_models()))
+        return list(dict.fromkeys([self.model, self.explorer.default_model] + self.explorer.loaded_models()))
 
     @property
     def task_choices(self) -> list[str]:
         """The built-in tasks, then the user tasks of this session and of its runs (while the server knows them)."""
         own = [*self.session.tasks, *(r.task for r in session_runs(self.entry, self.session)), self.task]
-        return A.task_names() + [t for t in dict.fromkeys(own) if t and t.startswith("custom:") and is_task(t)]
+        return A.task_names() + [t for t in dict.fromkeys(own) if t and t.startswith("custom:") and self.entry.tasks.known(t)]
 
     @property
     def run_choices(self) -> list[tuple[str, str]]:
@@ -253,7 +256,7 @@ class View:
         lines = [f"**Model** `{self.model}` · {e.n_layer} layers · d_model {c.d_model} · {c.n_head}×{e.d_head} heads · "
                  f"d_mlp {c.d_mlp} · vocab {c.vocab_size}"]
         try:
-            lines.append(f"**Task** `{self.task}`: {resolve_task(self.task).description}")
+            lines.append(f"**Task** `{self.task}`: {self.entry.tasks.resolve(self.task).description}")
         except ValueError:
             lines.append(f"**Task** `{self.task}`")
         if self.run is None or self.circuit is None:  # the "no circuit yet" box says the rest
@@ -349,7 +352,7 @@ def search_nodes(circuit: CircuitGraph, text: str, d_head: int) -> list[str]:
 
 
 def _first_task_with_run(entry: ModelEntry, session: Session) -> str:
-    tasked = [r.task for r in session_runs(entry, session) if r.task and is_task(r.task)]
+    tasked = [r.task for r in session_runs(entry, session) if r.task and entry.tasks.known(r.task)]
     return tasked[0] if tasked else A.task_names()[0]
 
 
@@ -368,7 +371,7 @@ def picks_again(session: Session | None, request: Request) -> bool:
 PICKS = ("load", "model", "task", "run", "k", "layer", "node", "click", "search")
 
 
-def _resolve(session: Session, request: Request) -> View:
+def _resolve(explorer: Explorer, session: Session, request: Request) -> View:
     event = request.event
     if event not in CHANGES:
         raise UserError(f"unknown event {event!r}")
@@ -386,21 +389,21 @@ def _resolve(session: Session, request: Request) -> View:
         return None if name in fresh else asked.get(name)
 
     # model
-    spec = _text(asked["model"], MAX_SPEC_CHARS) or default_model_spec()
+    spec = _text(asked["model"], MAX_SPEC_CHARS) or explorer.default_model
     try:
-        entry = get_model(spec)
+        entry = explorer.get_model(spec)
     except UserError as exc:
         if event != "load":
             raise
-        notices.append(f"{exc}; showing {default_model_spec()} instead")
-        entry = get_model(default_model_spec())
+        notices.append(f"{exc}; showing {explorer.default_model} instead")
+        entry = explorer.get_model(explorer.default_model)
         fresh = RESETS["model"]
 
     # task
     task = _text(wanted("task"))
-    if task is not None and not is_task(task) and _text(wanted("run")):
+    if task is not None and not entry.tasks.known(task) and _text(wanted("run")):
         find_run(entry, session, _text(wanted("run")))  # a linked run of a user task brings the task back
-    if task is not None and not is_task(task):
+    if task is not None and not entry.tasks.known(task):
         if "task" in explicit:
             if event == "task":
                 raise UserError(f"unknown task {task!r}")
@@ -498,28 +501,29 @@ def _resolve(session: Session, request: Request) -> View:
             changed = changed - {"graph"}  # the page moved the selection ring itself
     if request.tab == "overview" and event != "stats" and not repeated:
         changed = changed | {"overview"}
-    view = View(session=session, entry=entry, model=entry.spec, task=task, run=run,
+    view = View(explorer=explorer, session=session, entry=entry, model=entry.spec, task=task, run=run,
                 runs=runs, k=k, k_max=k_max, layer=layer, node=node, circuit=circuit, stats=stats,
                 notices=notices, changed=changed, edges=edges, matches=matches, tab=request.tab, event=event)
     view.session = session.with_view(view.selection)
     return view
 
 
-def resolve_view(session: Session | None, request: Request) -> View:
+def resolve_view(explorer: Explorer, session: Session | None, request: Request) -> View:
     """The view for a request. Bad values are clamped or replaced by defaults with a message in `status`; a
     model or task that cannot be shown keeps the previous view (its selector goes back) with the message."""
     session = session if isinstance(session, Session) else Session()
     try:
-        return _resolve(session, request)
+        return _resolve(explorer, session, request)
     except UserError as exc:
         previous = dict(session.view)
         if not previous:
-            previous = {"model": default_model_spec()}
+            previous = {"model": explorer.default_model}
         try:  # the previous selection, as it was (a "k" request keeps every selection it is given)
-            view = _resolve(session, Request("k", **{k: v for k, v in previous.items() if k in SELECTORS},
+            view = _resolve(explorer, session, Request("k", **{k: v for k, v in previous.items() if k in SELECTORS},
                                              edges=request.edges, tab=request.tab))
         except UserError:
-            view = _resolve(Session(runs=dict(session.runs)), Request("model", model=default_model_spec(), tab=request.tab))
+            view = _resolve(explorer, Session(runs=dict(session.runs)),
+                            Request("model", model=explorer.default_model, tab=request.tab))
         reverted = {request.event} & set(SELECTORS)
         return replace(view, notices=[str(exc)], changed=frozenset({"status"} | reverted))
 

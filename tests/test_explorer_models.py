@@ -1,0 +1,204 @@
+"""`modeling_csp.explorer.models`: which models the app may open, hub lookups that cannot hold the server, and
+size caps and checks on the circuit files users hand in (`import_run_file`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+
+import pytest
+
+from conftest import FIXTURES
+from modeling_csp.explorer.errors import UserError
+from modeling_csp.explorer.explorer import Explorer, Settings
+from modeling_csp.explorer.models import MAX_UPLOAD_BYTES, HubLookup, import_run_file
+
+
+@pytest.fixture(scope="module")
+def explorer():
+    """The library's explorer: any folder, saved runs in memory only."""
+    return Explorer()
+
+
+@pytest.fixture
+def roots(tmp_path):
+    """The app's policy: models only from `allowed/` (besides `default` and hub ids)."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    return allowed
+
+
+def test_model_box_opens_default_hub_ids_and_folders_under_the_roots(roots, converted, tmp_path):
+    app = Explorer(Settings(model_roots=[roots]))
+    inside = roots / "m"
+    inside.symlink_to(converted["rms_sink_bigram"], target_is_directory=True)  # a link inside, to outside
+    real = roots / "real"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    assert app.resolve_spec("default") == ("default", "default")
+    assert app.resolve_spec(str(real)) == ("folder", str(real.resolve()))
+    assert app.resolve_spec(str(roots / "x" / ".." / "real")) == ("folder", str(real.resolve()))
+    assert app.resolve_spec("nobody/nothing") == ("hub", "nobody/nothing")
+    outside = str(converted["rms_sink_bigram"])  # a real model folder, not under a root
+    messages = {}
+    for spec in [outside, str(inside), "/no/such/folder", "/etc", str(roots / ".." / "allowed" / ".." / ".."),
+                 "../../etc", "~", "a/b/c", "nobody/../etc"]:
+        with pytest.raises(UserError) as info:
+            app.get_model(spec)
+        messages[spec] = re.sub(r"^model '.*' is not", "model SPEC is not", str(info.value))
+    # absent and not allowed read the same: the box tells nothing about the server's files
+    assert len(set(messages.values())) == 1, messages
+    assert "is not available" in next(iter(messages.values()))
+
+
+def test_library_defaults_allow_any_folder(explorer, converted):
+    assert explorer.settings.model_roots is None
+    assert explorer.resolve_spec(str(converted["rms_sink_bigram"]))[0] == "folder"
+    assert explorer.get_model(str(converted["rms_sink_bigram"])).config.n_layer > 0
+
+
+def test_spec_checks(explorer):
+    with pytest.raises(UserError, match="control"):
+        explorer.get_model("default\x00")
+    with pytest.raises(UserError, match="longer than"):
+        explorer.get_model("a" * 1000)
+
+
+def test_hub_failures_are_cached(explorer):
+    """Offline, an unknown hub id fails at once; the answer is cached, so asking again costs nothing."""
+    name = f"nobody/nothing-{os.getpid()}"
+    t = time.perf_counter()
+    with pytest.raises(UserError, match="could not load model"):
+        explorer.get_model(name)
+    first = time.perf_counter() - t
+    cached = explorer.hub.cached(name)
+    assert cached is not None and cached[0] is None and "could not load model" in cached[1]
+    t = time.perf_counter()
+    with pytest.raises(UserError, match="could not load model"):
+        explorer.get_model(name)
+    assert time.perf_counter() - t < max(first, 0.05)
+
+
+def test_hub_lookups_cannot_fill_the_server():
+    """A slow hub: a lookup times out, and while lookups are under way new names are refused at once, so
+    unknown names hold at most the lookup pool, never the request workers; the late answer is still cached."""
+    release = threading.Event()
+    calls = []
+
+    def slow_fetch(name):
+        calls.append(name)
+        release.wait(10)
+        raise ValueError(f"could not load model {name!r}: no such model")
+
+    lookup = HubLookup(slow_fetch, workers=1, max_pending=1)
+    t = time.perf_counter()
+    with pytest.raises(UserError, match="did not answer"):
+        lookup.config("org/a", timeout_s=0.3)
+    with pytest.raises(UserError, match="under way"):
+        lookup.config("org/b", timeout_s=5)
+    assert time.perf_counter() - t < 3 and calls == ["org/a"]
+    with pytest.raises(UserError, match="did not answer"):  # the same name joins the lookup under way
+        lookup.config("org/a", timeout_s=0.1)
+    release.set()
+    deadline = time.time() + 5
+    while lookup.cached("org/a") is None and time.time() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(UserError, match="no such model"):
+        lookup.config("org/a", timeout_s=1)
+    assert calls == ["org/a"]  # answered from the cache
+    ok = HubLookup(lambda name: {"model_type": "csp"})
+    assert ok.config("org/c", 5) == {"model_type": "csp"} and ok.cached("org/c") == ({"model_type": "csp"}, None)
+
+
+@pytest.fixture(scope="module")
+def viz_run(explorer, converted):
+    entry = explorer.get_model(str(converted["rms_sink_bigram"]))
+    return entry, import_run_file(entry, str(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"))
+
+
+def test_uploads_are_size_capped(tmp_path, viz_run):
+    entry, _ = viz_run
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_UPLOAD_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(UserError, match="MB"):
+        import_run_file(entry, str(huge))
+    with pytest.raises(UserError, match="no such file"):
+        import_run_file(entry, str(tmp_path / "missing.json"))
+
+
+def test_bad_files(tmp_path, viz_run):
+    import torch
+
+    from modeling_csp.circuits.graph import CircuitGraph
+
+    entry, _ = viz_run
+    not_viz = tmp_path / "not_viz.pt"
+    torch.save({"hello": torch.zeros(2)}, not_viz)
+    with pytest.raises(UserError, match="not a viz_data.pt"):
+        import_run_file(entry, str(not_viz))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a torch file")
+    with pytest.raises(UserError, match="viz_data.pt"):
+        import_run_file(entry, str(garbage))
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        import_run_file(entry, str(bad_json))
+    other = CircuitGraph(model={"name": "other", "n_layer": 9, "d_model": 8, "d_model_in": 8, "d_mlp": 8, "n_head": 1,
+                                "d_head": 8, "vocab_size": 10}, nodes={"0.mlp.post_act:1": None}, edges=[])
+    with pytest.raises(UserError, match="made for model"):
+        import_run_file(entry, str(other.save(tmp_path / "other.json")))
+
+
+def test_a_model_folder_with_a_hostile_index_loads_without_reading_outside(explorer, converted, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(converted["rms_sink_bigram"], folder)
+    (tmp_path / "secret.json").write_text('{"SECRET": "do not show"}')
+    (folder / "circuits").mkdir()
+    (folder / "circuits" / "index.json").write_text(json.dumps(
+        [{"task": "x", "k": 1, "path": "../../secret.json"}, {"task": "y", "k": 1, "path": "/etc/passwd"}]))
+    entry = explorer.get_model(str(folder))
+    assert [r for r in entry.runs.values() if r.source == "shipped"] == []
+    captured = capsys.readouterr()
+    assert "SECRET" not in captured.err + captured.out and "root:" not in captured.err + captured.out
+
+
+def test_the_library_never_imports_the_cli():
+    """The explorer (and so the app) stands on the library alone; the CLI is one of its front ends."""
+    import subprocess
+    import sys
+
+    code = "import sys, modeling_csp.explorer, modeling_csp.explorer.panels; print('modeling_csp.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_imports_refuse_non_finite_losses_naming_the_file_and_field(tmp_path, viz_run):
+    entry, run = viz_run
+    data = run.circuit.to_dict()
+    data["losses"] = {**data["losses"], "circuit": float("nan")}
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(data))  # a bare NaN, as the old writer left it
+    with pytest.raises(UserError, match=r"^upload\.json: losses\.circuit is nan, not a finite number"):
+        import_run_file(entry, str(path), "upload.json")
+
+
+def test_imported_edges_that_are_not_the_models_weights_are_recomputed(tmp_path, viz_run):
+    entry, run = viz_run
+    data = run.circuit.to_dict()
+    data["edges"][0]["weight"] += 1.0
+    path = tmp_path / "tampered.json"
+    path.write_text(json.dumps(data))
+    imported = import_run_file(entry, str(path), "tampered.json")
+    assert imported.circuit.notices and imported.circuit.notices[0].startswith(
+        f"1 of {run.circuit.n_edges} edges do not match the model's weights")
+    assert {(e.source, e.target): e.weight for e in imported.circuit.edges} == {
+        (e.source, e.target): pytest.approx(e.weight, abs=1e-6) for e in run.circuit.edges}
+    assert run.circuit.notices == []  # the fixture's own edges are the weights
