@@ -2,7 +2,7 @@
 
 Every function here is a pure function of library data (a `CircuitGraph` or anything with the same
 `nodes` / `edges` / `model` / `layer_deltas` attributes, plain lists, dicts and arrays): no model runs, no
-I/O, so the app (`app.py`) stays a thin layer and every figure is unit-testable.
+I/O, so the app (`modeling_csp.app`) stays a thin layer and every figure is unit-testable.
 
 Node ids are the circuits module's `"{location}:{index}"`, e.g. `"0.attn.q:37"`. Every node marker carries
 its id in `customdata[0]`, so a front end can map a Plotly click back to a node.

@@ -1,4 +1,4 @@
-"""The circuit explorer behind the app (`app.py`), the `/next_tokens` API and `csp next-tokens`; no Gradio here.
+"""The circuit explorer behind the app (`modeling_csp.app`), the `/next_tokens` API and `csp next-tokens`; no Gradio here.
 
 Nothing is kept per process: an `Explorer(Settings(...))` holds what one host has (loaded models, saved runs, user
 tasks, hub lookups), and every function that needs it takes it (or a `ModelEntry` of it).
@@ -10,7 +10,7 @@ tasks, hub lookups), and every function that needs it takes it (or a `ModelEntry
   model with its runs and caches; `import_run_file`.
 - `explorer`: `Settings` and `Explorer` (`get_model`).
 - `sessions`: a browser session (`Session`) and the runs it is offered.
-- `analysis`: what is computed about a circuit, as typed results (losses through `modeling_csp.evaluation`,
+- `analysis`: what is computed about a circuit, as typed results (losses through `modeling_csp.circuits.evaluation`,
   the routine `csp evaluate` uses), cached per model.
 - `view`: the browser's view model, `resolve_view(explorer, session, Request) -> View`.
 - `panels`: the app's other panels as plain results.

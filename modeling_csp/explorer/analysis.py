@@ -4,7 +4,7 @@ predictions, ablations, live importances and pruning.
 
 Every function takes a `ModelEntry` (models.py) and caches what is worth caching in that model's `memo`, so
 repeated views cost nothing and one model's values never evict another's. Losses come from
-`modeling_csp.evaluation`, the routine `csp evaluate` uses, with the options the circuit was pruned with.
+`modeling_csp.circuits.evaluation`, the routine `csp evaluate` uses, with the options the circuit was pruned with.
 Values that come from users (k, channels, steps, targets, prompts, node lists) are checked here, so that the
 app and the API validate alike; `clamp` says what it changed.
 """

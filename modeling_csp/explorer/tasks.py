@@ -50,7 +50,7 @@ class UserTasks:
 
     def from_text(self, text: Any, tokenizer, max_len: int, label: Any = "task"):
         """A user task from JSON lines (`{"prompt", "correct", "incorrect"}` per line), validated against a model's
-        tokenizer and context (`modeling_csp.tasks.task_from_jsonl`) and registered; size-capped."""
+        tokenizer and context (`modeling_csp.circuits.tasks.task_from_jsonl`) and registered; size-capped."""
         from ..circuits.tasks import task_from_jsonl
 
         text = text if isinstance(text, str) else ""

@@ -5,7 +5,7 @@ shows.
 (model, task, run, k, layer, node) from what the user asked for, falling back to defaults, clamping numbers and
 naming every change in `View.status`; it never raises for bad input. The figures and texts of the view are
 properties computed on first use, so a front end pays only for what it sends; `View.changed` names the parts of
-the page that a transition changes. The app (app.py) maps these onto its components in a few lines, and the
+the page that a transition changes. The app (`modeling_csp.app.ui`) maps these onto its components in a few lines, and the
 tests drive every transition here, without a browser. Every answer is computed for one `Selection` (model, task,
 run, k, layer, node) and labelled from it; `Shown` remembers which selection each page shows and which selection
 event is the newest, so that an answer arriving late (a slow model load, the node panel of a node left behind,
