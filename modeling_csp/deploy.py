@@ -69,16 +69,21 @@ def check_model_specs(models: list[str]) -> list[str]:
 
 
 def pinned_requirements() -> list[str]:
-    """This package's runtime requirements pinned to the installed versions: the ones CI has just tested."""
+    """This package's runtime requirements and its [app] extra's (a Space runs the app), pinned to the installed
+    versions: the ones CI has just tested."""
+    from packaging.requirements import Requirement
+
     lines = [f"--extra-index-url {TORCH_CPU_INDEX}"]  # the CPU wheel of torch on CPU Spaces, not several GB of CUDA
-    for requirement in requires("csp-circuits") or []:
-        if "extra ==" in requirement:
+    for line in requires("csp-circuits") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": "app"}):
             continue
-        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        name = requirement.name
         try:
             installed = version(name)
         except PackageNotFoundError:
-            raise DeployError(f"{name} is not installed; install the project first (pip install -e .)") from None
+            raise DeployError(f"{name} is not installed; a Space needs the app extra: "
+                              "pip install 'csp-circuits[app]'") from None
         lines.append(f"{name}=={installed.split('+')[0]}")
     return lines
 

@@ -12,7 +12,8 @@ from packaging.requirements import Requirement
 def lowest(name: str) -> str:
     for line in requires("csp-circuits") or []:
         requirement = Requirement(line)
-        if requirement.name.lower() == name.lower() and requirement.marker is None:
+        runtime = requirement.marker is None or requirement.marker.evaluate({"extra": "app"})  # the app's too
+        if requirement.name.lower() == name.lower() and runtime:
             bounds = [s.version for s in requirement.specifier if s.operator in (">=", "==")]
             if bounds:
                 return bounds[0]

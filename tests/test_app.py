@@ -5,7 +5,9 @@ model (or the model in $CSP_APP_TEST_MODEL), plus a small circuit built from the
 (`conftest.build_test_circuit`) and imported through CSP_APP_IMPORT, so they do not depend on which circuits
 the model ships. Models may be opened from the package and from one extra root, which holds a model folder whose
 circuits/index.json points outside it. Each step saves a screenshot under tests/artifacts/ (git-ignored; CI
-keeps it as an artifact). Steps wait for what the page shows, never for a fixed time.
+keeps it as an artifact). Each test opens a page of its own at the app's first view (the `page` fixture), so
+any test runs alone; steps wait for what the page shows, never for a fixed time (sleeps only pace a user's
+clicks or a polling loop).
 
 What the page shows is decided by the view model and the panels, tested without a browser in
 test_explorer_view.py and test_explorer_panels.py.
@@ -104,9 +106,13 @@ def new_page(browser, url=None):
     return pg
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def page(browser, app_server):
-    pg = new_page(browser)
+    """A page of its own (a new browser context: no runs in its localStorage) at the app's first view, loaded,
+    ready for clicks and settled, so that every test starts from the same state and runs alone as in the file."""
+    pg = new_page(browser, app_server["url"])
+    pg.wait_for_function("() => window.__cspClickReady === true")
+    settle(pg)
     yield pg
     pg.context.close()
 
@@ -184,19 +190,23 @@ def choose_containing(page, selector: str, text: str) -> None:
     page.locator(f"{selector} [role=option]", has_text=text).first.click()
 
 
-# ---- the browser steps (in order, one page) ------------------------------------------------------
+# ---- the browser steps (each on a page of its own, from the first view) ---------------------------
 
 
-def test_page_loads(page, app_server):
-    t0 = time.perf_counter()
-    page.goto(app_server["url"])
-    page.wait_for_selector("#summary table", timeout=120_000)
-    for element in ("#task-select", "#run-select", "#k-slider", "#summary", "#status"):
-        assert page.locator(element).count() >= 1, element
-    assert "full model loss" in text_of(page, "#summary")
-    print(f"page ready {time.perf_counter() - t0:.1f}s after navigation")
-    page.wait_for_selector("#task-acts table")
-    shot(page, "01_page_loaded")
+def test_page_loads(browser, app_server):
+    page = new_page(browser)
+    try:
+        t0 = time.perf_counter()
+        page.goto(app_server["url"])
+        page.wait_for_selector("#summary table", timeout=120_000)
+        for element in ("#task-select", "#run-select", "#k-slider", "#summary", "#status"):
+            assert page.locator(element).count() >= 1, element
+        assert "full model loss" in text_of(page, "#summary")
+        print(f"page ready {time.perf_counter() - t0:.1f}s after navigation")
+        page.wait_for_selector("#task-acts table")
+        shot(page, "01_page_loaded")
+    finally:
+        page.context.close()
 
 
 def test_circuit_graph_renders(page):
@@ -275,8 +285,8 @@ def test_typed_values_out_of_range_are_clamped(page):
     for box in ("#model-select", "#task-select"):  # a dropdown sends its value again when it loses focus
         page.locator(f"{box} input").click()
         page.locator("#summary").click()
-    time.sleep(2)  # (nothing to wait for: the page must not change)
-    assert "3 of " in text_of(page, "#summary") and page.locator("#k-slider input[type=number]").input_value() == "3"
+    state = settle(page)  # the page must not change
+    assert "3 of " in state["summary"] and state["k"] == "3", state
     type_number(page, "#edge-threshold", 500)
     wait_text(page, "#status", "edge threshold (%)=500 is outside [0, 100]")
     type_number(page, "#edge-threshold", 0)
@@ -427,8 +437,8 @@ def test_model_box_path_attacks(page, folders):
     box.fill("default")
     box.press("Enter")
     wait_text(page, "#summary", "Model default ·")  # the view has switched back, not just the box
-    time.sleep(3)  # the hostile model's follow-up steps have finished: none may have put it back in the box
-    assert page.locator("#model-select input").input_value() == "default" and "Model default ·" in text_of(page, "#summary")
+    state = settle(page)  # the hostile model's follow-up steps have finished: none may have put it back in the box
+    assert page.locator("#model-select input").input_value() == "default" and "Model default ·" in state["summary"]
 
 
 def test_size_attacks(page, app_server, tmp_path):
@@ -451,6 +461,9 @@ def test_size_attacks(page, app_server, tmp_path):
     shot(page, "09_size_capped")
     choose_containing(page, "#run-select", "test_circuit")  # back to a circuit evaluated on the usual 64 examples
     wait_text(page, "#summary", "Run imported · test_circuit")
+    # the slow numbers of the huge-options run, still being computed, do not paint over this run's
+    summary = settle(page)["summary"]
+    assert "Run imported · test_circuit" in summary and "n_examples=10000000" not in summary
 
 
 def test_prompt_lab_and_its_errors(page):
@@ -486,9 +499,6 @@ def test_prompt_lab_and_its_errors(page):
 
 
 def test_ablations_importances_and_pruning_check(page):
-    # the slow numbers of the huge-options run, left behind two tests ago, have not painted over this run's
-    summary = text_of(page, "#summary")
-    assert "Run imported · test_circuit" in summary and "n_examples=10000000" not in summary
     page.get_by_role("tab", name="Ablations & pruning").click()
     page.locator("#abl-layers label").first.click()
     page.locator("#abl-run").click()
@@ -618,7 +628,7 @@ def test_next_tokens_api(app_server):
     assert "is not available" in client.predict(prompt="x", model="/etc", api_name="/next_tokens")["error"]
 
 
-# ---- rapid changes: every panel shows the page's one selection (each test on a page of its own) ------------
+# ---- rapid changes: every panel shows the page's one selection --------------------------------------------
 
 SHIPPED = ("indent_for", "while_return_true", "lambda_func", "bracket_brace", "fstring_brace", "if_ternary")
 PAGE_STATE_JS = """() => {
@@ -682,16 +692,6 @@ def disagreements(state: dict) -> list[str]:
     return out
 
 
-@pytest.fixture
-def fresh(browser, app_server):
-    """A page of its own, loaded and settled."""
-    pg = new_page(browser, app_server["url"])
-    pg.wait_for_function("() => window.__cspClickReady === true")
-    settle(pg)
-    yield pg
-    pg.context.close()
-
-
 def trials(name: str, results: list[list[str]]) -> None:
     """Reports how many trials ended inconsistent (the closing note quotes these lines), then asserts none did."""
     bad = [r for r in results if r]
@@ -699,33 +699,33 @@ def trials(name: str, results: list[list[str]]) -> None:
     assert not bad, bad
 
 
-def test_a_task_without_a_circuit_clears_the_node_panel(fresh):
-    choose(fresh, "#task-select", PRUNE_TASK)
-    state = settle(fresh)
+def test_a_task_without_a_circuit_clears_the_node_panel(page):
+    choose(page, "#task-select", PRUNE_TASK)
+    state = settle(page)
     assert state["task"] == PRUNE_TASK
     trials("task without a circuit after load", [disagreements(state)])
 
 
 @pytest.mark.parametrize("gap_s", [1.5, 0.3])
-def test_rapid_task_picks_end_on_one_selection(fresh, gap_s):
+def test_rapid_task_picks_end_on_one_selection(page, gap_s):
     """Five tasks picked `gap_s` apart, three times: the settled page shows the last one everywhere."""
     results = []
     for trial in range(3):
         picks = [*SHIPPED[trial:], *SHIPPED[:trial]][:4] + [PRUNE_TASK if trial == 1 else SHIPPED[(trial + 4) % 6]]
         for task in picks:
             t = time.perf_counter()
-            choose(fresh, "#task-select", task)
+            choose(page, "#task-select", task)
             time.sleep(max(0.0, gap_s - (time.perf_counter() - t)))
-        state = settle(fresh)
+        state = settle(page)
         results.append(disagreements(state) + ([] if state["task"] == picks[-1] else [f"task box {state['task']}"]))
     trials(f"5 task picks {gap_s} s apart", results)
-    assert_no_errors(fresh)
+    assert_no_errors(page)
 
 
-def test_rapid_layer_clicks_end_on_one_selection(fresh):
+def test_rapid_layer_clicks_end_on_one_selection(page):
     """Nine layer clicks 80 ms apart, three times: the graph, layer list, node and node panel agree."""
     results = []
-    labels = fresh.locator("#layer-select label")
+    labels = page.locator("#layer-select label")
     n = labels.count()
     assert n >= 4
     for trial in range(3):
@@ -733,15 +733,15 @@ def test_rapid_layer_clicks_end_on_one_selection(fresh):
         for i in order:
             labels.nth(i).click()
             time.sleep(0.08)
-        state = settle(fresh)
-        want = fresh.locator("#layer-select input").nth(order[-1]).get_attribute("value")
+        state = settle(page)
+        want = page.locator("#layer-select input").nth(order[-1]).get_attribute("value")
         results.append(disagreements(state) + ([] if state["layer"] == want else [f"layer {state['layer']}, clicked {want}"]))
     trials("9 layer clicks 80 ms apart", results)
 
 
-def test_typed_k_is_not_overwritten(fresh):
+def test_typed_k_is_not_overwritten(page):
     """Clicking into the k box and typing: the typed digits stay, and the page shows that k (four tries)."""
-    box = fresh.locator("#k-slider input[type=number]")
+    box = page.locator("#k-slider input[type=number]")
     k_max = int(float(box.get_attribute("max")))
     results = []
     for k in (k_max - 7, k_max // 2, 12, k_max - 1):
@@ -750,7 +750,7 @@ def test_typed_k_is_not_overwritten(fresh):
         box.press_sequentially(str(k), delay=150)
         typed = box.input_value()
         box.press("Enter")
-        state = settle(fresh)
+        state = settle(page)
         problems = disagreements(state) + ([] if typed == str(k) else [f"typed {k}, the box held {typed}"])
         if f"{k} of " not in state["summary"] or state["k"] != str(k):
             problems.append(f"k={k} typed, the page shows k={state['k']}")
@@ -759,9 +759,9 @@ def test_typed_k_is_not_overwritten(fresh):
     trials("typed k", results)
 
 
-def test_a_task_pick_is_sent_once(fresh):
+def test_a_task_pick_is_sent_once(page):
     """One pick from the task list is one request of the task event (Gradio 6 dropdowns also fire on blur)."""
-    deps = fresh.evaluate("""() => {
+    deps = page.evaluate("""() => {
       const cfg = window.gradio_config;
       const box = cfg.components.find((c) => c.props && c.props.elem_id === 'task-select');
       return cfg.dependencies.filter((d) => (d.targets || []).some((t) => t[0] === box.id)).map((d) => d.id);
@@ -775,53 +775,53 @@ def test_a_task_pick_is_sent_once(fresh):
             if body.get("fn_index") in deps:
                 sent.append(body["fn_index"])
 
-    fresh.on("request", count)
+    page.on("request", count)
     for task in ("lambda_func", PRUNE_TASK):
         sent.clear()
-        choose(fresh, "#task-select", task)
-        settle(fresh)
+        choose(page, "#task-select", task)
+        settle(page)
         print(f"a pick of {task}: {len(sent)} request(s) of the task event")
         assert len(sent) == 1, sent
 
 
-def test_numbers_of_an_old_k_are_marked_updating(fresh):
+def test_numbers_of_an_old_k_are_marked_updating(page):
     """After a k change the summary and the layer bars say "updating…" (the bars of the old k are gone) until the
     new k's losses and layer deltas arrive."""
-    k = int(float(fresh.locator("#k-slider input[type=number]").get_attribute("max"))) - 9
+    k = int(float(page.locator("#k-slider input[type=number]").get_attribute("max"))) - 9
     bars_say = "(t) => { const d = document.querySelector('#layer-bars .js-plotly-plot'); const l = d && d.layout; " \
                "return !!l && JSON.stringify([l.title, l.annotations || []]).includes(t); }"
-    type_number(fresh, "#k-slider", k)
-    wait_text(fresh, "#summary", "updating… ", timeout=30_000)
-    fresh.wait_for_function(bars_say, arg="updating…", timeout=30_000)
-    assert f"k={k}" in text_of(fresh, "#summary")
-    fresh.wait_for_function("() => !document.querySelector('#summary').innerText.includes('updating')", timeout=300_000)
-    fresh.wait_for_function(bars_say, arg=f"k={k}", timeout=60_000)
-    fresh.wait_for_selector("#layer-bars .js-plotly-plot .barlayer .point", state="attached")
-    assert not fresh.evaluate(bars_say, "updating") and "…" not in text_of(fresh, "#summary")
-    assert "Δ …" not in text_of(fresh, "#layer-select")
+    type_number(page, "#k-slider", k)
+    wait_text(page, "#summary", "updating… ", timeout=30_000)
+    page.wait_for_function(bars_say, arg="updating…", timeout=30_000)
+    assert f"k={k}" in text_of(page, "#summary")
+    page.wait_for_function("() => !document.querySelector('#summary').innerText.includes('updating')", timeout=300_000)
+    page.wait_for_function(bars_say, arg=f"k={k}", timeout=60_000)
+    page.wait_for_selector("#layer-bars .js-plotly-plot .barlayer .point", state="attached")
+    assert not page.evaluate(bars_say, "updating") and "…" not in text_of(page, "#summary")
+    assert "Δ …" not in text_of(page, "#layer-select")
 
 
 # whether each prune button is disabled (null for a button the page has not drawn: a hidden box or tab)
 BUTTONS_JS = "() => ['#prune-here', '#prune-run'].map((s) => { const b = document.querySelector(s); return b ? b.disabled : null; })"
 
 
-def test_pruning_shows_its_stage_and_disables_the_buttons(fresh):
+def test_pruning_shows_its_stage_and_disables_the_buttons(page):
     """A short prune from "no circuit yet": a visible progress line with the stage and how far it is, both prune
     buttons off while it runs and on again afterwards."""
-    fresh.get_by_role("tab", name="Ablations & pruning").click()
-    type_number(fresh, "#prune-steps", 10)
-    fresh.get_by_role("tab", name="Circuit browser").click()
-    choose(fresh, "#task-select", PRUNE_TASK)
-    wait_text(fresh, "#prune-here-md", "The full model's held-out loss on")
-    fresh.locator("#prune-here").click()
-    wait_text(fresh, "#prune-here-progress", "⏳", timeout=60_000)
-    assert fresh.locator("#prune-here-progress").bounding_box()["height"] > 10
-    fresh.get_by_role("tab", name="Ablations & pruning").click()  # (a tab's buttons are drawn when it opens)
-    fresh.wait_for_selector("#prune-run")
-    assert fresh.evaluate(BUTTONS_JS) == [True, True]
+    page.get_by_role("tab", name="Ablations & pruning").click()
+    type_number(page, "#prune-steps", 10)
+    page.get_by_role("tab", name="Circuit browser").click()
+    choose(page, "#task-select", PRUNE_TASK)
+    wait_text(page, "#prune-here-md", "The full model's held-out loss on")
+    page.locator("#prune-here").click()
+    wait_text(page, "#prune-here-progress", "⏳", timeout=60_000)
+    assert page.locator("#prune-here-progress").bounding_box()["height"] > 10
+    page.get_by_role("tab", name="Ablations & pruning").click()  # (a tab's buttons are drawn when it opens)
+    page.wait_for_selector("#prune-run")
+    assert page.evaluate(BUTTONS_JS) == [True, True]
     seen = set()
-    while not re.search(r"target (not )?reached|failed", text_of(fresh, "#status")):
-        line = fresh.evaluate("() => { const e = document.querySelector('#prune-here-progress'); "
+    while not re.search(r"target (not )?reached|failed", text_of(page, "#status")):
+        line = page.evaluate("() => { const e = document.querySelector('#prune-here-progress'); "
                               "return e ? e.innerText.trim() : ''; }")
         if line:
             seen.add(line)
@@ -830,8 +830,8 @@ def test_pruning_shows_its_stage_and_disables_the_buttons(fresh):
     assert seen and all(re.fullmatch(r"⏳ .+", line) for line in seen), seen
     assert any(re.search(r"\S+.* · \d+%$", line) for line in seen), seen
     assert any(re.search(r"mask training: step \d+ of 10 · \d+%", line) for line in seen), seen  # the stage, counted
-    fresh.wait_for_function(f"() => ({BUTTONS_JS})().every((disabled) => disabled !== true)")
-    assert fresh.evaluate(BUTTONS_JS)[1] is False
-    assert fresh.evaluate("() => [...document.querySelectorAll('#prune-progress, #prune-here-progress')]"
+    page.wait_for_function(f"() => ({BUTTONS_JS})().every((disabled) => disabled !== true)")
+    assert page.evaluate(BUTTONS_JS)[1] is False
+    assert page.evaluate("() => [...document.querySelectorAll('#prune-progress, #prune-here-progress')]"
                           ".map((e) => e.innerText.trim()).join('')") == ""
-    assert_no_errors(fresh)
+    assert_no_errors(page)

@@ -269,6 +269,41 @@ def test_error_exit_code_in_a_fresh_process(tmp_path):
     assert "HF_HUB_OFFLINE" in result.stderr
 
 
+def csp_without(hidden: tuple[str, ...], argv: list[str], cwd) -> subprocess.CompletedProcess:
+    """`csp ARGV` in a fresh interpreter where the `hidden` packages cannot be imported, as after a plain
+    `pip install csp-circuits` without the [app] extra."""
+    blocker = (
+        "import sys\n"
+        "class HideModules:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {hidden!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, HideModules())\n"
+        "from modeling_csp.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("hidden", [("plotly",), ("gradio",), ("gradio", "plotly")])
+@pytest.mark.parametrize("argv", [["next-tokens", "--model", "default", "--prompt", "x = 1"],
+                                  ["space", "build", "space_out"]], ids=["next-tokens", "space-build"])
+def test_commands_of_the_app_extra_say_how_to_install_it(tmp_path, hidden, argv):
+    result = csp_without(hidden, argv, tmp_path)
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "needs the app extra: pip install 'csp-circuits[app]'" in result.stderr
+    assert f"(not installed: {', '.join(hidden)})" in result.stderr
+    assert not (tmp_path / "space_out").exists()
+
+
+def test_the_library_commands_run_without_the_app_extra(tmp_path):
+    result = csp_without(("gradio", "plotly"), ["tasks"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len([json.loads(line) for line in result.stdout.splitlines()]) == 20
+
+
 @pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),
                     reason="the default model (modeling_csp/default_model) has not been trained yet")
 def test_prune_and_evaluate_default_model(capsys, tmp_path):

@@ -184,4 +184,4 @@ def test_shipped_circuits_are_judged_on_held_out_data_and_their_flags_reported()
 def test_remote_code_is_the_package_code(name):
     """The folder's remote code is what the package runs, so both give the same numbers."""
     package = Path(__file__).resolve().parents[1] / "modeling_csp" / "model" / name
-    assert (FOLDER / name).read_text() == package.read_text(), f"re-copy {package} into {FOLDER}"
+    assert (FOLDER / name).read_text() == package.read_text(), "stale copy: run python scripts/sync_remote_code.py"

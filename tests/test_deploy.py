@@ -59,6 +59,18 @@ def test_space_build_writes_a_complete_space(space):
     assert not list(space.rglob("__pycache__"))
 
 
+def test_a_spaces_requirements_are_the_core_and_the_app_extras(space):
+    """A Space runs the app: its requirements.txt pins pyproject's dependencies and the [app] extra's, no test tools."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {Requirement(r).name.lower() for r in project["dependencies"] + project["optional-dependencies"]["app"]}
+    pinned = {line.split("==")[0].lower() for line in (space / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert {"gradio", "plotly"} <= wanted and wanted <= pinned, wanted - pinned
+    assert not pinned & {"pytest", "playwright", "hypothesis", "import-linter", "csp-circuits"}, pinned
+
+
 def test_the_app_lists_the_built_models_unless_csp_models_says_otherwise(space, tmp_path):
     assert listed_models(space) == ["default", "someone/csp-yolo1-converted"]
     assert listed_models(space, env=" org/a , default,org/a ") == ["org/a", "default"]
