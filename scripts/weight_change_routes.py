@@ -2,7 +2,7 @@
 
     PYTHONPATH=CHECKOUT python scripts/weight_change_routes.py [--density 0.06]
 
-The routes are those `tests/test_weight_changes.py` checks, on a fresh copy of the same random weight-sparse
+The routes are those `tests/model/test_weight_changes.py` checks, on a fresh copy of the same random weight-sparse
 model each: one sparse forward pass (so a kernel that keeps state has it), the change, then a no-grad forward
 pass (sparse kernels) against one under autograd (dense matmuls). A difference above 1e-5 means the sparse
 kernels served weights the model no longer has. `modeling_csp` comes from PYTHONPATH, so the same script
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
 from test_weight_changes import ROUTES, make_sparse_model, sparse_and_dense_logits  # noqa: E402
 
 

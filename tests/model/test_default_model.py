@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-FOLDER = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
+FOLDER = Path(__file__).resolve().parents[2] / "modeling_csp" / "default_model"
 DOCUMENTED_CONFIG = dict(
     block_size=128, vocab_size=2048, n_layer=4, n_head=8, d_head=16, d_model=128, d_mlp=512,
     bias=False, ln_bias=False, rms_norm=True, residual_activation_type="identity", activation_type="gelu",
@@ -183,5 +183,5 @@ def test_shipped_circuits_are_judged_on_held_out_data_and_their_flags_reported()
 @pytest.mark.parametrize("name", ["modeling_csp.py", "configuration_csp.py"])
 def test_remote_code_is_the_package_code(name):
     """The folder's remote code is what the package runs, so both give the same numbers."""
-    package = Path(__file__).resolve().parents[1] / "modeling_csp" / "model" / name
+    package = Path(__file__).resolve().parents[2] / "modeling_csp" / "model" / name
     assert (FOLDER / name).read_text() == package.read_text(), "stale copy: run python scripts/sync_remote_code.py"

@@ -23,7 +23,7 @@ from modeling_csp.model.tokenization import (
     token_texts,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TOK_DIR = PROJECT_ROOT.parent / "shared" / "fixtures" / "tokenizer_tinypython_like"
 REFERENCE = json.loads((TOK_DIR / "reference.json").read_text(encoding="utf-8"))
 CASES = REFERENCE["cases"]

@@ -14,7 +14,7 @@ from modeling_csp.circuits.pruning import (
 )
 from conftest import synthetic_batch
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "modeling_csp" / "default_model"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "modeling_csp" / "default_model"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,7 +176,7 @@ def test_sweep_over_tasks_under_accelerate_launch(tmp_path):
            "--tasks", "while_return_true,bracket_brace", "--ks", "4,8", "--steps", "20", "--n-examples", "64",
            "--out-dir", str(out), "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CSP_CACHE_DIR": str(tmp_path / "cache"), "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 6  # each task once (2 processes, one task each), at the target and at k = 4, 8
