@@ -4,9 +4,14 @@ The app lives in `modeling_csp.app.ui`; this file only starts it, with the model
 beside it (a Space's build writes one).
 """
 
+import sys
 from pathlib import Path
 
-from modeling_csp.app.ui import main
+from modeling_csp.app import missing_app_extra
 
 if __name__ == "__main__":
+    if missing := missing_app_extra("python app.py"):
+        sys.exit(f"error: {missing}")
+    from modeling_csp.app.ui import main
+
     main(Path(__file__).resolve().parent)

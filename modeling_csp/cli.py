@@ -40,13 +40,13 @@ number that was not computed is null, never NaN. Circuits are judged on held-out
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+from .app import missing_app_extra
 from .utils.jsonio import dumps_strict, write_json_atomic
 from .model.loading import shipped_circuits
 
@@ -67,25 +67,6 @@ def _fail(message: str) -> int:
 
 def _emit(obj) -> None:
     print(dumps_strict(obj), flush=True)
-
-
-APP_EXTRA = ("gradio", "plotly")  # the [app] extra's packages, which a plain `pip install csp-circuits` leaves out
-
-
-def _missing_app_extra(command: str) -> str | None:
-    """The one-line error for a command that needs the [app] extra when it is not installed (else None), so such a
-    command fails before any work with the install to run, not with an import traceback halfway through."""
-    missing = []
-    for name in APP_EXTRA:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    if not missing:
-        return None
-    return f"csp {command} needs the app extra: pip install 'csp-circuits[app]' (not installed: {', '.join(missing)})"
 
 
 # ---- option values: checked while parsing, so nonsense never starts a run ---------------------
@@ -390,7 +371,7 @@ def cmd_circuits(args) -> int:
 
 
 def cmd_next_tokens(args) -> int:
-    if missing := _missing_app_extra("next-tokens"):
+    if missing := missing_app_extra("csp next-tokens"):
         return _fail(missing)
     from .explorer import Explorer, clean_prompt, import_run_file, next_tokens
 
@@ -414,7 +395,7 @@ def cmd_import_viz(args) -> int:
 
 
 def cmd_space_build(args) -> int:
-    if missing := _missing_app_extra("space build"):
+    if missing := missing_app_extra("csp space build"):
         return _fail(missing)
     from .deploy import build_space
 

@@ -269,19 +269,19 @@ def test_error_exit_code_in_a_fresh_process(tmp_path):
     assert "HF_HUB_OFFLINE" in result.stderr
 
 
+HIDE_MODULES = """import sys
+class HideModules:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {hidden!r}:
+            raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)
+sys.meta_path.insert(0, HideModules())
+"""  # a fresh interpreter's prelude: the `hidden` packages cannot be imported, as without the [app] extra
+
+
 def csp_without(hidden: tuple[str, ...], argv: list[str], cwd) -> subprocess.CompletedProcess:
     """`csp ARGV` in a fresh interpreter where the `hidden` packages cannot be imported, as after a plain
     `pip install csp-circuits` without the [app] extra."""
-    blocker = (
-        "import sys\n"
-        "class HideModules:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {hidden!r}:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, HideModules())\n"
-        "from modeling_csp.cli import main\n"
-        f"sys.exit(main({argv!r}))\n"
-    )
+    blocker = HIDE_MODULES.format(hidden=hidden) + f"from modeling_csp.cli import main\nsys.exit(main({argv!r}))\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     return subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
@@ -296,6 +296,15 @@ def test_commands_of_the_app_extra_say_how_to_install_it(tmp_path, hidden, argv)
     assert "needs the app extra: pip install 'csp-circuits[app]'" in result.stderr
     assert f"(not installed: {', '.join(hidden)})" in result.stderr
     assert not (tmp_path / "space_out").exists()
+
+
+def test_the_app_without_its_extra_says_how_to_install_it(tmp_path):
+    code = ("import runpy, sys\n" + HIDE_MODULES.format(hidden=("gradio",)) +
+            f"sys.argv = ['app.py']\nrunpy.run_path({str(PROJECT_ROOT / 'app.py')!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 1 and result.stderr == (
+        "error: python app.py needs the app extra: pip install 'csp-circuits[app]' (not installed: gradio)\n")
 
 
 def test_the_library_commands_run_without_the_app_extra(tmp_path):
