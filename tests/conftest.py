@@ -2,6 +2,7 @@
 and the app's test circuit."""
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -238,3 +239,17 @@ def serve_app(python, cwd: Path, env: dict, log_path: Path, timeout: float = 240
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def quote_task_lines(n=40, seed=0) -> str:
+    """JSON lines of a real task in the file format a user writes (drawn from the built-in quote task)."""
+    import random
+
+    from modeling_csp.circuits.tasks import get_task
+
+    rng, task = random.Random(seed), get_task("single_double_quote")
+    examples = {}
+    while len(examples) < n:
+        ex = task.generate(rng)
+        examples[ex.prompt] = {"prompt": ex.prompt, "correct": ex.correct, "incorrect": ex.alternative}
+    return "\n".join(json.dumps(e) for e in examples.values())

@@ -359,7 +359,7 @@ def test_prune_from_no_circuit_yet_then_reload_and_share(page, browser, app_serv
 def test_your_own_task_from_a_file_pruned_with_its_control(page, tmp_path):
     """Upload task lines: the task is checked and selected (no circuit yet); pruning it with the shuffled-answer
     control shows the control next to the random baseline."""
-    from test_explorer_panels import quote_task_lines
+    from conftest import quote_task_lines
 
     lines = tmp_path / "quotes.jsonl"
     lines.write_text(quote_task_lines(30))

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import TEST_TASK
+from conftest import TEST_TASK, quote_task_lines
 from modeling_csp.explorer import panels
 from modeling_csp.explorer.explorer import Explorer, Settings
 from modeling_csp.explorer.sessions import Session, find_run
@@ -198,20 +198,6 @@ def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     assert page["explorer"].store.load(view.run.id) is not None
     failed = panels.prune_new_run(page["explorer"], Session(), page["model"], "nope", 0.15, False, 10)
     assert failed.view is None and failed.message == "⚠️ pruning failed: choose a task to prune for"
-
-
-def quote_task_lines(n=40, seed=0) -> str:
-    """JSON lines of a real task in the file format a user writes (drawn from the built-in quote task)."""
-    import random
-
-    from modeling_csp.circuits.tasks import get_task
-
-    rng, task = random.Random(seed), get_task("single_double_quote")
-    examples = {}
-    while len(examples) < n:
-        ex = task.generate(rng)
-        examples[ex.prompt] = {"prompt": ex.prompt, "correct": ex.correct, "incorrect": ex.alternative}
-    return "\n".join(json.dumps(e) for e in examples.values())
 
 
 def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link(page, tmp_path, monkeypatch):
