@@ -131,8 +131,15 @@ def text_of(page, selector: str) -> str:
 
 
 def wait_text(page, selector: str, text: str, timeout: float = 90_000) -> None:
-    page.wait_for_function("([s, t]) => { const e = document.querySelector(s); return !!e && e.innerText.includes(t); }",
-                           arg=[selector, text], timeout=timeout)
+    """Waits until `selector` shows `text`; on a timeout the failure says what it shows instead."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("([s, t]) => { const e = document.querySelector(s); return !!e && e.innerText.includes(t); }",
+                               arg=[selector, text], timeout=timeout)
+    except PlaywrightTimeout:
+        shown = page.locator(selector).first.inner_text(timeout=5_000) if page.locator(selector).count() else "(absent)"
+        pytest.fail(f"{selector} did not show {text!r} within {timeout / 1000:g} s; it shows {shown[:600]!r}")
 
 
 def assert_no_errors(page) -> None:
