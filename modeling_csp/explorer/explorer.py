@@ -17,8 +17,8 @@ from typing import Mapping
 
 from .errors import UserError
 from .models import (
-    MAX_MODEL_PARAMS, MAX_MODELS, HubLookup, ModelEntry, check_spec, default_roots, dense_params, fetch_config,
-    resolve_spec,
+    DEFAULT_PRETRAIN_TOKENS, MAX_MODEL_PARAMS, MAX_MODELS, HubLookup, ModelEntry, check_spec, default_roots,
+    dense_params, fetch_config, resolve_spec,
 )
 from .runs import RunStore
 from .tasks import UserTasks
@@ -32,7 +32,7 @@ class Settings:
     default_model: str = "default"
     models: list[str] = field(default_factory=lambda: ["default"])  # what the model box lists
     run_files: list[str] = field(default_factory=list)  # circuit files offered as runs of every model
-    pretrain_tokens: int = 8192  # held-out text for live activating examples
+    pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS  # held-out text for live activating examples
     model_roots: list[Path] | None = None  # folders models may be opened from (None: anywhere)
     hub_timeout_s: float = 10.0
     store_dir: Path | None = None  # where saved runs live (None: memory only)
@@ -49,7 +49,7 @@ class Settings:
             default_model=env.get("CSP_APP_MODEL") or models[0],
             models=models,
             run_files=[p for p in env.get("CSP_APP_IMPORT", "").split(os.pathsep) if p],
-            pretrain_tokens=int(env.get("CSP_APP_PRETRAIN_TOKENS", "8192")),
+            pretrain_tokens=int(env.get("CSP_APP_PRETRAIN_TOKENS", DEFAULT_PRETRAIN_TOKENS)),
             model_roots=[Path(p) for p in env.get("CSP_MODEL_ROOTS", "").split(os.pathsep) if p] or default_roots(),
             store_dir=Path(env.get("CSP_APP_STORE") or Path(tempfile.gettempdir()) / "csp_app_runs"),
         )

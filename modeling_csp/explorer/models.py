@@ -30,6 +30,7 @@ from .errors import UserError, first_line, log
 from .runs import Run, RunStore
 from .tasks import UserTasks
 
+DEFAULT_PRETRAIN_TOKENS = 8192  # held-out text tokens for live activating examples
 MAX_MODELS = 3  # models kept loaded at once (least recently used dropped first)
 MAX_SPEC_CHARS = 300
 MAX_MODEL_PARAMS = 2_000_000_000  # dense parameter count a model's config may describe
@@ -224,7 +225,7 @@ class ModelEntry:
     and `store` are its explorer's user tasks and saved runs; `run_files` are circuit files offered as its runs."""
 
     def __init__(self, spec: str, kind: str, name: str, tasks: UserTasks | None = None, store: RunStore | None = None,
-                 pretrain_tokens: int = 8192, run_files: Sequence[str] = ()):
+                 pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS, run_files: Sequence[str] = ()):
         from ..model.loading import load_model_and_tokenizer, resolve_model
 
         self.spec = spec
