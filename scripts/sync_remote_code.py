@@ -7,10 +7,10 @@ copy that differs from its original.
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from modeling_csp.utils.jsonio import write_text_atomic  # the project's atomic write (the package is installed)
 
 PACKAGE = Path(__file__).resolve().parent.parent / "modeling_csp"
 ORIGINALS = PACKAGE / "model"
@@ -28,17 +28,6 @@ def stale_copies() -> list[Path]:
     return stale
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a copy is stale")
@@ -50,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {copy} differs from {original}; run python scripts/sync_remote_code.py", file=sys.stderr)
         return 1 if stale else 0
     for copy in stale:
-        write_atomic(copy, (ORIGINALS / copy.name).read_bytes())
+        write_text_atomic(copy, (ORIGINALS / copy.name).read_text(encoding="utf-8"))
         print(f"updated {copy}")
     return 0
 
