@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -1077,6 +1078,9 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("CSPForCausalLM needs input_ids; inputs_embeds are not supported")
         if past_key_values is not None:
+            if _OUTPUT_CACHE_FIELD == "cache":  # as transformers' own models say it since the rename (5.24)
+                warnings.warn("`past_key_values` is deprecated for `CSPForCausalLM.forward`. Use `cache` instead.",
+                              FutureWarning, stacklevel=2)
             if cache is not None and cache is not past_key_values:
                 raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
             cache = past_key_values

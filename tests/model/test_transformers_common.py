@@ -97,14 +97,24 @@ SHIPPED_CHOICES = dict(sink=True, afrac=0.5, afrac_loctypes="attn_in,attn_out,ml
                        learnable_bigram_table=True, rms_norm=True, tied_unembed=False, bias=False, ln_bias=False)
 
 
-class ShippedChoicesCommonTest(common.ModelTesterMixin, unittest.TestCase):
-    """Sink, AbsTopK, bigram table, RMSNorm, untied: what the released models use."""
+class ShippedChoicesCommonTest(common.ModelTesterMixin, common.GenerationTesterMixin, unittest.TestCase):
+    """Sink, AbsTopK, bigram table, RMSNorm, untied: what the released models use.
+
+    `GenerationTesterMixin` is the stand-in (the source distribution lacks it): test_generation.py covers generate.
+    """
 
     all_model_classes = (CSPForCausalLM,)
     config_kwargs = SHIPPED_CHOICES
 
     def setUp(self):
         self.model_tester = CSPModelTester(self, **self.config_kwargs)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        # The mixin adds labels only for models in transformers' own causal-LM mapping, which ours is not in.
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels:
+            inputs_dict["labels"] = inputs_dict["input_ids"].clone()
+        return inputs_dict
 
 
 class PlainCommonTest(ShippedChoicesCommonTest):
