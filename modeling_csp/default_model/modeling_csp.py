@@ -351,6 +351,12 @@ def few_names(names: list[str], n: int = 4) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def tracing() -> bool:
+    """True inside torch.compile, torch.export or torch.jit.trace: checks that read tensor values (data-dependent
+    Python branches) and the sparse kernels' weight checks run only outside, in eager forward passes."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     """Keeps the `k` entries of largest magnitude along the last dimension, zeroes the rest.
 
@@ -362,7 +368,8 @@ def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= x.shape[-1]:
         return x
     magnitude = x.detach().abs()
-    key = magnitude.view(_SAME_SIZE_INT[x.dtype]) if x.dtype in _SAME_SIZE_INT else magnitude
+    # torch.jit.trace cannot record a view as another dtype; the float magnitudes rank the same.
+    key = magnitude.view(_SAME_SIZE_INT[x.dtype]) if x.dtype in _SAME_SIZE_INT and not torch.jit.is_tracing() else magnitude
     threshold = key.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     return x * (key >= threshold)
 
@@ -473,7 +480,8 @@ class SparseKernelLinear(nn.Linear):
 
     def _csr_weight(self, x: torch.Tensor) -> _CSR | None:
         """The weight's nonzeros as they are now, or None where the dense kernel is used."""
-        if not self.use_sparse_kernel or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
+        if (not self.use_sparse_kernel or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype
+                or tracing()):  # a compiled graph multiplies densely: the CSR's shape depends on the weights' values
             return None
         weight = self.weight.detach()
         frozen = _FROZEN_WEIGHTS.get()
@@ -541,7 +549,13 @@ _ACTIVE_HOOKS: contextvars.ContextVar[tuple[Hook, ...]] = contextvars.ContextVar
 
 
 def hook_point(name: str, x: torch.Tensor) -> torch.Tensor:
-    """`x` after every active hook that touches `name`, in the order they were entered."""
+    """`x` after every active hook that touches `name`, in the order they were entered.
+
+    Hooks are for eager forward passes: a compiled, exported or traced graph has no hook points (dynamo cannot read a
+    context variable), so recordings and interventions do not reach it.
+    """
+    if tracing():
+        return x
     hooks = _ACTIVE_HOOKS.get()
     if hooks:
         for hook in hooks:
@@ -551,6 +565,8 @@ def hook_point(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def hook_wanted(name: str) -> bool:
+    if tracing():
+        return False
     return any(name in hook.names for hook in _ACTIVE_HOOKS.get())
 
 
@@ -1091,31 +1107,38 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
-        if past + T > self.config.block_size:
+        past = cache.get_seq_length() if cache is not None else 0  # a 0-d tensor for a static cache
+        if not tracing() and past + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than the model's context (block_size="
                 f"{self.config.block_size}); truncate the input to at most {self.config.block_size} tokens"
             )
-        padded = False
-        if attention_mask is not None:
+        padded, mask_4d = False, None
+        if attention_mask is not None and attention_mask.ndim == 4:  # generate()'s mask for a static cache
+            mask_4d = self._check_4d_mask(attention_mask, B, T)
+        elif attention_mask is not None:
             if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (B, past + T):
-                raise ValueError(f"attention_mask must have shape (batch, past + T) = ({B}, {past + T}), "
-                                 f"got {tuple(attention_mask.shape)}")
-            padded = not bool(attention_mask.all())
+                raise ValueError(f"attention_mask must have shape (batch, past + T) = ({B}, {past + T}) or "
+                                 f"(batch, 1, T, keys), got {tuple(attention_mask.shape)}")
+            padded = tracing() or not bool(attention_mask.all())  # a traced graph takes the mask as it comes
         if position_ids is None:
-            if padded:  # count only real tokens: a left-padded row is the row alone
+            if mask_4d is not None:  # a query's position counts the real tokens it sees, itself included
+                position_ids = (mask_4d.sum(-1)[:, 0] - 1).clamp(min=0)
+            elif padded:  # count only real tokens: a left-padded row is the row alone
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-        elif position_ids.shape[-1] != T or int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0:
+                position_ids = (past + torch.arange(T, device=input_ids.device)).unsqueeze(0)
+        elif position_ids.shape[-1] != T or (not tracing() and (
+                int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0)):
             raise ValueError(f"position_ids must have T={T} columns with values in [0, {self.config.block_size})")
         pos_emb = hook_point("pos_emb", self.transformer.wpe(position_ids))  # (B|1, T, d_pos_emb or d_model)
         x = hook_point("tok_emb", self.transformer.wte(input_ids))  # (B, T, d_model)
         if self.config.d_pos_emb is None:
             x, pos_emb = x + pos_emb, None
         attn_mask = None  # None: causal without padding, which the kernels do without a mask tensor
-        if padded or (past > 0 and T > 1):
+        if mask_4d is not None:
+            attn_mask = torch.zeros(mask_4d.shape, dtype=x.dtype, device=x.device).masked_fill(~mask_4d, torch.finfo(x.dtype).min)
+        elif padded or (past > 0 and T > 1):
             attn_mask = self._attention_mask(T, past, attention_mask if padded else None, x.dtype, x.device)
 
         hidden_states, attentions = [], []
@@ -1163,12 +1186,20 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         B, T = input_ids.shape
         if B == 0 or T == 0:
             raise ValueError(f"input_ids is empty (shape {(B, T)}); give at least one token")
-        if input_ids.device.type != "meta":
+        if input_ids.device.type != "meta" and not tracing():  # a traced graph cannot branch on the ids' values
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (the model's vocab_size), "
                                  f"got values from {low} to {high}")
         return B, T
+
+    @staticmethod
+    def _check_4d_mask(attention_mask: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """A (batch, 1, T, keys) mask as booleans (True: may attend); a float mask is additive (0: may attend)."""
+        if attention_mask.shape[0] not in (1, B) or attention_mask.shape[1] != 1 or attention_mask.shape[2] != T:
+            raise ValueError(f"a 4-D attention_mask must have shape (batch, 1, T, keys) = ({B}, 1, {T}, keys), "
+                             f"got {tuple(attention_mask.shape)}")
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
 
     @staticmethod
     def _attention_mask(T: int, past: int, attention_mask, dtype, device) -> torch.Tensor:
