@@ -835,6 +835,7 @@ class CSPPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     _no_split_modules = ["CSPBlock"]
     _supports_sdpa = True
+    _can_compile_fullgraph = True  # forward and static-cache decoding compile without graph breaks (test_compile.py)
 
     @torch.no_grad()
     def _init_weights(self, module):
