@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -39,9 +38,19 @@ from transformers import initialization as init  # noqa: E402
 from transformers.cache_utils import Cache, DynamicCache  # noqa: E402
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping  # noqa: E402
 from transformers.core_model_loading import ConversionOps, WeightConverter  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
+
+from transformers.utils import logging  # noqa: E402
+from transformers.utils.deprecation import deprecate_kwarg  # noqa: E402
 
 from .configuration_csp import CSPConfig  # noqa: E402
+
+
+logger = logging.get_logger(__name__)
+# The output field of the KV cache: `cache` from transformers 5.24, `past_key_values` before.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # --------------------------------------------------------------------------------------
@@ -173,8 +182,9 @@ register_checkpoint_conversion_mapping(
 )
 
 
-def expected_shapes(config: CSPConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor a checkpoint of `config` stores (the tied `lm_head.weight` is not stored).
+def expected_shapes(config: CSPConfig, base_only: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a checkpoint of `config` stores (the tied `lm_head.weight` is not stored);
+    with `base_only`, of a `CSPModel` checkpoint (no head, no `transformer.` prefix).
 
     Computed from the config alone, so a config with absurd sizes is refused before anything is allocated.
     """
@@ -187,16 +197,19 @@ def expected_shapes(config: CSPConfig) -> dict[str, tuple[int, ...]]:
     def linear(name: str, n_out: int, n_in: int) -> dict:
         return {f"{name}.weight": (n_out, n_in), **({f"{name}.bias": (n_out,)} if config.bias else {})}
 
-    shapes = {"transformer.wte.weight": (V, config.d_model), "transformer.wpe.weight": (config.block_size, config.d_pos_emb or config.d_model)}
+    prefix = "" if base_only else "transformer."
+    shapes = {f"{prefix}wte.weight": (V, config.d_model), f"{prefix}wpe.weight": (config.block_size, config.d_pos_emb or config.d_model)}
     for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
+        p = f"{prefix}h.{i}."
         shapes |= norm(p + "ln_1", config.d_model) | linear(p + "attn.c_attn", 3 * width, d_in) | linear(p + "attn.c_proj", config.d_model, width)
         if config.sink:
             shapes[p + "attn.attn_imp.sink_logit"] = (config.n_head,)
         shapes |= norm(p + "ln_2", config.d_model) | linear(p + "mlp.c_fc", config.d_mlp, d_in) | linear(p + "mlp.c_proj", config.d_model, config.d_mlp)
         if config.d_pos_emb is not None:
             shapes |= norm(p + "ln_p1", config.d_pos_emb) | norm(p + "ln_p2", config.d_pos_emb)
-    shapes |= norm("transformer.ln_f", config.d_model)
+    shapes |= norm(f"{prefix}ln_f", config.d_model)
+    if base_only:
+        return shapes
     if not config.tied_unembed:
         shapes["lm_head.weight"] = (V, config.d_model)
     shapes["final_logits_bias"] = (V,)
@@ -260,7 +273,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check_weight_files(files: list, config: CSPConfig) -> None:
+def check_weight_files(files: list, config: CSPConfig, base_only: bool = False) -> None:
     """Refuses a checkpoint that would load as a wrong model, with one line naming the file and the tensor.
 
     Checks every stored tensor against `config` before transformers reads anything: nothing missing or
@@ -268,9 +281,9 @@ def check_weight_files(files: list, config: CSPConfig) -> None:
     without NaN or infinities, sparse indices stored as digits, strictly increasing and in range. Files are
     safetensors (`model.safetensors` or its shards) or PyTorch state dicts (`pytorch_model.bin` or its shards,
     read with weights_only=True), which may also hold weights dense; a tied model's `lm_head.weight` may be
-    stored when it equals `transformer.wte.weight`.
+    stored when it equals `transformer.wte.weight`. With `base_only` (loading a `CSPModel`) the files may hold a
+    `CSPModel` or a whole `CSPForCausalLM`.
     """
-    expected = expected_shapes(config)
     parts: dict[str, dict[str, tuple]] = {}  # tensor -> {part or "": (file, key, dtype code, reader)}
     dense_allowed: set[str] = set()  # files where a sparse-stored name may hold its dense tensor
     for file in map(str, files):
@@ -282,6 +295,7 @@ def check_weight_files(files: list, config: CSPConfig) -> None:
             if part not in SPARSE_PARTS:
                 base, part = key, ""
             parts.setdefault(base, {})[part] = (file, key, dtype, read)
+    expected = expected_shapes(config, base_only=base_only and not any(name.startswith("transformer.") for name in parts))
     tied_copy = parts.pop("lm_head.weight", None) if "lm_head.weight" not in expected else None
     missing = sorted(set(expected) - set(parts), key=_natural)
     unexpected = sorted(set(parts) - set(expected), key=_natural)
@@ -464,6 +478,7 @@ class SparseKernelLinear(nn.Linear):
 
     use_sparse_kernel = False
     max_density = 0.1
+    configured_nonzeros: int | None = None  # the nonzero count `resparsify_` restores (set when loaded)
     _csr_cache: _CSR | None = None
 
     def forward(self, x: torch.Tensor, contiguous_output: bool = True) -> torch.Tensor:
@@ -630,12 +645,21 @@ def _call_intervention(fn: Callable) -> Callable[[str, torch.Tensor], torch.Tens
 
 
 class CSPAttention(nn.Module):
-    """Causal self-attention with the reference's optional sink logit and AbsTopK on q, k, v."""
+    """Causal self-attention with the reference's optional sink logit and AbsTopK on q, k, v.
+
+    The attention itself is dispatched through transformers' registry on `config._attn_implementation`: "eager"
+    (probabilities written out), "sdpa" (on a sink model, the registered `SINK_ATTENTION` function) or any other
+    registered function for models without a sink.
+    """
+
+    is_causal = True
 
     def __init__(self, config: CSPConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.n_head, self.d_head, self.sink = config.n_head, config.d_head, config.sink
+        self.scaling = 1.0 / math.sqrt(config.d_head)
         self.afrac = afrac_by_location(config)
         self.hook = {n: f"{layer_idx}.attn.{n}" for n in ("act_in", "q", "k", "v", "pattern", "sink", "y")}
         width = config.n_head * config.d_head
@@ -659,23 +683,69 @@ class CSPAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        scale = 1.0 / math.sqrt(self.d_head)
-        probs = None
-        if output_attentions or hook_wanted(hook["pattern"]) or hook_wanted(hook["sink"]):
-            probs, sink_share = attention_probabilities(q, k, scale, attn_mask, self.attn_imp.sink_logit if self.sink else None)
-            if sink_share is not None and hook_point(hook["sink"], sink_share) is not sink_share:
-                raise ValueError(f"{hook['sink']} can be recorded, not replaced: intervene on {hook['pattern']} instead")
-            probs = hook_point(hook["pattern"], probs)  # (B, nh, T, past + T)
-            y = probs @ v
-        elif self.sink:
-            y = self.attn_imp(q, k, v, scale, attn_mask)
-        elif attn_mask is None:  # causal without padding: no mask tensor (a single query sees every key)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        y = y.transpose(1, 2).reshape(B, T, width)
+        wants_probs = output_attentions or hook_wanted(hook["pattern"]) or hook_wanted(hook["sink"])
+        attention = eager_attention_forward if wants_probs else self.attention_function()
+        y, probs = attention(self, q, k, v, attn_mask, scaling=self.scaling, dropout=0.0)  # y: (B, T, nh, hs)
+        y = y.reshape(B, T, width)
         y = hook_point(hook["y"], y)  # (B, T, n_head * d_head)
-        return sparsify_at(self.afrac, self.c_proj(y), "attn_out"), probs
+        return sparsify_at(self.afrac, self.c_proj(y), "attn_out"), (probs if output_attentions else None)
+
+    def attention_function(self) -> Callable:
+        """The registered attention function `config._attn_implementation` names (a sink model's "sdpa" is ours)."""
+        implementation = self.config._attn_implementation or "sdpa"
+        if implementation == "eager":
+            return eager_attention_forward
+        if self.sink and implementation == "sdpa":
+            implementation = SINK_ATTENTION
+        if self.sink and implementation != SINK_ATTENTION:
+            raise ValueError(f"attn_implementation={implementation!r} cannot add this model's attention sink; load it "
+                             f"with attn_implementation='sdpa', 'eager' or {SINK_ATTENTION!r}")
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+def _additive(attn_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """A boolean mask (True: may attend) as the additive mask the functions here take; others as they are."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, torch.finfo(dtype).min)
+
+
+def eager_attention_forward(module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
+                            **kwargs):
+    """transformers' attention-function interface, written out: ((B, T, H, D) output, (B, H, T, Tk) probabilities).
+
+    With a sink (`module.attn_imp`) the probabilities over the real keys sum to 1 minus the sink's share; the
+    share goes through the `{layer}.attn.sink` hook and the probabilities through `{layer}.attn.pattern`.
+    """
+    sink_logit = module.attn_imp.sink_logit if getattr(module, "sink", False) else None
+    probs, sink_share = attention_probabilities(query, key, scaling, _additive(attention_mask, query.dtype), sink_logit)
+    hook = getattr(module, "hook", None)
+    if hook is not None:
+        if sink_share is not None and hook_point(hook["sink"], sink_share) is not sink_share:
+            raise ValueError(f"{hook['sink']} can be recorded, not replaced: intervene on {hook['pattern']} instead")
+        probs = hook_point(hook["pattern"], probs)  # (B, nh, T, past + T)
+    if dropout and module.training:
+        probs = F.dropout(probs, p=dropout)
+    return (probs @ value).transpose(1, 2), probs
+
+
+def sdpa_with_sink_attention_forward(module: nn.Module, query, key, value, attention_mask, scaling: float,
+                                     dropout: float = 0.0, **kwargs):
+    """transformers' attention-function interface for the sink: torch's scaled_dot_product_attention with the sink
+    as one more key (`SinkLogits`); a module without a sink gets plain sdpa. Returns ((B, T, H, D), None)."""
+    attention_mask = _additive(attention_mask, query.dtype)
+    if getattr(module, "sink", False):
+        out = module.attn_imp(query, key, value, scaling, attention_mask)
+    elif attention_mask is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask[..., : key.shape[2]], scale=scaling)
+    return out.transpose(1, 2), None
+
+
+# Our attention function in transformers' registry: `attn_implementation=SINK_ATTENTION` names it.
+SINK_ATTENTION = "csp_sdpa_sink"
+AttentionInterface.register(SINK_ATTENTION, sdpa_with_sink_attention_forward)
 
 
 def attention_probabilities(q, k, scale: float, attn_mask: torch.Tensor | None, sink_logit: torch.Tensor | None = None):
@@ -686,7 +756,10 @@ def attention_probabilities(q, k, scale: float, attn_mask: torch.Tensor | None, 
     """
     B, H, Tq, _ = q.shape
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
-    scores = scores + (attn_mask if attn_mask is not None else causal_mask(Tq, k.shape[2], q.dtype, q.device))
+    if attn_mask is not None:
+        scores = scores + attn_mask[..., : k.shape[2]]
+    else:
+        scores = scores + causal_mask(Tq, k.shape[2], q.dtype, q.device)
     if sink_logit is None:
         return scores.softmax(dim=-1), None
     sink = sink_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
@@ -706,29 +779,36 @@ class SinkLogits(nn.Module):
         self.sink_logit = nn.Parameter(torch.zeros(n_head))
 
     def forward(self, q, k, v, scale: float, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over (B, H, T, D) q, k, v plus the sink; `attn_mask` None means causal without padding."""
+        """Attention over (B, H, T, D) q, k, v plus the sink; `attn_mask` (additive) None means causal without padding."""
         B, H, Tq, D = q.shape
-        if attn_mask is None and q.device.type == "cpu" and not torch.is_grad_enabled():
-            return self.causal_attention_with_sink(q, k, v, scale)
         if attn_mask is None:
-            attn_mask = causal_mask(Tq, k.shape[2], q.dtype, q.device)
+            return self.causal_attention_with_sink(q, k, v, scale)
         k = torch.cat([k.new_zeros(B, H, 1, D), k], dim=2)
         v = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
+        attn_mask = attn_mask[..., : k.shape[2] - 1]
         sink = self.sink_logit.to(attn_mask.dtype).view(1, H, 1, 1).expand(attn_mask.shape[0], H, Tq, 1)
-        attn_mask = torch.cat([sink, attn_mask.expand(-1, H, -1, -1)], dim=-1)  # (B|1, H, Tq, 1 + Tk)
+        attn_mask = torch.cat([sink, attn_mask.expand(-1, H, Tq, -1)], dim=-1)  # (B|1, H, Tq, 1 + Tk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
     def causal_attention_with_sink(self, q, k, v, scale: float) -> torch.Tensor:
-        """Causal attention with the sink, without a mask tensor (CPU, no autograd): square, or one query (a
-        decoding step) that sees every key.
+        """Causal attention with the sink and no mask tensor: square, or one query (a decoding step) that sees every key.
 
-        Flash attention without the sink returns its output and the log of each softmax
-        denominator, lse; adding the sink's exp(b) to the denominator scales the output by
-        exp(lse) / (exp(lse) + exp(b)) = sigmoid(lse - b).
+        The sink becomes a real key in front of the others: one more feature, 1 in every query and
+        sink_logit / scale in the sink's key (0 in the others), gives it the score sink_logit; its value is zero.
+        A square input also gets a dummy query in front, so that sdpa's own causal mask (top-left aligned) lets
+        query i see the sink and keys 0..i; the dummy's output is dropped.
         """
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the CPU kernel needs unit stride
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, q.shape[2] > 1, scale=scale)[:2]
-        return out * torch.sigmoid(lse - self.sink_logit.to(lse.dtype).view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+        B, H, Tq, D = q.shape
+        square = Tq > 1
+        sink_key = torch.zeros(B, H, 1, D + 1, dtype=k.dtype, device=k.device)
+        sink_key[..., D] = (self.sink_logit.to(k.dtype) / scale).view(1, H, 1)
+        k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
+        v = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
+        q = F.pad(q, (0, 1), value=1.0)
+        if square:
+            q = torch.cat([q.new_zeros(B, H, 1, D + 1), q], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=square, scale=scale)
+        return out[:, :, 1:] if square else out
 
 
 def causal_mask(Tq: int, Tk: int, dtype, device) -> torch.Tensor:
@@ -788,7 +868,9 @@ def sparsify_at(afrac: dict[str, float], x: torch.Tensor, location: str) -> torc
     return x if frac is None else abs_topk(x, int(frac * x.shape[-1]))
 
 
-class CSPBlock(nn.Module):
+class CSPBlock(GradientCheckpointingLayer):
+    """One transformer block; under gradient checkpointing it is recomputed in the backward pass."""
+
     def __init__(self, config: CSPConfig, layer_idx: int):
         super().__init__()
         self.afrac = afrac_by_location(config)
@@ -831,10 +913,16 @@ class CSPBlock(nn.Module):
 
 
 class CSPPreTrainedModel(PreTrainedModel):
+    """What the base model and the LM share: weight init, the strict loader, the sparse kernels and the hooks."""
+
     config_class = CSPConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["CSPBlock"]
     _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    supports_gradient_checkpointing = True
     _can_compile_fullgraph = True  # forward and static-cache decoding compile without graph breaks (test_compile.py)
 
     @torch.no_grad()
@@ -858,49 +946,6 @@ class CSPPreTrainedModel(PreTrainedModel):
             if module.bigram_table is not None:
                 init.zeros_(module.bigram_table)
 
-
-class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
-    """The weight-sparse GPT with its LM head, hook points and sparse on-disk storage.
-
-    Hook names are the reference's: `{l}.resid_in`, `{l}.attn.act_in|q|k|v|y|resid_delta`,
-    `{l}.resid_mid`, `{l}.mlp.act_in|post_act|resid_delta` and `final_resid`; `hook_names(extra=True)`
-    adds the embeddings, attention patterns, MLP pre-activations and norm scales.
-    """
-
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
-
-    def __init__(self, config: CSPConfig):
-        super().__init__(config)
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.d_model),
-                wpe=nn.Embedding(config.block_size, config.d_pos_emb or config.d_model),
-                h=nn.ModuleList([CSPBlock(config, i) for i in range(config.n_layer)]),
-                ln_f=make_norm(config, config.d_model),
-            )
-        )
-        self.lm_head = SparseKernelLinear(config.d_model, config.vocab_size, bias=False)
-        self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
-        if config.enable_bigram_table:
-            table = torch.zeros(config.vocab_size, config.vocab_size)
-            if config.learnable_bigram_table:
-                self.bigram_table = nn.Parameter(table)
-            else:
-                self.register_buffer("bigram_table", table)
-        else:
-            self.bigram_table = None
-        self.post_init()
-        self.set_sparse_kernels(config.use_sparse_kernels)
-
-    def get_input_embeddings(self):
-        return self.transformer.wte
-
-    def set_input_embeddings(self, value):
-        self.transformer.wte = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
     def set_sparse_kernels(self, enabled: bool = True):
         """Multiply with only the nonzero weights in CPU forward passes without autograd (on by default)."""
         self.config.use_sparse_kernels = enabled
@@ -918,6 +963,35 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         open one around a loop of forward passes that does not change the weights. Per thread, like the hooks.
         """
         return frozen_weights()
+
+    @torch.no_grad()
+    def resparsify_(self) -> dict[str, float]:
+        """Puts every sparse weight matrix back to the density it had when loaded (or set by the last call): its
+        top-k entries by magnitude, the rest zero. For after a LoRA `merge_and_unload()`, which makes the merged
+        matrices dense. Returns {parameter name: density now}."""
+        densities = {}
+        for module_name, module in self.named_modules():
+            if not isinstance(module, SparseKernelLinear):
+                continue
+            name = f"{module_name}.weight"
+            k = module.configured_nonzeros
+            if k is None:
+                raise ValueError(f"{name} has no recorded density: resparsify_() needs a model loaded with "
+                                 "from_pretrained (or call it once before changing the weights)")
+            weight = module.weight
+            if int(weight.count_nonzero()) > k:
+                keep = weight.abs().flatten().topk(k, sorted=False).indices
+                sparse = torch.zeros_like(weight).flatten()
+                sparse[keep] = weight.flatten()[keep]
+                weight.copy_(sparse.view_as(weight))
+            densities[name] = int(weight.count_nonzero()) / weight.numel()
+        return densities
+
+    def _record_densities(self):
+        """Remembers each sparse weight's nonzero count, the density `resparsify_` restores."""
+        for module in self.modules():
+            if isinstance(module, SparseKernelLinear) and module.weight.device.type != "meta":
+                module.configured_nonzeros = int(module.weight.count_nonzero())
 
     # ---- hooks ---------------------------------------------------------------------
 
@@ -1030,6 +1104,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         with active_hook(Hook(frozenset(self.resolve_hook_names(names)), record)):
             yield grads
 
+
     # ---- loading -------------------------------------------------------------------
 
     @classmethod
@@ -1047,7 +1122,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             if config is not None:
                 files = _weight_files(pretrained_model_name_or_path, kwargs, getattr(config, "transformers_weights", None))
                 if files:
-                    check_weight_files(files, config)
+                    check_weight_files(files, config, base_only=issubclass(cls, CSPModel))
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         info = info if isinstance(info, dict) else dataclasses.asdict(info)
@@ -1055,57 +1130,90 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             if info.get(kind):
                 names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info[kind])
                 raise ValueError(f"{pretrained_model_name_or_path}: {kind.replace('_', ' ')} while loading: {few_names(names)}")
+        model._record_densities()
         return (model, info) if want_info else model
 
-    # ---- forward -------------------------------------------------------------------
+
+
+def _cache_kwarg_renamed(forward):
+    """`past_key_values` -> `cache` with transformers' own FutureWarning, where transformers calls it `cache` (5.24+);
+    older releases still pass `past_key_values` themselves, so there it is taken silently."""
+    if _OUTPUT_CACHE_FIELD != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
+class CSPModel(CSPPreTrainedModel):
+    """The transformer without its head (AutoModel): token ids or embeddings -> hidden states.
+
+    `last_hidden_state` is the final residual after `ln_f`; `hidden_states` (with `output_hidden_states`) are
+    each block's input and the final residual before `ln_f` (the `final_resid` hook).
+    """
+
+    # A CSPForCausalLM checkpoint loads into the base model: its head tensors are not the base model's.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^final_logits_bias$", r"^bigram_table$"]
+
+    def __init__(self, config: CSPConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_pos_emb or config.d_model)
+        self.h = nn.ModuleList([CSPBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = make_norm(config, config.d_model)
+        self.gradient_checkpointing = False
+        self.post_init()
+        self.set_sparse_kernels(config.use_sparse_kernels)
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
 
     # Keyword arguments that transformers' generate() or Trainer pass and that change nothing here.
-    _ACCEPTED_EXTRA_KWARGS = frozenset({"cache_position", "num_items_in_batch", "inputs_embeds"})
+    _ACCEPTED_EXTRA_KWARGS = frozenset({"cache_position", "num_items_in_batch"})
 
+    @_cache_kwarg_renamed
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        labels: torch.LongTensor | None = None,
-        targets: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> BaseModelOutputWithPast:
         r"""
-        input_ids: (B, T) token ids.
+        input_ids: (B, T) token ids, or instead inputs_embeds: (B, T, d_model) token embeddings.
         attention_mask: (B, past + T), 0 for padding keys; positions then count only the real tokens, so a
             left-padded row gives the same numbers as the row alone.
         position_ids: (B, T) or (1, T); default: from `attention_mask`, else past + arange(T) like the reference.
-        cache: the KV cache (`past_key_values` is the name transformers used before 5.24; both are accepted).
-        labels: next-token labels in the transformers convention (shifted inside, -100 ignored).
-        targets: already-shifted targets in the reference's convention (`ignore_index=-1`).
+        cache: the KV cache (`past_key_values` is its name before transformers 5.24).
         output_attentions: also return each layer's attention probabilities (B, H, T, past + T); with a sink
             they sum to 1 minus the sink's share.
         """
         unknown = sorted(set(kwargs) - self._ACCEPTED_EXTRA_KWARGS)
         if unknown:
-            raise TypeError(f"CSPForCausalLM.forward() got unexpected keyword argument(s) {unknown}")
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("CSPForCausalLM needs input_ids; inputs_embeds are not supported")
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {unknown}")
         if past_key_values is not None:
-            if _OUTPUT_CACHE_FIELD == "cache":  # as transformers' own models say it since the rename (5.24)
-                warnings.warn("`past_key_values` is deprecated for `CSPForCausalLM.forward`. Use `cache` instead.",
-                              FutureWarning, stacklevel=2)
             if cache is not None and cache is not past_key_values:
                 raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
             cache = past_key_values
-        B, T = self._check_input_ids(input_ids)
+        if inputs_embeds is None:
+            B, T = self._check_input_ids(input_ids)
+        else:
+            B, T = self._check_inputs_embeds(inputs_embeds)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
+            logger.warning_once("gradient checkpointing recomputes each block: the KV cache is off (use_cache=False)")
+            use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0  # a 0-d tensor for a static cache
@@ -1122,18 +1230,19 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
                 raise ValueError(f"attention_mask must have shape (batch, past + T) = ({B}, {past + T}) or "
                                  f"(batch, 1, T, keys), got {tuple(attention_mask.shape)}")
             padded = tracing() or not bool(attention_mask.all())  # a traced graph takes the mask as it comes
+        device = inputs_embeds.device if inputs_embeds is not None else input_ids.device
         if position_ids is None:
             if mask_4d is not None:  # a query's position counts the real tokens it sees, itself included
                 position_ids = (mask_4d.sum(-1)[:, 0] - 1).clamp(min=0)
             elif padded:  # count only real tokens: a left-padded row is the row alone
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = (past + torch.arange(T, device=input_ids.device)).unsqueeze(0)
+                position_ids = (past + torch.arange(T, device=device)).unsqueeze(0)
         elif position_ids.shape[-1] != T or (not tracing() and (
                 int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0)):
             raise ValueError(f"position_ids must have T={T} columns with values in [0, {self.config.block_size})")
-        pos_emb = hook_point("pos_emb", self.transformer.wpe(position_ids))  # (B|1, T, d_pos_emb or d_model)
-        x = hook_point("tok_emb", self.transformer.wte(input_ids))  # (B, T, d_model)
+        pos_emb = hook_point("pos_emb", self.wpe(position_ids))  # (B|1, T, d_pos_emb or d_model)
+        x = hook_point("tok_emb", self.wte(input_ids) if inputs_embeds is None else inputs_embeds)  # (B, T, d_model)
         if self.config.d_pos_emb is None:
             x, pos_emb = x + pos_emb, None
         attn_mask = None  # None: causal without padding, which the kernels do without a mask tensor
@@ -1143,31 +1252,14 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             attn_mask = self._attention_mask(T, past, attention_mask if padded else None, x.dtype, x.device)
 
         hidden_states, attentions = [], []
-        for i, block in enumerate(self.transformer.h):
+        for block in self.h:
             hidden_states.append(x)
             x, probs = block(x, pos_emb, attn_mask, cache if use_cache else None, output_attentions)
             attentions.append(probs)
         x = hook_point("final_resid", x)
         hidden_states.append(x)
-
-        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        h = self.transformer.ln_f(x[:, keep], "ln_f.scale")
-        head = self.lm_head(h, contiguous_output=False)  # (B, T', vocab), maybe strided
-        if self.bigram_table is None:
-            logits = head + self.final_logits_bias.to(x.dtype)
-        else:  # accumulate into the gathered bigram rows: one pass over the (B, T', vocab) logits fewer
-            logits = F.embedding(input_ids[:, keep], self.bigram_table).to(x.dtype)
-            logits = logits.add_(head).add_(self.final_logits_bias.to(x.dtype))
-
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        elif labels is not None:
-            loss_kwargs = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
+        output = BaseModelOutputWithPast(
+            last_hidden_state=self.ln_f(x, "ln_f.scale"),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
             **{_OUTPUT_CACHE_FIELD: cache if use_cache else None},
@@ -1177,7 +1269,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     def _check_input_ids(self, input_ids) -> tuple[int, int]:
         """(B, T) of valid input ids, or a ValueError that says what is wrong (never a crash in a kernel)."""
         if input_ids is None:
-            raise ValueError("CSPForCausalLM needs input_ids (inputs_embeds are not supported)")
+            raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds")
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (batch, sequence) tensor, got {shape}; add a batch dimension "
@@ -1192,6 +1284,18 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (the model's vocab_size), "
                                  f"got values from {low} to {high}")
+        return B, T
+
+    def _check_inputs_embeds(self, inputs_embeds) -> tuple[int, int]:
+        """(B, T) of valid token embeddings (B, T, d_model), or a ValueError that says what is wrong."""
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+            shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+            raise ValueError(f"inputs_embeds must be a (batch, sequence, d_model={self.config.d_model}) tensor, got {shape}")
+        if not inputs_embeds.is_floating_point():
+            raise ValueError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
+        B, T = inputs_embeds.shape[:2]
+        if B == 0 or T == 0:
+            raise ValueError(f"inputs_embeds is empty (shape {tuple(inputs_embeds.shape)}); give at least one token")
         return B, T
 
     @staticmethod
@@ -1211,6 +1315,157 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, : past + T].bool()
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# `model.base_model.save_pretrained(folder)` writes the remote code and names CSPModel for AutoModel in config.json.
+CSPModel.register_for_auto_class("AutoModel")
+
+
+class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
+    """The weight-sparse GPT with its LM head, hook points and sparse on-disk storage.
+
+    `transformer` is the `CSPModel`; the head is `lm_head`, `final_logits_bias` and, where configured, the bigram
+    table (logits from the previous token, so it needs the token ids and lives here, not in the base model).
+    Hook names are the reference's: `{l}.resid_in`, `{l}.attn.act_in|q|k|v|y|resid_delta`,
+    `{l}.resid_mid`, `{l}.mlp.act_in|post_act|resid_delta` and `final_resid`; `hook_names(extra=True)`
+    adds the embeddings, attention patterns, MLP pre-activations and norm scales.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: CSPConfig):
+        super().__init__(config)
+        self.transformer = CSPModel(config)
+        self.lm_head = SparseKernelLinear(config.d_model, config.vocab_size, bias=False)
+        self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
+        if config.enable_bigram_table:
+            table = torch.zeros(config.vocab_size, config.vocab_size)
+            if config.learnable_bigram_table:
+                self.bigram_table = nn.Parameter(table)
+            else:
+                self.register_buffer("bigram_table", table)
+        else:
+            self.bigram_table = None
+        self.post_init()
+        self.set_sparse_kernels(config.use_sparse_kernels)
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_decoder(self):
+        return self.transformer
+
+    @_cache_kwarg_renamed
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        targets: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        input_ids: (B, T) token ids.
+        inputs_embeds: (B, T, d_model) token embeddings instead of `input_ids`. A bigram-table model also needs the
+            ids: pass both (as generate does); without ids, each position whose embedding is a row of the
+            embedding matrix reads that token's bigram row and any other (a soft prompt) none.
+        attention_mask: (B, past + T), 0 for padding keys; positions then count only the real tokens, so a
+            left-padded row gives the same numbers as the row alone.
+        position_ids: (B, T) or (1, T); default: from `attention_mask`, else past + arange(T) like the reference.
+        cache: the KV cache (`past_key_values` is its name before transformers 5.24).
+        labels: next-token labels in the transformers convention (shifted inside, -100 ignored).
+        targets: already-shifted targets in the reference's convention (`ignore_index=-1`).
+        output_attentions: also return each layer's attention probabilities (B, H, T, past + T); with a sink
+            they sum to 1 minus the sink's share.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
+            cache = past_key_values
+        bigram_ids = self._bigram_ids(input_ids, inputs_embeds) if self.bigram_table is not None else None
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        out = self.transformer(
+            input_ids=input_ids if inputs_embeds is None else None, attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
+        )
+        x = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        head = self.lm_head(x[:, keep], contiguous_output=False)  # (B, T', vocab), maybe strided
+        if bigram_ids is None:
+            logits = head + self.final_logits_bias.to(x.dtype)
+        else:  # accumulate into the gathered bigram rows: one pass over the (B, T', vocab) logits fewer
+            logits = self._bigram_logits(bigram_ids[:, keep]).to(x.dtype)
+            logits = logits.add_(head).add_(self.final_logits_bias.to(x.dtype))
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        elif labels is not None:
+            loss_kwargs = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD)},
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _bigram_ids(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """The token id at each position, for the bigram table: -1 where there is none (a soft prompt)."""
+        if inputs_embeds is None:
+            return input_ids
+        T = inputs_embeds.shape[1]
+        if input_ids is not None and input_ids.ndim == 2 and input_ids.shape[1] == T:
+            return input_ids
+        if input_ids is not None and input_ids.numel():
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} do not match inputs_embeds of shape "
+                             f"{tuple(inputs_embeds.shape)}: the bigram table reads one token id per embedding")
+        self.transformer._check_inputs_embeds(inputs_embeds)
+        wte = self.transformer.wte.weight.detach()
+        flat = inputs_embeds.detach().reshape(-1, wte.shape[1]).to(wte.dtype)
+        nearest = (flat @ wte.T - 0.5 * wte.pow(2).sum(-1)).argmax(-1)  # argmin of the distance
+        exact = (wte[nearest] == flat).all(-1)
+        _, row_class, row_count = torch.unique(wte, dim=0, return_inverse=True, return_counts=True)
+        if bool((row_count[row_class[nearest]] > 1)[exact].any()):
+            raise ValueError("inputs_embeds hold an embedding that several tokens share, so the bigram table cannot "
+                             "tell the token: pass input_ids alongside inputs_embeds")
+        return torch.where(exact, nearest, -1).view(inputs_embeds.shape[:2])
+
+    def _bigram_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab) rows of the bigram table; zero rows where the id is -1."""
+        if not tracing() and bool((ids >= 0).all()):  # a traced graph takes the masked form for every input
+            return F.embedding(ids, self.bigram_table)
+        return F.embedding(ids.clamp(min=0), self.bigram_table) * (ids >= 0).unsqueeze(-1)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """transformers' inputs for one step, keeping the prompt's ids beside its embeddings for the bigram table."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        embeds = inputs.get("inputs_embeds")
+        if self.bigram_table is not None and embeds is not None and inputs.get("input_ids") is None:
+            if input_ids is None or input_ids.shape[1] != embeds.shape[1]:
+                raise ValueError("this model's bigram table needs the prompt's token ids: call "
+                                 "generate(input_ids=ids, inputs_embeds=embeds) with both")
+            inputs["input_ids"] = input_ids
+        return inputs
 
     # ---- generation and vocabulary -----------------------------------------------------
 
@@ -1260,8 +1515,6 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         return embeddings
 
 
-_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
 
 def _hub_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
@@ -1300,5 +1553,5 @@ def _weight_files(name, kwargs: dict, explicit: str | None = None) -> list[str]:
     return []
 
 
-__all__ = ["CSPForCausalLM", "CSPPreTrainedModel", "ActivationCache", "HookName", "abs_topk", "sparsify", "densify",
+__all__ = ["CSPForCausalLM", "CSPModel", "CSPPreTrainedModel", "SINK_ATTENTION", "ActivationCache", "HookName", "abs_topk", "sparsify", "densify",
            "check_weight_files", "expected_shapes", "few_names", "frozen_weights"]
