@@ -737,7 +737,8 @@ def sdpa_with_sink_attention_forward(module: nn.Module, query, key, value, atten
     if getattr(module, "sink", False):
         out = module.attn_imp(query, key, value, scaling, attention_mask)
     elif attention_mask is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
+        causal = True if query.shape[2] > 1 else False  # a branch: sdpa takes no symbolic bool when dynamo traces T
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask[..., : key.shape[2]], scale=scaling)
     return out.transpose(1, 2), None
@@ -799,7 +800,7 @@ class SinkLogits(nn.Module):
         query i see the sink and keys 0..i; the dummy's output is dropped.
         """
         B, H, Tq, D = q.shape
-        square = Tq > 1
+        square = True if Tq > 1 else False  # a branch: sdpa takes no symbolic bool when dynamo traces T
         sink_key = torch.zeros(B, H, 1, D + 1, dtype=k.dtype, device=k.device)
         sink_key[..., D] = (self.sink_logit.to(k.dtype) / scale).view(1, H, 1)
         k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
