@@ -1394,7 +1394,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         output_attentions: also return each layer's attention probabilities (B, H, T, past + T); with a sink
             they sum to 1 minus the sink's share.
         """
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        # The loss's own arguments, as Trainer and context parallelism pass them (already-shifted `shift_labels`).
+        loss_kwargs = {k: v for k in ("num_items_in_batch", "shift_labels") if (v := kwargs.pop(k, None)) is not None}
         if past_key_values is not None:
             if cache is not None and cache is not past_key_values:
                 raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
@@ -1418,8 +1419,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        elif labels is not None:
-            loss_kwargs = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+        elif labels is not None or "shift_labels" in loss_kwargs:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         output = CausalLMOutputWithPast(
             loss=loss,
