@@ -89,6 +89,31 @@ def random_ids(model, n=2, T=16, seed=0):
     return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
+# The released models' choices: attention sink, AbsTopK, a learnable bigram table, RMSNorm, untied unembedding.
+SHIPPED_CHOICES = dict(sink=True, afrac=0.5, enable_bigram_table=True, learnable_bigram_table=True, rms_norm=True,
+                       tied_unembed=False, bias=False, ln_bias=False)
+
+
+def tiny_model(density: float = 0.05, seed: int = 0, **choices):
+    """A 2-layer, 99-token model with the shipped choices (overridable) whose linear weights keep `density` of their
+    entries, so that the sparse kernels are in use, and a random bigram table, so that it matters."""
+    import torch
+
+    from modeling_csp import CSPConfig, CSPForCausalLM
+
+    torch.manual_seed(seed)
+    config = CSPConfig(vocab_size=99, d_model=32, n_layer=2, n_head=4, d_mlp=48, block_size=64,
+                       **(SHIPPED_CHOICES | choices))
+    model = CSPForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim == 2 and "wte" not in name and "wpe" not in name and "bigram" not in name:
+                weight.mul_(torch.rand_like(weight) < density)
+        if model.bigram_table is not None:
+            model.bigram_table.normal_()
+    return model
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest single-threaded, and multi-threaded runs stall on a busy machine."""

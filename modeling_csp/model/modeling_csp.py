@@ -1395,7 +1395,8 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             they sum to 1 minus the sink's share.
         """
         # The loss's own arguments, as Trainer and context parallelism pass them (already-shifted `shift_labels`).
-        loss_kwargs = {k: v for k in ("num_items_in_batch", "shift_labels") if (v := kwargs.pop(k, None)) is not None}
+        loss_kwargs = {k: kwargs.pop(k, None) for k in ("num_items_in_batch", "shift_labels")}
+        loss_kwargs = {k: v for k, v in loss_kwargs.items() if v is not None}
         if past_key_values is not None:
             if cache is not None and cache is not past_key_values:
                 raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")

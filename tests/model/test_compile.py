@@ -8,26 +8,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from modeling_csp import CSPConfig, CSPForCausalLM
+from conftest import tiny_model
+from modeling_csp import CSPForCausalLM
 
 pytestmark = pytest.mark.compile
-
-SHIPPED_CHOICES = dict(sink=True, afrac=0.5, enable_bigram_table=True, learnable_bigram_table=True, rms_norm=True,
-                       tied_unembed=False, bias=False, ln_bias=False)
-
-
-def tiny_model(density: float = 0.05, **choices) -> CSPForCausalLM:
-    """A 2-layer model whose linear weights keep `density` of their entries, so the sparse kernels are in use."""
-    torch.manual_seed(0)
-    config = CSPConfig(vocab_size=99, d_model=32, n_layer=2, n_head=4, d_mlp=48, block_size=64,
-                       **(SHIPPED_CHOICES | choices))
-    model = CSPForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.ndim == 2 and "wte" not in name and "wpe" not in name:
-                weight.mul_(torch.rand_like(weight) < density)
-        model.bigram_table.normal_()
-    return model
 
 
 @pytest.fixture(autouse=True)
