@@ -210,7 +210,7 @@ def expected_shapes(config: CSPConfig, base_only: bool = False) -> dict[str, tup
     shapes |= norm(f"{prefix}ln_f", config.d_model)
     if base_only:
         return shapes
-    if not config.tied_unembed:
+    if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, config.d_model)
     shapes["final_logits_bias"] = (V,)
     if config.enable_bigram_table:
@@ -280,16 +280,16 @@ def check_weight_files(files: list, config: CSPConfig, base_only: bool = False) 
     unexpected, shapes (a sparse tensor's recorded shape too) as the config says, floating-point values
     without NaN or infinities, sparse indices stored as digits, strictly increasing and in range. Files are
     safetensors (`model.safetensors` or its shards) or PyTorch state dicts (`pytorch_model.bin` or its shards,
-    read with weights_only=True), which may also hold weights dense; a tied model's `lm_head.weight` may be
+    read with weights_only=True); either may hold weights dense instead of as sparse parts; a tied model's `lm_head.weight` may be
     stored when it equals `transformer.wte.weight`. With `base_only` (loading a `CSPModel`) the files may hold a
     `CSPModel` or a whole `CSPForCausalLM`.
     """
     parts: dict[str, dict[str, tuple]] = {}  # tensor -> {part or "": (file, key, dtype code, reader)}
-    dense_allowed: set[str] = set()  # files where a sparse-stored name may hold its dense tensor
+    dense_allowed: set[str] = set()  # files where a sparse-stored name may hold its dense tensor (all of them:
+    # `save_pretrained(..., save_original_format=False)` and `.bin` state dicts store weights dense)
     for file in map(str, files):
         contents = _safetensors_contents(file) if file.endswith(".safetensors") else _torch_contents(file)
-        if not file.endswith(".safetensors"):
-            dense_allowed.add(file)
+        dense_allowed.add(file)
         for key, (dtype, read) in contents.items():
             base, _, part = key.rpartition(".")
             if part not in SPARSE_PARTS:
@@ -314,7 +314,7 @@ def check_weight_files(files: list, config: CSPConfig, base_only: bool = False) 
         head = _checked_tensor("lm_head.weight", tied_copy, expected["transformer.wte.weight"], dense_allowed)
         if not torch.equal(head.to(wte.dtype), wte):
             raise ValueError(f"{file}: lm_head.weight differs from transformer.wte.weight, but config.json ties "
-                             "them (tied_unembed=true); drop lm_head.weight or set tied_unembed=false")
+                             "them (tie_word_embeddings=true); drop lm_head.weight or set tie_word_embeddings=false")
 
 
 def _checked_tensor(name: str, stored: dict[str, tuple], shape: tuple[int, ...], dense_allowed: set[str]) -> torch.Tensor:
@@ -1467,6 +1467,10 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             head.weight = self.lm_head.weight
             self.lm_head = head
             self.set_sparse_kernels(self.config.use_sparse_kernels)
+        for module in (self.lm_head, embeddings):  # resized, not new: a later post_init() must not re-initialise them
+            module._is_hf_initialized = True
+            for tensor in module.parameters(recurse=False):
+                tensor._is_hf_initialized = True
         if new != old:
             n = min(old, new)
             bias = self.final_logits_bias.new_zeros(new)
