@@ -1424,15 +1424,14 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             return F.embedding(ids, self.bigram_table)
         return F.embedding(ids.clamp(min=0), self.bigram_table) * (ids >= 0).unsqueeze(-1)
 
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        """transformers' inputs for one step, keeping the prompt's ids beside its embeddings for the bigram table."""
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
+        """transformers' inputs for one step, keeping the prompt's ids (generate(input_ids=..., inputs_embeds=...))
+        beside its embeddings for the bigram table."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         embeds = inputs.get("inputs_embeds")
-        if self.bigram_table is not None and embeds is not None and inputs.get("input_ids") is None:
-            if input_ids is None or input_ids.shape[1] != embeds.shape[1]:
-                raise ValueError("this model's bigram table needs the prompt's token ids: call "
-                                 "generate(input_ids=ids, inputs_embeds=embeds) with both")
-            inputs["input_ids"] = input_ids
+        if (self.bigram_table is not None and embeds is not None and inputs.get("input_ids") is None
+                and input_ids is not None and input_ids.shape[1] == embeds.shape[1]):
+            inputs["input_ids"] = input_ids  # else forward() reads the ids off the embeddings
         return inputs
 
     # ---- generation and vocabulary -----------------------------------------------------
@@ -1467,6 +1466,10 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             head.weight = self.lm_head.weight
             self.lm_head = head
             self.set_sparse_kernels(self.config.use_sparse_kernels)
+        for module in (self.lm_head, embeddings):  # resized, not new: a later post_init() must not re-initialise them
+            module._is_hf_initialized = True
+            for tensor in module.parameters(recurse=False):
+                tensor._is_hf_initialized = True
         if new != old:
             n = min(old, new)
             bias = self.final_logits_bias.new_zeros(new)
