@@ -947,6 +947,12 @@ class CSPPreTrainedModel(PreTrainedModel):
         """
         return frozen_weights()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, with config.json's auto_map naming the base model and the LM, so that
+        `AutoModel` and `AutoModelForCausalLM` both load the folder (`trust_remote_code=True`)."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def resparsify_(self) -> dict[str, float]:
         """Puts every sparse weight matrix back to the density it had when loaded (or set by the last call): its
@@ -1285,9 +1291,6 @@ class CSPModel(CSPPreTrainedModel):
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-# `model.base_model.save_pretrained(folder)` writes the remote code and names CSPModel for AutoModel in config.json.
-CSPModel.register_for_auto_class("AutoModel")
-
 
 class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     """The weight-sparse GPT with its LM head, hook points and sparse on-disk storage.
@@ -1522,6 +1525,14 @@ def _weight_files(name, kwargs: dict, explicit: str | None = None) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # transformers reports the problem in its own words
     return []
+
+
+# Every saved folder carries this file and names its classes for the Auto classes (remote code), the base model too.
+AUTO_MAP = {"AutoConfig": "configuration_csp.CSPConfig", "AutoModel": "modeling_csp.CSPModel",
+            "AutoModelForCausalLM": "modeling_csp.CSPForCausalLM"}
+CSPConfig.register_for_auto_class("AutoConfig")
+CSPModel.register_for_auto_class("AutoModel")
+CSPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 __all__ = ["CSPForCausalLM", "CSPModel", "CSPPreTrainedModel", "SINK_ATTENTION", "ActivationCache", "HookName", "abs_topk", "sparsify", "densify",

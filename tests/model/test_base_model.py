@@ -63,6 +63,7 @@ def test_the_base_model_saves_and_loads_with_automodel(tmp_path):
     with safe_open(tmp_path / "base" / "model.safetensors", "pt") as f:  # no prefix, no head
         assert "h.0.attn.c_attn.weight.sparse_values" in f.keys() and not any(k.startswith("lm_head") for k in f.keys())
     model.save_pretrained(tmp_path / "lm")
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["auto_map"] == modeling.AUTO_MAP
     with torch.no_grad():
         expected = model.transformer(ids).last_hidden_state
         for folder in ("base", "lm"):  # the base model alone, or the base of a whole LM checkpoint
