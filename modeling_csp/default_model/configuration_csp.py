@@ -60,6 +60,7 @@ class CSPConfig(PreTrainedConfig):
         "max_position_embeddings": "block_size",
         "intermediate_size": "d_mlp",
         "head_dim": "d_head",
+        "tied_unembed": "tie_word_embeddings",  # the reference's name for the same knob
     }
 
     def __init__(
@@ -78,7 +79,7 @@ class CSPConfig(PreTrainedConfig):
         activation_type: str = "gelu",
         afrac: float | None = None,
         afrac_loctypes: str = "attn_in,attn_out,mlp_in,mlp_out",
-        tied_unembed: bool = True,
+        tied_unembed: bool | None = None,
         enable_bigram_table: bool = False,
         learnable_bigram_table: bool = False,
         d_pos_emb: int | None = None,
@@ -86,6 +87,9 @@ class CSPConfig(PreTrainedConfig):
         tokenizer_name: str = "tinypython_2k",
         use_sparse_kernels: bool = True,
         use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         **kwargs,
     ):
         if "n_mlp" in kwargs:  # legacy spelling of d_mlp in older configs
@@ -105,7 +109,6 @@ class CSPConfig(PreTrainedConfig):
         self.activation_type = activation_type
         self.afrac = afrac
         self.afrac_loctypes = afrac_loctypes
-        self.tied_unembed = tied_unembed
         self.enable_bigram_table = enable_bigram_table
         self.learnable_bigram_table = learnable_bigram_table
         self.d_pos_emb = d_pos_emb
@@ -113,7 +116,15 @@ class CSPConfig(PreTrainedConfig):
         self.tokenizer_name = tokenizer_name
         self.use_sparse_kernels = use_sparse_kernels
         self.use_cache = use_cache
-        kwargs["tie_word_embeddings"] = tied_unembed
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+        # `tie_word_embeddings` is the one knob; `tied_unembed` (released configs) is its legacy spelling.
+        tie = kwargs.pop("tie_word_embeddings", None)
+        if tie is None:
+            tie = True if tied_unembed is None else tied_unembed
+        elif tied_unembed is not None and bool(tied_unembed) != bool(tie):
+            logger.warning(f"CSPConfig: tie_word_embeddings={tie} and its legacy spelling tied_unembed={tied_unembed} "
+                           f"disagree; using tie_word_embeddings={tie}")
+        kwargs["tie_word_embeddings"] = tie
         self._validate()
         super().__init__(**kwargs)
         unknown = sorted(k for k in set(kwargs) - TRAINING_ONLY_KEYS - _standard_config_keys() if not k.startswith("_"))

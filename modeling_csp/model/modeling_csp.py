@@ -210,7 +210,7 @@ def expected_shapes(config: CSPConfig, base_only: bool = False) -> dict[str, tup
     shapes |= norm(f"{prefix}ln_f", config.d_model)
     if base_only:
         return shapes
-    if not config.tied_unembed:
+    if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, config.d_model)
     shapes["final_logits_bias"] = (V,)
     if config.enable_bigram_table:
@@ -280,16 +280,16 @@ def check_weight_files(files: list, config: CSPConfig, base_only: bool = False) 
     unexpected, shapes (a sparse tensor's recorded shape too) as the config says, floating-point values
     without NaN or infinities, sparse indices stored as digits, strictly increasing and in range. Files are
     safetensors (`model.safetensors` or its shards) or PyTorch state dicts (`pytorch_model.bin` or its shards,
-    read with weights_only=True), which may also hold weights dense; a tied model's `lm_head.weight` may be
+    read with weights_only=True); either may hold weights dense instead of as sparse parts; a tied model's `lm_head.weight` may be
     stored when it equals `transformer.wte.weight`. With `base_only` (loading a `CSPModel`) the files may hold a
     `CSPModel` or a whole `CSPForCausalLM`.
     """
     parts: dict[str, dict[str, tuple]] = {}  # tensor -> {part or "": (file, key, dtype code, reader)}
-    dense_allowed: set[str] = set()  # files where a sparse-stored name may hold its dense tensor
+    dense_allowed: set[str] = set()  # files where a sparse-stored name may hold its dense tensor (all of them:
+    # `save_pretrained(..., save_original_format=False)` and `.bin` state dicts store weights dense)
     for file in map(str, files):
         contents = _safetensors_contents(file) if file.endswith(".safetensors") else _torch_contents(file)
-        if not file.endswith(".safetensors"):
-            dense_allowed.add(file)
+        dense_allowed.add(file)
         for key, (dtype, read) in contents.items():
             base, _, part = key.rpartition(".")
             if part not in SPARSE_PARTS:
@@ -314,7 +314,7 @@ def check_weight_files(files: list, config: CSPConfig, base_only: bool = False) 
         head = _checked_tensor("lm_head.weight", tied_copy, expected["transformer.wte.weight"], dense_allowed)
         if not torch.equal(head.to(wte.dtype), wte):
             raise ValueError(f"{file}: lm_head.weight differs from transformer.wte.weight, but config.json ties "
-                             "them (tied_unembed=true); drop lm_head.weight or set tied_unembed=false")
+                             "them (tie_word_embeddings=true); drop lm_head.weight or set tie_word_embeddings=false")
 
 
 def _checked_tensor(name: str, stored: dict[str, tuple], shape: tuple[int, ...], dense_allowed: set[str]) -> torch.Tensor:
@@ -965,6 +965,12 @@ class CSPPreTrainedModel(PreTrainedModel):
         """
         return frozen_weights()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, with config.json's auto_map naming the base model and the LM, so that
+        `AutoModel` and `AutoModelForCausalLM` both load the folder (`trust_remote_code=True`)."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def resparsify_(self) -> dict[str, float]:
         """Puts every sparse weight matrix back to the density it had when loaded (or set by the last call): its
@@ -1318,9 +1324,6 @@ class CSPModel(CSPPreTrainedModel):
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-# `model.base_model.save_pretrained(folder)` writes the remote code and names CSPModel for AutoModel in config.json.
-CSPModel.register_for_auto_class("AutoModel")
-
 
 class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     """The weight-sparse GPT with its LM head, hook points and sparse on-disk storage.
@@ -1458,15 +1461,14 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             return F.embedding(ids, self.bigram_table)
         return F.embedding(ids.clamp(min=0), self.bigram_table) * (ids >= 0).unsqueeze(-1)
 
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        """transformers' inputs for one step, keeping the prompt's ids beside its embeddings for the bigram table."""
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
+        """transformers' inputs for one step, keeping the prompt's ids (generate(input_ids=..., inputs_embeds=...))
+        beside its embeddings for the bigram table."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         embeds = inputs.get("inputs_embeds")
-        if self.bigram_table is not None and embeds is not None and inputs.get("input_ids") is None:
-            if input_ids is None or input_ids.shape[1] != embeds.shape[1]:
-                raise ValueError("this model's bigram table needs the prompt's token ids: call "
-                                 "generate(input_ids=ids, inputs_embeds=embeds) with both")
-            inputs["input_ids"] = input_ids
+        if (self.bigram_table is not None and embeds is not None and inputs.get("input_ids") is None
+                and input_ids is not None and input_ids.shape[1] == embeds.shape[1]):
+            inputs["input_ids"] = input_ids  # else forward() reads the ids off the embeddings
         return inputs
 
     # ---- generation and vocabulary -----------------------------------------------------
@@ -1501,6 +1503,10 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             head.weight = self.lm_head.weight
             self.lm_head = head
             self.set_sparse_kernels(self.config.use_sparse_kernels)
+        for module in (self.lm_head, embeddings):  # resized, not new: a later post_init() must not re-initialise them
+            module._is_hf_initialized = True
+            for tensor in module.parameters(recurse=False):
+                tensor._is_hf_initialized = True
         if new != old:
             n = min(old, new)
             bias = self.final_logits_bias.new_zeros(new)
@@ -1553,6 +1559,14 @@ def _weight_files(name, kwargs: dict, explicit: str | None = None) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # transformers reports the problem in its own words
     return []
+
+
+# Every saved folder carries this file and names its classes for the Auto classes (remote code), the base model too.
+AUTO_MAP = {"AutoConfig": "configuration_csp.CSPConfig", "AutoModel": "modeling_csp.CSPModel",
+            "AutoModelForCausalLM": "modeling_csp.CSPForCausalLM"}
+CSPConfig.register_for_auto_class("AutoConfig")
+CSPModel.register_for_auto_class("AutoModel")
+CSPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 __all__ = ["CSPForCausalLM", "CSPModel", "CSPPreTrainedModel", "SINK_ATTENTION", "ActivationCache", "HookName", "abs_topk", "sparsify", "densify",

@@ -18,10 +18,6 @@ from ..utils.jsonio import write_json_atomic, write_text_atomic
 from .modeling_csp import CSPForCausalLM
 from .tokenization import ENDOFTEXT
 
-# Every folder names its classes for the Auto classes: the base model (AutoModel) as well as the LM.
-AUTO_MAP = {"AutoConfig": "configuration_csp.CSPConfig", "AutoModel": "modeling_csp.CSPModel",
-            "AutoModelForCausalLM": "modeling_csp.CSPForCausalLM"}
-
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 
 
@@ -67,7 +63,6 @@ def save_model_folder(
     dst = prepare_output_folder(dst)
     CSPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.config.register_for_auto_class()
-    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}
     eot = None
     if tokenizer_json_dir is not None:
         check_tokenizer_size(json.loads((Path(tokenizer_json_dir) / "tokenizer.json").read_text()), model.config.vocab_size,
