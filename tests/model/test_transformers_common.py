@@ -7,10 +7,12 @@ skip and say so. Two variants run: the shipped model's choices (attention sink, 
 unembedding) and a plain GPT-2-like one.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 import types
 import unittest
 from pathlib import Path
@@ -18,10 +20,13 @@ from unittest.mock import patch
 
 import pytest
 import torch
-
 import transformers
+from safetensors.torch import save_file as safe_save_file
+from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
 from modeling_csp import CSPConfig, CSPForCausalLM, CSPModel
+from modeling_csp.model.modeling_csp import CSPPreTrainedModel
 
 SDIST_ENV = "CSP_TRANSFORMERS_TESTS"
 PACKAGE = "transformers_sdist_tests"
@@ -117,6 +122,13 @@ if importlib.util.find_spec("parameterized") is None:
 common = _load_model_tester_mixin(TESTS_FOLDER)
 
 
+@contextlib.contextmanager
+def transformers_loader():
+    """`from_pretrained` as transformers defines it, without our strict checks, while the block runs."""
+    with patch.object(CSPPreTrainedModel, "from_pretrained", classmethod(PreTrainedModel.from_pretrained.__func__)):
+        yield
+
+
 class CSPModelTester:
     """A tiny CSPForCausalLM and its inputs, in the shape the mixin asks for (`model_tester` of a transformers test)."""
 
@@ -167,6 +179,44 @@ class ShippedChoicesCommonTest(common.ModelTesterMixin, common.GenerationTesterM
 
     def setUp(self):
         self.model_tester = CSPModelTester(self, **self.config_kwargs)
+
+    # Our loader is strict where transformers' reports missing tensors and initialises them at random (README,
+    # "Loading is strict"). The mixin's tests of that reporting run on transformers' own loader, and each also
+    # checks that ours refuses the same checkpoint.
+    def test_correct_missing_keys(self):
+        with transformers_loader():
+            super().test_correct_missing_keys()
+        self.assert_strict_loader_refuses_a_base_model_checkpoint()
+
+    def test_base_model_prefix_loads_base_weights(self):
+        with transformers_loader():
+            super().test_base_model_prefix_loads_base_weights()
+        self.assert_strict_loader_refuses_a_base_model_checkpoint()
+
+    def test_model_weights_reload_no_missing_tied_weights(self):
+        with transformers_loader():
+            super().test_model_weights_reload_no_missing_tied_weights()
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        with tempfile.TemporaryDirectory() as folder:
+            CSPForCausalLM(config).save_pretrained(folder)
+            safe_save_file({"tensor": torch.tensor([1, 2])}, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+            with self.assertRaisesRegex(ValueError, "missing tensor"):
+                CSPForCausalLM.from_pretrained(folder)
+
+    def test_can_init_all_missing_weights(self):
+        """`_init_weights` initialises every tensor (the mixin loads an empty state dict, which ours refuses)."""
+        with transformers_loader():
+            super().test_can_init_all_missing_weights()
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        with self.assertRaisesRegex(ValueError, "missing keys"):
+            CSPForCausalLM.from_pretrained(None, config=config, state_dict={})
+
+    def assert_strict_loader_refuses_a_base_model_checkpoint(self):
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        with tempfile.TemporaryDirectory() as folder:
+            CSPModel(config).save_pretrained(folder)
+            with self.assertRaisesRegex(ValueError, r"missing tensor\(s\) .*lm_head.weight|missing tensor\(s\) .*final_logits_bias"):
+                CSPForCausalLM.from_pretrained(folder)
 
     def skipTest(self, reason):
         """Only the listed skips are allowed: any other skip of the mixin is a failure that names the test."""
