@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import CHECKPOINTS, PROJECT_ROOT, random_ids
+from conftest import CHECKPOINTS, PROJECT_ROOT, random_ids, tiny_model
 from modeling_csp import CSPForCausalLM
 
 TOL = 1e-4
@@ -208,3 +208,14 @@ def test_an_older_transformers_is_refused_in_words():
     code = "import transformers; transformers.__version__ = '5.8.1'\nimport modeling_csp.modeling_csp\n"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "needs transformers>=5.13,<6 (installed: 5.8.1)" in result.stderr
+
+
+def test_the_loss_takes_already_shifted_labels_as_trainer_passes_them():
+    """`shift_labels` (Trainer, context parallelism) gives the loss of the same labels shifted inside."""
+    model = tiny_model()
+    ids = random_ids(model, n=2, T=8)
+    with torch.no_grad():
+        shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+        expected = model(ids, labels=ids).loss
+        assert (model(ids, shift_labels=shifted).loss - expected).abs() <= 1e-6
+        assert (model(ids, labels=ids, shift_labels=shifted).loss - expected).abs() <= 1e-6
