@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from modeling_csp.model.configuration_csp import CSPConfig
 from modeling_csp.model.modeling_csp import CSPForCausalLM, expected_shapes, few_names
 from modeling_csp.model.saving import ModelFolderError, prepare_output_folder, save_model_folder
-from modeling_csp.utils.jsonio import dumps_strict
+from modeling_csp.utils.jsonio import atomic_open, dumps_strict
 
 
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/circuit-sparsity"
@@ -55,18 +55,15 @@ def download_release_file(relative_path: str) -> Path:
         )
     url = f"{RELEASE_URL}/{relative_path}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(target.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_open(target) as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=relative_path) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:
-        partial.unlink(missing_ok=True)
         raise ConversionError(f"could not download {url}: {e}") from e
-    partial.rename(target)
     return target
 
 
