@@ -841,6 +841,13 @@ class CSPPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bigram_table)
 
 
+def refuse_what_does_not_fit(config: CSPConfig) -> None:
+    """A model too large for the memory available is refused before its tensors are allocated (on the meta device,
+    as from_pretrained builds it, nothing is allocated and nothing is checked)."""
+    if torch.empty(0).device.type != "meta" and hasattr(config, "check_fits_in_memory"):
+        config.check_fits_in_memory()
+
+
 class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     """The weight-sparse GPT with its LM head, hook points and sparse on-disk storage.
 
@@ -852,6 +859,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: CSPConfig):
+        refuse_what_does_not_fit(config)
         super().__init__(config)
         self.transformer = nn.ModuleDict(
             dict(
