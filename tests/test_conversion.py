@@ -186,3 +186,19 @@ def test_cli_reports_one_line_errors(case, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("vocab_size, message", [
+    (10**11, "Invalid CSPConfig: vocab_size=100,000,000,000 is more than the limit of 1,048,576"),  # was a traceback
+    (1e11, "Invalid CSPConfig: vocab_size=100000000000.0 must be a positive integer"),
+])
+def test_a_config_declaring_a_huge_vocabulary_is_one_line_naming_the_file(tmp_path, capsys, vocab_size, message):
+    from conversion.convert_checkpoint import main
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "ln_gpt2", src)
+    config = json.loads((src / "beeg_config.json").read_text())
+    (src / "beeg_config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    assert main([str(src), str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [f"error: {src / 'beeg_config.json'}: {message}"]
