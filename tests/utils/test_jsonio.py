@@ -39,27 +39,31 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
 
 # ---- atomic files: a killed writer leaves the old file or the new one, never part of one ----------------------
 
-def write_every_output(folder, version: int) -> None:
-    """One round of the toolkit's writers at `version` (0 or 1): a circuit through `csp import-viz` and one saved by
-    the library, a model folder (safetensors, config, remote code, tokenizer, card), a loss-curve SVG and a JSON
-    index, each large enough that a kill often lands inside a write."""
+def two_circuits():
+    """The test circuit (imported from the original visualizer's file) in two versions that differ."""
+    from conftest import FIXTURES
+    from modeling_csp.circuits.viz_import import import_viz_data
+
+    circuits = [import_viz_data(FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt") for _ in range(2)]
+    circuits[1].meta["version"] = 1
+    return circuits
+
+
+def write_every_output(folder, version: int, circuits) -> None:
+    """One round of the toolkit's writers at `version` (0 or 1): a circuit file (what `csp prune --out` and
+    `csp import-viz` write, through CircuitGraph.save), a model folder (safetensors, config, remote code, tokenizer,
+    card), a loss-curve SVG and a JSON index, each large enough that a kill often lands inside a write."""
     from pathlib import Path
 
     import torch
 
-    from conftest import FIXTURES
     from modeling_csp import CSPConfig, CSPForCausalLM
-    from modeling_csp.circuits.viz_import import import_viz_data
-    from modeling_csp.cli import main
     from modeling_csp.model.loading import DEFAULT_MODEL_DIR
     from modeling_csp.model.saving import save_model_folder
     from modeling_csp.training.train import write_curve_svg
 
-    folder, viz = Path(folder), FIXTURES / "viz_rms_sink_bigram" / "viz_data.pt"
-    assert main(["import-viz", str(viz), str(folder / "viz.json")]) == 0
-    circuit = import_viz_data(viz)
-    circuit.meta["version"] = version
-    circuit.save(folder / "circuit.json")
+    folder = Path(folder)
+    circuits[version].save(folder / "circuit.json")
     torch.manual_seed(version)
     model = CSPForCausalLM(CSPConfig(block_size=64, vocab_size=2048, n_layer=1, n_head=2, d_head=16, d_model=32,
                                      d_mlp=64, tied_unembed=False))
@@ -69,55 +73,58 @@ def write_every_output(folder, version: int) -> None:
     write_json_atomic(folder / "index.json", [{"k": i, "loss": version + i / 7} for i in range(50000)])
 
 
-def write_until_killed(folder, written_once) -> None:
+def write_until_killed(folder, circuits, started) -> None:
     import sys
 
-    sys.stdout = sys.stderr = open(os.devnull, "w")  # the CLI's JSON lines
-    write_every_output(folder, 0)
-    written_once.set()
+    sys.stderr = open(os.devnull, "w")  # progress bars
+    started.set()
     while True:
         for version in (1, 0):
-            write_every_output(folder, version)
+            write_every_output(folder, version, circuits)
 
 
 def _files(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    """{relative path: content} of the outputs in `folder`, not the temporary files a killed writer leaves."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
 
 
 def test_writers_killed_at_random_points_never_leave_a_truncated_file(tmp_path):
-    """20 writer processes, each killed (SIGKILL) at a random moment while it rewrites every output over and over:
-    each file is then whole, either version, never a mix within one file or a truncated one."""
+    """20 writer processes, each killed (SIGKILL) at a random moment while it rewrites every output over and over
+    (versions 1, 0, 1, ... over version 0): each file is then whole, either version, never a truncated one."""
     import multiprocessing
     import random
+    import shutil
     import time
 
     import torch
 
     torch.set_num_threads(1)
-    expected = []
+    circuits, expected = two_circuits(), []
     for version in (0, 1):
         start = time.perf_counter()
-        write_every_output(tmp_path / f"expected{version}", version)
+        write_every_output(tmp_path / f"expected{version}", version, circuits)
         round_s = time.perf_counter() - start
         expected.append(_files(tmp_path / f"expected{version}"))
     assert expected[0].keys() == expected[1].keys() and len(expected[0]) >= 10
     assert all(expected[0][f] != expected[1][f] for f in (Path("circuit.json"), Path("model/model.safetensors")))
     context = multiprocessing.get_context("forkserver")  # imports once, then forks a fresh writer per try
-    context.set_forkserver_preload(["torch", "modeling_csp.cli", "modeling_csp.model.saving", "test_jsonio"])
+    context.set_forkserver_preload(["torch", "modeling_csp.model.saving", "modeling_csp.training.train", "test_jsonio"])
     rng = random.Random(0)
     for attempt in range(20):
         folder = tmp_path / f"try{attempt}"
-        written_once = context.Event()
-        writer = context.Process(target=write_until_killed, args=(folder, written_once))
+        shutil.copytree(tmp_path / "expected0", folder)
+        started = context.Event()
+        writer = context.Process(target=write_until_killed, args=(folder, circuits, started))
         writer.start()
-        assert written_once.wait(300), "the writer never finished its first round"
+        assert started.wait(300), "the writer did not start"
         time.sleep(rng.uniform(0, 2 * round_s))
         writer.kill()
         writer.join()
         found = _files(folder)
         assert found.keys() == expected[0].keys()
         for name, content in found.items():
-            assert content in (expected[0][name], expected[1][name]), f"try {attempt}: {name} is truncated or mixed"
+            assert content in (expected[0][name], expected[1][name]), f"try {attempt}: {name} is truncated"
 
 
 def test_files_written_get_the_mode_the_umask_gives(tmp_path):
@@ -126,16 +133,17 @@ def test_files_written_get_the_mode_the_umask_gives(tmp_path):
     from conversion.convert_checkpoint import convert_checkpoint
     from conftest import FIXTURES
 
+    circuits = two_circuits()
     for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
         old = os.umask(umask)
         try:
             folder = tmp_path / oct(umask)
-            write_every_output(folder, 0)
+            write_every_output(folder, 0, circuits)
             convert_checkpoint(str(FIXTURES / "ln_gpt2"), folder / "converted")
         finally:
             os.umask(old)
         files = [p for p in folder.rglob("*") if p.is_file()]
-        assert {"model.safetensors", "config.json", "circuit.json", "viz.json", "loss_curve.svg"} <= {p.name for p in files}
+        assert {"model.safetensors", "config.json", "circuit.json", "loss_curve.svg"} <= {p.name for p in files}
         assert {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in files} == {
             str(p.relative_to(folder)): oct(mode) for p in files}
 
