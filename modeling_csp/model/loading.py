@@ -61,9 +61,8 @@ def load_model_and_tokenizer(spec: str, dtype=None):
     """(model in eval mode, tokenizer) for a converted folder, a hub id, or `default`."""
     import torch
 
-    from .modeling_csp import CSPForCausalLM
-
     from .configuration_csp import CSPConfig
+    from .modeling_csp import CSPForCausalLM
 
     name = resolve_model(spec)
     config = read_config_json(name)
