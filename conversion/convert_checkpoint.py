@@ -10,7 +10,6 @@ OpenAI's public release into the Hugging Face cache. The output loads with
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from modeling_csp.model.configuration_csp import CSPConfig
 from modeling_csp.model.modeling_csp import CSPForCausalLM, expected_shapes, few_names
 from modeling_csp.model.saving import ModelFolderError, prepare_output_folder, save_model_folder
-from modeling_csp.utils.jsonio import dumps_strict
+from modeling_csp.utils.jsonio import atomic_open, dumps_strict
 
 
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/circuit-sparsity"
@@ -55,18 +54,15 @@ def download_release_file(relative_path: str) -> Path:
         )
     url = f"{RELEASE_URL}/{relative_path}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(target.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_open(target) as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=relative_path) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:
-        partial.unlink(missing_ok=True)
         raise ConversionError(f"could not download {url}: {e}") from e
-    partial.rename(target)
     return target
 
 
@@ -160,8 +156,8 @@ def _n_layers(state_dict) -> int:
 def load_original(src: Path) -> CSPForCausalLM:
     """The original checkpoint as a CSPForCausalLM, in the checkpoint's own dtype (bf16 stays bf16)."""
     config = read_original_config(src / "beeg_config.json")
-    state_dict = check_state_dict(config, read_original_state_dict(src / "final_model.pt"), src / "final_model.pt")
     check_memory(config, src / "beeg_config.json")
+    state_dict = check_state_dict(config, read_original_state_dict(src / "final_model.pt"), src / "final_model.pt")
     dtype = state_dict["transformer.wte.weight"].dtype
     with torch.device("meta"):  # the checkpoint's tensors become the parameters: nothing is allocated twice
         model = CSPForCausalLM(config)
@@ -172,15 +168,11 @@ def load_original(src: Path) -> CSPForCausalLM:
 
 
 def check_memory(config: CSPConfig, source: Path) -> None:
-    """Refuses a model whose float32 weights would not fit in the memory this machine has free."""
-    need = 4 * sum(math.prod(shape) for shape in expected_shapes(config).values())
+    """Refuses, before the checkpoint is read, a model whose float32 weights would not fit in the memory available."""
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on every platform
-        return
-    if need > free:
-        raise ConversionError(f"{source}: the model needs about {need / 2**30:.1f} GiB in float32 but only "
-                              f"{free / 2**30:.1f} GiB of memory is free")
+        config.check_fits_in_memory(what=f"{source}: the model")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def folder_ready(dst: str | os.PathLike) -> Path:

@@ -74,6 +74,9 @@ def _emit(obj) -> None:
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1_000_000
 MAX_THREADS = 1024
+MAX_TOP = 50  # next tokens listed: the app's cap too (explorer.analysis.MAX_TOP)
+MAX_BATCH = 65536
+TRAIN_BYTES_PER_VALUE = 16  # float32 weight, gradient and AdamW's two moments, per model value
 
 
 def _number(low: float | None = None, high: float | None = None, *, integer: bool = False, above: bool = False):
@@ -125,6 +128,30 @@ def _check_sizes_against_model(args) -> None:
         if k > total:
             raise ValueError(f"{flag} {k} is more than the {total:,} nodes of model {args.model!r}: give a size from 1 "
                              f"to {total}")
+
+
+def _check_writable(path, flag: str, folder: bool) -> None:
+    """Refuses, before any work, an output that cannot be written (not after minutes of pruning): the nearest
+    existing folder on the way must take a new file. Nothing is created."""
+    import tempfile
+
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder; choose a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    ancestor = (path if folder else path.parent).absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is not a folder; choose a writable path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".csp-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot write in {ancestor} ({exc.strerror or exc}); choose a writable "
+                         "path") from None
 
 
 # ---- subcommands ---------------------------------------------------------------------------
@@ -326,6 +353,8 @@ def cmd_train(args) -> int:
     from .training.train import TokenData, TrainConfig, save_trained_model, train
 
     config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
+    config.model_config().check_fits_in_memory(  # before the corpus is read or anything is allocated
+        TRAIN_BYTES_PER_VALUE, what="training this model (weights, gradients and optimizer state)")
     tokenizer_json = Path(args.tokenizer_dir) / "tokenizer.json"
     if not tokenizer_json.is_file():
         raise ValueError(f"{args.tokenizer_dir} has no tokenizer.json")
@@ -468,13 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=steps, default=d.steps)
     p.add_argument("--lr", type=_number(0, above=True), default=d.lr)
     p.add_argument("--lambda", dest="lam", type=_number(0), default=d.lam, help="loss cost per kept node")
-    p.add_argument("--batch-size", type=_number(1, 65536, integer=True), default=d.batch_size)
+    p.add_argument("--batch-size", type=_number(1, MAX_BATCH, integer=True), default=d.batch_size)
     p.add_argument("--n-examples", type=n_examples, default=d.n_examples,
                    help="task examples, 75%% train / 25%% test (default %(default)s)")
     p.add_argument("--freeze-norm-scales", action="store_true", help="norms use the unablated model's 1/rms")
     control_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_prune)
+    p.set_defaults(fn=cmd_prune, outputs=[("out", "--out", False)])
 
     p = sub.add_parser("evaluate", help="task losses of a circuit: full, circuit, random, complement")
     model_task(p, "seed of the random baseline (default: the circuit's pruning seed)")
@@ -505,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     control_options(p)
     p.add_argument("--threads", type=threads, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_sweep)
+    p.set_defaults(fn=cmd_sweep, outputs=[("out_dir", "--out-dir", True)])
 
     p = sub.add_parser("corpus", help="build the training corpus: stdlib + pinned PyPI wheels, deduplicated, tokenized")
     p.add_argument("--out", required=True, type=Path, help="folder for train.npy, val.npy, val_extra.npy, meta.json")
@@ -513,15 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wheels", type=Path, help="where the downloaded wheels are kept (default OUT/wheels)")
     p.add_argument("--index-url", help="package index for pip (default PyPI)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_corpus)
+    p.set_defaults(fn=cmd_corpus, outputs=[("out", "--out", True)])
 
+    from .model.configuration_csp import MAX_SIZES
     from .training.train import TrainConfig
 
     t = TrainConfig()
-    count, fraction = _number(1, 2**31 - 1, integer=True), _number(0, 1)
+    fraction = _number(0, 1)
     TRAIN_TYPES = {
-        **dict.fromkeys(("n_layer", "d_model", "n_head", "d_head", "d_mlp", "batch_size", "eval_every",
-                         "eval_windows", "checkpoint_every"), count),
+        **{name: _number(1, MAX_SIZES[name], integer=True) for name in ("n_layer", "d_model", "n_head", "d_head", "d_mlp")},
+        **dict.fromkeys(("batch_size", "eval_windows"), _number(1, MAX_BATCH, integer=True)),
+        **dict.fromkeys(("eval_every", "checkpoint_every"), steps),
         "steps": steps, "seed": seed, "lr": _number(0, above=True), "weight_decay": _number(0),
         "warmup_frac": fraction, "anneal_frac": fraction, "grad_clip": _number(0, above=True),
         "density": _number(0, 1, above=True), "bigram_density": _number(0, 1, above=True),
@@ -546,20 +577,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-snapshot", choices=("last", "best"), default="last",
                    help="what --out gets: the last weights, or the snapshot whose probed tasks reach 0.9 most often")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=cmd_train, outputs=[("run_dir", "--run-dir", True), ("out", "--out", True)])
 
     p = sub.add_parser("next-tokens", help="top next tokens of the full model and of a circuit alone (the app's /next_tokens)")
     p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
     p.add_argument("--prompt", required=True, help="the text to continue (Python code)")
     p.add_argument("--circuit", help="circuit JSON file (or viz_data.pt): also predict with everything outside it ablated")
-    p.add_argument("--top", type=_number(1, integer=True), default=10, help="how many next tokens to list")
+    p.add_argument("--top", type=_number(1, MAX_TOP, integer=True), default=10, help="how many next tokens to list")
     p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
     p.set_defaults(fn=cmd_next_tokens)
 
     p = sub.add_parser("import-viz", help="convert the original visualizer's viz_data.pt to a circuit JSON")
     p.add_argument("viz_data")
     p.add_argument("out")
-    p.set_defaults(fn=cmd_import_viz)
+    p.set_defaults(fn=cmd_import_viz, outputs=[("out", "OUT", False)])
 
     from .deploy import DEFAULT_MODEL_REPO
 
@@ -570,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="default", help="comma-separated: 'default' and hub ids of converted models")
     p.add_argument("--default-repo", default=DEFAULT_MODEL_REPO, help="hub id the embedded model is published as")
     p.add_argument("--title", help="the Space's title")
-    p.set_defaults(fn=cmd_space_build)
+    p.set_defaults(fn=cmd_space_build, outputs=[("out", "OUT", True)])
     p = space_sub.add_parser("push", help="upload a built Space folder (token: HF_TOKEN or `hf auth login`)")
     p.add_argument("folder")
     p.add_argument("repo_id", help="OWNER/NAME of the Space (created if missing)")
@@ -595,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr is for our own progress bar and errors
     try:
+        for attr, flag, folder in getattr(args, "outputs", ()):
+            if getattr(args, attr) is not None:
+                _check_writable(getattr(args, attr), flag, folder)
         _check_sizes_against_model(args)
         return args.fn(args)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
-from .utils.jsonio import write_json_atomic
+from .utils.jsonio import copy_file_atomic, write_json_atomic, write_text_atomic
 from .model.loading import DEFAULT_MODEL_DIR
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -129,11 +129,12 @@ def build_space(out: str | Path, models: list[str] | None = None, default_repo: 
                           "(pip install -e .)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "app.py").write_text(SPACE_APP, encoding="utf-8")
-        shutil.copytree(PACKAGE_DIR, out / "modeling_csp", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (out / "requirements.txt").write_text("\n".join(pinned_requirements()) + "\n", encoding="utf-8")
-        (out / "README.md").write_text(space_card(hub_models(models, default_repo), title), encoding="utf-8")
-        (out / ".gitattributes").write_text(GITATTRIBUTES, encoding="utf-8")
+        write_text_atomic(out / "app.py", SPACE_APP)
+        shutil.copytree(PACKAGE_DIR, out / "modeling_csp", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                        copy_function=copy_file_atomic)
+        write_text_atomic(out / "requirements.txt", "\n".join(pinned_requirements()) + "\n")
+        write_text_atomic(out / "README.md", space_card(hub_models(models, default_repo), title))
+        write_text_atomic(out / ".gitattributes", GITATTRIBUTES)
         write_json_atomic(out / SPACE_MODELS_FILE, {"models": models}, indent=2)
     except OSError as exc:
         raise DeployError(f"{out}: cannot write the Space folder ({exc.strerror or exc})") from None

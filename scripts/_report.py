@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from modeling_csp.utils.jsonio import write_text_atomic
+
 
 def write_section(path: Path, name: str, text: str) -> None:
     """Puts `text` between `<!-- {name}:start -->` and `<!-- {name}:end -->` in `path` (appended if absent)."""
@@ -12,4 +14,4 @@ def write_section(path: Path, name: str, text: str) -> None:
         doc = head + start + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1]
     else:
         doc = doc.rstrip() + ("\n\n" if doc else "") + start + "\n" + text.strip() + "\n" + end + "\n"
-    path.write_text(doc)
+    write_text_atomic(path, doc)

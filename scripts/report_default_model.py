@@ -32,6 +32,7 @@ from modeling_csp.circuits.graph import CircuitGraph  # noqa: E402
 from modeling_csp.circuits.evaluation import circuit_verdict, evaluate, verdict_of  # noqa: E402
 from modeling_csp.model.loading import load_model_and_tokenizer  # noqa: E402
 from modeling_csp.circuits.tasks import list_tasks, make_task_dataset  # noqa: E402
+from modeling_csp.utils.jsonio import write_text_atomic  # noqa: E402
 from modeling_csp.training.train import training_stages  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -163,7 +164,7 @@ def main():
     text, passing = report(args.folder)
     card = args.folder / "README.md"
     if "<!-- default-model-report:start -->" not in card.read_text():  # a freshly written card: give it a heading
-        card.write_text(card.read_text().rstrip() + "\n\n## Tasks and circuits\n\n")
+        write_text_atomic(card, card.read_text().rstrip() + "\n\n## Tasks and circuits\n\n")
     for path in (args.readme, card):
         write_section(path, "default-model-report", text)
     print(text)

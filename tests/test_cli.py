@@ -494,3 +494,67 @@ def test_every_json_the_cli_writes_is_strict(capsys, tiny, tmp_path):
     for file in files:
         loads_strict(file.read_text())
     assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("prune", "--model", "default", "--task", "indent_for", "--out", "{file}/c.json"), "--out {file}/c.json: {file} is not a folder"),
+    (("import-viz", str(VIZ), "{dir}"), "OUT {dir}: is a folder; give a file name"),
+    (("sweep", "--model", "default", "--out-dir", "{file}/sweep"), "--out-dir {file}/sweep: {file} is not a folder"),
+    (("train", "--data", "{dir}", "--run-dir", "{file}"), "--run-dir {file}: exists and is not a folder"),
+    (("corpus", "--out", "{file}/corpus"), "--out {file}/corpus: {file} is not a folder"),
+])
+def test_an_output_that_cannot_be_written_fails_before_any_work(capsys, tmp_path, argv, message):
+    """Not after minutes of pruning: the output is checked first, and nothing is created."""
+    (tmp_path / "file").write_text("not a folder")
+    names = {"file": tmp_path / "file", "dir": tmp_path}
+    code, out, err = run(capsys, *(a.format(**names) for a in argv))
+    assert_one_line_error(code, err, message.format(**names))
+    assert out == "" and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_output_in_a_read_only_folder_fails_before_any_work(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, out, err = run(capsys, "prune", "--model", "default", "--task", "indent_for", "--out", locked / "c.json")
+    assert_one_line_error(code, err, f"--out {locked / 'c.json'}: cannot write in {locked}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("train", "--d-model", "1000000"), "argument --d-model: expected an integer >= 1 and <= 65,536, got '1000000'"),
+    (("train", "--n-layer", "100000"), "argument --n-layer: expected an integer >= 1 and <= 1,024"),
+    (("train", "--d-mlp", "1e9"), "argument --d-mlp: expected an integer >= 1 and <= 262,144"),
+    (("train", "--eval-windows", "1000000000"), "argument --eval-windows: expected an integer >= 1 and <= 65,536"),
+    (("train", "--checkpoint-every", "1000000000"), "argument --checkpoint-every: expected an integer >= 1 and <= 1,000,000"),
+    (("next-tokens", "--model", "default", "--prompt", "x"), "argument --top: expected an integer >= 1 and <= 50"),
+    (("tasks", "--check", "t.jsonl"), "argument --n-examples: expected an integer >= 8 and <= 2,048"),
+    (("prune", "--model", "default", "--task", "indent_for", "--out", "c.json"), "argument --n-examples: expected an "
+     "integer >= 8 and <= 2,048"),
+    (("prune", "--model", "default", "--task", "indent_for", "--out", "c.json"), "argument --steps: expected an integer "
+     ">= 1 and <= 1,000,000"),
+])
+def test_every_count_is_capped_and_the_cap_named(capsys, tmp_path, argv, message):
+    flag = message.split()[1].rstrip(":")
+    if argv[0] == "train":
+        argv = (*argv[:1], "--data", tmp_path, "--run-dir", tmp_path / "run", *argv[1:])
+    else:
+        argv = (*argv, flag, "1000000000")
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, err, message)
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_caps_next_tokens_as_the_app_does():
+    from modeling_csp import cli
+    from modeling_csp.explorer.analysis import MAX_TOP
+
+    assert cli.MAX_TOP == MAX_TOP
+
+
+def test_training_a_model_larger_than_memory_is_refused_before_anything_is_allocated(capsys, tmp_path):
+    """1,024 layers of width 65,536 (within each limit) would need hundreds of TiB: refused at once, no corpus read."""
+    code, out, err = run(capsys, "train", "--data", tmp_path / "nowhere", "--run-dir", tmp_path / "run", "--n-layer",
+                         1024, "--d-model", 65536, "--n-head", 8, "--d-head", 16, "--d-mlp", 262144)
+    assert_one_line_error(code, err, "training this model (weights, gradients and optimizer state) needs about",
+                          "GiB (1024 layers, d_model 65,536, vocab_size 2,048) but only")
+    assert out == "" and list(tmp_path.iterdir()) == []

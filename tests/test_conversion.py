@@ -107,7 +107,8 @@ def test_state_dict_tensors_are_all_accounted_for():
         (lambda d: torch.save({"model": object()}, d / "final_model.pt", _use_new_zipfile_serialization=True), "weights-only"),
         (lambda d: _edit_config(d, n_head=0), "n_head=0 must be a positive integer"),
         (lambda d: _edit_config(d, d_pos_emb=-3), "d_pos_emb=-3 must be null or a positive integer"),
-        (lambda d: _edit_config(d, n_layer=10**6), "n_layer=1000000 but the checkpoint has 3 layers"),
+        (lambda d: _edit_config(d, n_layer=1000), "n_layer=1000 but the checkpoint has 3 layers"),
+        (lambda d: _edit_config(d, n_layer=10**6), "n_layer=1,000,000 is more than the limit of 1,024"),
         (lambda d: _edit_config(d, d_model=2**30, d_head=2**26), "has shape (512, 64), the config expects (512, 1073741824)"),
     ],
 )
@@ -137,7 +138,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
 
 def test_a_model_too_big_for_memory_is_refused_before_allocating():
     huge = CSPConfig(vocab_size=10**6, d_model=2**16, n_head=1, n_layer=1, d_mlp=8)
-    with pytest.raises(ConversionError, match="GiB of memory is free"):
+    with pytest.raises(ConversionError, match=r"beeg_config.json: the model needs about .* GiB .* but only .* is available"):
         check_memory(huge, "beeg_config.json")
 
 
@@ -186,3 +187,19 @@ def test_cli_reports_one_line_errors(case, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("vocab_size, message", [
+    (10**11, "Invalid CSPConfig: vocab_size=100,000,000,000 is more than the limit of 1,048,576"),  # was a traceback
+    (1e11, "Invalid CSPConfig: vocab_size=100000000000.0 must be a positive integer"),
+])
+def test_a_config_declaring_a_huge_vocabulary_is_one_line_naming_the_file(tmp_path, capsys, vocab_size, message):
+    from conversion.convert_checkpoint import main
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "ln_gpt2", src)
+    config = json.loads((src / "beeg_config.json").read_text())
+    (src / "beeg_config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    assert main([str(src), str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [f"error: {src / 'beeg_config.json'}: {message}"]

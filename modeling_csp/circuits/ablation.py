@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..utils.devices import input_device
+from ..utils.jsonio import atomic_open
 from .graph import location_width, node_locations, weights_hash
 from .tasks import TaskBatch
 
@@ -230,9 +231,8 @@ def compute_mean_activations(
     means = {loc: (s / count).float() for loc, s in sums.items()}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({loc: m.cpu() for loc, m in means.items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_open(path) as f:
+            torch.save({loc: m.cpu() for loc, m in means.items()}, f)
     return means
 
 

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..utils.jsonio import write_json_atomic
+from ..utils.jsonio import atomic_open, write_json_atomic, write_text_atomic
 
 PYPI_INDEX = "https://pypi.org/simple"
 STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -230,7 +230,7 @@ def fetch_wheels(pins: Iterable[Pin], folder: Path, index_url: str = PYPI_INDEX)
     missing = [p for p in pins if find_wheel(p, folder) is None]
     if missing:
         req = folder / "requirements.txt"
-        req.write_text(requirements_text(missing))
+        write_text_atomic(req, requirements_text(missing))
         cmd = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps", "--only-binary", ":all:",
                "--platform", "any", "--implementation", "py", "--require-hashes", "--index-url", index_url,
                "-r", str(req), "-d", str(folder), "--quiet"]
@@ -365,7 +365,8 @@ def build_corpus(out: Path, tokenizer_json: Path, wheels_dir: Path | None = None
             bar.update()
         bar.close()
         array = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
-        np.save(out / f"{split}.npy", array)
+        with atomic_open(out / f"{split}.npy") as f:
+            np.save(f, array)
         tokens[split] = int(len(array))
     meta = {
         "key": key,

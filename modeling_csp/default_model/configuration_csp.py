@@ -4,6 +4,8 @@ This file is shipped next to converted checkpoints as remote code: it imports on
 transformers and the standard library.
 """
 
+import os
+
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
@@ -35,6 +37,13 @@ ORIGINAL_DEFAULTS = {
     "sink": False, "tokenizer_name": "tinypython_2k",
 }
 LEGACY_KEYS = {"n_mlp": "d_mlp"}
+
+# The largest sizes a config may declare, checked before anything is built (a config.json is user input: 10^6
+# layers would hang every loader, a vocabulary of 60,000 with a bigram table asks for 14.4 GB).
+MAX_SIZES = {"n_layer": 1024, "n_head": 4096, "d_model": 65536, "d_head": 65536, "d_mlp": 262144, "d_pos_emb": 65536,
+             "vocab_size": 1 << 20, "block_size": 1 << 20}
+MAX_BIGRAM_ENTRIES = 1 << 28  # vocab_size**2 of the bigram table: 1 GiB in float32 (vocab_size up to 16,384)
+MAX_MODEL_BYTES_ENV = "CSP_MAX_MODEL_BYTES"  # caps what one model may allocate below the free memory (a shared host)
 
 
 def _standard_config_keys() -> set[str]:
@@ -154,6 +163,36 @@ class CSPConfig(PreTrainedConfig):
         unknown = set(self.afrac_locations) - set(AFRAC_LOCTYPES)
         if unknown:
             bad(f"afrac_loctypes has unknown locations {sorted(unknown)}; known: {', '.join(AFRAC_LOCTYPES)}")
+        self._check_size_limits()
+
+    def _check_size_limits(self):
+        for name, limit in MAX_SIZES.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"Invalid CSPConfig: {name}={value:,} is more than the limit of {limit:,}")
+        if self.enable_bigram_table and self.vocab_size ** 2 > MAX_BIGRAM_ENTRIES:
+            raise ValueError(f"Invalid CSPConfig: the bigram table of vocab_size={self.vocab_size:,} has "
+                             f"{self.vocab_size ** 2:,} entries, more than the limit of {MAX_BIGRAM_ENTRIES:,} "
+                             f"(vocab_size up to {int(MAX_BIGRAM_ENTRIES ** 0.5):,} with enable_bigram_table)")
+
+    def n_values(self) -> int:
+        """How many numbers the model holds (parameters and buffers): its size, computed from the config alone."""
+        d, d_in, width, mlp, vocab = self.d_model, self.d_model_in, self.n_head * self.d_head, self.d_mlp, self.vocab_size
+        bias = 1 if self.bias else 0
+        norm = 2  # weight and bias, an upper bound for RMSNorm too
+        layer = (d_in * 3 * width + 3 * width * bias + width * d + d * bias + d_in * mlp + mlp * bias + mlp * d
+                 + d * bias + 2 * norm * d + 2 * norm * (self.d_pos_emb or 0) + self.n_head)
+        return (vocab * d + self.block_size * (self.d_pos_emb or d) + self.n_layer * layer + norm * d + d * vocab
+                + vocab + (vocab * vocab if self.enable_bigram_table else 0))
+
+    def check_fits_in_memory(self, bytes_per_value: int = 4, what: str = "the model") -> None:
+        """Refuses, before anything is allocated, a model whose values (float32 by default; training passes more
+        bytes per value for gradients and optimizer state) need more memory than is available."""
+        need = self.n_values() * bytes_per_value
+        free, source = available_memory()
+        if need > free:
+            raise ValueError(f"{what} needs about {_gib(need)} ({self.n_layer} layers, d_model {self.d_model:,}, "
+                             f"vocab_size {self.vocab_size:,}) but only {_gib(max(free, 0))} is available ({source})")
 
     @property
     def afrac_locations(self) -> tuple[str, ...]:
@@ -182,4 +221,37 @@ class CSPConfig(PreTrainedConfig):
         return cls(**original, **kwargs)
 
 
-__all__ = ["CSPConfig"]
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.2f} GiB" if n_bytes >= 2**28 else f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes a new allocation may take, what limits it): the kernel's MemAvailable, the cgroup's (a container's)
+    limit less its usage, and CSP_MAX_MODEL_BYTES, whichever is smallest."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except (OSError, ValueError, IndexError):
+        try:
+            found.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free pages"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
+            limit = f_max.read().strip()
+            if limit != "max":
+                found.append((int(limit) - int(f_cur.read()), "the cgroup's memory.max less its usage"))
+    except (OSError, ValueError):
+        pass
+    if os.environ.get(MAX_MODEL_BYTES_ENV):
+        try:
+            found.append((int(float(os.environ[MAX_MODEL_BYTES_ENV])), MAX_MODEL_BYTES_ENV))
+        except ValueError:
+            raise ValueError(f"{MAX_MODEL_BYTES_ENV}={os.environ[MAX_MODEL_BYTES_ENV]!r} is not a number of bytes") from None
+    return min(found) if found else (1 << 62, "unknown")
+
+
+__all__ = ["CSPConfig", "available_memory", "MAX_SIZES", "MAX_BIGRAM_ENTRIES"]

@@ -1150,6 +1150,13 @@ def _cache_kwarg_renamed(forward):
     return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
 
+def refuse_what_does_not_fit(config: CSPConfig) -> None:
+    """A model too large for the memory available is refused before its tensors are allocated (on the meta device,
+    as from_pretrained builds it, nothing is allocated and nothing is checked)."""
+    if torch.empty(0).device.type != "meta" and hasattr(config, "check_fits_in_memory"):
+        config.check_fits_in_memory()
+
+
 class CSPModel(CSPPreTrainedModel):
     """The transformer without its head (AutoModel): token ids or embeddings -> hidden states.
 
@@ -1161,6 +1168,7 @@ class CSPModel(CSPPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^final_logits_bias$", r"^bigram_table$"]
 
     def __init__(self, config: CSPConfig):
+        refuse_what_does_not_fit(config)  # the LM builds this first, before its own tables
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.block_size, config.d_pos_emb or config.d_model)

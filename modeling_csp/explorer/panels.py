@@ -10,7 +10,9 @@ Pruning and imports return the new `View` (view.py) with the run selected, and t
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -498,8 +500,13 @@ def api_next_tokens(explorer: Explorer, prompt: Any, model: Any = "", task: Any 
         return {"error": _explain(exc)}
 
 
+DOWNLOADS_DIR = Path(tempfile.gettempdir()) / "csp_app_downloads"
+DOWNLOAD_KEEP_S = 900  # a download's file outlives the request that wrote it by this long (Gradio copies it at once)
+
+
 def download_path(explorer: Explorer, model: Any, run_id: Any, k: Any) -> str | None:
-    """The shown circuit written as a csp-circuit file (one file per run and k, rewritten), for download."""
+    """The shown circuit written as a csp-circuit file for download: a fresh folder per request, so concurrent
+    requests never rewrite each other's file; older downloads are removed here."""
     try:
         entry, run, circuit = _selection(explorer, model, run_id, k)
     except Exception as exc:
@@ -507,10 +514,22 @@ def download_path(explorer: Explorer, model: Any, run_id: Any, k: Any) -> str | 
         return None
     if circuit is None:
         return None
-    folder = Path(tempfile.gettempdir()) / "csp_app_downloads"
-    folder.mkdir(parents=True, exist_ok=True)
+    DOWNLOADS_DIR.mkdir(parents=True, exist_ok=True)
+    remove_old_downloads(DOWNLOADS_DIR, DOWNLOAD_KEEP_S)
+    folder = Path(tempfile.mkdtemp(dir=DOWNLOADS_DIR, prefix="download-"))
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{circuit.task or 'circuit'}_k{circuit.n_nodes}_{run.id}")[:120]
     return str(circuit.save(folder / f"{name}.json"))
+
+
+def remove_old_downloads(folder: Path, keep_s: float) -> None:
+    """Deletes the per-request download folders in `folder` last changed more than `keep_s` seconds ago."""
+    cutoff = time.time() - keep_s
+    for sub in folder.glob("download-*"):
+        try:
+            if sub.stat().st_mtime < cutoff:
+                shutil.rmtree(sub, ignore_errors=True)
+        except OSError:  # removed by a concurrent request
+            pass
 
 
 __all__ = [

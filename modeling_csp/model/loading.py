@@ -61,12 +61,17 @@ def load_model_and_tokenizer(spec: str, dtype=None):
     """(model in eval mode, tokenizer) for a converted folder, a hub id, or `default`."""
     import torch
 
+    from .configuration_csp import CSPConfig
     from .modeling_csp import CSPForCausalLM
 
     name = resolve_model(spec)
     config = read_config_json(name)
     if config.get("model_type") != "csp":
         raise ValueError(f"{spec} is not a weight-sparse CSP model (model_type={config.get('model_type')!r})")
+    try:  # sizes against their limits and the free memory, before anything is allocated
+        CSPConfig.from_dict(config).check_fits_in_memory(what=f"model {spec!r}")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"could not load model {spec!r}: {str(exc).strip().splitlines()[0]}") from None
     try:
         model = CSPForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
         tokenizer = load_tokenizer(name)

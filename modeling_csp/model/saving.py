@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import tempfile
 from pathlib import Path
 
 from transformers import GenerationConfig
 
-from ..utils.jsonio import write_json_atomic, write_text_atomic
+from ..utils.jsonio import copy_file_atomic, new_file_mode, write_json_atomic, write_text_atomic
 from .modeling_csp import CSPForCausalLM
 from .tokenization import ENDOFTEXT
 
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?")
 
 
 class ModelFolderError(ValueError):
@@ -69,16 +71,25 @@ def save_model_folder(
                              Path(tokenizer_json_dir) / "tokenizer.json")
         for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(tokenizer_json_dir) / file).exists():
-                shutil.copy(Path(tokenizer_json_dir) / file, dst / file)
+                copy_file_atomic(Path(tokenizer_json_dir) / file, dst / file)
     if (dst / "tokenizer.json").exists():
         added = json.loads((dst / "tokenizer.json").read_text())["added_tokens"]
         eot = next((t["id"] for t in added if t["content"] == ENDOFTEXT), None)
     model.generation_config = GenerationConfig(eos_token_id=eot, pad_token_id=eot, bos_token_id=None)
-    model.save_pretrained(dst)
-    config_path = dst / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    write_json_atomic(config_path, config, indent=2, sort_keys=True)
+    with tempfile.TemporaryDirectory(dir=dst, prefix=f".save.tmp{os.getpid()}-") as staging:
+        # transformers writes its files in place (safetensors at mode 0600): each is moved in whole instead
+        staged = Path(staging)
+        model.save_pretrained(staged)
+        config = json.loads((staged / "config.json").read_text())
+        config["dtype"] = "float32"
+        write_json_atomic(staged / "config.json", config, indent=2, sort_keys=True)
+        written = {f.name for f in staged.iterdir() if f.is_file()}
+        for file in sorted(written, key=lambda n: n == "config.json"):  # config.json last: it says what loads
+            os.chmod(staged / file, new_file_mode())
+            os.replace(staged / file, dst / file)
+    for stale in dst.iterdir():  # weights of an earlier save that this one does not replace
+        if WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
+            stale.unlink()
     write_text_atomic(dst / "README.md", render_model_card(model, name or dst.name, source, card_extra))
     return dst
 

@@ -12,7 +12,6 @@ The converted tokenizer gives exactly the ids of the reference's tiktoken encodi
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import tiktoken
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from ..utils.jsonio import write_json_atomic
+from ..utils.jsonio import atomic_path, write_json_atomic
 
 TINYPYTHON_PAT_STR = (
     r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -180,12 +179,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, dst_dir: str | Path, model_max_lengt
     on raw tiktoken ids)."""
     dst_dir = Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dst_dir / f".tokenizer.json.tmp{os.getpid()}"
-    try:
+    with atomic_path(dst_dir / "tokenizer.json") as tmp:
         tokenizer.save(str(tmp))
-        os.replace(tmp, dst_dir / "tokenizer.json")
-    finally:
-        tmp.unlink(missing_ok=True)
 
     has_eot = tokenizer.token_to_id(ENDOFTEXT) is not None
     special_map = {k: ENDOFTEXT for k in ("bos_token", "eos_token", "unk_token", "pad_token")} if has_eot else {}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..circuits.tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES
 from ..model.configuration_csp import CSPConfig
-from ..utils.jsonio import dumps_strict, write_json_atomic
+from ..utils.jsonio import atomic_open, atomic_path, dumps_strict, write_json_atomic, write_text_atomic
 from ..model.modeling_csp import CSPForCausalLM
 
 # The architecture of the embedded default model; TrainConfig's n_layer, d_model, ... override it.
@@ -321,9 +320,8 @@ def _save_checkpoint(path: Path, model, optimizer, gen, step: int, curve: list, 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
              "step": step, "curve": curve, "window_losses": window, "elapsed_s": elapsed, "config": asdict(config),
              "environment": environment}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save(state, f)
 
 
 def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, resume: bool = True,
@@ -433,7 +431,8 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
                 for name, (_, target) in targets.items():  # exact, as the final model would be
                     project_topk(weights[name], annealed(target, step, anneal_steps, config.anneal_shape))
                 (out / "snapshots").mkdir(exist_ok=True)
-                save_file(weights, out / "snapshots" / f"step_{step}.safetensors")
+                with atomic_path(out / "snapshots" / f"step_{step}.safetensors") as tmp:
+                    save_file(weights, tmp)
         if out_of_time and not finished:
             break
     bar.close()
@@ -539,7 +538,7 @@ def write_curve_svg(curve: list[dict], path: Path, width: int = 640, height: int
         pts = " ".join(px(x, y) for x, y in zip(xs, series[name]) if y is not None)
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"><title>{name}</title></polyline>')
     parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
+    write_text_atomic(path, "\n".join(parts) + "\n")
 
 
 def training_stages(record: dict) -> list[dict]:

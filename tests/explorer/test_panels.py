@@ -251,3 +251,34 @@ def test_bad_task_lines_are_named(page, text, message):
 def test_unknown_user_tasks_are_errors_not_guesses(page):
     out = panels.api_next_tokens(page["explorer"], "x = 'a", page["model"], "custom:gone:0123456789ab")
     assert "is not known here any more" in out["error"]
+
+
+def test_concurrent_downloads_each_get_their_own_complete_file(page):
+    """12 requests at once, 4 rounds, for the same run and k: every answer is its own file, and every file is the
+    whole circuit (no request rewrites a file another is serving)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from modeling_csp.circuits.graph import CircuitGraph
+
+    def download(_):
+        return panels.download_path(page["explorer"], page["model"], page["run"], page["k"])
+
+    paths = []
+    with ThreadPoolExecutor(12) as pool:
+        for _ in range(4):
+            paths += list(pool.map(download, range(12)))
+    assert len(set(paths)) == 48
+    expected = CircuitGraph.load(page["path"]).to_dict()
+    for path in paths:
+        assert CircuitGraph.load(path).to_dict() == expected
+
+
+def test_old_downloads_are_removed(page):
+    import os
+    from pathlib import Path
+
+    first = Path(panels.download_path(page["explorer"], page["model"], page["run"], page["k"]))
+    hour_ago = first.parent.stat().st_mtime - 3600
+    os.utime(first.parent, (hour_ago, hour_ago))
+    second = Path(panels.download_path(page["explorer"], page["model"], page["run"], page["k"]))
+    assert second.is_file() and not first.parent.exists()

@@ -223,3 +223,52 @@ def test_a_truncated_bin_is_refused(converted, tmp_path):
     with pytest.raises(ValueError, match="pytorch_model.bin: not a readable PyTorch weights file") as error:
         CSPForCausalLM.from_pretrained(folder)
     assert "\n" not in str(error.value)
+
+
+# ---- sizes checked before anything is allocated ---------------------------------------------------------------
+
+
+def _with_config(converted_folder, dst, **changes):
+    shutil.copytree(converted_folder, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_layer": 1_000_000}, "n_layer=1,000,000 is more than the limit of 1,024"),  # 10^5 took 34 s to build
+    ({"vocab_size": 60_000}, "the bigram table of vocab_size=60,000 has 3,600,000,000 entries, more than the limit"),
+    ({"d_model": 10**7, "n_head": 1}, "d_model=10,000,000 is more than the limit of 65,536"),
+])
+def test_a_config_declaring_a_huge_model_is_refused_by_every_loader(converted, tmp_path, capsys, changes, message):
+    """A 2 MB model.safetensors whose config.json declares a 60,000-token bigram table asked for 14.4 GB."""
+    from modeling_csp.cli import main
+
+    folder = _with_config(converted["rms_sink_bigram"], tmp_path / "model", **changes)
+    with pytest.raises(ValueError, match=f"could not load model .*: Invalid CSPConfig: {message}"):
+        load_model_and_tokenizer(str(folder))
+    with pytest.raises(ValueError, match=f"Invalid CSPConfig: {message}"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    (tmp_path / "t.jsonl").write_text('{"prompt": "x = (1", "correct": ")", "incorrect": "]"}\n')
+    assert main(["tasks", "--check", str(tmp_path / "t.jsonl"), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not load model") and message in err[0]
+
+
+def test_a_model_larger_than_the_memory_allowed_is_refused_before_it_is_built(converted, monkeypatch):
+    """CSP_MAX_MODEL_BYTES caps what one model may take (below the machine's free memory, which is always checked)."""
+    from modeling_csp.model.configuration_csp import CSPConfig
+
+    folder = converted["rms_sink_bigram"]
+    config = CSPConfig.from_pretrained(folder)
+    assert config.n_values() >= sum(t.numel() for t in CSPForCausalLM(config).state_dict().values())
+    monkeypatch.setenv("CSP_MAX_MODEL_BYTES", str(config.n_values() * 4 - 1))
+    with pytest.raises(ValueError, match=r"could not load model .*: model .* needs about 1\.8 MiB \(3 layers, d_model "
+                                         r"64, vocab_size 512\) but only 1\.8 MiB is available \(CSP_MAX_MODEL_BYTES\)"):
+        load_model_and_tokenizer(str(folder))
+    with pytest.raises(ValueError, match=r"the model needs about .* but only .* is available \(CSP_MAX_MODEL_BYTES\)"):
+        CSPForCausalLM(config)
+    with torch.device("meta"):  # nothing is allocated there (from_pretrained builds on it): nothing to refuse
+        CSPForCausalLM(config)
+    monkeypatch.setenv("CSP_MAX_MODEL_BYTES", str(config.n_values() * 4))
+    load_model_and_tokenizer(str(folder))
