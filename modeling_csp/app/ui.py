@@ -154,7 +154,7 @@ def guarded(fn, status_component):
             return fn(*args, **kwargs)
         except Exception as exc:
             traceback.print_exc()
-            return {status_component: f"⚠️ unexpected error: {type(exc).__name__}: {first_line(exc)}"}
+            return {status_component: panels.warning_markdown(f"unexpected error: {type(exc).__name__}: {first_line(exc)}")}
 
     return wrapper
 
@@ -669,7 +669,8 @@ class Page:
                 yield {**finish(result, request), box: ""}
             except Exception as exc:
                 traceback.print_exc()
-                yield {box: "", self.status: f"⚠️ unexpected error: {type(exc).__name__}: {first_line(exc)}"}
+                yield {box: "", self.status: panels.warning_markdown(f"unexpected error: {type(exc).__name__}: "
+                                                                    f"{first_line(exc)}")}
 
         return handler
 

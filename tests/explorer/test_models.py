@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, put_in_hub_cache
 from modeling_csp.explorer.errors import UserError
 from modeling_csp.explorer.explorer import Explorer, Settings
 from modeling_csp.explorer.models import MAX_UPLOAD_BYTES, HubLookup, import_run_file
@@ -103,10 +103,7 @@ def test_a_hub_id_loads_from_the_hub_cache_even_where_a_folder_has_its_name(root
     from huggingface_hub import constants
 
     cache = tmp_path / "hub_cache"
-    snapshot = cache / "models--org--model" / "snapshots" / ("a" * 40)
-    link_model(converted["rms_sink_bigram"], snapshot)
-    (cache / "models--org--model" / "refs").mkdir()
-    (cache / "models--org--model" / "refs" / "main").write_text("a" * 40)
+    snapshot = put_in_hub_cache(cache, "org/model", converted["rms_sink_bigram"])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "model").mkdir(parents=True)  # a same-named local folder, with no model in it
