@@ -185,6 +185,18 @@ def test_a_bad_link_falls_back_with_messages(first):
     assert v.model == "default" and "is not available" in markdown_text(v.status) and "showing default instead" in markdown_text(v.status)
 
 
+def test_linked_values_are_shown_as_text(first):
+    """A link's values come back in the status line as the characters linked, never as a heading or an image."""
+    from conftest import markdown_html
+
+    markup = '<img src="http://127.0.0.1:9/x.png"><h1>Your session expired</h1>[sign in](x) *now*'
+    v = resolve_view(first.explorer, None, Request("load", query={"task": markup, "node": markup, "model": markup}))
+    rendered = markdown_html(v.status)
+    assert "<img" not in rendered and "<h1" not in rendered and "<a " not in rendered and "<em>" not in rendered
+    assert f"unknown task {markup!r}" in markdown_text(v.status) and f"node {markup!r}" in markdown_text(v.status)
+    assert v.model == "default" and v.task == first.task
+
+
 def test_saved_runs_survive_a_reload_and_travel_by_link(test_circuit, tmp_path):
     explorer = app_explorer(store_dir=tmp_path / "store")
     spec, path = test_circuit
