@@ -103,6 +103,23 @@ def space_card(models: list[str], title: str | None = None) -> str:
     return str(card)
 
 
+def check_hub_models(models: list[str]) -> None:
+    """Each hub id of `models` names a weight-sparse model that the hub (or, offline, the hub cache) has: a Space
+    that lists an unknown id would fail only when a visitor picks it."""
+    from .model.loading import read_hub_config
+
+    for spec in models:
+        if spec == "default":
+            continue
+        try:
+            config = read_hub_config(spec)
+        except ValueError as exc:
+            raise DeployError(f"--models: {exc}") from None
+        if config.get("model_type") != "csp":
+            raise DeployError(f"--models: {spec} is not a weight-sparse CSP model (model_type="
+                              f"{config.get('model_type')!r}); list only converted models")
+
+
 def hub_models(models: list[str], default_repo: str = DEFAULT_MODEL_REPO) -> list[str]:
     """The hub ids a Space serves, for its card's `models:` (the embedded model as the repo it is published to)."""
     ids = []
@@ -117,8 +134,9 @@ def build_space(out: str | Path, models: list[str] | None = None, default_repo: 
     """Writes a complete Space folder into `out` (created; must be empty if it exists).
 
     `models` are what the app lists: `default` (the embedded model, shipped inside the Space) and hub ids of
-    converted models, loaded from the Hub when picked."""
+    converted models, loaded from the Hub when picked; each must be on the Hub (offline: in the hub cache)."""
     models = check_model_specs(models or ["default"])
+    check_hub_models(models)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DeployError(f"{out}: exists and is not an empty folder; choose a new output folder")
@@ -222,4 +240,4 @@ def publish_model(folder: str | Path, repo_id: str, token: str | None = None, pr
 
 
 __all__ = ["DeployError", "build_space", "push_space", "publish_model", "pinned_requirements", "space_card",
-           "DEFAULT_MODEL_REPO", "SPACE_MODELS_FILE", "listed_models", "check_model_specs"]
+           "DEFAULT_MODEL_REPO", "SPACE_MODELS_FILE", "listed_models", "check_model_specs", "check_hub_models"]

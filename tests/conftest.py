@@ -278,3 +278,33 @@ def quote_task_lines(n=40, seed=0) -> str:
         ex = task.generate(rng)
         examples[ex.prompt] = {"prompt": ex.prompt, "correct": ex.correct, "incorrect": ex.alternative}
     return "\n".join(json.dumps(e) for e in examples.values())
+
+
+def markdown_html(markdown: str) -> str:
+    """The HTML a Markdown component makes of `markdown` (CommonMark with tables, raw HTML passed through as Gradio's
+    Markdown passes it)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
+
+
+def markdown_text(markdown: str) -> str:
+    """The text a Markdown component shows of `markdown` (tags dropped, entities and escapes undone)."""
+    import html
+    import re
+
+    return html.unescape(re.sub(r"<[^>]*>", "", markdown_html(markdown))).strip()
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:
+    """`folder`'s files (linked) as the Hugging Face cache's snapshot of the model `repo_id`, as a download leaves
+    it; returns the snapshot folder. Point `huggingface_hub.constants.HF_HUB_CACHE` at `cache` to use it."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            (snapshot / f.name).symlink_to(f.resolve())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    return snapshot

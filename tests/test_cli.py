@@ -415,6 +415,25 @@ def test_task_file_errors(capsys, tiny, tmp_path):
     assert_one_line_error(code, err, "invalid choice: 'random'")
 
 
+def test_unreadable_task_lines_and_configs_name_the_file(capsys, tiny, tmp_path):
+    """A lone surrogate and nesting too deep name FILE:LINE; an empty or invalid config.json names the file."""
+    lines = [json.dumps(r) for r in QUOTE_ROWS[:3]]
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text("\n".join(lines + ['{"prompt": "x = \\udc80", "correct": "a", "incorrect": "b"}']))
+    code, _, err = run(capsys, "tasks", "--check", surrogate, "--model", tiny)
+    assert_one_line_error(code, err, "surrogate.jsonl:4: 'prompt' holds a lone surrogate")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("\n".join(lines[:1] + ["[" * 100_000]))
+    code, _, err = run(capsys, "tasks", "--check", deep, "--model", tiny)
+    assert_one_line_error(code, err, "deep.jsonl:2: not a task line (JSON nested too deeply)")
+    for name, content in (("empty", ""), ("invalid", "{not json"), ("list", "[1, 2]")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(content)
+        code, _, err = run(capsys, "tasks", "--check", surrogate, "--model", folder)
+        assert_one_line_error(code, err, str(folder / "config.json"))
+
+
 # ---- nonsense is refused before any work, and nothing is written ------------------------------------------
 
 TINY_NODES = 288  # the tiny model: 1 layer, 2 * 32 act_in + 3 * 32 q/k/v + 2 * 32 resid_delta + 64 neurons

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard, SpaceCard
 
-from conftest import PROJECT_ROOT, serve_app
+from conftest import PROJECT_ROOT, put_in_hub_cache, serve_app
 from hub_standin import VALID_TOKEN, HubStandIn
 from modeling_csp.cli import main
 from modeling_csp.deploy import DeployError, listed_models
@@ -38,8 +38,15 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
+    """A Space listing the embedded model and a hub model (offline: in the hub cache, as a download leaves it)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path_factory.mktemp("hub_cache")
+    put_in_hub_cache(cache, "someone/csp-yolo1-converted", DEFAULT_MODEL_DIR)
     out = tmp_path_factory.mktemp("space") / "space"
-    assert main(["space", "build", str(out), "--models", "default,someone/csp-yolo1-converted"]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        assert main(["space", "build", str(out), "--models", "default,someone/csp-yolo1-converted"]) == 0
     return out
 
 
@@ -90,6 +97,10 @@ def test_space_build_refusals_are_one_line(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     assert_one_line_error(csp("space", "build", tmp_path / "full"), "not an empty folder")
     assert_one_line_error(csp("space", "build", tmp_path / "new", "--models", "default,not a repo"), "not a hub repository id")
+    offline = {"HF_HUB_OFFLINE": "1"}
+    unknown = csp("space", "build", tmp_path / "new", "--models", "default,nope/nope", env=offline)
+    assert_one_line_error(unknown, "'nope/nope'", "hub lookup failed")
+    assert not (tmp_path / "new").exists()
 
 
 def test_publish_sends_the_model_folder_with_its_card_filled_in(tmp_path):

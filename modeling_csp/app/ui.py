@@ -16,7 +16,9 @@ Environment:
     CSP_APP_MODEL      model shown first (default: the first listed model)
     CSP_APP_IMPORT     os.pathsep-separated circuit files (.json) or viz_data.pt files to offer as runs
     CSP_MODEL_ROOTS    os.pathsep-separated folders the model box may open models from (default: the package's
-                       models and the Hugging Face cache); `default` and hub ids are always allowed
+                       models and the Hugging Face cache), judged by real path (links followed); `default` and hub
+                       ids are always allowed, and a name shaped like a hub id (org/name) is always a hub id, looked
+                       up on the hub only (a folder of that shape is given as ./org/name or its full path)
     CSP_APP_STORE      folder for runs pruned or imported in the app (default: <tmp>/csp_app_runs); they
                        survive a reload and travel in share links
     CSP_APP_THREADS    torch CPU threads (default 2)
@@ -154,7 +156,7 @@ def guarded(fn, status_component):
             return fn(*args, **kwargs)
         except Exception as exc:
             traceback.print_exc()
-            return {status_component: f"⚠️ unexpected error: {type(exc).__name__}: {first_line(exc)}"}
+            return {status_component: panels.warning_markdown(f"unexpected error: {type(exc).__name__}: {first_line(exc)}")}
 
     return wrapper
 
@@ -193,7 +195,7 @@ class Page:
         with gr.Row(equal_height=True):
             self.model_in = Choice(choices=list(dict.fromkeys([settings.default_model, *settings.models])), value=None,
                                    label="Model", allow_custom_value=True,
-                                   info="'default', a hub id (org/name), or a model folder on this server",
+                                   info="'default', a hub id (org/name), or a model folder on this server (./folder or a full path)",
                                    elem_id="model-select", scale=2)
             self.task_in = Choice(choices=task_names(), value=None, label="Task", elem_id="task-select", scale=2)
             self.run_in = Choice(choices=[], value=None, label="Pruning run", elem_id="run-select", scale=3)
@@ -669,7 +671,8 @@ class Page:
                 yield {**finish(result, request), box: ""}
             except Exception as exc:
                 traceback.print_exc()
-                yield {box: "", self.status: f"⚠️ unexpected error: {type(exc).__name__}: {first_line(exc)}"}
+                yield {box: "", self.status: panels.warning_markdown(f"unexpected error: {type(exc).__name__}: "
+                                                                    f"{first_line(exc)}")}
 
         return handler
 

@@ -418,11 +418,13 @@ def example_class(ex: TaskExample) -> int:
 def read_task_jsonl(text: str, source: str = "<text>") -> list[tuple[int, TaskExample]]:
     """[(line number, example)] from one `{"prompt", "correct", "incorrect"}` object per line (blank lines skipped).
 
-    Raises `ValueError` naming `source:line` for bad JSON, missing or unknown fields, non-string or empty
-    values, equal candidates, and a prompt repeated with other answers."""
+    Lines end at "\n" only: U+2028 and the other separators `str.splitlines` also breaks at are valid inside a
+    JSON string. Raises `ValueError` naming `source:line` for bad JSON (nesting too deep included), missing or
+    unknown fields, non-string or empty values, text that is not Unicode (a lone surrogate), equal candidates,
+    and a prompt repeated with other answers."""
     out: list[tuple[int, TaskExample]] = []
     first_line: dict[str, tuple[int, TaskExample]] = {}
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{source}:{n}"
@@ -430,6 +432,8 @@ def read_task_jsonl(text: str, source: str = "<text>") -> list[tuple[int, TaskEx
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: not valid JSON ({exc.msg}); expected one object per line") from None
+        except RecursionError:
+            raise ValueError(f"{where}: not a task line (JSON nested too deeply); expected one flat object per line") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object with {', '.join(TASK_FILE_FIELDS)}")
         missing = [k for k in TASK_FILE_FIELDS if k not in obj]
@@ -440,7 +444,12 @@ def read_task_jsonl(text: str, source: str = "<text>") -> list[tuple[int, TaskEx
             ) + f" (each line needs exactly {', '.join(TASK_FILE_FIELDS)})")
         for key in TASK_FILE_FIELDS:
             if not isinstance(obj[key], str) or not obj[key]:
-                raise ValueError(f"{where}: {key!r} must be a non-empty string, got {obj[key]!r}")
+                raise ValueError(f"{where}: {key!r} must be a non-empty string, got {str(obj[key])[:80]!r}")
+            try:
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{where}: {key!r} holds a lone surrogate ({obj[key][exc.start]!r}), which is not "
+                                 "text; write the character itself or its surrogate pair") from None
         if obj["correct"] == obj["incorrect"]:
             raise ValueError(f"{where}: 'correct' and 'incorrect' are the same ({obj['correct']!r})")
         ex = TaskExample(obj["prompt"], obj["correct"], obj["incorrect"])

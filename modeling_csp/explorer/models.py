@@ -2,8 +2,9 @@
 server, and `ModelEntry`, a loaded model with its runs and the caches that belong to that model.
 
 - Which specs may be opened is the business of `model_roots`: None (the library, the CLI) allows any folder; the
-  app sets it from CSP_MODEL_ROOTS, so that its model box opens only `default`, hub ids and folders under those
-  roots, and says the same for a folder that is absent and one not allowed.
+  app sets it from CSP_MODEL_ROOTS, so that its model box opens only `default`, hub ids (looked up on the hub only,
+  never as a local folder of the same relative name) and folders whose real path lies under those roots, and says
+  the same for a folder that is absent and one not allowed.
 - Hub lookups run on a small pool with a timeout and their answers, failures too, are cached: a flood of
   unknown names cannot hold the server's workers.
 """
@@ -73,8 +74,8 @@ def check_spec(spec: str, default_model: str) -> str:
 
 
 def _allowed_folder(spec: str, model_roots: list[Path]) -> str | None:
-    """The folder a spec names when folders are restricted: inside a root (after resolving links and `..`)
-    and holding a config.json; None otherwise."""
+    """The folder a spec names when folders are restricted: its real path (links and `..` resolved) inside a
+    root's, holding a config.json; None otherwise."""
     try:
         path = Path(spec).expanduser().resolve()
     except (OSError, RuntimeError):
@@ -91,17 +92,18 @@ def _allowed_folder(spec: str, model_roots: list[Path]) -> str | None:
 
 def resolve_spec(spec: str | None, model_roots: list[Path] | None, default_model: str = "default") -> tuple[str, str]:
     """(kind, name): ("default"|"folder"|"hub", what to load) for a spec, or UserError. Folders may lie anywhere
-    when `model_roots` is None, else only under one of them."""
+    when `model_roots` is None, else only under one of them; there a spec shaped like a hub id (org/name) is a hub
+    id, whatever the working folder holds (a folder of that shape is named `./org/name` or by its full path)."""
     spec = check_spec(spec or "", default_model)
     if spec == "default":
         return "default", spec
     if model_roots is None:  # the library and the CLI: any folder, else a hub id
         return ("folder" if Path(spec).expanduser().exists() else "hub"), spec
+    if HUB_ID.match(spec) and ".." not in spec:
+        return "hub", spec
     folder = _allowed_folder(spec, model_roots)
     if folder is not None:
         return "folder", folder
-    if HUB_ID.match(spec) and ".." not in spec:
-        return "hub", spec
     raise not_available(spec)
 
 
@@ -167,10 +169,11 @@ class HubLookup:
 
 
 def fetch_config(name: str) -> dict:
-    """A hub model's config.json (what `HubLookup` runs on its pool)."""
-    from ..model.loading import read_config_json
+    """A hub model's config.json from the hub cache or the Hub, never a local folder (what `HubLookup` runs on its
+    pool)."""
+    from ..model.loading import read_hub_config
 
-    return read_config_json(name)
+    return read_hub_config(name)
 
 
 def dense_params(config: dict) -> int:
@@ -222,19 +225,21 @@ class Memo:
 
 class ModelEntry:
     """A loaded model with its runs and everything computed from it that sessions share (lazily, cached). `tasks`
-    and `store` are its explorer's user tasks and saved runs; `run_files` are circuit files offered as its runs."""
+    and `store` are its explorer's user tasks and saved runs; `run_files` are circuit files offered as its runs.
+    `kind` and `name` are what `resolve_spec` gives: a "hub" name is loaded from its hub snapshot, never from a
+    local folder of the same relative name."""
 
     def __init__(self, spec: str, kind: str, name: str, tasks: UserTasks | None = None, store: RunStore | None = None,
                  pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS, run_files: Sequence[str] = ()):
-        from ..model.loading import load_model_and_tokenizer, resolve_model
+        from ..model.loading import hub_folder, load_model_and_tokenizer, resolve_model
 
         self.spec = spec
         self.tasks = tasks if tasks is not None else UserTasks()
         self.store = store if store is not None else RunStore(tasks=self.tasks)
         self.pretrain_tokens = pretrain_tokens
         try:
-            self.folder = resolve_model(name)
-            self.model, self.tokenizer = load_model_and_tokenizer(name)
+            self.folder = hub_folder(name) if kind == "hub" else resolve_model(name)
+            self.model, self.tokenizer = load_model_and_tokenizer(self.folder)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         except Exception as exc:  # anything else while loading: still a message, not a traceback

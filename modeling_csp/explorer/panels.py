@@ -9,6 +9,7 @@ Pruning and imports return the new `View` (view.py) with the run selected, and t
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from .. import plotting
 from ..training.train import stages_curve
 from . import analysis as A
-from .errors import UserError, first_line, log
+from .errors import UserError, first_line, log, markdown_literal
 from .explorer import Explorer
 from .models import ModelEntry, import_run_file
 from .runs import Run
@@ -32,9 +33,12 @@ MESSAGE_CSS = "<style>.csp-msg{color:#8a5a00;background:#fff7e6;border:1px solid
 
 
 def message_html(text: str) -> str:
-    import html
-
     return f'{MESSAGE_CSS}<div class="csp-msg">⚠️ {html.escape(text)}</div>'
+
+
+def warning_markdown(text: str) -> str:
+    """A warning for a Markdown component, its text shown literally (messages quote what the user typed)."""
+    return f"⚠️ {markdown_literal(text)}"
 
 
 def _explain(exc: BaseException) -> str:
@@ -85,7 +89,8 @@ def node_panel_updating(selection: Selection) -> NodePanel:
     selection's panel is gone, and each part says what is coming."""
     if selection.node is None:
         return NodePanel(selection=selection)
-    note = f'<div class="csp-updating">⏳ updating… {selection.node} on {selection.task}\'s examples, circuit k={selection.k}</div>'
+    note = (f'<div class="csp-updating">⏳ updating… {html.escape(str(selection.node))} on '
+            f'{html.escape(str(selection.task))}\'s examples, circuit k={selection.k}</div>')
     figure = plotting.message_figure(f"{selection.node}: updating…", 200)
     return NodePanel(note, note, note, note, figure, figure, selection)
 
@@ -172,20 +177,21 @@ def prompt_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any,
         r = A.predict(entry, prompt, circuit, node, (a if isinstance(a, str) else None, b if isinstance(b, str) else None))
     except Exception as exc:
         msg = _explain(exc)
-        return PromptPanel(notice=f"⚠️ {msg}", figure=plotting.message_figure(f"⚠️ {msg}", 160))
+        return PromptPanel(notice=warning_markdown(msg), figure=plotting.message_figure(f"⚠️ {msg}", 160))
     if r.logit_diff is not None:
         d = r.logit_diff
-        ld = (f"**logit({plotting.display_token(d.a)}) − logit({plotting.display_token(d.b)})**: full model {d.full:+.3f}"
+        ld = (f"**logit({markdown_literal(plotting.display_token(d.a))}) − "
+              f"logit({markdown_literal(plotting.display_token(d.b))})**: full model {d.full:+.3f}"
               + (f" · circuit {d.circuit:+.3f}" if d.circuit is not None else ""))
     else:
-        ld = f"ℹ️ {r.logit_note}"
+        ld = f"ℹ️ {markdown_literal(r.logit_note)}"
     node_html = ""
     if r.node:
         node_html = plotting.TABLE_CSS + plotting.token_heatmap_html(
             r.tokens, r.node_acts, zero_centered=zero_centered, title=f"activations of {r.node} on the prompt (full model)")
     title = f"Top {len(r.full)} next tokens" + (f" (circuit: {r.circuit_k} nodes)" if r.circuit else "")
     return PromptPanel(
-        notice="\n".join(f"ℹ️ {n}" for n in r.notices) or f"{len(r.tokens)} token{'s' if len(r.tokens) != 1 else ''}",
+        notice="\n".join(f"ℹ️ {markdown_literal(n)}" for n in r.notices) or f"{len(r.tokens)} token{'s' if len(r.tokens) != 1 else ''}",
         tokens=plotting.TABLE_CSS + plotting.tokens_html(r.tokens, r.ids),
         figure=plotting.next_tokens_figure([(t["token"], t["prob"]) for t in r.full],
                                            [(t["token"], t["prob"]) for t in r.circuit] if r.circuit else None, title),
@@ -199,8 +205,6 @@ def prompt_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any,
 
 def _table(title: str, rows: list[tuple[str, Any]], head: tuple[str, str] = ("option", "value")) -> str:
     """A small two-column HTML table with a title (values as the page shows them: 4 significant digits)."""
-    import html
-
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)[:120]
 
@@ -266,7 +270,7 @@ def curves_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any)
     except Exception as exc:
         msg = _explain(exc)
         return CurvesPanel(plotting.message_figure(msg), plotting.message_figure(msg), plotting.message_figure(msg),
-                           f"⚠️ {msg}")
+                           message_html(msg))
     record = entry.training_curve
     curve = stages_curve(dict(record)) if record and record.get("curve") else None
     panel = CurvesPanel(training=plotting.training_curve_figure(curve), details=run_details(entry, run))
@@ -303,11 +307,11 @@ def embeddings_panel(explorer: Explorer, model: Any, channel: Any) -> Embeddings
     except Exception as exc:
         msg = _explain(exc)
         return EmbeddingsPanel(0, plotting.message_figure(msg), plotting.message_figure(msg), plotting.message_figure(msg),
-                               f"⚠️ {msg}")
+                               warning_markdown(msg))
     return EmbeddingsPanel(c, plotting.embedding_tokens_figure(entry.vocab, wte, c),
                            plotting.weights_histogram_figure(wte, f"Token embedding weights of channel {c}"),
                            plotting.position_embedding_figure(wpe, c if c < len(wpe[0]) else None),
-                           f"⚠️ {note}" if note else "")
+                           warning_markdown(note) if note else "")
 
 
 # =====================================================================================================
@@ -329,9 +333,9 @@ def ablation_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: An
         rows = A.ablation_effects(entry, run, circuit, task, list(layers or []), list(nodes or []), str(mode), base)
     except Exception as exc:
         msg = _explain(exc)
-        return AblationPanel(plotting.message_figure(f"⚠️ {msg}", 160), f"⚠️ {msg}")
+        return AblationPanel(plotting.message_figure(f"⚠️ {msg}", 160), warning_markdown(msg))
     table = "| ablation | task loss | Δ loss | logit diff | Δ logit diff |\n|---|---|---|---|---|\n" + "\n".join(
-        f"| {r.label} | {r.loss:.4f} | {r.d_loss:+.4f} | {r.logit_diff:.3f} | {r.d_logit_diff:+.3f} |" for r in rows)
+        f"| {markdown_literal(r.label)} | {r.loss:.4f} | {r.d_loss:+.4f} | {r.logit_diff:.3f} | {r.d_logit_diff:+.3f} |" for r in rows)
     where = "circuit" if base == "circuit" else "full model"
     figure = plotting.ablation_effect_figure([{"label": r.label, "d_loss": r.d_loss, "d_logit_diff": r.d_logit_diff}
                                               for r in rows if not r.baseline], f"{mode}-ablation from the {where} on {task}")
@@ -367,9 +371,9 @@ def compare_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any
         d = circuit.diff(other.load())
     except Exception as exc:
         msg = _explain(exc)
-        return ComparePanel(plotting.message_figure(f"⚠️ {msg}", 160), f"⚠️ {msg}")
-    text = (f"nodes: {len(d.nodes_only_self)} only in {run.name}, {len(d.nodes_both)} in both, "
-            f"{len(d.nodes_only_other)} only in {other.name} · edges: {len(d.edges_only_self)} / "
+        return ComparePanel(plotting.message_figure(f"⚠️ {msg}", 160), warning_markdown(msg))
+    text = (f"nodes: {len(d.nodes_only_self)} only in {markdown_literal(run.name)}, {len(d.nodes_both)} in both, "
+            f"{len(d.nodes_only_other)} only in {markdown_literal(other.name)} · edges: {len(d.edges_only_self)} / "
             f"{len(d.edges_both)} / {len(d.edges_only_other)}")
     return ComparePanel(plotting.circuit_diff_figure(d, "this", "other"), text)
 
@@ -395,7 +399,7 @@ def prune_check(explorer: Explorer, model: Any, task: Any, target: Any, relative
         entry = explorer.get_model(str(model or "") or None)
         return A.prune_target(entry, task, target, bool(relative)).message
     except Exception as exc:
-        return f"⚠️ {_explain(exc)}"
+        return warning_markdown(_explain(exc))
 
 
 def _with_new_run(explorer: Explorer, session: Session, entry: ModelEntry, run: Run, tab: str) -> tuple[View, list[str]]:
@@ -424,8 +428,8 @@ def prune_new_run(explorer: Explorer, session: Session, model: Any, task: Any, t
         outcome = A.prune_circuit(entry, task, target, steps, bool(relative), progress, bool(control))
         view, notes = _with_new_run(explorer, session, entry, outcome.run, tab)
     except Exception as exc:
-        return NewRun(None, f"⚠️ pruning failed: {_explain(exc)}")
-    return NewRun(view, outcome.message + "".join(f" ⚠️ {n}" for n in notes), notes)
+        return NewRun(None, warning_markdown(f"pruning failed: {_explain(exc)}"))
+    return NewRun(view, outcome.message + "".join(f" {warning_markdown(n)}" for n in notes), notes)
 
 
 def add_custom_task(explorer: Explorer, session: Session, model: Any, text: Any, path: Any = None, label: Any = None,
@@ -456,11 +460,11 @@ def add_custom_task(explorer: Explorer, session: Session, model: Any, text: Any,
         session = (session if isinstance(session, Session) else Session()).with_task(task.name)
         view = resolve_view(explorer, session, Request("task", model=entry.spec, task=task.name, tab=tab))
     except Exception as exc:
-        return NewRun(None, f"⚠️ {_explain(exc)}")
+        return NewRun(None, warning_markdown(_explain(exc)))
     classes = check["classes"]
     warn = (" ⚠️ the full model gets under 90% of it right: a circuit for it may explain little."
             if check["accuracy"] < 0.9 else "")
-    return NewRun(view, f"✅ added `{task.name}` from {source}: {len(task.examples)} examples ({classes[0]} / "
+    return NewRun(view, f"✅ added `{task.name}` from {markdown_literal(source)}: {len(task.examples)} examples ({classes[0]} / "
                         f"{classes[1]} per class), {check['n_test']} held out; the full model's accuracy "
                         f"{check['accuracy']:.0%}, loss {check['loss']:.3f} nats.{warn} Prune it with the button "
                         "at the top (it is now the selected task).")
@@ -475,11 +479,11 @@ def import_new_run(explorer: Explorer, session: Session, model: Any, path: Any, 
         run = import_run_file(entry, str(path), name or Path(str(path)).name)
         view, notes = _with_new_run(explorer, session, entry, run, tab)
     except Exception as exc:
-        return NewRun(None, f"⚠️ could not import {name or 'the file'}: {_explain(exc)}")
+        return NewRun(None, warning_markdown(f"could not import {name or 'the file'}: {_explain(exc)}"))
     c = view.run.load()
     notes = [*run.circuit.notices, *notes]  # e.g. edges recomputed from the model's weights
-    return NewRun(view, f"✅ imported {name or Path(str(path)).name}: {c.n_nodes} nodes, {c.n_edges} edges"
-                  + "".join(f" ⚠️ {n}" for n in notes), notes)
+    return NewRun(view, f"✅ imported {markdown_literal(name or Path(str(path)).name)}: {c.n_nodes} nodes, "
+                        f"{c.n_edges} edges" + "".join(f" {warning_markdown(n)}" for n in notes), notes)
 
 
 def api_next_tokens(explorer: Explorer, prompt: Any, model: Any = "", task: Any = "", run: Any = "",
@@ -536,4 +540,5 @@ __all__ = [
     "NodePanel", "node_panel", "node_panel_updating", "PromptPanel", "prompt_panel", "CurvesPanel", "curves_panel", "run_details",
     "EmbeddingsPanel", "embeddings_panel", "AblationPanel", "ablation_panel", "importance_panel", "ComparePanel",
     "compare_panel", "circuit_nodes", "prune_check", "api_next_tokens", "NewRun", "prune_new_run", "add_custom_task", "import_new_run", "download_path", "message_html",
+    "warning_markdown",
 ]

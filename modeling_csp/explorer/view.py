@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from .. import plotting
 from ..circuits.graph import CircuitGraph
 from . import analysis as A
-from .errors import UserError
+from .errors import UserError, markdown_literal
 from .explorer import Explorer
 from .models import MAX_SPEC_CHARS, ModelEntry
 from .runs import Run
@@ -166,7 +166,8 @@ class View:
 
     @property
     def status(self) -> str:
-        return "⚠️ " + " · ".join(self.notices) if self.notices else ""
+        """The notices as the status line's Markdown: plain text (they quote what links and boxes asked for)."""
+        return "⚠️ " + " · ".join(markdown_literal(n) for n in self.notices) if self.notices else ""
 
     @property
     def model_choices(self) -> list[str]:
@@ -251,6 +252,8 @@ class View:
 
     @cached_property
     def summary(self) -> str:
+        """Markdown: the model and task as code (both are checked against what the server knows), run
+        names and messages as literal text (a run's name is an upload's file name)."""
         e = self.entry
         c = e.config
         lines = [f"**Model** `{self.model}` · {e.n_layer} layers · d_model {c.d_model} · {c.n_head}×{e.d_head} heads · "
@@ -264,7 +267,7 @@ class View:
         s = self.stats or A.CircuitStats()
         pending = "…" if not s.complete else "n/a"
         val = lambda v: _fmt(v) if v is not None else pending  # noqa: E731
-        lines.append(f"**Run** {self.run.name} · ablation: {self.circuit.ablation}" + (" · losses computed live" if s.live else ""))
+        lines.append(f"**Run** {markdown_literal(self.run.name)} · ablation: {self.circuit.ablation}" + (" · losses computed live" if s.live else ""))
         lines.append("| full model loss | circuit loss | random same-size | complement | nodes | edges | target |\n"
                      "|---|---|---|---|---|---|---|\n"
                      f"| {val(s.full)} | {val(s.circuit)} | {val(s.random)} | {val(s.complement)} | "
@@ -275,9 +278,9 @@ class View:
             missing += [] if s.layer_deltas else ["layer deltas"]
             lines.append(f'<span class="csp-updating">⏳ updating… {", ".join(missing)} for {self.selected.caption}</span>')
         if s.error:
-            lines.append(f"⚠️ {s.error}")
+            lines.append(f"⚠️ {markdown_literal(s.error)}")
         if s.notices:
-            lines.append("⚠️ " + "; ".join(s.notices))
+            lines.append("⚠️ " + "; ".join(markdown_literal(n) for n in s.notices))
         if s.verdict is not None:  # judged on held-out examples (evaluation.circuit_verdict)
             lines += s.verdict.messages(without=("control",))
         if s.random_as_good:

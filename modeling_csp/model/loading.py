@@ -31,6 +31,32 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hub_failed(name: str, exc: BaseException, local_too: bool) -> ValueError:
+    where = "it is not a local folder and the hub lookup failed" if local_too else "the Hugging Face hub lookup failed"
+    return ValueError(f"could not load model {name!r}: {where} ({_first_line(exc)}). If you are offline "
+                      "(HF_HUB_OFFLINE=1), download it once online so it is in the Hugging Face cache")
+
+
+def config_from_file(file: str | Path) -> dict:
+    """A config.json as a dict, or ValueError naming the file (empty, not JSON, not an object)."""
+    file = Path(file)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "is empty" if not file.stat().st_size else f"is not valid JSON ({_first_line(exc)})"
+        raise ValueError(f"{file}: {reason}; convert the model again or fix the file") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: is not a JSON object of model settings; convert the model again or fix the file")
+    return config
+
+
 def read_config_json(name: str) -> dict:
     """A model's config.json (folder or hub name) as a dict, without building the model or running its code."""
     from transformers.utils import cached_file
@@ -38,14 +64,28 @@ def read_config_json(name: str) -> dict:
     try:
         file = cached_file(name, "config.json")
     except Exception as exc:  # OSError, EnvironmentError, HF hub errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"could not load model {name!r}: it is not a local folder and the hub lookup failed ({first}). "
-            "If you are offline (HF_HUB_OFFLINE=1), download it once online so it is in the Hugging Face cache"
-        ) from None
+        raise _hub_failed(name, exc, local_too=True) from None
     if file is None:
         raise ValueError(f"could not load model {name!r}: no config.json")
-    return json.loads(Path(file).read_text())
+    return config_from_file(file)
+
+
+def hub_folder(repo_id: str, config_only: bool = False) -> str:
+    """The local snapshot of a hub model (from the Hugging Face cache, else the Hub), as a folder. A hub id is only
+    ever looked up on the hub, never taken for a local folder of the same relative name."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if config_only:
+            return str(Path(hf_hub_download(repo_id, "config.json")).parent)
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "circuits/*"])
+    except Exception as exc:  # offline, not found, unauthorised, invalid id: many types, one line
+        raise _hub_failed(repo_id, exc, local_too=False) from None
+
+
+def read_hub_config(repo_id: str) -> dict:
+    """A hub model's config.json as a dict (hub cache or Hub only, see `hub_folder`)."""
+    return config_from_file(Path(hub_folder(repo_id, config_only=True)) / "config.json")
 
 
 def load_tokenizer(name: str):
@@ -141,4 +181,5 @@ def shipped_circuits(model_spec: str) -> list[dict]:
     return out
 
 
-__all__ = ["load_model_and_tokenizer", "load_tokenizer", "resolve_model", "shipped_circuits", "DEFAULT_MODEL_DIR"]
+__all__ = ["load_model_and_tokenizer", "load_tokenizer", "resolve_model", "shipped_circuits", "DEFAULT_MODEL_DIR",
+           "read_config_json", "read_hub_config", "hub_folder", "config_from_file"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.parse
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURES, PROJECT_ROOT, serve_app
+from conftest import FIXTURES, PROJECT_ROOT, free_port, serve_app
 from modeling_csp.plotting import sublayer_of
 
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
@@ -40,8 +41,9 @@ WEAK_TASK = "with_as"  # a task the default model does no better than chance: ev
 
 @pytest.fixture(scope="module")
 def folders(test_circuit, tmp_path_factory):
-    """An allowed root with a hostile model folder (its index points outside), and a real model folder that is
-    not under any root."""
+    """An allowed root with a hostile model folder (its index points outside) and a link to a folder outside, a real
+    model folder that is not under any root, and one in the app's working folder named like a hub id
+    (`work_dirs/outside_model_<pid>`, git-ignored, removed afterwards)."""
     from modeling_csp.model.loading import resolve_model
 
     source = Path(resolve_model(test_circuit[0]))
@@ -55,11 +57,19 @@ def folders(test_circuit, tmp_path_factory):
         for f in source.iterdir():
             if f.is_file():
                 (out[name] / f.name).symlink_to(f)
+    (out["root"] / "link_out").symlink_to(out["outside"], target_is_directory=True)
+    relative = Path("work_dirs") / f"outside_model_{os.getpid()}"
+    (PROJECT_ROOT / relative).mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file():
+            (PROJECT_ROOT / relative / f.name).symlink_to(f)
+    out["hub_shaped"] = str(relative)
     (out["hostile"] / "circuits").mkdir()
     (out["hostile"] / "circuits" / "index.json").write_text(json.dumps(
         [{"task": "single_double_quote", "k": 1, "path": "../../../secret.json"},
          {"task": "single_double_quote", "k": 2, "path": "/etc/passwd"}]))
-    return out
+    yield out
+    shutil.rmtree(PROJECT_ROOT / relative)
 
 
 @pytest.fixture(scope="module")
@@ -633,6 +643,61 @@ def test_next_tokens_api(app_server):
     again = client.predict(prompt="x", model="nobody/nothing", api_name="/next_tokens")
     assert "nobody/nothing" in bad["error"] and again == bad and time.perf_counter() - t < max(first, 2.0)
     assert "is not available" in client.predict(prompt="x", model="/etc", api_name="/next_tokens")["error"]
+
+
+def test_next_tokens_api_opens_no_folder_outside_the_roots(app_server, folders):
+    """Through the API: a hub-shaped relative folder is looked up on the hub (and not found), never opened; relative,
+    `..`, absolute and linked folders outside the roots read as one message; an existing folder and an absent one
+    answer alike."""
+    gradio_client = pytest.importorskip("gradio_client")
+    client = gradio_client.Client(app_server["url"], verbose=False)
+
+    def error(spec):
+        answer = client.predict(prompt="x", model=spec, api_name="/next_tokens")
+        assert "full" not in answer, (spec, answer)
+        return re.sub(r"model '.*?'", "model SPEC", answer["error"])
+
+    hub_shaped = {spec: error(spec) for spec in (folders["hub_shaped"], "modeling_csp/explorer", "modeling_csp/nothere")}
+    assert len(set(hub_shaped.values())) == 1 and "hub lookup failed" in hub_shaped["modeling_csp/nothere"], hub_shaped
+    outside = {spec: error(spec) for spec in (
+        "./" + folders["hub_shaped"], folders["hub_shaped"] + "/.", os.path.relpath(folders["outside"], PROJECT_ROOT),
+        str(folders["outside"]), str(folders["root"] / "link_out"), str(folders["root"] / ".." / "outside"),
+        "./modeling_csp/explorer", "./modeling_csp/nothere")}
+    assert len(set(outside.values())) == 1 and "is not available" in next(iter(outside.values())), outside
+    assert "full" in client.predict(prompt="x", model=str(folders["hostile"]), api_name="/next_tokens")
+
+
+def test_links_open_no_folder_outside_the_roots_and_show_their_text_as_text(browser, app_server, folders):
+    """`?model=work_dirs/...` falls back to the default model and no page's model box offers it; `?task=<img…><h1>…`
+    is shown as those characters: no heading or image is made of it, and the image is never fetched."""
+    probe = f"http://127.0.0.1:{free_port()}/csp-probe.png"
+    markup = f'<img src="{probe}"><h1>Your session expired</h1>'
+    page = new_page(browser)
+    fetched = []
+    page.on("request", lambda request: fetched.append(request.url) if "csp-probe" in request.url else None)
+    try:
+        page.goto(app_server["url"] + "?" + urllib.parse.urlencode({"task": markup}))
+        page.wait_for_selector("#summary p", timeout=120_000)
+        wait_text(page, "#status", f"unknown task {markup!r}")
+        assert page.locator("#status h1, #status img, #summary h1, #summary img").count() == 0
+        assert "Your session expired" not in page.locator("h1").all_inner_texts()
+        page.goto(app_server["url"] + "?" + urllib.parse.urlencode({"model": folders["hub_shaped"]}))
+        page.wait_for_selector("#summary p", timeout=120_000)
+        wait_text(page, "#status", f"could not load model {folders['hub_shaped']!r}")
+        wait_text(page, "#summary", "Model default ·")
+        shot(page, "19_links_stay_text")
+        assert page.locator("#model-select input").input_value() == "default"
+    finally:
+        page.context.close()
+    other = new_page(browser, app_server["url"])
+    try:
+        other.locator("#model-select input").click()
+        offered = other.locator("#model-select [role=option]").all_inner_texts()
+        assert offered and not any("outside" in o for o in offered), offered
+        other.keyboard.press("Escape")
+    finally:
+        other.context.close()
+    assert fetched == []
 
 
 # ---- rapid changes: every panel shows the page's one selection --------------------------------------------

@@ -124,12 +124,29 @@ def test_task_from_jsonl_keeps_every_example(fixture_tiktoken):
     (jsonl(QUOTES[0], ("x = 'a", "'", "'")), r"q\.jsonl:2: 'correct' and 'incorrect' are the same"),
     (jsonl(QUOTES[0], QUOTES[1], (QUOTES[0][0], '"', "'")), r"q\.jsonl:3: the prompt of line 1 again, with other answers"),
     ("\n\n", r"q\.jsonl: no examples"),
+    (jsonl(QUOTES[0], '{"prompt": "x = \\ud800", "correct": "a", "incorrect": "b"}'),
+     r"q\.jsonl:2: 'prompt' holds a lone surrogate \('\\ud800'\)"),
+    (jsonl(QUOTES[0], "[" * 100_000), r"q\.jsonl:2: not a task line \(JSON nested too deeply\)"),
 ])
 def test_task_file_format_errors_name_the_line(fixture_tiktoken, text, message):
     from modeling_csp.circuits.tasks import task_from_jsonl
 
     with pytest.raises(ValueError, match=message):
         task_from_jsonl(text, fixture_tiktoken, max_len=128, source="q.jsonl")
+
+
+def test_task_lines_end_at_newlines_only():
+    """U+2028 (and the other separators `str.splitlines` breaks at) is valid inside a JSON string: the line stays
+    whole, and the lines after it keep their numbers."""
+    import json
+
+    from modeling_csp.circuits.tasks import read_task_jsonl
+
+    odd = {"prompt": "s = 'a\u2028b\x1c\x85", "correct": "'", "incorrect": '"'}
+    text = jsonl(json.dumps(odd, ensure_ascii=False), QUOTES[1])
+    assert [(n, ex.prompt) for n, ex in read_task_jsonl(text)] == [(1, odd["prompt"]), (2, QUOTES[1][0])]
+    with pytest.raises(ValueError, match=r"^q\.jsonl:3: missing incorrect"):
+        read_task_jsonl(text + '\n{"prompt": "x", "correct": "a"}', "q.jsonl")
 
 
 LONG = "y = '" + "text " * 40 + "end"

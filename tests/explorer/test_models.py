@@ -8,10 +8,11 @@ import os
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, put_in_hub_cache
 from modeling_csp.explorer.errors import UserError
 from modeling_csp.explorer.explorer import Explorer, Settings
 from modeling_csp.explorer.models import MAX_UPLOAD_BYTES, HubLookup, import_run_file
@@ -52,6 +53,63 @@ def test_model_box_opens_default_hub_ids_and_folders_under_the_roots(roots, conv
     # absent and not allowed read the same: the box tells nothing about the server's files
     assert len(set(messages.values())) == 1, messages
     assert "is not available" in next(iter(messages.values()))
+
+
+def link_model(source: Path, folder: Path) -> Path:
+    """A model folder made of links to another's files (a real model, no copy)."""
+    folder.mkdir(parents=True)
+    for f in Path(source).iterdir():
+        if f.is_file():
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
+def test_relative_paths_are_judged_by_their_real_path_and_hub_shaped_ones_are_hub_ids(roots, converted, tmp_path,
+                                                                                         monkeypatch):
+    """Run from a folder holding models outside the roots: `work_dirs/outside_model` (shaped like a hub id) is
+    looked up on the hub, never opened; `./...`, `..` and links are judged by their real path; an existing folder
+    and an absent one (`modeling_csp/explorer` vs `modeling_csp/nothere`) read the same."""
+    monkeypatch.chdir(tmp_path)
+    link_model(converted["rms_sink_bigram"], tmp_path / "work_dirs" / "outside_model")
+    (tmp_path / "modeling_csp" / "explorer").mkdir(parents=True)
+    link_model(converted["rms_sink_bigram"], roots / "inside_model")
+    (roots / "link_out").symlink_to(tmp_path / "work_dirs", target_is_directory=True)
+    app = Explorer(Settings(model_roots=[roots]))
+    assert app.resolve_spec("work_dirs/outside_model") == ("hub", "work_dirs/outside_model")
+    assert app.resolve_spec("./allowed/inside_model") == ("folder", str((roots / "inside_model").resolve()))
+    assert app.resolve_spec("allowed/../allowed/inside_model")[0] == "folder"
+
+    def refusal(spec):
+        with pytest.raises(UserError) as info:
+            app.get_model(spec)
+        return re.sub(r"^(could not load )?model '.*?'", r"\1model SPEC", str(info.value))
+
+    hub_shaped = {spec: refusal(spec) for spec in ("work_dirs/outside_model", "modeling_csp/explorer",
+                                                   "modeling_csp/nothere")}
+    assert len(set(hub_shaped.values())) == 1, hub_shaped
+    assert "hub" in hub_shaped["modeling_csp/nothere"] and "local folder" not in hub_shaped["modeling_csp/nothere"]
+    folders = {spec: refusal(spec) for spec in (
+        "./work_dirs/outside_model", "work_dirs/outside_model/.", f"../{tmp_path.name}/work_dirs/outside_model",
+        str(tmp_path / "work_dirs" / "outside_model"), "allowed/link_out/outside_model", "./modeling_csp/explorer",
+        "./modeling_csp/nothere", "allowed/../work_dirs/outside_model", str(roots / "nothere"))}
+    assert len(set(folders.values())) == 1, folders
+    assert "is not available" in next(iter(folders.values()))
+    assert app.loaded_models() == []  # nothing outside the roots was loaded, so no dropdown can offer it
+    assert app.get_model("./allowed/inside_model").config.n_layer > 0
+
+
+def test_a_hub_id_loads_from_the_hub_cache_even_where_a_folder_has_its_name(roots, converted, tmp_path, monkeypatch):
+    """`org/model` is the hub cache's snapshot of org/model, not the folder `org/model` of the working folder."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub_cache"
+    snapshot = put_in_hub_cache(cache, "org/model", converted["rms_sink_bigram"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "model").mkdir(parents=True)  # a same-named local folder, with no model in it
+    app = Explorer(Settings(model_roots=[roots]))
+    entry = app.get_model("org/model")
+    assert Path(entry.folder).resolve() == snapshot.resolve() and entry.config.n_layer > 0
 
 
 def test_library_defaults_allow_any_folder(explorer, converted):

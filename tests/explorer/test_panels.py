@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 import pytest
 
-from conftest import TEST_TASK, quote_task_lines
+from conftest import TEST_TASK, markdown_html, markdown_text, quote_task_lines
 from modeling_csp.explorer import panels
 from modeling_csp.explorer.explorer import Explorer, Settings
 from modeling_csp.explorer.sessions import Session, find_run
@@ -282,3 +283,41 @@ def test_old_downloads_are_removed(page):
     os.utime(first.parent, (hour_ago, hour_ago))
     second = Path(panels.download_path(page["explorer"], page["model"], page["run"], page["k"]))
     assert second.is_file() and not first.parent.exists()
+
+
+MARKUP = '<img src="x.png" onerror="alert(1)"><h1>Your session expired</h1>[sign in](x) *now* `code`'
+
+
+def shown_literally(markdown: str) -> str:
+    """The text a Markdown component shows, after checking that no element was made of the user's text."""
+    rendered = markdown_html(markdown)
+    assert not re.search(r"<(img|h1|a|em|code)\b", rendered), rendered
+    return markdown_text(markdown)
+
+
+def test_user_text_stays_text_in_every_panel(page, tmp_path):
+    """File names, typed node ids, candidates and task-file names come back as the characters given."""
+    explorer, model = page["explorer"], page["model"]
+    new = panels.import_new_run(explorer, Session(), model, str(page["path"]), MARKUP + ".json")
+    assert shown_literally(new.message).startswith(f"✅ imported {MARKUP}.json")
+    assert f"Run imported · {MARKUP}.json" in shown_literally(new.view.summary)
+    missing = panels.import_new_run(explorer, Session(), model, str(tmp_path / "missing.json"), MARKUP)
+    assert shown_literally(missing.message).startswith(f"⚠️ could not import {MARKUP}: ")
+    other = panels.compare_panel(explorer, model, page["task"], new.view.run.id, page["k"], page["run"])
+    assert f"only in imported · {MARKUP}.json" in shown_literally(other.text)
+    file = tmp_path / '<img src=x.png><h1>tasks<h1>.jsonl'
+    file.write_text(quote_task_lines())
+    added = panels.add_custom_task(explorer, Session(), model, "", str(file))
+    assert f"from {file.name}:" in shown_literally(added.message)
+    broken = tmp_path / "<h1>broken</h1>.jsonl"
+    broken.write_text("not json\n")
+    assert "<h1>broken</h1>.jsonl" in shown_literally(panels.add_custom_task(explorer, Session(), model, "", str(broken)).message)
+    args = (model, page["task"], page["run"], page["k"], page["node"])
+    prompt = panels.prompt_panel(explorer, *args, 'x = "hello', MARKUP, "'")
+    assert shown_literally(prompt.logit_diff) and shown_literally(prompt.notice)
+    ablated = panels.ablation_panel(explorer, model, page["task"], page["run"], page["k"], [], [MARKUP], "mean", "full")
+    assert MARKUP in shown_literally(ablated.table)
+    waiting = panels.node_panel_updating(Selection.of(model, MARKUP, page["run"], page["k"], None, MARKUP))
+    assert "<img" not in waiting.task and html.escape(MARKUP, quote=False) in waiting.task
+    assert "<h1>" not in panels.curves_panel(explorer, MARKUP, page["task"], page["run"], page["k"]).details
+    assert MARKUP in shown_literally(panels.embeddings_panel(explorer, MARKUP, 0).notice)

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import markdown_text
+
 from modeling_csp import plotting
 from modeling_csp.explorer.analysis import best_node, task_names
 from modeling_csp.explorer.explorer import Explorer, Settings
@@ -100,7 +102,7 @@ def test_picking_what_is_shown_changes_nothing(first):
 def test_typed_k_is_clamped_with_a_message(first, typed, shown, message):
     v = ask(first, "k", k=typed)
     assert v.k == (shown if shown is not None else first.k) and v.circuit.n_nodes == v.k
-    assert (message in v.status) if message else v.status == ""
+    assert (message in markdown_text(v.status)) if message else v.status == ""
     assert "model" not in v.changed and {"summary", "graph", "status", "layer_bars"} <= v.changed
     # the box is sent back only when the view shows another k than typed (sent back, it would overwrite digits
     # typed meanwhile)
@@ -124,9 +126,9 @@ def test_layer_and_node_changes(first):
     v = ask(first, "node", node=other)
     assert v.node == other and v.layer == plotting.sublayer_of(other)
     v = ask(first, "node", node="1.mlp.post_act:99999")
-    assert "not in this circuit" in v.status and v.node in first.circuit.nodes
+    assert "not in this circuit" in markdown_text(v.status) and v.node in first.circuit.nodes
     v = ask(first, "layer", layer="7.attn")
-    assert "not in this model" in v.status and v.layer == first.layer and "layer" in v.changed  # put back
+    assert "not in this model" in markdown_text(v.status) and v.layer == first.layer and "layer" in v.changed  # put back
 
 
 def test_a_click_in_the_same_layer_does_not_redraw_the_graph(first):
@@ -142,26 +144,26 @@ def test_a_click_in_the_same_layer_does_not_redraw_the_graph(first):
 def test_node_search(first):
     v = resolve_view(first.explorer, first.session, Request("search", **first.selection, search="ch1"))
     assert v.matches and all("ch1" in f"{n} {plotting.node_label(n, 16)}" for n in v.matches)
-    assert v.node == v.matches[0] and "match 'ch1'" in v.status
+    assert v.node == v.matches[0] and "match 'ch1'" in markdown_text(v.status)
     ring = [t for t in v.graph.data if t.name == "matches"]
     assert ring and {c[0] for c in ring[0].customdata} == {n for n in v.matches if n.startswith(v.layer + ".")}
     none = resolve_view(first.explorer, first.session, Request("search", **first.selection, search="zzz"))
-    assert "no node of this circuit matches 'zzz'" in none.status and none.node == first.node
+    assert "no node of this circuit matches 'zzz'" in markdown_text(none.status) and none.node == first.node
 
 
 def test_edge_threshold(first):
     v = resolve_view(first.explorer, first.session, Request("edges", **first.selection, edges=50))
     assert v.edges == 0.5 and "≥ 50% of the largest" in v.graph.layout.title.text and v.changed == {"graph", "status"}
     v = resolve_view(first.explorer, first.session, Request("edges", **first.selection, edges=500))
-    assert v.edges == 1.0 and "outside [0, 100]" in v.status
+    assert v.edges == 1.0 and "outside [0, 100]" in markdown_text(v.status)
 
 
 def test_a_bad_model_or_task_keeps_the_previous_view(first):
     v = ask(first, "model", model="/no/such/folder")
-    assert v.changed == {"status", "model"} and "model '/no/such/folder' is not available" in v.status
+    assert v.changed == {"status", "model"} and "model '/no/such/folder' is not available" in markdown_text(v.status)
     assert v.model == first.model and v.selection == first.selection
     v = ask(first, "task", task="no_such_task")
-    assert v.changed == {"status", "task"} and "unknown task 'no_such_task'" in v.status and v.task == first.task
+    assert v.changed == {"status", "task"} and "unknown task 'no_such_task'" in markdown_text(v.status) and v.task == first.task
 
 
 def test_share_link_restores_the_view(first):
@@ -178,9 +180,21 @@ def test_a_bad_link_falls_back_with_messages(first):
     assert v.task == first.task and v.run.id == first.run.id and v.k == first.k
     for part in ("unknown task 'no_such_task'", "run 'saved:0123456789abcdef' is not available", "k='abc' is not a number",
                  "node '9.mlp.post_act:1' is not in this circuit", "is not in this model"):
-        assert part in v.status, part
+        assert part in markdown_text(v.status), part
     v = resolve_view(first.explorer, None, Request("load", query={"model": "../../etc"}))
-    assert v.model == "default" and "is not available" in v.status and "showing default instead" in v.status
+    assert v.model == "default" and "is not available" in markdown_text(v.status) and "showing default instead" in markdown_text(v.status)
+
+
+def test_linked_values_are_shown_as_text(first):
+    """A link's values come back in the status line as the characters linked, never as a heading or an image."""
+    from conftest import markdown_html
+
+    markup = '<img src="http://127.0.0.1:9/x.png"><h1>Your session expired</h1>[sign in](x) *now*'
+    v = resolve_view(first.explorer, None, Request("load", query={"task": markup, "node": markup, "model": markup}))
+    rendered = markdown_html(v.status)
+    assert "<img" not in rendered and "<h1" not in rendered and "<a " not in rendered and "<em>" not in rendered
+    assert f"unknown task {markup!r}" in markdown_text(v.status) and f"node {markup!r}" in markdown_text(v.status)
+    assert v.model == "default" and v.task == first.task
 
 
 def test_saved_runs_survive_a_reload_and_travel_by_link(test_circuit, tmp_path):
