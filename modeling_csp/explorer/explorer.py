@@ -17,7 +17,7 @@ from typing import Mapping
 
 from .errors import UserError
 from .models import (
-    DEFAULT_PRETRAIN_TOKENS, MAX_MODEL_PARAMS, MAX_MODELS, HubLookup, ModelEntry, check_spec, default_roots,
+    DEFAULT_PRETRAIN_TOKENS, MAX_MODEL_PARAMS, MAX_MODELS, MAX_PRUNE_WORKERS, HubLookup, ModelEntry, check_spec, default_roots,
     dense_params, fetch_config, resolve_spec,
 )
 from .runs import RunStore
@@ -36,6 +36,7 @@ class Settings:
     model_roots: list[Path] | None = None  # folders models may be opened from (None: anywhere)
     hub_timeout_s: float = 10.0
     store_dir: Path | None = None  # where saved runs live (None: memory only)
+    prune_workers: int = MAX_PRUNE_WORKERS  # pruning worker processes at once
 
     @classmethod
     def from_env(cls, app_dir: str | Path, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -67,6 +68,7 @@ class Explorer:
         self._models: OrderedDict[str, ModelEntry] = OrderedDict()
         self._models_lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self.prune_slots = threading.BoundedSemaphore(max(1, self.settings.prune_workers))
 
     @property
     def default_model(self) -> str:
@@ -104,7 +106,8 @@ class Explorer:
                 if spec in self._models:
                     return self._models[spec]
             entry = ModelEntry(spec, kind, name, tasks=self.tasks, store=self.store,
-                               pretrain_tokens=self.settings.pretrain_tokens, run_files=self.settings.run_files)
+                               pretrain_tokens=self.settings.pretrain_tokens, run_files=self.settings.run_files,
+                               prune_slots=self.prune_slots)
             with self._models_lock:
                 self._models[spec] = entry
                 while len(self._models) > MAX_MODELS:

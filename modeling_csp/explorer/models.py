@@ -32,6 +32,7 @@ from .tasks import UserTasks
 
 DEFAULT_PRETRAIN_TOKENS = 8192  # held-out text tokens for live activating examples
 MAX_MODELS = 3  # models kept loaded at once (least recently used dropped first)
+MAX_PRUNE_WORKERS = 1  # pruning worker processes at once (each loads its own copy of the model)
 MAX_SPEC_CHARS = 300
 MAX_MODEL_PARAMS = 2_000_000_000  # dense parameter count a model's config may describe
 MAX_UPLOAD_BYTES = 50_000_000  # a circuit file or viz_data.pt given to the app
@@ -225,10 +226,12 @@ class ModelEntry:
     and `store` are its explorer's user tasks and saved runs; `run_files` are circuit files offered as its runs."""
 
     def __init__(self, spec: str, kind: str, name: str, tasks: UserTasks | None = None, store: RunStore | None = None,
-                 pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS, run_files: Sequence[str] = ()):
+                 pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS, run_files: Sequence[str] = (),
+                 prune_slots: threading.Semaphore | None = None):
         from ..model.loading import load_model_and_tokenizer, resolve_model
 
         self.spec = spec
+        self.prune_slots = prune_slots if prune_slots is not None else threading.BoundedSemaphore(MAX_PRUNE_WORKERS)
         self.tasks = tasks if tasks is not None else UserTasks()
         self.store = store if store is not None else RunStore(tasks=self.tasks)
         self.pretrain_tokens = pretrain_tokens
@@ -423,6 +426,6 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
 
 
 __all__ = [
-    "MAX_MODELS", "MAX_SPEC_CHARS", "MAX_MODEL_PARAMS", "MAX_UPLOAD_BYTES", "HUB_ID", "default_roots", "not_available",
+    "MAX_MODELS", "MAX_PRUNE_WORKERS", "MAX_SPEC_CHARS", "MAX_MODEL_PARAMS", "MAX_UPLOAD_BYTES", "HUB_ID", "default_roots", "not_available",
     "check_spec", "resolve_spec", "HubLookup", "fetch_config", "dense_params", "Memo", "ModelEntry", "import_run_file",
 ]
