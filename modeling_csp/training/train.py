@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..circuits.tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES
 from ..model.configuration_csp import CSPConfig
 from ..utils.jsonio import dumps_strict, write_json_atomic
+from ..utils.tempfiles import remove_orphan_temps
 from ..model.modeling_csp import CSPForCausalLM
 
 # The architecture of the embedded default model; TrainConfig's n_layer, d_model, ... override it.
@@ -322,8 +323,11 @@ def _save_checkpoint(path: Path, model, optimizer, gen, step: int, curve: list, 
              "step": step, "curve": curve, "window_losses": window, "elapsed_s": elapsed, "config": asdict(config),
              "environment": environment}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, resume: bool = True,
@@ -342,6 +346,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
     main = acc.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(out)  # checkpoint.tmp<pid> of a killed run
     torch.manual_seed(config.seed)
     model = CSPForCausalLM(config.model_config())
     if int(data.train.max(initial=0)) >= model.config.vocab_size:
@@ -458,6 +463,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         record["final"] = _final_numbers(unwrapped, targets, data, curve[-1], previous)
     if main:
         write_json_atomic(out / CURVE, record, indent=1)
+        remove_orphan_temps(out)  # what killed runs before this one left
     return TrainResult(unwrapped, record, finished)
 
 
