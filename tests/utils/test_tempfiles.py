@@ -4,18 +4,10 @@ never."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
+from conftest import dead_pid
 from modeling_csp.utils.tempfiles import GRACE_S, is_orphan_temp, remove_orphan_temps
-
-
-def dead_pid() -> int:
-    """The id of a process that has ended."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_only_orphans_go(tmp_path):
