@@ -303,6 +303,9 @@ def soak(args) -> dict:
                     if "✅" not in text:
                         errors.append(f"upload {path.name}: {text[:300]}")
                 results["rss_after_prune_mb"].append(rss())
+                results["uploads_done"] = args.uploads - len(pending)
+                if args.out:  # what a stopped soak has measured so far
+                    write_json_atomic(args.out, {**results, "errors": errors}, indent=1)
             for th in threads:
                 th.join()
             results["soak_s"] = round(time.perf_counter() - t_start, 1)
