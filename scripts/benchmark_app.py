@@ -262,7 +262,11 @@ def soak(args) -> dict:
             api_times: list[float] = []
 
             def client_loop(i: int):
-                c = Client(url, verbose=False)
+                try:
+                    c = Client(url, verbose=False)
+                except Exception as exc:
+                    errors.append(f"client {i} could not connect: {type(exc).__name__}: {str(exc)[:200]}")
+                    return
                 while not done.is_set():
                     with calls_lock:
                         n = next(calls, None)
