@@ -26,7 +26,7 @@ import torch
 
 from ..circuits.evaluation import EvalOptions, task_split
 from ..circuits.graph import CircuitGraph, n_total_nodes, node_locations, record_node_activations
-from ..utils.sizes import approx_bytes
+from ..utils.sizes import approx_bytes, release_freed_memory
 from .errors import UserError, first_line, log
 from .runs import Run, RunStore
 from .tasks import UserTasks
@@ -195,8 +195,10 @@ class Memo:
     The newest value of a kind stays even when it alone is over its budget. A value is computed outside the
     lock: two threads may compute the same value once each, never block each other on it."""
 
-    BUDGETS = {"circuit": 128_000_000, "stats": 8_000_000, "full_loss": 1_000_000, "curve": 8_000_000,
+    BUDGETS = {"circuit": 64_000_000, "stats": 8_000_000, "full_loss": 1_000_000, "curve": 8_000_000,
                "task": 64_000_000, "task_acts": 256_000_000, "examples": 32_000_000}
+
+    RELEASE_BYTES = 16_000_000  # evictions larger than this hand the memory back to the system
 
     def __init__(self, budgets: dict[str, int] | None = None):
         self.budgets = {**self.BUDGETS, **(budgets or {})}
@@ -212,13 +214,18 @@ class Memo:
                 return store[key][0]
         value = compute()
         size = approx_bytes(value)
+        freed = 0
         with self._lock:
             if key in store:
                 self._bytes[kind] -= store.pop(key)[1]
             store[key] = (value, size)
             self._bytes[kind] += size
             while len(store) > 1 and self._bytes[kind] > self.budgets[kind]:
-                self._bytes[kind] -= store.popitem(last=False)[1][1]
+                dropped = store.popitem(last=False)[1][1]
+                self._bytes[kind] -= dropped
+                freed += dropped
+        if freed > self.RELEASE_BYTES:
+            release_freed_memory()
         return value
 
     def peek(self, kind: str, key, default=None):
@@ -441,6 +448,7 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
         raise UserError(f"{label}: {exc}") from None
     circuit.match_weights(entry.model)  # edges that are not the model's weights are recomputed (circuit.notices)
     rid = f"imported:{re.sub(r'[^A-Za-z0-9_.-]+', '_', p.stem)[:80]}"
+    release_freed_memory()  # what parsing a large file took
     return Run(id=rid, name=f"imported · {label}", source="imported", circuit=circuit, task=circuit.task,
                k=circuit.k or circuit.n_nodes, tasks=entry.tasks)
 

@@ -16,14 +16,14 @@ import torch
 
 from ..circuits.graph import CircuitGraph
 from ..utils.jsonio import dumps_strict, write_text_atomic
-from ..utils.sizes import approx_bytes
+from ..utils.sizes import approx_bytes, release_freed_memory
 from ..utils.tempfiles import remove_orphan_temps
 from .errors import first_line, log
 from .tasks import UserTasks
 
 MAX_SAVED_RUN_BYTES = 8_000_000  # one saved run on disk (circuit + pruning scores; without its edges when larger)
 MAX_STORE_BYTES = 500_000_000  # the whole store on disk, every file in its folder counted; the oldest go first
-MAX_CACHED_RUN_BYTES = 300_000_000  # runs kept in memory (estimated: circuits, their examples, scores)
+MAX_CACHED_RUN_BYTES = 200_000_000  # runs kept in memory (estimated: circuits, their examples, scores)
 SAVED_ID = re.compile(r"^saved:[0-9a-f]{16}$")
 EDGES_DROPPED = "edges_dropped"  # a saved run's meta: its file left out the edges (rebuilt from the weights)
 
@@ -96,9 +96,13 @@ class RunStore:
             self._sizes.pop(run.id, None)
             self._runs[run.id] = run
             self._sizes[run.id] = size
+            evicted = False
             while len(self._runs) > 1 and sum(self._sizes.values()) > self.max_cached_bytes:
                 oldest, _ = self._runs.popitem(last=False)
                 self._sizes.pop(oldest, None)
+                evicted = True
+        if evicted:
+            release_freed_memory()
 
     def _path(self, run_id: str) -> Path | None:
         if self.folder is None or not SAVED_ID.match(run_id or ""):
