@@ -262,8 +262,8 @@ def soak(args) -> dict:
             api_times: list[float] = []
 
             def client_loop(i: int):
-                try:
-                    c = Client(url, verbose=False)
+                try:  # a slow answer is no failure on a shared machine: 16 clients queue behind 4 workers
+                    c = Client(url, verbose=False, httpx_kwargs={"timeout": 600})
                 except Exception as exc:
                     errors.append(f"client {i} could not connect: {type(exc).__name__}: {str(exc)[:200]}")
                     return
