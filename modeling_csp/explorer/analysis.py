@@ -806,10 +806,23 @@ class WorkerPrune:
     seconds: float
 
 
+def _end_with_parent() -> None:
+    """On Linux, this process is killed when the server that started it ends (elsewhere it ends at its next
+    message, when the pipe is gone)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def prune_worker_main(out_fd: int) -> None:
     """The pruning worker (a fresh interpreter, `prune_in_worker`): reads (folder, spec, task, config, means,
     threads) as a pickle on stdin, loads the model from its folder, prunes, and writes ("progress", fraction,
     description) messages, then ("done", WorkerPrune) or ("error", one line), as pickles on `out_fd`."""
+    _end_with_parent()
     with open(out_fd, "wb") as out:
         def send(message) -> None:
             pickle.dump(message, out)
