@@ -34,6 +34,7 @@ def test_eight_clients_one_prune_three_uploads_at_once(tmp_path):
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
+    print(json.dumps(r, indent=1))  # the figures, shown when the test fails
     assert r["errors"] == [] and r["api_done"] == 160 and r["uploads_done"] == 3, r
     assert r["rss_end_mb"] - r["rss_idle_mb"] <= RSS_BOUND_MB, r  # the prune's memory went with its worker
     assert r["uploads_left"] == 0, r  # deleted once imported
