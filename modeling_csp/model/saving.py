@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import GenerationConfig
 
 from ..utils.jsonio import write_json_atomic, write_text_atomic
+from ..utils.tempfiles import remove_orphan_temps
 from .modeling_csp import CSPForCausalLM
 from .tokenization import ENDOFTEXT
 
@@ -61,6 +62,7 @@ def save_model_folder(
     the reference's compute dtype.
     """
     dst = prepare_output_folder(dst)
+    remove_orphan_temps(dst)  # what writes killed in this folder before left
     CSPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.config.register_for_auto_class()
     eot = None
@@ -80,6 +82,7 @@ def save_model_folder(
     config["dtype"] = "float32"
     write_json_atomic(config_path, config, indent=2, sort_keys=True)
     write_text_atomic(dst / "README.md", render_model_card(model, name or dst.name, source, card_extra))
+    remove_orphan_temps(dst)
     return dst
 
 
