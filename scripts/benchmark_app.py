@@ -16,6 +16,15 @@ Measures, on this machine:
 
 Targets (issues 3 and 8): page ready < 15 s, each selection and /next_tokens < 500 ms, memory < 1.5 GB, RSS after
 1,000 mixed API calls within 10% of its level after the first 100.
+
+    python scripts/benchmark_app.py --soak             # 16 clients, 10 prunes, 20 large uploads, 1,000 API calls
+
+The soak (issue 19): `--clients` threads call `/next_tokens` (`--api-calls` calls in all) while browser pages prune
+(`--prunes`, `--prune-steps` steps each) and upload `--uploads` distinct circuit files of about `--upload-mb` MB,
+each prune at the same time as its share of the uploads. It records the app's RSS idle, after the first prune,
+after three and at the end, and the disk the app leaves behind: its run store and Gradio's upload folder. Target:
+RSS at the end within 300 MB of its level after the first prune, no failed call, no upload left behind, the
+store within its cap.
 """
 
 from __future__ import annotations
@@ -151,6 +160,208 @@ def summarize(values: list[float]) -> dict:
             "max_ms": round(1000 * max(values), 1), "min_ms": round(1000 * min(values), 1)}
 
 
+SOAK_TASK = "else_elif"  # a task the default model ships no circuit for
+
+
+def large_circuit(source: Path, out: Path, megabytes: float, seed: int) -> Path:
+    """A valid circuit file of about `megabytes` MB, distinct per `seed`: the shipped circuit `source` grown with
+    more nodes, each given a copy of an existing node's activating examples."""
+    import json
+
+    from modeling_csp.circuits.graph import location_width, node_locations
+    from modeling_csp.model.configuration_csp import CSPConfig
+
+    config = CSPConfig.from_pretrained(ROOT / "modeling_csp" / "default_model")
+    data = json.loads(source.read_text())
+    examples = list(data["node_data"].values())
+    want = int(megabytes * 1e6 / len(json.dumps(examples[0])))
+    have = {(n["location"], n["index"]) for n in data["nodes"]}
+    free = [(loc, i) for loc in node_locations(config) for i in range(location_width(config, loc)) if (loc, i) not in have]
+    for loc, i in free[: max(0, want - len(data["nodes"]))]:
+        data["nodes"].append({"location": loc, "index": i, "importance": 1e-6 * (seed + 1)})
+        data["node_data"][f"{loc}:{i}"] = examples[len(data["nodes"]) % len(examples)]
+    data["k"] = len(data["nodes"])
+    data["meta"] = {**data.get("meta", {}), "note": f"soak upload {seed}"}
+    out.write_text(json.dumps(data))
+    return out
+
+
+def folder_bytes(folder: Path) -> tuple[int, int]:
+    """(files, bytes) under a folder, every file counted."""
+    files = [f for f in Path(folder).rglob("*") if f.is_file()] if Path(folder).exists() else []
+    return len(files), sum(f.stat().st_size for f in files)
+
+
+def soak(args) -> dict:
+    """Clients on /next_tokens while browser pages prune and upload at once; RSS and disk along the way."""
+    import tempfile
+
+    import psutil
+    from gradio_client import Client
+    from playwright.sync_api import sync_playwright
+
+    work = Path(tempfile.mkdtemp(prefix="csp_soak_"))
+    store, gradio_tmp = work / "store", work / "gradio"
+    shipped = ROOT / "modeling_csp" / "default_model" / "circuits" / "if_ternary.json"
+    uploads = [large_circuit(shipped, work / f"upload_{i:02d}.json", args.upload_mb, i) for i in range(args.uploads)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "CSP_APP_MODEL": args.model, "CSP_APP_STORE": str(store),
+           "GRADIO_TEMP_DIR": str(gradio_tmp), "CSP_CACHE_DIR": str(work / "cache")}
+    log = open(args.log, "w") if args.log else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    app = psutil.Process(proc.pid)
+    rss = lambda: round(app.memory_info().rss / 2**20)  # noqa: E731
+    results: dict = {"model": args.model, "clients": args.clients, "api_calls": args.api_calls, "prunes": args.prunes,
+                     "prune_steps": args.prune_steps, "uploads": args.uploads,
+                     "upload_mb": round(sum(u.stat().st_size for u in uploads) / len(uploads) / 1e6, 1) if uploads else 0,
+                     "load_start": round(os.getloadavg()[0], 1)}
+    errors: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
+            deadline = time.time() + 300
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"app.py exited with {proc.returncode}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    if time.time() > deadline:
+                        raise SystemExit("app.py did not answer within 300 s") from None
+                    time.sleep(0.2)
+            client = Client(url, verbose=False)
+            client.predict(prompt="import os\n", api_name="/next_tokens")
+            pages = []
+            for _ in range(1 + max(1, -(-args.uploads // max(1, args.prunes)))):
+                pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+                pg.set_default_timeout(600_000)
+                pg.goto(url)
+                pg.wait_for_selector("#summary p")
+                pages.append(pg)
+            time.sleep(5)  # the app's warm-up in the background
+            results["rss_idle_mb"] = rss()
+            pruner, uploaders = pages[0], pages[1:]
+            pruner.get_by_role("tab", name="Ablations & pruning").click()
+            box = pruner.locator("#prune-steps input[type=number]")
+            box.fill(str(args.prune_steps))
+            box.press("Enter")
+            task = pruner.locator("#prune-task input")
+            task.click()
+            task.fill(SOAK_TASK)
+            pruner.locator(f"#prune-task [role=option][aria-label='{SOAK_TASK}']").click()
+            for pg in uploaders:
+                pg.get_by_role("tab", name="Share & files").click()
+
+            done = threading.Event()
+            calls = iter(range(args.api_calls))
+            calls_lock = threading.Lock()
+            api_times: list[float] = []
+
+            def client_loop(i: int):
+                try:  # a slow answer is no failure on a shared machine: 16 clients queue behind 4 workers
+                    c = Client(url, verbose=False, httpx_kwargs={"timeout": 600})
+                except Exception as exc:
+                    errors.append(f"client {i} could not connect: {type(exc).__name__}: {str(exc)[:200]}")
+                    return
+                while not done.is_set():
+                    with calls_lock:
+                        n = next(calls, None)
+                    if n is None:
+                        return
+                    t = time.perf_counter()
+                    try:
+                        out = c.predict(**MIXED_CALLS[n % len(MIXED_CALLS)], api_name="/next_tokens")
+                        if not ("full" in out or "error" in out):
+                            errors.append(f"/next_tokens answered {str(out)[:200]}")
+                    except Exception as exc:
+                        errors.append(f"/next_tokens raised {type(exc).__name__}: {str(exc)[:200]}")
+                    api_times.append(time.perf_counter() - t)
+
+            threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
+            t_start = time.perf_counter()
+            for th in threads:
+                th.start()
+            results["rss_after_prune_mb"] = []
+            pending = list(uploads)
+            for r in range(args.prunes):
+                share = pending[: len(pending) // (args.prunes - r)] if r < args.prunes - 1 else pending
+                pending = pending[len(share):]
+                before = pruner.locator("#prune-md").inner_text()
+                pruner.locator("#prune-run").click()  # the prune and this round's uploads, at once
+                for pg, path in zip(uploaders, share):
+                    pg.locator("#upload input[type=file]").set_input_files(str(path))
+                pruner.wait_for_function(
+                    "(b) => { const t = document.querySelector('#prune-md').innerText;"
+                    " return t !== b && /reached|failed/.test(t); }", arg=before)
+                message = pruner.locator("#prune-md").inner_text()
+                if "failed" in message:
+                    errors.append(f"prune {r + 1}: {message[:300]}")
+                for pg, path in zip(uploaders, share):
+                    pg.wait_for_function("(n) => { const t = document.querySelector('#upload-md').innerText;"
+                                         " return t.includes(n) && (t.includes('✅') || t.includes('⚠️')); }", arg=path.name)
+                    text = pg.locator("#upload-md").inner_text()
+                    if "✅" not in text:
+                        errors.append(f"upload {path.name}: {text[:300]}")
+                results["rss_after_prune_mb"].append(rss())
+                results["uploads_done"] = args.uploads - len(pending)
+                if args.out:  # what a stopped soak has measured so far
+                    write_json_atomic(args.out, {**results, "errors": errors}, indent=1)
+            for th in threads:
+                th.join()
+            results["soak_s"] = round(time.perf_counter() - t_start, 1)
+            results["api_median_ms"] = round(1000 * statistics.median(api_times), 1) if api_times else None
+            results["api_done"] = len(api_times)
+            browser.close()
+        time.sleep(3)
+        results["rss_end_mb"] = rss()
+        first = results["rss_after_prune_mb"][0]
+        results["rss_growth_after_first_prune_mb"] = results["rss_end_mb"] - first
+        results["store_files"], results["store_bytes"] = folder_bytes(store)
+        results["gradio_tmp_files"], results["gradio_tmp_bytes"] = folder_bytes(gradio_tmp)
+        results["uploads_left"] = sum(1 for f in gradio_tmp.rglob("upload_*.json")) if gradio_tmp.exists() else 0
+        results["errors"] = errors
+        results["load_end"] = round(os.getloadavg()[0], 1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def soak_lines(r: dict) -> list[str]:
+    after = r["rss_after_prune_mb"]
+    return [
+        "## The app under a soak",
+        "",
+        f"`python scripts/benchmark_app.py --soak --clients {r['clients']} --prunes {r['prunes']} --uploads {r['uploads']} "
+        f"--api-calls {r['api_calls']}`: `python app.py` with the model `{r['model']}`; {r['clients']} threads call "
+        f"`/next_tokens` ({r['api_done']:,} mixed calls, median {r['api_median_ms']} ms) while one browser page prunes "
+        f"{r['prunes']} times ({r['prune_steps']} steps each) and others upload {r['uploads']} distinct circuit files of "
+        f"{r['upload_mb']} MB, each prune at the same time as its share of the uploads ({r['soak_s']} s in all). "
+        f"Load average (1 min) {r['load_start']} at the start, {r['load_end']} at the end.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| RSS idle (after start and one call) | {r['rss_idle_mb']} MB | |",
+        f"| RSS after the 1st prune | {after[0]} MB | |",
+        f"| RSS after the 3rd prune | {after[min(2, len(after) - 1)]} MB | |",
+        f"| RSS at the end vs after the 1st prune | {r['rss_end_mb']} MB ({r['rss_growth_after_first_prune_mb']:+} MB) | within 300 MB |",
+        f"| failed calls, prunes and uploads | {len(r['errors'])} | 0 |",
+        f"| run store on disk | {r['store_files']} files, {r['store_bytes'] / 1e6:.1f} MB | within its 500 MB cap |",
+        f"| Gradio's upload folder | {r['gradio_tmp_files']} files, {r['gradio_tmp_bytes'] / 1e6:.1f} MB "
+        f"({r['uploads_left']} uploads left) | no upload left |",
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model for CSP_APP_MODEL (default: the embedded model)")
@@ -164,7 +375,24 @@ def main(argv=None) -> int:
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to wait after each measured interaction's follow-up events have finished")
     parser.add_argument("--api-calls", type=int, default=1000, help="mixed /next_tokens calls for the memory check")
+    parser.add_argument("--soak", action="store_true", help="run the soak (RSS and disk under load) instead")
+    parser.add_argument("--clients", type=int, default=16, help="soak: threads calling /next_tokens")
+    parser.add_argument("--prunes", type=int, default=10, help="soak: prunes in the browser")
+    parser.add_argument("--prune-steps", type=int, default=10, help="soak: mask training steps of each prune")
+    parser.add_argument("--uploads", type=int, default=20, help="soak: distinct circuit files uploaded")
+    parser.add_argument("--upload-mb", type=float, default=34.0, help="soak: size of each uploaded circuit file")
     args = parser.parse_args(argv)
+
+    if args.soak:
+        results = soak(args)
+        print(dumps_strict(results, indent=1))
+        lines = soak_lines(results)
+        print("\n".join(lines))
+        if args.out:
+            write_json_atomic(args.out, results, indent=1)
+        if args.benchmarks:
+            write_section(Path(args.benchmarks), "app-soak", "\n".join(lines))
+        return 0
 
     from playwright.sync_api import sync_playwright
 

@@ -266,6 +266,13 @@ def serve_app(python, cwd: Path, env: dict, log_path: Path, timeout: float = 240
                 proc.kill()
 
 
+def dead_pid() -> int:
+    """The id of a process that has ended (what a killed writer leaves in its temporary file's name)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def quote_task_lines(n=40, seed=0) -> str:
     """JSON lines of a real task in the file format a user writes (drawn from the built-in quote task)."""
     import random

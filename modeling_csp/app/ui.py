@@ -166,6 +166,22 @@ def file_path(file) -> str | None:
     return file if isinstance(file, str) or file is None else getattr(file, "path", None) or getattr(file, "name", None)
 
 
+def discard_upload(path) -> None:
+    """Deletes an uploaded file from Gradio's upload folder once the app has read it (and its folder when that
+    is left empty): uploads otherwise stay there for as long as the server runs."""
+    from gradio.utils import get_upload_folder
+
+    try:
+        folder = Path(get_upload_folder()).resolve()
+        file = Path(str(path)).resolve()
+        if file.is_relative_to(folder) and file != folder and file.is_file():
+            file.unlink()
+            if file.parent != folder:
+                file.parent.rmdir()
+    except OSError:  # already gone, or the folder holds more: Gradio's own cleanup takes the rest
+        pass
+
+
 class Page:
     """The page of one app over one explorer: its components (one layout method per tab, as attributes), how a
     `View` is painted onto them (`show`), and each tab's events (one wiring method per tab). Events are wired once
@@ -689,7 +705,10 @@ class Page:
             if file is None:
                 return {self.upload_md: ""}
             path = file_path(file)
-            result = panels.import_new_run(self.explorer, state, model, path, Path(str(path)).name, tab_name)
+            try:
+                result = panels.import_new_run(self.explorer, state, model, path, Path(str(path)).name, tab_name)
+            finally:
+                discard_upload(path)
             return {**self.new_run(result, self.upload_md, request), self.upload: None}
 
         self.chain(self.upload.upload, on_upload, [self.session, self.upload, self.model_in, self.tab],
@@ -710,7 +729,9 @@ class Page:
 def build_app(explorer: Explorer) -> gr.Blocks:
     """The page over `explorer`: the tabs laid out in order, then each tab's events."""
     page = Page(explorer)
-    with gr.Blocks(title="Circuit browser · weight-sparse transformers") as demo:
+    # delete_cache: every hour Gradio deletes the files this app received or wrote that are an hour old, and all
+    # of them when the server stops
+    with gr.Blocks(title="Circuit browser · weight-sparse transformers", delete_cache=(3600, 3600)) as demo:
         page.selectors()
         with gr.Tabs():
             for tab in (page.browser_tab, page.overview_tab, page.curves_tab, page.embeddings_tab, page.prompt_tab,

@@ -11,7 +11,8 @@ tasks, hub lookups), and every function that needs it takes it (or a `ModelEntry
 - `explorer`: `Settings` and `Explorer` (`get_model`).
 - `sessions`: a browser session (`Session`) and the runs it is offered.
 - `analysis`: what is computed about a circuit, as typed results (losses through `modeling_csp.circuits.evaluation`,
-  the routine `csp evaluate` uses), cached per model.
+  the routine `csp evaluate` uses), cached per model (caches bounded in bytes); a live prune runs in a worker
+  process that sends back only the circuit, so the server's memory stays flat.
 - `view`: the browser's view model, `resolve_view(explorer, session, Request) -> View`.
 - `panels`: the app's other panels as plain results.
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import pickle
 import re
+import sys
 import time
 import unicodedata
 from collections import Counter
@@ -794,6 +797,105 @@ def prune_target(entry: ModelEntry, task: str | None, target: Any, relative: boo
 
 
 @dataclass(frozen=True)
+class WorkerPrune:
+    """What a pruning worker sends back: the circuit and what the app shows of the pruning, nothing else."""
+
+    circuit: CircuitGraph
+    scores: dict[str, torch.Tensor]
+    verdict: CircuitVerdict | None
+    seconds: float
+
+
+def _end_with_parent() -> None:
+    """On Linux, this process is killed when the server that started it ends (elsewhere it ends at its next
+    message, when the pipe is gone)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def prune_worker_main(out_fd: int) -> None:
+    """The pruning worker (a fresh interpreter, `prune_in_worker`): reads (folder, spec, task, config, means,
+    threads) as a pickle on stdin, loads the model from its folder, prunes, and writes ("progress", fraction,
+    description) messages, then ("done", WorkerPrune) or ("error", one line), as pickles on `out_fd`."""
+    _end_with_parent()
+    with open(out_fd, "wb") as out:
+        def send(message) -> None:
+            pickle.dump(message, out)
+            out.flush()
+
+        try:
+            from ..circuits.pruning import prune
+            from ..model.loading import load_model_and_tokenizer
+
+            folder, spec, task, config, means, threads = pickle.load(sys.stdin.buffer)
+            torch.set_num_threads(threads)
+            model, tokenizer = load_model_and_tokenizer(folder)
+            model.eval()
+            result = prune(model, tokenizer, task, config, means=means, model_name=spec,
+                           progress=lambda fraction, desc: send(("progress", float(fraction), str(desc))))
+            send(("done", WorkerPrune(result.circuit, result.scores, result.verdict, result.seconds)))
+        except BaseException as exc:  # the server shows it as one line
+            send(("error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"))
+
+
+WORKER_CODE = ("import sys; sys.path[:0] = sys.argv[2:]; "
+               "from modeling_csp.explorer.analysis import prune_worker_main; prune_worker_main(int(sys.argv[1]))")
+
+
+def prune_in_worker(entry: ModelEntry, task, config: PruneConfig, means,
+                    progress: Callable[[float, str], None]) -> WorkerPrune:
+    """Prunes in a fresh interpreter that loads the model from its folder and sends back only the circuit (its
+    scores and verdict): what pruning allocates goes when that process ends, so the server's memory stays flat.
+    At most `entry.prune_slots` workers run at once; a prune beyond that waits, and says so. (A subprocess, not
+    multiprocessing: spawn would re-run the caller's main script.)"""
+    import subprocess
+
+    if not entry.prune_slots.acquire(blocking=False):
+        progress(0.0, "pruning worker: waiting for another prune on this server to finish")
+        entry.prune_slots.acquire()
+    try:
+        progress(0.0, "pruning worker: starting (it loads the model)")
+        read_fd, write_fd = os.pipe()
+        try:
+            worker = subprocess.Popen([sys.executable, "-c", WORKER_CODE, str(write_fd), *sys.path],
+                                      stdin=subprocess.PIPE, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        with open(read_fd, "rb") as messages:
+            try:
+                worker.stdin.write(pickle.dumps((str(entry.folder), entry.spec, task, config, means,
+                                                 torch.get_num_threads())))
+                worker.stdin.close()
+                while True:
+                    try:
+                        message = pickle.load(messages)  # our own worker's output, nothing from outside
+                    except (EOFError, pickle.UnpicklingError):
+                        worker.wait()
+                        raise UserError(f"the pruning worker stopped without a result (exit code {worker.returncode});"
+                                        " the server may be short of memory, try again later") from None
+                    if message[0] == "progress":
+                        progress(message[1], message[2])
+                    elif message[0] == "error":
+                        raise UserError(message[1])
+                    else:
+                        return message[1]
+            finally:
+                if worker.poll() is None:
+                    try:
+                        worker.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        worker.kill()
+                        worker.wait()
+    finally:
+        entry.prune_slots.release()
+
+
+@dataclass(frozen=True)
 class PruneOutcome:
     """A pruning run made in the app: the run (its circuit and scores), whether it reached its target, and the
     message to show (✅ only for a reached target with a circuit smaller than half of the model)."""
@@ -813,16 +915,14 @@ def prune_circuit(entry: ModelEntry, task: str | None, target: Any = PruneConfig
     step 40 of 200", "k bisection: probe 3 (at most 15), k=1,410", "control: ...", "evaluation: ..."). The
     message is the held-out verdict (`evaluation.circuit_verdict`): ✅ only for a target reached on held-out
     examples, below chance, by a circuit smaller than half of the model."""
-    from ..circuits.pruning import prune
-
     goal = prune_target(entry, task, target, relative)
     steps, note = clamp(steps, MIN_PRUNE_STEPS, MAX_PRUNE_STEPS, "steps")
     report = progress or (lambda fraction, desc: None)
     report(0, "mean activations")
     means = entry.means()
     config = PruneConfig(target_loss=goal.target, steps=steps, control="shuffled" if control else None)
-    result = prune(entry.model, entry.tokenizer, entry.tasks.resolve(task), config, means=means, model_name=entry.spec,
-                   progress=lambda fraction, desc: report(0.02 + 0.98 * fraction, desc))
+    result = prune_in_worker(entry, entry.tasks.resolve(task), config, means,
+                             lambda fraction, desc: report(0.02 + 0.98 * fraction, desc))
     c, verdict = result.circuit, result.verdict
     share = c.n_nodes / entry.n_total_nodes
     size = f"k={c.n_nodes:,} of {entry.n_total_nodes:,} nodes ({share:.0%}), {c.n_edges:,} edges"
@@ -885,5 +985,5 @@ __all__ = [
     "TaskActivations", "task_activations", "AttentionRow", "HeadAttention", "head_attention", "embedding_channel",
     "clean_prompt", "encode_prompt", "candidate_id", "top_tokens", "LogitDiff", "PromptResult", "predict",
     "next_tokens", "AblationRow", "ablation_effects", "live_importances", "PruneTarget", "prune_target",
-    "PruneOutcome", "prune_circuit", "warm_up",
+    "PruneOutcome", "prune_circuit", "WorkerPrune", "prune_in_worker", "warm_up",
 ]

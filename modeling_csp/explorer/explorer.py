@@ -17,7 +17,7 @@ from typing import Mapping
 
 from .errors import UserError
 from .models import (
-    DEFAULT_PRETRAIN_TOKENS, MAX_MODEL_PARAMS, MAX_MODELS, HubLookup, ModelEntry, check_spec, default_roots,
+    DEFAULT_PRETRAIN_TOKENS, MAX_MODEL_BYTES, MAX_MODEL_PARAMS, MAX_MODELS, MAX_PRUNE_WORKERS, HubLookup, ModelEntry, check_spec, default_roots,
     dense_params, fetch_config, resolve_spec,
 )
 from .runs import RunStore
@@ -36,6 +36,8 @@ class Settings:
     model_roots: list[Path] | None = None  # folders models may be opened from (None: anywhere)
     hub_timeout_s: float = 10.0
     store_dir: Path | None = None  # where saved runs live (None: memory only)
+    prune_workers: int = MAX_PRUNE_WORKERS  # pruning worker processes at once
+    model_bytes: int = MAX_MODEL_BYTES  # loaded models with their caches, estimated
 
     @classmethod
     def from_env(cls, app_dir: str | Path, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -56,7 +58,8 @@ class Settings:
 
 
 class Explorer:
-    """One explorer: its settings, the models it has loaded (the `MAX_MODELS` most recently used), its saved runs
+    """One explorer: its settings, the models it has loaded (the most recently used, at most `MAX_MODELS` and
+    `settings.model_bytes` with their caches), its saved runs
     (`store`), the user tasks it knows (`tasks`) and its hub lookups (`hub`)."""
 
     def __init__(self, settings: Settings | None = None, hub: HubLookup | None = None):
@@ -67,6 +70,7 @@ class Explorer:
         self._models: OrderedDict[str, ModelEntry] = OrderedDict()
         self._models_lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self.prune_slots = threading.BoundedSemaphore(max(1, self.settings.prune_workers))
 
     @property
     def default_model(self) -> str:
@@ -81,6 +85,14 @@ class Explorer:
         with self._models_lock:
             return list(self._models)
 
+    def _trim_models(self) -> None:
+        """Drops the least recently used models beyond `MAX_MODELS` or `settings.model_bytes` (the newest stays);
+        called with the lock held."""
+        sizes = {spec: entry.nbytes() for spec, entry in self._models.items()}
+        while len(self._models) > 1 and (len(self._models) > MAX_MODELS
+                                         or sum(sizes.values()) > self.settings.model_bytes):
+            sizes.pop(self._models.popitem(last=False)[0], None)
+
     def get_model(self, spec: str | None) -> ModelEntry:
         """The loaded model for a spec ('default', a folder, a hub id), loading it once (concurrent callers wait).
 
@@ -90,6 +102,8 @@ class Explorer:
         with self._models_lock:
             if spec in self._models:
                 self._models.move_to_end(spec)
+                if len(self._models) > 1:  # its caches may have grown since
+                    self._trim_models()
                 return self._models[spec]
         if kind == "hub":
             config = self.hub.config(name, self.settings.hub_timeout_s)
@@ -104,11 +118,11 @@ class Explorer:
                 if spec in self._models:
                     return self._models[spec]
             entry = ModelEntry(spec, kind, name, tasks=self.tasks, store=self.store,
-                               pretrain_tokens=self.settings.pretrain_tokens, run_files=self.settings.run_files)
+                               pretrain_tokens=self.settings.pretrain_tokens, run_files=self.settings.run_files,
+                               prune_slots=self.prune_slots)
             with self._models_lock:
                 self._models[spec] = entry
-                while len(self._models) > MAX_MODELS:
-                    self._models.popitem(last=False)
+                self._trim_models()
                 self._loading.pop(spec, None)
             return entry
 

@@ -27,12 +27,15 @@ import torch
 
 from ..circuits.evaluation import EvalOptions, task_split
 from ..circuits.graph import CircuitGraph, n_total_nodes, node_locations, record_node_activations
+from ..utils.sizes import approx_bytes, release_freed_memory
 from .errors import UserError, first_line, log
 from .runs import Run, RunStore
 from .tasks import UserTasks
 
 DEFAULT_PRETRAIN_TOKENS = 8192  # held-out text tokens for live activating examples
 MAX_MODELS = 3  # models kept loaded at once (least recently used dropped first)
+MAX_MODEL_BYTES = 3_000_000_000  # loaded models with their caches, estimated (least recently used dropped first)
+MAX_PRUNE_WORKERS = 1  # pruning worker processes at once (each loads its own copy of the model)
 MAX_SPEC_CHARS = 300
 MAX_MODEL_PARAMS = 2_000_000_000  # dense parameter count a model's config may describe
 MAX_UPLOAD_BYTES = 50_000_000  # a circuit file or viz_data.pt given to the app
@@ -190,37 +193,58 @@ def dense_params(config: dict) -> int:
 
 
 class Memo:
-    """Small thread-safe LRU caches of computed values, one per kind, owned by one model (so that one model's
-    values never evict another's and go when the model goes). A value is computed outside the lock: two
-    threads may compute the same value once each, never block each other on it."""
+    """Thread-safe LRU caches of computed values, one per kind, each bounded in bytes (`approx_bytes` of each
+    value), owned by one model (so that one model's values never evict another's and go when the model goes).
+    The newest value of a kind stays even when it alone is over its budget. A value is computed outside the
+    lock: two threads may compute the same value once each, never block each other on it."""
 
-    LIMITS = {"circuit": 64, "stats": 256, "full_loss": 64, "curve": 16, "task": 8, "task_acts": 2,
-              "examples": 256}
+    BUDGETS = {"circuit": 64_000_000, "stats": 8_000_000, "full_loss": 1_000_000, "curve": 8_000_000,
+               "task": 64_000_000, "task_acts": 256_000_000, "examples": 32_000_000}
 
-    def __init__(self):
+    RELEASE_BYTES = 16_000_000  # evictions larger than this hand the memory back to the system
+
+    def __init__(self, budgets: dict[str, int] | None = None):
+        self.budgets = {**self.BUDGETS, **(budgets or {})}
         self._lock = threading.Lock()
-        self._stores: dict[str, OrderedDict] = {kind: OrderedDict() for kind in self.LIMITS}
+        self._stores: dict[str, OrderedDict] = {kind: OrderedDict() for kind in self.budgets}
+        self._bytes = {kind: 0 for kind in self.budgets}
 
     def get(self, kind: str, key, compute: Callable[[], Any]):
         store = self._stores[kind]
         with self._lock:
             if key in store:
                 store.move_to_end(key)
-                return store[key]
+                return store[key][0]
         value = compute()
+        size = approx_bytes(value)
+        freed = 0
         with self._lock:
-            store[key] = value
-            while len(store) > self.LIMITS[kind]:
-                store.popitem(last=False)
+            if key in store:
+                self._bytes[kind] -= store.pop(key)[1]
+            store[key] = (value, size)
+            self._bytes[kind] += size
+            while len(store) > 1 and self._bytes[kind] > self.budgets[kind]:
+                dropped = store.popitem(last=False)[1][1]
+                self._bytes[kind] -= dropped
+                freed += dropped
+        if freed > self.RELEASE_BYTES:
+            release_freed_memory()
         return value
 
     def peek(self, kind: str, key, default=None):
         with self._lock:
-            return self._stores[kind].get(key, default)
+            hit = self._stores[kind].get(key)
+            return default if hit is None else hit[0]
 
     def sizes(self) -> dict[str, int]:
+        """Entries held, per kind."""
         with self._lock:
             return {kind: len(store) for kind, store in self._stores.items()}
+
+    def nbytes(self) -> int:
+        """Estimated bytes held, all kinds together."""
+        with self._lock:
+            return sum(self._bytes.values())
 
 
 class ModelEntry:
@@ -230,10 +254,12 @@ class ModelEntry:
     local folder of the same relative name."""
 
     def __init__(self, spec: str, kind: str, name: str, tasks: UserTasks | None = None, store: RunStore | None = None,
-                 pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS, run_files: Sequence[str] = ()):
+                 pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS, run_files: Sequence[str] = (),
+                 prune_slots: threading.Semaphore | None = None):
         from ..model.loading import hub_folder, load_model_and_tokenizer, resolve_model
 
         self.spec = spec
+        self.prune_slots = prune_slots if prune_slots is not None else threading.BoundedSemaphore(MAX_PRUNE_WORKERS)
         self.tasks = tasks if tasks is not None else UserTasks()
         self.store = store if store is not None else RunStore(tasks=self.tasks)
         self.pretrain_tokens = pretrain_tokens
@@ -263,6 +289,10 @@ class ModelEntry:
                     log(f"{path}: {notice}")
             except UserError as exc:
                 log(f"could not import {path}: {exc}")
+
+    def nbytes(self) -> int:
+        """Estimated bytes this loaded model holds: weights, caches, mean and held-out activations."""
+        return approx_bytes([self.model, self._means, self._pretrain]) + self.memo.nbytes()
 
     # -- static data ---------------------------------------------------------------------------
 
@@ -423,11 +453,12 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
         raise UserError(f"{label}: {exc}") from None
     circuit.match_weights(entry.model)  # edges that are not the model's weights are recomputed (circuit.notices)
     rid = f"imported:{re.sub(r'[^A-Za-z0-9_.-]+', '_', p.stem)[:80]}"
+    release_freed_memory()  # what parsing a large file took
     return Run(id=rid, name=f"imported · {label}", source="imported", circuit=circuit, task=circuit.task,
                k=circuit.k or circuit.n_nodes, tasks=entry.tasks)
 
 
 __all__ = [
-    "MAX_MODELS", "MAX_SPEC_CHARS", "MAX_MODEL_PARAMS", "MAX_UPLOAD_BYTES", "HUB_ID", "default_roots", "not_available",
+    "MAX_MODELS", "MAX_MODEL_BYTES", "MAX_PRUNE_WORKERS", "MAX_SPEC_CHARS", "MAX_MODEL_PARAMS", "MAX_UPLOAD_BYTES", "HUB_ID", "default_roots", "not_available",
     "check_spec", "resolve_spec", "HubLookup", "fetch_config", "dense_params", "Memo", "ModelEntry", "import_run_file",
 ]

@@ -16,11 +16,14 @@ import torch
 
 from ..circuits.graph import CircuitGraph
 from ..utils.jsonio import dumps_strict, write_text_atomic
+from ..utils.sizes import approx_bytes, release_freed_memory
+from ..utils.tempfiles import remove_orphan_temps
 from .errors import first_line, log
 from .tasks import UserTasks
 
 MAX_SAVED_RUN_BYTES = 8_000_000  # one saved run on disk (circuit + pruning scores; without its edges when larger)
-MAX_STORE_BYTES = 500_000_000  # the whole store; the oldest runs go first
+MAX_STORE_BYTES = 500_000_000  # the whole store on disk, every file in its folder counted; the oldest go first
+MAX_CACHED_RUN_BYTES = 200_000_000  # runs kept in memory (estimated: circuits, their examples, scores)
 SAVED_ID = re.compile(r"^saved:[0-9a-f]{16}$")
 EDGES_DROPPED = "edges_dropped"  # a saved run's meta: its file left out the edges (rebuilt from the weights)
 
@@ -56,23 +59,50 @@ class Run:
 
 
 class RunStore:
-    """Runs pruned or imported in the app, kept under a content id `saved:<16 hex>`: in memory (LRU) and, with
-    a folder, on disk as one JSON file each (circuit, pruning scores), at most `max_file_bytes` each and
-    `max_total_bytes` together (oldest removed first). A file too large goes without what the app can recompute:
+    """Runs pruned or imported in the app, kept under a content id `saved:<16 hex>`: in memory (LRU, at most
+    `max_cached_bytes` estimated) and, with a folder, on disk as one JSON file each (circuit, pruning scores), at
+    most `max_file_bytes` each and `max_total_bytes` together, every file in the folder counted (oldest removed
+    first). Temporary files that killed writes left there go when the store opens and after each save. A file too large goes without what the app can recompute:
     first the circuit's node data, then its edges (rebuilt from the model's weights, see `sessions.find_run`). A
     run too large even so lives in memory only. Runs read back register their user tasks with `tasks`."""
 
     def __init__(self, folder: Path | None = None, tasks: UserTasks | None = None,
-                 max_file_bytes: int = MAX_SAVED_RUN_BYTES, max_total_bytes: int = MAX_STORE_BYTES, cached: int = 64):
+                 max_file_bytes: int = MAX_SAVED_RUN_BYTES, max_total_bytes: int = MAX_STORE_BYTES,
+                 max_cached_bytes: int = MAX_CACHED_RUN_BYTES):
         self.folder = Path(folder) if folder else None
         self.tasks = tasks if tasks is not None else UserTasks()
         self.max_file_bytes = max_file_bytes
         self.max_total_bytes = max_total_bytes
-        self._cached = cached
+        self.max_cached_bytes = max_cached_bytes
         self._lock = threading.Lock()
         self._runs: OrderedDict[str, Run] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
+            remove_orphan_temps(self.folder)
+            self._trim()
+
+    def cached_bytes(self) -> int:
+        """Estimated bytes of the runs held in memory."""
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def _remember(self, run: Run) -> None:
+        """Keeps `run` in memory, dropping the least recently used runs beyond `max_cached_bytes` (the newest
+        stays even when it alone is larger)."""
+        size = approx_bytes([run.circuit, run.scores])
+        with self._lock:
+            self._runs.pop(run.id, None)
+            self._sizes.pop(run.id, None)
+            self._runs[run.id] = run
+            self._sizes[run.id] = size
+            evicted = False
+            while len(self._runs) > 1 and sum(self._sizes.values()) > self.max_cached_bytes:
+                oldest, _ = self._runs.popitem(last=False)
+                self._sizes.pop(oldest, None)
+                evicted = True
+        if evicted:
+            release_freed_memory()
 
     def _path(self, run_id: str) -> Path | None:
         if self.folder is None or not SAVED_ID.match(run_id or ""):
@@ -101,12 +131,9 @@ class RunStore:
                           "shared run may take: it is not saved for links and reloads")
             else:
                 write_text_atomic(path, text)
+                remove_orphan_temps(self.folder)
                 self._trim()
-        with self._lock:
-            self._runs[saved.id] = saved
-            self._runs.move_to_end(saved.id)
-            while len(self._runs) > self._cached:
-                self._runs.popitem(last=False)
+        self._remember(saved)
         return saved, notice
 
     def load(self, run_id: str | None) -> Run | None:
@@ -130,19 +157,33 @@ class RunStore:
             return None
         run = Run(id=run_id, name=str(data.get("name") or run_id)[:200], source=str(data.get("source") or "saved"),
                   circuit=circuit, scores=scores, task=circuit.task, k=circuit.k or circuit.n_nodes, tasks=self.tasks)
-        with self._lock:
-            self._runs[run_id] = run
-            while len(self._runs) > self._cached:
-                self._runs.popitem(last=False)
+        self._remember(run)
         return run
 
+    def disk_bytes(self) -> int:
+        """Bytes of every file in the store's folder (what its cap counts)."""
+        return sum(size for _, _, size in self._files())
+
+    def _files(self) -> list[tuple[float, Path, int]]:
+        out = []
+        for f in self.folder.iterdir() if self.folder is not None and self.folder.is_dir() else ():
+            try:
+                st = f.lstat()
+            except OSError:
+                continue
+            if f.is_file() or f.is_symlink():
+                out.append((st.st_mtime, f, st.st_size))
+        return sorted(out)
+
     def _trim(self) -> None:
-        files = sorted(self.folder.glob("*.json"), key=lambda f: f.stat().st_mtime)
-        total = sum(f.stat().st_size for f in files)
+        """Removes the oldest files until every file in the folder together is within `max_total_bytes`."""
+        files = self._files()
+        total = sum(size for _, _, size in files)
         while files and total > self.max_total_bytes:
-            oldest = files.pop(0)
-            total -= oldest.stat().st_size
+            _, oldest, size = files.pop(0)
+            total -= size
             oldest.unlink(missing_ok=True)
 
 
-__all__ = ["Run", "RunStore", "SAVED_ID", "EDGES_DROPPED", "MAX_SAVED_RUN_BYTES", "MAX_STORE_BYTES"]
+__all__ = ["Run", "RunStore", "SAVED_ID", "EDGES_DROPPED", "MAX_SAVED_RUN_BYTES", "MAX_STORE_BYTES",
+           "MAX_CACHED_RUN_BYTES"]

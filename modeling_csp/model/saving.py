@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import GenerationConfig
 
 from ..utils.jsonio import copy_file_atomic, new_file_mode, write_json_atomic, write_text_atomic
+from ..utils.tempfiles import remove_orphan_temps
 from .modeling_csp import CSPForCausalLM
 from .tokenization import ENDOFTEXT
 
@@ -63,6 +64,7 @@ def save_model_folder(
     the reference's compute dtype.
     """
     dst = prepare_output_folder(dst)
+    remove_orphan_temps(dst)  # what writes killed in this folder before left
     CSPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.config.register_for_auto_class()
     eot = None
@@ -91,6 +93,7 @@ def save_model_folder(
         if WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
             stale.unlink()
     write_text_atomic(dst / "README.md", render_model_card(model, name or dst.name, source, card_extra))
+    remove_orphan_temps(dst)
     return dst
 
 

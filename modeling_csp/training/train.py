@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..circuits.tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES
 from ..model.configuration_csp import CSPConfig
 from ..utils.jsonio import atomic_open, atomic_path, dumps_strict, write_json_atomic, write_text_atomic
+from ..utils.tempfiles import remove_orphan_temps
 from ..model.modeling_csp import CSPForCausalLM
 
 # The architecture of the embedded default model; TrainConfig's n_layer, d_model, ... override it.
@@ -340,6 +341,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
     main = acc.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(out)  # checkpoint.tmp<pid> of a killed run
     torch.manual_seed(config.seed)
     model = CSPForCausalLM(config.model_config())
     if int(data.train.max(initial=0)) >= model.config.vocab_size:
@@ -457,6 +459,7 @@ def train(config: TrainConfig, data: TokenData | str | Path, out: str | Path, re
         record["final"] = _final_numbers(unwrapped, targets, data, curve[-1], previous)
     if main:
         write_json_atomic(out / CURVE, record, indent=1)
+        remove_orphan_temps(out)  # what killed runs before this one left
     return TrainResult(unwrapped, record, finished)
 
 

@@ -316,7 +316,7 @@ def test_two_users_at_once_prune_and_browse_the_same_model(model_run):
     assert all(p.grad is None for p in entry.model.parameters())
     # the progress the app shows: every stage in order, with its counts
     stages = list(dict.fromkeys(desc.split(":")[0] for _, desc in calls))
-    assert stages == ["mean activations", "data", "mask training", "k bisection", "evaluation"], stages
+    assert stages == ["mean activations", "pruning worker", "data", "mask training", "k bisection", "evaluation"], stages
     assert f"mask training: step {A.MIN_PRUNE_STEPS} of {A.MIN_PRUNE_STEPS}" in [d for _, d in calls]
     assert [f for f, _ in calls] == sorted(f for f, _ in calls) and calls[-1][0] == 1.0
     # the message is the held-out verdict: ✅ only when the circuit meets its target there

@@ -260,3 +260,39 @@ def test_imported_edges_that_are_not_the_models_weights_are_recomputed(tmp_path,
     assert {(e.source, e.target): e.weight for e in imported.circuit.edges} == {
         (e.source, e.target): pytest.approx(e.weight, abs=1e-6) for e in run.circuit.edges}
     assert run.circuit.notices == []  # the fixture's own edges are the weights
+
+
+def test_memo_caches_are_bounded_in_bytes():
+    """A cache kind holds values up to its byte budget, least recently used dropped first; the newest value stays
+    even when it alone is larger (so that it is computed once, not at every ask)."""
+    import torch
+
+    from modeling_csp.explorer.models import Memo
+
+    memo = Memo({"circuit": 2_500_000})
+    computed = []
+
+    def mb(i):
+        computed.append(i)
+        return torch.full((250_000,), float(i))  # 1 MB
+
+    for i in range(5):
+        memo.get("circuit", i, lambda i=i: mb(i))
+    assert memo.sizes()["circuit"] == 2 and memo.nbytes() == 2_000_000
+    assert memo.peek("circuit", 0) is None and float(memo.get("circuit", 4, lambda: mb(99))[0]) == 4.0
+    assert computed == [0, 1, 2, 3, 4]
+    memo.get("circuit", "big", lambda: torch.zeros(1_000_000))  # 4 MB, over the budget alone
+    assert memo.sizes()["circuit"] == 1 and memo.peek("circuit", "big") is not None
+
+
+def test_loaded_models_are_bounded_in_bytes(converted):
+    """Models stay loaded, with their caches, up to `Settings.model_bytes`; the least recently used goes."""
+    one, two = str(converted["rms_sink_bigram"]), str(converted["ln_gpt2"])
+    small = Explorer(Settings(model_bytes=1))  # every model is larger: only the newest stays
+    first = small.get_model(one)
+    assert first.nbytes() >= sum(p.numel() * p.element_size() for p in first.model.parameters())
+    small.get_model(two)
+    assert small.loaded_models() == [two]
+    roomy = Explorer(Settings(model_bytes=10**10))
+    roomy.get_model(one), roomy.get_model(two)
+    assert roomy.loaded_models() == [one, two]

@@ -69,3 +69,48 @@ def test_the_run_store_writes_strict_json(tmp_path, viz_run):
     RunStore(tmp_path / "store").save(Run(id="imported:x", name="x", source="imported", circuit=circuit))
     (saved,) = (tmp_path / "store").glob("*.json")
     assert loads_strict(saved.read_text())["circuit"]["losses"]["random"] is None
+
+
+def test_the_store_cap_counts_every_file_and_orphans_go(tmp_path, viz_run):
+    """Files that are not runs count against the cap (oldest removed first), and temporary files of killed
+    writes go when the store opens and after each save; a write in progress stays."""
+    import os
+
+    from conftest import dead_pid
+
+    entry, run = viz_run
+    folder = tmp_path / "store"
+    folder.mkdir()
+    size = len(json.dumps({"c": run.circuit.to_dict()}))
+    (folder / "stray.bin").write_bytes(b"x" * (2 * size))
+    old = time.time() - 100
+    os.utime(folder / "stray.bin", (old, old))
+    orphan = folder / f".0123456789abcdef.json.tmp{dead_pid()}-77"
+    orphan.write_bytes(b"x" * size)
+    writing = folder / f".fedcba9876543210.json.tmp{os.getpid()}-88"
+    writing.write_bytes(b"x")
+    store = RunStore(folder, max_total_bytes=int(2.5 * size))
+    assert not orphan.exists() and writing.exists()
+    store.save(Run(id="imported:a", name="a", source="imported", circuit=run.circuit, task=run.task))
+    assert not (folder / "stray.bin").exists()  # the oldest file, though no run
+    assert store.disk_bytes() <= store.max_total_bytes
+    orphan.write_bytes(b"x")  # a write killed while this server runs
+    store.save(Run(id="imported:b", name="b", source="imported", circuit=run.circuit, task=run.task))
+    assert not orphan.exists() and writing.exists()
+    assert store.disk_bytes() == sum(f.stat().st_size for f in folder.iterdir()) <= store.max_total_bytes
+
+
+def test_runs_in_memory_are_bounded_in_bytes(tmp_path, viz_run):
+    """The store keeps runs in memory up to a byte budget, not a count; runs it dropped come back from disk."""
+    from modeling_csp.utils.sizes import approx_bytes
+
+    entry, run = viz_run
+    one = approx_bytes([run.circuit, None])
+    store = RunStore(tmp_path / "store", max_cached_bytes=int(2.5 * one))
+    ids = [store.save(Run(id=f"imported:{i}", name=f"copy {i}", source="imported", circuit=run.circuit,
+                          task=run.task))[0].id for i in range(5)]
+    assert store.cached_bytes() <= 2.5 * one
+    assert store.load(ids[0]) is not None and store.load(ids[0]).name == "copy 0"  # read back from disk
+    memory_only = RunStore(max_cached_bytes=1)  # the newest run stays even when it alone is larger
+    saved, _ = memory_only.save(run)
+    assert memory_only.load(saved.id) is saved

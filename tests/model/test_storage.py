@@ -110,3 +110,23 @@ def test_a_truncated_file_is_refused(converted, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         CSPForCausalLM.from_pretrained(folder)
+
+
+def test_saving_a_model_folder_removes_temp_files_of_killed_writes(tmp_path):
+    """A model folder written again loses the temporary files that earlier, killed writes left there."""
+    import os
+    import time
+
+    from conftest import dead_pid
+    from modeling_csp.model.saving import save_model_folder
+
+    dst = tmp_path / "model"
+    dst.mkdir()
+    old = time.time() - 2 * 3600
+    for name in (".tmpq8x_k2ab", f".model.safetensors.tmp{dead_pid()}-5"):  # an hour-old tempfile, a dead writer's
+        (dst / name).write_bytes(b"\0" * 100)
+    os.utime(dst / ".tmpq8x_k2ab", (old, old))
+    config = CSPConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, d_model=8, d_mlp=8, rms_norm=True, bias=False)
+    save_model_folder(CSPForCausalLM(config), dst)
+    assert not [f.name for f in dst.iterdir() if "tmp" in f.name]
+    assert (dst / "model.safetensors").is_file()

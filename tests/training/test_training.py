@@ -229,3 +229,19 @@ def test_csp_train_keeps_the_best_probed_snapshot(corpus, tmp_path, capsys):
     assert f"the snapshot after {chosen:,} of 6 steps" in (tmp_path / "model" / "README.md").read_text()
     model, _ = load_model_and_tokenizer(str(tmp_path / "model"))
     assert model.config.n_layer == 1
+
+
+def test_a_killed_runs_checkpoint_temp_file_is_removed(corpus, tmp_path):
+    """`checkpoint.tmp<pid>` of a run killed mid-save goes when the next run in that folder starts (and ends);
+    another live writer's temp file stays."""
+    from conftest import dead_pid
+
+    out = tmp_path / "run"
+    out.mkdir()
+    killed = out / f"checkpoint.tmp{dead_pid()}"
+    killed.write_bytes(b"\0" * 1000)
+    live = out / f"checkpoint.tmp{os.getppid()}"
+    live.write_bytes(b"\0")
+    train(TrainConfig(steps=2, **TINY), corpus, out, progress=False)
+    assert not killed.exists() and live.exists()
+    assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == [live.name]
