@@ -30,3 +30,24 @@ def test_only_orphans_go(tmp_path):
 
 def test_an_absent_folder_is_left_alone(tmp_path):
     assert remove_orphan_temps(tmp_path / "nothing") == []
+
+
+def test_what_a_killed_atomic_write_leaves_is_removed(tmp_path):
+    """The names `atomic_path` and `save_model_folder` really use: a file and a staging folder of a dead writer."""
+    import subprocess
+    import sys
+
+    (tmp_path / "circuit.json").write_text("old")
+    (tmp_path / "model").mkdir()
+    writer = ("import os, sys, tempfile\n"
+              "from modeling_csp.utils.jsonio import atomic_path\n"
+              "with atomic_path(sys.argv[1] + '/circuit.json') as tmp:\n"
+              "    tmp.write_text('half')\n"
+              "    tempfile.mkdtemp(dir=sys.argv[1] + '/model', prefix=f'.save.tmp{os.getpid()}-')\n"
+              "    os._exit(0)  # killed before the rename\n")
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path)], check=True, cwd=os.getcwd())
+    left = [p for p in tmp_path.iterdir() if p.name != "circuit.json" and p.name != "model"]
+    assert len(left) == 1 and left[0].name.startswith(".circuit.json.tmp")
+    assert remove_orphan_temps(tmp_path) == left and remove_orphan_temps(tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["circuit.json", "model"]
+    assert list((tmp_path / "model").iterdir()) == [] and (tmp_path / "circuit.json").read_text() == "old"
