@@ -35,8 +35,8 @@ a target at or above chance (ln 2) is such an error too. Every count has a cap, 
 --out-dir, --run-dir, OUT) are checked for writability before any work; a model larger than CSPConfig's size
 limits or than the free memory (CSP_MAX_MODEL_BYTES lowers that) is refused before it is built. Everything written,
 stdout included, is strict JSON: a number that was not computed is null, never NaN. Circuits are judged on
-held-out examples (`verdict` in the JSON, `warning: ...` lines on stderr); `csp evaluate` exits with status 1 when the circuit misses its own target there
-(or its held-out loss is at or above chance).
+held-out examples (`verdict` in the JSON, `warning: ...` lines on stderr); `csp evaluate` exits with status 1 when
+the circuit misses its own target there (or its held-out loss is at or above chance).
 """
 
 from __future__ import annotations
