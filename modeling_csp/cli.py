@@ -31,10 +31,12 @@ M is a converted model folder, a Hugging Face hub id, or `default` (the model em
 Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback). Numeric
 options are checked as they are parsed (finite, in range: a target loss > 0, --k and each of --ks from 1 to the
 model's node count, read from its config before anything runs), so nonsense never starts a run or writes a file;
-a target at or above chance (ln 2) is such an error too. Everything written, stdout included, is strict JSON: a
-number that was not computed is null, never NaN. Circuits are judged on held-out examples (`verdict` in the JSON,
-`warning: ...` lines on stderr); `csp evaluate` exits with status 1 when the circuit misses its own target there
-(or its held-out loss is at or above chance).
+a target at or above chance (ln 2) is such an error too. Every count has a cap, named in its error; outputs (--out,
+--out-dir, --run-dir, OUT) are checked for writability before any work; a model larger than CSPConfig's size
+limits or than the free memory (CSP_MAX_MODEL_BYTES lowers that) is refused before it is built. Everything written,
+stdout included, is strict JSON: a number that was not computed is null, never NaN. Circuits are judged on
+held-out examples (`verdict` in the JSON, `warning: ...` lines on stderr); `csp evaluate` exits with status 1 when
+the circuit misses its own target there (or its held-out loss is at or above chance).
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ def test_state_dict_tensors_are_all_accounted_for():
         (lambda d: _edit_config(d, d_pos_emb=-3), "d_pos_emb=-3 must be null or a positive integer"),
         (lambda d: _edit_config(d, n_layer=1000), "n_layer=1000 but the checkpoint has 3 layers"),
         (lambda d: _edit_config(d, n_layer=10**6), "n_layer=1,000,000 is more than the limit of 1,024"),
-        (lambda d: _edit_config(d, d_model=2**30, d_head=2**26), "has shape (512, 64), the config expects (512, 1073741824)"),
+        (lambda d: _edit_config(d, d_model=128), "has shape (512, 64), the config expects (512, 128)"),
+        (lambda d: _edit_config(d, d_model=2**30, d_head=2**26), "d_model=1,073,741,824 is more than the limit of 65,536"),
     ],
 )
 def test_bad_input_is_a_clear_error(corrupt, message, tmp_path):
