@@ -674,7 +674,7 @@ def test_links_open_no_folder_outside_the_roots_and_show_their_text_as_text(brow
     markup = f'<img src="{probe}"><h1>Your session expired</h1>'
     page = new_page(browser)
     fetched = []
-    page.on("request", lambda request: fetched.append(request.url) if "csp-probe" in request.url else None)
+    page.on("request", lambda request: fetched.append(request.url) if request.url.startswith(probe) else None)
     try:
         page.goto(app_server["url"] + "?" + urllib.parse.urlencode({"task": markup}))
         page.wait_for_selector("#summary p", timeout=120_000)

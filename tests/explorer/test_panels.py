@@ -59,10 +59,10 @@ def test_prompt_panel_clears_on_error(page):
     assert ok.json["full"] and ok.json["circuit"] and "logit(" in ok.logit_diff and "csp-tok" in ok.tokens
     assert "activations of" in ok.node_acts
     err = panels.prompt_panel(page["explorer"], *args, "", '"', "'")
-    assert err.notice == "⚠️ the prompt is empty: type some Python code" and err.tokens == "" and err.json is None
+    assert markdown_text(err.notice) == "⚠️ the prompt is empty: type some Python code" and err.tokens == "" and err.json is None
     assert err.logit_diff == "" and err.node_acts == "" and "prompt is empty" in err.figure.layout.annotations[0].text
     spaces = panels.prompt_panel(page["explorer"], *args, "    ", "", "'")  # indentation is a prompt; one candidate is not a pair
-    assert spaces.json["full"] and spaces.logit_diff.startswith("ℹ️ type a candidate token in both boxes")
+    assert spaces.json["full"] and markdown_text(spaces.logit_diff).startswith("ℹ️ type a candidate token in both boxes")
 
 
 def test_prompt_lab_shows_characters_split_over_tokens_as_text(page):
@@ -96,7 +96,7 @@ def test_ablation_and_importance_panels(page):
     ok = panels.ablation_panel(page["explorer"], *args, ["0.attn"], [page["node"]], "mean", "circuit")
     assert "baseline (circuit)" in ok.table and len(ok.figure.data) == 2
     err = panels.ablation_panel(page["explorer"], *args, [], [], "mean", "full model")
-    assert err.table.startswith("⚠️ choose at least one") and "choose at least one" in err.figure.layout.annotations[0].text
+    assert markdown_text(err.table).startswith("⚠️ choose at least one") and "choose at least one" in err.figure.layout.annotations[0].text
     steps = []
     fig = panels.importance_panel(page["explorer"], *args, page["node"], progress=lambda done, total: steps.append(done))
     assert fig.data[0].type == "bar" and steps == list(range(1, page["k"] + 1))
@@ -105,7 +105,7 @@ def test_ablation_and_importance_panels(page):
         panels.circuit_nodes(page["explorer"], page["model"], page["run"], page["k"])) and panels.circuit_nodes(page["explorer"], "/no/model", None, 1) == []
     cmp = panels.compare_panel(page["explorer"], *args, page["run"])
     assert cmp.text.startswith("nodes: 0 only in") and cmp.figure.data
-    assert panels.compare_panel(page["explorer"], *args, None).text == "⚠️ choose a run to compare with"
+    assert markdown_text(panels.compare_panel(page["explorer"], *args, None).text) == "⚠️ choose a run to compare with"
 
 
 def test_curves_panel_shows_the_pruning_config_and_training_metrics(page):
@@ -125,8 +125,8 @@ def test_curves_panel_shows_the_pruning_config_and_training_metrics(page):
 def test_embeddings_panel_clamps_the_channel(page):
     p = panels.embeddings_panel(page["explorer"], page["model"], 99999)
     d = page["entry"].config.d_model
-    assert p.channel == d - 1 and f"channel=99999 is outside [0, {d - 1}]" in p.notice and p.tokens.data
-    assert panels.embeddings_panel(page["explorer"], page["model"], "x").notice.startswith("⚠️ channel='x' is not a number")
+    assert p.channel == d - 1 and f"channel=99999 is outside [0, {d - 1}]" in markdown_text(p.notice) and p.tokens.data
+    assert markdown_text(panels.embeddings_panel(page["explorer"], page["model"], "x").notice).startswith("⚠️ channel='x' is not a number")
 
 
 def test_next_tokens_api_validates_like_the_page(page):
@@ -147,7 +147,7 @@ def test_next_tokens_api_validates_like_the_page(page):
 def test_an_imported_run_joins_the_session_and_survives_a_reload(page, tmp_path):
     session = Session()
     new = panels.import_new_run(page["explorer"], session, page["model"], str(page["path"]), "mine.json")
-    assert new.message.startswith("✅ imported mine.json") and new.view.run.id.startswith("saved:")
+    assert markdown_text(new.message).startswith("✅ imported mine.json") and new.view.run.id.startswith("saved:")
     assert new.view.session.runs == {new.view.run.id: page["model"]} and new.view.run.id in dict(
         (v, n) for n, v in new.view.run_choices)
     from modeling_csp.explorer.view import Request, resolve_view
@@ -157,8 +157,8 @@ def test_an_imported_run_joins_the_session_and_survives_a_reload(page, tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     failed = panels.import_new_run(page["explorer"], session, page["model"], str(bad), "bad.json")
-    assert failed.view is None and failed.message.startswith("⚠️ could not import bad.json: ")
-    assert panels.import_new_run(page["explorer"], session, page["model"], None).message.endswith("no file")
+    assert failed.view is None and markdown_text(failed.message).startswith("⚠️ could not import bad.json: ")
+    assert markdown_text(panels.import_new_run(page["explorer"], session, page["model"], None).message).endswith("no file")
     path = panels.download_path(page["explorer"], page["model"], new.view.run.id, 5)
     assert json.loads(open(path).read())["k"] == 5
 
@@ -169,8 +169,8 @@ def test_an_import_with_forged_edges_says_they_were_recomputed(page, tmp_path):
     forged = tmp_path / "forged.json"
     forged.write_text(json.dumps(data))
     new = panels.import_new_run(page["explorer"], Session(), page["model"], str(forged), "forged.json")
-    assert new.view is not None and new.message.startswith("✅ imported forged.json")
-    assert f"⚠️ {len(data['edges']):,} of {len(data['edges']):,} edges do not match the model's weights" in new.message
+    assert new.view is not None and markdown_text(new.message).startswith("✅ imported forged.json")
+    assert f"⚠️ {len(data['edges']):,} of {len(data['edges']):,} edges do not match the model's weights" in markdown_text(new.message)
     assert new.view.run.load().edges == find_run(page["entry"], None, page["run"]).circuit.edges
 
 
@@ -184,12 +184,12 @@ def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     assert panels.prune_check(page["explorer"], page["model"], "bracket_brace", 1.1, True).startswith("The full model's held-out loss")
     weak = panels.prune_check(page["explorer"], page["model"], "with_as", 0.1, False)  # the model does not do with_as: no target helps
     assert weak.startswith("⚠️") and "at or above chance" in weak and "within reach" not in weak
-    assert panels.prune_check(page["explorer"], page["model"], None, 0.15, False) == "⚠️ choose a task to prune for"
+    assert markdown_text(panels.prune_check(page["explorer"], page["model"], None, 0.15, False)) == "⚠️ choose a task to prune for"
     stages = []
     new = panels.prune_new_run(page["explorer"], Session(), page["model"], "bracket_brace", 0.01, False, 3,
                                progress=lambda f, desc: stages.append(desc))
-    assert new.message.startswith("⚠️ target not reached") and "✅" not in new.message
-    assert "steps=3 is outside [10, 2000]: using 10" in new.message
+    assert markdown_text(new.message).startswith("⚠️ target not reached") and "✅" not in markdown_text(new.message)
+    assert "steps=3 is outside [10, 2000]: using 10" in markdown_text(new.message)
     assert stages[0] == "mean activations" and "mask training: step 10 of 10" in stages
     assert [s.split(":")[0] for s in stages[1:]] == sorted([s.split(":")[0] for s in stages[1:]],
                                                            key=["data", "mask training", "k bisection", "evaluation"].index)
@@ -198,7 +198,7 @@ def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     assert view.k_max == page["entry"].n_total_nodes and view.session.runs == {view.run.id: page["model"]}
     assert page["explorer"].store.load(view.run.id) is not None
     failed = panels.prune_new_run(page["explorer"], Session(), page["model"], "nope", 0.15, False, 10)
-    assert failed.view is None and failed.message == "⚠️ pruning failed: choose a task to prune for"
+    assert failed.view is None and markdown_text(failed.message) == "⚠️ pruning failed: choose a task to prune for"
 
 
 def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link(page, tmp_path, monkeypatch):
@@ -210,7 +210,7 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
 
     monkeypatch.setenv("CSP_CACHE_DIR", str(tmp_path / "cache"))
     added = panels.add_custom_task(page["explorer"], Session(), page["model"], quote_task_lines(), None, "quotes")
-    assert added.message.startswith("✅ added `custom:quotes:") and "the full model's accuracy" in added.message
+    assert markdown_text(added.message).startswith("✅ added custom:quotes:") and "the full model's accuracy" in markdown_text(added.message)
     name = added.view.task
     assert name.startswith("custom:quotes:") and name in added.view.task_choices and added.view.run is None
     assert added.view.empty and "No circuit yet" in added.view.empty
@@ -246,7 +246,8 @@ def test_your_own_task_is_checked_pruned_with_its_control_and_comes_back_by_link
 ])
 def test_bad_task_lines_are_named(page, text, message):
     bad = panels.add_custom_task(page["explorer"], Session(), page["model"], text)
-    assert bad.view is None and bad.message.startswith("⚠️") and message in bad.message, bad.message
+    shown = markdown_text(bad.message)
+    assert bad.view is None and shown.startswith("⚠️") and message in shown, shown
 
 
 def test_unknown_user_tasks_are_errors_not_guesses(page):
