@@ -39,6 +39,8 @@ def test_eight_clients_one_prune_three_uploads_at_once(tmp_path):
     assert r["rss_end_mb"] - r["rss_idle_mb"] <= RSS_BOUND_MB, r  # the prune's memory went with its worker
     assert r["uploads_left"] == 0, r  # deleted once imported
     assert r["store_bytes"] <= MAX_STORE_BYTES and r["store_files"] <= 3 + 1, r
-    assert r["gradio_tmp_bytes"] < 5_000_000, r
+    # what stays in Gradio's folder is the share tab's download of each shown circuit (slimmer than the uploads;
+    # Gradio's delete_cache removes it after an hour), not the uploads
+    assert r["gradio_tmp_bytes"] < r["uploads"] * r["upload_mb"] * 1e6, r
     tracebacks = Path(log).read_text().split("Traceback (most recent call last):")[1:]
     assert not [t for t in tracebacks if str(PROJECT_ROOT) in t], tracebacks[0][-3000:]  # none through our code
