@@ -1339,8 +1339,11 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: CSPConfig):
         super().__init__(config)
+        # The head is built before the base model initialises its weights, so that a seed gives the same random
+        # weights as before the base model was split out.
+        lm_head = SparseKernelLinear(config.d_model, config.vocab_size, bias=False)
         self.transformer = CSPModel(config)
-        self.lm_head = SparseKernelLinear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = lm_head
         self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
         if config.enable_bigram_table:
             table = torch.zeros(config.vocab_size, config.vocab_size)
