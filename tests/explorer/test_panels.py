@@ -94,7 +94,7 @@ def test_prompt_lab_shows_characters_split_over_tokens_as_text(page):
 def test_ablation_and_importance_panels(page):
     args = (page["model"], page["task"], page["run"], page["k"])
     ok = panels.ablation_panel(page["explorer"], *args, ["0.attn"], [page["node"]], "mean", "circuit")
-    assert "baseline (circuit)" in ok.table and len(ok.figure.data) == 2
+    assert "baseline (circuit)" in markdown_text(ok.table) and len(ok.figure.data) == 2
     err = panels.ablation_panel(page["explorer"], *args, [], [], "mean", "full model")
     assert markdown_text(err.table).startswith("⚠️ choose at least one") and "choose at least one" in err.figure.layout.annotations[0].text
     steps = []
