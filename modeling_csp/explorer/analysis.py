@@ -857,7 +857,7 @@ def prune_worker_main(out_fd: int) -> None:
                            progress=lambda fraction, desc: send(("progress", float(fraction), str(desc))))
             send(("done", WorkerPrune(result.circuit, result.scores, result.verdict, result.seconds)))
         except BaseException as exc:  # the server shows it as one line
-            send(("error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"))
+            send(("error", first_line(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"))
 
 
 WORKER_CODE = ("import sys; sys.path[:0] = sys.argv[2:]; "
