@@ -806,6 +806,22 @@ class WorkerPrune:
     seconds: float
 
 
+def _task_spec(task) -> tuple:
+    """A task as plain data for the worker (a task's generator is a closure, which does not pickle): a user
+    task's examples, or a built-in task's name."""
+    if task.examples is not None:
+        return ("pairs", task.name, task.description, [(e.prompt, e.correct, e.alternative) for e in task.examples])
+    return ("builtin", task.name)
+
+
+def _task_from_spec(spec: tuple):
+    from ..circuits.tasks import get_task, task_from_pairs
+
+    if spec[0] == "pairs":
+        return task_from_pairs(spec[1], spec[3], description=spec[2])
+    return get_task(spec[1])
+
+
 def _end_with_parent() -> None:
     """On Linux, this process is killed when the server that started it ends (elsewhere it ends at its next
     message, when the pipe is gone)."""
@@ -832,7 +848,8 @@ def prune_worker_main(out_fd: int) -> None:
             from ..circuits.pruning import prune
             from ..model.loading import load_model_and_tokenizer
 
-            folder, spec, task, config, means, threads = pickle.load(sys.stdin.buffer)
+            folder, spec, task_spec, config, means, threads = pickle.load(sys.stdin.buffer)
+            task = _task_from_spec(task_spec)
             torch.set_num_threads(threads)
             model, tokenizer = load_model_and_tokenizer(folder)
             model.eval()
@@ -840,7 +857,7 @@ def prune_worker_main(out_fd: int) -> None:
                            progress=lambda fraction, desc: send(("progress", float(fraction), str(desc))))
             send(("done", WorkerPrune(result.circuit, result.scores, result.verdict, result.seconds)))
         except BaseException as exc:  # the server shows it as one line
-            send(("error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"))
+            send(("error", first_line(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"))
 
 
 WORKER_CODE = ("import sys; sys.path[:0] = sys.argv[2:]; "
@@ -868,7 +885,7 @@ def prune_in_worker(entry: ModelEntry, task, config: PruneConfig, means,
             os.close(write_fd)
         with open(read_fd, "rb") as messages:
             try:
-                worker.stdin.write(pickle.dumps((str(entry.folder), entry.spec, task, config, means,
+                worker.stdin.write(pickle.dumps((str(entry.folder), entry.spec, _task_spec(task), config, means,
                                                  torch.get_num_threads())))
                 worker.stdin.close()
                 while True:

@@ -324,3 +324,34 @@ def test_two_users_at_once_prune_and_browse_the_same_model(model_run):
     assert outcome.reached == bool(verdict.passed and c.n_nodes <= entry.n_total_nodes / 2)
     assert outcome.message.startswith("✅") == outcome.reached
     assert f"{c.losses['circuit']:.3f}" in outcome.message and verdict.messages(without=("control",))[0][1:] in outcome.message
+
+
+def test_a_prune_waits_for_a_free_worker_and_a_failing_worker_is_one_line(model_run, tmp_path, monkeypatch):
+    """Pruning runs in a worker process, at most `prune_slots` at once: a prune beyond that says it waits; a worker
+    that fails (here its model folder is gone) comes back as one line, and the slot is free again."""
+    import threading
+
+    from modeling_csp.circuits.pruning import PruneConfig
+
+    entry, _ = model_run
+    monkeypatch.setattr(entry, "folder", str(tmp_path / "gone"))
+    said, outcome = [], {}
+
+    def prune():
+        try:
+            A.prune_in_worker(entry, entry.tasks.resolve(TASK), PruneConfig(steps=10), None,
+                              lambda fraction, desc: said.append(desc))
+        except UserError as exc:
+            outcome["error"] = str(exc)
+
+    assert entry.prune_slots.acquire(blocking=False)  # another prune holds the only slot
+    waiting = threading.Thread(target=prune)
+    waiting.start()
+    waiting.join(2)
+    assert waiting.is_alive() and said == ["pruning worker: waiting for another prune on this server to finish"]
+    entry.prune_slots.release()
+    waiting.join(300)
+    assert said[-1] == "pruning worker: starting (it loads the model)"
+    assert "\n" not in outcome["error"] and "gone" in outcome["error"], outcome
+    assert entry.prune_slots.acquire(blocking=False)
+    entry.prune_slots.release()
