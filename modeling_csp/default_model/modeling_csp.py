@@ -1225,7 +1225,7 @@ class CSPModel(CSPPreTrainedModel):
         # A static cache returns all its slots, filled or not: without a mask from the caller, one masks the empty ones.
         static_keys = cache.get_mask_sizes(T, 0)[0] if cache is not None and getattr(cache, "is_compileable", False) else None
         if attention_mask is not None and attention_mask.ndim == 4:  # generate()'s mask for a static cache
-            mask_4d = self._check_4d_mask(attention_mask, B, T)
+            mask_4d = self._check_4d_mask(attention_mask, B, T, static_keys if static_keys is not None else past + T)
         elif attention_mask is not None:
             if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (B, past + T):
                 raise ValueError(f"attention_mask must have shape (batch, past + T) = ({B}, {past + T}) or "
@@ -1300,10 +1300,13 @@ class CSPModel(CSPPreTrainedModel):
         return B, T
 
     @staticmethod
-    def _check_4d_mask(attention_mask: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    def _check_4d_mask(attention_mask: torch.Tensor, B: int, T: int, keys) -> torch.Tensor:
         """A (batch, 1, T, keys) mask as booleans (True: may attend); a float mask is additive (0: may attend)."""
-        if attention_mask.shape[0] not in (1, B) or attention_mask.shape[1] != 1 or attention_mask.shape[2] != T:
-            raise ValueError(f"a 4-D attention_mask must have shape (batch, 1, T, keys) = ({B}, 1, {T}, keys), "
+        if tracing():  # keys may be a tensor (a static cache's fill): the shapes are the caller's
+            return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        if attention_mask.shape[0] not in (1, B) or attention_mask.shape[1] != 1 or attention_mask.shape[2] != T or (
+                attention_mask.shape[3] != int(keys)):
+            raise ValueError(f"a 4-D attention_mask must have shape (batch, 1, T, keys) = ({B}, 1, {T}, {int(keys)}), "
                              f"got {tuple(attention_mask.shape)}")
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
 
