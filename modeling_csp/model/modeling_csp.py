@@ -1227,8 +1227,10 @@ class CSPModel(CSPPreTrainedModel):
                 f"{self.config.block_size}); truncate the input to at most {self.config.block_size} tokens"
             )
         padded, mask_4d = False, None
+        # A static cache returns all its slots, filled or not: without a mask from the caller, one masks the empty ones.
+        static_keys = cache.get_mask_sizes(T, 0)[0] if cache is not None and getattr(cache, "is_compileable", False) else None
         if attention_mask is not None and attention_mask.ndim == 4:  # generate()'s mask for a static cache
-            mask_4d = self._check_4d_mask(attention_mask, B, T)
+            mask_4d = self._check_4d_mask(attention_mask, B, T, static_keys if static_keys is not None else past + T)
         elif attention_mask is not None:
             if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (B, past + T):
                 raise ValueError(f"attention_mask must have shape (batch, past + T) = ({B}, {past + T}) or "
@@ -1252,8 +1254,8 @@ class CSPModel(CSPPreTrainedModel):
         attn_mask = None  # None: causal without padding, which the kernels do without a mask tensor
         if mask_4d is not None:
             attn_mask = torch.zeros(mask_4d.shape, dtype=x.dtype, device=x.device).masked_fill(~mask_4d, torch.finfo(x.dtype).min)
-        elif padded or (past > 0 and T > 1):
-            attn_mask = self._attention_mask(T, past, attention_mask if padded else None, x.dtype, x.device)
+        elif static_keys is not None or padded or (past > 0 and T > 1):
+            attn_mask = self._attention_mask(T, past, attention_mask if padded else None, x.dtype, x.device, static_keys)
 
         hidden_states, attentions = [], []
         for block in self.h:
@@ -1303,21 +1305,28 @@ class CSPModel(CSPPreTrainedModel):
         return B, T
 
     @staticmethod
-    def _check_4d_mask(attention_mask: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    def _check_4d_mask(attention_mask: torch.Tensor, B: int, T: int, keys) -> torch.Tensor:
         """A (batch, 1, T, keys) mask as booleans (True: may attend); a float mask is additive (0: may attend)."""
-        if attention_mask.shape[0] not in (1, B) or attention_mask.shape[1] != 1 or attention_mask.shape[2] != T:
-            raise ValueError(f"a 4-D attention_mask must have shape (batch, 1, T, keys) = ({B}, 1, {T}, keys), "
+        if tracing():  # keys may be a tensor (a static cache's fill): the shapes are the caller's
+            return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        if attention_mask.shape[0] not in (1, B) or attention_mask.shape[1] != 1 or attention_mask.shape[2] != T or (
+                attention_mask.shape[3] != int(keys)):
+            raise ValueError(f"a 4-D attention_mask must have shape (batch, 1, T, keys) = ({B}, 1, {T}, {int(keys)}), "
                              f"got {tuple(attention_mask.shape)}")
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
 
     @staticmethod
-    def _attention_mask(T: int, past: int, attention_mask, dtype, device) -> torch.Tensor:
-        """Additive (B|1, 1, T, past + T) mask: causal, plus padding keys from `attention_mask`."""
-        query = torch.arange(past, past + T, device=device).view(T, 1)
-        key = torch.arange(past + T, device=device).view(1, past + T)
-        allowed = (key <= query).view(1, 1, T, past + T)
+    def _attention_mask(T: int, past, attention_mask, dtype, device, keys: int | None = None) -> torch.Tensor:
+        """Additive (B|1, 1, T, keys) mask, keys = past + T unless a static cache has more slots: causal, plus
+        padding keys from `attention_mask` (B, past + T)."""
+        keys = past + T if keys is None else keys
+        query = (past + torch.arange(T, device=device)).view(T, 1)
+        key = torch.arange(keys, device=device).view(1, keys)
+        allowed = (key <= query).view(1, 1, T, keys)
         if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, : past + T].bool()
+            padding = attention_mask[:, None, None, :].bool()
+            padding = F.pad(padding, (0, keys - padding.shape[-1])) if padding.shape[-1] < keys else padding[..., :keys]
+            allowed = allowed & padding
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 

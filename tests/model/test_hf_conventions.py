@@ -187,7 +187,8 @@ def test_output_attentions_returns_the_probabilities(name, models):
     (lambda: dict(input_ids=torch.tensor([1, 2, 3])), "add a batch dimension"),
     (lambda: dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer token ids"),
     (lambda: dict(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4)), r"attention_mask must have shape \(batch, past \+ T\) = \(1, 3\)"),
-    (lambda: dict(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 1, 3, 3)), "attention_mask must have shape"),
+    (lambda: dict(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 1, 3, 4)), r"a 4-D attention_mask must have shape \(batch, 1, T, keys\) = \(1, 1, 3, 3\)"),
+    (lambda: dict(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(3, 3)), "attention_mask must have shape"),
     (lambda: dict(input_ids=torch.zeros(1, 65, dtype=torch.long)), "longer than the model's context"),
 ])
 def test_malformed_input_is_a_clear_value_error(make_input, message, models):
