@@ -478,7 +478,7 @@ class SparseKernelLinear(nn.Linear):
 
     use_sparse_kernel = False
     max_density = 0.1
-    configured_nonzeros: int | None = None  # the nonzero count `resparsify_` restores (set when loaded)
+    configured_nonzeros: int | None = None  # the nonzero count `resparsify_` restores (set when built or loaded)
     _csr_cache: _CSR | None = None
 
     def forward(self, x: torch.Tensor, contiguous_output: bool = True) -> torch.Tensor:
@@ -965,20 +965,16 @@ class CSPPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def resparsify_(self) -> dict[str, float]:
-        """Puts every sparse weight matrix back to the density it had when loaded (or set by the last call): its
-        top-k entries by magnitude, the rest zero. For after a LoRA `merge_and_unload()`, which makes the merged
-        matrices dense. Returns {parameter name: density now}."""
+        """Puts every weight matrix of a linear layer back to the density it had when the model was loaded (or
+        built): its top-k entries by magnitude, the rest zero. For after a LoRA `merge_and_unload()`, which makes
+        the merged matrices dense. Returns {parameter name: density now}."""
         densities = {}
         for module_name, module in self.named_modules():
             if not isinstance(module, SparseKernelLinear):
                 continue
             name = f"{module_name}.weight"
-            k = module.configured_nonzeros
-            if k is None:
-                raise ValueError(f"{name} has no recorded density: resparsify_() needs a model loaded with "
-                                 "from_pretrained (or call it once before changing the weights)")
-            weight = module.weight
-            if int(weight.count_nonzero()) > k:
+            weight, k = module.weight, module.configured_nonzeros
+            if k is not None and int(weight.count_nonzero()) > k:
                 keep = weight.abs().flatten().topk(k, sorted=False).indices
                 sparse = torch.zeros_like(weight).flatten()
                 sparse[keep] = weight.flatten()[keep]
@@ -1161,6 +1157,7 @@ class CSPModel(CSPPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
         self.set_sparse_kernels(config.use_sparse_kernels)
+        self._record_densities()
 
     def get_input_embeddings(self):
         return self.wte
@@ -1340,8 +1337,11 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: CSPConfig):
         super().__init__(config)
+        # The head is built before the base model initialises its weights, so that a seed gives the same random
+        # weights as before the base model was split out.
+        lm_head = SparseKernelLinear(config.d_model, config.vocab_size, bias=False)
         self.transformer = CSPModel(config)
-        self.lm_head = SparseKernelLinear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = lm_head
         self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
         if config.enable_bigram_table:
             table = torch.zeros(config.vocab_size, config.vocab_size)
@@ -1353,6 +1353,7 @@ class CSPForCausalLM(CSPPreTrainedModel, GenerationMixin):
             self.bigram_table = None
         self.post_init()
         self.set_sparse_kernels(config.use_sparse_kernels)
+        self._record_densities()
 
     def get_input_embeddings(self):
         return self.transformer.wte

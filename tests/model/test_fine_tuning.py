@@ -3,11 +3,11 @@ LoRA, and `resparsify_` to bring merged LoRA weights back to the model's sparsit
 
 import pytest
 import torch
-from peft import LoraConfig, PromptTuningConfig, get_peft_model
-
 from conftest import random_ids
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
+from tiny_models import tiny_model
+
 from modeling_csp import CSPForCausalLM
-from test_base_model import tiny_model
 
 
 def _grads(model, ids):

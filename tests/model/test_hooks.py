@@ -151,7 +151,7 @@ def test_sink_attention_fast_path_equals_the_masked_formulation():
     q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
     causal = torch.full((9, 9), float("-inf")).triu(1).view(1, 1, 9, 9)
     with torch.no_grad():
-        fast = sink(q, k, v, 0.3, None)  # CPU without autograd: flash attention + sink rescale
+        fast = sink(q, k, v, 0.3, None)  # no mask tensor given: the causal mask is built with the sink's column
         masked = sink(q, k, v, 0.3, causal)
         strided = sink(*(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)), 0.3, None)
     assert torch.allclose(fast, masked, atol=1e-6)
