@@ -50,7 +50,7 @@ def measure(threads: int | None, runs: int, generate_runs: int, new_tokens: int)
     model = CSPForCausalLM.from_pretrained(DEFAULT_MODEL).eval()
     ids = torch.randint(0, model.config.vocab_size, (4, model.config.block_size), generator=torch.Generator().manual_seed(0))
     prompt = ids[:1, :16]
-    result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load": os.getloadavg()[0]}
     with torch.no_grad():
         result["forward eager, sparse kernels"], eager = timed(lambda: model(ids, use_cache=False).logits, runs)
         model.set_sparse_kernels(False)
@@ -106,7 +106,7 @@ def table(results: list[dict], args) -> str:
             f"generate {r['generate compile (first call)']:.1f} s ({r['generate graphs']} graphs: prefill and decoding "
             f"step; {r['generate recompiles after the first call']} recompiles in {args.generate_runs} later calls); "
             f"max abs logit difference compiled vs eager {r['forward max abs logit diff']:.1e}; same greedy tokens: "
-            f"{'yes' if r['same tokens'] else 'NO'}."
+            f"{'yes' if r['same tokens'] else 'NO'}; machine load average {r['load']:.1f} at the start."
         )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
@@ -134,7 +134,10 @@ def main() -> None:
         f"{args.new_tokens}` on {time.strftime('%Y-%m-%d')}, torch {results[0]['torch']} CPU, the default model (4 layers, "
         "d_model 128, block_size 128; sink, AbsTopK, bigram table). Forward: batch 4 x 128 tokens, no autograd, median of "
         f"{args.runs} runs; generation: greedy, {args.new_tokens} new tokens after a 16-token prompt, batch 1, median of "
-        f"{args.generate_runs} runs. Each thread setting in a fresh process; compile time is not in the medians.\n\n"
+        f"{args.generate_runs} runs. Each thread setting in a fresh process; compile time is not in the medians (a first "
+        "call is faster when inductor's on-disk cache already holds its kernels from an earlier run). The load average "
+        "is the machine's 1-minute load: above its core count, other processes share the cores and the multi-thread "
+        "column suffers most.\n\n"
         + table(results, args)
     )
     print(text)
