@@ -91,12 +91,13 @@ def random_ids(model, n=2, T=16, seed=0):
 
 # The released models' choices: attention sink, AbsTopK, a learnable bigram table, RMSNorm, untied unembedding.
 SHIPPED_CHOICES = dict(sink=True, afrac=0.5, enable_bigram_table=True, learnable_bigram_table=True, rms_norm=True,
-                       tied_unembed=False, bias=False, ln_bias=False)
+                       tie_word_embeddings=False, bias=False, ln_bias=False)
 
 
 def tiny_model(density: float = 0.05, seed: int = 0, **choices):
     """A 2-layer, 99-token model with the shipped choices (overridable) whose linear weights keep `density` of their
-    entries, so that the sparse kernels are in use, and a random bigram table, so that it matters."""
+    entries, so that the sparse kernels are in use, and a random bigram table, sink logits and logit bias, so that
+    they matter."""
     import torch
 
     from modeling_csp import CSPConfig, CSPForCausalLM
@@ -111,6 +112,9 @@ def tiny_model(density: float = 0.05, seed: int = 0, **choices):
                 weight.mul_(torch.rand_like(weight) < density)
         if model.bigram_table is not None:
             model.bigram_table.normal_()
+        for block in model.transformer.h if model.config.sink else ():  # nonzero, so that the sink is tested
+            block.attn.attn_imp.sink_logit.normal_()
+        model.final_logits_bias.normal_()
     return model
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import random_ids
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_model
+from conftest import tiny_model
 from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
