@@ -310,15 +310,16 @@ def test_user_text_stays_text_in_every_panel(page, tmp_path):
     file.write_text(quote_task_lines())
     added = panels.add_custom_task(explorer, Session(), model, "", str(file))
     assert f"from {file.name}:" in shown_literally(added.message)
-    broken = tmp_path / "<h1>broken</h1>.jsonl"
+    broken = tmp_path / "<h1>broken<h1>.jsonl"
     broken.write_text("not json\n")
-    assert "<h1>broken</h1>.jsonl" in shown_literally(panels.add_custom_task(explorer, Session(), model, "", str(broken)).message)
+    assert shown_literally(panels.add_custom_task(explorer, Session(), model, "", str(broken)).message).startswith(
+        "⚠️ line:1: not valid JSON")
     args = (model, page["task"], page["run"], page["k"], page["node"])
     prompt = panels.prompt_panel(explorer, *args, 'x = "hello', MARKUP, "'")
     assert shown_literally(prompt.logit_diff) and shown_literally(prompt.notice)
     ablated = panels.ablation_panel(explorer, model, page["task"], page["run"], page["k"], [], [MARKUP], "mean", "full")
     assert MARKUP in shown_literally(ablated.table)
     waiting = panels.node_panel_updating(Selection.of(model, MARKUP, page["run"], page["k"], None, MARKUP))
-    assert "<img" not in waiting.task and html.escape(MARKUP, quote=False) in waiting.task
+    assert "<img" not in waiting.task and html.escape(MARKUP) in waiting.task
     assert "<h1>" not in panels.curves_panel(explorer, MARKUP, page["task"], page["run"], page["k"]).details
     assert MARKUP in shown_literally(panels.embeddings_panel(explorer, MARKUP, 0).notice)

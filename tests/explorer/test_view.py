@@ -190,11 +190,12 @@ def test_linked_values_are_shown_as_text(first):
     from conftest import markdown_html
 
     markup = '<img src="http://127.0.0.1:9/x.png"><h1>Your session expired</h1>[sign in](x) *now*'
-    v = resolve_view(first.explorer, None, Request("load", query={"task": markup, "node": markup, "model": markup}))
-    rendered = markdown_html(v.status)
-    assert "<img" not in rendered and "<h1" not in rendered and "<a " not in rendered and "<em>" not in rendered
-    assert f"unknown task {markup!r}" in markdown_text(v.status) and f"node {markup!r}" in markdown_text(v.status)
-    assert v.model == "default" and v.task == first.task
+    for query in ({"task": markup, "node": markup}, {"model": markup}):
+        v = resolve_view(first.explorer, None, Request("load", query=query))
+        rendered = markdown_html(v.status)
+        assert "<img" not in rendered and "<h1" not in rendered and "<a " not in rendered and "<em>" not in rendered
+        assert f"{markup!r}"[:60] in markdown_text(v.status), v.status  # quoted as linked (a model name cut at 80)
+        assert v.model == "default" and v.task == first.task
 
 
 def test_saved_runs_survive_a_reload_and_travel_by_link(test_circuit, tmp_path):
