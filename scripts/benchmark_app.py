@@ -186,6 +186,22 @@ def large_circuit(source: Path, out: Path, megabytes: float, seed: int) -> Path:
     return out
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
+    """Returns once the app at `url` answers 200; exits naming the reason if it dies or stays silent."""
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"app.py exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            if time.time() > deadline:
+                raise SystemExit(f"app.py did not answer within {timeout_s:.0f} s") from None
+            time.sleep(0.2)
+
+
 def folder_bytes(folder: Path) -> tuple[int, int]:
     """(files, bytes) under a folder, every file counted."""
     files = [f for f in Path(folder).rglob("*") if f.is_file()] if Path(folder).exists() else []
@@ -221,18 +237,7 @@ def soak(args) -> dict:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
-            deadline = time.time() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"app.py exited with {proc.returncode}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    if time.time() > deadline:
-                        raise SystemExit("app.py did not answer within 300 s") from None
-                    time.sleep(0.2)
+            wait_until_up(proc, url)
             client = Client(url, verbose=False)
             client.predict(prompt="import os\n", api_name="/next_tokens")
             pages = []
@@ -414,15 +419,7 @@ def main(argv=None) -> int:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(120_000)
-            while True:  # the server answers
-                if proc.poll() is not None:
-                    raise SystemExit(f"app.py exited with {proc.returncode}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.1)
+            wait_until_up(proc, url)
             results["server_up_s"] = round(time.perf_counter() - t_start, 2)
             page.goto(url)
             page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
