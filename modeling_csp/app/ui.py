@@ -211,7 +211,7 @@ class Page:
         with gr.Row(equal_height=True):
             self.model_in = Choice(choices=list(dict.fromkeys([settings.default_model, *settings.models])), value=None,
                                    label="Model", allow_custom_value=True,
-                                   info="'default', a hub id (org/name), or a model folder on this server (./folder or a full path)",
+                                   info="'default', a hub id (org/name), or ./folder or /path on this server",
                                    elem_id="model-select", scale=2)
             self.task_in = Choice(choices=task_names(), value=None, label="Task", elem_id="task-select", scale=2)
             self.run_in = Choice(choices=[], value=None, label="Pruning run", elem_id="run-select", scale=3)
