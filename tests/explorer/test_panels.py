@@ -192,7 +192,7 @@ def test_pruning_from_the_page(page, tmp_path, monkeypatch):
     assert "steps=3 is outside [10, 2000]: using 10" in markdown_text(new.message)
     assert stages[0] == "mean activations" and "mask training: step 10 of 10" in stages
     assert [s.split(":")[0] for s in stages[1:]] == sorted([s.split(":")[0] for s in stages[1:]],
-                                                           key=["data", "mask training", "k bisection", "evaluation"].index)
+                                                           key=["pruning worker", "data", "mask training", "k bisection", "evaluation"].index)
     view = new.view
     assert view.task == "bracket_brace" and view.run.id.startswith("saved:") and view.run.scores is not None
     assert view.k_max == page["entry"].n_total_nodes and view.session.runs == {view.run.id: page["model"]}
