@@ -90,6 +90,12 @@ def _sdist_tests_folder() -> Path | None:
     if not (tests / "test_modeling_common.py").is_file():
         raise RuntimeError(f"{SDIST_ENV}={folder}: no tests/test_modeling_common.py there; point it at the extracted "
                            f"transformers-{transformers.__version__} source distribution")
+    info = Path(folder) / "PKG-INFO"
+    version = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                    if line.startswith("Version:")), None) if info.is_file() else None
+    if version != transformers.__version__:
+        raise RuntimeError(f"{SDIST_ENV}={folder} holds the tests of transformers {version}, but {transformers.__version__} "
+                           "is installed: the common tests must come from the installed version's source distribution")
     return tests
 
 
