@@ -6,8 +6,8 @@ computed (a test split with no examples, a loss that overflowed), so it is writt
 format doc of this project reads as "unknown".
 
 Atomic files: every file this toolkit writes (JSON, text, checkpoints, safetensors, arrays) goes to a temporary
-file in the same folder (`.NAME.tmpPID-XXXXXXXX`, `TEMP_NAME`) and is then renamed over the target, so a reader
-never sees half a file and a kill leaves the old one intact. The temporary file gets the mode `open()` would have
+file in the same folder (`.NAME.tmpPID-XXXXXXXX`; `utils.tempfiles` removes those a killed writer left) and is
+then renamed over the target, so a reader never sees half a file and a kill leaves the old one intact. The temporary file gets the mode `open()` would have
 given the target (0o666 less the umask), not mkstemp's 0600.
 """
 
@@ -16,15 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
-
-# The temporary files of `atomic_path`: a killed writer leaves one behind, owned by process PID.
-TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp(?P<pid>\d+)-[A-Za-z0-9_]{8}$")
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -127,4 +123,4 @@ def loads_strict(text: str) -> Any:
 
 
 __all__ = ["finite_or_none", "dumps_strict", "write_text_atomic", "write_json_atomic", "loads_strict", "atomic_path",
-           "atomic_open", "write_bytes_atomic", "copy_file_atomic", "new_file_mode", "process_umask", "TEMP_NAME"]
+           "atomic_open", "write_bytes_atomic", "copy_file_atomic", "new_file_mode", "process_umask"]
