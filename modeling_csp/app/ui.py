@@ -161,6 +161,12 @@ def guarded(fn, status_component):
     return wrapper
 
 
+def download_button(path: str | None) -> gr.DownloadButton:
+    """The download holding `path`, or disabled: a click on a button without a file does nothing, so a page never
+    offers one (nor an older selection's file while the new one is written)."""
+    return gr.DownloadButton(value=path, interactive=path is not None)
+
+
 def file_path(file) -> str | None:
     """The server-side path of an uploaded file, as Gradio hands it over (a path, or an object with one)."""
     return file if isinstance(file, str) or file is None else getattr(file, "path", None) or getattr(file, "name", None)
@@ -364,7 +370,8 @@ class Page:
         with gr.Tab("Share & files", id="share") as self.tabs["share"]:
             self.share_link = gr.Textbox(label="Link to this view", elem_id="share-link", buttons=["copy"],
                                          interactive=False)
-            self.download = gr.DownloadButton("Download circuit (csp-circuit JSON)", value=None, elem_id="download")
+            self.download = gr.DownloadButton("Download circuit (csp-circuit JSON)", value=None, interactive=False,
+                                              elem_id="download")
             self.upload = gr.File(label=f"Import a circuit file (.json) or the original visualizer's viz_data.pt "
                                         f"(up to {MAX_UPLOAD_BYTES // 1_000_000} MB)", file_types=[".json", ".pt"],
                                   elem_id="upload")
@@ -393,8 +400,11 @@ class Page:
         selection the page no longer shows, nor for a selection overtaken by a later one."""
         none = view.run is None
         before = self.shown.current(request)
-        if not self.shown.accept(request, view, ticket):
-            return {self.summary: gr.skip()}  # (an empty dict reads as one value)
+        skip = {self.summary: gr.skip()}  # (an empty dict reads as one value)
+        overtaken = (not self.shown.shows(request, view.selected, numbers_only=True) if view.numbers_only
+                     else not self.shown.newest(request, ticket))
+        if overtaken:  # (no figures built for an answer that will not be painted)
+            return skip
         parts = {
             "model": lambda: {self.model_in: gr.Dropdown(choices=view.model_choices, value=view.model)},
             "task": lambda: {self.task_in: gr.Dropdown(choices=view.task_choices, value=view.task),
@@ -427,11 +437,13 @@ class Page:
             # is written now, elsewhere when the tab opens
             path = (panels.download_path(self.explorer, view.model, view.run.id, view.k)
                     if view.tab == "share" and view.run else None)
-            out[self.download] = gr.DownloadButton(value=path)
+            out[self.download] = download_button(path)
         if "run" in view.changed:
             out[self.abl_layers] = gr.CheckboxGroup(choices=plotting.layer_names(view.entry.n_layer), value=[])
             out[self.channel_in] = gr.Slider(minimum=0, maximum=int(view.entry.config.d_model) - 1, step=1)
-        return out
+        # accepted last, once the answer is built: a pick made meanwhile (its answer may reach the page first)
+        # then drops this one, rather than being painted over by it
+        return out if self.shown.accept(request, view, ticket) else skip
 
     def node_outputs_of(self, p: panels.NodePanel) -> dict:
         return {self.connections: p.connections, self.examples: p.examples, self.task_acts: p.task,
@@ -695,7 +707,7 @@ class Page:
     def wire_share(self) -> None:
         """The download of the shown circuit (written when the tab opens) and imports, which join the saved runs."""
         def on_share_tab(model, run, k):
-            return {self.download: gr.DownloadButton(value=panels.download_path(self.explorer, model, run, k))}
+            return {self.download: download_button(panels.download_path(self.explorer, model, run, k))}
 
         self.tabs["share"].select(guarded(on_share_tab, self.status), [self.model_in, self.run_in, self.k_in],
                                [self.download, self.status])
