@@ -19,7 +19,7 @@ in the full model (nothing ablated); several nodes are patched in one forward pa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +145,63 @@ def node_effects(model, clean_ids, corrupt_ids, nodes: Iterable[str], metric: Me
     return PatchEffects(float(clean_metric[0]), float(corrupt_metric[0]), effects, time.perf_counter() - started)
 
 
+def candidate_token(tokenizer, context_ids: list[int], text: str, name: str = "candidate") -> int:
+    """The token id of `text` right after the context (tokenized in context, as the model would see it); a
+    candidate must be exactly one token there."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{name} is empty: give the one token to compare")
+    context = tokenizer.decode(context_ids)
+    full = tokenizer.encode(context + text, add_special_tokens=False)
+    extra = full[len(context_ids):] if full[:len(context_ids)] == list(context_ids) else \
+        tokenizer.encode(text, add_special_tokens=False)
+    if len(extra) != 1:
+        raise ValueError(f"{name} {text!r} is {len(extra)} tokens after the prompt: give a single token")
+    return int(extra[0])
+
+
+def prompt_ids(tokenizer, text: str, name: str, block_size: int) -> list[int]:
+    """A prompt's token ids; an empty prompt or one longer than the model's context is an error."""
+    ids = tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) and text else []
+    if not ids:
+        raise ValueError(f"the {name} prompt is empty: type some code")
+    if len(ids) > block_size:
+        raise ValueError(f"the {name} prompt has {len(ids)} tokens, more than the model's context of {block_size}: "
+                         "shorten it")
+    return list(ids)
+
+
+@dataclass(frozen=True)
+class PromptPatching:
+    """`node_effects` for two prompts and two candidate tokens, with what was patched."""
+
+    clean_ids: list[int]
+    corrupt_ids: list[int]
+    token_a: int
+    token_b: int
+    result: PatchEffects
+
+
+def patch_prompts(model, tokenizer, clean: str, corrupt: str, candidates: Sequence[str], nodes: Iterable[str],
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> PromptPatching:
+    """Each node's effect on logit(candidate A) − logit(candidate B) at the last token, patching the clean
+    prompt's activations into the corrupted one's (the candidates tokenized after the clean prompt)."""
+    block = int(model.config.block_size)
+    clean_ids, corrupt_ids = prompt_ids(tokenizer, clean, "clean", block), prompt_ids(tokenizer, corrupt, "corrupted", block)
+    if len(clean_ids) != len(corrupt_ids):
+        raise ValueError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}: "
+                         "patching needs prompts of the same token length")
+    if len(candidates) != 2:
+        raise ValueError(f"give two candidates, got {len(candidates)}")
+    a = candidate_token(tokenizer, clean_ids, candidates[0], "candidate A")
+    b = candidate_token(tokenizer, clean_ids, candidates[1], "candidate B")
+    if a == b:
+        raise ValueError(f"both candidates are the token {candidates[0]!r}: give two different tokens")
+    if max(a, b) >= model.config.vocab_size:
+        raise ValueError(f"a candidate's token id is outside the model's vocabulary ({model.config.vocab_size})")
+    result = node_effects(model, clean_ids, corrupt_ids, nodes, logit_difference(a, b), batch_size)
+    return PromptPatching(clean_ids, corrupt_ids, a, b, result)
+
+
 def rank_nodes(effects: PatchEffects, top: int | None = None) -> list[dict]:
     """JSON-ready rows for the ranked list: node, effect and the share of the clean − corrupted gap it recovers."""
     rows = []
@@ -154,4 +211,5 @@ def rank_nodes(effects: PatchEffects, top: int | None = None) -> list[dict]:
     return rows
 
 
-__all__ = ["Metric", "DEFAULT_BATCH_SIZE", "logit_difference", "PatchEffects", "node_effects", "rank_nodes"]
+__all__ = ["Metric", "DEFAULT_BATCH_SIZE", "logit_difference", "PatchEffects", "node_effects", "candidate_token",
+           "prompt_ids", "PromptPatching", "patch_prompts", "rank_nodes"]
