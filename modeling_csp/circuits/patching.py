@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .graph import node_locations, parse_node_id, location_width
+from .ablation import unchanged_weights
+from .graph import location_width, node_locations, parse_node_id
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_BATCH_SIZE = 64  # nodes patched per forward pass
@@ -96,6 +97,7 @@ def _patch(rows: torch.Tensor, channels: torch.Tensor, clean: torch.Tensor) -> C
 
 
 @torch.no_grad()
+@unchanged_weights
 def node_effects(model, clean_ids, corrupt_ids, nodes: Iterable[str], metric: Metric,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> PatchEffects:
     """Each node's patching effect on `metric(logits)`: the corrupted run with that node (at every position) set to
