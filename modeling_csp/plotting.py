@@ -1096,8 +1096,8 @@ def position_embedding_figure(wpe: Sequence[Sequence[float]], channel: int | Non
 
 
 def _plotly_text(tok: str) -> str:
-    """A token for Plotly text (which reads a few HTML tags): escaped, made visible."""
-    return html.escape(display_token(tok))
+    """A token for Plotly text (which reads a few HTML tags, and no named entity for quotes): escaped, visible."""
+    return html.escape(display_token(tok), quote=False)
 
 
 def attention_grid_figure(tokens: Sequence[str], patterns: Sequence[Sequence[Sequence[float]]], layer: int,
@@ -1148,7 +1148,7 @@ def attention_tokens_html(tokens: Sequence[str], patterns: Sequence[Sequence[Seq
         + ("<br>" if t.endswith("\n") else "") for i, t in enumerate(tokens))
     return (TABLE_CSS + '<div class="csp-att" data-attn="' + html.escape(data) + '">'
             '<div class="csp-ex-title">Hover a token: where each head attends from it (shading: mean over heads)</div>'
-            f'<div class="csp-tokens">{spans}</div><div class="csp-att-readout">(hover a token)</div></div>')
+            f'<div class="csp-tokens">{spans}</div><div class="csp-att-readout" style="white-space:pre-line;font-size:12px">(hover a token)</div></div>')
 
 
 # For gr.HTML(js_on_load=...): one listener on the component (its content changes, the listener stays); the
@@ -1165,7 +1165,7 @@ const show = (span) => {
   });
   const heads = row.heads.map((h, n) => `head ${n}: ` + h.top.map(([k, w]) => `«${data.tokens[k]}» ${(100 * w).toFixed(0)}%`).join(' ')
     + (h.sink === null ? '' : ` · sink ${(100 * h.sink).toFixed(0)}%`));
-  box.querySelector('.csp-att-readout').textContent = `«${data.tokens[i]}» (token ${i}) attends to — ` + heads.join(' | ');
+  box.querySelector('.csp-att-readout').textContent = `«${data.tokens[i]}» (token ${i}) attends to:\\n` + heads.join('\\n');
 };
 element.addEventListener('mouseover', (e) => { const s = e.target.closest('.csp-att-tok'); if (s) show(s); });
 element.addEventListener('focusin', (e) => { const s = e.target.closest('.csp-att-tok'); if (s) show(s); });
@@ -1173,7 +1173,7 @@ element.addEventListener('focusin', (e) => { const s = e.target.closest('.csp-at
 
 
 def patching_effects_html(rows: Sequence[Mapping[str, Any]], clean: float, corrupt: float, metric: str,
-                          d_head: int | None = None, limit: int = 30) -> str:
+                          d_head: int | None = None, limit: int = 30, max_height: int = 520) -> str:
     """The ranked list of patching effects: node, what it is, effect and share of the clean − corrupted gap."""
     body = []
     for row in list(rows)[:limit]:
@@ -1185,5 +1185,6 @@ def patching_effects_html(rows: Sequence[Mapping[str, Any]], clean: float, corru
     more = f'<div class="csp-ex-title">{len(rows) - limit} more not listed</div>' if len(rows) > limit else ""
     head = (f'<div class="csp-ex-title">{html.escape(metric)}: clean {clean:+.4f}, corrupted {corrupt:+.4f}; '
             f'effect = corrupted run with the node patched from the clean run − corrupted run</div>')
-    return (TABLE_CSS + head + '<table class="csp-q csp-patch"><tr><th>node</th><th>what</th><th>effect</th>'
-            f'<th>of the gap</th></tr>{"".join(body)}</table>{more}')
+    return (TABLE_CSS + head + f'<div style="max-height:{max_height}px;overflow-y:auto"><table class="csp-q csp-patch">'
+            '<tr><th>node</th><th>what</th><th>effect</th>'
+            f'<th>of the gap</th></tr>{"".join(body)}</table></div>{more}')

@@ -160,7 +160,7 @@ def patching_panel(explorer: Explorer, model: Any, run_id: Any, k: Any, clean: A
               f"({p.nodes_per_second:,.0f} nodes/s)")
     figure = plotting.circuit_overview_figure(
         circuit, values=p.effects, value_name="patching effect",
-        title=f"Patching effect on {html.escape(metric)}: blue +, red −")
+        title=f"Patching effect on {html.escape(metric, quote=False)}: blue +, red −")
     return PatchingPanel(markdown_literal(notice),
                          plotting.patching_effects_html(p.rows, p.clean, p.corrupt, metric, entry.d_head), figure)
 
