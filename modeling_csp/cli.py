@@ -82,6 +82,7 @@ MAX_STEPS = 1_000_000
 MAX_THREADS = 1024
 MAX_TOP = 50  # next tokens listed: the app's cap too (explorer.analysis.MAX_TOP)
 MAX_BATCH = 65536
+MAX_LISTED = 1_000_000  # `csp patch --top`
 TRAIN_BYTES_PER_VALUE = 16  # float32 weight, gradient and AdamW's two moments, per model value
 
 
@@ -641,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt", required=True, help="the corrupted prompt, of the same token length")
     p.add_argument("--candidates", required=True, nargs=2, metavar=("A", "B"),
                    help="two next tokens: the metric is logit(A) - logit(B) at the last token")
-    p.add_argument("--top", type=_number(1, integer=True), help="list only the N largest effects")
+    p.add_argument("--top", type=_number(1, MAX_LISTED, integer=True), help="list only the N largest effects")
     p.add_argument("--batch-size", type=_number(1, MAX_BATCH, integer=True), default=64, help="nodes per forward pass")
     p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
     p.set_defaults(fn=cmd_patch)

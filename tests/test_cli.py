@@ -546,6 +546,10 @@ def test_an_output_in_a_read_only_folder_fails_before_any_work(capsys, tmp_path)
     (("train", "--eval-windows", "1000000000"), "argument --eval-windows: expected an integer >= 1 and <= 65,536"),
     (("train", "--checkpoint-every", "1000000000"), "argument --checkpoint-every: expected an integer >= 1 and <= 1,000,000"),
     (("next-tokens", "--model", "default", "--prompt", "x"), "argument --top: expected an integer >= 1 and <= 50"),
+    (("patch", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
+     "argument --top: expected an integer >= 1 and <= 1,000,000"),
+    (("patch", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
+     "argument --batch-size: expected an integer >= 1 and <= 65,536"),
     (("tasks", "--check", "t.jsonl"), "argument --n-examples: expected an integer >= 8 and <= 2,048"),
     (("prune", "--model", "default", "--task", "indent_for", "--out", "c.json"), "argument --n-examples: expected an "
      "integer >= 8 and <= 2,048"),

@@ -64,7 +64,7 @@ class PatchEffects:
 
     @property
     def nodes_per_second(self) -> float:
-        return len(self.effects) / self.seconds if self.seconds > 0 else float("inf")
+        return len(self.effects) / max(self.seconds, 1e-9)  # finite: it goes into strict JSON
 
 
 def _as_row(ids, name: str) -> torch.Tensor:
