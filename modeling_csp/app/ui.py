@@ -310,7 +310,7 @@ class Page:
             self.att_layer = Options(choices=["0"], value="0", label="Layer", elem_id="att-layer", scale=3)
             self.att_btn = gr.Button("Show attention", elem_id="att-run", scale=1)
         self.att_notice = gr.Markdown("", elem_id="att-notice")
-        self.att_grid = gr.Plot(plotting.message_figure("Press Show attention.", 160), elem_id="att-grid",
+        self.att_grid = gr.Plot(plotting.message_figure("Press Show attention (or pick a layer).", 160), elem_id="att-grid",
                                 show_label=False)
         self.att_tokens = gr.HTML("", elem_id="att-tokens", js_on_load=plotting.ATTENTION_TOKENS_JS)
         self.att_key = gr.State(None)
@@ -642,7 +642,7 @@ class Page:
                     self.att_layer: gr.Radio(choices=p.layers, value=p.layer) if p.layers else gr.skip(),
                     self.att_key: [model, prompt, p.layer or layer]}
 
-        def att_blank(text="The prompt or model changed: press Show attention."):
+        def att_blank(text="Press Show attention (or pick a layer) to draw every head of the layer on the prompt."):
             return {self.att_notice: "", self.att_grid: plotting.message_figure(text, 160), self.att_tokens: "",
                     self.att_key: None}
 
@@ -668,7 +668,7 @@ class Page:
                     self.patch_key: list(inputs)}
 
         def patch_blank():
-            p = lab.patching_idle("The prompts, candidates or circuit changed: press Patch.")
+            p = lab.patching_idle()
             return {self.patch_notice: p.notice, self.patch_list: p.ranked, self.patch_graph: p.figure,
                     self.patch_key: None}
 
