@@ -14,6 +14,10 @@
                                                            `accelerate launch --num_processes N -m modeling_csp.cli sweep ...`
                                                            splits the tasks over N GPUs (N CPU processes:
                                                            ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...)
+    csp patch MODEL --circuit FILE_OR_RUN --clean TEXT --corrupt TEXT --candidates A B [--top N]
+                                                           one object: each circuit node's activation-patching
+                                                           effect (clean into corrupted) on logit(A) - logit(B),
+                                                           largest first
     csp import-viz VIZ_DATA.pt OUT.json                    convert the original visualizer's file
     csp space build OUT [--models default,HUB_ID,...]      a complete Hugging Face Space folder
     csp space push OUT REPO_ID                             upload it (token: HF_TOKEN or `hf auth login`)
@@ -78,6 +82,7 @@ MAX_STEPS = 1_000_000
 MAX_THREADS = 1024
 MAX_TOP = 50  # next tokens listed: the app's cap too (explorer.analysis.MAX_TOP)
 MAX_BATCH = 65536
+MAX_LISTED = 1_000_000  # `csp patch --top`
 TRAIN_BYTES_PER_VALUE = 16  # float32 weight, gradient and AdamW's two moments, per model value
 
 
@@ -416,6 +421,46 @@ def cmd_next_tokens(args) -> int:
     return 0
 
 
+def _circuit_file_or_shipped(model_spec: str, name: str) -> str:
+    """--circuit: a circuit file, else a circuit shipped with the model, named by its file name (without .json)
+    or its task (then the one found for the target loss)."""
+    if Path(name).is_file():
+        return name
+    shipped = shipped_circuits(model_spec)
+    by_stem = [e for e in shipped if Path(e["path"]).stem == name]
+    by_task = sorted((e for e in shipped if e["task"] == name), key=lambda e: not e["at_target"])
+    if by_stem or by_task:
+        return (by_stem or by_task)[0]["path"]
+    names = ", ".join(sorted(Path(e["path"]).stem for e in shipped)) or "none"
+    raise ValueError(f"--circuit {name!r} is neither a file nor a circuit shipped with model {model_spec!r} "
+                     f"(shipped: {names})")
+
+
+def cmd_patch(args) -> int:
+    from .circuits.graph import CircuitGraph
+    from .circuits.patching import patch_prompts, rank_nodes
+
+    if not args.clean or not args.corrupt:  # before the model loads
+        raise ValueError(f"the {'clean' if not args.clean else 'corrupted'} prompt is empty: type some code")
+    path = _circuit_file_or_shipped(args.model, args.circuit)
+    model, tokenizer = _load(args)
+    circuit = CircuitGraph.load(path, model=model)
+    for notice in circuit.notices:
+        print(f"note: {args.circuit}: {notice}", file=sys.stderr)
+    p = patch_prompts(model, tokenizer, args.clean, args.corrupt, args.candidates, circuit.nodes,
+                      batch_size=args.batch_size)
+    r = p.result
+    _emit({
+        "circuit": str(path), "task": circuit.task, "n_nodes": circuit.n_nodes, "direction": r.direction,
+        "metric": f"logit({tokenizer.decode([p.token_a])!r}) - logit({tokenizer.decode([p.token_b])!r}) at the last token",
+        "clean_tokens": [tokenizer.decode([i]) for i in p.clean_ids],
+        "corrupt_tokens": [tokenizer.decode([i]) for i in p.corrupt_ids],
+        "clean": r.clean, "corrupt": r.corrupt, "nodes_per_second": round(r.nodes_per_second, 1),
+        "ranked": rank_nodes(r, args.top),
+    })
+    return 0
+
+
 def cmd_import_viz(args) -> int:
     from .circuits.viz_import import import_viz_data
 
@@ -588,6 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_number(1, MAX_TOP, integer=True), default=10, help="how many next tokens to list")
     p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
     p.set_defaults(fn=cmd_next_tokens)
+
+    p = sub.add_parser("patch", help="activation patching: each circuit node's effect on two candidates' logit difference")
+    p.add_argument("model", metavar="MODEL", help="converted folder, hub id, or 'default'")
+    p.add_argument("--circuit", required=True, metavar="FILE_OR_RUN",
+                   help="circuit JSON file, or a circuit shipped with the model (file name or task, see `csp circuits`)")
+    p.add_argument("--clean", required=True, help="the clean prompt")
+    p.add_argument("--corrupt", required=True, help="the corrupted prompt, of the same token length")
+    p.add_argument("--candidates", required=True, nargs=2, metavar=("A", "B"),
+                   help="two next tokens: the metric is logit(A) - logit(B) at the last token")
+    p.add_argument("--top", type=_number(1, MAX_LISTED, integer=True), help="list only the N largest effects")
+    p.add_argument("--batch-size", type=_number(1, MAX_BATCH, integer=True), default=64, help="nodes per forward pass")
+    p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+    p.set_defaults(fn=cmd_patch)
 
     p = sub.add_parser("import-viz", help="convert the original visualizer's viz_data.pt to a circuit JSON")
     p.add_argument("viz_data")

@@ -33,7 +33,8 @@ __all__ = [
     "tokens_html", "examples_html", "connections_html", "quantile_examples_html", "task_activations_figure",
     "attention_pattern_figure", "embedding_tokens_figure", "weights_histogram_figure",
     "position_embedding_figure", "circuit_diff_figure", "connections_table", "message_figure",
-    "display_token", "task_examples_html", "attention_rows_html",
+    "display_token", "task_examples_html", "attention_rows_html", "attention_grid_figure", "attention_tokens_html",
+    "ATTENTION_TOKENS_JS", "patching_effects_html",
 ]
 
 # One colour convention everywhere: blue is positive, red is negative (edges, activations, importances, bars,
@@ -233,19 +234,21 @@ def _edge_traces(segments: list[tuple[float, float, float, float, float, str]], 
 
 def _node_trace(xs, ys, nodes: list[str], importances: list[float | None], d_head, symbols, labels=None,
                 imp_range=(0.0, 1.0), size: int = 16, showscale: bool = True, text_position="top center",
-                extra_hover: Mapping[str, str] | None = None) -> go.Scatter:
+                extra_hover: Mapping[str, str] | None = None, value_name: str | None = None) -> go.Scatter:
+    """Node markers coloured by `importances` (or by other values, named `value_name` in hover and colour bar)."""
     lo, hi = imp_range
     colors = [v if v is not None else 0.0 for v in importances]
     hover = []
     for n, v in zip(nodes, importances):
         extra = (extra_hover or {}).get(n, "")
-        hover.append(f"<b>{n}</b><br>{node_detail(n, d_head)}<br>importance: {_fmt(v)}{extra}")
+        hover.append(f"<b>{n}</b><br>{node_detail(n, d_head)}<br>{html.escape(value_name or 'importance')}: {_fmt(v)}{extra}")
     return go.Scatter(
         x=xs, y=ys, mode="markers+text" if labels else "markers", text=labels, textposition=text_position,
         textfont=dict(size=10, color="#333"), customdata=[[n] for n in nodes], hovertext=hover, hoverinfo="text",
         marker=dict(size=size, color=colors, colorscale=IMPORTANCE_COLORSCALE, cmin=lo, cmax=hi, symbol=symbols,
                     line=dict(width=1, color="#444"), showscale=showscale,
-                    colorbar=dict(title=dict(text="importance (Δ loss)", side="right"), thickness=12, len=0.8)),
+                    colorbar=dict(title=dict(text=html.escape(value_name or "importance (Δ loss)"), side="right"),
+                                  thickness=12, len=0.8)),
         showlegend=False, name="nodes",
     )
 
@@ -457,8 +460,13 @@ _STAGES = [("attn", "act_in"), ("attn", "q"), ("attn", "k"), ("attn", "v"), ("at
 
 def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str | None = None,
                             height: int | None = None, max_edges: int = 500, min_weight: float = 0.0,
-                            highlight: Iterable[str] = ()) -> go.Figure:
+                            highlight: Iterable[str] = (), values: Mapping[str, float] | None = None,
+                            value_name: str = "value", title: str | None = None) -> go.Figure:
     """Every node of the circuit, from the token embedding (left) to the logits (right).
+
+    Nodes are coloured by their importance, or by `values` {node: value} when given (a patching effect, say;
+    named `value_name`, zero white, blue positive, red negative; a node without a value is white); `title`
+    replaces the default title.
 
     One column per location (q, k and v each their own), weight edges coloured by sign (only |w| >=
     `min_weight` x the largest, at most `max_edges`), residual edges (same channel written by one sublayer and
@@ -509,10 +517,10 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
     for t in _edge_traces(segs, max_abs):
         fig.add_trace(t)
     nodes = list(pos)
-    imp_range = _importance_range(circuit.nodes[n] for n in nodes)
-    fig.add_trace(_node_trace([pos[n][0] for n in nodes], [pos[n][1] for n in nodes], nodes,
-                              [circuit.nodes[n] for n in nodes], d_head,
-                              [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes], None, imp_range, size=11))
+    colour_by = [values.get(n) for n in nodes] if values is not None else [circuit.nodes[n] for n in nodes]
+    fig.add_trace(_node_trace([pos[n][0] for n in nodes], [pos[n][1] for n in nodes], nodes, colour_by, d_head,
+                              [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes], None,
+                              _importance_range(colour_by), size=11, value_name=value_name if values is not None else None))
     fig.add_trace(go.Scatter(x=[x_embed, x_logits], y=[0, 0], mode="markers+text", text=["tokens", "logits"],
                              textposition=["middle left", "middle right"], hoverinfo="skip", showlegend=False,
                              marker=dict(size=22, symbol="square", color="#888"), name="io"))
@@ -534,7 +542,7 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
                      tickangle=-45)
     fig.update_yaxes(visible=False)
     fig.update_layout(shapes=shapes, annotations=annotations, dragmode="pan", clickmode="event")
-    title = f"Whole circuit: {len(nodes)} nodes, {edges_phrase}, residual edges in grey"
+    title = title or f"Whole circuit: {len(nodes)} nodes, {edges_phrase}, residual edges in grey"
     return _base_layout(fig, title, height or max(420, min(900, 22 * tallest + 160)))
 
 
@@ -1082,3 +1090,101 @@ def position_embedding_figure(wpe: Sequence[Sequence[float]], channel: int | Non
     fig.update_xaxes(title="residual channel")
     fig.update_yaxes(title="position", autorange="reversed")
     return _base_layout(fig, title, 380)
+
+
+# ---- prompt lab: every head of a layer on the user's prompt, and patching effects ----------------
+
+
+def _plotly_text(tok: str) -> str:
+    """A token for Plotly text (which reads a few HTML tags, and no named entity for quotes): escaped, visible."""
+    return html.escape(display_token(tok), quote=False)
+
+
+def attention_grid_figure(tokens: Sequence[str], patterns: Sequence[Sequence[Sequence[float]]], layer: int,
+                          columns: int = 4) -> go.Figure:
+    """One small (query x key) attention pattern per head of a layer, CircuitsVis style: `patterns` is
+    (heads, T, T) over the prompt's tokens (no sink column; a row sums to 1 minus the sink's share). Hovering a
+    cell names the head, the query token, the key token and the weight."""
+    n_head, n_tok = len(patterns), len(tokens)
+    columns = max(1, min(columns, n_head))
+    rows = math.ceil(n_head / columns)
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=[f"head {h}" for h in range(n_head)],
+                        horizontal_spacing=0.03, vertical_spacing=0.08 if rows > 1 else 0.0)
+    shown = [f"{i}:{_plotly_text(t)}" for i, t in enumerate(tokens)]
+    hover = [[f"{shown[q]} → {shown[k]}" for k in range(n_tok)] for q in range(n_tok)]
+    for h, pattern in enumerate(patterns):
+        z = [[float(pattern[q][k]) if k <= q else None for k in range(n_tok)] for q in range(n_tok)]
+        fig.add_trace(go.Heatmap(z=z, customdata=hover, colorscale="Blues", zmin=0, zmax=1, showscale=h == 0,
+                                 colorbar=dict(thickness=10, len=0.6, title=dict(text="weight", side="right")),
+                                 name=f"head {h}", hovertemplate=f"head {h}<br>%{{customdata}}<br>%{{z:.3f}}<extra></extra>"),
+                      row=h // columns + 1, col=h % columns + 1)
+    fig.update_yaxes(autorange="reversed", showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    title = f"Layer {layer}: attention of every head on the prompt (rows: query token, columns: key token)"
+    return _base_layout(fig, title, max(260, 230 * rows + 60))
+
+
+def attention_tokens_html(tokens: Sequence[str], patterns: Sequence[Sequence[Sequence[float]]],
+                          sink: Sequence[Sequence[float]] | None = None, top: int = 3) -> str:
+    """The prompt's tokens with, per token, where each head attends from it (its `top` keys and the sink's
+    share), for ATTENTION_TOKENS_JS to show on hover: the readout names them and the tokens are shaded by the
+    heads' mean weight. The data are JSON in an attribute (escaped), the tokens text."""
+    import json
+
+    n_head = len(patterns)
+    rows = []
+    for q in range(len(tokens)):
+        heads = []
+        for h in range(n_head):
+            row = [float(x) for x in patterns[h][q][: q + 1]]
+            best = sorted(range(len(row)), key=lambda k: -row[k])[:top]
+            heads.append({"top": [[k, round(row[k], 3)] for k in best],
+                          "sink": round(float(sink[h][q]), 3) if sink is not None else None})
+        mean = [round(sum(float(patterns[h][q][k]) for h in range(n_head)) / max(n_head, 1), 4) for k in range(q + 1)]
+        rows.append({"heads": heads, "mean": mean})
+    data = json.dumps({"tokens": [display_token(t) for t in tokens], "rows": rows}, allow_nan=False)
+    spans = "".join(
+        f'<span class="csp-tok csp-att-tok" data-i="{i}" tabindex="0">{html.escape(t.replace(chr(10), "↵").replace(chr(9), "→   "))}</span>'
+        + ("<br>" if t.endswith("\n") else "") for i, t in enumerate(tokens))
+    return (TABLE_CSS + '<div class="csp-att" data-attn="' + html.escape(data) + '">'
+            '<div class="csp-ex-title">Hover a token: where each head attends from it (shading: mean over heads)</div>'
+            f'<div class="csp-tokens">{spans}</div><div class="csp-att-readout" style="white-space:pre-line;font-size:12px">(hover a token)</div></div>')
+
+
+# For gr.HTML(js_on_load=...): one listener on the component (its content changes, the listener stays); the
+# readout is written as text, never as HTML.
+ATTENTION_TOKENS_JS = """
+const show = (span) => {
+  const box = span.closest('.csp-att');
+  if (!box) return;
+  const data = JSON.parse(box.dataset.attn);
+  const i = Number(span.dataset.i), row = data.rows[i];
+  box.querySelectorAll('.csp-att-tok').forEach((t) => {
+    const k = Number(t.dataset.i), w = k < row.mean.length ? row.mean[k] : 0;
+    t.style.background = k === i ? '#ffe08a' : `rgba(33,102,172,${Math.min(0.85, w * 0.85 / Math.max(...row.mean, 1e-6)).toFixed(3)})`;
+  });
+  const heads = row.heads.map((h, n) => `head ${n}: ` + h.top.map(([k, w]) => `«${data.tokens[k]}» ${(100 * w).toFixed(0)}%`).join(' ')
+    + (h.sink === null ? '' : ` · sink ${(100 * h.sink).toFixed(0)}%`));
+  box.querySelector('.csp-att-readout').textContent = `«${data.tokens[i]}» (token ${i}) attends to:\\n` + heads.join('\\n');
+};
+element.addEventListener('mouseover', (e) => { const s = e.target.closest('.csp-att-tok'); if (s) show(s); });
+element.addEventListener('focusin', (e) => { const s = e.target.closest('.csp-att-tok'); if (s) show(s); });
+"""
+
+
+def patching_effects_html(rows: Sequence[Mapping[str, Any]], clean: float, corrupt: float, metric: str,
+                          d_head: int | None = None, limit: int = 30, max_height: int = 520) -> str:
+    """The ranked list of patching effects: node, what it is, effect and share of the clean − corrupted gap."""
+    body = []
+    for row in list(rows)[:limit]:
+        v = float(row["effect"])
+        share = row.get("recovered")
+        body.append(f'<tr><td>{html.escape(row["node"])}</td><td>{html.escape(node_label(row["node"], d_head))}</td>'
+                    f'<td style="color:{POSITIVE_HEX if v >= 0 else NEGATIVE_HEX}">{v:+.4f}</td>'
+                    f'<td>{"–" if share is None else f"{100 * share:+.1f}%"}</td></tr>')
+    more = f'<div class="csp-ex-title">{len(rows) - limit} more not listed</div>' if len(rows) > limit else ""
+    head = (f'<div class="csp-ex-title">{html.escape(metric)}: clean {clean:+.4f}, corrupted {corrupt:+.4f}; '
+            f'effect = corrupted run with the node patched from the clean run − corrupted run</div>')
+    return (TABLE_CSS + head + f'<div style="max-height:{max_height}px;overflow-y:auto"><table class="csp-q csp-patch">'
+            '<tr><th>node</th><th>what</th><th>effect</th>'
+            f'<th>of the gap</th></tr>{"".join(body)}</table></div>{more}')

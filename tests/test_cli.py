@@ -546,6 +546,10 @@ def test_an_output_in_a_read_only_folder_fails_before_any_work(capsys, tmp_path)
     (("train", "--eval-windows", "1000000000"), "argument --eval-windows: expected an integer >= 1 and <= 65,536"),
     (("train", "--checkpoint-every", "1000000000"), "argument --checkpoint-every: expected an integer >= 1 and <= 1,000,000"),
     (("next-tokens", "--model", "default", "--prompt", "x"), "argument --top: expected an integer >= 1 and <= 50"),
+    (("patch", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
+     "argument --top: expected an integer >= 1 and <= 1,000,000"),
+    (("patch", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
+     "argument --batch-size: expected an integer >= 1 and <= 65,536"),
     (("tasks", "--check", "t.jsonl"), "argument --n-examples: expected an integer >= 8 and <= 2,048"),
     (("prune", "--model", "default", "--task", "indent_for", "--out", "c.json"), "argument --n-examples: expected an "
      "integer >= 8 and <= 2,048"),
@@ -577,3 +581,47 @@ def test_training_a_model_larger_than_memory_is_refused_before_anything_is_alloc
     assert_one_line_error(code, err, "training this model (weights, gradients and optimizer state) needs about",
                           "GiB (1024 layers, d_model 65,536, vocab_size 2,048) but only")
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_patch_ranks_circuit_nodes_by_their_patching_effect(capsys, tiny, tmp_path):
+    """`csp patch`: the library's node effects for the circuit's nodes, largest first; errors are one line."""
+    from modeling_csp.circuits.patching import patch_prompts
+    from modeling_csp.model.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny))
+    half_masks = {loc: torch.arange(m.numel()) % 3 == 0 for loc, m in all_kept(model.config).items()}
+    circuit = CircuitGraph.from_masks(model, half_masks, model_name="tiny").save(tmp_path / "third.json")
+    argv = ["patch", tiny, "--circuit", circuit, "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", "'", '"']
+    code, out, _ = run(capsys, *argv)
+    answer = one_json(out)
+    expected = patch_prompts(model, tokenizer, "x = 'a", 'x = "a', ["'", '"'], CircuitGraph.load(circuit).nodes).result
+    assert code == 0 and answer["n_nodes"] == len(expected.effects) == len(answer["ranked"])
+    assert answer["clean"] == pytest.approx(expected.clean, abs=1e-5)
+    assert answer["corrupt"] == pytest.approx(expected.corrupt, abs=1e-5)
+    effects = [row["effect"] for row in answer["ranked"]]
+    assert [abs(e) for e in effects] == sorted((abs(e) for e in effects), reverse=True)
+    for row in answer["ranked"]:
+        assert row["effect"] == pytest.approx(expected.effects[row["node"]], abs=1e-4)
+    assert answer["clean_tokens"] == ["x", " =", " '", "a"] and answer["corrupt_tokens"][2] == ' "'
+    code, out, _ = run(capsys, *argv, "--top", 2)
+    assert code == 0 and one_json(out)["ranked"] == answer["ranked"][:2]
+
+    code, _, err = run(capsys, *argv[:4], "--clean", "x = 'abc", "--corrupt", 'x = "a', "--candidates", "'", '"')
+    assert_one_line_error(code, err, "the clean prompt has 5 tokens and the corrupted one 4")
+    code, _, err = run(capsys, *argv[:4], "--clean", "", "--corrupt", 'x = "a', "--candidates", "'", '"')
+    assert_one_line_error(code, err, "the clean prompt is empty")
+    code, _, err = run(capsys, *argv[:4], "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", "'", "'")
+    assert_one_line_error(code, err, "both candidates are the token")
+    code, _, err = run(capsys, *argv[:4], "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", " hello world", '"')
+    assert_one_line_error(code, err, "candidate A ' hello world' is", "give a single token")
+    code, _, err = run(capsys, "patch", tiny, "--circuit", "nope", *argv[4:])
+    assert_one_line_error(code, err, "--circuit 'nope' is neither a file nor a circuit shipped with model")
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="the default model is not installed")
+def test_patch_takes_a_circuit_shipped_with_the_model(capsys):
+    code, out, _ = run(capsys, "patch", "default", "--circuit", "bracket_brace_k8", "--clean", "x = 'a",
+                       "--corrupt", 'x = "a', "--candidates", "'", '"')
+    answer = one_json(out)
+    assert code == 0 and answer["task"] == "bracket_brace" and len(answer["ranked"]) == answer["n_nodes"] == 8
+    assert answer["clean"] > 0 > answer["corrupt"]  # the model prefers the quote that opened the string

@@ -3,6 +3,7 @@ imported as a CircuitGraph, and a hand-made circuit), checked for structure, not
 
 import json
 import math
+import re
 
 import plotly.graph_objects as go
 import pytest
@@ -363,3 +364,53 @@ def test_message_figure_escapes():
     fig = P.message_figure("<b>x</b>")
     assert "&lt;b&gt;" in fig.layout.annotations[0].text
     assert isinstance(fig, go.Figure)
+
+
+# ---- issue 22: prompt lab (attention grid, patching effects)
+
+
+def test_overview_coloured_by_values(small):
+    effects = {"0.attn.q:17": -2.0, "0.mlp.post_act:7": 0.5}  # the other nodes have no value: white
+    fig = P.circuit_overview_figure(small, values=effects, value_name="patching effect", title="Patching")
+    trace = _node_trace(fig)
+    colours = dict(zip([c[0] for c in trace.customdata], trace.marker.color))
+    assert colours["0.attn.q:17"] == -2.0 and colours["0.mlp.post_act:7"] == 0.5 and colours["0.attn.k:18"] == 0.0
+    assert (trace.marker.cmin, trace.marker.cmax) == (-2.0, 2.0)
+    assert trace.marker.colorbar.title.text == "patching effect" and fig.layout.title.text == "Patching"
+    assert "patching effect: -2" in trace.hovertext[[c[0] for c in trace.customdata].index("0.attn.q:17")]
+    plain = _node_trace(P.circuit_overview_figure(small))
+    assert plain.marker.colorbar.title.text == "importance (Δ loss)"
+
+
+def test_attention_grid_is_one_causal_pattern_per_head():
+    tokens = ["x", " <b>", ' "', "\n"]
+    patterns = [[[1.0 if k == q - h % (q + 1) else 0.0 for k in range(4)] for q in range(4)] for h in range(6)]
+    fig = P.attention_grid_figure(tokens, patterns, layer=2, columns=4)
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heat) == 6 and [t.name for t in heat] == [f"head {h}" for h in range(6)]
+    assert all(len(t.z) == 4 and all(len(r) == 4 for r in t.z) for t in heat)
+    assert heat[0].z[1][2] is None and heat[0].z[3][3] == 1.0  # nothing above the diagonal (causal)
+    assert heat[0].customdata[1][0] == "1:·&lt;b&gt; → 0:x"  # tokens escaped for Plotly's pseudo-HTML
+    assert "Layer 2" in fig.layout.title.text and sum(t.showscale is True for t in heat) == 1
+
+
+def test_attention_tokens_html_carries_each_tokens_row_as_escaped_json():
+    import html as html_module
+
+    tokens = ["a", "<i>", '"q"']
+    patterns = [[[1, 0, 0], [0.25, 0.75, 0], [0.5, 0.1, 0.4]], [[1, 0, 0], [1, 0, 0], [0, 0, 1]]]
+    out = P.attention_tokens_html(tokens, patterns, sink=[[0.0, 0.1, 0.2], [0.5, 0.5, 0.5]], top=2)
+    assert "<i>" not in out and "&lt;i&gt;" in out  # a token is text
+    data = json.loads(html_module.unescape(re.search(r'data-attn="([^"]*)"', out).group(1)))
+    assert data["tokens"] == ["a", "<i>", '"q"']
+    assert data["rows"][1]["heads"][0] == {"top": [[1, 0.75], [0, 0.25]], "sink": 0.1}
+    assert data["rows"][2]["mean"] == [0.25, 0.05, 0.7]
+    assert out.count('class="csp-tok csp-att-tok"') == 3
+
+
+def test_patching_effects_html_lists_effects_and_shares():
+    rows = [{"node": "0.attn.q:17", "effect": -1.5, "recovered": -0.25}, {"node": "0.mlp.post_act:7", "effect": 0.5,
+                                                                            "recovered": None}]
+    out = P.patching_effects_html(rows, 2.0, -4.0, "logit(<a>) − logit(b)", d_head=16, limit=1)
+    assert "-1.5000" in out and "-25.0%" in out and "h1.ch1" in out and "&lt;a&gt;" in out
+    assert "0.mlp.post_act:7" not in out and "1 more not listed" in out

@@ -45,7 +45,7 @@ import torch
 
 from .. import plotting
 from ..circuits.pruning import PruneConfig
-from ..explorer import panels
+from ..explorer import lab, panels
 from ..explorer.analysis import MAX_PRUNE_STEPS, MIN_PRUNE_STEPS, task_names, warm_up
 from ..explorer.errors import first_line
 from ..explorer.explorer import Explorer, Settings
@@ -305,6 +305,39 @@ class Page:
             self.prompt_node_acts = gr.HTML("", elem_id="prompt-node-acts")
             with gr.Accordion("/next_tokens output (JSON)", open=False):
                 self.prompt_json = gr.JSON(label="/next_tokens output", elem_id="prompt-json")
+            self.lab_views()
+
+    # ---- issue 22: the prompt lab's attention grid and activation patching (layout) ------------------
+
+    def lab_views(self) -> None:
+        """Every head of a chosen layer on the prompt, and activation patching of the circuit's nodes."""
+        gr.Markdown("### Attention of every head")
+        with gr.Row(equal_height=True):
+            self.att_layer = Options(choices=["0"], value="0", label="Layer", elem_id="att-layer", scale=3)
+            self.att_btn = gr.Button("Show attention", elem_id="att-run", scale=1)
+        self.att_notice = gr.Markdown("", elem_id="att-notice")
+        self.att_grid = gr.Plot(plotting.message_figure("Press Show attention (or pick a layer).", 160), elem_id="att-grid",
+                                show_label=False)
+        self.att_tokens = gr.HTML("", elem_id="att-tokens", js_on_load=plotting.ATTENTION_TOKENS_JS)
+        self.att_key = gr.State(None)
+        gr.Markdown("### Activation patching\nEach node of the shown circuit is patched from the clean run into the "
+                    "corrupted one (same token length); its effect is the change of logit(A) − logit(B) at the last token.")
+        with gr.Row(equal_height=True):
+            self.patch_clean = gr.Textbox(value=lab.DEFAULT_CLEAN, label="clean prompt", elem_id="patch-clean", scale=3)
+            self.patch_corrupt = gr.Textbox(value=lab.DEFAULT_CORRUPT, label="corrupted prompt", elem_id="patch-corrupt",
+                                            scale=3)
+            self.patch_a = gr.Textbox(value=lab.DEFAULT_CANDIDATES[0], label="candidate A", elem_id="patch-a",
+                                      max_length=100, scale=1)
+            self.patch_b = gr.Textbox(value=lab.DEFAULT_CANDIDATES[1], label="candidate B", elem_id="patch-b",
+                                      max_length=100, scale=1)
+            self.patch_btn = gr.Button("Patch", variant="primary", elem_id="patch-run", scale=1)
+        self.patch_notice = gr.Markdown("", elem_id="patch-notice")
+        with gr.Row():
+            with gr.Column(scale=2):
+                self.patch_list = gr.HTML("", elem_id="patch-list")
+            with gr.Column(scale=3):
+                self.patch_graph = gr.Plot(lab.patching_idle().figure, elem_id="patch-graph", show_label=False)
+        self.patch_key = gr.State(None)
 
     def ablations_tab(self) -> None:
         """Ablations, live importances, comparison, pruning (its defaults are the library's `PruneConfig`) and
@@ -606,6 +639,60 @@ class Page:
         for trigger in (self.prompt_btn.click, self.cand_a.submit, self.cand_b.submit):
             trigger(guarded(on_prompt, self.status), prompt_inputs, prompt_outputs)
 
+    # ---- issue 22: the prompt lab's attention grid and activation patching (events) ------------------
+
+    def wire_lab(self) -> None:
+        """Each reading is computed on a press (or a layer pick, or when the tab opens) and cleared as soon as what it
+        was computed from changes; a reading that arrives after such a change is cleared by the step after it
+        (its inputs are kept in `att_key` / `patch_key`)."""
+        att_in = [self.model_in, self.prompt_in, self.att_layer]
+        att_out = [self.att_notice, self.att_grid, self.att_tokens, self.att_layer, self.att_key, self.status]
+
+        def on_attention(model, prompt, layer):
+            p = lab.attention_panel(self.explorer, model, prompt, layer)
+            return {self.att_notice: p.notice, self.att_grid: p.figure, self.att_tokens: p.tokens,
+                    self.att_layer: gr.Radio(choices=p.layers, value=p.layer) if p.layers else gr.skip(),
+                    self.att_key: [model, prompt, p.layer or layer]}
+
+        def att_blank(text="Press Show attention (or pick a layer) to draw every head of the layer on the prompt."):
+            return {self.att_notice: "", self.att_grid: plotting.message_figure(text, 160), self.att_tokens: "",
+                    self.att_key: None}
+
+        def att_check(key, model, prompt, layer):
+            return gr.skip() if key is None or key == [model, prompt, layer] else att_blank()
+
+        last = dict(trigger_mode="always_last", show_progress="minimal")
+        for trigger in (self.att_btn.click, self.prompt_btn.click, self.att_layer.input, self.tabs["prompt"].select):
+            trigger(guarded(on_attention, self.status), att_in, att_out, **last).then(
+                att_check, [self.att_key] + att_in, [self.att_notice, self.att_grid, self.att_tokens, self.att_key],
+                show_progress="hidden")
+        for trigger in (self.prompt_in.change, self.model_in.change):
+            trigger(att_blank, None, [self.att_notice, self.att_grid, self.att_tokens, self.att_key],
+                    queue=False, show_progress="hidden")
+
+        patch_in = [self.model_in, self.run_in, self.k_in, self.patch_clean, self.patch_corrupt, self.patch_a,
+                    self.patch_b]
+        patch_out = [self.patch_notice, self.patch_list, self.patch_graph, self.patch_key]
+
+        def on_patch(*inputs):
+            p = lab.patching_panel(self.explorer, *inputs)
+            return {self.patch_notice: p.notice, self.patch_list: p.ranked, self.patch_graph: p.figure,
+                    self.patch_key: list(inputs)}
+
+        def patch_blank():
+            p = lab.patching_idle()
+            return {self.patch_notice: p.notice, self.patch_list: p.ranked, self.patch_graph: p.figure,
+                    self.patch_key: None}
+
+        def patch_check(key, *inputs):
+            return gr.skip() if key is None or key == list(inputs) else patch_blank()
+
+        for trigger in (self.patch_btn.click, self.patch_clean.submit, self.patch_corrupt.submit):
+            trigger(guarded(on_patch, self.status), patch_in, patch_out + [self.status], **last).then(
+                patch_check, [self.patch_key] + patch_in, patch_out, show_progress="hidden")
+        for component in patch_in:
+            component.change(patch_blank, None, patch_out, queue=False, show_progress="hidden")
+
     def wire_ablations(self) -> None:
         """Ablations, live importances and comparison of the shown circuit."""
         shown_circuit = [self.model_in, self.task_in, self.run_in, self.k_in]
@@ -752,8 +839,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         page.plumbing()
         page.wire_browser(demo)
         page.wire_tab_names()
-        for wire in (page.wire_overview, page.wire_curves, page.wire_embeddings, page.wire_prompt, page.wire_ablations,
-                     page.wire_pruning, page.wire_share):
+        for wire in (page.wire_overview, page.wire_curves, page.wire_embeddings, page.wire_prompt, page.wire_lab,
+                     page.wire_ablations, page.wire_pruning, page.wire_share):
             wire()
         page.api()
         demo.load(None, None, None, js=PAGE_JS)

@@ -2,6 +2,7 @@
 contract keeps it so):
 
 - `pruning`: finding circuits (`PruneConfig`, `prune`); `viz_import`: the original release's viz_data;
+  `patching`: activation patching of circuit nodes (`node_effects`, `logit_difference`);
 - `evaluation`: task metrics, running a task with nodes ablated, faithfulness, node effects, `EvalOptions` and
   the verdict;
 - `ablation`: ablation contexts and mean activations;

@@ -15,6 +15,7 @@ tasks, hub lookups), and every function that needs it takes it (or a `ModelEntry
   process that sends back only the circuit, so the server's memory stays flat.
 - `view`: the browser's view model, `resolve_view(explorer, session, Request) -> View`.
 - `panels`: the app's other panels as plain results.
+- `lab`: the prompt lab's attention grid and activation patching, as computations and panels.
 
 A problem with what was asked for raises `UserError` (a ValueError whose message is meant for the user); the
 view model and the panels turn it into a message where it belongs.

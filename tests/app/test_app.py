@@ -907,3 +907,70 @@ def test_pruning_shows_its_stage_and_disables_the_buttons(page):
     assert page.evaluate("() => [...document.querySelectorAll('#prune-progress, #prune-here-progress')]"
                           ".map((e) => e.innerText.trim()).join('')") == ""
     assert_no_errors(page)
+
+
+# ---- issue 22: prompt lab — attention grid and activation patching
+
+GRID_SHAPES_JS = """() => { const d = document.querySelector('#att-grid .js-plotly-plot');
+    return d && d.data ? d.data.filter((t) => t.type === 'heatmap').map((t) => [t.z.length, t.z[0].length]) : []; }"""
+PATCH_GRAPH_JS = """() => { const d = document.querySelector('#patch-graph .js-plotly-plot');
+    const t = d && d.data ? d.data.find((t) => t.name === 'nodes') : null;
+    return t ? {n: t.customdata.length, colors: t.marker.color, bar: d._fullData.find((u) => u.name === 'nodes')
+               .marker.colorbar.title.text} : null; }"""
+
+
+def replace_prompt(page, text: str) -> None:
+    editor = page.locator("#prompt-input .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Delete")
+    page.keyboard.insert_text(text)
+
+
+def test_attention_grid_of_a_layer_shows_where_a_hovered_token_attends(page):
+    page.get_by_role("tab", name="Prompt lab").click()
+    replace_prompt(page, "def f(x):\n    return '<b>' + x")
+    page.locator("#att-run").click()
+    wait_text(page, "#att-notice", "layer 0:")
+    page.wait_for_selector("#att-layer input[value='1']")  # the model's layers, once the first grid came
+    page.locator("#att-layer input[value='1']").check()
+    wait_text(page, "#att-notice", "layer 1:")
+    n_head, n_tok = map(int, re.search(r"(\d+) heads on (\d+) tokens", text_of(page, "#att-notice")).groups())
+    page.wait_for_function(f"() => ({GRID_SHAPES_JS})().length === {n_head}")
+    assert page.evaluate(GRID_SHAPES_JS) == [[n_tok, n_tok]] * n_head  # one (query x key) pattern per head
+    tokens = page.locator("#att-tokens .csp-att-tok")
+    assert tokens.count() == n_tok and "<b>" in page.locator("#att-tokens .csp-tokens").inner_text()  # text, not markup
+    tokens.nth(4).hover()
+    wait_text(page, "#att-tokens .csp-att-readout", "(token 4) attends to")
+    readout = text_of(page, "#att-tokens .csp-att-readout")
+    assert all(f"head {h}:" in readout for h in range(n_head)), readout
+    shot(page, "22_attention_grid")
+    replace_prompt(page, "x = 1")  # a new prompt: the old grid goes
+    page.wait_for_function("() => document.querySelectorAll('#att-tokens .csp-att-tok').length === 0")
+    assert page.evaluate(GRID_SHAPES_JS) == []
+    assert_no_errors(page)
+
+
+def test_activation_patching_ranks_the_circuit_and_colours_its_graph(page):
+    page.get_by_role("tab", name="Prompt lab").click()
+    page.locator("#patch-run").click()
+    wait_text(page, "#patch-notice", "nodes patched")
+    n_nodes = int(re.search(r"(\d+) nodes patched", text_of(page, "#patch-notice")).group(1))
+    effects = [float(t) for t in page.locator("#patch-list table tr td:nth-child(3)").all_inner_texts()]
+    assert effects and len(effects) == min(n_nodes, 30)
+    assert [abs(e) for e in effects] == sorted((abs(e) for e in effects), reverse=True)
+    page.wait_for_function(f"() => {{ const g = ({PATCH_GRAPH_JS})(); return g && g.n === {n_nodes}; }}")
+    graph = page.evaluate(PATCH_GRAPH_JS)
+    assert graph["bar"] == "patching effect" and max(abs(c) for c in graph["colors"]) == pytest.approx(
+        max(abs(e) for e in effects), abs=1e-3)
+    shot(page, "23_patching")
+    # an input changes: the reading goes at once
+    page.locator("#patch-b input, #patch-b textarea").first.fill("(")
+    page.wait_for_function("() => !document.querySelector('#patch-list table')")
+    page.wait_for_function(f"() => ({PATCH_GRAPH_JS})() === null")
+    # prompts of different token lengths: one line naming both, and nothing else
+    page.locator("#patch-clean input, #patch-clean textarea").first.fill("x = 'abc def")
+    page.locator("#patch-run").click()
+    wait_text(page, "#patch-notice", "tokens and the corrupted one 4")
+    assert page.locator("#patch-list table").count() == 0 and page.evaluate(PATCH_GRAPH_JS) is None
+    assert_no_errors(page)
