@@ -531,6 +531,18 @@ def resolve_view(explorer: Explorer, session: Session | None, request: Request) 
         return replace(view, notices=[str(exc)], changed=frozenset({"status"} | reverted))
 
 
+# the selectors a pick of each kind was made under: the page it was made on showed these
+_PICK_CONTEXT = {"task": ("model",), **{e: ("model", "task") for e in ("run", "k", "layer", "node", "click", "search")}}
+
+
+def _made_on_another_page(event: str, wanted: Selection, newest: Selection | None) -> bool:
+    """Whether a pick was made under another model or task than the newest pick (or, none on its way, the page):
+    each box sends the whole selection, so a run picked before a model pick that the server saw first would
+    otherwise bring the old model back."""
+    return newest is not None and any(getattr(wanted, name) != getattr(newest, name)
+                                      for name in _PICK_CONTEXT.get(event, ()))
+
+
 class Shown:
     """What each page shows (session hash -> its `Selection`), and a ticket per page that each new pick takes
     when it starts. The app paints an answer only through here: a view only if no pick started after its own
@@ -567,8 +579,10 @@ class Shown:
             if asked is not None and asked.event in PICKS:
                 wanted = asked.asked
                 on_its_way = self._painted.get(key) != ticket
-                again = asked.event not in ("load", "click", "search") and (
-                    wanted == (self._asked.get(key) if on_its_way else self._pages.get(key)))
+                newest = self._asked.get(key) if on_its_way else self._pages.get(key)
+                again = asked.event not in ("load", "click", "search") and wanted == newest
+                if _made_on_another_page(asked.event, wanted, newest):
+                    again = True  # (dropped like a re-send)
                 if not again:
                     ticket, new = ticket + 1, True
                     self._put(self._asked, key, wanted)

@@ -236,10 +236,11 @@ def test_a_view_overtaken_by_a_later_pick_is_not_painted(first):
     ticket, new = shown.begin(page, Request("load"))
     assert new and shown.accept(page, first, ticket) and shown.current(page) == first.selected
     smaller = ask(first, "k", k=first.k - 2)
-    slow, _ = shown.begin(page, Request("task", **{**first.selection, "task": "if_ternary"}))
+    other_node = next(n for n in first.circuit.nodes if n != first.node)
+    slow, _ = shown.begin(page, Request("node", **{**first.selection, "node": other_node}))
     k_change, new = shown.begin(page, Request("k", **smaller.selection))
     assert new and shown.accept(page, smaller, k_change) and shown.current(page) == smaller.selected
-    assert not shown.accept(page, ask(first, "task", task="if_ternary"), slow)  # overtaken: not painted
+    assert not shown.accept(page, ask(first, "node", node=other_node), slow)  # overtaken: not painted
     assert not shown.newest(page, slow) and shown.newest(other_page, 1) and shown.newest(page, None)
     assert not shown.accept(page, ask(first, "stats"), None)  # the old k's numbers: not under the new k
     assert shown.accept(page, ask(smaller, "stats"), None) and shown.current(page) == smaller.selected
@@ -250,6 +251,24 @@ def test_a_view_overtaken_by_a_later_pick_is_not_painted(first):
     back, new = shown.begin(page, Request("layer", **smaller.selection))
     assert new and back == k_change + 2
     assert resolve_view(smaller.explorer, smaller.session, Request("layer", **smaller.selection, fresh=True)).changed
+
+
+def test_a_pick_made_under_an_older_model_does_not_bring_it_back(first):
+    """The run box's blur, sent while the page still showed the previous model, reaches the server after the
+    model pick the user made next (another queue): it is dropped, and the model pick is painted."""
+    shown, page = Shown(), SimpleNamespace(session_hash="a")
+    ticket, _ = shown.begin(page, Request("load"))
+    assert shown.accept(page, first, ticket)
+    old_page = {**first.selection, "model": "/models/hostile"}
+    shown.begin(page, Request("model", **old_page))
+    assert shown.accept(page, replace(first, model="/models/hostile", event="model"), shown.begin(page)[0])
+    model_pick, new = shown.begin(page, Request("model", **first.selection))
+    assert new
+    assert shown.begin(page, Request("run", **old_page)) == (model_pick, False)  # made on the old page: dropped
+    assert shown.begin(page, Request("k", **{**old_page, "k": 3})) == (model_pick, False)
+    assert shown.accept(page, first, model_pick) and shown.current(page) == first.selected
+    # made on the page that is shown now: a pick as before
+    assert shown.begin(page, Request("k", **{**first.selection, "k": 3})) == (model_pick + 1, True)
 
 
 def test_a_selection_is_spelled_one_way(first):
