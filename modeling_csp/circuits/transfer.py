@@ -226,5 +226,38 @@ def circuit_through_snapshots(circuits: Sequence[CircuitGraph], snapshots: Seque
     return {"snapshots": labels, "circuits": rows}
 
 
+CURVE_FILE = "circuit_through_training.json"  # in a model folder: scripts/circuit_through_training.py writes it
+MAX_CURVE_BYTES = 1_000_000
+
+
+def read_circuit_through_training(folder: str | Path) -> dict[str, Any] | None:
+    """A model folder's circuit-through-training curve (`CURVE_FILE`), None when it ships none; ValueError when
+    the file is too large or not such a curve (it comes with the model, and the model may come from anyone)."""
+    from ..utils.jsonio import loads_strict
+
+    path = Path(folder) / CURVE_FILE
+    if not Path(folder).is_dir() or not path.is_file():
+        return None
+    if path.stat().st_size > MAX_CURVE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CURVE_BYTES:,} bytes")
+    try:
+        curve = loads_strict(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not strict JSON ({first_line(exc)})") from None
+    labels = curve.get("snapshots") if isinstance(curve, dict) else None
+    rows = curve.get("circuits") if isinstance(curve, dict) else None
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels) and isinstance(rows, dict)
+            and all(isinstance(r, dict) and all(isinstance(r.get(key), list) and len(r[key]) == len(labels)
+                                                 and all(v is None or isinstance(v, (int, float)) for v in r[key])
+                                                 for key in ("circuit", "full")) for r in rows.values())):
+        raise ValueError(f"{path} is not a circuit-through-training curve: expected 'snapshots' (labels) and "
+                         "'circuits' whose 'circuit' and 'full' lists have a number per snapshot")
+    return curve
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 __all__ = ["check_same_shape", "own_task", "NodeChange", "TransferResult", "node_changes", "evaluate_transfer",
-           "load_snapshot", "circuit_through_snapshots", "TOP_CHANGED"]
+           "load_snapshot", "circuit_through_snapshots", "TOP_CHANGED", "CURVE_FILE", "read_circuit_through_training"]
