@@ -676,8 +676,8 @@ def circuit_through_training_figure(curve: Mapping[str, Any] | None, at_target_o
         fig.add_trace(go.Scatter(x=labels, y=full, name=f"{name}: full model", mode="lines", legendgroup=name,
                                  line=dict(color=color, dash="dot"), showlegend=False,
                                  hovertemplate=f"{name}: full model %{{y:.3f}} nats at %{{x}}<extra></extra>"))
-    fig.add_hline(y=math.log(2), line=dict(color="#999", dash="dash"), annotation_text="chance (ln 2)",
-                  annotation_position="top left")
+    fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[math.log(2)] * 2, name="chance (ln 2)", mode="lines",
+                             line=dict(color="#999", dash="dash"), hoverinfo="skip"))  # a trace: no log-axis shapes
     fig.update_xaxes(title="snapshot (the circuits were pruned on the last)")
     fig.update_yaxes(type="log", title="held-out task loss (nats; dotted: full model)",
                      **_log_ticks(values + [math.log(2)]))

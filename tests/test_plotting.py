@@ -363,3 +363,21 @@ def test_message_figure_escapes():
     fig = P.message_figure("<b>x</b>")
     assert "&lt;b&gt;" in fig.layout.annotations[0].text
     assert isinstance(fig, go.Figure)
+
+
+# ---- issue 22: a circuit through training
+
+
+def test_circuit_through_training_figure():
+    curve = {"snapshots": ["step 100", "step 200"], "circuits": {
+        "quotes": {"task": "quotes", "k": 12, "at_target": True, "circuit": [0.9, 0.1], "full": [0.2, 0.0]},
+        "quotes (k=4)": {"task": "quotes", "k": 4, "at_target": False, "circuit": [2.0, 1.5], "full": [0.2, 0.0]}}}
+    fig = P.circuit_through_training_figure(curve)
+    names = [t.name for t in fig.data]
+    assert names == ["quotes (12 nodes)", "quotes: full model", "chance (ln 2)"]  # the k=4 circuit: not at target
+    assert list(fig.data[0].x) == ["step 100", "step 200"] and list(fig.data[0].y) == [0.9, 0.1]
+    assert fig.data[1].line.dash == "dot" and fig.data[1].line.color == fig.data[0].line.color
+    assert fig.layout.yaxis.type == "log" and min(fig.data[1].y) > 0  # a zero loss is clipped for the log axis
+    assert not fig.layout.shapes and not fig.layout.annotations
+    assert len(P.circuit_through_training_figure(curve, at_target_only=False).data) == 5
+    assert "ships no circuit-through-training" in P.circuit_through_training_figure(None).layout.annotations[0].text
