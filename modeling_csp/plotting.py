@@ -667,15 +667,16 @@ def circuit_through_training_figure(curve: Mapping[str, Any] | None, at_target_o
     values = []
     for i, (name, row) in enumerate(sorted(rows.items())):
         color = _SERIES_COLORS[i % len(_SERIES_COLORS)]
+        task = row.get("task", name)
         circuit = [max(v, eps) if isinstance(v, (int, float)) else None for v in row.get("circuit", [])]
         full = [max(v, eps) if isinstance(v, (int, float)) else None for v in row.get("full", [])]
         values += [v for v in circuit + full if v is not None]
-        fig.add_trace(go.Scatter(x=labels, y=circuit, name=f"{row.get('task', name)} ({row.get('k')} nodes)", mode="lines+markers",
+        fig.add_trace(go.Scatter(x=labels, y=circuit, name=f"{task} ({row.get('k')} nodes)", mode="lines+markers",
                                  line=dict(color=color), legendgroup=name,
                                  hovertemplate=f"{name}: circuit %{{y:.3f}} nats at %{{x}}<extra></extra>"))
-        fig.add_trace(go.Scatter(x=labels, y=full, name=f"{name}: full model", mode="lines", legendgroup=name,
+        fig.add_trace(go.Scatter(x=labels, y=full, name=f"{task}: full model", mode="lines", legendgroup=name,
                                  line=dict(color=color, dash="dot"), showlegend=False,
-                                 hovertemplate=f"{name}: full model %{{y:.3f}} nats at %{{x}}<extra></extra>"))
+                                 hovertemplate=f"{task}: full model %{{y:.3f}} nats at %{{x}}<extra></extra>"))
     fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[math.log(2)] * 2, name="chance (ln 2)", mode="lines",
                              line=dict(color="#999", dash="dash"), hoverinfo="skip"))  # a trace: no log-axis shapes
     fig.update_xaxes(title="snapshot (the circuits were pruned on the last)")
