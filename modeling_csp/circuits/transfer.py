@@ -117,7 +117,7 @@ def _edge_weight_changes(circuit: CircuitGraph, model) -> dict[str, float]:
         for node in (e.source, e.target):
             moved[node] = moved.get(node, 0.0) + abs(now - e.weight)
             size[node] = size.get(node, 0.0) + abs(e.weight)
-    return {n: moved[n] / size[n] if size[n] > 0 else (0.0 if moved[n] == 0 else math.inf) for n in moved}
+    return {n: moved[n] / size[n] for n in moved if size[n] > 0}  # a file's edges are nonzero weights
 
 
 def node_changes(circuit: CircuitGraph, model, batch, masks, means, options: EvalOptions,
