@@ -1,4 +1,5 @@
-"""`csp`: find, evaluate, list and import circuits from the command line. Output is JSON on stdout.
+"""`csp`: find, evaluate, list and import circuits from the command line. Output is JSON on stdout
+(`csp check`: one line of text).
 
     csp tasks                                              one {"name", "description"} per line
     csp tasks --check FILE.jsonl [--model M]               validate your own task, and the model's accuracy on it
@@ -8,6 +9,11 @@
                                                            record that control in the circuit file
     csp evaluate --model M --circuit FILE [--task T]       one object with the circuit's losses (default: on the
                                                            task it was pruned on, a task file's examples included)
+                                                           M may be another model of the circuit's shape (a
+                                                           snapshot, a fine-tuned copy): "transfer" then says
+                                                           pruned on A, evaluated on B, and which nodes changed
+    csp check --model M --circuit FILE [--max-loss NATS]   for CI: one line "ok: ..." (status 0) or "fail: ..."
+                                                           (status 1) when the circuit no longer holds on M
     csp circuits --model M                                 circuits shipped with a model, one per line
     csp sweep --model M --out-dir DIR [--tasks T1,T2|all] [--ks 8,16,32]
                                                            circuits for many tasks, one summary per line;
@@ -59,6 +65,7 @@ from .model.loading import shipped_circuits
 
 SMALL_MODEL_D = 256  # models up to this width run single-threaded unless --threads is given
 EXIT_MISSED_TARGET = 1  # `csp evaluate`: the circuit misses its own target on held-out examples (or is at chance)
+EXIT_CIRCUIT_BROKEN = 1  # `csp check`: the circuit no longer holds on the model (--max-loss, or its verdict)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,46 +263,80 @@ def _warn(verdict) -> None:
         print(f"warning: {text}", file=sys.stderr)
 
 
-def cmd_evaluate(args) -> int:
-    from .circuits.ablation import compute_mean_activations
-    from .utils.devices import input_device
-    from .circuits.graph import CircuitGraph
-    from .circuits.evaluation import EvalOptions, circuit_losses, task_split, verdict_of
+def _model_and_circuit(args):
+    """(model, tokenizer, task, circuit, same_weights) for evaluate/check: the circuit must have the model's shape;
+    with other weights (a snapshot, a fine-tuned copy) it is a transfer, pruned on one model, evaluated on this one."""
+    from .circuits.graph import CircuitGraph, weights_hash
+    from .circuits.transfer import check_same_shape, own_task
 
     if args.task or args.task_file:
         model, tokenizer, task = _setup(args)
-        circuit = CircuitGraph.load(args.circuit, model=model)
     else:  # the circuit's own task: a built-in name, or the examples a --task-file circuit keeps
-        from .circuits.tasks import circuit_examples, get_task, list_tasks, task_from_pairs
-
         model, tokenizer = _load(args)
-        circuit = CircuitGraph.load(args.circuit, model=model)
-        triples = circuit_examples(circuit.meta)
-        if circuit.task in {t.name for t in list_tasks()}:
-            task = get_task(circuit.task)
-        elif triples:
-            task = task_from_pairs(circuit.task, triples)
-        else:
-            raise ValueError(f"{args.circuit} names no built-in task ({circuit.task!r}) and keeps no task examples: "
-                             "give --task NAME or --task-file FILE.jsonl")
+        task = None
+    circuit = CircuitGraph.load(args.circuit)
+    check_same_shape(circuit, model, args.model)
+    task = task or own_task(circuit, source=str(args.circuit))
+    same_weights = circuit.model.get("weights_hash") in (None, weights_hash(model))
+    if same_weights:
+        circuit.match_weights(model)  # a transfer keeps the file's edges: their weights are the other model's
+    return model, tokenizer, task, circuit, same_weights
+
+
+def cmd_evaluate(args) -> int:
+    from .circuits.ablation import compute_mean_activations
+    from .utils.devices import input_device
+    from .circuits.evaluation import EvalOptions, circuit_losses, task_split, verdict_of
+    from .circuits.transfer import TOP_CHANGED, evaluate_transfer
+
+    model, tokenizer, task, circuit, same_weights = _model_and_circuit(args)
     options = EvalOptions.of(circuit, n_random=args.n_random, seed=args.seed)  # the app evaluates the same way
     for notice in [*circuit.notices, *options.notices]:  # circuit.notices: edges recomputed from the weights
         print(f"note: {notice}", file=sys.stderr)
-    batch = task_split(task, tokenizer, model.config.block_size, options)
-    means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None
-    faith = circuit_losses(model, batch, circuit.masks(model.config, input_device(model)), means, options)
-    verdict = verdict_of(circuit, faith, own_task=task.name == circuit.task)  # another task: no target to meet
+    means = compute_mean_activations(model, tokenizer) if circuit.ablation == "mean" else None  # this model's own
+    transfer = None
+    if same_weights:
+        batch = task_split(task, tokenizer, model.config.block_size, options)
+        faith = circuit_losses(model, batch, circuit.masks(model.config, input_device(model)), means, options)
+        verdict = verdict_of(circuit, faith, own_task=task.name == circuit.task)  # another task: no target to meet
+        n_examples = len(batch)
+    else:
+        result = evaluate_transfer(circuit, model, tokenizer, task, means, options, model_name=args.model)
+        print(f"note: {result.summary}", file=sys.stderr)
+        faith, verdict, n_examples, transfer = result.losses, result.verdict, result.n_examples, result.as_dict(TOP_CHANGED)
     _warn(verdict)
     _emit({
         "task": task.name, "circuit_task": circuit.task, "ablation": circuit.ablation,
         "full_loss": faith["full"], "circuit_loss": faith["circuit"], "random_loss": faith["random"],
         "complement_loss": faith["complement"], "full_accuracy": faith["full_accuracy"],
         "circuit_accuracy": faith["circuit_accuracy"], "random_baseline_as_good": faith["random_baseline_as_good"],
-        "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "n_examples": len(batch),
+        "n_nodes": circuit.n_nodes, "n_edges": circuit.n_edges, "n_examples": n_examples,
         "n_random": options.n_random, "seed": options.seed, "freeze_norm_scales": options.freeze_norm_scales,
         "target_loss": verdict.target, "target_reached": verdict.target_reached_heldout, "verdict": verdict.as_dict(),
+        "transfer": transfer,
     })
     return EXIT_MISSED_TARGET if verdict.passed is False else 0
+
+
+def cmd_check(args) -> int:
+    from .circuits.evaluation import EvalOptions
+    from .circuits.transfer import evaluate_transfer
+
+    model, tokenizer, task, circuit, _ = _model_and_circuit(args)
+    if args.max_loss is None and (circuit.target_loss is None or task.name != circuit.task):
+        raise ValueError(f"{args.circuit} has no target loss on task {task.name!r} to check: give --max-loss NATS")
+    options = EvalOptions.of(circuit, n_random=1, seed=args.seed)  # the random baseline judges nothing here
+    result = evaluate_transfer(circuit, model, tokenizer, task, options=options, model_name=args.model, changes=False)
+    loss = result.losses["circuit"]
+    problems = []
+    if args.max_loss is not None and not loss <= args.max_loss:
+        problems.append(f"held-out loss {loss:.4f} > --max-loss {args.max_loss:g}")
+    if result.verdict.passed is False:
+        problems.append("; ".join(result.verdict.warnings))
+    limit = f" (max {args.max_loss:g})" if args.max_loss is not None else ""
+    what = f"{task.name} circuit ({circuit.n_nodes} nodes) {result.summary}: held-out loss {loss:.4f}{limit}"
+    print(f"fail: {what}: {'; '.join(problems)}" if problems else f"ok: {what}", flush=True)
+    return EXIT_CIRCUIT_BROKEN if problems else 0
 
 
 def cmd_sweep(args) -> int:
@@ -560,6 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"random circuits averaged for the baseline (default: the circuit's, else {d.n_random}; at most "
                         f"{MAX_RANDOM})")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("check", help="exit 1 when a circuit no longer holds on a model (for CI): one line of output")
+    model_task(p, "seed of the random draws (default: the circuit's pruning seed)")
+    p.set_defaults(seed=None)
+    p.add_argument("--circuit", required=True, help="circuit JSON file (pruned on this model or one of its shape)")
+    p.add_argument("--max-loss", type=_number(0), metavar="NATS",
+                   help="fail when the circuit's held-out task loss is above this (the verdict is checked too)")
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("circuits", help="circuits shipped with a model (its circuits/ folder)")
     p.add_argument("--model", required=True)

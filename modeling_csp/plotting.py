@@ -654,6 +654,46 @@ def training_curve_figure(curve: Sequence[Mapping[str, Any]] | None, title: str 
     return _base_layout(fig, title, 340)
 
 
+# ---- issue 22: a circuit through training ---------------------------------------------------
+
+_SERIES_COLORS = ("#1f4e79", "#e08a2c", "#2ca02c", "#c0392b", "#8e44ad", "#17becf", "#7f7f7f", "#bcbd22")
+
+
+def circuit_through_training_figure(curve: Mapping[str, Any] | None, at_target_only: bool = True,
+                                    title: str = "Circuits through training") -> go.Figure:
+    """Each circuit's held-out task loss at each snapshot (solid) and the full model's on the same examples
+    (dotted, same colour), from `circuits.transfer.circuit_through_snapshots` (the file
+    `circuit_through_training.json`); with `at_target_only`, the circuits found for the target loss."""
+    if not curve or not curve.get("snapshots") or not curve.get("circuits"):
+        return message_figure("This model ships no circuit-through-training curve "
+                              "(scripts/circuit_through_training.py writes one).")
+    labels = list(curve["snapshots"])
+    rows = {name: row for name, row in curve["circuits"].items()
+            if not at_target_only or row.get("at_target") in (True, None)}
+    fig = go.Figure()
+    eps = 1e-4
+    values = []
+    for i, (name, row) in enumerate(sorted(rows.items())):
+        color = _SERIES_COLORS[i % len(_SERIES_COLORS)]
+        task = row.get("task", name)
+        circuit = [max(v, eps) if isinstance(v, (int, float)) else None for v in row.get("circuit", [])]
+        full = [max(v, eps) if isinstance(v, (int, float)) else None for v in row.get("full", [])]
+        values += [v for v in circuit + full if v is not None]
+        fig.add_trace(go.Scatter(x=labels, y=circuit, name=f"{task} ({row.get('k')} nodes)", mode="lines+markers",
+                                 line=dict(color=color), legendgroup=name,
+                                 hovertemplate=f"{name}: circuit %{{y:.3f}} nats at %{{x}}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=labels, y=full, name=f"{task}: full model", mode="lines", legendgroup=name,
+                                 line=dict(color=color, dash="dot"), showlegend=False,
+                                 hovertemplate=f"{task}: full model %{{y:.3f}} nats at %{{x}}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[math.log(2)] * 2, name="chance (ln 2)", mode="lines",
+                             line=dict(color="#999", dash="dash"), hoverinfo="skip"))  # a trace: no log-axis shapes
+    fig.update_xaxes(title="snapshot (the circuits were pruned on the last)")
+    fig.update_yaxes(type="log", title="held-out task loss (nats; dotted: full model)",
+                     **_log_ticks(values + [math.log(2)]))
+    fig.update_layout(legend=dict(orientation="h", y=-0.3))
+    return _base_layout(fig, title, 400)
+
+
 # ---- ablations ------------------------------------------------------------------------------
 
 

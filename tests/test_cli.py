@@ -625,3 +625,53 @@ def test_patch_takes_a_circuit_shipped_with_the_model(capsys):
     answer = one_json(out)
     assert code == 0 and answer["task"] == "bracket_brace" and len(answer["ranked"]) == answer["n_nodes"] == 8
     assert answer["clean"] > 0 > answer["corrupt"]  # the model prefers the quote that opened the string
+# ---- issue 22: a circuit on another model of its shape (csp evaluate), and csp check for CI
+
+SHIPPED_OK = DEFAULT_MODEL / "circuits" / "while_return_true.json"  # held-out loss 0.064, target 0.15
+SHIPPED_SMALL = DEFAULT_MODEL / "circuits" / "if_ternary_k8.json"  # 2.attn.v:52 -> 2.attn.resid_delta:25 carries it
+
+
+@pytest.fixture(scope="module")
+def edited_default(tmp_path_factory):
+    """The default model with one weight of if_ternary_k8 scaled, saved as a folder: a stand-in fine-tuned copy."""
+    from modeling_csp.model.loading import load_model_and_tokenizer
+    from modeling_csp.model.saving import save_model_folder
+
+    model, _ = load_model_and_tokenizer("default")
+    with torch.no_grad():
+        model.transformer.h[2].attn.c_proj.weight[25, 52] *= 0.2
+    return save_model_folder(model, tmp_path_factory.mktemp("edited") / "edited", tokenizer_json_dir=DEFAULT_MODEL)
+
+
+@pytest.mark.skipif(not SHIPPED_OK.is_file(), reason="the default model is not installed")
+def test_evaluate_on_another_model_says_where_it_was_pruned_and_what_changed(capsys, edited_default):
+    code, out, err = run(capsys, "evaluate", "--model", edited_default, "--circuit", SHIPPED_SMALL, "--n-random", 1)
+    result = one_json(out)
+    assert code == 1  # an 8-node circuit misses its target, here as on the model it was pruned on
+    assert f"note: pruned on 'default' (weights {result['transfer']['pruned_on']['weights_hash']}), evaluated on " \
+           f"'{edited_default}'" in err
+    transfer = result["transfer"]
+    assert not transfer["same_weights"] and transfer["evaluated_on"]["name"] == str(edited_default)
+    assert {c["node"] for c in transfer["changed_nodes"][:2]} == {"2.attn.v:52", "2.attn.resid_delta:25"}
+    assert result["verdict"]["target"] == CircuitGraph.load(SHIPPED_SMALL).target_loss
+
+
+@pytest.mark.skipif(not SHIPPED_OK.is_file(), reason="the default model is not installed")
+def test_check_exits_0_when_the_circuit_holds_1_when_not_2_on_bad_input(capsys, edited_default, tiny, tmp_path):
+    code, out, err = run(capsys, "check", "--model", "default", "--circuit", SHIPPED_OK, "--max-loss", 0.15)
+    assert code == 0 and out.startswith("ok: while_return_true circuit (117 nodes) pruned on 'default'"), err
+    assert len(out.splitlines()) == 1 and "held-out loss 0.06" in out
+
+    code, out, _ = run(capsys, "check", "--model", "default", "--circuit", SHIPPED_OK, "--max-loss", 0.01)
+    assert code == 1 and out.startswith("fail: ") and "> --max-loss 0.01" in out and len(out.splitlines()) == 1
+
+    code, out, _ = run(capsys, "check", "--model", edited_default, "--circuit", SHIPPED_SMALL, "--max-loss", 5)
+    assert code == 1 and "evaluated on" in out and "target not reached" in out  # its own verdict fails
+
+    code, _, err = run(capsys, "check", "--model", tiny, "--circuit", SHIPPED_OK, "--max-loss", 0.15)
+    assert_one_line_error(code, err, "circuit was made for model 'default' (n_layer=4, d_model=128",
+                          f"not '{tiny}' (n_layer=1, d_model=32", "same shape")
+    code, _, err = run(capsys, "check", "--model", "default", "--circuit", tmp_path / "none.json", "--max-loss", 0.1)
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run(capsys, "check", "--model", "default", "--circuit", SHIPPED_OK, "--max-loss", "nan")
+    assert_one_line_error(code, err, "--max-loss")

@@ -414,3 +414,19 @@ def test_patching_effects_html_lists_effects_and_shares():
     out = P.patching_effects_html(rows, 2.0, -4.0, "logit(<a>) − logit(b)", d_head=16, limit=1)
     assert "-1.5000" in out and "-25.0%" in out and "h1.ch1" in out and "&lt;a&gt;" in out
     assert "0.mlp.post_act:7" not in out and "1 more not listed" in out
+# ---- issue 22: a circuit through training
+
+
+def test_circuit_through_training_figure():
+    curve = {"snapshots": ["step 100", "step 200"], "circuits": {
+        "quotes": {"task": "quotes", "k": 12, "at_target": True, "circuit": [0.9, 0.1], "full": [0.2, 0.0]},
+        "quotes (k=4)": {"task": "quotes", "k": 4, "at_target": False, "circuit": [2.0, 1.5], "full": [0.2, 0.0]}}}
+    fig = P.circuit_through_training_figure(curve)
+    names = [t.name for t in fig.data]
+    assert names == ["quotes (12 nodes)", "quotes: full model", "chance (ln 2)"]  # the k=4 circuit: not at target
+    assert list(fig.data[0].x) == ["step 100", "step 200"] and list(fig.data[0].y) == [0.9, 0.1]
+    assert fig.data[1].line.dash == "dot" and fig.data[1].line.color == fig.data[0].line.color
+    assert fig.layout.yaxis.type == "log" and min(fig.data[1].y) > 0  # a zero loss is clipped for the log axis
+    assert not fig.layout.shapes and not fig.layout.annotations
+    assert len(P.circuit_through_training_figure(curve, at_target_only=False).data) == 5
+    assert "ships no circuit-through-training" in P.circuit_through_training_figure(None).layout.annotations[0].text

@@ -275,6 +275,7 @@ class Page:
             self.faith_plot = gr.Plot(elem_id="faith-plot", show_label=False)
             self.prune_plot = gr.Plot(elem_id="prune-plot", show_label=False)
             self.train_plot = gr.Plot(elem_id="train-plot", show_label=False)
+            self.circuit_through_training_block()
             self.details = gr.HTML("", elem_id="run-details")
 
     def embeddings_tab(self) -> None:
@@ -616,6 +617,20 @@ class Page:
         self.tabs["curves"].select(guarded(on_curves, self.status), [self.model_in, self.task_in, self.run_in, self.k_in],
                                 [self.faith_plot, self.prune_plot, self.train_plot, self.details, self.status])
 
+    # ---- issue 22: a circuit through training (Curves tab) ----------------------------------------
+
+    def circuit_through_training_block(self) -> None:
+        self.through_training_plot = gr.Plot(elem_id="through-training-plot", show_label=False)
+
+    def wire_circuit_through_training(self) -> None:
+        def on_curves(model):
+            return {self.through_training_plot: panels.circuit_through_training_panel(self.explorer, model)}
+
+        self.tabs["curves"].select(guarded(on_curves, self.status), [self.model_in],
+                                   [self.through_training_plot, self.status])
+
+    # ---- end of issue 22: a circuit through training ----------------------------------------------
+
     def wire_embeddings(self) -> None:
         def on_embeddings(model, channel):
             p = panels.embeddings_panel(self.explorer, model, channel)
@@ -840,7 +855,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         page.wire_browser(demo)
         page.wire_tab_names()
         for wire in (page.wire_overview, page.wire_curves, page.wire_embeddings, page.wire_prompt, page.wire_lab,
-                     page.wire_ablations, page.wire_pruning, page.wire_share):
+                     page.wire_ablations, page.wire_pruning, page.wire_share, page.wire_circuit_through_training):
             wire()
         page.api()
         demo.load(None, None, None, js=PAGE_JS)

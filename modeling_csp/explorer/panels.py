@@ -290,6 +290,24 @@ def curves_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any)
     return panel
 
 
+# ---- issue 22: a circuit through training (Curves tab) ----------------------------------------
+
+
+def circuit_through_training_panel(explorer: Explorer, model: Any) -> Any:
+    """The model's shipped circuits' held-out loss at each kept snapshot of its weights, with the full model's
+    (the folder's circuit_through_training.json), or a message figure saying why there is none."""
+    from ..circuits.transfer import read_circuit_through_training
+
+    try:
+        entry = explorer.get_model(str(model or "") or None)
+        curve = read_circuit_through_training(entry.folder)
+    except ValueError as exc:  # a malformed file that came with the model: said, not logged as a bug
+        return plotting.message_figure(f"⚠️ {exc}")
+    except Exception as exc:
+        return plotting.message_figure(f"⚠️ {_explain(exc)}")
+    return plotting.circuit_through_training_figure(curve)
+
+
 @dataclass
 class EmbeddingsPanel:
     channel: int = 0

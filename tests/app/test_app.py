@@ -974,3 +974,29 @@ def test_activation_patching_ranks_the_circuit_and_colours_its_graph(page):
     wait_text(page, "#patch-notice", "tokens and the corrupted one 4")
     assert page.locator("#patch-list table").count() == 0 and page.evaluate(PATCH_GRAPH_JS) is None
     assert_no_errors(page)
+# ---- issue 22: circuits across checkpoints
+
+
+def test_curves_tab_shows_the_shipped_circuits_through_training(page, app_server):
+    from modeling_csp.circuits.transfer import read_circuit_through_training
+    from modeling_csp.model.loading import resolve_model
+
+    shipped = read_circuit_through_training(resolve_model(app_server["model"]))
+    page.get_by_role("tab", name="Curves").click()
+    plot = "document.querySelector('#through-training-plot .js-plotly-plot')"
+    page.wait_for_function(f"() => {{ const d = {plot}; return d && d.layout && ((d.data && d.data.length) || "
+                           "(d.layout.annotations && d.layout.annotations.length)); }", timeout=300_000)
+    traces = page.evaluate(f"() => {plot}.data.map((t) => ({{name: t.name, x: t.x, y: t.y}}))")
+    if shipped is None:  # $CSP_APP_TEST_MODEL without the file
+        assert "ships no circuit-through-training" in page.evaluate(f"() => {plot}.layout.annotations[0].text")
+        return
+    rows = [r for r in shipped["circuits"].values() if r["at_target"]]
+    names = [t["name"] for t in traces]
+    assert {f"{r['task']} ({r['k']} nodes)" for r in rows} <= set(names) and "chance (ln 2)" in names
+    for row in rows:
+        circuit = traces[names.index(f"{row['task']} ({row['k']} nodes)")]
+        full = traces[names.index(f"{row['task']}: full model")]
+        assert circuit["x"] == shipped["snapshots"]
+        assert circuit["y"] == pytest.approx(row["circuit"]) and full["y"] == pytest.approx(row["full"])
+    assert page.evaluate(f"() => {plot}.layout.yaxis.type") == "log"
+    shot(page, "22_circuit_through_training")

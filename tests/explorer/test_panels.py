@@ -323,3 +323,26 @@ def test_user_text_stays_text_in_every_panel(page, tmp_path):
     assert "<img" not in waiting.task and html.escape(MARKUP) in waiting.task
     assert "<h1>" not in panels.curves_panel(explorer, MARKUP, page["task"], page["run"], page["k"]).details
     assert MARKUP in shown_literally(panels.embeddings_panel(explorer, MARKUP, 0).notice)
+
+
+# ---- issue 22: a circuit through training
+
+
+def test_circuit_through_training_panel(page, tmp_path):
+    from modeling_csp.circuits.transfer import read_circuit_through_training
+
+    fig = panels.circuit_through_training_panel(page["explorer"], page["model"])
+    shipped = read_circuit_through_training(page["entry"].folder)
+    if shipped is None:  # $CSP_APP_TEST_MODEL without the file
+        assert "ships no circuit-through-training" in fig.layout.annotations[0].text
+    else:  # the embedded model: one line per circuit found for the target, and the full model's beside it
+        at_target = [r for r in shipped["circuits"].values() if r["at_target"]]
+        assert len(fig.data) == 2 * len(at_target) + 1 and list(fig.data[0].x) == shipped["snapshots"]
+    gone = panels.circuit_through_training_panel(page["explorer"], "/no/such/model")
+    assert gone.layout.annotations[0].text.startswith("⚠️")
+    (tmp_path / "circuit_through_training.json").write_text('{"snapshots": ["a"], "circuits": {"t": {"circuit": [NaN]}}}')
+    with pytest.raises(ValueError, match="not strict JSON"):
+        read_circuit_through_training(tmp_path)
+    (tmp_path / "circuit_through_training.json").write_text('{"snapshots": ["a"], "circuits": {"t": {"circuit": [1, 2]}}}')
+    with pytest.raises(ValueError, match="a number per snapshot"):
+        read_circuit_through_training(tmp_path)
