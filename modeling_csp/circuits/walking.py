@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .graph import CircuitGraph, Edge, parse_node_id, sublayer_order
+from .graph import LOCATION_KINDS, CircuitGraph, Edge, parse_location, parse_node_id
 
 
 @dataclass
@@ -30,10 +30,17 @@ class Walk:
     edges: list[Edge] = field(default_factory=list)
 
 
+def forward_order(node: str) -> tuple[int, int, int]:
+    """Sort key: nodes in the order the forward pass computes them (layer, location kind, channel)."""
+    location, index = parse_node_id(node)
+    layer, kind = parse_location(location)
+    return layer, LOCATION_KINDS.index(kind), index
+
+
 def _check_node(circuit: CircuitGraph, node: str) -> None:
     parse_node_id(node)  # a malformed id names the accepted form
     if node not in circuit.nodes:
-        some = ", ".join(sorted(circuit.nodes, key=lambda n: (sublayer_order(parse_node_id(n)[0]), n))[:3])
+        some = ", ".join(sorted(circuit.nodes, key=forward_order)[:3])
         raise ValueError(f"node {node!r} is not in the circuit ({circuit.n_nodes} nodes); pick one of its nodes, "
                          f"such as {some}")
 
@@ -53,8 +60,7 @@ def _walk(circuit: CircuitGraph, node: str, direction: str) -> Walk:
                 frontier.append(nxt)
     # an edge lies on a path through `node` exactly when both its ends were reached (the graph runs forward only)
     edges = [e for e in circuit.edges if e.source in reached and e.target in reached]
-    order = {loc_node: (sublayer_order(parse_node_id(loc_node)[0]), loc_node) for loc_node in reached}
-    return Walk(node, direction, sorted(reached - {node}, key=order.__getitem__), edges)
+    return Walk(node, direction, sorted(reached - {node}, key=forward_order), edges)
 
 
 def upstream(circuit: CircuitGraph, node: str) -> Walk:
@@ -105,4 +111,4 @@ def why_node(model, circuit: CircuitGraph, node: str, means: dict[str, torch.Ten
     return rows[:top] if top is not None else rows
 
 
-__all__ = ["Walk", "Contribution", "upstream", "downstream", "why_node"]
+__all__ = ["forward_order", "Walk", "Contribution", "upstream", "downstream", "why_node"]
