@@ -26,6 +26,11 @@
     csp next-tokens --model M --prompt TEXT [--circuit FILE] [--top 10]
                                                            one object: the prompt's tokens, the top next tokens
                                                            of the full model and of the circuit alone
+    csp node --model M --circuit FILE_OR_NAME NODE [--top 10]
+                                                           one object: what a circuit node does (its upstream and
+                                                           downstream paths, its inputs by weight x mean
+                                                           activation, direct logit effects, driving tokens);
+                                                           NAME: a circuit shipped with the model (`csp circuits`)
 
 M is a converted model folder, a Hugging Face hub id, or `default` (the model embedded in this package).
 Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback). Numeric
@@ -416,6 +421,37 @@ def cmd_next_tokens(args) -> int:
     return 0
 
 
+def _circuit_file(model_spec: str, circuit: str) -> Path:
+    """--circuit: a circuit file, or the name (file stem) of a circuit shipped with the model."""
+    if Path(circuit).is_file():
+        return Path(circuit)
+    shipped = {Path(e["path"]).stem: Path(e["path"]) for e in shipped_circuits(model_spec)}
+    if circuit in shipped:
+        return shipped[circuit]
+    names = ", ".join(sorted(shipped)[:6]) + (", ..." if len(shipped) > 6 else "")
+    raise ValueError(f"--circuit {circuit!r} is neither a file nor a circuit shipped with {model_spec!r}"
+                     + (f" ({names}; `csp circuits --model {model_spec}` lists them)" if shipped else ""))
+
+
+def cmd_node(args) -> int:
+    from .circuits.ablation import compute_mean_activations, example_windows
+    from .circuits.graph import CircuitGraph, parse_node_id
+    from .circuits.logit_effects import describe_node, mean_final_norm_scale
+
+    parse_node_id(args.node)  # a malformed id fails before the model loads
+    path = _circuit_file(args.model, args.circuit)
+    model, tokenizer = _load(args)
+    circuit = CircuitGraph.load(path, model=model)
+    for notice in circuit.notices:
+        print(f"note: {path}: {notice}", file=sys.stderr)
+    if args.node not in circuit.nodes:
+        describe_node(model, tokenizer, circuit, args.node, {}, top=args.top)  # raises, naming nodes it has
+    means = compute_mean_activations(model, tokenizer)
+    scale = mean_final_norm_scale(model, example_windows(model, tokenizer))
+    _emit({"circuit": str(path), **describe_node(model, tokenizer, circuit, args.node, means, scale, args.top)})
+    return 0
+
+
 def cmd_import_viz(args) -> int:
     from .circuits.viz_import import import_viz_data
 
@@ -588,6 +624,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_number(1, MAX_TOP, integer=True), default=10, help="how many next tokens to list")
     p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
     p.set_defaults(fn=cmd_next_tokens)
+
+    p = sub.add_parser("node", help="what a circuit node does: paths, inputs, direct logit effects, driving tokens")
+    p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
+    p.add_argument("--circuit", required=True, help="circuit JSON file, or the name of a circuit shipped with the model")
+    p.add_argument("node", help="node id 'location:index', such as 3.mlp.post_act:12")
+    p.add_argument("--top", type=_number(1, MAX_TOP, integer=True), default=10, help="tokens and inputs listed")
+    p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+    p.set_defaults(fn=cmd_node)
 
     p = sub.add_parser("import-viz", help="convert the original visualizer's viz_data.pt to a circuit JSON")
     p.add_argument("viz_data")

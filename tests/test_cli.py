@@ -577,3 +577,39 @@ def test_training_a_model_larger_than_memory_is_refused_before_anything_is_alloc
     assert_one_line_error(code, err, "training this model (weights, gradients and optimizer state) needs about",
                           "GiB (1024 layers, d_model 65,536, vocab_size 2,048) but only")
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_node_explains_a_circuit_node(capsys):
+    """`csp node`: a shipped circuit by name or a file; the walk, why_node, logit effects and drivers of one node,
+    the library's `describe_node` numbers; a node outside the circuit is a one-line error naming some it has."""
+    from modeling_csp.circuits.logit_effects import direct_logit_effects
+
+    circuit_file = DEFAULT_MODEL / "circuits" / "bracket_brace_k8.json"
+    circuit = CircuitGraph.from_dict(json.loads(circuit_file.read_text()))
+    write = next(n for n in circuit.nodes if ".attn.v:" in n)  # both: writes through OV, reads its values
+    code, out, _ = run(capsys, "node", "--model", "default", "--circuit", "bracket_brace_k8", write, "--top", 3)
+    report = one_json(out)
+    assert code == 0 and report["node"] == write and report["circuit"].endswith("bracket_brace_k8.json")
+    assert set(report["downstream"]["nodes"]) == {e.target for e in circuit.edges if e.source == write}
+    fx = report["logit_effects"]
+    assert len(fx["up"]) == len(fx["down"]) == 3 and 0 < fx["norm_scale"] and "OV path" in fx["path"]
+    from modeling_csp.model.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("default")
+    expected = direct_logit_effects(model, write, 3, fx["norm_scale"])
+    assert [r["id"] for r in fx["up"]] == [i for i, _ in expected.up]
+    assert [r["logit"] for r in fx["down"]] == pytest.approx([v for _, v in expected.down], abs=1e-5)
+    assert len(report["drivers"]["tokens_up"]) == 3 and isinstance(report["drivers"]["tokens_up"][0]["token"], str)
+
+    reader = next(n for n in circuit.nodes if any(e.target == n for e in circuit.edges) and ".attn.k:" in n)
+    code, out, _ = run(capsys, "node", "--model", "default", "--circuit", circuit_file, reader)
+    report = one_json(out)
+    assert code == 0 and report["logit_effects"] is None and report["why"]  # k: no path to the logits; has inputs
+    assert {r["source"] for r in report["why"]} == {e.source for e in circuit.edges if e.target == reader}
+
+    code, _, err = run(capsys, "node", "--model", "default", "--circuit", circuit_file, "1.attn.v:21")
+    assert_one_line_error(code, err, "not in the circuit", "such as")
+    code, _, err = run(capsys, "node", "--model", "default", "--circuit", "no_such_circuit", write)
+    assert_one_line_error(code, err, "neither a file nor a circuit shipped", "csp circuits")
+    code, _, err = run(capsys, "node", "--model", "default", "--circuit", circuit_file, "1.attn.v")
+    assert_one_line_error(code, err, "bad node id")

@@ -32,7 +32,7 @@ inputs by weight x mean activation (`walking.why_node`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -197,5 +197,37 @@ def read_drivers(model, node: str, circuit: CircuitGraph | None = None, means: d
                        [(int(i), -float(v)) for v, i in zip(down.values.tolist(), down.indices.tolist())], upstream)
 
 
-__all__ = ["LogitEffects", "ReadDrivers", "direct_logit_effects", "read_drivers", "token_drives",
+def describe_node(model, tokenizer, circuit: CircuitGraph, node: str, means: dict[str, torch.Tensor],
+                  norm_scale: float = 1.0, top: int = 10) -> dict:
+    """Everything above about one circuit node as plain JSON-ready data (what `csp node` prints and the app's node
+    panel shows): its upstream and downstream walks, why it fires (`why`), its direct logit effects (write nodes,
+    else null) and the tokens that drive it (read nodes, else null). Token ids come with their text."""
+    from ..model.tokenization import token_text
+    from .walking import downstream, upstream
+
+    _check_top(top)
+    up, down = upstream(circuit, node), downstream(circuit, node)
+
+    def tokens(pairs, value_name):
+        return [{"id": i, "token": token_text(tokenizer, i), value_name: v} for i, v in pairs]
+
+    effects = drivers = None
+    if is_write_node(node):
+        fx = direct_logit_effects(model, node, top, norm_scale)
+        effects = {"path": fx.path, "norm_scale": fx.norm_scale, "up": tokens(fx.up, "logit"),
+                   "down": tokens(fx.down, "logit")}
+    if is_read_node(node):
+        rd = read_drivers(model, node, top=top)
+        drivers = {"tokens_up": tokens(rd.tokens_up, "activation"), "tokens_down": tokens(rd.tokens_down, "activation")}
+    return {
+        "node": node,
+        "upstream": {"nodes": up.nodes, "n_edges": len(up.edges)},
+        "downstream": {"nodes": down.nodes, "n_edges": len(down.edges)},
+        "why": [asdict(r) for r in why_node(model, circuit, node, means, top=top)],
+        "logit_effects": effects,
+        "drivers": drivers,
+    }
+
+
+__all__ = ["describe_node", "LogitEffects", "ReadDrivers", "direct_logit_effects", "read_drivers", "token_drives",
            "residual_direction", "mean_final_norm_scale", "is_write_node", "is_read_node", "WRITE_KINDS", "READ_KINDS"]
