@@ -174,14 +174,24 @@ def token_drives(model, node: str) -> torch.Tensor:
     entry = f"{layer}.resid_in" if kind.startswith("attn") else f"{layer}.resid_mid"
     location = f"{layer}.mlp.pre_act" if kind == "mlp.post_act" else f"{layer}.{kind}"
     out = []
+
+    def grab(x):  # the value, and no later layer computed
+        out.append(x[:, 0, index].detach().float())
+        raise _Reached
+
     for start in range(0, vocab, 512):
         ids = torch.arange(start, min(vocab, start + 512), device=device).unsqueeze(1)  # (b, 1)
         embedding = wte[ids].to(wte.dtype)  # (b, 1, d_model)
-        with model.intervene({entry: lambda x, e=embedding: e.to(x.dtype)}), \
-                model.record_activations([location]) as acts:
-            model.transformer(ids, use_cache=False)
-        out.append(acts[location][:, 0, index].float())
+        try:
+            with model.intervene({entry: lambda x, e=embedding: e.to(x.dtype), location: grab}):
+                model.transformer(ids, use_cache=False)
+        except _Reached:
+            pass
     return torch.cat(out).cpu()
+
+
+class _Reached(Exception):
+    """Ends a forward pass at the hook point `token_drives` reads."""
 
 
 def read_drivers(model, node: str, circuit: CircuitGraph | None = None, means: dict[str, torch.Tensor] | None = None,

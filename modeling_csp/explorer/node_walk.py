@@ -20,7 +20,9 @@ def final_norm_scale(entry: ModelEntry) -> float:
 
 
 def node_reading(entry: ModelEntry, circuit: CircuitGraph, node: str, top: int = READING_TOP) -> dict[str, Any]:
-    """`describe_node` for a node of `circuit` (a UserError when it is not one)."""
+    """`describe_node` for a node of `circuit` (a UserError when it is not one), cached per node and circuit (a
+    circuit's edges follow from its nodes and the model)."""
     if node not in circuit.nodes:
         raise UserError(f"node {node!r} is not in this circuit")
-    return describe_node(entry.model, entry.tokenizer, circuit, node, entry.means(), final_norm_scale(entry), top)
+    return entry.memo.get("examples", ("reading", node, top, frozenset(circuit.nodes)), lambda: describe_node(
+        entry.model, entry.tokenizer, circuit, node, entry.means(), final_norm_scale(entry), top))
