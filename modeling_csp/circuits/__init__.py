@@ -2,6 +2,8 @@
 contract keeps it so):
 
 - `pruning`: finding circuits (`PruneConfig`, `prune`); `viz_import`: the original release's viz_data;
+  `logit_effects`: what a node does (direct logit effects, driving tokens, `describe_node`);
+- `walking`: paths into and out of a node, and its inputs by weight x mean activation (`why_node`);
 - `evaluation`: task metrics, running a task with nodes ablated, faithfulness, node effects, `EvalOptions` and
   the verdict;
 - `ablation`: ablation contexts and mean activations;
