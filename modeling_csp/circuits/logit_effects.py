@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..utils.devices import input_device
-from .graph import CircuitGraph, parse_node_id
+from .graph import CircuitGraph, location_width, parse_location, parse_node_id
 from .walking import Contribution, why_node
 
 WRITE_KINDS = ("attn.resid_delta", "mlp.resid_delta", "mlp.post_act", "attn.v", "attn.act_in")
@@ -76,15 +76,14 @@ def _check_top(top: int) -> int:
 
 
 def _check_in_model(model, node: str) -> tuple[int, str, int]:
-    from .graph import location_width
-
     location, index = parse_node_id(node)
-    layer, kind = location.split(".", 1)
-    if int(layer) >= model.config.n_layer or index >= location_width(model.config, location):
-        raise ValueError(f"node {node!r} is not in this model ({model.config.n_layer} layers, "
-                         f"{location_width(model.config, location) if int(layer) < model.config.n_layer else 0} "
-                         f"channels at {location})")
-    return int(layer), kind, index
+    layer, kind = parse_location(location)
+    if layer >= model.config.n_layer:
+        raise ValueError(f"node {node!r} is not in this model: it has layers 0 to {model.config.n_layer - 1}")
+    if index >= location_width(model.config, location):
+        raise ValueError(f"node {node!r} is not in this model: {location} has channels 0 to "
+                         f"{location_width(model.config, location) - 1}")
+    return layer, kind, index
 
 
 def is_write_node(node: str) -> bool:
