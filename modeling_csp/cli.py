@@ -20,7 +20,7 @@
                                                            `accelerate launch --num_processes N -m modeling_csp.cli sweep ...`
                                                            splits the tasks over N GPUs (N CPU processes:
                                                            ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...)
-    csp patch MODEL --circuit FILE_OR_RUN --clean TEXT --corrupt TEXT --candidates A B [--top N]
+    csp patch --model M --circuit FILE_OR_RUN --clean TEXT --corrupt TEXT --candidates A B [--top N]
                                                            one object: each circuit node's activation-patching
                                                            effect (clean into corrupted) on logit(A) - logit(B),
                                                            largest first
@@ -36,6 +36,11 @@
     csp next-tokens --model M --prompt TEXT [--circuit FILE] [--top 10]
                                                            one object: the prompt's tokens, the top next tokens
                                                            of the full model and of the circuit alone
+    csp node --model M --circuit FILE_OR_NAME NODE [--top 10]
+                                                           one object: what a circuit node does (its upstream and
+                                                           downstream paths, its inputs by weight x mean
+                                                           activation, direct logit effects, driving tokens);
+                                                           NAME: a circuit shipped with the model (`csp circuits`)
 
 M is a converted model folder, a Hugging Face hub id, or `default` (the model embedded in this package).
 Errors print one line `error: ...` on stderr and exit with status 2 (CSP_DEBUG=1 shows the traceback). Numeric
@@ -499,6 +504,24 @@ def cmd_patch(args) -> int:
         "clean": r.clean, "corrupt": r.corrupt, "nodes_per_second": round(r.nodes_per_second, 1),
         "ranked": rank_nodes(r, args.top),
     })
+
+
+def cmd_node(args) -> int:
+    from .circuits.ablation import compute_mean_activations, example_windows
+    from .circuits.graph import CircuitGraph, parse_node_id
+    from .circuits.logit_effects import describe_node, mean_final_norm_scale
+
+    parse_node_id(args.node)  # a malformed id fails before the model loads
+    path = _circuit_file_or_shipped(args.model, args.circuit)
+    model, tokenizer = _load(args)
+    circuit = CircuitGraph.load(path, model=model)
+    for notice in circuit.notices:
+        print(f"note: {path}: {notice}", file=sys.stderr)
+    if args.node not in circuit.nodes:
+        describe_node(model, tokenizer, circuit, args.node, {}, top=args.top)  # raises, naming nodes it has
+    means = compute_mean_activations(model, tokenizer)
+    scale = mean_final_norm_scale(model, example_windows(model, tokenizer))
+    _emit({"circuit": str(path), **describe_node(model, tokenizer, circuit, args.node, means, scale, args.top)})
     return 0
 
 
@@ -684,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_next_tokens)
 
     p = sub.add_parser("patch", help="activation patching: each circuit node's effect on two candidates' logit difference")
-    p.add_argument("model", metavar="MODEL", help="converted folder, hub id, or 'default'")
+    p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
     p.add_argument("--circuit", required=True, metavar="FILE_OR_RUN",
                    help="circuit JSON file, or a circuit shipped with the model (file name or task, see `csp circuits`)")
     p.add_argument("--clean", required=True, help="the clean prompt")
@@ -695,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_number(1, MAX_BATCH, integer=True), default=64, help="nodes per forward pass")
     p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
     p.set_defaults(fn=cmd_patch)
+    p = sub.add_parser("node", help="what a circuit node does: paths, inputs, direct logit effects, driving tokens")
+    p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
+    p.add_argument("--circuit", required=True, help="circuit JSON file, or the name of a circuit shipped with the model")
+    p.add_argument("node", help="node id 'location:index', such as 3.mlp.post_act:12")
+    p.add_argument("--top", type=_number(1, MAX_TOP, integer=True), default=10, help="tokens and inputs listed")
+    p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+    p.set_defaults(fn=cmd_node)
 
     p = sub.add_parser("import-viz", help="convert the original visualizer's viz_data.pt to a circuit JSON")
     p.add_argument("viz_data")

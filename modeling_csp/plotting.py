@@ -34,7 +34,7 @@ __all__ = [
     "attention_pattern_figure", "embedding_tokens_figure", "weights_histogram_figure",
     "position_embedding_figure", "circuit_diff_figure", "connections_table", "message_figure",
     "display_token", "task_examples_html", "attention_rows_html", "attention_grid_figure", "attention_tokens_html",
-    "ATTENTION_TOKENS_JS", "patching_effects_html",
+    "ATTENTION_TOKENS_JS", "patching_effects_html", "node_link", "node_reading_html",
 ]
 
 # One colour convention everywhere: blue is positive, red is negative (edges, activations, importances, bars,
@@ -324,6 +324,31 @@ def _ring_trace(points: list[tuple[float, float, str]], name: str, color: str, s
                       marker=dict(size=size, color="rgba(0,0,0,0)", line=dict(width=3, color=color)))
 
 
+PATH_COLORS = {"upstream": "#7b3294", "downstream": "#1b7837"}  # purple into the node, green out of it
+
+
+def _path_traces(paths: Iterable[Any], pos: Mapping[str, tuple[float, float]]) -> list[go.Scatter]:
+    """For each walk (anything with `direction`, `nodes` and `edges`, as `circuits.walking.Walk`): its edges between
+    placed nodes as one wide translucent line trace named "<direction> path", under the edges, and its nodes as
+    rings named "<direction> nodes"."""
+    traces = []
+    for walk in paths:
+        color = PATH_COLORS.get(walk.direction, "#555")
+        xs, ys = [], []
+        for e in walk.edges:
+            if e.source in pos and e.target in pos:
+                (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
+                xs += [x0, x1, None]
+                ys += [y0, y1, None]
+        if xs:
+            traces.append(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                     name=f"{walk.direction} path", line=dict(width=9, color=color), opacity=0.3))
+        ring = [(*pos[n], n) for n in walk.nodes if n in pos]
+        if ring:
+            traces.append(_ring_trace(ring, f"{walk.direction} nodes", color, 22))
+    return traces
+
+
 def _text_positions(nodes: list[str], pos: Mapping[str, tuple[float, float]], below: set[str]) -> list[str]:
     """Label above each node; in lines of more than 20 nodes every other label goes below (no overlaps)."""
     by_line: dict[float, list[str]] = defaultdict(list)
@@ -340,7 +365,7 @@ def _text_positions(nodes: list[str], pos: Mapping[str, tuple[float, float]], be
 
 def layer_graph_figure(circuit, layer: str, selected: str | None = None, height: int | None = None,
                        max_per_line: int = 40, max_edges: int = 200, min_weight: float = 0.0,
-                       highlight: Iterable[str] = (), max_labels: int = 150) -> go.Figure:
+                       highlight: Iterable[str] = (), max_labels: int = 150, paths: Iterable[Any] = ()) -> go.Figure:
     """The circuit's nodes and weight edges in one sublayer ('0.attn' or '0.mlp') as a layered graph.
 
     Rows, top to bottom: MLP `act_in -> post_act -> resid_delta`; attention `act_in -> q -> k -> v ->
@@ -349,8 +374,10 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
     Node colour is the node's ablation importance and edge colour the weight's sign (blue +, red −); width and
     opacity the magnitude. Only edges with |w| >= `min_weight` x the largest are drawn, at most `max_edges`
     (the title says so). A layer of more than `max_labels` nodes labels only its 60 most important ones (the rest
-    on hover). `highlight` nodes (search matches) get an orange ring, `selected` a black one. Every node marker
-    carries its id in customdata[0] (for click handling)."""
+    on hover). `highlight` nodes (search matches) get an orange ring, `selected` a black one. `paths` (the selected
+    node's `walking.upstream` / `downstream` walks) are drawn as wide purple (into the node) and green (out of it)
+    bands under the edges, with rings on their nodes. Every node marker carries its id in customdata[0] (for click
+    handling)."""
     d_head = _d_head(circuit)
     nodes = layer_node_ids(circuit, layer)
     if not nodes:
@@ -423,7 +450,8 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
 
     segs, max_abs, edges_phrase = _weight_segments(circuit, pos, min_weight, max_edges)
     fig = go.Figure()
-    for t in _edge_traces(segs, max_abs):
+    path_traces = _path_traces(paths, pos)
+    for t in [t for t in path_traces if t.mode == "lines"] + _edge_traces(segs, max_abs):
         fig.add_trace(t)
     imp_range = _importance_range(circuit.nodes[n] for n in nodes)
     xs, ys = [pos[n][0] for n in nodes], [pos[n][1] for n in nodes]
@@ -434,6 +462,9 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
     symbols = [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes]
     fig.add_trace(_node_trace(xs, ys, nodes, [circuit.nodes[n] for n in nodes], d_head, symbols, labels, imp_range,
                               size=15 if len(nodes) <= 120 else 11, text_position=text_pos))
+    for t in path_traces:
+        if t.mode == "markers":
+            fig.add_trace(t)
     matches = [(*pos[n], n) for n in highlight if n in pos]
     if matches:
         fig.add_trace(_ring_trace(matches, "matches", "#e08a2c", 24))
@@ -460,8 +491,9 @@ _STAGES = [("attn", "act_in"), ("attn", "q"), ("attn", "k"), ("attn", "v"), ("at
 
 def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str | None = None,
                             height: int | None = None, max_edges: int = 500, min_weight: float = 0.0,
-                            highlight: Iterable[str] = (), values: Mapping[str, float] | None = None,
-                            value_name: str = "value", title: str | None = None) -> go.Figure:
+                            highlight: Iterable[str] = (), paths: Iterable[Any] = (),
+                            values: Mapping[str, float] | None = None, value_name: str = "value",
+                            title: str | None = None) -> go.Figure:
     """Every node of the circuit, from the token embedding (left) to the logits (right).
 
     Nodes are coloured by their importance, or by `values` {node: value} when given (a patching effect, say;
@@ -472,7 +504,7 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
     `min_weight` x the largest, at most `max_edges`), residual edges (same channel written by one sublayer and
     read by a later one) in grey. The embedding feeds every read channel that no earlier circuit node writes;
     every write channel feeds the logits (through the rest of the residual stream). `highlight` nodes get an
-    orange ring."""
+    orange ring; `paths` are drawn as in `layer_graph_figure`."""
     n_layer = n_layer if n_layer is not None else _n_layer(circuit)
     d_head = _d_head(circuit)
     if not circuit.nodes:
@@ -514,7 +546,8 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
                              line=dict(width=0.7, color="rgba(150,150,150,0.25)", dash="dot"), name="embedding/logits"))
     fig.add_trace(go.Scatter(x=resid_x, y=resid_y, mode="lines", hoverinfo="skip", showlegend=False,
                              line=dict(width=1.2, color=RESIDUAL_COLOR), name="residual"))
-    for t in _edge_traces(segs, max_abs):
+    path_traces = _path_traces(paths, pos)
+    for t in [t for t in path_traces if t.mode == "lines"] + _edge_traces(segs, max_abs):
         fig.add_trace(t)
     nodes = list(pos)
     colour_by = [values.get(n) for n in nodes] if values is not None else [circuit.nodes[n] for n in nodes]
@@ -524,6 +557,9 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
     fig.add_trace(go.Scatter(x=[x_embed, x_logits], y=[0, 0], mode="markers+text", text=["tokens", "logits"],
                              textposition=["middle left", "middle right"], hoverinfo="skip", showlegend=False,
                              marker=dict(size=22, symbol="square", color="#888"), name="io"))
+    for t in path_traces:
+        if t.mode == "markers":
+            fig.add_trace(t)
     matches = [(*pos[n], n) for n in highlight if n in pos]
     if matches:
         fig.add_trace(_ring_trace(matches, "matches", "#e08a2c", 20))
@@ -1073,19 +1109,86 @@ def connections_table(circuit, node: str, d_head: int | None = None) -> list[lis
 
 
 def connections_html(rows: Sequence[Sequence[Any]], max_height: int = 280) -> str:
-    """`connections_table` rows as a compact HTML table: incoming and outgoing edges, weights coloured by sign."""
+    """`connections_table` rows as a compact HTML table: incoming and outgoing edges, weights coloured by sign; each
+    other node is a link that selects it (`node_link`)."""
     if not rows:
         return TABLE_CSS + '<div class="csp-ex-title">No connections to other circuit nodes.</div>'
     body = []
     for direction, other, label, weight, kind in rows:
         color = _rgba(POSITIVE if weight >= 0 else NEGATIVE, 1.0)
         arrow = "← from" if direction == "in" else "→ to"
-        body.append(f"<tr><td>{arrow}</td><td><code>{html.escape(str(other))}</code></td><td>{html.escape(str(label))}</td>"
+        body.append(f"<tr><td>{arrow}</td><td>{node_link(other)}</td><td>{html.escape(str(label))}</td>"
                     f'<td style="color:{color};text-align:right">{weight:+.4g}</td><td>{html.escape(str(kind))}</td></tr>')
     n_in = sum(1 for r in rows if r[0] == "in")
     head = f'<div class="csp-ex-title">{n_in} incoming, {len(rows) - n_in} outgoing edges in the circuit</div>'
     return (TABLE_CSS + head + f'<div style="max-height:{max_height}px;overflow:auto"><table class="csp-q">'
             "<tr><th></th><th>node</th><th>label</th><th>weight</th><th>kind</th></tr>" + "".join(body) + "</table></div>")
+
+
+# ---- walking a circuit (the node panel's "What it does") -------------------------------------
+
+NODE_LINK_CLASS = "csp-node-link"
+
+
+def node_link(node: str) -> str:
+    """A node id as a link that selects the node: the app's page script turns a click on any element of class
+    `NODE_LINK_CLASS` into a selection of its `data-node` (as a click on the graph does)."""
+    n = html.escape(str(node), quote=True)
+    return f'<a href="#" class="{NODE_LINK_CLASS}" data-node="{n}" title="select {n}"><code>{n}</code></a>'
+
+
+def _number_cell(v: float, digits: int = 4) -> str:
+    color = _rgba(POSITIVE if v >= 0 else NEGATIVE, 1.0)
+    return f'<td style="color:{color};text-align:right">{v:+.{digits}g}</td>'
+
+
+def _token_rows(title: str, rows: Sequence[Mapping[str, Any]], value: str) -> str:
+    cells = "".join(f'<tr><td><code>{html.escape(display_token(str(r["token"])))}</code></td><td>{int(r["id"])}</td>'
+                    f"{_number_cell(float(r[value]))}</tr>" for r in rows)
+    return (f'<div class="csp-ex-title">{html.escape(title)}</div><table class="csp-q"><tr><th>token</th><th>id</th>'
+            f"<th>{html.escape(value)}</th></tr>{cells}</table>")
+
+
+def node_reading_html(report: Mapping[str, Any], d_head: int | None = None) -> str:
+    """A `logit_effects.describe_node` report as the node panel's tables: the paths through the node (nodes as
+    links), "why this node" (inputs by weight x mean activation), direct logit effects (write nodes) and driving
+    tokens (read nodes). Each table is labelled with the node it reads, so no older reading passes for this one."""
+    node = str(report["node"])
+    parts = [TABLE_CSS, f'<div class="csp-reading" data-node="{html.escape(node, quote=True)}">']
+    for direction, word in (("upstream", "into"), ("downstream", "out of")):
+        walk = report[direction]
+        links = " ".join(node_link(n) for n in walk["nodes"][:60]) or "<i>none in the circuit</i>"
+        more = f" … and {len(walk['nodes']) - 60} more" if len(walk["nodes"]) > 60 else ""
+        parts.append(f'<div class="csp-ex-title csp-walk-{direction}"><b>{direction.capitalize()}</b> (paths '
+                     f"{word} {html.escape(node)}: {len(walk['nodes'])} nodes, {walk['n_edges']} edges, "
+                     f"{'purple' if direction == 'upstream' else 'green'} in the graph): {links}{more}</div>")
+    why = report["why"]
+    rows = "".join(f"<tr><td>{node_link(r['source'])}</td><td>{html.escape(node_label(r['source'], d_head))}</td>"
+                   f"{_number_cell(r['weight'])}{_number_cell(r['mean'])}{_number_cell(r['contribution'])}"
+                   f"<td>{html.escape(str(r['kind']))}</td></tr>" for r in why)
+    parts.append(f'<div class="csp-ex-title"><b>Why {html.escape(node)}</b>: its circuit inputs ranked by |weight × '
+                 "mean activation| (signed mean over held-out text, the values mean ablation uses: the input's "
+                 "expected contribution to this node)</div>")
+    parts.append('<table class="csp-q csp-why"><tr><th>input</th><th>label</th><th>weight</th><th>mean act.</th>'
+                 f"<th>weight × mean</th><th>kind</th></tr>{rows}</table>" if why else
+                 '<div class="csp-ex-title csp-why"><i>No inputs inside the circuit: it reads the token embedding '
+                 "(see the driving tokens).</i></div>")
+    fx = report.get("logit_effects")
+    if fx:
+        parts.append(f'<div class="csp-ex-title"><b>Direct logit effects of {html.escape(node)}</b> per unit of '
+                     f"activation ({html.escape(fx['path'])}, final norm's scale {fx['norm_scale']:.3g}, its mean "
+                     "over held-out text; later sublayers skipped)</div>")
+        parts.append('<div class="csp-logit-effects" style="display:flex;gap:16px"><div style="flex:1">'
+                     + _token_rows("raises", fx["up"], "logit") + '</div><div style="flex:1">'
+                     + _token_rows("lowers", fx["down"], "logit") + "</div></div>")
+    drivers = report.get("drivers")
+    if drivers:
+        parts.append(f'<div class="csp-ex-title"><b>Tokens that drive {html.escape(node)}</b>: its activation when '
+                     "the residual stream entering its sublayer is the token's embedding alone</div>")
+        parts.append('<div class="csp-drivers" style="display:flex;gap:16px"><div style="flex:1">'
+                     + _token_rows("most positive", drivers["tokens_up"], "activation") + '</div><div style="flex:1">'
+                     + _token_rows("most negative", drivers["tokens_down"], "activation") + "</div></div>")
+    return "".join(parts) + "</div>"
 
 
 # ---- embeddings -----------------------------------------------------------------------------

@@ -546,9 +546,9 @@ def test_an_output_in_a_read_only_folder_fails_before_any_work(capsys, tmp_path)
     (("train", "--eval-windows", "1000000000"), "argument --eval-windows: expected an integer >= 1 and <= 65,536"),
     (("train", "--checkpoint-every", "1000000000"), "argument --checkpoint-every: expected an integer >= 1 and <= 1,000,000"),
     (("next-tokens", "--model", "default", "--prompt", "x"), "argument --top: expected an integer >= 1 and <= 50"),
-    (("patch", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
+    (("patch", "--model", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
      "argument --top: expected an integer >= 1 and <= 1,000,000"),
-    (("patch", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
+    (("patch", "--model", "default", "--circuit", "c.json", "--clean", "x", "--corrupt", "y", "--candidates", "a", "b"),
      "argument --batch-size: expected an integer >= 1 and <= 65,536"),
     (("tasks", "--check", "t.jsonl"), "argument --n-examples: expected an integer >= 8 and <= 2,048"),
     (("prune", "--model", "default", "--task", "indent_for", "--out", "c.json"), "argument --n-examples: expected an "
@@ -591,7 +591,7 @@ def test_patch_ranks_circuit_nodes_by_their_patching_effect(capsys, tiny, tmp_pa
     model, tokenizer = load_model_and_tokenizer(str(tiny))
     half_masks = {loc: torch.arange(m.numel()) % 3 == 0 for loc, m in all_kept(model.config).items()}
     circuit = CircuitGraph.from_masks(model, half_masks, model_name="tiny").save(tmp_path / "third.json")
-    argv = ["patch", tiny, "--circuit", circuit, "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", "'", '"']
+    argv = ["patch", "--model", tiny, "--circuit", circuit, "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", "'", '"']
     code, out, _ = run(capsys, *argv)
     answer = one_json(out)
     expected = patch_prompts(model, tokenizer, "x = 'a", 'x = "a', ["'", '"'], CircuitGraph.load(circuit).nodes).result
@@ -606,21 +606,21 @@ def test_patch_ranks_circuit_nodes_by_their_patching_effect(capsys, tiny, tmp_pa
     code, out, _ = run(capsys, *argv, "--top", 2)
     assert code == 0 and one_json(out)["ranked"] == answer["ranked"][:2]
 
-    code, _, err = run(capsys, *argv[:4], "--clean", "x = 'abc", "--corrupt", 'x = "a', "--candidates", "'", '"')
+    code, _, err = run(capsys, *argv[:5], "--clean", "x = 'abc", "--corrupt", 'x = "a', "--candidates", "'", '"')
     assert_one_line_error(code, err, "the clean prompt has 5 tokens and the corrupted one 4")
-    code, _, err = run(capsys, *argv[:4], "--clean", "", "--corrupt", 'x = "a', "--candidates", "'", '"')
+    code, _, err = run(capsys, *argv[:5], "--clean", "", "--corrupt", 'x = "a', "--candidates", "'", '"')
     assert_one_line_error(code, err, "the clean prompt is empty")
-    code, _, err = run(capsys, *argv[:4], "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", "'", "'")
+    code, _, err = run(capsys, *argv[:5], "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", "'", "'")
     assert_one_line_error(code, err, "both candidates are the token")
-    code, _, err = run(capsys, *argv[:4], "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", " hello world", '"')
+    code, _, err = run(capsys, *argv[:5], "--clean", "x = 'a", "--corrupt", 'x = "a', "--candidates", " hello world", '"')
     assert_one_line_error(code, err, "candidate A ' hello world' is", "give a single token")
-    code, _, err = run(capsys, "patch", tiny, "--circuit", "nope", *argv[4:])
+    code, _, err = run(capsys, "patch", "--model", tiny, "--circuit", "nope", *argv[5:])
     assert_one_line_error(code, err, "--circuit 'nope' is neither a file nor a circuit shipped with model")
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="the default model is not installed")
 def test_patch_takes_a_circuit_shipped_with_the_model(capsys):
-    code, out, _ = run(capsys, "patch", "default", "--circuit", "bracket_brace_k8", "--clean", "x = 'a",
+    code, out, _ = run(capsys, "patch", "--model", "default", "--circuit", "bracket_brace_k8", "--clean", "x = 'a",
                        "--corrupt", 'x = "a', "--candidates", "'", '"')
     answer = one_json(out)
     assert code == 0 and answer["task"] == "bracket_brace" and len(answer["ranked"]) == answer["n_nodes"] == 8
@@ -675,3 +675,37 @@ def test_check_exits_0_when_the_circuit_holds_1_when_not_2_on_bad_input(capsys, 
     assert_one_line_error(code, err, "does not exist")
     code, _, err = run(capsys, "check", "--model", "default", "--circuit", SHIPPED_OK, "--max-loss", "nan")
     assert_one_line_error(code, err, "--max-loss")
+def test_node_explains_a_circuit_node(capsys):
+    """`csp node`: a shipped circuit by name or a file; the walk, why_node, logit effects and drivers of one node,
+    the library's `describe_node` numbers; a node outside the circuit is a one-line error naming some it has."""
+    from modeling_csp.circuits.logit_effects import direct_logit_effects
+
+    circuit_file = DEFAULT_MODEL / "circuits" / "bracket_brace_k8.json"
+    circuit = CircuitGraph.from_dict(json.loads(circuit_file.read_text()))
+    write = next(n for n in circuit.nodes if ".attn.v:" in n)  # both: writes through OV, reads its values
+    code, out, _ = run(capsys, "node", "--model", "default", "--circuit", "bracket_brace_k8", write, "--top", 3)
+    report = one_json(out)
+    assert code == 0 and report["node"] == write and report["circuit"].endswith("bracket_brace_k8.json")
+    assert set(report["downstream"]["nodes"]) == {e.target for e in circuit.edges if e.source == write}
+    fx = report["logit_effects"]
+    assert len(fx["up"]) == len(fx["down"]) == 3 and 0 < fx["norm_scale"] and "OV path" in fx["path"]
+    from modeling_csp.model.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("default")
+    expected = direct_logit_effects(model, write, 3, fx["norm_scale"])
+    assert [r["id"] for r in fx["up"]] == [i for i, _ in expected.up]
+    assert [r["logit"] for r in fx["down"]] == pytest.approx([v for _, v in expected.down], abs=1e-5)
+    assert len(report["drivers"]["tokens_up"]) == 3 and isinstance(report["drivers"]["tokens_up"][0]["token"], str)
+
+    reader = next(n for n in circuit.nodes if any(e.target == n for e in circuit.edges) and ".attn.k:" in n)
+    code, out, _ = run(capsys, "node", "--model", "default", "--circuit", circuit_file, reader)
+    report = one_json(out)
+    assert code == 0 and report["logit_effects"] is None and report["why"]  # k: no path to the logits; has inputs
+    assert {r["source"] for r in report["why"]} == {e.source for e in circuit.edges if e.target == reader}
+
+    code, _, err = run(capsys, "node", "--model", "default", "--circuit", circuit_file, "1.attn.v:21")
+    assert_one_line_error(code, err, "not in the circuit", "such as")
+    code, _, err = run(capsys, "node", "--model", "default", "--circuit", "no_such_circuit", write)
+    assert_one_line_error(code, err, "neither a file nor a circuit shipped", "csp circuits")
+    code, _, err = run(capsys, "node", "--model", "default", "--circuit", circuit_file, "1.attn.v")
+    assert_one_line_error(code, err, "bad node id")

@@ -430,3 +430,37 @@ def test_circuit_through_training_figure():
     assert not fig.layout.shapes and not fig.layout.annotations
     assert len(P.circuit_through_training_figure(curve, at_target_only=False).data) == 5
     assert "ships no circuit-through-training" in P.circuit_through_training_figure(None).layout.annotations[0].text
+def test_graphs_highlight_the_selected_nodes_paths(small):
+    """`paths` (the walks of `circuits.walking`) are drawn as a band per direction and rings on their nodes, in the
+    layer graph (edges inside the layer) and the overview (residual edges too)."""
+    from modeling_csp.circuits.walking import downstream, upstream
+
+    node = "0.attn.v:40"
+    paths = (upstream(small, node), downstream(small, node))
+    fig = P.layer_graph_figure(small, "0.attn", node, paths=paths)
+    by_name = {t.name: t for t in fig.data}
+    assert [c[0] for c in by_name["upstream nodes"].customdata] == ["0.attn.act_in:3"]
+    assert [c[0] for c in by_name["downstream nodes"].customdata] == ["0.attn.resid_delta:3"]  # (later layers: other graphs)
+    assert list(by_name["upstream path"].x).count(None) == 1 and "downstream path" in by_name
+    names = [t.name for t in fig.data]
+    assert names.index("upstream path") < names.index("nodes") < names.index("upstream nodes")  # bands under the nodes
+    assert "upstream path" not in {t.name for t in P.layer_graph_figure(small, "0.attn", node).data}
+    overview = {t.name: t for t in P.circuit_overview_figure(small, 2, node, paths=paths).data}
+    assert {c[0] for c in overview["downstream nodes"].customdata} == {
+        "0.attn.resid_delta:3", "0.mlp.act_in:3", "0.mlp.post_act:7", "0.mlp.resid_delta:5", "1.attn.act_in:5"}
+    assert list(overview["downstream path"].x).count(None) == 5  # two residual edges among them
+
+
+def test_connections_and_reading_link_to_nodes(small):
+    html_out = P.connections_html(P.connections_table(small, "0.attn.v:40"))
+    assert html_out.count('class="csp-node-link"') == 2 and 'data-node="0.attn.resid_delta:3"' in html_out
+    report = {"node": "0.attn.v:40", "upstream": {"nodes": ["0.attn.act_in:3"], "n_edges": 1},
+              "downstream": {"nodes": [], "n_edges": 0},
+              "why": [{"source": "0.attn.act_in:3", "weight": 0.1, "mean": -2.0, "contribution": -0.2, "kind": "weight"}],
+              "logit_effects": {"path": "OV path", "norm_scale": 2.5, "up": [{"id": 5, "token": " <a>", "logit": 0.5}],
+                                "down": [{"id": 6, "token": "x\n", "logit": -0.25}]},
+              "drivers": None}
+    out = P.node_reading_html(report, 16)
+    assert 'data-node="0.attn.v:40"' in out and out.count('class="csp-node-link"') == 2  # upstream list, why table
+    assert "Why 0.attn.v:40" in out and "-0.2" in out and "none in the circuit" in out
+    assert "·&lt;a&gt;" in out and "x↵" in out and "Tokens that drive" not in out  # tokens shown as visible text

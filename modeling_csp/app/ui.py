@@ -113,6 +113,21 @@ PAGE_JS = """
 }
 """
 
+# Node links (plotting.node_link) select their node through the same hidden box as a click on the graph.
+WALK_JS = """
+() => {
+  document.addEventListener('click', (e) => {
+    const link = e.target && e.target.closest && e.target.closest('a.%s');
+    if (!link) return;
+    e.preventDefault();
+    const box = document.querySelector('#node-click textarea, #node-click input');
+    if (!box || !link.dataset.node) return;
+    box.value = link.dataset.node + '|link|' + Date.now();
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+  }, true);
+}
+""" % plotting.NODE_LINK_CLASS
+
 # The link to the current view. (The address bar is left alone: Plotly draws colour bars with gradients that
 # reference the page's URL, and rewriting it with history.replaceState blanks them.)
 SHARE_JS = "(q) => q ? (window.location.origin + window.location.pathname + '?' + q) : ''"
@@ -265,6 +280,7 @@ class Page:
                         self.qk_plot = gr.Plot(elem_id="qk-contrib", show_label=False)
                 with gr.Tab("Connections", id="node-connections"):
                     self.connections = gr.HTML("", elem_id="connections")
+                self.walk_tab()
 
     def overview_tab(self) -> None:
         with gr.Tab("Whole circuit", id="overview") as self.tabs["overview"]:
@@ -419,13 +435,14 @@ class Page:
             self.session, self.model_in, self.task_in, self.pr_task, self.run_in, self.cmp_in, self.k_in, self.summary,
             self.status, self.empty_box, self.empty_md, self.empty_out, self.layer_in, self.node_in, self.graph,
             self.layer_bars, self.overview, self.share_query, self.node_header, self.abl_layers, self.channel_in,
-            self.connections, self.examples, self.task_acts, self.attn_rows, self.attn_plot, self.qk_plot, self.download]
+            self.connections, self.examples, self.task_acts, self.attn_rows, self.attn_plot, self.qk_plot, self.download,
+            self.reading]
         self.selection = [self.model_in, self.task_in, self.run_in, self.k_in, self.layer_in, self.node_in,
                           self.edges_in, self.tab]
         self.node_inputs = [self.model_in, self.task_in, self.run_in, self.k_in, self.layer_in, self.node_in,
                             self.zero_centered]
         self.node_outputs = [self.connections, self.examples, self.task_acts, self.attn_rows, self.attn_plot,
-                             self.qk_plot, self.status]
+                             self.qk_plot, self.status, self.reading]
 
     # ---- painting ---------------------------------------------------------------------------------
 
@@ -484,7 +501,8 @@ class Page:
                 self.attn_rows: p.attention,
                 self.attn_plot: p.attention_figure or plotting.message_figure("No attention pattern for this node.", 200),
                 self.qk_plot: p.qk_figure or plotting.message_figure("q·k contributions are shown for q and k channels.",
-                                                                     200)}
+                                                                     200),
+                self.reading: p.reading}
 
     def new_run(self, result: panels.NewRun, message_box, request) -> dict:
         """A run pruned or imported here, shown (it joins the browser's saved runs), with its message."""
@@ -828,6 +846,18 @@ class Page:
         self.chain(self.upload.upload, on_upload, [self.session, self.upload, self.model_in, self.tab],
                    self.view_outputs + [self.upload_md, self.saved, self.upload])
 
+    # ---- issue 22: walking the circuit (the node panel's "What it does" tab, links between nodes) --------------
+
+    def walk_tab(self) -> None:
+        """The node panel's "What it does" tab: the node's paths, why it fires, its logit effects or drivers."""
+        with gr.Tab("What it does", id="node-reading-tab"):
+            self.reading = gr.HTML("", elem_id="node-reading")
+
+    def wire_walk(self, demo: gr.Blocks) -> None:
+        """A click on a node link (connections, the reading's tables) selects that node as a click on the graph does:
+        the page script writes it into the hidden node-click box (source "link", so the graph is redrawn)."""
+        demo.load(None, None, None, js=WALK_JS)
+
     def api(self) -> None:
         explorer = self.explorer
 
@@ -857,6 +887,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         for wire in (page.wire_overview, page.wire_curves, page.wire_embeddings, page.wire_prompt, page.wire_lab,
                      page.wire_ablations, page.wire_pruning, page.wire_share, page.wire_circuit_through_training):
             wire()
+        page.wire_walk(demo)
         page.api()
         demo.load(None, None, None, js=PAGE_JS)
     # The UI's own events stay out of the API page; /next_tokens is the documented endpoint.

@@ -13,6 +13,7 @@ tasks, hub lookups), and every function that needs it takes it (or a `ModelEntry
 - `analysis`: what is computed about a circuit, as typed results (losses through `modeling_csp.circuits.evaluation`,
   the routine `csp evaluate` uses), cached per model (caches bounded in bytes); a live prune runs in a worker
   process that sends back only the circuit, so the server's memory stays flat.
+- `node_walk`: what the node panel's "What it does" shows (`circuits.logit_effects.describe_node`, cached per node).
 - `view`: the browser's view model, `resolve_view(explorer, session, Request) -> View`.
 - `panels`: the app's other panels as plain results.
 - `lab`: the prompt lab's attention grid and activation patching, as computations and panels.

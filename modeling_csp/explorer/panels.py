@@ -24,6 +24,7 @@ from . import analysis as A
 from .errors import UserError, first_line, log, markdown_literal
 from .explorer import Explorer
 from .models import ModelEntry, import_run_file
+from .node_walk import node_reading
 from .runs import Run
 from .sessions import Session, choose_run, find_run
 from .tasks import MAX_TASK_TEXT_BYTES
@@ -72,8 +73,8 @@ def _selection(explorer: Explorer, model: Any, run_id: Any, k: Any) -> tuple[Mod
 
 @dataclass
 class NodePanel:
-    """Connections, activating examples, activations on the task's examples and, for attention nodes, the
-    head's attention on them. Each part shows its own message when it fails."""
+    """Connections, activating examples, activations on the task's examples, for attention nodes the head's
+    attention on them, and what the node does (`reading`). Each part shows its own message when it fails."""
 
     connections: str = ""
     examples: str = ""
@@ -82,6 +83,7 @@ class NodePanel:
     attention_figure: Any = None
     qk_figure: Any = None
     selection: Selection = field(default_factory=Selection)  # what it was computed for (the page paints it only then)
+    reading: str = ""  # "What it does": paths, why this node, logit effects / driving tokens (node_walk)
 
 
 def node_panel_updating(selection: Selection) -> NodePanel:
@@ -92,7 +94,7 @@ def node_panel_updating(selection: Selection) -> NodePanel:
     note = (f'<div class="csp-updating">⏳ updating… {html.escape(str(selection.node))} on '
             f'{html.escape(str(selection.task))}\'s examples, circuit k={selection.k}</div>')
     figure = plotting.message_figure(f"{selection.node}: updating…", 200)
-    return NodePanel(note, note, note, note, figure, figure, selection)
+    return NodePanel(note, note, note, note, figure, figure, selection, reading=note)
 
 
 def node_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, node: Any, zero_centered: bool = True,
@@ -132,6 +134,7 @@ def node_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, n
                                                  f"k={circuit.n_nodes} ({acts.source})")
 
     panel.task = part(task_part)
+    panel.reading = part(lambda: plotting.node_reading_html(node_reading(entry, circuit, node), entry.d_head))
     try:
         att = A.head_attention(entry, run, circuit, node, task)
     except Exception as exc:

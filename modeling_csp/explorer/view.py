@@ -29,6 +29,7 @@ from functools import cached_property
 from typing import Any, Mapping
 
 from .. import plotting
+from ..circuits import walking
 from ..circuits.graph import CircuitGraph
 from . import analysis as A
 from .errors import UserError, markdown_literal
@@ -46,9 +47,9 @@ CHANGES = {  # what each event changes on the page (the overview only when its t
     "k": _VIEW_PARTS - {"model", "task", "run", "empty"},  # bars: "updating…" until the "stats" step's deltas
     # (the layer bars do not depend on the selection: the layer list shows which layer is chosen)
     "layer": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),
-    "node": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer (and, for a click,
-    "click": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # the graph) only when the
-    "search": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer changes
+    "node": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # layer only when it changes;
+    "click": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # the graph always (it
+    "search": frozenset({"layer", "node", "graph", "share", "status", "node_header"}),  # draws the node's paths)
     "edges": frozenset({"graph", "status"}),
     "stats": frozenset({"summary", "layer", "layer_bars"}),
     "tab": frozenset(),
@@ -226,9 +227,7 @@ class View:
         if shown is None or shown.numbers != self.selected.numbers:
             parts |= _VIEW_PARTS
         elif (shown.layer, shown.node) != (self.layer, self.node):
-            parts |= {"layer", "node", "graph", "share", "node_header"}
-            if self.event == "click" and shown.layer == self.layer:
-                parts.discard("graph")  # the page moved the selection ring itself
+            parts |= {"layer", "node", "graph", "share", "node_header"}  # (the graph: the new node's paths)
         if self.event in ("k", "layer") and self.event not in self.changed:
             # the selector the user just set holds this value: sent back, it would overwrite a later click or
             # digits typed meanwhile (the last pick must win)
@@ -308,11 +307,18 @@ class View:
         return [{**r, "delta": deltas.get(r["layer"], r["delta"])} for r in rows]
 
     @cached_property
+    def paths(self) -> tuple:
+        """The selected node's upstream and downstream walks, which the graphs highlight."""
+        if self.circuit is None or self.node not in self.circuit.nodes:
+            return ()
+        return walking.upstream(self.circuit, self.node), walking.downstream(self.circuit, self.node)
+
+    @cached_property
     def graph(self):
         if self.circuit is None:
             return plotting.message_figure(f"No circuit for {self.task} yet.")
         return plotting.layer_graph_figure(self.circuit, self.layer, self.node, min_weight=self.edges,
-                                           highlight=self.matches)
+                                           highlight=self.matches, paths=self.paths)
 
     @cached_property
     def layer_bars(self):
@@ -329,7 +335,7 @@ class View:
         if self.circuit is None:
             return plotting.message_figure(f"No circuit for {self.task} yet.")
         return plotting.circuit_overview_figure(self.circuit, self.entry.n_layer, self.node, min_weight=self.edges,
-                                                highlight=self.matches)
+                                                highlight=self.matches, paths=self.paths)
 
 
 # =====================================================================================================
@@ -500,8 +506,6 @@ def _resolve(explorer: Explorer, session: Session, request: Request) -> View:
         changed = changed - {"k"}  # the box holds it already: sent back, it would overwrite digits typed meanwhile
     if event in ("layer", "node", "click", "search") and layer == _text(request.layer):
         changed = changed - {"layer"}  # the layer list already shows this layer
-        if event == "click":
-            changed = changed - {"graph"}  # the page moved the selection ring itself
     if request.tab == "overview" and event != "stats" and not repeated:
         changed = changed | {"overview"}
     view = View(explorer=explorer, session=session, entry=entry, model=entry.spec, task=task, run=run,

@@ -1000,3 +1000,77 @@ def test_curves_tab_shows_the_shipped_circuits_through_training(page, app_server
         assert circuit["y"] == pytest.approx(row["circuit"]) and full["y"] == pytest.approx(row["full"])
     assert page.evaluate(f"() => {plot}.layout.yaxis.type") == "log"
     shot(page, "22_circuit_through_training")
+# ---- issue 22: walking the circuit
+
+READING_NODE_JS = "() => { const r = document.querySelector('#node-reading .csp-reading'); return r ? r.dataset.node : ''; }"
+
+
+def graph_traces(page) -> dict[str, list[str]]:
+    """{trace name: node ids in its customdata} of the circuit graph as drawn."""
+    return page.evaluate("""() => {
+        const d = document.querySelector('#circuit-graph .js-plotly-plot');
+        const out = {};
+        ((d && d._fullData) || []).forEach((t) => { out[t.name] = (t.customdata || []).map((c) => c[0]); });
+        return out;
+    }""")
+
+
+def test_connection_links_walk_the_circuit(page, app_server):
+    """A connection is a link: clicking it selects that node (graph, node box, panel and share link follow); the graph
+    draws the new node's paths; "What it does" shows its reading, and never the old node's after the click."""
+    from conftest import TEST_TASK
+
+    query = {"model": app_server["model"], "task": TEST_TASK, "run": app_server["run"]}
+    page.goto(f"{app_server['url']}?{urllib.parse.urlencode(query)}")
+    wait_text(page, "#summary", "Run imported · test_circuit")
+    settle(page)
+    start = header_node(page)
+    page.get_by_role("tab", name="What it does").click()
+    page.wait_for_function(f"(id) => ({READING_NODE_JS})() === id", arg=start)
+    text = text_of(page, "#node-reading")
+    assert f"Why {start}" in text and ("Direct logit effects" in text or "Tokens that drive" in text), text[:500]
+    assert "Upstream" in text and "Downstream" in text
+    page.get_by_role("tab", name="Connections").click()
+    page.wait_for_selector("#connections a.csp-node-link")
+    links = page.eval_on_selector_all("#connections a.csp-node-link", "(as) => as.map((a) => a.dataset.node)")
+    same_layer = [n for n in links if sublayer_of(n) == sublayer_of(start)]
+    assert same_layer, links  # the test circuit joins every node to another of its layer by a weight
+    target = same_layer[0]
+    page.locator(f"#connections a.csp-node-link[data-node='{target}']").first.click()
+    wait_text(page, "#node-header", target)
+    assert page.evaluate(READING_NODE_JS) in ("", target)  # the old node's reading is gone at once
+    page.wait_for_function("(id) => { const i = document.querySelector('#node-select input'); return i && i.value.includes(id); }",
+                           arg=target)
+    page.wait_for_function("(id) => { const q = document.querySelector('#share-query textarea, #share-query input');"
+                           " return q && new URLSearchParams(q.value).get('node') === id; }", arg=target)
+    page.wait_for_function("""([id, start]) => {
+        const d = document.querySelector('#circuit-graph .js-plotly-plot');
+        if (!d || !d._fullData) return false;
+        const sel = d._fullData.find((t) => t.name === 'selected');
+        const ring = d._fullData.filter((t) => t.name === 'upstream nodes' || t.name === 'downstream nodes');
+        return sel && sel.customdata[0][0] === id && ring.some((t) => t.customdata.some((c) => c[0] === start));
+    }""", arg=[target, start])
+    traces = graph_traces(page)
+    assert "upstream path" in traces or "downstream path" in traces, sorted(traces)
+    page.get_by_role("tab", name="What it does").click()
+    page.wait_for_function(f"(id) => ({READING_NODE_JS})() === id", arg=target)
+    text = text_of(page, "#node-reading")
+    assert f"Why {target}" in text and f"Why {start}" not in text and start in text  # start is on one of its paths
+    shot(page, "22_walk_link")
+    assert_no_errors(page)
+
+
+def test_reading_links_select_their_node(page):
+    """The node links of "What it does" (paths, inputs) select their node too."""
+    page.get_by_role("tab", name="What it does").click()
+    start = header_node(page)
+    page.wait_for_function(f"(id) => ({READING_NODE_JS})() === id", arg=start)
+    links = page.eval_on_selector_all("#node-reading a.csp-node-link", "(as) => as.map((a) => a.dataset.node)")
+    assert links, text_of(page, "#node-reading")[:400]
+    target = links[0]
+    page.locator(f"#node-reading a.csp-node-link[data-node='{target}']").first.click()
+    wait_text(page, "#node-header", target)
+    page.wait_for_function(f"(id) => ({READING_NODE_JS})() === id", arg=target)
+    layer = page.locator("#layer-select input:checked").get_attribute("value")
+    assert layer == sublayer_of(target)  # a node of another layer brings its layer's graph
+    assert_no_errors(page)

@@ -53,6 +53,25 @@ def test_node_panel(page):
     assert "⚠️" in bad.connections and bad.examples == bad.task == ""
 
 
+def test_node_panel_says_what_the_node_does(page):
+    """The "What it does" part: the node's paths, why it fires and its logit effects or drivers (labelled with the
+    node); "updating…" while a new selection's panel is on its way; gone for a node outside the circuit."""
+    from modeling_csp.circuits.logit_effects import describe_node
+    from modeling_csp.explorer.node_walk import final_norm_scale
+
+    p = panels.node_panel(page["explorer"], page["model"], page["task"], page["run"], page["k"], page["node"])
+    assert f'class="csp-reading" data-node="{page["node"]}"' in p.reading and f"Why {page['node']}" in p.reading
+    entry, circuit = page["entry"], find_run(page["entry"], None, page["run"]).circuit
+    report = describe_node(entry.model, entry.tokenizer, circuit, page["node"], entry.means(), final_norm_scale(entry))
+    for row in report["why"]:
+        assert f'data-node="{row["source"]}"' in p.reading
+    if report["logit_effects"]:
+        assert f"{report['logit_effects']['up'][0]['logit']:+.4g}" in p.reading
+    assert "updating… " + page["node"] in panels.node_panel_updating(p.selection).reading
+    gone = panels.node_panel(page["explorer"], page["model"], page["task"], page["run"], page["k"], "9.mlp.post_act:1")
+    assert gone.reading == ""
+
+
 def test_prompt_panel_clears_on_error(page):
     args = (page["model"], page["task"], page["run"], page["k"], page["node"])
     ok = panels.prompt_panel(page["explorer"], *args, 'x = "hello', '"', "'")
