@@ -477,9 +477,10 @@ def _circuit_file_or_shipped(model_spec: str, name: str) -> str:
     by_task = sorted((e for e in shipped if e["task"] == name), key=lambda e: not e["at_target"])
     if by_stem or by_task:
         return (by_stem or by_task)[0]["path"]
-    names = ", ".join(sorted(Path(e["path"]).stem for e in shipped)) or "none"
+    names = sorted(Path(e["path"]).stem for e in shipped)
+    listed = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "none"
     raise ValueError(f"--circuit {name!r} is neither a file nor a circuit shipped with model {model_spec!r} "
-                     f"(shipped: {names})")
+                     f"(shipped: {listed}; `csp circuits --model {model_spec}` lists them)")
 
 
 def cmd_patch(args) -> int:
@@ -504,6 +505,7 @@ def cmd_patch(args) -> int:
         "clean": r.clean, "corrupt": r.corrupt, "nodes_per_second": round(r.nodes_per_second, 1),
         "ranked": rank_nodes(r, args.top),
     })
+    return 0
 
 
 def cmd_node(args) -> int:
