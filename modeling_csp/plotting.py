@@ -253,7 +253,8 @@ def _node_trace(xs, ys, nodes: list[str], importances: list[float | None], d_hea
 def label_hover(circuit) -> dict[str, str]:
     """{node: hover line} for the circuit's node labels (a researcher's notes), escaped: a label is text, never
     markup."""
-    return {n: f"<br>label: {html.escape(text)}" for n, text in (getattr(circuit, "labels", None) or {}).items()}
+    return {n: "<br>label: " + html.escape(text, quote=False).replace("\n", "<br>")
+            for n, text in (getattr(circuit, "labels", None) or {}).items()}
 
 
 def _selected_trace(x: float, y: float, node: str) -> go.Scatter:
