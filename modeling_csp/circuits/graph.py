@@ -433,7 +433,7 @@ class CircuitGraph:
             raise ValueError(f"{source}: 'control' must be an object or null")
         if data.get("ablation", "mean") not in ("mean", "zero"):
             raise ValueError(f"{source}: ablation must be 'mean' or 'zero', not {data.get('ablation')!r}")
-        labels = data.get("labels") or {}
+        labels = {} if data.get("labels") is None else data["labels"]
         if not isinstance(labels, dict):
             raise ValueError(f"{source}: 'labels' must be an object {{node id: text}}")
         try:

@@ -149,12 +149,11 @@ def label_node(explorer: Explorer, session: Session, model: Any, task: Any, run_
     """Labels a node of the shown run (an empty text removes the label): saved as a new run, which the returned
     view shows at the same k, layer and node (see the module docstring)."""
     try:
-        entry = explorer.get_model(str(model or "") or None)
-        run = find_run(entry, None, str(run_id)) if run_id else None
-        if run is None:
-            raise UserError("no circuit is shown: pick a pruning run first")
+        entry, run, shown = _shown(explorer, model, run_id, k)
         if not node:
             raise UserError("no node is selected: click one in the graph first")
+        if node not in shown.nodes:
+            raise UserError(f"{node} is not a node of the shown circuit: pick one in the graph")
         full = run.load()
         if node not in full.nodes:
             raise UserError(f"{node} is in the circuit at this k but not in the run's own circuit of "
