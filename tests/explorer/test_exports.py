@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_TASK
+from conftest import TEST_TASK, markdown_text
 from modeling_csp.circuits.graph import CircuitGraph
 from modeling_csp.explorer import exports
 from modeling_csp.explorer.errors import UserError
@@ -50,7 +50,7 @@ def test_label_makes_a_saved_run_that_a_link_and_a_restart_read_back(page):
     assert restarted.load().labels == {page["node"]: text}
     removed = exports.label_node(page["explorer"], view.session, page["model"], page["task"], view.run.id, page["k"],
                                  page["layer"], page["node"], "")
-    assert removed.view.circuit.labels == {} and "removed the label" in removed.message
+    assert removed.view.circuit.labels == {} and "removed the label" in markdown_text(removed.message)
 
 
 @pytest.mark.parametrize("node, text, message", [
@@ -63,7 +63,8 @@ def test_label_errors_are_messages(page, node, text, message):
     node = page["node"] if node == "NODE" else node
     result = exports.label_node(page["explorer"], Session(), page["model"], page["task"], page["run"], page["k"],
                                 page["layer"], node, text)
-    assert result.view is None and message in result.message and "could not label the node" in result.message
+    shown = markdown_text(result.message)
+    assert result.view is None and message in shown and "could not label the node" in shown, shown
 
 
 def test_circuit_downloads_are_the_shown_circuit(page):
