@@ -156,3 +156,21 @@ def test_csp_label_caps_length(capsys, tmp_path):
     code, _, err = run(capsys, "label", path, next(iter(CircuitGraph.load(path).nodes)), "x" * 201)
     assert code == 2 and "has 201 characters; shorten it to at most 200" in err
     assert open(path, "rb").read() == before
+
+
+def test_csv_export_needs_no_plotly_and_html_says_what_to_install(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def csp_without_plotly(*argv):
+        code = ("import sys\nsys.modules['plotly'] = None\nfrom modeling_csp.cli import main\n"
+                f"sys.exit(main({[str(a) for a in argv]!r}))\n")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+
+    tables = csp_without_plotly("export", SHIPPED, "--format", "csv", "--out", "t")
+    assert tables.returncode == 0 and (tmp_path / "t.nodes.csv").is_file(), tables.stderr[-2000:]
+    page = csp_without_plotly("export", SHIPPED, "--format", "html", "--out", "p.html")
+    assert page.returncode == 2 and "needs the app extra: pip install 'csp-circuits[app]'" in page.stderr
+    assert page.stderr.count("\n") == 1 and not (tmp_path / "p.html").exists()
