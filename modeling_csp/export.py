@@ -21,6 +21,7 @@ import csv
 import html
 import importlib.util
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -94,6 +95,9 @@ def figure_bytes(fig, fmt: str, width: int | None = None, height: int | None = N
         raise ExportError(problem)
     import kaleido
 
+    # choreographer logs a traceback for each pipe message it cannot parse and skips (large images split across
+    # reads); the image still arrives, and a render that fails raises below
+    logging.getLogger("choreographer.channels.pipe").setLevel(logging.CRITICAL)
     layout = fig.layout
     opts = {"format": fmt, "width": width or layout.width or 1000, "height": height or layout.height or 500}
     try:
