@@ -51,7 +51,7 @@ def figure_html(fig, title: str | None = None) -> str:
     text = fig.to_html(include_plotlyjs=True, full_html=True, include_mathjax=False,
                        config={"displaylogo": False, "responsive": True})
     if title:
-        text = text.replace("<head>", f"<head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>", 1)
+        text = text.replace("<head>", f"<head><title>{html.escape(title)}</title>", 1)
     return text
 
 
