@@ -765,8 +765,8 @@ class Page:
                                      (self.edges_download, files.edges))}
 
     def export_updates(self, view: View, before) -> dict:
-        """Part of each painted view: no figure file of another selection, the circuit files of this one (written
-        on the Share tab, else when it opens), and the selected node's label in the label box."""
+        """Part of each painted view: no file of another selection on any export button (the circuit files of the
+        new one follow, `wire_export`), and the selected node's label in the label box."""
         if view.numbers_only or view.selected == before:
             return {}
         out = {self.figure_download: gr.DownloadButton(value=None, interactive=False), self.export_md: "",
@@ -774,8 +774,7 @@ class Page:
                self.label_in: (view.circuit.labels.get(view.node, "") if view.circuit is not None and view.node
                                else "")}
         if before is None or before.numbers != view.selected.numbers:
-            run = view.run.id if view.run else None
-            out.update(self.circuit_file_updates(view.model, run, view.k, view.tab == "share"))
+            out.update(self.circuit_file_updates(None, None, None, False))
         return out
 
     def wire_export(self) -> None:
@@ -784,8 +783,21 @@ class Page:
         def on_share_tab(model, run, k):
             return self.circuit_file_updates(model, run, k, True)
 
+        circuit_files = [self.page_download, self.nodes_download, self.edges_download, self.status]
         self.tabs["share"].select(guarded(on_share_tab, self.status), [self.model_in, self.run_in, self.k_in],
-                                  [self.page_download, self.nodes_download, self.edges_download, self.status])
+                                  circuit_files)
+
+        def on_selection(model, run, k, tab_name, request: gr.Request):
+            """The circuit files of a new selection shown on the Share tab (a page step of its own: the view is
+            painted without waiting for them), painted only while the page still shows that selection."""
+            page = self.shown.current(request)
+            if tab_name != "share" or page is None:
+                return {self.page_download: gr.skip()}
+            out = self.circuit_file_updates(page.model, page.run, page.k, True)
+            return out if self.shown.shows(request, page, numbers_only=True) else {self.page_download: gr.skip()}
+
+        self.share_query.change(guarded(on_selection, self.status), [self.model_in, self.run_in, self.k_in, self.tab],
+                                circuit_files, show_progress="hidden", trigger_mode="always_last")
 
         def on_figure(which, fmt, model, task, run, k, layer, node, edges, request: gr.Request):
             page = self.shown.current(request)
