@@ -33,6 +33,12 @@
                                                            train a weight-sparse model; resumes from RUN_DIR;
                                                            `accelerate launch -m modeling_csp.cli train ...` is
                                                            data-parallel over the launched processes
+    csp export CIRCUIT --format html|csv|json --out PATH  the circuit as an offline HTML page (graph + node table),
+                                                           CSV tables (PATH.nodes.csv, PATH.edges.csv) or JSON
+    csp export CIRCUIT --format html|png|svg --figure overview|0.attn --out PATH
+                                                           one figure (PNG/SVG: kaleido + Chrome/Chromium, offline)
+    csp label CIRCUIT NODE TEXT [--out FILE]               label a node (an empty TEXT removes it); labels show in
+                                                           the graph's hover and travel with the file
     csp next-tokens --model M --prompt TEXT [--circuit FILE] [--top 10]
                                                            one object: the prompt's tokens, the top next tokens
                                                            of the full model and of the circuit alone
@@ -536,6 +542,53 @@ def cmd_import_viz(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .circuits.graph import CircuitGraph
+    from . import export
+
+    fmt = args.format
+    if fmt in ("png", "svg") and args.figure is None:
+        args.figure = "overview"
+    if args.figure is not None and fmt not in export.FIGURE_FORMATS:
+        return _fail(f"--figure exports a figure as {', '.join(export.FIGURE_FORMATS)}, not {fmt}; drop --figure "
+                     "for the circuit's csv or json")
+    if fmt in export.FIGURE_FORMATS and (missing := missing_app_extra(f"csp export --format {fmt}")):
+        return _fail(missing)
+    if fmt in ("png", "svg") and (problem := export.image_export_problem()):
+        return _fail(problem)
+    circuit = CircuitGraph.load(args.circuit)
+    if args.figure is None:
+        paths = export.export_circuit(circuit, fmt, args.out)
+    else:
+        paths = [export.write_figure(_circuit_figure(circuit, args.figure), args.out, fmt)]
+    _emit(export.describe(paths))
+    return 0
+
+
+def _circuit_figure(circuit, which: str):
+    """--figure: "overview" (the whole circuit) or a sublayer such as "0.attn" (its graph)."""
+    from . import plotting
+
+    n_layer = int(circuit.model.get("n_layer") or 0)
+    layers = plotting.layer_names(n_layer)
+    if which == "overview":
+        return plotting.circuit_overview_figure(circuit, n_layer or None)
+    if which in layers:
+        return plotting.layer_graph_figure(circuit, which)
+    raise ValueError(f"--figure {which!r}: choose 'overview' or a sublayer of this circuit's model "
+                     f"({', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''})")
+
+
+def cmd_label(args) -> int:
+    from .circuits.graph import CircuitGraph
+
+    circuit = CircuitGraph.load(args.circuit).with_labels({args.node: args.text})
+    path = circuit.save(args.out or args.circuit)
+    _emit({"circuit": str(path), "node": args.node, "label": circuit.labels.get(args.node),
+           "n_labels": len(circuit.labels)})
+    return 0
+
+
 def cmd_space_build(args) -> int:
     if missing := missing_app_extra("csp space build"):
         return _fail(missing)
@@ -732,6 +785,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("viz_data")
     p.add_argument("out")
     p.set_defaults(fn=cmd_import_viz, outputs=[("out", "OUT", False)])
+
+    p = sub.add_parser("export", help="a circuit as an offline HTML page, CSV tables or JSON; or one of its figures")
+    p.add_argument("circuit", help="csp-circuit JSON file")
+    p.add_argument("--format", required=True, choices=["html", "csv", "json", "png", "svg"],
+                   help="html: interactive page (graph + node table); csv: OUT.nodes.csv and OUT.edges.csv; json: "
+                        "csp-circuit file; png/svg: a figure (kaleido + Chrome/Chromium)")
+    p.add_argument("--out", required=True, help="file to write (csv: the prefix of the two tables)")
+    p.add_argument("--figure", help="export a figure instead: 'overview' (whole circuit) or a sublayer such as 0.attn")
+    p.set_defaults(fn=cmd_export, outputs=[("out", "--out", False)])
+
+    p = sub.add_parser("label", help="label a node of a circuit file (an empty TEXT removes the label)")
+    p.add_argument("circuit", help="csp-circuit JSON file (rewritten atomically, unless --out)")
+    p.add_argument("node", help="node id, e.g. 0.mlp.post_act:12")
+    p.add_argument("text", help="the label (at most 200 characters)")
+    p.add_argument("--out", help="write the labelled circuit here instead")
+    p.set_defaults(fn=cmd_label, outputs=[("circuit", "CIRCUIT", False), ("out", "--out", False)])
 
     from .deploy import DEFAULT_MODEL_REPO
 

@@ -34,7 +34,7 @@ __all__ = [
     "attention_pattern_figure", "embedding_tokens_figure", "weights_histogram_figure",
     "position_embedding_figure", "circuit_diff_figure", "connections_table", "message_figure",
     "display_token", "task_examples_html", "attention_rows_html", "attention_grid_figure", "attention_tokens_html",
-    "ATTENTION_TOKENS_JS", "patching_effects_html", "node_link", "node_reading_html",
+    "ATTENTION_TOKENS_JS", "patching_effects_html", "node_link", "node_reading_html", "label_hover",
 ]
 
 # One colour convention everywhere: blue is positive, red is negative (edges, activations, importances, bars,
@@ -253,6 +253,13 @@ def _node_trace(xs, ys, nodes: list[str], importances: list[float | None], d_hea
     )
 
 
+def label_hover(circuit) -> dict[str, str]:
+    """{node: hover line} for the circuit's node labels (a researcher's notes), escaped: a label is text, never
+    markup."""
+    return {n: "<br>label: " + html.escape(text, quote=False).replace("\n", "<br>")
+            for n, text in (getattr(circuit, "labels", None) or {}).items()}
+
+
 def _selected_trace(x: float, y: float, node: str) -> go.Scatter:
     return go.Scatter(x=[x], y=[y], mode="markers", customdata=[[node]], hoverinfo="skip", showlegend=False,
                       marker=dict(size=28, color="rgba(0,0,0,0)", line=dict(width=3, color="#111")), name="selected")
@@ -461,7 +468,8 @@ def layer_graph_figure(circuit, layer: str, selected: str | None = None, height:
     text_pos = _text_positions(nodes, pos, set(by_kind["resid_delta"]))
     symbols = [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes]
     fig.add_trace(_node_trace(xs, ys, nodes, [circuit.nodes[n] for n in nodes], d_head, symbols, labels, imp_range,
-                              size=15 if len(nodes) <= 120 else 11, text_position=text_pos))
+                              size=15 if len(nodes) <= 120 else 11, text_position=text_pos,
+                              extra_hover=label_hover(circuit)))
     for t in path_traces:
         if t.mode == "markers":
             fig.add_trace(t)
@@ -553,7 +561,8 @@ def circuit_overview_figure(circuit, n_layer: int | None = None, selected: str |
     colour_by = [values.get(n) for n in nodes] if values is not None else [circuit.nodes[n] for n in nodes]
     fig.add_trace(_node_trace([pos[n][0] for n in nodes], [pos[n][1] for n in nodes], nodes, colour_by, d_head,
                               [KIND_SYMBOL.get(split_node(n)[2], "circle") for n in nodes], None,
-                              _importance_range(colour_by), size=11, value_name=value_name if values is not None else None))
+                              _importance_range(colour_by), size=11, value_name=value_name if values is not None else None,
+                              extra_hover=label_hover(circuit)))
     fig.add_trace(go.Scatter(x=[x_embed, x_logits], y=[0, 0], mode="markers+text", text=["tokens", "logits"],
                              textposition=["middle left", "middle right"], hoverinfo="skip", showlegend=False,
                              marker=dict(size=22, symbol="square", color="#888"), name="io"))

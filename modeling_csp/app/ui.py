@@ -44,8 +44,9 @@ import gradio.component_meta as component_meta
 import torch
 
 from .. import plotting
+from ..circuits import graph as graph_limits
 from ..circuits.pruning import PruneConfig
-from ..explorer import lab, panels
+from ..explorer import exports, lab, panels
 from ..explorer.analysis import MAX_PRUNE_STEPS, MIN_PRUNE_STEPS, task_names, warm_up
 from ..explorer.errors import first_line
 from ..explorer.explorer import Explorer, Settings
@@ -268,6 +269,7 @@ class Page:
             with gr.Group(elem_id="node-panel"):
                 self.node_header = gr.Markdown("", elem_id="node-header")
                 self.zero_centered = gr.Checkbox(value=True, label="zero-centred colours", elem_id="zero-centered")
+                self.label_box()
             with gr.Tabs(elem_id="node-tabs"):
                 with gr.Tab("Task examples", id="node-task"):
                     self.task_acts = gr.HTML("", elem_id="task-acts")
@@ -426,6 +428,7 @@ class Page:
                                         f"(up to {MAX_UPLOAD_BYTES // 1_000_000} MB)", file_types=[".json", ".pt"],
                                   elem_id="upload")
             self.upload_md = gr.Markdown("", elem_id="upload-md")
+            self.export_controls()
 
     def plumbing(self) -> None:
         """Hidden boxes: Plotly clicks arrive in node_click (see PAGE_JS); share_query holds the view's query."""
@@ -436,7 +439,7 @@ class Page:
             self.status, self.empty_box, self.empty_md, self.empty_out, self.layer_in, self.node_in, self.graph,
             self.layer_bars, self.overview, self.share_query, self.node_header, self.abl_layers, self.channel_in,
             self.connections, self.examples, self.task_acts, self.attn_rows, self.attn_plot, self.qk_plot, self.download,
-            self.reading]
+            self.reading, *self.export_outputs]
         self.selection = [self.model_in, self.task_in, self.run_in, self.k_in, self.layer_in, self.node_in,
                           self.edges_in, self.tab]
         self.node_inputs = [self.model_in, self.task_in, self.run_in, self.k_in, self.layer_in, self.node_in,
@@ -489,6 +492,7 @@ class Page:
             path = (panels.download_path(self.explorer, view.model, view.run.id, view.k)
                     if view.tab == "share" and view.run else None)
             out[self.download] = download_button(path)
+        out.update(self.export_updates(view, before))
         if "run" in view.changed:
             out[self.abl_layers] = gr.CheckboxGroup(choices=plotting.layer_names(view.entry.n_layer), value=[])
             out[self.channel_in] = gr.Slider(minimum=0, maximum=int(view.entry.config.d_model) - 1, step=1)
@@ -858,6 +862,118 @@ class Page:
         the page script writes it into the hidden node-click box (source "link", so the graph is redrawn)."""
         demo.load(None, None, None, js=WALK_JS)
 
+    # ---- issue 22: export and node labels ---------------------------------------------------------
+    # Figures and the circuit as files (Share & files tab), and a label box in the node panel. Every file on a
+    # download button is for the selection the page shows: `export_updates` (part of each painted view) empties
+    # the figure button and rewrites the circuit files whenever the selection changes.
+
+    def label_box(self) -> None:
+        with gr.Row(equal_height=True, elem_id="node-label-row"):
+            self.label_in = gr.Textbox(label="Label this node (a note; kept with the run and its share link)",
+                                       max_length=graph_limits.MAX_LABEL_CHARS, elem_id="node-label", scale=4,
+                                       placeholder="e.g. detects an open bracket")
+            self.label_btn = gr.Button("Save label", elem_id="node-label-save", scale=1)
+        self.label_md = gr.Markdown("", elem_id="node-label-md")
+
+    def export_controls(self) -> None:
+        from .. import export
+
+        problem = export.image_export_problem()
+        gr.Markdown("### Export\nFiles that work offline: the circuit as an interactive HTML page (graph and node "
+                    "table) and as CSV tables; any figure as HTML" + (", PNG or SVG." if problem is None else
+                                                                      f". ({problem})"))
+        with gr.Row():
+            self.page_download = gr.DownloadButton("Circuit page (HTML)", value=None, interactive=False,
+                                                   elem_id="download-page")
+            self.nodes_download = gr.DownloadButton("Nodes (CSV)", value=None, interactive=False,
+                                                    elem_id="download-nodes")
+            self.edges_download = gr.DownloadButton("Edges (CSV)", value=None, interactive=False,
+                                                    elem_id="download-edges")
+        with gr.Row(equal_height=True):
+            self.figure_in = gr.Dropdown(choices=[(name, key) for key, name in exports.FIGURES.items()], value="graph",
+                                         label="Figure", elem_id="export-figure", scale=2)
+            self.format_in = gr.Radio(list(export.FIGURE_FORMATS) if problem is None else ["html"], value="html",
+                                      label="Format", elem_id="export-format", scale=1)
+            self.figure_btn = gr.Button("Make the file", elem_id="export-make", scale=1)
+            self.figure_download = gr.DownloadButton("Download figure", value=None, interactive=False,
+                                                     elem_id="export-download", scale=1)
+        self.export_md = gr.Markdown("", elem_id="export-md")
+        self.export_outputs = [self.page_download, self.nodes_download, self.edges_download, self.figure_download,
+                               self.export_md, self.label_in, self.label_md]
+
+    def circuit_file_updates(self, model, run, k, on_share_tab: bool) -> dict:
+        files = exports.circuit_downloads(self.explorer, model, run, k) if on_share_tab and run else exports.CircuitFiles()
+        return {button: gr.DownloadButton(value=path, interactive=path is not None)
+                for button, path in ((self.page_download, files.page), (self.nodes_download, files.nodes),
+                                     (self.edges_download, files.edges))}
+
+    def export_updates(self, view: View, before) -> dict:
+        """Part of each painted view: no file of another selection on any export button (the circuit files of the
+        new one follow, `wire_export`), and the selected node's label in the label box."""
+        if view.numbers_only or view.selected == before:
+            return {}
+        out = {self.figure_download: gr.DownloadButton(value=None, interactive=False), self.export_md: "",
+               self.label_md: "",
+               self.label_in: (view.circuit.labels.get(view.node, "") if view.circuit is not None and view.node
+                               else "")}
+        if before is None or before.numbers != view.selected.numbers:
+            out.update(self.circuit_file_updates(None, None, None, False))
+        return out
+
+    def wire_export(self) -> None:
+        """The figure file (made on demand for the shown selection), the circuit files (when the Share tab opens)
+        and node labels (a label saves a new run, which the page then shows)."""
+        def on_share_tab(model, run, k):
+            return self.circuit_file_updates(model, run, k, True)
+
+        circuit_files = [self.page_download, self.nodes_download, self.edges_download, self.status]
+        self.tabs["share"].select(guarded(on_share_tab, self.status), [self.model_in, self.run_in, self.k_in],
+                                  circuit_files)
+
+        def on_selection(model, run, k, tab_name, request: gr.Request):
+            """The circuit files of a new selection shown on the Share tab (a page step of its own: the view is
+            painted without waiting for them), painted only while the page still shows that selection."""
+            page = self.shown.current(request)
+            if tab_name != "share" or page is None:
+                return {self.page_download: gr.skip()}
+            out = self.circuit_file_updates(page.model, page.run, page.k, True)
+            return out if self.shown.shows(request, page, numbers_only=True) else {self.page_download: gr.skip()}
+
+        self.share_query.change(guarded(on_selection, self.status), [self.model_in, self.run_in, self.k_in, self.tab],
+                                circuit_files, show_progress="hidden", trigger_mode="always_last")
+
+        def on_figure(which, fmt, model, task, run, k, layer, node, edges, request: gr.Request):
+            page = self.shown.current(request)
+            if page is not None:  # what the page shows (its boxes may hold a pick whose answer is on its way)
+                model, task, run, k, layer, node = (getattr(page, name) for name in SELECTORS)
+            try:
+                path = exports.figure_download(self.explorer, which, fmt, model, task, run, k, layer, node, edges)
+            except ValueError as exc:
+                return {self.figure_download: gr.DownloadButton(value=None, interactive=False),
+                        self.export_md: panels.warning_markdown(first_line(exc))}
+            if self.shown.current(request) != page:  # the selection changed meanwhile: that file is not for it
+                return {self.figure_download: gr.DownloadButton(value=None, interactive=False), self.export_md: ""}
+            return {self.figure_download: gr.DownloadButton(value=path, interactive=True),
+                    self.export_md: f"✅ {exports.FIGURES[which]} as {fmt.upper()}: press Download figure"}
+
+        self.figure_btn.click(guarded(on_figure, self.status),
+                              [self.figure_in, self.format_in, self.model_in, self.task_in, self.run_in, self.k_in,
+                               self.layer_in, self.node_in, self.edges_in],
+                              [self.figure_download, self.export_md, self.status], concurrency_limit=2,
+                              concurrency_id="export")
+        stale = lambda: {self.figure_download: gr.DownloadButton(value=None, interactive=False),  # noqa: E731
+                         self.export_md: ""}
+        for trigger in (self.figure_in.input, self.format_in.input, self.edges_in.release):
+            trigger(stale, None, [self.figure_download, self.export_md], queue=False, show_progress="hidden")
+
+        def on_label(state, model, task, run, k, layer, node, edges, tab_name, text, request: gr.Request):
+            result = exports.label_node(self.explorer, state, model, task, run, k, layer, node, text, edges, tab_name)
+            return self.new_run(result, self.label_md, request)
+
+        for trigger in (self.label_btn.click, self.label_in.submit):
+            self.chain(trigger, on_label, [self.session] + self.selection + [self.label_in],
+                       self.view_outputs + [self.label_md, self.saved], show_progress="hidden")
+
     def api(self) -> None:
         explorer = self.explorer
 
@@ -885,7 +1001,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         page.wire_browser(demo)
         page.wire_tab_names()
         for wire in (page.wire_overview, page.wire_curves, page.wire_embeddings, page.wire_prompt, page.wire_lab,
-                     page.wire_ablations, page.wire_pruning, page.wire_share, page.wire_circuit_through_training):
+                     page.wire_ablations, page.wire_pruning, page.wire_share, page.wire_circuit_through_training,
+                     page.wire_export):
             wire()
         page.wire_walk(demo)
         page.api()

@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ LOCATION_KINDS = (
 ARCH_FIELDS = ("n_layer", "d_model", "d_model_in", "d_mlp", "n_head", "d_head", "vocab_size")
 REQUIRED_KEYS = ("format", "version", "model", "nodes", "edges")
 EDGE_RTOL, EDGE_ATOL = 1e-2, 1e-6  # an edge matches its weight within this (bfloat16 rounding is 2**-8 relative)
+MAX_LABEL_CHARS = 200  # one node label: a note, not a document
+MAX_LABELS = 2000  # labels in one circuit
 _LOCATION_RE = re.compile(r"^(\d+)\.(attn\.(?:act_in|q|k|v|resid_delta)|mlp\.(?:act_in|post_act|resid_delta))$")
 
 
@@ -195,6 +197,7 @@ class CircuitGraph:
     task_docs: list[list[int]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     control: dict[str, Any] | None = None  # the same task with shuffled answers, pruned alike (pruning.run_control)
+    labels: dict[str, str] = field(default_factory=dict)  # a researcher's notes on nodes {node id: text}
     # what loading changed and the user should hear (edges recomputed from the model's weights); not saved
     notices: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -261,6 +264,23 @@ class CircuitGraph:
                 raise ValueError(f"circuit node {loc}:{max(idx)} is out of range (width {out[loc].numel()})")
             out[loc][idx] = True
         return {loc: m.to(device) for loc, m in out.items()} if device is not None else out
+
+    def with_labels(self, labels: dict[str, str]) -> "CircuitGraph":
+        """A copy with `labels` ({node id: text}) merged into this circuit's labels; an empty text removes that
+        node's label. ValueError (naming the node and the cap) for a node not in the circuit, a text longer than
+        MAX_LABEL_CHARS or more than MAX_LABELS labels in all."""
+        merged = dict(self.labels)
+        for node, text in labels.items():
+            text = clean_label(text, node)
+            if node not in self.nodes:
+                raise ValueError(f"cannot label {node!r}: it is not a node of this circuit (pick one of its "
+                                 f"{self.n_nodes} nodes, e.g. {next(iter(self.nodes), 'none')!r})")
+            if text:
+                merged[node] = text
+            else:
+                merged.pop(node, None)
+        check_labels(merged, self.nodes)
+        return replace(self, labels=merged, notices=list(self.notices))
 
     def diff(self, other: "CircuitGraph") -> CircuitDiff:
         a, b = set(self.nodes), set(other.nodes)
@@ -350,7 +370,8 @@ class CircuitGraph:
              "pruning_curve": [[step, loss, n_kept]],
              "node_data" (optional): {"loc:idx": {"top": {frac: [...]}, "bottom": {...}, "task_activations": [...]}},
              "task_docs" (optional): [[token ids]], "meta": {...},
-             "control" (optional): {"kind": "shuffled", "k", "loss_at_k", "k_to_target", "reached", ...}}
+             "control" (optional): {"kind": "shuffled", "k", "loss_at_k", "k_to_target", "reached", ...},
+             "labels" (optional): {"loc:idx": "a researcher's note on the node"}}
         """
         out = {
             "format": FORMAT, "version": VERSION, "model": self.model, "task": self.task, "ablation": self.ablation,
@@ -367,6 +388,8 @@ class CircuitGraph:
             out["task_docs"] = self.task_docs
         if self.control is not None:
             out["control"] = self.control
+        if self.labels:
+            out["labels"] = dict(self.labels)
         return out
 
     @classmethod
@@ -410,12 +433,21 @@ class CircuitGraph:
             raise ValueError(f"{source}: 'control' must be an object or null")
         if data.get("ablation", "mean") not in ("mean", "zero"):
             raise ValueError(f"{source}: ablation must be 'mean' or 'zero', not {data.get('ablation')!r}")
+        labels = {} if data.get("labels") is None else data["labels"]
+        if not isinstance(labels, dict):
+            raise ValueError(f"{source}: 'labels' must be an object {{node id: text}}")
+        try:
+            labels = {node: clean_label(text, node) for node, text in labels.items()}
+            check_labels(labels, nodes)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
         return cls(
             model=data["model"], nodes=nodes, edges=edges, task=data.get("task"), ablation=data.get("ablation", "mean"),
             target_loss=_opt_float(data.get("target_loss")), k=data.get("k"),
             layer_deltas=dict(data.get("layer_deltas") or {}), losses=dict(data.get("losses") or {}),
             pruning_curve=list(data.get("pruning_curve") or []), node_data=data.get("node_data"),
             task_docs=data.get("task_docs"), meta=dict(data.get("meta") or {}), control=data.get("control"),
+            labels={node: text for node, text in labels.items() if text},
         )
 
     def save(self, path: str | Path) -> Path:
@@ -445,6 +477,26 @@ class CircuitGraph:
             graph.check_model(model, model_name)
             graph.match_weights(model)
         return graph
+
+
+def clean_label(text: Any, node: str = "node") -> str:
+    """A label as stored: a string, stripped, at most MAX_LABEL_CHARS characters (ValueError otherwise)."""
+    if not isinstance(text, str):
+        raise ValueError(f"the label of {node!r} must be text, not {type(text).__name__}")
+    text = text.strip()
+    if len(text) > MAX_LABEL_CHARS:
+        raise ValueError(f"the label of {node!r} has {len(text)} characters; shorten it to at most {MAX_LABEL_CHARS}")
+    return text
+
+
+def check_labels(labels: dict[str, str], nodes) -> None:
+    """ValueError when a label names a node outside `nodes` or there are more than MAX_LABELS."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{len(labels)} node labels; a circuit holds at most {MAX_LABELS}: remove some first")
+    for node in labels:
+        if node not in nodes:
+            raise ValueError(f"label for {node!r}, which is not a node of the circuit; remove it or label a node "
+                             "the circuit has")
 
 
 def _opt_float(x) -> float | None:
@@ -623,5 +675,5 @@ def attach_node_data(model, circuit: "CircuitGraph", windows: torch.Tensor, batc
 __all__ = [
     "CircuitGraph", "CircuitDiff", "Edge", "LOCATION_KINDS", "node_locations", "location_width", "n_total_nodes", "node_id",
     "parse_node_id", "parse_location", "model_info", "weights_hash", "compute_edges", "weight_pairs", "check_finite",
-    "QUANTILES", "quantile_examples", "record_node_activations", "attach_node_data",
+    "QUANTILES", "quantile_examples", "MAX_LABEL_CHARS", "MAX_LABELS", "clean_label", "check_labels", "record_node_activations", "attach_node_data",
 ]

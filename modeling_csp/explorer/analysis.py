@@ -112,6 +112,7 @@ def circuit_at_k(entry: ModelEntry, run: Run, k: int | None) -> CircuitGraph:
                                           model_name=entry.spec, task=full.task, ablation=full.ablation,
                                           target_loss=full.target_loss, k=k, meta=dict(full.meta))
             sub.node_data, sub.task_docs = full.node_data, full.task_docs
+            sub.labels = {n: text for n, text in full.labels.items() if n in sub.nodes}
             return sub
         keep = set(_rank(full)[:k])
         return CircuitGraph(
@@ -119,6 +120,7 @@ def circuit_at_k(entry: ModelEntry, run: Run, k: int | None) -> CircuitGraph:
             edges=[e for e in full.edges if e.source in keep and e.target in keep], task=full.task,
             ablation=full.ablation, target_loss=full.target_loss, k=k, node_data=full.node_data,
             task_docs=full.task_docs, meta={**full.meta, "sub_circuit_of": run.id},
+            labels={n: text for n, text in full.labels.items() if n in keep},
         )
 
     return entry.memo.get("circuit", (run.id, k), make)

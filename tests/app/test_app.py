@@ -15,6 +15,7 @@ test_explorer_view.py and test_explorer_panels.py.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -1074,3 +1075,77 @@ def test_reading_links_select_their_node(page):
     layer = page.locator("#layer-select input:checked").get_attribute("value")
     assert layer == sublayer_of(target)  # a node of another layer brings its layer's graph
     assert_no_errors(page)
+# ---- issue 22: export and node labels -------------------------------------------------------------
+
+
+def download_from(page, selector: str) -> Path:
+    """Waits until the download button holds a file (enabled), then downloads it."""
+    page.wait_for_function("(s) => { const b = document.querySelector(s); return !!b && !b.disabled; }", arg=selector)
+    with page.expect_download() as download:
+        page.locator(selector).click()
+    return Path(download.value.path())
+
+
+def test_export_circuit_page_works_offline_and_figures_follow_the_selection(page, browser, app_server, tmp_path):
+    page.get_by_role("tab", name="Share & files").click()
+    html_page = tmp_path / "circuit.html"
+    shutil.copy(download_from(page, "#download-page"), html_page)
+    nodes_csv = download_from(page, "#download-nodes").read_bytes().decode()
+    assert nodes_csv.startswith("node,location,layer,index,importance,label\r\n")
+    n_nodes = nodes_csv.count("\r\n") - 1
+    offline = browser.new_context(offline=True)
+    try:
+        asked = []
+        offline.route(re.compile(r"^https?://"), lambda route: (asked.append(route.request.url), route.abort()))
+        pg = offline.new_page()
+        pg.goto(html_page.as_uri())
+        pg.wait_for_selector(".js-plotly-plot .scatterlayer path.point")
+        assert pg.locator("#node-table tbody tr").count() == n_nodes
+        assert asked == []  # nothing fetched: plotly.js is inlined
+        pg.screenshot(path=str(ARTIFACTS / "app_22_exported_circuit_page.png"), full_page=False)
+    finally:
+        offline.close()
+    # a figure file is for the selection it was made for: made on demand, gone as soon as the selection changes
+    assert page.locator("#export-download").is_disabled()
+    page.locator("#export-make").click()
+    figure = download_from(page, "#export-download").read_text()
+    layer = page.locator("#layer-select input:checked").get_attribute("value")
+    assert f"{layer}:" in figure and "Plotly.newPlot" in figure and not re.search(r"<script[^>]*src=[\"']?https?:", figure)
+    page.get_by_role("tab", name="Circuit browser").click()
+    other = next(p for p in node_points(page) if p["id"] != header_node(page))
+    page.mouse.click(other["x"], other["y"])
+    wait_text(page, "#node-header", other["id"])
+    page.wait_for_function("() => document.querySelector('#export-download').disabled")
+    assert_no_errors(page)
+
+
+def test_label_a_node_then_reload_by_share_link_and_hover(page, browser, app_server):
+    node = header_node(page)
+    label = 'opens "(", a <b>bold</b> note'
+    box = page.locator("#node-label textarea, #node-label input").first
+    box.fill(label)
+    page.locator("#node-label-save").click()
+    wait_text(page, "#node-label-md", f"labelled {node}")
+    page.wait_for_function("() => (document.querySelector('#share-query textarea, #share-query input').value || '')"
+                           ".includes('run=saved')")
+    query = page.locator("#share-query textarea, #share-query input").first.input_value()
+    assert dict(urllib.parse.parse_qsl(query))["node"] == node
+    other = new_page(browser, app_server["url"] + "?" + query)
+    try:
+        wait_text(other, "#node-header", node)
+        other.wait_for_function("(t) => { const b = document.querySelector('#node-label textarea, #node-label input');"
+                                " return !!b && b.value === t; }", arg=label)
+        other.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+        point = next(p for p in node_points(other) if p["id"] == node)
+        other.mouse.move(point["x"] - 4, point["y"] - 4)
+        other.mouse.move(point["x"], point["y"], steps=4)
+        other.wait_for_function("() => (document.querySelector('#circuit-graph .hoverlayer') || {textContent: ''})"
+                                ".textContent.includes('label:')")
+        hover = other.evaluate("() => document.querySelector('#circuit-graph .hoverlayer').textContent")
+        assert "<b>bold</b>" in hover  # shown as text, not markup
+        assert other.locator("#circuit-graph .hoverlayer b", has_text="bold").count() == 0
+        shot(other, "23_label_in_hover")
+        other.get_by_role("tab", name="Share & files").click()
+        assert html.escape(label) in download_from(other, "#download-page").read_text()  # the download carries it
+    finally:
+        other.context.close()

@@ -1,11 +1,12 @@
 """Node locations, edges from weights, and the csp-circuit file format (load checks, diff)."""
 
 import json
+import re
 
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, PROJECT_ROOT
 from modeling_csp import CSPForCausalLM
 from modeling_csp.circuits.ablation import all_kept
 from modeling_csp.circuits.graph import (
@@ -239,3 +240,49 @@ def test_fabricated_edges_are_replaced_by_the_models_weights(rms_model, tmp_path
     assert loaded.edges == weight_edges
     assert loaded.notices[0].startswith("400,000 of 400,000 edges do not match the model's weights")
     assert loaded.notices[0].endswith(f"recomputed from the model's weights: {len(weight_edges):,} edges")
+
+
+# ---- node labels (issue 22) -------------------------------------------------------------------
+
+SHIPPED = PROJECT_ROOT / "modeling_csp" / "default_model" / "circuits" / "bracket_brace_k8.json"
+
+
+def test_labels_are_saved_read_back_and_removed(tmp_path):
+    circuit = CircuitGraph.load(SHIPPED)
+    first, second = list(circuit.nodes)[:2]
+    labelled = circuit.with_labels({first: '  reads "(" , then\nmore  ', second: "second"})
+    assert circuit.labels == {} and labelled.labels == {first: 'reads "(" , then\nmore', second: "second"}
+    path = labelled.save(tmp_path / "labelled.json")
+    assert loads_strict(path.read_text())["labels"] == labelled.labels
+    assert CircuitGraph.load(path).labels == labelled.labels
+    assert "labels" not in circuit.to_dict()  # unlabelled files are unchanged
+    assert labelled.with_labels({first: ""}).labels == {second: "second"}
+
+
+def test_labels_are_checked(tmp_path):
+    circuit = CircuitGraph.load(SHIPPED)
+    node = next(iter(circuit.nodes))
+    with pytest.raises(ValueError, match=r"has 201 characters; shorten it to at most 200"):
+        circuit.with_labels({node: "x" * 201})
+    with pytest.raises(ValueError, match=r"cannot label '0.mlp.post_act:999': it is not a node of this circuit"):
+        circuit.with_labels({"0.mlp.post_act:999": "x"})
+    with pytest.raises(ValueError, match="must be text, not int"):
+        circuit.with_labels({node: 3})
+    data = circuit.to_dict()
+    for labels, message in (([], "'labels' must be an object"), ({"0.mlp.post_act:999": "x"}, "not a node of the circuit"),
+                            ({node: "y" * 300}, "has 300 characters")):
+        (tmp_path / "bad.json").write_text(json.dumps({**data, "labels": labels}))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            CircuitGraph.load(tmp_path / "bad.json")
+
+
+def test_label_count_is_capped(monkeypatch):
+    from modeling_csp.circuits import graph
+
+    monkeypatch.setattr(graph, "MAX_LABELS", 2)
+    circuit = CircuitGraph.load(SHIPPED)
+    a, b, c = list(circuit.nodes)[:3]
+    two = circuit.with_labels({a: "a", b: "b"})
+    with pytest.raises(ValueError, match="3 node labels; a circuit holds at most 2"):
+        two.with_labels({c: "c"})
+    assert two.with_labels({a: "", c: "c"}).labels == {b: "b", c: "c"}  # removing one makes room
