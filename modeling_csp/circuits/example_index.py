@@ -1,0 +1,485 @@
+"""An example index: every node's density, activation histogram, quantiles and activating examples, computed once
+per model over held-out text (today's live examples see 8,192 tokens, so their "0.1%" quantile is 8 tokens).
+
+Text: the held-out 10% of CPython's standard library (`ablation.stdlib_heldout_texts`, 427,706 tokens with the
+default tokenizer), then, given a built corpus folder (`scripts/build_corpus.py`), the projects' held-out files
+(`val_extra.npy`, 692,505 tokens), cut into contiguous windows of min(block_size, 128) tokens.
+
+Two streaming passes over the windows (memory does not grow with the token count; what is kept is bounded by
+nodes x bins and nodes x examples):
+
+1. every node's count of nonzero activations (density), min, max, sum, and a fine histogram on fixed
+   symmetric-log bins (`FINE_PER_DECADE` bins per decade of |x| from 1e-4 to 1e3, and one bin for exact zeros);
+   quantiles are read off it (within one fine bin, 3.7% of the value);
+2. the display histogram (`HIST_BINS` equal-width bins between the node's min and max) and the examples: for a
+   fraction f the examples are the windows whose activation ranks at the top (bottom) f of all tokens, as
+   `graph.quantile_examples` picks them. Pass 1 says which fine bin holds that rank; pass 2 keeps that bin's
+   entries (all of them when at most `BIN_CAPACITY`, so the rank is exact; else the first of each window, all
+   within one fine bin of the exact value; exact zeros are ties, so any of them is exact).
+
+Examples are stored as (window, peak position, peak activation float16) with the windows as int16/int32 token
+ids; an example's context activations are recomputed from its window when shown (`quantile_examples`), a forward
+pass of at most a few dozen windows. An index is tied to its model by `graph.weights_hash`: loading it for other
+weights is an error, never other weights' examples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..utils.jsonio import atomic_path, loads_strict, write_json_atomic
+from .ablation import default_cache_dir, stdlib_heldout_texts, unchanged_weights
+from .graph import QUANTILES, location_width, model_info, node_locations, parse_node_id, weights_hash
+
+FORMAT, VERSION = "csp-example-index", 1
+META_FILE, TENSOR_FILE = "index.json", "index.safetensors"
+DEFAULT_TOKENS = 1_000_000
+MAX_TOKENS = 20_000_000  # 5 passes' worth of the model's forward time at most a few hours on one CPU core
+MIN_TOKENS = 1024
+WINDOW = 128
+PER_SIDE = 5
+HIST_BINS = 64
+QUANTILE_LEVELS = (0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999)
+FINE_PER_DECADE, FINE_LOG_MIN, FINE_DECADES = 64, -4, 7
+FINE_HALF = FINE_PER_DECADE * FINE_DECADES  # fine bins on each side of the zero bin
+FINE_BINS = 2 * FINE_HALF + 1
+ZERO_BIN = FINE_HALF
+BIN_CAPACITY = 128
+SIDES = ("top", "bottom")
+
+
+# ---- held-out text ---------------------------------------------------------------------------
+
+
+def heldout_token_ids(tokenizer, corpus: str | Path | None = None) -> tuple[torch.Tensor, str]:
+    """(1-D token ids, description) of all held-out text: the stdlib's held-out files (each followed by
+    end-of-text), then a built corpus's projects' held-out files (`val_extra.npy`) when `corpus` is given."""
+    texts = stdlib_heldout_texts()
+    eot = getattr(tokenizer, "eos_token_id", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    docs = ([e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] if backend is not None
+            else [tokenizer.encode(t, add_special_tokens=False) for t in texts])
+    ids = [i for doc in docs for i in (doc + ([eot] if eot is not None else []))]
+    parts, what = [torch.tensor(ids, dtype=torch.long)], [f"{len(texts)} held-out CPython stdlib files ({len(ids):,} tokens)"]
+    if corpus is not None:
+        import numpy as np
+
+        path = Path(corpus) / "val_extra.npy"
+        if not path.is_file():
+            raise ValueError(f"{corpus}: has no val_extra.npy; build the corpus with `python scripts/build_corpus.py --out {corpus}`")
+        extra = torch.from_numpy(np.load(path).astype("int64"))
+        parts.append(extra)
+        what.append(f"the projects' held-out files of {corpus} ({len(extra):,} tokens)")
+    return torch.cat(parts), " + ".join(what)
+
+
+def heldout_windows(model, tokenizer, n_tokens: int = DEFAULT_TOKENS, corpus: str | Path | None = None
+                    ) -> tuple[torch.Tensor, str]:
+    """((n, T) contiguous windows of held-out text, T = min(block_size, 128), up to `n_tokens` tokens; what
+    text it is). Uses all the held-out text when there is less than `n_tokens` (the description says how much)."""
+    check_token_count(n_tokens)
+    ids, what = heldout_token_ids(tokenizer, corpus)
+    if int(ids.max()) >= model.config.vocab_size:
+        raise ValueError(f"the tokenizer gives token ids up to {int(ids.max())} but the model's vocabulary has "
+                         f"{model.config.vocab_size}: this tokenizer (or corpus) does not belong to this model")
+    T = min(model.config.block_size, WINDOW)
+    n = min(n_tokens, len(ids)) // T
+    if n == 0:
+        raise ValueError(f"only {len(ids)} held-out tokens; need at least one window of {T}")
+    return ids[: n * T].view(n, T), what
+
+
+def check_token_count(n_tokens: int) -> None:
+    if not MIN_TOKENS <= int(n_tokens) <= MAX_TOKENS:
+        raise ValueError(f"token count {n_tokens:,} is outside {MIN_TOKENS:,}..{MAX_TOKENS:,}; pick a count in that range")
+
+
+# ---- binning -------------------------------------------------------------------------------
+
+
+def fine_bins(x: torch.Tensor) -> torch.Tensor:
+    """Fine bin of each value: monotonic in the value, exact zeros alone in ZERO_BIN, |x| clamped to the range."""
+    mag = ((x.abs().clamp_min(1e-30).log10() - FINE_LOG_MIN) * FINE_PER_DECADE).floor().clamp(0, FINE_HALF - 1).long()
+    return torch.where(x > 0, ZERO_BIN + 1 + mag, torch.where(x < 0, ZERO_BIN - 1 - mag, torch.full_like(mag, ZERO_BIN)))
+
+
+def fine_bin_edges() -> torch.Tensor:
+    """(FINE_BINS + 1) lower/upper value edges of the fine bins (the outermost absorb everything beyond)."""
+    pos = torch.pow(10.0, FINE_LOG_MIN + torch.arange(FINE_HALF + 1, dtype=torch.float64) / FINE_PER_DECADE)
+    return torch.cat([-pos.flip(0), pos]).float()
+
+
+def _rank_bins(counts: torch.Tensor, ranks: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of `counts` (nodes, bins) and rank (nodes, k) counted from the `side`: (bin holding that rank,
+    entries of that row in bins before it on that side)."""
+    ordered = counts.flip(1) if side == "top" else counts
+    cum = ordered.cumsum(1)
+    pos = torch.searchsorted(cum, ranks, right=True).clamp(max=counts.shape[1] - 1)
+    before = torch.where(pos > 0, cum.gather(1, (pos - 1).clamp(min=0)), torch.zeros_like(pos))
+    return (counts.shape[1] - 1 - pos if side == "top" else pos), before
+
+
+# ---- the index -----------------------------------------------------------------------------
+
+
+@dataclass
+class ExampleIndex:
+    """Per-node statistics and example pointers over `windows` (see the module docstring); `meta` says which
+    model (weights hash) and text it was built on."""
+
+    meta: dict[str, Any]
+    windows: torch.Tensor  # (n, T) token ids
+    density: torch.Tensor  # (nodes,) fraction of tokens with a nonzero activation
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+    mean: torch.Tensor
+    hist: torch.Tensor  # (nodes, HIST_BINS) token counts on equal-width bins from minimum to maximum
+    quantiles: torch.Tensor  # (nodes, len(QUANTILE_LEVELS)) values at meta["quantile_levels"]
+    example_window: torch.Tensor  # (nodes, len(QUANTILES), 2 sides, per_side) window index, -1: none
+    example_position: torch.Tensor  # same shape: the peak's position in its window
+    example_activation: torch.Tensor  # same shape: the peak activation (float16)
+    _offsets: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        start = 0
+        for loc, width in zip(self.meta["locations"], self.meta["widths"]):
+            self._offsets[loc] = start
+            start += width
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    def row(self, node: str) -> int:
+        loc, ch = parse_node_id(node)
+        if loc not in self._offsets or ch >= self.meta["widths"][self.meta["locations"].index(loc)]:
+            raise ValueError(f"node {node!r} is not a node of the indexed model")
+        return self._offsets[loc] + ch
+
+    def node_stats(self, node: str) -> dict[str, Any]:
+        """{"density", "min", "max", "mean", "edges" (HIST_BINS + 1), "counts", "quantiles" {level: value}, "n_tokens"}."""
+        r = self.row(node)
+        lo, hi = float(self.minimum[r]), float(self.maximum[r])
+        return {"density": float(self.density[r]), "min": lo, "max": hi, "mean": float(self.mean[r]),
+                "edges": torch.linspace(lo, hi, HIST_BINS + 1).tolist(), "counts": self.hist[r].tolist(),
+                "quantiles": dict(zip(self.meta["quantile_levels"], self.quantiles[r].tolist())), "n_tokens": self.n_tokens}
+
+    def check_model(self, model) -> None:
+        """ValueError unless `model` has the weights this index was built on."""
+        have = weights_hash(model)
+        if have != self.meta["weights_hash"]:
+            raise ValueError(f"this example index was built for other weights (hash {self.meta['weights_hash']}, the model's "
+                             f"is {have}); rebuild it with `csp index-examples MODEL`")
+
+    @torch.no_grad()
+    def quantile_examples(self, model, node: str, per_side: int = PER_SIDE, before: int = 16, after: int = 4
+                          ) -> dict[str, dict[str, list]]:
+        """The node's examples in `graph.quantile_examples`' form: {"top"|"bottom": {fraction: [{"tokens",
+        "activations", "position"}]}}, the context activations recomputed on the stored windows by `model`."""
+        self.check_model(model)
+        from ..utils.devices import input_device
+
+        r = self.row(node)
+        loc, ch = parse_node_id(node)
+        wins = self.example_window[r, :, :, :per_side]
+        used = sorted({int(w) for w in wins.flatten().tolist() if w >= 0})
+        acts: dict[int, torch.Tensor] = {}
+        if used:
+            ids = self.windows[used].long().to(input_device(model))
+            with model.record_activations([loc]) as rec:
+                model(ids, use_cache=False, logits_to_keep=1)
+            acts = dict(zip(used, rec[loc][:, :, ch].float().cpu()))
+        T = self.windows.shape[1]
+        out: dict[str, dict[str, list]] = {"top": {}, "bottom": {}}
+        for qi, frac in enumerate(self.meta["example_quantiles"]):
+            for si, side in enumerate(SIDES):
+                picked = []
+                for w, pos in zip(wins[qi, si].tolist(), self.example_position[r, qi, si, :per_side].tolist()):
+                    if w < 0:
+                        continue
+                    lo, hi = max(0, pos - before), min(T, pos + after + 1)
+                    picked.append({"tokens": self.windows[w, lo:hi].long().tolist(),
+                                   "activations": [round(a, 4) for a in acts[w][lo:hi].tolist()], "position": pos - lo})
+                out[side][str(frac)] = picked
+        return out
+
+    # ---- files ----
+
+    def save(self, folder: str | Path) -> Path:
+        """Writes `folder`/index.safetensors then index.json, each atomically; returns the folder."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        with atomic_path(folder / TENSOR_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "weights_hash": self.meta["weights_hash"]})
+        write_json_atomic(folder / META_FILE, self.meta, indent=1)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, model=None) -> "ExampleIndex":
+        """The index in `folder`; with `model`, a ValueError unless it was built on that model's weights.
+        A missing, truncated or mismatched file is a one-line ValueError saying to rebuild."""
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        fix = "; rebuild it with `csp index-examples MODEL`"
+        try:
+            meta = loads_strict((folder / META_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{folder}: no example index here ({META_FILE} missing){fix}") from None
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{folder / META_FILE}: unreadable example index ({str(exc).splitlines()[0] if str(exc) else exc}){fix}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(f"{folder / META_FILE}: not a {FORMAT} v{VERSION} file{fix}")
+        try:
+            with safe_open(str(folder / TENSOR_FILE), framework="pt") as f:
+                stored_hash = (f.metadata() or {}).get("weights_hash")
+                tensors = {name: f.get_tensor(name) for name in _TENSORS}
+        except Exception as exc:
+            raise ValueError(f"{folder / TENSOR_FILE}: unreadable example index ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}){fix}") from None
+        if stored_hash != meta.get("weights_hash"):
+            raise ValueError(f"{folder}: {TENSOR_FILE} and {META_FILE} belong to different builds{fix}")
+        n_nodes = sum(meta["widths"])
+        if any(tensors[name].shape[0] != n_nodes for name in _TENSORS if name != "windows"):
+            raise ValueError(f"{folder}: tensors do not match the {n_nodes} nodes {META_FILE} lists{fix}")
+        index = cls(meta=meta, **tensors)
+        if model is not None:
+            index.check_model(model)
+        return index
+
+
+_TENSORS = ("windows", "density", "minimum", "maximum", "mean", "hist", "quantiles",
+            "example_window", "example_position", "example_activation")
+
+
+# ---- building ------------------------------------------------------------------------------
+
+
+def _batches(model, windows: torch.Tensor, locations: Sequence[str], batch_size: int):
+    """(first window index, (tokens, nodes) float32 activations of every node), batch by batch."""
+    from ..utils.devices import input_device
+
+    device = input_device(model)
+    for start in range(0, windows.shape[0], batch_size):
+        with model.record_activations(list(locations)) as acts:
+            model(windows[start: start + batch_size].long().to(device), use_cache=False, logits_to_keep=1)
+        yield start, torch.cat([acts[loc].reshape(-1, acts[loc].shape[-1]).float().cpu() for loc in locations], 1)
+
+
+@torch.no_grad()
+@unchanged_weights
+def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *, windows: torch.Tensor | None = None,
+                        corpus: str | Path | None = None, batch_size: int = 16, per_side: int = PER_SIDE,
+                        progress: Callable[[int, int], None] | None = None) -> ExampleIndex:
+    """Builds the example index of `model` over `n_tokens` held-out tokens (`heldout_windows`; or over the
+    given (n, T) `windows`). `progress(done, total)` is called after each batch of each of the two passes."""
+    t0 = time.perf_counter()
+    if windows is None:
+        windows, text = heldout_windows(model, tokenizer, n_tokens, corpus)
+    else:
+        text = f"{windows.numel():,} given tokens"
+    locations = node_locations(model.config)
+    widths = [location_width(model.config, loc) for loc in locations]
+    n_nodes, (n_win, T) = sum(widths), windows.shape
+    N = n_win * T
+    n_batches = math.ceil(n_win / batch_size)
+    step = [0]
+
+    def tick():
+        step[0] += 1
+        if progress is not None:
+            progress(step[0], 2 * n_batches)
+
+    # pass 1: density, range, mean, fine histogram
+    nonzero = torch.zeros(n_nodes, dtype=torch.long)
+    total = torch.zeros(n_nodes, dtype=torch.float64)
+    lo = torch.full((n_nodes,), math.inf)
+    hi = torch.full((n_nodes,), -math.inf)
+    fine = torch.zeros(n_nodes * FINE_BINS, dtype=torch.long)
+    node_base = torch.arange(n_nodes) * FINE_BINS
+    for _, x in _batches(model, windows, locations, batch_size):
+        nonzero += (x != 0).sum(0)
+        total += x.double().sum(0)
+        lo = torch.minimum(lo, x.min(0).values)
+        hi = torch.maximum(hi, x.max(0).values)
+        fine += torch.bincount((fine_bins(x) + node_base).flatten(), minlength=n_nodes * FINE_BINS)
+        tick()
+    fine = fine.view(n_nodes, FINE_BINS)
+
+    # quantile values, interpolated within their fine bin
+    edges = fine_bin_edges()
+    levels = torch.tensor(QUANTILE_LEVELS)
+    qranks = (levels * (N - 1)).long().expand(n_nodes, -1).contiguous()
+    qbin, qbefore = _rank_bins(fine, qranks, "bottom")
+    inside = (qranks - qbefore).double() + 0.5
+    width = fine.gather(1, qbin).double().clamp(min=1)
+    left, right = edges[qbin], edges[qbin + 1]
+    left = torch.maximum(left, lo[:, None])
+    right = torch.minimum(right, hi[:, None])
+    quantiles = torch.where(qbin == ZERO_BIN, torch.zeros_like(left), left + (right - left) * (inside / width).float())
+
+    # which fine bins to keep for each example rank: from the rank's bin on, along the side, as long as they hold
+    # at most BIN_CAPACITY entries, then one more bin if it alone holds more (a heavy bin: near-ties)
+    counts = fine
+    examples_at = torch.tensor([min(int(f * N), N - 1) for f in QUANTILES]).expand(n_nodes, -1).contiguous()
+    plan = {}
+    cover = torch.zeros(n_nodes * FINE_BINS + 1, dtype=torch.long)
+    for side in SIDES:
+        ordered = counts.flip(1) if side == "top" else counts
+        cum = ordered.cumsum(1)
+        first = torch.searchsorted(cum, examples_at, right=True).clamp(max=FINE_BINS - 1)  # positions in side order
+        before = torch.where(first > 0, cum.gather(1, (first - 1).clamp(min=0)), torch.zeros_like(first))
+        last = (torch.searchsorted(cum, before + BIN_CAPACITY, right=True) - 1).clamp(max=FINE_BINS - 1)
+        last = torch.maximum(last, first)
+        following = torch.searchsorted(cum, cum.gather(1, last), right=True).clamp(max=FINE_BINS - 1)
+        heavy_next = ordered.gather(1, following) > BIN_CAPACITY
+        last = torch.where(heavy_next & (ordered.gather(1, last) <= BIN_CAPACITY), following, last)
+        to_bin = (lambda pos: FINE_BINS - 1 - pos) if side == "top" else (lambda pos: pos)
+        low, high = (to_bin(last), to_bin(first)) if side == "top" else (to_bin(first), to_bin(last))
+        plan[side] = (to_bin(first), examples_at - before, low, high)
+        starts, ends = (low + node_base[:, None]).flatten(), (high + 1 + node_base[:, None]).flatten()
+        cover.index_add_(0, starts, torch.ones_like(starts))
+        cover.index_add_(0, ends, -torch.ones_like(ends))
+    covered = cover.cumsum(0)[:-1] > 0
+    heavy_bin = counts.flatten() > BIN_CAPACITY
+    flag = torch.where(covered, torch.where(heavy_bin, 2, 1), 0)  # 1: keep every entry, 2: one per window
+    heavy_fill = torch.zeros(n_nodes * FINE_BINS, dtype=torch.long)
+    heavy_cap = 2 * per_side  # enough distinct windows even after the previous bins' windows
+    kept_key, kept_value, kept_token = [], [], []
+
+    # pass 2: display histogram and the entries of the planned bins
+    hist = torch.zeros(n_nodes * HIST_BINS, dtype=torch.long)
+    span = (hi - lo).clamp(min=1e-12)
+    hist_base = torch.arange(n_nodes) * HIST_BINS
+    for first_window, x in _batches(model, windows, locations, batch_size):
+        hb = ((x - lo) / span * HIST_BINS).floor().clamp(0, HIST_BINS - 1).long()
+        hist += torch.bincount((hb + hist_base).flatten(), minlength=n_nodes * HIST_BINS)
+        key = fine_bins(x) + node_base
+        f = flag[key]
+        tok, node = (f > 0).nonzero(as_tuple=True)
+        if len(tok):
+            k, value, token = key[tok, node], x[tok, node], first_window * T + tok
+            light = f[tok, node] == 1
+            kept_key.append(k[light]), kept_value.append(value[light]), kept_token.append(token[light])
+            k, value, token = k[~light], value[~light], token[~light]
+            if len(k):
+                unit = k * (n_win + 1) + token // T
+                order = torch.argsort(unit, stable=True)
+                unit, k, value, token = unit[order], k[order], value[order], token[order]
+                fresh = torch.ones_like(unit, dtype=torch.bool)
+                fresh[1:] = unit[1:] != unit[:-1]
+                k, value, token = k[fresh], value[fresh], token[fresh]
+                place = heavy_fill[k] + torch.arange(len(k)) - torch.searchsorted(k, k)
+                keep = place < heavy_cap
+                kept_key.append(k[keep]), kept_value.append(value[keep]), kept_token.append(token[keep])
+                heavy_fill += torch.bincount(k[keep], minlength=len(heavy_fill))
+                flag[(heavy_fill >= heavy_cap) & heavy_bin] = 0
+        tick()
+
+    # pick the examples: the kept entries in rank order past the ranks before, distinct windows
+    keys, values, tokens = torch.cat(kept_key), torch.cat(kept_value), torch.cat(kept_token)
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(keys[order], stable=True)]
+    keys, values, tokens = keys[order], values[order].tolist(), tokens[order].tolist()
+    n_q = len(QUANTILES)
+    ex_window = torch.full((n_nodes, n_q, 2, per_side), -1, dtype=torch.int32)
+    ex_pos = torch.zeros((n_nodes, n_q, 2, per_side), dtype=torch.int16)
+    ex_act = torch.zeros((n_nodes, n_q, 2, per_side), dtype=torch.float16)
+    for si, side in enumerate(SIDES):
+        b, skip, low, high = plan[side]
+        begin = torch.searchsorted(keys, low + node_base[:, None]).tolist()
+        end = torch.searchsorted(keys, high + node_base[:, None], right=True).tolist()
+        skip = torch.where(heavy_bin[b + node_base[:, None]], 0, skip).tolist()
+        for r in range(n_nodes):
+            for qi in range(n_q):
+                span_ = range(begin[r][qi], end[r][qi])
+                ranked = list(reversed(span_) if side == "top" else span_)[skip[r][qi]:]
+                seen: set[int] = set()
+                j = 0
+                for e in ranked:
+                    w = tokens[e] // T
+                    if w in seen:
+                        continue
+                    seen.add(w)
+                    ex_window[r, qi, si, j], ex_pos[r, qi, si, j], ex_act[r, qi, si, j] = w, tokens[e] % T, values[e]
+                    j += 1
+                    if j == per_side:
+                        break
+
+    id_dtype = torch.int16 if model.config.vocab_size <= 32767 else torch.int32
+    meta = {
+        "format": FORMAT, "version": VERSION, "weights_hash": weights_hash(model),
+        "config_hash": model_info(model, with_weights_hash=False)["config_hash"],
+        "text": text, "n_tokens": N, "window": T, "locations": locations, "widths": widths,
+        "quantile_levels": list(QUANTILE_LEVELS), "example_quantiles": list(QUANTILES), "per_side": per_side,
+        "hist_bins": HIST_BINS, "fine_bins": {"per_decade": FINE_PER_DECADE, "log10_min": FINE_LOG_MIN,
+                                              "decades": FINE_DECADES, "capacity": BIN_CAPACITY},
+        "build_seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
+    }
+    return ExampleIndex(meta=meta, windows=windows.to(id_dtype), density=(nonzero.double() / N).float(),
+                        minimum=lo, maximum=hi, mean=(total / N).float(), hist=hist.view(n_nodes, HIST_BINS).int(),
+                        quantiles=quantiles.float(), example_window=ex_window, example_position=ex_pos,
+                        example_activation=ex_act)
+
+
+# ---- where an index lives ------------------------------------------------------------------
+
+
+def cache_folder(model, cache_dir: str | Path | None = None) -> Path:
+    """Where `model`'s index is cached: CACHE/example_index/<weights hash> (CACHE: `ablation.default_cache_dir`,
+    where mean activations are cached)."""
+    return Path(cache_dir or default_cache_dir()) / "example_index" / weights_hash(model)
+
+
+def shipped_folder(model_folder: str | Path) -> Path:
+    """Where a model folder ships its index (the embedded default model does)."""
+    return Path(model_folder) / "example_index"
+
+
+def find_example_index(model, model_folder: str | Path | None = None, cache_dir: str | Path | None = None
+                       ) -> ExampleIndex | None:
+    """The index of `model`'s weights shipped in `model_folder` or cached, or None. A shipped or cached
+    index for other weights is skipped (never used); an unreadable cached one is removed so it is rebuilt."""
+    for folder in ([shipped_folder(model_folder)] if model_folder else []) + [cache_folder(model, cache_dir)]:
+        if not (folder / META_FILE).is_file():
+            continue
+        try:
+            return ExampleIndex.load(folder, model)
+        except ValueError:
+            if folder == cache_folder(model, cache_dir):
+                for name in (META_FILE, TENSOR_FILE):
+                    (folder / name).unlink(missing_ok=True)
+    return None
+
+
+def cached_example_index(model, tokenizer, n_tokens: int = DEFAULT_TOKENS, model_folder: str | Path | None = None,
+                         cache_dir: str | Path | None = None, **build_kwargs) -> ExampleIndex:
+    """The shipped or cached index of `model`, else one built now and cached (reused across restarts)."""
+    found = find_example_index(model, model_folder, cache_dir)
+    if found is not None:
+        return found
+    index = build_example_index(model, tokenizer, n_tokens, **build_kwargs)
+    index.save(cache_folder(model, cache_dir))
+    return index
+
+
+def folder_size(folder: str | Path) -> int:
+    return sum(os.path.getsize(Path(folder) / name) for name in (META_FILE, TENSOR_FILE))
+
+
+__all__ = [
+    "ExampleIndex", "build_example_index", "heldout_windows", "heldout_token_ids", "cached_example_index",
+    "find_example_index", "cache_folder", "shipped_folder", "check_token_count", "DEFAULT_TOKENS", "MAX_TOKENS",
+    "MIN_TOKENS", "HIST_BINS", "QUANTILE_LEVELS", "folder_size",
+]
