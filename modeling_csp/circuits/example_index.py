@@ -37,7 +37,14 @@ import torch
 
 from ..utils.jsonio import atomic_path, loads_strict, write_json_atomic
 from .ablation import default_cache_dir, stdlib_heldout_texts, unchanged_weights
-from .graph import QUANTILES, location_width, model_info, node_locations, parse_node_id, weights_hash
+from .graph import (
+    QUANTILES,
+    location_width,
+    model_info,
+    node_locations,
+    parse_node_id,
+    weights_hash,
+)
 
 FORMAT, VERSION = "csp-example-index", 1
 META_FILE, TENSOR_FILE = "index.json", "index.safetensors"
@@ -230,7 +237,7 @@ class ExampleIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, model=None) -> "ExampleIndex":
+    def load(cls, folder: str | Path, model=None) -> ExampleIndex:
         """The index in `folder`; with `model`, a ValueError unless it was built on that model's weights.
         A missing, truncated or mismatched file is a one-line ValueError saying to rebuild."""
         from safetensors import safe_open
@@ -484,7 +491,19 @@ def folder_size(folder: str | Path) -> int:
 
 
 __all__ = [
-    "ExampleIndex", "build_example_index", "heldout_windows", "heldout_token_ids", "cached_example_index",
-    "find_example_index", "cache_folder", "shipped_folder", "check_token_count", "DEFAULT_TOKENS", "MAX_TOKENS",
-    "MIN_TOKENS", "HIST_BINS", "QUANTILE_LEVELS", "folder_size",
+    "DEFAULT_TOKENS",
+    "HIST_BINS",
+    "MAX_TOKENS",
+    "MIN_TOKENS",
+    "QUANTILE_LEVELS",
+    "ExampleIndex",
+    "build_example_index",
+    "cache_folder",
+    "cached_example_index",
+    "check_token_count",
+    "find_example_index",
+    "folder_size",
+    "heldout_token_ids",
+    "heldout_windows",
+    "shipped_folder",
 ]
