@@ -345,18 +345,25 @@ def cmd_corpus(args) -> int:
 def cmd_index_examples(args) -> int:
     from tqdm.auto import tqdm
 
-    from .circuits.example_index import build_example_index, cache_folder, folder_size
+    from .circuits.example_index import build_example_index, cache_folder, check_corpus, folder_size
 
+    if args.corpus is not None:
+        check_corpus(args.corpus)
     model, tokenizer = _load(args)
     out = Path(args.out) if args.out else cache_folder(model)
-    bar = tqdm(total=None, desc="indexing examples (2 passes)", unit="batch", disable=args.quiet, file=sys.stderr)
+    bars = []
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        if not bars:  # created at the first batch, so that an error before it prints alone
+            bars.append(tqdm(total=total, desc="indexing examples (2 passes)", unit="batch", disable=args.quiet,
+                             file=sys.stderr))
+        bars[0].update(done - bars[0].n)
 
-    index = build_example_index(model, tokenizer, args.tokens, corpus=args.corpus, progress=progress)
-    bar.close()
+    try:
+        index = build_example_index(model, tokenizer, args.tokens, corpus=args.corpus, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     index.save(out)
     _emit({"out": str(out), "n_tokens": index.n_tokens, "text": index.meta["text"], "nodes": int(index.density.numel()),
            "seconds": index.meta["build_seconds"], "bytes": folder_size(out), "weights_hash": index.meta["weights_hash"]})

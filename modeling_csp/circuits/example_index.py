@@ -8,10 +8,12 @@ default tokenizer), then, given a built corpus folder (`scripts/build_corpus.py`
 Two streaming passes over the windows (memory does not grow with the token count; what is kept is bounded by
 nodes x bins and nodes x examples):
 
-1. every node's count of nonzero activations (density), min, max, sum, and a fine histogram on fixed
-   symmetric-log bins (32 bins per octave of |x| from 2**-14 to 2**10, and one bin for exact zeros); quantiles
-   are read off it (within one fine bin, 2.2% of the value);
-2. the display histogram (`HIST_BINS` equal-width bins between the node's min and max) and the examples: for a
+1. every node's min, max and a fine histogram on fixed
+   symmetric-log bins (32 bins per octave of |x| from 2**-14 to 2**10, and one bin for |x| < 2**-14, zeros);
+   quantiles are read off it (within one fine bin, 2.2% of the value), and the stored histogram merges it to
+   two bins per octave (`HIST_BINS` fixed bins: the same for every node and model, so histograms compare);
+   a node's density is the fraction of tokens outside the zero bin (active: |x| >= 2**-14);
+2. the examples: for a
    fraction f the examples are the windows whose activation ranks at the top (bottom) f of all tokens, as
    `graph.quantile_examples` picks them. Pass 1 says which fine bin holds that rank; pass 2 keeps that bin's
    entries (all of them when at most `BIN_CAPACITY`, so the rank is exact; else the first of each window, all
@@ -53,13 +55,14 @@ MAX_TOKENS = 20_000_000  # 5 passes' worth of the model's forward time at most a
 MIN_TOKENS = 1024
 WINDOW = 128
 PER_SIDE = 5
-HIST_BINS = 64
 QUANTILE_LEVELS = (0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999)
 FINE_SHIFT = 18  # float32 bits kept: 8 exponent + 5 mantissa bits, 32 bins per octave (2.2% wide)
 FINE_LOW_CODE, FINE_HIGH_CODE = (127 - 14) << 5, (127 + 10) << 5  # |x| from 2**-14 to 2**10, clamped beyond
 FINE_HALF = FINE_HIGH_CODE - FINE_LOW_CODE  # fine bins on each side of the zero bin
 FINE_BINS = 2 * FINE_HALF + 1
 ZERO_BIN = FINE_HALF
+HIST_MERGE = 16  # fine bins per stored histogram bin: two per octave
+HIST_BINS = 2 * FINE_HALF // HIST_MERGE + 1
 BIN_CAPACITY = 128
 SIDES = ("top", "bottom")
 
@@ -80,13 +83,19 @@ def heldout_token_ids(tokenizer, corpus: str | Path | None = None) -> tuple[torc
     if corpus is not None:
         import numpy as np
 
-        path = Path(corpus) / "val_extra.npy"
-        if not path.is_file():
-            raise ValueError(f"{corpus}: has no val_extra.npy; build the corpus with `python scripts/build_corpus.py --out {corpus}`")
+        path = check_corpus(corpus)
         extra = torch.from_numpy(np.load(path).astype("int64"))
         parts.append(extra)
         what.append(f"the projects' held-out files of {corpus} ({len(extra):,} tokens)")
     return torch.cat(parts), " + ".join(what)
+
+
+def check_corpus(corpus: str | Path) -> Path:
+    """The projects' held-out token file of a built corpus folder, or a ValueError saying how to build one."""
+    path = Path(corpus) / "val_extra.npy"
+    if not path.is_file():
+        raise ValueError(f"{corpus}: has no val_extra.npy; build the corpus with `csp corpus --out {corpus}`")
+    return path
 
 
 def heldout_windows(model, tokenizer, n_tokens: int = DEFAULT_TOKENS, corpus: str | Path | None = None
@@ -114,18 +123,34 @@ def check_token_count(n_tokens: int) -> None:
 
 
 def fine_bins(x: torch.Tensor) -> torch.Tensor:
-    """Fine bin of each float32 value: monotonic in the value, exact zeros alone in ZERO_BIN. The bin is read off
-    the float's bits (exponent and top mantissa bits), which is several times faster than a logarithm."""
+    """Fine bin of each float32 value, monotonic in the value; |x| < 2**-14 (zeros) is ZERO_BIN. Read off the
+    float's bits (exponent and top mantissa bits) in place: several times faster than a logarithm."""
     bits = x.contiguous().view(torch.int32)
-    mag = (((bits & 0x7FFFFFFF) >> FINE_SHIFT) - FINE_LOW_CODE).clamp_(0, FINE_HALF - 1).add_(1).mul_(x != 0)
-    return torch.where(bits < 0, -mag, mag).add_(ZERO_BIN)
+    sign = bits >> 31  # 0, or -1 for negative values
+    mag = (bits & 0x7FFFFFFF).bitwise_right_shift_(FINE_SHIFT).sub_(FINE_LOW_CODE - 1).clamp_(0, FINE_HALF)
+    return mag.bitwise_xor_(sign).sub_(sign).add_(ZERO_BIN)  # sign * mag, as two's complement
 
 
 def fine_bin_edges() -> torch.Tensor:
-    """(FINE_BINS + 1) value edges of the fine bins (the outermost bins also hold everything beyond)."""
+    """(FINE_BINS + 1) value edges of the fine bins (the outermost bins also hold everything beyond). Positive
+    bins hold [lower, upper), negative ones (lower, upper], the zero bin (-2**-14, 2**-14)."""
     codes = (FINE_LOW_CODE + torch.arange(FINE_HALF + 1, dtype=torch.int32)) << FINE_SHIFT
     pos = codes.view(torch.float32).clone()
     return torch.cat([-pos.flip(0), pos])
+
+
+def hist_bin_edges() -> torch.Tensor:
+    """(HIST_BINS + 1) edges of the stored histogram: fine bins merged HIST_MERGE at a time (two per octave)."""
+    edges = fine_bin_edges()
+    return torch.cat([edges[: FINE_HALF + 1: HIST_MERGE], edges[FINE_HALF + 1:: HIST_MERGE]])
+
+
+def merge_to_hist(fine: torch.Tensor) -> torch.Tensor:
+    """(nodes, HIST_BINS) counts from (nodes, FINE_BINS) fine counts."""
+    n = fine.shape[0]
+    negative = fine[:, :FINE_HALF].reshape(n, -1, HIST_MERGE).sum(-1)
+    positive = fine[:, FINE_HALF + 1:].reshape(n, -1, HIST_MERGE).sum(-1)
+    return torch.cat([negative, fine[:, FINE_HALF: FINE_HALF + 1], positive], 1)
 
 
 def _rank_bins(counts: torch.Tensor, ranks: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +173,9 @@ class ExampleIndex:
 
     meta: dict[str, Any]
     windows: torch.Tensor  # (n, T) token ids
-    density: torch.Tensor  # (nodes,) fraction of tokens with a nonzero activation
+    density: torch.Tensor  # (nodes,) fraction of tokens where the node is active: |activation| >= 2**-14
     minimum: torch.Tensor
     maximum: torch.Tensor
-    mean: torch.Tensor
     hist: torch.Tensor  # (nodes, HIST_BINS) token counts on equal-width bins from minimum to maximum
     quantiles: torch.Tensor  # (nodes, len(QUANTILE_LEVELS)) values at meta["quantile_levels"]
     example_window: torch.Tensor  # (nodes, len(QUANTILES), 2 sides, per_side) window index, -1: none
@@ -176,11 +200,16 @@ class ExampleIndex:
         return self._offsets[loc] + ch
 
     def node_stats(self, node: str) -> dict[str, Any]:
-        """{"density", "min", "max", "mean", "edges" (HIST_BINS + 1), "counts", "quantiles" {level: value}, "n_tokens"}."""
+        """{"density", "min", "max", "edges", "counts" (the histogram cut to the bins from the node's min to
+        its max, outer edges set to them), "quantiles" {level: value}, "n_tokens"}."""
         r = self.row(node)
         lo, hi = float(self.minimum[r]), float(self.maximum[r])
-        return {"density": float(self.density[r]), "min": lo, "max": hi, "mean": float(self.mean[r]),
-                "edges": torch.linspace(lo, hi, HIST_BINS + 1).tolist(), "counts": self.hist[r].tolist(),
+        used = self.hist[r].nonzero().flatten().tolist() or [HIST_BINS // 2]
+        first, last = used[0], used[-1]
+        edges = hist_bin_edges()[first: last + 2].tolist()
+        edges[0], edges[-1] = lo, hi
+        return {"density": float(self.density[r]), "min": lo, "max": hi,
+                "edges": edges, "counts": self.hist[r, first: last + 1].tolist(),
                 "quantiles": dict(zip(self.meta["quantile_levels"], self.quantiles[r].tolist())), "n_tokens": self.n_tokens}
 
     def check_model(self, model) -> None:
@@ -270,7 +299,7 @@ class ExampleIndex:
         return index
 
 
-_TENSORS = ("windows", "density", "minimum", "maximum", "mean", "hist", "quantiles",
+_TENSORS = ("windows", "density", "minimum", "maximum", "hist", "quantiles",
             "example_window", "example_position", "example_activation")
 
 
@@ -292,7 +321,7 @@ def _batches(model, windows: torch.Tensor, locations: Sequence[str], batch_size:
 @torch.no_grad()
 @unchanged_weights
 def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *, windows: torch.Tensor | None = None,
-                        corpus: str | Path | None = None, batch_size: int = 16, per_side: int = PER_SIDE,
+                        corpus: str | Path | None = None, batch_size: int = 64, per_side: int = PER_SIDE,
                         progress: Callable[[int, int], None] | None = None) -> ExampleIndex:
     """Builds the example index of `model` over `n_tokens` held-out tokens (`heldout_windows`; or over the
     given (n, T) `windows`). `progress(done, total)` is called after each batch of each of the two passes."""
@@ -314,20 +343,16 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
             progress(step[0], 2 * n_batches)
 
     # pass 1: density, range, mean, fine histogram
-    nonzero = torch.zeros(n_nodes, dtype=torch.long)
-    total = torch.zeros(n_nodes, dtype=torch.float64)
     lo = torch.full((n_nodes,), math.inf)
     hi = torch.full((n_nodes,), -math.inf)
-    fine = torch.zeros(n_nodes * FINE_BINS, dtype=torch.long)
+    fine = torch.zeros(n_nodes, FINE_BINS, dtype=torch.long)
     node_base = torch.arange(n_nodes) * FINE_BINS
     for _, x in _batches(model, windows, locations, batch_size):
-        nonzero += torch.count_nonzero(x, dim=1)
-        total += x.sum(1).double()
         low, high = torch.aminmax(x, dim=1)
         lo, hi = torch.minimum(lo, low), torch.maximum(hi, high)
-        fine += torch.bincount((fine_bins(x) + node_base[:, None]).flatten(), minlength=n_nodes * FINE_BINS)
+        bins = fine_bins(x).long()
+        fine.scatter_add_(1, bins, torch.ones(1, dtype=torch.long).expand(bins.shape))  # in place: no per-batch copy
         tick()
-    fine = fine.view(n_nodes, FINE_BINS)
 
     # quantile values, interpolated within their fine bin
     edges = fine_bin_edges()
@@ -352,14 +377,17 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
         cum = ordered.cumsum(1)
         first = torch.searchsorted(cum, examples_at, right=True).clamp(max=FINE_BINS - 1)  # positions in side order
         before = torch.where(first > 0, cum.gather(1, (first - 1).clamp(min=0)), torch.zeros_like(first))
-        last = (torch.searchsorted(cum, before + BIN_CAPACITY, right=True) - 1).clamp(max=FINE_BINS - 1)
+        # a heavy first bin gives at most its entries past the rank (near-ties), then the bins after it count
+        first_heavy = ordered.gather(1, first) > BIN_CAPACITY
+        budget = torch.where(first_heavy, cum.gather(1, first), before) + BIN_CAPACITY
+        last = (torch.searchsorted(cum, budget, right=True) - 1).clamp(max=FINE_BINS - 1)
         last = torch.maximum(last, first)
         following = torch.searchsorted(cum, cum.gather(1, last), right=True).clamp(max=FINE_BINS - 1)
         heavy_next = ordered.gather(1, following) > BIN_CAPACITY
         last = torch.where(heavy_next & (ordered.gather(1, last) <= BIN_CAPACITY), following, last)
         to_bin = (lambda pos: FINE_BINS - 1 - pos) if side == "top" else (lambda pos: pos)
         low, high = (to_bin(last), to_bin(first)) if side == "top" else (to_bin(first), to_bin(last))
-        plan[side] = (to_bin(first), examples_at - before, low, high)
+        plan[side] = (to_bin(first), examples_at - before, low, high, ordered.gather(1, first) - (examples_at - before))
         starts, ends = (low + node_base[:, None]).flatten(), (high + 1 + node_base[:, None]).flatten()
         cover.index_add_(0, starts, torch.ones_like(starts))
         cover.index_add_(0, ends, -torch.ones_like(ends))
@@ -370,13 +398,8 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
     heavy_cap = 2 * per_side  # enough distinct windows even after the previous bins' windows
     kept_key, kept_value, kept_token = [], [], []
 
-    # pass 2: display histogram and the entries of the planned bins
-    hist = torch.zeros(n_nodes * HIST_BINS, dtype=torch.long)
-    span = (hi - lo).clamp(min=1e-12)
-    hist_base = torch.arange(n_nodes) * HIST_BINS
+    # pass 2: the entries of the planned bins
     for first_window, x in _batches(model, windows, locations, batch_size):
-        hb = ((x - lo[:, None]) / span[:, None] * HIST_BINS).floor_().clamp_(0, HIST_BINS - 1).long()
-        hist += torch.bincount((hb + hist_base[:, None]).flatten(), minlength=n_nodes * HIST_BINS)
         key = fine_bins(x) + node_base[:, None]
         f = flag[key]
         node, tok = (f > 0).nonzero(as_tuple=True)
@@ -409,14 +432,21 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
     ex_pos = torch.zeros((n_nodes, n_q, 2, per_side), dtype=torch.int16)
     ex_act = torch.zeros((n_nodes, n_q, 2, per_side), dtype=torch.float16)
     for si, side in enumerate(SIDES):
-        b, skip, low, high = plan[side]
+        b, skip, low, high, left = plan[side]
         begin = torch.searchsorted(keys, low + node_base[:, None]).tolist()
         end = torch.searchsorted(keys, high + node_base[:, None], right=True).tolist()
-        skip = torch.where(heavy_bin[b + node_base[:, None]], 0, skip).tolist()
+        in_b = (torch.searchsorted(keys, b + node_base[:, None], right=True)
+                - torch.searchsorted(keys, b + node_base[:, None])).tolist()
+        heavy = heavy_bin[b + node_base[:, None]].tolist()
+        skip, left = skip.tolist(), left.tolist()
         for r in range(n_nodes):
             for qi in range(n_q):
                 span_ = range(begin[r][qi], end[r][qi])
-                ranked = list(reversed(span_) if side == "top" else span_)[skip[r][qi]:]
+                ranked = list(reversed(span_) if side == "top" else span_)
+                if heavy[r][qi]:  # kept: a few windows of bin b; the ranks past it: `left` entries of b, then on
+                    ranked = ranked[: min(left[r][qi], in_b[r][qi])] + ranked[in_b[r][qi]:]
+                else:
+                    ranked = ranked[skip[r][qi]:]
                 seen: set[int] = set()
                 j = 0
                 for e in ranked:
@@ -439,8 +469,8 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
                                               "capacity": BIN_CAPACITY},
         "build_seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
     }
-    return ExampleIndex(meta=meta, windows=windows.to(id_dtype), density=(nonzero.double() / N).float(),
-                        minimum=lo, maximum=hi, mean=(total / N).float(), hist=hist.view(n_nodes, HIST_BINS).int(),
+    return ExampleIndex(meta=meta, windows=windows.to(id_dtype), density=1 - fine[:, ZERO_BIN].double().div(N).float(),
+                        minimum=lo, maximum=hi, hist=merge_to_hist(fine).int(),
                         quantiles=quantiles.float(), example_window=ex_window, example_position=ex_pos,
                         example_activation=ex_act)
 
