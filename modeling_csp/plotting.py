@@ -1107,8 +1107,9 @@ def activation_histogram_html(node: str, edges: Sequence[float], counts: Sequenc
             f'<text x="{width}" y="{height + 14}" font-size="11" text-anchor="end">{edges[-1]:.3g}</text>')
     svg = (f'<svg class="csp-hist" width="{width}" height="{height + 18}" viewBox="0 0 {width} {height + 18}" '
            f'role="img" aria-label="activation histogram of {html.escape(node)}">{"".join(bars)}{axis}</svg>')
-    text = (f'<div class="csp-density" data-node="{html.escape(node)}"><b>{html.escape(node)}</b>: active (nonzero) on '
-            f'<b>{density:.2%}</b> of tokens ({round(density * total):,} of {total:,}); {html.escape(source)}</div>')
+    text = (f'<div class="csp-density" data-node="{html.escape(node)}"><b>{html.escape(node)}</b>: active on '
+            f'<b>{density:.2%}</b> of tokens ({round(density * total):,} of {total:,}; active: |activation| ≥ 2⁻¹⁴); '
+            f'{html.escape(source)}</div>')
     return (TABLE_CSS + f'<div class="csp-hist-block" data-node="{html.escape(node)}"><h4>Activation histogram</h4>'
             + text + svg + '<div class="csp-ex-title">bar heights on a log scale; hover a bar for its range and count'
             "</div></div>")

@@ -907,3 +907,35 @@ def test_pruning_shows_its_stage_and_disables_the_buttons(page):
     assert page.evaluate("() => [...document.querySelectorAll('#prune-progress, #prune-here-progress')]"
                           ".map((e) => e.innerText.trim()).join('')") == ""
     assert_no_errors(page)
+
+
+# ---- issue 22: example index (histogram, density, examples over >= 1M held-out tokens)
+
+
+HIST_NODE_JS = ("() => { const b = document.querySelector('#node-examples .csp-hist-block'); "
+                "return b ? [document.querySelectorAll('#node-examples .csp-hist-block').length, b.dataset.node] : null; }")
+
+
+def test_node_histogram_density_and_examples_come_from_the_index(page):
+    """A clicked node's Activating examples tab shows its histogram and density over the shipped index's tokens,
+    and examples labelled as the index's; clicking another node replaces both (never the old node's)."""
+    page.wait_for_function("() => window.__cspClickReady === true")
+    page.get_by_role("tab", name="Activating examples").click()
+    for target in [p for p in node_points(page) if p["id"] != header_node(page)][:2]:
+        page.mouse.move(target["x"] - 3, target["y"] - 3)
+        page.mouse.move(target["x"], target["y"], steps=4)
+        page.mouse.click(target["x"], target["y"])
+        wait_text(page, "#node-header", target["id"])
+        page.wait_for_function(f"() => {{ const r = ({HIST_NODE_JS})(); return r && r[1] === {json.dumps(target['id'])}; }}",
+                               timeout=120_000)
+        assert page.evaluate(HIST_NODE_JS) == [1, target["id"]]  # one histogram, the clicked node's
+        wait_text(page, "#node-examples table", "peak")
+        density = text_of(page, "#node-examples .csp-density")
+        assert re.search(rf"{re.escape(target['id'])}: active on \d+\.\d\d% of tokens \([\d,]+ of ([\d,]+);",
+                         density), density
+        assert int(re.search(r"of ([\d,]+);", density).group(1).replace(",", "")) >= 1_000_000
+        assert page.locator("#node-examples svg.csp-hist rect").count() >= 2
+        assert re.search(r"Top / bottom activating examples \(example index over [\d,]+ held-out tokens\)",
+                         text_of(page, "#node-examples")), text_of(page, "#node-examples")[:300]
+    shot(page, "22_node_histogram")
+    assert_no_errors(page)

@@ -114,3 +114,14 @@ def test_cached_index_is_reused_and_a_bad_cache_rebuilt(rms_model, windows, tmp_
 def test_token_count_caps():
     with pytest.raises(ValueError, match="outside 1,024..20,000,000"):
         check_token_count(50_000_000)
+
+
+def test_the_shipped_index_belongs_to_the_shipped_model_and_is_small():
+    from modeling_csp.circuits.example_index import folder_size, shipped_folder
+    from modeling_csp.model.loading import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("default")
+    index = ExampleIndex.load(shipped_folder(DEFAULT_MODEL_DIR), model)  # ValueError if built for other weights
+    assert index.n_tokens >= 1_000_000 and "held-out CPython stdlib files" in index.meta["text"]
+    assert index.density.numel() == 5632 and int(index.hist.sum(1).min()) == index.n_tokens
+    assert folder_size(shipped_folder(DEFAULT_MODEL_DIR)) <= 15_000_000
