@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,14 +80,15 @@ def heldout_token_ids(tokenizer, corpus: str | Path | None = None) -> tuple[torc
     docs = ([e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] if backend is not None
             else [tokenizer.encode(t, add_special_tokens=False) for t in texts])
     ids = [i for doc in docs for i in (doc + ([eot] if eot is not None else []))]
-    parts, what = [torch.tensor(ids, dtype=torch.long)], [f"{len(texts)} held-out CPython stdlib files ({len(ids):,} tokens)"]
+    parts = [torch.tensor(ids, dtype=torch.long)]
+    what = [f"{len(texts)} held-out CPython stdlib files ({len(ids):,} tokens, Python {platform.python_version()})"]
     if corpus is not None:
         import numpy as np
 
         path = check_corpus(corpus)
         extra = torch.from_numpy(np.load(path).astype("int64"))
         parts.append(extra)
-        what.append(f"the projects' held-out files of {corpus} ({len(extra):,} tokens)")
+        what.append(f"the corpus's projects' held-out files, val_extra.npy ({len(extra):,} tokens)")
     return torch.cat(parts), " + ".join(what)
 
 
@@ -100,15 +102,15 @@ def check_corpus(corpus: str | Path) -> Path:
 
 def heldout_windows(model, tokenizer, n_tokens: int = DEFAULT_TOKENS, corpus: str | Path | None = None
                     ) -> tuple[torch.Tensor, str]:
-    """((n, T) contiguous windows of held-out text, T = min(block_size, 128), up to `n_tokens` tokens; what
-    text it is). Uses all the held-out text when there is less than `n_tokens` (the description says how much)."""
+    """((n, T) contiguous windows of held-out text, T = min(block_size, 128), `n_tokens` rounded up to whole
+    windows; what text it is). Uses all the held-out text when there is less (the description says how much)."""
     check_token_count(n_tokens)
     ids, what = heldout_token_ids(tokenizer, corpus)
     if int(ids.max()) >= model.config.vocab_size:
         raise ValueError(f"the tokenizer gives token ids up to {int(ids.max())} but the model's vocabulary has "
                          f"{model.config.vocab_size}: this tokenizer (or corpus) does not belong to this model")
     T = min(model.config.block_size, WINDOW)
-    n = min(n_tokens, len(ids)) // T
+    n = min(-(-n_tokens // T), len(ids) // T)  # whole windows, at least n_tokens when there is that much text
     if n == 0:
         raise ValueError(f"only {len(ids)} held-out tokens; need at least one window of {T}")
     return ids[: n * T].view(n, T), what
