@@ -591,7 +591,7 @@ def test_index_examples_writes_an_index_the_library_loads(capsys, tiny, tmp_path
     report = one_json(out)
     assert report["n_tokens"] == 4096 and report["text"].startswith("66 held-out CPython stdlib files")
     assert report["bytes"] == sum(f.stat().st_size for f in (tmp_path / "idx").iterdir())
-    assert "indexing examples (2 passes)" in err and "4/4" in err  # the progress bar: 2 batches x 2 passes
+    assert "indexing examples (2 passes)" in err and "2/2" in err  # the progress bar: one batch of 32 windows, 2 passes
     model, _ = load_model_and_tokenizer(str(tiny))
     index = ExampleIndex.load(tmp_path / "idx", model)
     assert index.meta["weights_hash"] == report["weights_hash"] and index.density.numel() == report["nodes"]
