@@ -1,7 +1,7 @@
 """An example index: every node's density, activation histogram, quantiles and activating examples, computed once
 per model over held-out text (today's live examples see 8,192 tokens, so their "0.1%" quantile is 8 tokens).
 
-Text: the held-out 10% of CPython's standard library (`ablation.stdlib_heldout_texts`, 427,706 tokens with the
+Text: the held-out 10% of CPython's standard library (`ablation.stdlib_heldout_texts`, 427,772 tokens with the
 default tokenizer), then, given a built corpus folder (`scripts/build_corpus.py`), the projects' held-out files
 (`val_extra.npy`, 692,505 tokens), cut into contiguous windows of min(block_size, 128) tokens.
 

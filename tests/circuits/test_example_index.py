@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from modeling_csp.circuits.example_index import (
-    HIST_BINS, ExampleIndex, build_example_index, cache_folder, cached_example_index, check_token_count, hist_bin_edges,
+    HIST_BINS,
+    ExampleIndex,
+    build_example_index,
+    cache_folder,
+    cached_example_index,
+    check_token_count,
+    hist_bin_edges,
 )
-from modeling_csp.circuits.graph import QUANTILES, node_id, node_locations, quantile_examples
+from modeling_csp.circuits.graph import (
+    QUANTILES,
+    node_id,
+    node_locations,
+    quantile_examples,
+)
 
 
 @pytest.fixture(scope="module")
