@@ -399,6 +399,34 @@ def cmd_corpus(args) -> int:
     return 0
 
 
+def cmd_index_examples(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .circuits.example_index import build_example_index, cache_folder, check_corpus, folder_size
+
+    if args.corpus is not None:
+        check_corpus(args.corpus)
+    model, tokenizer = _load(args)
+    out = Path(args.out) if args.out else cache_folder(model)
+    bars = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:  # created at the first batch, so that an error before it prints alone
+            bars.append(tqdm(total=total, desc="indexing examples (2 passes)", unit="batch", disable=args.quiet,
+                             file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        index = build_example_index(model, tokenizer, args.tokens, corpus=args.corpus, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    index.save(out)
+    _emit({"out": str(out), "n_tokens": index.n_tokens, "text": index.meta["text"], "nodes": int(index.density.numel()),
+           "seconds": index.meta["build_seconds"], "bytes": folder_size(out), "weights_hash": index.meta["weights_hash"]})
+    return 0
+
+
 TRAIN_OPTIONS = ("n_layer", "d_model", "n_head", "d_head", "d_mlp", "steps", "batch_size", "lr", "weight_decay",
                  "warmup_frac", "grad_clip", "density", "bigram_density", "anneal_frac", "anneal_shape", "eval_every",
                  "eval_windows", "checkpoint_every", "max_minutes", "seed", "init_from")
@@ -709,6 +737,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=threads, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_sweep, outputs=[("out_dir", "--out-dir", True)])
+
+    from .circuits.example_index import DEFAULT_TOKENS, MAX_TOKENS, MIN_TOKENS
+
+    p = sub.add_parser("index-examples", help="every node's density, histogram and activating examples over held-out text")
+    p.add_argument("model", metavar="MODEL", help="converted folder, hub id, or 'default'")
+    p.add_argument("--tokens", type=_number(MIN_TOKENS, MAX_TOKENS, integer=True), default=DEFAULT_TOKENS,
+                   help="held-out tokens to index (%(type)s; default %(default)s; all the held-out text if less)")
+    p.add_argument("--corpus", type=Path, help="a built corpus folder (`csp corpus`): adds its projects' held-out "
+                   "files (val_extra.npy) to the stdlib's held-out files")
+    p.add_argument("--out", type=Path, help="folder for index.json + index.safetensors (default: the cache the app "
+                   "reads, next to the mean activations)")
+    p.add_argument("--threads", type=threads, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_index_examples, outputs=[("out", "--out", True)])
 
     p = sub.add_parser("corpus", help="build the training corpus: stdlib + pinned PyPI wheels, deduplicated, tokenized")
     p.add_argument("--out", required=True, type=Path, help="folder for train.npy, val.npy, val_extra.npy, meta.json")

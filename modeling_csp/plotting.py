@@ -35,6 +35,7 @@ __all__ = [
     "position_embedding_figure", "circuit_diff_figure", "connections_table", "message_figure",
     "display_token", "task_examples_html", "attention_rows_html", "attention_grid_figure", "attention_tokens_html",
     "ATTENTION_TOKENS_JS", "patching_effects_html", "node_link", "node_reading_html", "label_hover",
+    "activation_histogram_html",
 ]
 
 # One colour convention everywhere: blue is positive, red is negative (edges, activations, importances, bars,
@@ -1340,3 +1341,34 @@ def patching_effects_html(rows: Sequence[Mapping[str, Any]], clean: float, corru
     return (TABLE_CSS + head + f'<div style="max-height:{max_height}px;overflow-y:auto"><table class="csp-q csp-patch">'
             '<tr><th>node</th><th>what</th><th>effect</th>'
             f'<th>of the gap</th></tr>{"".join(body)}</table></div>{more}')
+
+
+# ---- issue 22: activation histogram of a node (example index) ---------------------------------------------
+
+
+def activation_histogram_html(node: str, edges: Sequence[float], counts: Sequence[int], density: float,
+                              source: str, width: int = 520, height: int = 120) -> str:
+    """A node's activation histogram as an inline SVG (log-scaled bar heights: the zero bin of a sparse node
+    would flatten every other bar) with its density as text; each bar's hover gives its range and count."""
+    total = sum(counts)
+    if not counts or total == 0:
+        return TABLE_CSS + f'<div class="csp-ex-title">No activations recorded for {html.escape(node)}.</div>'
+    top = math.log1p(max(counts))
+    bar_w = width / len(counts)
+    bars = []
+    for i, c in enumerate(counts):
+        h = height * math.log1p(c) / top if top > 0 else 0.0
+        lo, hi = edges[i], edges[i + 1]
+        color = POSITIVE_HEX if (lo + hi) / 2 >= 0 else NEGATIVE_HEX
+        bars.append(f'<rect x="{i * bar_w:.2f}" y="{height - h:.2f}" width="{max(bar_w - 1, 1):.2f}" height="{h:.2f}" '
+                    f'fill="{color}"><title>{lo:.4g} to {hi:.4g}: {c:,} tokens</title></rect>')
+    axis = (f'<text x="0" y="{height + 14}" font-size="11">{edges[0]:.3g}</text>'
+            f'<text x="{width}" y="{height + 14}" font-size="11" text-anchor="end">{edges[-1]:.3g}</text>')
+    svg = (f'<svg class="csp-hist" width="{width}" height="{height + 18}" viewBox="0 0 {width} {height + 18}" '
+           f'role="img" aria-label="activation histogram of {html.escape(node)}">{"".join(bars)}{axis}</svg>')
+    text = (f'<div class="csp-density" data-node="{html.escape(node)}"><b>{html.escape(node)}</b>: active on '
+            f'<b>{density:.2%}</b> of tokens ({round(density * total):,} of {total:,}; active: |activation| ≥ 2⁻¹⁴); '
+            f'{html.escape(source)}</div>')
+    return (TABLE_CSS + f'<div class="csp-hist-block" data-node="{html.escape(node)}"><h4>Activation histogram</h4>'
+            + text + svg + '<div class="csp-ex-title">bar heights on a log scale; hover a bar for its range and count'
+            "</div></div>")

@@ -709,3 +709,29 @@ def test_node_explains_a_circuit_node(capsys):
     assert_one_line_error(code, err, "neither a file nor a circuit shipped", "csp circuits")
     code, _, err = run(capsys, "node", "--model", "default", "--circuit", circuit_file, "1.attn.v")
     assert_one_line_error(code, err, "bad node id")
+# ---- issue 22: csp index-examples
+
+
+def test_index_examples_writes_an_index_the_library_loads(capsys, tiny, tmp_path):
+    from modeling_csp.circuits.example_index import ExampleIndex
+    from modeling_csp.model.loading import load_model_and_tokenizer
+
+    code, out, err = run(capsys, "index-examples", tiny, "--tokens", 4096, "--out", tmp_path / "idx")
+    assert code == 0, err
+    report = one_json(out)
+    assert report["n_tokens"] == 4096 and report["text"].startswith("66 held-out CPython stdlib files")
+    assert report["bytes"] == sum(f.stat().st_size for f in (tmp_path / "idx").iterdir())
+    assert "indexing examples (2 passes)" in err and "2/2" in err  # the progress bar: one batch of 32 windows, 2 passes
+    model, _ = load_model_and_tokenizer(str(tiny))
+    index = ExampleIndex.load(tmp_path / "idx", model)
+    assert index.meta["weights_hash"] == report["weights_hash"] and index.density.numel() == report["nodes"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "50000000"], "--tokens: expected an integer >= 1024 and <= 20,000,000, got '50000000'"),
+    (["--tokens", "10"], "--tokens: expected an integer >= 1024"),
+    (["--corpus", "{tmp}"], "has no val_extra.npy; build the corpus with `csp corpus --out"),
+])
+def test_index_examples_refuses_bad_counts_and_corpora(capsys, tiny, tmp_path, argv, message):
+    code, _, err = run(capsys, "index-examples", tiny, "--out", tmp_path / "idx", *[a.format(tmp=tmp_path) for a in argv])
+    assert_one_line_error(code, err, message)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..circuits.graph import QUANTILES, CircuitGraph, parse_node_id, quantile_examples
+from ..circuits.graph import CircuitGraph, parse_node_id
 from ..circuits.evaluation import (
     CHANCE_LOSS, DEFAULT_RANDOM_MARGIN, CircuitVerdict, EvalOptions, check_target, circuit_losses, verdict_of,
 )
@@ -293,19 +293,63 @@ def _decoded(entry: ModelEntry, data: dict, per_side: int) -> dict:
 
 def node_examples(entry: ModelEntry, circuit: CircuitGraph, node: str, per_side: int = EXAMPLES_PER_SIDE) -> NodeExamples:
     """Top and bottom activating examples at the 0.1%, 1%, 10% and 50% quantiles, `per_side` each with about
-    50 tokens of context: those stored with the circuit when it stores that many, else live ones on held-out
-    text (cached per node)."""
+    50 tokens of context: from the model's example index (shipped or built by `csp index-examples`) when there
+    is one, else those stored with the circuit when it stores that many, else from a small index built now on
+    held-out text (`node_index`)."""
+    index, on_disk = node_index(entry)
     data = (circuit.node_data or {}).get(node)
-    if data and all(len(v) >= per_side for side in ("top", "bottom") for v in (data.get(side) or {"": []}).values()):
+    if not on_disk and data and all(len(v) >= per_side for side in ("top", "bottom") for v in (data.get(side) or {"": []}).values()):
         return NodeExamples(_decoded(entry, data, per_side), "stored with the circuit")
-    loc, ch = parse_node_id(node)
+    raw = entry.memo.get("examples", (node, per_side, index.meta["n_tokens"]), lambda: index.quantile_examples(
+        entry.model, node, per_side, CONTEXT_BEFORE, CONTEXT_AFTER))
+    return NodeExamples(_decoded(entry, raw, per_side), index_source(index, on_disk))
 
-    def live():
-        windows, store = entry.pretrain()
-        return quantile_examples(store[loc][:, :, ch], windows, per_side, CONTEXT_BEFORE, CONTEXT_AFTER, QUANTILES)
 
-    raw = entry.memo.get("examples", (node, per_side), live)
-    return NodeExamples(_decoded(entry, raw, per_side), f"live, on {entry.pretrain_tokens:,} tokens of held-out text")
+# ---- issue 22: example index (node statistics over held-out text) ----------------------------------
+
+
+def node_index(entry: ModelEntry) -> tuple[Any, bool]:
+    """(the model's `ExampleIndex`, whether it came from disk): the one shipped in the model folder or cached
+    by `csp index-examples`, else one built now on the app's `pretrain_tokens` held-out tokens (kept in memory;
+    seconds for small models)."""
+    from ..circuits.ablation import example_windows
+    from ..circuits.example_index import build_example_index, find_example_index
+    from ..circuits.graph import weights_hash
+
+    def make():
+        found = find_example_index(entry.model, entry.folder)
+        if found is not None:
+            return found, True
+        try:
+            windows = example_windows(entry.model, entry.tokenizer, entry.pretrain_tokens)
+        except Exception as exc:
+            raise UserError(f"no held-out text for node statistics and examples: {first_line(exc)}") from None
+        return build_example_index(entry.model, windows=windows), False
+
+    return entry.memo.get("example_index", weights_hash(entry.model), make)
+
+
+def index_source(index: Any, on_disk: bool) -> str:
+    text = f"{index.n_tokens:,} held-out tokens"
+    return f"example index over {text}" if on_disk else f"live, on {text}; `csp index-examples MODEL` indexes 1M"
+
+
+@dataclass(frozen=True)
+class NodeActivationStats:
+    """A node's activation histogram over the indexed tokens and its density (fraction of tokens active)."""
+
+    node: str
+    density: float
+    edges: list[float]
+    counts: list[int]
+    quantiles: dict[float, float]
+    source: str
+
+
+def node_activation_stats(entry: ModelEntry, node: str) -> NodeActivationStats:
+    index, on_disk = node_index(entry)
+    s = index.node_stats(node)
+    return NodeActivationStats(node, s["density"], s["edges"], s["counts"], s["quantiles"], index_source(index, on_disk))
 
 
 @dataclass(frozen=True)
@@ -1000,7 +1044,8 @@ def warm_up(explorer: Explorer, spec: str | None = None) -> None:
 
 __all__ = [
     "TOP_N", "control_text", "clamp", "parse_node", "task_names", "max_k", "circuit_at_k", "CircuitStats", "full_loss", "circuit_stats",
-    "FaithCurve", "faithfulness_curve", "best_layer", "best_node", "NodeExamples", "node_examples", "TaskRow",
+    "FaithCurve", "faithfulness_curve", "best_layer", "best_node", "NodeExamples", "node_examples",
+    "node_index", "NodeActivationStats", "node_activation_stats", "TaskRow",
     "TaskActivations", "task_activations", "AttentionRow", "HeadAttention", "head_attention", "embedding_channel",
     "clean_prompt", "encode_prompt", "candidate_id", "top_tokens", "LogitDiff", "PromptResult", "predict",
     "next_tokens", "AblationRow", "ablation_effects", "live_importances", "PruneTarget", "prune_target",

@@ -199,7 +199,8 @@ class Memo:
     lock: two threads may compute the same value once each, never block each other on it."""
 
     BUDGETS = {"circuit": 64_000_000, "stats": 8_000_000, "full_loss": 1_000_000, "curve": 8_000_000,
-               "task": 64_000_000, "task_acts": 256_000_000, "examples": 32_000_000}
+               "task": 64_000_000, "task_acts": 256_000_000, "examples": 32_000_000,
+               "example_index": 64_000_000}
 
     RELEASE_BYTES = 16_000_000  # evictions larger than this hand the memory back to the system
 

@@ -120,8 +120,11 @@ def node_panel(explorer: Explorer, model: Any, task: Any, run_id: Any, k: Any, n
     panel.connections = part(lambda: plotting.connections_html(plotting.connections_table(circuit, node, entry.d_head)))
 
     def examples():
+        stats = A.node_activation_stats(entry, node)  # issue 22: histogram and density over the example index
+        histogram = plotting.activation_histogram_html(node, stats.edges, stats.counts, stats.density, stats.source)
         ex = A.node_examples(entry, circuit, node)
-        return plotting.quantile_examples_html(ex.samples, zero_centered, title=f"Top / bottom activating examples ({ex.source})")
+        return histogram + plotting.quantile_examples_html(ex.samples, zero_centered,
+                                                           title=f"Top / bottom activating examples ({ex.source})")
 
     panel.examples = part(examples)
 

@@ -1149,3 +1149,36 @@ def test_label_a_node_then_reload_by_share_link_and_hover(page, browser, app_ser
         assert html.escape(label) in download_from(other, "#download-page").read_text()  # the download carries it
     finally:
         other.context.close()
+# ---- issue 22: example index (histogram, density, examples over >= 1M held-out tokens)
+
+
+HIST_NODE_JS = ("() => { const b = document.querySelector('#node-examples .csp-hist-block'); "
+                "return b ? [document.querySelectorAll('#node-examples .csp-hist-block').length, b.dataset.node] : null; }")
+
+
+def test_node_histogram_density_and_examples_come_from_the_index(page):
+    """A clicked node's Activating examples tab shows its histogram and density over the shipped index's tokens,
+    and examples labelled as the index's; clicking another node replaces both (never the old node's)."""
+    page.wait_for_function("() => window.__cspClickReady === true")
+    for i in range(2):
+        pts = [p for p in node_points(page) if p["id"] != header_node(page)]  # positions now: the page may have moved
+        target = pts[len(pts) // 2]
+        page.mouse.move(target["x"] - 3, target["y"] - 3)
+        page.mouse.move(target["x"], target["y"], steps=4)
+        page.mouse.click(target["x"], target["y"])
+        wait_text(page, "#node-header", target["id"])
+        if i == 0:
+            page.get_by_role("tab", name="Activating examples").click()
+        page.wait_for_function(f"() => {{ const r = ({HIST_NODE_JS})(); return r && r[1] === {json.dumps(target['id'])}; }}",
+                               timeout=120_000)
+        assert page.evaluate(HIST_NODE_JS) == [1, target["id"]]  # one histogram, the clicked node's
+        wait_text(page, "#node-examples table", "peak")
+        density = text_of(page, "#node-examples .csp-density")
+        assert re.search(rf"{re.escape(target['id'])}: active on \d+\.\d\d% of tokens \([\d,]+ of ([\d,]+);",
+                         density), density
+        assert int(re.search(r"of ([\d,]+);", density).group(1).replace(",", "")) >= 1_000_000
+        assert page.locator("#node-examples svg.csp-hist rect").count() >= 2
+        assert re.search(r"Top / bottom activating examples \(example index over [\d,]+ held-out tokens\)",
+                         text_of(page, "#node-examples")), text_of(page, "#node-examples")[:300]
+    shot(page, "22_node_histogram")
+    assert_no_errors(page)

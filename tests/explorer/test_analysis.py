@@ -93,7 +93,9 @@ def test_activating_examples_five_per_side_with_wide_context(model_run):
     circuit = run.circuit
     node = max(circuit.nodes, key=lambda n: circuit.nodes[n] or 0)
     ex = A.node_examples(entry, circuit, node)
-    assert ex.source.startswith("live") and sorted(ex.samples) == [0.001, 0.01, 0.1, 0.5]
+    index, on_disk = A.node_index(entry)
+    assert on_disk and ex.source == f"example index over {index.n_tokens:,} held-out tokens"  # the shipped index
+    assert sorted(ex.samples) == [0.001, 0.01, 0.1, 0.5]
     for q in ex.samples.values():
         for side in ("top", "bottom"):
             assert len(q[side]) == A.EXAMPLES_PER_SIDE
@@ -103,6 +105,24 @@ def test_activating_examples_five_per_side_with_wide_context(model_run):
     assert max(widths) == A.CONTEXT_BEFORE + A.CONTEXT_AFTER + 1  # about 50 tokens around the peak
     peak = lambda e: e["activations"][e["position"]]  # noqa: E731
     assert peak(ex.samples[0.001]["top"][0]) >= peak(ex.samples[0.5]["top"][0]) >= peak(ex.samples[0.001]["bottom"][0])
+
+
+def test_histogram_and_density_of_a_node_from_the_example_index(model_run):
+    entry, run = model_run
+    node = next(iter(run.circuit.nodes))
+    stats = A.node_activation_stats(entry, node)
+    index, _ = A.node_index(entry)
+    assert index.n_tokens >= 1_000_000 and sum(stats.counts) == index.n_tokens
+    assert len(stats.edges) == len(stats.counts) + 1 and 0 <= stats.density <= 1 and stats.source.startswith("example index")
+
+
+def test_without_an_index_a_small_one_is_built_live_from_held_out_text(entry):
+    stats = A.node_activation_stats(entry, "0.mlp.post_act:3")
+    index, on_disk = A.node_index(entry)
+    assert not on_disk and stats.source.startswith("live") and "csp index-examples" in stats.source
+    assert sum(stats.counts) == index.n_tokens == entry.pretrain_tokens
+    with pytest.raises(ValueError, match="not a node of the indexed model"):
+        A.node_activation_stats(entry, "0.mlp.post_act:100000")
 
 
 def test_task_activations_name_the_classes_and_pair_them(model_run):

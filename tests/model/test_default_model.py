@@ -156,7 +156,8 @@ def test_shipped_circuits_meet_the_goal(record):
         assert L["random"] >= 2 * L["circuit"], e["task"]
         assert control["kind"] == "shuffled" and control["k"] == e["k"]
         assert control["k_to_target"] is None or control["k_to_target"] > e["k"], e["task"]
-    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
+    # (the example index has its own cap: tests/circuits/test_example_index.py)
+    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file() and "example_index" not in f.parts)
     assert size < 20_000_000, f"default model folder with circuits is {size / 1e6:.1f} MB"
 
 
