@@ -815,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_number(1, MAX_BATCH, integer=True), default=64, help="nodes per forward pass")
     p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
     p.set_defaults(fn=cmd_patch)
+
     p = sub.add_parser("node", help="what a circuit node does: paths, inputs, direct logit effects, driving tokens")
     p.add_argument("--model", required=True, help="converted folder, hub id, or 'default'")
     p.add_argument("--circuit", required=True, help="circuit JSON file, or the name of a circuit shipped with the model")
