@@ -883,6 +883,7 @@ class Page:
                     "table) and as CSV tables; any figure as HTML" + (", PNG or SVG." if problem is None else
                                                                       f". ({problem})"))
         with gr.Row():
+            self.files_btn = gr.Button("Make the circuit files", elem_id="export-circuit-make")
             self.page_download = gr.DownloadButton("Circuit page (HTML)", value=None, interactive=False,
                                                    elem_id="download-page")
             self.nodes_download = gr.DownloadButton("Nodes (CSV)", value=None, interactive=False,
@@ -901,15 +902,14 @@ class Page:
         self.export_outputs = [self.page_download, self.nodes_download, self.edges_download, self.figure_download,
                                self.export_md, self.label_in, self.label_md]
 
-    def circuit_file_updates(self, model, run, k, on_share_tab: bool) -> dict:
-        files = exports.circuit_downloads(self.explorer, model, run, k) if on_share_tab and run else exports.CircuitFiles()
+    def circuit_file_updates(self, files: "exports.CircuitFiles") -> dict:
         return {button: gr.DownloadButton(value=path, interactive=path is not None)
                 for button, path in ((self.page_download, files.page), (self.nodes_download, files.nodes),
                                      (self.edges_download, files.edges))}
 
     def export_updates(self, view: View, before) -> dict:
-        """Part of each painted view: no file of another selection on any export button (the circuit files of the
-        new one follow, `wire_export`), and the selected node's label in the label box."""
+        """Part of each painted view: no file of another selection on any export button (the new selection's are
+        made on demand, `wire_export`), and the selected node's label in the label box."""
         if view.numbers_only or view.selected == before:
             return {}
         out = {self.figure_download: gr.DownloadButton(value=None, interactive=False), self.export_md: "",
@@ -917,30 +917,26 @@ class Page:
                self.label_in: (view.circuit.labels.get(view.node, "") if view.circuit is not None and view.node
                                else "")}
         if before is None or before.numbers != view.selected.numbers:
-            out.update(self.circuit_file_updates(None, None, None, False))
+            out.update(self.circuit_file_updates(exports.CircuitFiles()))
         return out
 
     def wire_export(self) -> None:
-        """The figure file (made on demand for the shown selection), the circuit files (when the Share tab opens)
-        and node labels (a label saves a new run, which the page then shows)."""
-        def on_share_tab(model, run, k):
-            return self.circuit_file_updates(model, run, k, True)
-
-        circuit_files = [self.page_download, self.nodes_download, self.edges_download, self.status]
-        self.tabs["share"].select(guarded(on_share_tab, self.status), [self.model_in, self.run_in, self.k_in],
-                                  circuit_files)
-
-        def on_selection(model, run, k, tab_name, request: gr.Request):
-            """The circuit files of a new selection shown on the Share tab (a page step of its own: the view is
-            painted without waiting for them), painted only while the page still shows that selection."""
+        """The circuit files and a figure file, each made on demand for the shown selection (the circuit page
+        inlines plotly.js: 5 MB and seconds of work, not for every selection), and node labels (a label saves a
+        new run, which the page then shows)."""
+        def on_circuit_files(request: gr.Request):
             page = self.shown.current(request)
-            if tab_name != "share" or page is None:
-                return {self.page_download: gr.skip()}
-            out = self.circuit_file_updates(page.model, page.run, page.k, True)
-            return out if self.shown.shows(request, page, numbers_only=True) else {self.page_download: gr.skip()}
+            if page is None or page.run is None:
+                return {**self.circuit_file_updates(exports.CircuitFiles()),
+                        self.export_md: panels.warning_markdown("no circuit is shown: pick a run first")}
+            files = exports.circuit_downloads(self.explorer, page.model, page.run, page.k)
+            if self.shown.current(request) != page:  # the selection changed meanwhile: the files are not for it
+                files = exports.CircuitFiles()
+            return {**self.circuit_file_updates(files), self.export_md: ""}
 
-        self.share_query.change(guarded(on_selection, self.status), [self.model_in, self.run_in, self.k_in, self.tab],
-                                circuit_files, show_progress="hidden", trigger_mode="always_last")
+        self.files_btn.click(guarded(on_circuit_files, self.status), None,
+                             [self.page_download, self.nodes_download, self.edges_download, self.export_md, self.status],
+                             concurrency_limit=2, concurrency_id="export")
 
         def on_figure(which, fmt, model, task, run, k, layer, node, edges, request: gr.Request):
             page = self.shown.current(request)

@@ -1088,6 +1088,8 @@ def download_from(page, selector: str) -> Path:
 
 def test_export_circuit_page_works_offline_and_figures_follow_the_selection(page, browser, app_server, tmp_path):
     page.get_by_role("tab", name="Share & files").click()
+    assert page.locator("#download-page").is_disabled()  # made on demand (5 MB), not for every selection
+    page.locator("#export-circuit-make").click()
     html_page = tmp_path / "circuit.html"
     shutil.copy(download_from(page, "#download-page"), html_page)
     nodes_csv = download_from(page, "#download-nodes").read_bytes().decode()
@@ -1146,6 +1148,7 @@ def test_label_a_node_then_reload_by_share_link_and_hover(page, browser, app_ser
         assert other.locator("#circuit-graph .hoverlayer b", has_text="bold").count() == 0
         shot(other, "23_label_in_hover")
         other.get_by_role("tab", name="Share & files").click()
+        other.locator("#export-circuit-make").click()
         assert html.escape(label) in download_from(other, "#download-page").read_text()  # the download carries it
     finally:
         other.context.close()
