@@ -27,12 +27,8 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def isolated(cache_dir, monkeypatch):
+def isolated(cache_dir, monkeypatch, one_thread):
     monkeypatch.setenv("CSP_CACHE_DIR", str(cache_dir))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
