@@ -68,6 +68,8 @@ def task_logits(model, batch: TaskBatch) -> torch.Tensor:
 
 def _replace(mask: torch.Tensor, fill: torch.Tensor | None):
     def fn(x: torch.Tensor) -> torch.Tensor:
+        if mask.dtype == torch.bool:  # one pass, and kept activations bit for bit
+            return torch.where(mask.to(x.device), x, 0.0 if fill is None else fill.to(device=x.device, dtype=x.dtype))
         m = mask.to(device=x.device, dtype=x.dtype)  # no-ops when the masks already live with the model
         if fill is None:
             return x * m
@@ -80,13 +82,14 @@ def _replace(mask: torch.Tensor, fill: torch.Tensor | None):
 def ablate(model, keep_masks: Masks, means: Masks | None = None) -> Iterator[None]:
     """Mean-ablates (or zero-ablates when `means` is None) every node whose keep mask is 0.
 
-    `keep_masks` maps a location to a (width,) tensor, bool or float (float masks pass gradients);
+    `keep_masks` maps a location to a (width,) tensor, bool or float (float masks pass gradients), or to a
+    (rows, 1, width) tensor with one mask per row of the batch (several circuits in one forward pass);
     locations not in it are left alone."""
     fns = {}
     for loc, mask in keep_masks.items():
         width = location_width(model.config, loc)
-        if mask.numel() != width:
-            raise ValueError(f"keep mask for {loc} has {mask.numel()} entries, expected {width}")
+        if mask.shape[-1:] != (width,) or mask.dim() not in (1, 3) or mask.dim() == 3 and mask.shape[1] != 1:
+            raise ValueError(f"keep mask for {loc} has shape {tuple(mask.shape)}, expected ({width},) or (rows, 1, {width})")
         fill = None if means is None else means[loc]
         fns[loc] = _replace(mask, fill)
     with model.intervene(fns):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..utils.devices import input_device
 from .ablation import Masks, ablate, all_kept, frozen_norm_scales, task_logits, unchanged_weights
 from .graph import node_id
-from .tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES, Task, TaskBatch, example_class, get_task, make_task_dataset
+from .tasks import DEFAULT_CHUNK_TOKENS, DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES, Task, TaskBatch, example_class, get_task, make_task_dataset
 
 DEFAULT_N_RANDOM = 5  # random same-size circuits averaged for the baseline
 DEFAULT_RANDOM_MARGIN = 0.02  # random circuits within this of the circuit's loss (nats) are "as good" as it
@@ -77,8 +77,12 @@ def task_loss(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     Returns:
         `torch.Tensor`: scalar loss (float32), differentiable.
     """
-    pair = _pair_logits(logits, batch)
-    return -F.log_softmax(pair, dim=-1)[:, 0].mean()
+    return example_losses(logits, batch).mean()
+
+
+def example_losses(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """(n,) task loss of each example (see `task_loss`, their mean)."""
+    return -F.log_softmax(_pair_logits(logits, batch), dim=-1)[:, 0]
 
 
 def task_accuracy(logits: torch.Tensor, batch: TaskBatch) -> float:
@@ -91,18 +95,24 @@ def task_accuracy(logits: torch.Tensor, batch: TaskBatch) -> float:
 
 
 @torch.no_grad()
+@unchanged_weights
 def evaluate(model, batch: TaskBatch, keep_masks: Masks | None = None, means: Masks | None = None,
-             freeze_norm_scales: bool = False) -> tuple[float, float]:
+             freeze_norm_scales: bool = False, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> tuple[float, float]:
     """(task loss, accuracy) with the nodes outside `keep_masks` ablated (nothing ablated if None).
 
-    `means=None` means zero ablation."""
-    with contextlib.ExitStack() as stack:
-        if freeze_norm_scales:
-            stack.enter_context(frozen_norm_scales(model, batch))
-        if keep_masks is not None:
-            stack.enter_context(ablate(model, keep_masks, means))
-        logits = task_logits(model, batch)
-    return task_loss(logits, batch).item(), task_accuracy(logits, batch)
+    `means=None` means zero ablation. The batch runs in chunks of similar length (`TaskBatch.by_length`); the
+    numbers are those of one pass over the whole batch up to float rounding."""
+    losses, right = [], []
+    for chunk in batch.by_length(chunk_tokens):
+        with contextlib.ExitStack() as stack:
+            if freeze_norm_scales:
+                stack.enter_context(frozen_norm_scales(model, chunk))
+            if keep_masks is not None:
+                stack.enter_context(ablate(model, keep_masks, means))
+            pair = _pair_logits(task_logits(model, chunk), chunk)
+        losses.append(-F.log_softmax(pair, dim=-1)[:, 0])
+        right.append(pair[:, 0] > pair[:, 1])
+    return torch.cat(losses).mean().item(), torch.cat(right).float().mean().item()
 
 
 def check_task(model, tokenizer, task: Task | str, n: int = DEFAULT_N_EXAMPLES, seed: int = DEFAULT_DATA_SEED
@@ -189,57 +199,87 @@ def layer_ablation_deltas(model, batch: TaskBatch, keep_masks: Masks, means: Mas
 @unchanged_weights
 def node_importances(model, batch: TaskBatch, keep_masks: Masks, means: Masks | None,
                      freeze_norm_scales: bool = False, method: str = "exact",
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                     progress: Callable[[int, int], None] | None = None, nodes_per_pass: int = 16,
+                     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> dict[str, float]:
     """{"loc:idx": d}: task-loss increase when that kept node alone is ablated (others as in the circuit).
 
-    method "exact" runs one forward pass per node; "attribution" estimates all of them from one backward
-    pass, d ~ -dL/dm at m = 1 (first order in the mask; cheap for large circuits, less accurate).
-    `progress(done, total)` is called after each node (exact) so that a front end can show a bar."""
+    method "exact" ablates each node in turn, `nodes_per_pass` nodes in one forward pass (the batch repeated,
+    one node ablated per copy; 1: a pass per node); "attribution" estimates all of them from one backward pass,
+    d ~ -dL/dm at m = 1 (first order in the mask; cheap for large circuits, less accurate).
+    `progress(done, total)` is called after each pass (exact) so that a front end can show a bar."""
     if method == "attribution":
-        return _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales)
+        return _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales, chunk_tokens)
     if method != "exact":
         raise ValueError(f"method must be 'exact' or 'attribution', not {method!r}")
-    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales)
-    total = sum(int(m.bool().sum()) for m in keep_masks.values())
+    if nodes_per_pass < 1:
+        raise ValueError(f"nodes_per_pass must be at least 1, got {nodes_per_pass}")
+    base, _ = evaluate(model, batch, keep_masks, means, freeze_norm_scales, chunk_tokens)
+    keep = {loc: m.bool() for loc, m in keep_masks.items()}
+    nodes = [(loc, i) for loc, m in keep.items() for i in m.nonzero().flatten().tolist()]
+    chunks = batch.by_length(chunk_tokens and max(1, chunk_tokens // nodes_per_pass))
     out = {}
-    for loc, mask in keep_masks.items():
-        for i in mask.bool().nonzero().flatten().tolist():
-            m = mask.clone().bool()
-            m[i] = False
-            out[node_id(loc, i)] = evaluate(model, batch, {**keep_masks, loc: m}, means, freeze_norm_scales)[0] - base
-            if progress is not None:
-                progress(len(out), total)
+    for start in range(0, len(nodes), nodes_per_pass):
+        group = nodes[start:start + nodes_per_pass]
+        per_copy = {loc: m.expand(len(group), -1).clone() for loc, m in keep.items()}  # (copies, width)
+        for copy, (loc, i) in enumerate(group):
+            per_copy[loc][copy, i] = False
+        total = torch.zeros(len(group), dtype=torch.float64)
+        for chunk in chunks:
+            total += _copies_loss(model, chunk, per_copy, means, freeze_norm_scales).double().cpu() * len(chunk)
+        for (loc, i), loss in zip(group, (total / len(batch)).tolist()):
+            out[node_id(loc, i)] = loss - base
+        if progress is not None:
+            progress(len(out), len(nodes))
     return out
 
 
-def _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales) -> dict[str, float]:
-    scores = node_attributions(model, batch, means, keep_masks, freeze_norm_scales)
+@torch.no_grad()
+def _copies_loss(model, batch: TaskBatch, per_copy: Masks, means: Masks | None, freeze_norm_scales: bool) -> torch.Tensor:
+    """(copies,) task loss of `batch` under each copy's masks ({loc: (copies, width)}), in one forward pass."""
+    copies = next(iter(per_copy.values())).shape[0]
+    repeated = TaskBatch(*(t.repeat(copies, *[1] * (t.dim() - 1)) for t in (
+        batch.input_ids, batch.attention_mask, batch.positions, batch.correct_ids, batch.alternative_ids)))
+    rows = {loc: m.repeat_interleave(len(batch), dim=0)[:, None, :] for loc, m in per_copy.items()}  # copy-major
+    with contextlib.ExitStack() as stack:
+        if freeze_norm_scales:
+            stack.enter_context(frozen_norm_scales(model, repeated))
+        stack.enter_context(ablate(model, rows, means))
+        losses = example_losses(task_logits(model, repeated), repeated)
+    return losses.view(copies, len(batch)).mean(dim=1)
+
+
+def _attribution_importances(model, batch, keep_masks, means, freeze_norm_scales, chunk_tokens) -> dict[str, float]:
+    scores = node_attributions(model, batch, means, keep_masks, freeze_norm_scales, chunk_tokens)
     return {node_id(loc, i): float(scores[loc][i]) for loc, m in keep_masks.items() for i in m.bool().nonzero().flatten().tolist()}
 
 
+@unchanged_weights
 def node_attributions(model, batch: TaskBatch, means: Masks | None, keep_masks: Masks | None = None,
-                      freeze_norm_scales: bool = False) -> Masks:
+                      freeze_norm_scales: bool = False, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> Masks:
     """{location: (width,) first-order task-loss increase when each node alone is mean-ablated} (attribution
-    patching): gradient x (mean - activation), summed over the batch's positions, from one backward pass.
+    patching): gradient x (mean - activation), summed over the batch's positions, from one backward pass
+    (per chunk of similar-length rows, `TaskBatch.by_length`).
 
     With `keep_masks` the nodes outside it are ablated first (their attribution is then 0). Rank nodes with
     `pruning.top_k_masks(node_attributions(...), k)`. `means=None` means zero ablation."""
     keep_masks = keep_masks or all_kept(model.config, input_device(model))
     locations = list(keep_masks)
-    leaf = torch.zeros((), requires_grad=True, device=input_device(model))  # makes the graph reach every activation, even with frozen weights
-    with torch.enable_grad(), contextlib.ExitStack() as stack:
-        if freeze_norm_scales:
-            stack.enter_context(frozen_norm_scales(model, batch))
-        stack.enter_context(ablate(model, keep_masks, means))
-        stack.enter_context(model.intervene({"tok_emb": lambda x: x + leaf}))
-        acts = stack.enter_context(model.record_activations(locations, detach=False))
-        grads = stack.enter_context(model.record_gradients(locations))
-        loss = task_loss(task_logits(model, batch), batch)
-        torch.autograd.grad(loss, [acts[loc] for loc in locations])  # fills `grads`; no parameter gradients
     out = {}
-    for loc in locations:
-        baseline = means[loc].to(acts[loc]) if means is not None else torch.zeros((), dtype=acts[loc].dtype)
-        out[loc] = (grads[loc] * (baseline - acts[loc].detach())).sum(dim=(0, 1))  # on the model's device
+    for chunk in batch.by_length(chunk_tokens):
+        leaf = torch.zeros((), requires_grad=True, device=input_device(model))  # makes the graph reach every activation, even with frozen weights
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            if freeze_norm_scales:
+                stack.enter_context(frozen_norm_scales(model, chunk))
+            stack.enter_context(ablate(model, keep_masks, means))
+            stack.enter_context(model.intervene({"tok_emb": lambda x: x + leaf}))
+            acts = stack.enter_context(model.record_activations(locations, detach=False))
+            grads = stack.enter_context(model.record_gradients(locations))
+            loss = task_loss(task_logits(model, chunk), chunk) * (len(chunk) / len(batch))  # the whole batch's mean
+            torch.autograd.grad(loss, [acts[loc] for loc in locations])  # fills `grads`; no parameter gradients
+        for loc in locations:
+            baseline = means[loc].to(acts[loc]) if means is not None else torch.zeros((), dtype=acts[loc].dtype)
+            part = (grads[loc] * (baseline - acts[loc].detach())).sum(dim=(0, 1))  # on the model's device
+            out[loc] = part if loc not in out else out[loc] + part
     return out
 
 
@@ -512,7 +552,8 @@ def verdict_of(circuit, losses: dict | None = None, own_task: bool = True, split
 
 
 __all__ = [
-    "DEFAULT_N_RANDOM", "DEFAULT_RANDOM_MARGIN", "last_token_logits", "task_loss", "task_accuracy", "evaluate",
+    "DEFAULT_N_RANDOM", "DEFAULT_RANDOM_MARGIN", "last_token_logits", "task_loss", "example_losses", "task_accuracy",
+    "evaluate",
     "check_task", "random_masks_like", "faithfulness", "layer_ablation_deltas", "node_importances",
     "node_attributions", "EvalOptions", "task_split", "circuit_losses", "MAX_EXAMPLES", "MAX_RANDOM", "CHANCE_LOSS",
     "BETTER_THAN_FULL", "CircuitVerdict", "Note", "circuit_verdict", "verdict_of", "check_target", "TargetAtChance",

@@ -47,12 +47,15 @@ from .evaluation import (
     verdict_of,
 )
 from .graph import CircuitGraph, attach_node_data, location_width, n_total_nodes, node_locations
-from .tasks import DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES, TaskBatch, TaskExample, get_task, make_task_dataset
+from .tasks import DEFAULT_CHUNK_TOKENS, DEFAULT_DATA_SEED, DEFAULT_N_EXAMPLES, TaskBatch, TaskExample, get_task, make_task_dataset
 
 Progress = Callable[[float, str], None]  # (fraction of the whole prune done, what runs now with its counts)
 
 
 CONTROLS = (None, "shuffled")
+# Exact importances cost (circuit nodes) x (held-out tokens) x (the model's nodes, the width its passes carry);
+# above this budget (the default model's 128-node circuits, about 10 s on 2 CPU cores) attributions are used.
+EXACT_IMPORTANCE_BUDGET = 4e9
 DEFAULT_TARGET_LOSS = 0.15  # task loss (nats) a circuit must reach: well below chance (ln 2 = 0.693)
 
 
@@ -81,7 +84,11 @@ class PruneConfig:
     n_random: int = DEFAULT_N_RANDOM  # random circuits averaged for the baseline
     random_margin: float = DEFAULT_RANDOM_MARGIN
     n_mean_tokens: int = 32768
-    max_exact_importances: int = 128  # larger circuits get gradient (attribution) importances
+    # node importances of the circuit: exact (each node ablated in turn, `nodes_per_pass` per forward pass) for
+    # circuits of at most this many nodes whose passes fit EXACT_IMPORTANCE_BUDGET; else gradient attributions
+    max_exact_importances: int = 128
+    nodes_per_pass: int = 16
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # padded tokens per pass, rows grouped by length (0: whole batches)
     n_example_tokens: int = 8192  # held-out text for each node's quantile examples in the file (0: none)
     control: str | None = None  # "shuffled": also prune the task with answers swapped at random (see run_control)
     progress: bool = True
@@ -102,9 +109,9 @@ class PruneConfig:
         number("target_loss", 0, low_ok=False)  # a loss is positive: 0, negative or NaN can never be reached
         number("target_above_full", 0, optional=True)
         number("k", 1, integer=True, optional=True)  # at most the model's node count: checked by `prune`'s caller
-        for name in ("steps", "seed", "data_seed", "n_example_tokens", "max_exact_importances"):
+        for name in ("steps", "seed", "data_seed", "n_example_tokens", "max_exact_importances", "chunk_tokens"):
             number(name, 0, integer=True)
-        for name in ("batch_size", "n_examples", "n_random", "n_mean_tokens"):
+        for name in ("batch_size", "n_examples", "n_random", "n_mean_tokens", "nodes_per_pass"):
             number(name, 1, integer=True)
         for name in ("lr", "temperature"):
             number(name, 0, low_ok=False)
@@ -164,6 +171,7 @@ class NodeMasks(torch.nn.Module):
             t.clamp_(-1.0, 1.0)
 
 
+@unchanged_weights
 def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfig,
                 report: Callable[[int, int], None] | None = None) -> tuple[Masks, list[list]]:
     """Learns node scores (tau) for a task; returns them and the curve [[step, task loss, n_kept]].
@@ -178,14 +186,19 @@ def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfi
     bar = tqdm(range(config.steps), desc="pruning", disable=not config.progress, leave=False)
     for step in bar:
         idx = torch.randperm(n, generator=gen)[: config.batch_size] if config.batch_size < n else torch.arange(n)
-        sub = _subset(batch, idx)
-        with frozen_norm_scales(model, sub) if config.freeze_norm_scales else contextlib.nullcontext():
-            keep = masks(config.temperature)
-            with ablate(model, keep, means):
-                loss = task_loss(task_logits(model, sub), sub)
-        n_kept = sum(m.sum() for m in keep.values())  # value: count of kept nodes; gradient: sigmoid'
+        sub = batch.rows(idx)
         opt.zero_grad(set_to_none=True)
-        (loss + config.lam * n_kept).backward(inputs=list(masks.parameters()))  # the model's weights stay untouched
+        loss = 0.0
+        for chunk in sub.by_length(config.chunk_tokens):  # the minibatch's loss and gradient, in less padding
+            with frozen_norm_scales(model, chunk) if config.freeze_norm_scales else contextlib.nullcontext():
+                keep = masks(config.temperature)
+                with ablate(model, keep, means):
+                    part = task_loss(task_logits(model, chunk), chunk) * (len(chunk) / len(sub))
+            part.backward(inputs=list(masks.parameters()))  # the model's weights stay untouched
+            loss += part.detach()
+        keep = masks(config.temperature)
+        n_kept = sum(m.sum() for m in keep.values())  # value: count of kept nodes; gradient: sigmoid'
+        (config.lam * n_kept).backward(inputs=list(masks.parameters()))
         opt.step()
         masks.clamp_()
         curve.append([step, round(loss.item(), 6), int(n_kept.item())])
@@ -196,19 +209,13 @@ def train_masks(model, batch: TaskBatch, means: Masks | None, config: PruneConfi
     return masks.scores(), curve
 
 
-def _subset(batch: TaskBatch, idx: torch.Tensor) -> TaskBatch:
-    """Rows `idx` (CPU indices) of a batch on any device, with columns that are padding in every chosen row dropped."""
-    examples = [batch.examples[i] for i in idx.tolist()] if batch.examples else []
-    idx = idx.to(batch.input_ids.device)
-    mask = batch.attention_mask[idx]
-    start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-    return TaskBatch(
-        input_ids=batch.input_ids[idx, start:], attention_mask=mask[:, start:], positions=batch.positions[idx] - start,
-        correct_ids=batch.correct_ids[idx], alternative_ids=batch.alternative_ids[idx], examples=examples,
-    )
-
-
 # ---- from scores to circuits ---------------------------------------------------------------
+
+
+def importance_method(config: PruneConfig, model_config, k: int, batch: TaskBatch) -> str:
+    """"exact" where ablating each of the k nodes in turn over `batch` fits the budget, else "attribution"."""
+    cost = k * int(batch.attention_mask.sum()) * n_total_nodes(model_config)
+    return "exact" if k <= config.max_exact_importances and cost <= EXACT_IMPORTANCE_BUDGET else "attribution"
 
 
 def top_k_masks(scores: Masks, k: int) -> Masks:
@@ -229,34 +236,36 @@ def sweep_k(model, batch: TaskBatch, scores: Masks, means: Masks | None, ks, fre
 @unchanged_weights
 def prune_to_target_loss(model, batch: TaskBatch, scores: Masks, means: Masks | None,
                          target_loss: float = DEFAULT_TARGET_LOSS, freeze_norm_scales: bool = False,
-                         report: Callable[[int, int, int], None] | None = None) -> tuple[int, float, bool]:
-    """Smallest k whose top-k circuit has task loss <= target, by bisection over k.
+                         report: Callable[[int, int, int], None] | None = None,
+                         chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> tuple[int, float, bool]:
+    """Smallest k >= 1 whose top-k circuit has task loss <= target, by bisection over k.
 
     The upper end is the trained circuit (nodes with score > 0) if it reaches the target, else all nodes:
     a pruned circuit is often *better* than the full model, so the full model missing the target does not
     mean no circuit reaches it. Bisection assumes the loss falls with k below that end. Returns
     (k, its loss, reached); when neither end reaches the target, the better end with reached=False.
     `report(probe, most probes, k)` before each evaluation."""
-    trained = sum(int((s > 0).sum()) for s in scores.values())
+    trained = max(1, sum(int((s > 0).sum()) for s in scores.values()))
     total = sum(s.numel() for s in scores.values())
     probes = [0]
-    most = len({trained, total}) + 1 + math.ceil(math.log2(max(total, 2)))
+    most = len({trained, total}) + math.ceil(math.log2(max(total, 2)))
 
     def loss_at(k):
         probes[0] += 1
         if report is not None:
             report(probes[0], most, k)
-        return evaluate(model, batch, top_k_masks(scores, k), means, freeze_norm_scales)[0]
+        return evaluate(model, batch, top_k_masks(scores, k), means, freeze_norm_scales, chunk_tokens)[0]
 
-    ends = [(k, loss_at(k)) for k in dict.fromkeys((trained, total))]
-    reaching = [(k, loss) for k, loss in ends if loss <= target_loss]
-    if not reaching:
+    ends = []  # the trained circuit, and all nodes only when it misses
+    for k in dict.fromkeys((trained, total)):
+        ends.append((k, loss_at(k)))
+        if ends[-1][1] <= target_loss:
+            break
+    hi, hi_loss = ends[-1]
+    if hi_loss > target_loss:
         k, loss = min(ends, key=lambda e: e[1])
         return k, loss, False
-    hi, hi_loss = reaching[0]
-    lo, lo_loss = 0, loss_at(0)  # invariant: loss_at(lo) > target, loss_at(hi) <= target
-    if lo_loss <= target_loss:
-        return 0, lo_loss, True
+    lo = 0  # invariant: loss_at(lo) > target (the empty circuit is no circuit), loss_at(hi) <= target
     while hi - lo > 1:
         mid = (lo + hi) // 2
         mid_loss = loss_at(mid)
@@ -326,7 +335,7 @@ def run_control(model, train: TaskBatch, test: TaskBatch, means: Masks | None, c
     stages = stages or _Stages(None, config)
     scores, _ = train_masks(model, ctrl_train, means, config, stages.training("control mask training"))
     k, loss, reached = prune_to_target_loss(model, ctrl_train, scores, means, target_loss, config.freeze_norm_scales,
-                                            stages.bisection("control k bisection"))
+                                            stages.bisection("control k bisection"), config.chunk_tokens)
     full_loss, _ = evaluate(model, ctrl_train)
     n = len(ctrl_train) + len(ctrl_test)
     swapped = sum(int((a.correct_ids != b.correct_ids).sum()) for a, b in ((ctrl_train, train), (ctrl_test, test))) / n
@@ -431,11 +440,12 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     if config.k is not None:
         k = min(config.k, total)
         stages("k bisection", 0, 1, f"k bisection: none, k fixed at {k:,}")
-        train_loss = evaluate(model, data.train, top_k_masks(scores, k), fill, config.freeze_norm_scales)[0]
+        train_loss = evaluate(model, data.train, top_k_masks(scores, k), fill, config.freeze_norm_scales,
+                              config.chunk_tokens)[0]
         reached = train_loss <= target
     else:
         k, train_loss, reached = prune_to_target_loss(model, data.train, scores, fill, target, config.freeze_norm_scales,
-                                                      stages.bisection("k bisection"))
+                                                      stages.bisection("k bisection"), config.chunk_tokens)
     lap("bisection")
     test = data.test if len(data.test) else data.train  # held out; the training split only when none is
     control = None
@@ -451,7 +461,8 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
                f"evaluation: circuit {evaluated[0] + 1} of {n_circuits} (k={k:,}): {what}")
 
     evaluating(k, "attribution baseline and held-out text", 0)
-    attributions = node_attributions(model, data.train, fill, None, config.freeze_norm_scales)  # the cheap ranking to beat
+    attributions = node_attributions(model, data.train, fill, None, config.freeze_norm_scales,  # the cheap ranking to beat
+                                     config.chunk_tokens)
     if windows is None and config.n_example_tokens:
         windows = example_windows(model, tokenizer, config.n_example_tokens)
 
@@ -461,9 +472,10 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
         fns = config.freeze_norm_scales
         evaluating(k, "held-out losses", 1)
         faith = circuit_losses(model, test, keep, fill, options)
-        method = "exact" if k <= config.max_exact_importances else "attribution"
+        method = importance_method(config, model.config, k, test)
         evaluating(k, f"node importances ({method})", 2)
-        importances = node_importances(model, test, keep, fill, fns, method=method)
+        importances = node_importances(model, test, keep, fill, fns, method=method, nodes_per_pass=config.nodes_per_pass,
+                                       chunk_tokens=config.chunk_tokens)
         evaluating(k, "layer deltas and attribution baseline", 3)
         deltas = layer_ablation_deltas(model, test, keep, fill, fns)
         by_attribution = top_k_masks(attributions, k)
@@ -504,7 +516,7 @@ def prune(model, tokenizer, task, config: PruneConfig | None = None, means: Mask
     lap("circuit")
     at_k = {}
     for extra in sorted({min(int(x), total) for x in ks} - {k}):
-        loss = evaluate(model, data.train, top_k_masks(scores, extra), fill, config.freeze_norm_scales)[0]
+        loss = evaluate(model, data.train, top_k_masks(scores, extra), fill, config.freeze_norm_scales, config.chunk_tokens)[0]
         at_k[extra] = circuit_at(extra, loss, loss <= target)
     stages("evaluation", 1, 1, f"evaluation: done, k={k:,}")
     verdict = verdict_of(circuit)  # the judgement stored in its meta.verdict, from the same numbers
@@ -548,6 +560,6 @@ def prune_sweep(model, tokenizer, tasks, out_dir, config: PruneConfig | None = N
 
 __all__ = [
     "DEFAULT_TARGET_LOSS", "PruneConfig", "NodeMasks", "heaviside_ste", "train_masks", "top_k_masks", "sweep_k",
-    "prune_to_target_loss", "prune", "prune_sweep", "PruneResult", "shuffled_labels", "run_control", "ControlRun",
+    "prune_to_target_loss", "prune", "prune_sweep", "importance_method", "EXACT_IMPORTANCE_BUDGET", "PruneResult", "shuffled_labels", "run_control", "ControlRun",
     "CONTROLS",
 ]

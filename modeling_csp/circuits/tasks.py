@@ -68,6 +68,7 @@ MIN_EXAMPLES = 32
 # run's task probe): train and test together, drawn with this seed.
 DEFAULT_N_EXAMPLES = 512
 DEFAULT_DATA_SEED = 0
+DEFAULT_CHUNK_TOKENS = 1024  # padded tokens per forward pass when a batch is run in chunks of similar length
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,6 +146,33 @@ class TaskBatch:
             correct_ids=self.correct_ids.to(device),
             alternative_ids=self.alternative_ids.to(device),
         )
+
+    def rows(self, idx: torch.Tensor) -> "TaskBatch":
+        """Rows `idx` (CPU indices) on the batch's device, with columns that are padding in every chosen row dropped."""
+        examples = [self.examples[i] for i in idx.tolist()] if self.examples else []
+        idx = idx.to(self.input_ids.device)
+        mask = self.attention_mask[idx]
+        start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        return TaskBatch(
+            input_ids=self.input_ids[idx, start:], attention_mask=mask[:, start:], positions=self.positions[idx] - start,
+            correct_ids=self.correct_ids[idx], alternative_ids=self.alternative_ids[idx], examples=examples,
+        )
+
+    def by_length(self, max_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> list["TaskBatch"]:
+        """The batch as chunks of rows of similar length, each without its all-padding columns: the same examples
+        in far fewer padded tokens (prompts of one task often differ in length by 2x). A chunk holds at most
+        `max_tokens` padded tokens (at least one row); None or 0: the batch as it is, one chunk."""
+        if not max_tokens or len(self) == 0:
+            return [self]
+        lengths = self.attention_mask.sum(1).cpu()
+        order = torch.sort(lengths, stable=True).indices
+        chunks, start = [], 0
+        for end in range(1, len(order) + 1):  # sorted ascending: the chunk's longest row is its last
+            if end < len(order) and (end + 1 - start) * int(lengths[order[end]]) <= max_tokens:
+                continue
+            chunks.append(self.rows(order[start:end]))
+            start = end
+        return chunks
 
 
 @dataclass

@@ -449,6 +449,8 @@ def frozen_weights() -> Iterator[None]:
 
     For loops of forward passes on weights that stay as they are (`generate()` opens one itself); a weight
     changed inside the block may be served stale until the block ends. Nested blocks share the outer one.
+    Inside, autograd passes run on the sparse kernels too, and the weights they multiply with get no gradient
+    (gradients reach activations and interventions, as pruning's masks need): train weights outside a block.
     """
     if _FROZEN_WEIGHTS.get() is not None:
         yield
@@ -461,7 +463,7 @@ def frozen_weights() -> Iterator[None]:
 
 
 class SparseKernelLinear(nn.Linear):
-    """nn.Linear that, on CPU without autograd, multiplies with only the nonzero weights.
+    """nn.Linear that, on CPU without autograd (or inside `frozen_weights()`), multiplies with only the nonzero weights.
 
     The product is a CSR SpMM written as one `embedding_bag` over the transposed input: output
     feature r is the sum, over the nonzeros (r, c) of the weight, of value * input feature c for
@@ -497,11 +499,14 @@ class SparseKernelLinear(nn.Linear):
 
     def _csr_weight(self, x: torch.Tensor) -> _CSR | None:
         """The weight's nonzeros as they are now, or None where the dense kernel is used."""
-        if (not self.use_sparse_kernel or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype
+        frozen = _FROZEN_WEIGHTS.get()
+        # Autograd passes use the kernel inside `frozen_weights()`, where weights get no gradient: the product's
+        # gradient flows to the input only (embedding_bag's backward, itself a sparse product with the transpose).
+        needs_weight_grad = torch.is_grad_enabled() and frozen is None
+        if (not self.use_sparse_kernel or needs_weight_grad or x.device.type != "cpu" or x.dtype != self.weight.dtype
                 or tracing()):  # a compiled graph multiplies densely: the CSR's shape depends on the weights' values
             return None
         weight = self.weight.detach()
-        frozen = _FROZEN_WEIGHTS.get()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
         if frozen is not None and self in frozen and frozen[self][0] == key:
             return frozen[self][1]
