@@ -31,6 +31,7 @@ from .graph import location_width, node_locations, weights_hash
 from .tasks import TaskBatch
 
 Masks = dict[str, torch.Tensor]
+MEAN_BATCH_TOKENS = 8192  # tokens per forward pass of `compute_mean_activations`
 
 
 # ---- running a task ------------------------------------------------------------------------
@@ -222,15 +223,21 @@ def compute_mean_activations(
     device = input_device(model)
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     sums = {loc: torch.zeros(location_width(model.config, loc), dtype=acc_dtype, device=device) for loc in locations}
+
+    def summing(loc):  # adds each activation to its sum as it passes: memory of one location, not of every one
+        def fn(x):
+            sums[loc] += x.detach().to(acc_dtype).sum(dim=(0, 1))
+            return x
+        return fn
+
     count = 0
-    for b in batches:
-        if int(b.max()) >= model.config.vocab_size:
-            raise ValueError(f"token id {int(b.max())} is outside the model's vocabulary ({model.config.vocab_size})")
-        with model.record_activations(locations) as acts:
-            model(b.to(device), use_cache=False, logits_to_keep=1)
-        for loc in locations:
-            sums[loc] += acts[loc].to(acc_dtype).sum(dim=(0, 1))
-        count += b.shape[0] * b.shape[1]
+    with model.intervene({loc: summing(loc) for loc in locations}):
+        for b in batches:
+            if int(b.max()) >= model.config.vocab_size:
+                raise ValueError(f"token id {int(b.max())} is outside the model's vocabulary ({model.config.vocab_size})")
+            for rows in b.split(max(1, MEAN_BATCH_TOKENS // b.shape[1])):  # a bounded pass at any model size
+                model(rows.to(device), use_cache=False, logits_to_keep=1)
+            count += b.shape[0] * b.shape[1]
     means = {loc: (s / count).float() for loc, s in sums.items()}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
