@@ -258,12 +258,16 @@ def cmd_prune(args) -> int:
         c.meta["task_file"] = _task_file_meta(args.task_file)
     path = c.save(args.out)
     _warn(result.verdict)
+    if not args.quiet:  # where the time went, stage by stage (also in the file's meta.timings)
+        stages = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in c.meta["timings"].items())
+        print(f"stages: {stages}; {result.seconds:.1f} s in all", file=sys.stderr)
     _emit({
         "out": str(path), "task": c.task, "k": c.k, "n_nodes": c.n_nodes, "n_edges": c.n_edges, "losses": c.losses,
         "train_circuit_loss": result.train_loss, "target_loss": c.target_loss, "target_reached": result.target_reached,
         "target_reached_train": result.target_reached_train, "verdict": c.meta["verdict"],
         "random_baseline_as_good": c.meta["random_baseline_as_good"], "control": c.control,
         "attribution_baseline": c.meta["attribution_baseline"], "seconds": round(result.seconds, 1),
+        "timings": c.meta["timings"], "importance_method": c.meta["importance_method"],
     })
     return 0
 

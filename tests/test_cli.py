@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -159,6 +160,12 @@ def test_prune_writes_a_circuit(capsys, tiny, tmp_path):
     assert circuit.meta["verdict"] == verdict and circuit.meta["target_reached"] == summary["target_reached"]
     assert circuit.meta["options"]["steps"] == 4 and circuit.meta["options"]["freeze_norm_scales"] is False
     assert len(circuit.pruning_curve) == 4 and set(circuit.losses) == {"full", "circuit", "random", "complement"}
+    assert summary["timings"] == circuit.meta["timings"] and "training" in summary["timings"]
+    assert "stages:" not in err  # --quiet
+    code, _, err = run(capsys, "prune", "--model", tiny, "--task", "single_double_quote", "--steps", 2,
+                       "--n-examples", 64, "--target-loss", 0.6, "--out", out_file)
+    assert code == 0 and re.search(r"^stages: data and means [\d.]+ s, training [\d.]+ s, bisection [\d.]+ s, "
+                                   r"circuit [\d.]+ s; [\d.]+ s in all$", err, re.M), err
 
 
 def test_circuits_listing(capsys, tiny, tmp_path):
