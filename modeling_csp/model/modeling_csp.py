@@ -462,6 +462,25 @@ def frozen_weights() -> Iterator[None]:
         _FROZEN_WEIGHTS.reset(token)
 
 
+def _csr_product(csr: _CSR, x_t: torch.Tensor) -> torch.Tensor:
+    """W @ x_t for a CSR weight W (out, in) and a contiguous (in, N) input: (out, N)."""
+    return F.embedding_bag(csr.cols, x_t, csr.offsets, mode="sum", per_sample_weights=csr.values, include_last_offset=True)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """W @ x_t with the gradient of x_t as another CSR product, W.T @ grad (embedding_bag's own backward into its
+    table is several times slower); the weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x_t, csr, transposed):
+        ctx.transposed = transposed
+        return _csr_product(csr, x_t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _csr_product(ctx.transposed, grad.contiguous()), None, None
+
+
 class SparseKernelLinear(nn.Linear):
     """nn.Linear that, on CPU without autograd (or inside `frozen_weights()`), multiplies with only the nonzero weights.
 
@@ -490,12 +509,27 @@ class SparseKernelLinear(nn.Linear):
         if csr is None:
             return super().forward(x)
         x_t = x.reshape(-1, self.in_features).T  # (in, N): no copy when x is feature-major
-        out_t = F.embedding_bag(csr.cols, x_t if x_t.is_contiguous() else x_t.contiguous(), csr.offsets, mode="sum",
-                                per_sample_weights=csr.values, include_last_offset=True)  # (out, N)
+        x_t = x_t if x_t.is_contiguous() else x_t.contiguous()
+        if torch.is_grad_enabled() and x.requires_grad:  # inside frozen_weights(): the gradient of x, sparse too
+            out_t = _SparseProduct.apply(x_t, csr, self._transposed(csr))
+        else:
+            out_t = _csr_product(csr, x_t)  # (out, N)
         if self.bias is not None:
             out_t = out_t + self.bias[:, None]
         out = out_t.T.contiguous() if contiguous_output else out_t.T  # a 2-D transpose copies in cache blocks
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _transposed(self, csr: _CSR) -> _CSR:
+        """The CSR of the weight's transpose (for gradients: grad x = grad out @ W), cached with its CSR."""
+        cached = getattr(self, "_transposed_cache", None)
+        if cached is not None and cached[0] is csr:
+            return cached[1]
+        order = torch.sort(csr.cols, stable=True).indices  # column-major order of the nonzeros
+        offsets = F.pad(torch.bincount(csr.cols, minlength=csr.shape[1]).cumsum(0), (1, 0))
+        transposed = _CSR(torch.Size((csr.shape[1], csr.shape[0])), csr.cols[order], csr.rows[order], offsets,
+                          csr.values[order])
+        self._transposed_cache = (csr, transposed)
+        return transposed
 
     def _csr_weight(self, x: torch.Tensor) -> _CSR | None:
         """The weight's nonzeros as they are now, or None where the dense kernel is used."""
