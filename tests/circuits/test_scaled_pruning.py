@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_csp import CSPConfig, CSPForCausalLM
+from modeling_csp import CSPConfig
 from modeling_csp.circuits.ablation import ablate, all_kept, compute_mean_activations, task_logits
 from modeling_csp.circuits.evaluation import evaluate, example_losses, node_attributions, node_importances
 from modeling_csp.circuits.pruning import PruneConfig, importance_method, prune, top_k_masks, train_masks
