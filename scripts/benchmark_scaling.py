@@ -256,8 +256,9 @@ def app_row(folder: Path, circuit: Path | None, args) -> dict:
         return {"app_note": "no circuit (prune skipped): the app shows no graph"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "app.json"
-        argv = [sys.executable, str(ROOT / "scripts" / "benchmark_app.py"), "--model", str(folder), "--out", str(out),
-                "--benchmarks", "", "--runs", str(args.runs), "--api-calls", "0"]
+        model = "default" if folder == DEFAULT_MODEL else str(folder)
+        argv = [sys.executable, str(ROOT / "scripts" / "benchmark_app.py"), "--model", model, "--out", str(out),
+                "--benchmarks", "", "--runs", str(args.runs), "--api-calls", "2"]
         if circuit is not None:
             argv += ["--import", str(circuit)]
         code, output, _, _ = run_child(argv, env={"CSP_MODEL_ROOTS": str(folder.parent)}, timeout=1800)
@@ -300,14 +301,14 @@ def table(results: dict, rows: list[str]) -> list[str]:
         stages = r.get("prune_timings") or {}
         prune = (fmt(r.get("prune_s"), 1) + (" (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ")"
                                              if stages else "")) if r.get("prune_s") is not None else (
-            r.get("prune_note", "not run"))
+            r.get("prune_note", "skipped"))
         lines.append(
             f"| {row} | {r['params'] / 1e6:.1f}M | {r['nnz'] / 1e6:.3f}M | {fmt(r['load_s'])} "
             f"| {r['rss_after_load_mb']} / {r['load_peak_mb']} | {r['tokens']} "
             f"| {fmt(r['forward_sparse'], 3)} / {fmt(r['forward_dense'], 3)} "
             f"| {max(r['forward_sparse_peak_mb'], r['forward_dense_peak_mb'])} "
             f"| {fmt(r['generate_sparse'], 1)} / {fmt(r['generate_dense'], 1)} | {prune} | {fmt(r.get('prune_peak_mb'))} "
-            f"| {fmt(r.get('page_ready_s'), 1) if r.get('page_ready_s') is not None else r.get('app_note', 'not run')} "
+            f"| {fmt(r.get('page_ready_s'), 1) if r.get('page_ready_s') is not None else r.get('app_note', 'skipped')} "
             f"| {fmt(r.get('selection_ms'), 0)} |")
     return lines
 
