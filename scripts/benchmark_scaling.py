@@ -299,9 +299,9 @@ def table(results: dict, rows: list[str]) -> list[str]:
         if r is None:
             continue
         stages = r.get("prune_timings") or {}
-        prune = (fmt(r.get("prune_s"), 1) + (" (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ")"
-                                             if stages else "")) if r.get("prune_s") is not None else (
-            r.get("prune_note", "skipped"))
+        prune = (f"{r['prune_s']:.1f}, {r.get('prune_k')} nodes" + (
+            " (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ")" if stages else "")
+                 ) if r.get("prune_s") is not None else r.get("prune_note", "skipped")
         lines.append(
             f"| {row} | {r['params'] / 1e6:.1f}M | {r['nnz'] / 1e6:.3f}M | {fmt(r['load_s'])} "
             f"| {r['rss_after_load_mb']} / {r['load_peak_mb']} | {r['tokens']} "
