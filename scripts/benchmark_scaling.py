@@ -243,7 +243,9 @@ def prune_row(row: str, folder: Path, circuit: Path, args) -> dict:
             "--out", str(circuit)]
     code, output, wall, peak = run_child(argv, env={"HF_HUB_OFFLINE": "1"}, timeout=args.prune_timeout)
     if code != 0:
-        note = f"stopped after {args.prune_timeout:.0f} s" if code == -9 else output.strip().splitlines()[-1][:200]
+        last = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()][-1:] or [""]
+        note = (f"stopped after {args.prune_timeout:.0f} s at `{last[0][:120]}`" if code == -9
+                else f"failed: {last[0][:200]}")
         return {**result, "prune_s": None, "prune_note": note, "prune_peak_mb": round(peak)}
     meta = json.loads(circuit.read_text()).get("meta", {})
     print(f"  {row} prune: {wall:.1f} s (peak {peak:.0f} MB)", flush=True)
