@@ -228,8 +228,8 @@ def measure_row(row: str, args) -> dict:
         circuit = args.cache / f"{row}-self-labelled.circuit.json"
         result.update(prune_row(row, folder, circuit, args))
     if "app" not in args.skip:
-        if row == "default":
-            circuit = None  # the shipped circuits
+        if row == "default" or (circuit is not None and not circuit.exists()):
+            circuit = None  # the shipped circuits; or the prune did not finish
         result.update(app_row(folder, circuit, args))
     return result
 
