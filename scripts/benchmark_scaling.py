@@ -213,7 +213,8 @@ def model_folder(row: str, cache: Path) -> Path:
 
 def measure_row(row: str, args) -> dict:
     folder = model_folder(row, args.cache)
-    result: dict = {"folder": str(folder), "measured": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")}
+    result: dict = {"folder": str(folder), "measured": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+                    "load_average": round(os.getloadavg()[0], 2), "runs": args.runs, "threads": args.threads}
     load = child_json("load", folder, args)
     result.update(load, load_peak_mb=load.pop("peak_mb"))
     result.pop("peak_mb", None)
@@ -315,14 +316,14 @@ def table(results: dict, rows: list[str]) -> list[str]:
     return lines
 
 
-def section(results: dict, rows: list[str], args, load_before: float) -> str:
+def section(results: dict, rows: list[str], args) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
         "### Scaling: from the default model to csp_yolo2's size",
         "",
-        f"`python scripts/benchmark_scaling.py` on {machine()}; {now}; load average {load_before:.2f} before and "
-        f"{os.getloadavg()[0]:.2f} after (the machine is shared: timings are noisy). Load, forward and generation "
-        f"run with {args.threads} torch thread(s), median of {args.runs} runs, each kind in a fresh process whose peak "
+        f"`python scripts/benchmark_scaling.py` on {machine()}; written {now}. The machine is shared: timings are "
+        "noisy, and each row's load average is in the last line. Load, forward and generation "
+        f"run with {args.threads} torch thread(s), median of --runs runs, each kind in a fresh process whose peak "
         "RSS (`ru_maxrss`) is that measurement's. Rows other than `default` are random sparse models made by "
         "`scripts/make_synthetic.py` at 0.5% density (x4, x16: the default model scaled in total parameters). "
         f"Forward: 1 x min({FORWARD_TOKENS}, context) tokens, no grad. Generation: greedy, {PROMPT_TOKENS}-token "
@@ -333,7 +334,9 @@ def section(results: dict, rows: list[str], args, load_before: float) -> str:
         "",
         *table(results, rows),
         "",
-        "Measured: " + "; ".join(f"{row} {results[row]['measured']} UTC" for row in rows if row in results) + ".",
+        "Rows measured (UTC, load average at the start, runs): " + "; ".join(
+            f"{row} {r['measured']}, {r.get('load_average', '?')}, {r.get('runs', '?')}"
+            for row, r in results.items() if row in rows) + ".",
     ])
 
 
@@ -347,7 +350,8 @@ def parse_list(text: str, allowed, what: str) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="default,x4,x16,csp_yolo1,csp_yolo2", help="rows, in order")
+    parser.add_argument("--rows", default="default,x4,x16,csp_yolo1,csp_yolo2",
+                        help="rows to measure ('' rewrites the section from the results file)")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose section is rewritten")
     parser.add_argument("--skip", default="", help="columns to skip: prune, app")
     parser.add_argument("--prune-rows", default=None, help="rows that prune (default: every row)")
@@ -387,13 +391,12 @@ def main(argv=None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     results_file = args.cache / "scaling_results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    load_before = os.getloadavg()[0]
     for row in rows:
         print(f"{row}:", flush=True)
         results[row] = measure_row(row, args)
         write_json_atomic(results_file, results, indent=1)
     shown = [r for r in ROW_SHAPES if r in results]
-    text = section(results, shown, args, load_before)
+    text = section(results, shown, args)
     write_section(Path(args.out), SECTION, text)
     print(text)
     return 0
