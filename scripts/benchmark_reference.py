@@ -32,8 +32,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from _report import write_section  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
 
 SECTION = "reference-benchmark"
 TOLERANCE = 1e-4
@@ -154,6 +157,7 @@ def machine() -> dict:
 
 def measure(reference_path: Path, shape: str, runs: int, density: float, seed: int = 0) -> dict:
     gpt, shims = import_reference(reference_path)
+    started_on = machine()
     spec = SHAPES[shape]
     config = {**spec["config"], **LAYOUT}
     with tempfile.TemporaryDirectory(prefix="csp-reference-bench-") as tmp:
@@ -183,7 +187,7 @@ def measure(reference_path: Path, shape: str, runs: int, density: float, seed: i
         forward = interleaved({"reference": forward_reference, "port": forward_port}, runs)
         generation = interleaved({"reference": generate_reference, "port": generate_port}, runs)
     return {
-        "machine": machine(), "shape": shape, "config": config, "density": density, "runs": runs, "spec": spec,
+        "machine": started_on, "shape": shape, "config": config, "density": density, "runs": runs, "spec": spec,
         "shims": shims, "reference_commit": reference_commit(reference_path), "logit_diff": logit_diff,
         "same_tokens": bool(torch.equal(reference_tokens, port_tokens)), "forward": forward, "generation": generation,
     }
