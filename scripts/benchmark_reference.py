@@ -31,10 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from _report import write_section  # noqa: E402
+import torch
+import transformers
+from _report import write_section
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -43,14 +42,16 @@ TOLERANCE = 1e-4
 
 # The released csp_sweep models' layout at the size of scripts/benchmark.py; `tiny` is for the script's own test.
 SHAPES = {
-    "sweep": dict(config=dict(block_size=256, vocab_size=2048, n_layer=8, n_head=16, d_head=16, d_model=256, d_mlp=1024),
-                  batch=4, seq=256, prompt=16, new_tokens=240),
-    "tiny": dict(config=dict(block_size=48, vocab_size=256, n_layer=2, n_head=4, d_head=16, d_model=64, d_mlp=256),
-                 batch=2, seq=48, prompt=16, new_tokens=32),
+    "sweep": {"config": {"block_size": 256, "vocab_size": 2048, "n_layer": 8, "n_head": 16, "d_head": 16, "d_model": 256,
+                         "d_mlp": 1024},
+              "batch": 4, "seq": 256, "prompt": 16, "new_tokens": 240},
+    "tiny": {"config": {"block_size": 48, "vocab_size": 256, "n_layer": 2, "n_head": 4, "d_head": 16, "d_model": 64,
+                        "d_mlp": 256},
+             "batch": 2, "seq": 48, "prompt": 16, "new_tokens": 32},
 }
-LAYOUT = dict(bias=False, ln_bias=False, rms_norm=True, sink=True, afrac=0.25,
-              afrac_loctypes="attn_in,attn_out,mlp_in,mlp_out", tied_unembed=False, enable_bigram_table=True,
-              learnable_bigram_table=True, activation_type="gelu", residual_activation_type="identity", dropout=0.0)
+LAYOUT = {"bias": False, "ln_bias": False, "rms_norm": True, "sink": True, "afrac": 0.25,
+          "afrac_loctypes": "attn_in,attn_out,mlp_in,mlp_out", "tied_unembed": False, "enable_bigram_table": True,
+          "learnable_bigram_table": True, "activation_type": "gelu", "residual_activation_type": "identity", "dropout": 0.0}
 
 
 class ReferenceNotFound(Exception):
@@ -64,7 +65,7 @@ def import_reference(path: Path) -> tuple[types.ModuleType, list[str]]:
                                 "pass --reference the root of a checkout of github.com/openai/circuit_sparsity")
     shims = []
     try:
-        import blobfile  # noqa: F401
+        import blobfile
     except ImportError:
         # `load_model` only calls `bf.join` on local paths; the package itself reads cloud storage, unused here.
         blobfile = types.ModuleType("blobfile")
@@ -74,7 +75,7 @@ def import_reference(path: Path) -> tuple[types.ModuleType, list[str]]:
                      "`load_model` makes on a local folder")
     sys.path.insert(0, str(path))
     try:
-        import circuit_sparsity.inference.gpt as gpt
+        from circuit_sparsity.inference import gpt
     except ImportError as exc:
         raise ReferenceNotFound(f"cannot import circuit_sparsity.inference.gpt from {path}: {exc}") from None
     if not Path(gpt.__file__).resolve().is_relative_to(path.resolve()):
@@ -85,7 +86,7 @@ def import_reference(path: Path) -> tuple[types.ModuleType, list[str]]:
 
 def reference_commit(path: Path) -> str:
     try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     except OSError:
         return "unknown (git not found)"
     return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
@@ -107,7 +108,7 @@ def write_original_checkpoint(folder: Path, config: dict, density: float, seed: 
             sparse = torch.zeros(weight.numel())
             sparse[keep] = weight.flatten()[keep]
             state[name] = sparse.view(shape)
-        elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+        elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             state[name] = 1 + 0.1 * torch.randn(shape, generator=generator)
         else:
             state[name] = 0.5 * torch.randn(shape, generator=generator)
@@ -203,36 +204,36 @@ def report(result: dict) -> str:
     lines = [
         "## The port against OpenAI's own code",
         "",
-        f"`python scripts/benchmark_reference.py --reference PATH --runs {result['runs']} --shape {result['shape']}`: "
+        (f"`python scripts/benchmark_reference.py --reference PATH --runs {result['runs']} --shape {result['shape']}`: "
         f"OpenAI's `circuit_sparsity` (commit {result['reference_commit']}) imported from PATH, its own `load_model` "
         "and `GPT.generate`, against this port loaded through `conversion` and `AutoModelForCausalLM.from_pretrained"
         "(..., trust_remote_code=True)`, on one set of random weights written in the original format: "
         f"{config['n_layer']} layers, d_model {config['d_model']}, {config['n_head']} heads x d_head {config['d_head']}, "
         f"d_mlp {config['d_mlp']}, vocab {config['vocab_size']}, RMSNorm, sink, AbsTopK {config['afrac']}, bigram table, "
-        f"{100 * result['density']:g}% dense weights.",
+        f"{100 * result['density']:g}% dense weights."),
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, transformers "
-        f"{m['transformers']}, Python {m['python']}, {m['date']}, 1-minute load average {m['load']:.1f} at the start.",
+        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, transformers "
+        f"{m['transformers']}, Python {m['python']}, {m['date']}, 1-minute load average {m['load']:.1f} at the start."),
         f"Shimmed in the reference to run here: {'; '.join(shims)}.",
         "",
-        f"Medians of {result['runs']} runs, the two sides interleaved run by run; the ratio is the median over runs of "
-        "the ratio within a run, which cancels most of the load other processes put on a shared machine.",
+        (f"Medians of {result['runs']} runs, the two sides interleaved run by run; the ratio is the median over runs of "
+        "the ratio within a run, which cancels most of the load other processes put on a shared machine."),
         "",
         f"| forward, batch {spec['batch']} x {spec['seq']}, no autograd | median s | tokens/s | time vs reference |",
         "|---|---|---|---|",
-        f"| OpenAI's `GPT.forward` | {statistics.median(fwd['reference']):.4f} | "
-        f"{n_fwd / statistics.median(fwd['reference']):,.0f} | 1.00x |",
-        f"| port `model(ids)` | {statistics.median(fwd['port']):.4f} | {n_fwd / statistics.median(fwd['port']):,.0f} | "
-        f"{forward_ratio:.2f}x |",
+        (f"| OpenAI's `GPT.forward` | {statistics.median(fwd['reference']):.4f} | "
+        f"{n_fwd / statistics.median(fwd['reference']):,.0f} | 1.00x |"),
+        (f"| port `model(ids)` | {statistics.median(fwd['port']):.4f} | {n_fwd / statistics.median(fwd['port']):,.0f} | "
+        f"{forward_ratio:.2f}x |"),
         "",
         f"Max abs logit difference {result['logit_diff']:.1e} (tolerance {TOLERANCE:g}).",
         "",
         f"| greedy generation, {new} tokens after a {spec['prompt']}-token prompt | median s | tokens/s | speed vs reference |",
         "|---|---|---|---|",
-        f"| OpenAI's `GPT.generate(idx, {new}, top_k=1)` (whole prefix each step) | {statistics.median(gen['reference']):.3f} | "
-        f"{new / statistics.median(gen['reference']):,.1f} | 1.0x |",
-        f"| port `generate(ids, max_new_tokens={new}, do_sample=False)` | {statistics.median(gen['port']):.3f} | "
-        f"{new / statistics.median(gen['port']):,.1f} | {speedup:.1f}x |",
+        (f"| OpenAI's `GPT.generate(idx, {new}, top_k=1)` (whole prefix each step) | {statistics.median(gen['reference']):.3f} | "
+        f"{new / statistics.median(gen['reference']):,.1f} | 1.0x |"),
+        (f"| port `generate(ids, max_new_tokens={new}, do_sample=False)` | {statistics.median(gen['port']):.3f} | "
+        f"{new / statistics.median(gen['port']):,.1f} | {speedup:.1f}x |"),
         "",
         f"Same tokens: {'yes' if result['same_tokens'] else '**NO**'}.",
     ]
