@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_csp import CSPConfig, CSPForCausalLM  # noqa: E402
-from modeling_csp import modeling_csp as M  # noqa: E402
+from modeling_csp.model import modeling_csp as M  # noqa: E402
 from _report import write_section  # noqa: E402
 
 
