@@ -123,7 +123,8 @@ def _edge_weight_changes(circuit: CircuitGraph, model) -> dict[str, float]:
 def node_changes(circuit: CircuitGraph, model, batch, masks, means, options: EvalOptions,
                  progress: Callable[[int, int], None] | None = None) -> list[NodeChange]:
     """Each circuit node's importance on `model` against the file's and its edges' weight change, largest
-    |importance change| first (nodes without a recorded importance last, by weight change)."""
+    |importance change| first, changes equal to 1e-6 (float rounding) by weight change (nodes without a recorded
+    importance last, by weight change)."""
     method = circuit.meta.get("importance_method")
     method = method if method in ("exact", "attribution") else "exact"
     now = node_importances(model, batch, masks, means, options.freeze_norm_scales, method=method, progress=progress)
@@ -132,7 +133,7 @@ def node_changes(circuit: CircuitGraph, model, batch, masks, means, options: Eva
                       float(now.get(n, 0.0)), weights.get(n)) for n, imp in circuit.nodes.items()]
     def order(c: NodeChange):
         change = c.importance_change
-        return (change is None, -abs(change) if change is not None else 0.0, -(c.weight_change or 0.0))
+        return (change is None, -round(abs(change), 6) if change is not None else 0.0, -(c.weight_change or 0.0))
     return sorted(out, key=order)
 
 
