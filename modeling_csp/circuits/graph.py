@@ -627,9 +627,11 @@ def quantile_examples(acts: torch.Tensor, windows: torch.Tensor, per_side: int =
 
 
 @torch.no_grad()
-def record_node_activations(model, input_ids: torch.Tensor, locations, attention_mask=None, batch_size: int = 32
-                            ) -> dict[str, torch.Tensor]:
-    """{location: (n, T, width) float16} activations of the model on `input_ids`, batch by batch."""
+def record_node_activations(model, input_ids: torch.Tensor, locations, attention_mask=None, batch_size: int = 32,
+                            channels: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """{location: (n, T, width) float16} activations of the model on `input_ids`, batch by batch; with
+    `channels`, only those channels of each location ((n, T, len(channels[loc])), in that order): a circuit's
+    nodes of a released-size model, without every channel of their locations."""
     from ..utils.devices import input_device
 
     device = input_device(model)
@@ -640,7 +642,8 @@ def record_node_activations(model, input_ids: torch.Tensor, locations, attention
         with model.record_activations(list(locations)) as acts:
             model(ids, attention_mask=None if mask is None else mask.to(device), use_cache=False, logits_to_keep=1)
         for loc in locations:
-            store[loc].append(acts[loc].to(torch.float16))
+            kept = acts[loc] if channels is None else acts[loc][..., channels[loc]]
+            store[loc].append(kept.to(torch.float16))
     return {loc: torch.cat(v) for loc, v in store.items()}
 
 
@@ -650,23 +653,27 @@ def attach_node_data(model, circuit: "CircuitGraph", windows: torch.Tensor, batc
     and, with a task `batch`, its activations on up to `max_task_docs` of the task's prompts (`task_docs`:
     class 1, the examples whose correct candidate sorts first, then class 2, half each), as the file format
     describes. Returns the circuit."""
-    locations = sorted({parse_node_id(n)[0] for n in circuit.nodes}, key=sublayer_order)
-    acts = record_node_activations(model, windows, locations)
-    node_data = {n: quantile_examples(acts[loc][:, :, ch], windows, per_side)
-                 for n in circuit.nodes for loc, ch in [parse_node_id(n)]}
+    channels: dict[str, list[int]] = {}
+    for n in circuit.nodes:
+        loc, ch = parse_node_id(n)
+        channels.setdefault(loc, []).append(ch)
+    locations = sorted(channels, key=sublayer_order)
+    column = {n: channels[loc].index(ch) for n in circuit.nodes for loc, ch in [parse_node_id(n)]}
+    acts = record_node_activations(model, windows, locations, channels=channels)
+    node_data = {n: quantile_examples(acts[parse_node_id(n)[0]][:, :, column[n]], windows, per_side) for n in circuit.nodes}
     if batch is not None:
         first = ([ex.correct == min(ex.correct, ex.alternative) for ex in batch.examples] if batch.examples
                  else (batch.correct_ids <= batch.alternative_ids).tolist())  # no spellings: order by token id
         classes = ([i for i, f in enumerate(first) if f], [i for i, f in enumerate(first) if not f])
         order = classes[0][: max_task_docs // 2] + classes[1][: max_task_docs - min(len(classes[0]), max_task_docs // 2)]
         ids, mask = batch.input_ids[order], batch.attention_mask[order]  # only the prompts that are stored
-        task_acts = record_node_activations(model, ids, locations, mask)
+        task_acts = record_node_activations(model, ids, locations, mask, channels=channels)
         starts = [ids.shape[1] - int(n) for n in mask.sum(1).tolist()]  # left padding
         circuit.task_docs = [ids[j, start:].tolist() for j, start in enumerate(starts)]
         for n in circuit.nodes:
-            loc, ch = parse_node_id(n)
+            loc = parse_node_id(n)[0]
             node_data[n]["task_activations"] = [
-                [round(a, 4) for a in task_acts[loc][j, start:, ch].float().tolist()] for j, start in enumerate(starts)
+                [round(a, 4) for a in task_acts[loc][j, start:, column[n]].float().tolist()] for j, start in enumerate(starts)
             ]
     circuit.node_data = node_data
     return circuit

@@ -147,6 +147,8 @@ def test_node_data_quantile_examples_and_task_activations(rms_model, viz_masks, 
     node = "1.mlp.post_act:" + str(int(masks["1.mlp.post_act"].nonzero()[0]))
     loc, ch = parse_node_id(node)
     acts = record_node_activations(rms_model, windows, [loc])[loc][:, :, ch].float()
+    only = record_node_activations(rms_model, windows, [loc], channels={loc: [0, ch]})[loc]  # the circuit's channels only
+    assert only.shape == (*windows.shape, 2) and torch.equal(only[:, :, 1].float(), acts)
     data = circuit.node_data[node]
     assert set(data["top"]) == set(data["bottom"]) == {"0.001", "0.01", "0.1", "0.5"}
     peak = data["top"]["0.001"][0]  # the single highest activation, marked at `position`
