@@ -381,7 +381,7 @@ def app_env(args, port: int) -> dict:
     folder = Path(args.model).expanduser()
     if args.model != "default" and folder.is_dir():
         folder = folder.resolve()
-        env.update(CSP_APP_MODEL=str(folder), CSP_MODELS=str(folder), CSP_MODEL_ROOTS=str(folder.parent))
+        env.update(CSP_APP_MODEL=str(folder), CSP_MODEL_ROOTS=str(folder.parent))
     if args.imports:
         env["CSP_APP_IMPORT"] = args.imports
     if not args.cache_dir:
