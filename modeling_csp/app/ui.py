@@ -22,7 +22,9 @@ Environment:
     CSP_APP_STORE      folder for runs pruned or imported in the app (default: <tmp>/csp_app_runs); they
                        survive a reload and travel in share links
     CSP_APP_THREADS    torch CPU threads (default 2)
-    CSP_APP_PRETRAIN_TOKENS  tokens of held-out text used for live activating examples (default 8192)
+    CSP_APP_PRETRAIN_TOKENS  held-out tokens of the example index built (once, cached) for a model that ships
+                       none (default 8192; 1024 to 1000000)
+    CSP_CACHE_DIR      where mean activations and example indexes are cached (default HF_HOME/csp/mean_activations)
 
 API: `/next_tokens` (gradio_client): prompt [, model, task, run, k] -> JSON with the top tokens and probabilities
 of the full model and of the circuit alone (everything outside it mean-ablated); the same answer as

@@ -32,7 +32,7 @@ class Settings:
     default_model: str = "default"
     models: list[str] = field(default_factory=lambda: ["default"])  # what the model box lists
     run_files: list[str] = field(default_factory=list)  # circuit files offered as runs of every model
-    pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS  # held-out text for live activating examples
+    pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS  # held-out text of the example index built for a model without one
     model_roots: list[Path] | None = None  # folders models may be opened from (None: anywhere)
     hub_timeout_s: float = 10.0
     store_dir: Path | None = None  # where saved runs live (None: memory only)
