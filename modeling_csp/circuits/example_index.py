@@ -375,7 +375,8 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
     counts = fine
     examples_at = torch.tensor([min(int(f * N), N - 1) for f in QUANTILES]).expand(n_nodes, -1).contiguous()
     plan = {}
-    cover = torch.zeros(n_nodes * FINE_BINS + 1, dtype=torch.long)
+    # (per node and fine bin, 126M entries at 82k nodes: the narrowest dtypes that hold them)
+    cover = torch.zeros(n_nodes * FINE_BINS + 1, dtype=torch.int32)
     for side in SIDES:
         ordered = counts.flip(1) if side == "top" else counts
         cum = ordered.cumsum(1)
@@ -393,12 +394,14 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
         low, high = (to_bin(last), to_bin(first)) if side == "top" else (to_bin(first), to_bin(last))
         plan[side] = (to_bin(first), examples_at - before, low, high, ordered.gather(1, first) - (examples_at - before))
         starts, ends = (low + node_base[:, None]).flatten(), (high + 1 + node_base[:, None]).flatten()
-        cover.index_add_(0, starts, torch.ones_like(starts))
-        cover.index_add_(0, ends, -torch.ones_like(ends))
-    covered = cover.cumsum(0)[:-1] > 0
+        cover.index_add_(0, starts, torch.ones_like(starts, dtype=torch.int32))
+        cover.index_add_(0, ends, -torch.ones_like(ends, dtype=torch.int32))
+    covered = cover.cumsum(0, dtype=torch.int32)[:-1] > 0
+    del cover
     heavy_bin = counts.flatten() > BIN_CAPACITY
-    flag = torch.where(covered, torch.where(heavy_bin, 2, 1), 0)  # 1: keep every entry, 2: one per window
-    heavy_fill = torch.zeros(n_nodes * FINE_BINS, dtype=torch.long)
+    flag = covered.to(torch.int8) + (covered & heavy_bin).to(torch.int8)  # 1: keep every entry, 2: one per window
+    del covered
+    heavy_fill = torch.zeros(n_nodes * FINE_BINS, dtype=torch.int32)
     heavy_cap = 2 * per_side  # enough distinct windows even after the previous bins' windows
     kept_key, kept_value, kept_token = [], [], []
 
@@ -421,9 +424,10 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
                 k, value, token = k[fresh], value[fresh], token[fresh]
                 place = heavy_fill[k] + torch.arange(len(k)) - torch.searchsorted(k, k)
                 keep = place < heavy_cap
-                kept_key.append(k[keep]), kept_value.append(value[keep]), kept_token.append(token[keep])
-                heavy_fill += torch.bincount(k[keep], minlength=len(heavy_fill))
-                flag[(heavy_fill >= heavy_cap) & heavy_bin] = 0
+                k, value, token = k[keep], value[keep], token[keep]
+                kept_key.append(k), kept_value.append(value), kept_token.append(token)
+                heavy_fill.index_add_(0, k, torch.ones_like(k, dtype=torch.int32))
+                flag[k[heavy_fill[k] >= heavy_cap]] = 0  # (only these bins' counts changed)
         tick()
 
     # pick the examples: the kept entries in rank order past the ranks before, distinct windows
