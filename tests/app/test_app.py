@@ -1216,6 +1216,7 @@ def test_a_models_means_and_examples_are_prepared_once_with_progress_and_reused_
     """A model folder with nothing cached: the page shows a progress bar naming the step and its batches while the
     mean activations and node examples are computed, then says they were computed once; a restart of the app on
     the same cache reads them (the cache files are not rewritten) and says so."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     folder = small_model_folder(tmp_path / "models" / "small")
     cache = tmp_path / "cache"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CSP_APP_MODEL": str(folder), "CSP_MODEL_ROOTS": str(tmp_path / "models"),
@@ -1224,8 +1225,9 @@ def test_a_models_means_and_examples_are_prepared_once_with_progress_and_reused_
     with serve_app(sys.executable, PROJECT_ROOT, env, ARTIFACTS / "app_server_prepare.log") as url:
         page = new_page(browser, url)
         try:
-            page.wait_for_function(f"() => /(mean activations|node examples): batch \\d+ of \\d+/.test(({PREP_JS})())")
-            seen.append(page.evaluate(PREP_JS))
+            shown = page.wait_for_function(f"() => {{ const t = ({PREP_JS})(); "
+                                           "return /(mean activations|node examples): batch \\d+ of \\d+/.test(t) && t; }")
+            seen.append(shown.json_value())  # the progress as the page showed it
             wait_text(page, "#model-prep", "✅")
             assert "computed once in" in text_of(page, "#model-prep") and "cached on disk" in text_of(page, "#model-prep")
             shot(page, "21_model_prepared")
