@@ -61,6 +61,8 @@ DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
 
 CSS = """
 #status {min-height: 1.5em;}
+#model-prep {height: 2.4em; overflow: hidden;}  /* its line (or progress bar) never moves the page below it */
+#model-prep p {margin: 0;}
 #status p {margin: 0;}
 .csp-summary table {font-size: 13px;}
 #node-click, #share-query {display: none !important;}
