@@ -312,7 +312,7 @@ def node_index(entry: ModelEntry) -> tuple[Any, bool]:
     """(the model's `ExampleIndex`, whether it is a full index): the one shipped in the model folder or built by
     `csp index-examples`, else the app's own over `pretrain_tokens` held-out tokens, built once per model and
     cached on disk, so that later starts read it (`ModelEntry.prepare`)."""
-    index = entry.prepare().index
+    index = entry.example_index()
     return index, index.meta.get("source") != "model_cache"
 
 

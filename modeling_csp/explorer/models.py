@@ -308,9 +308,12 @@ class ModelEntry:
         self.config = self.model.config
         self.memo = Memo()
         self._once_lock = threading.Lock()
-        self._prepare_lock = threading.Lock()
+        self._locks = {"means": threading.Lock(), "index": threading.Lock()}
         self.preparation = Preparation()
-        self._prepared = None
+        self._means = self._index = None
+        self._index_on_disk = False
+        self._computed: list[str] = []
+        self._seconds: dict[str, float] = {}
         self._windows = None
         self.vocab = self._vocab_strings()
         self.training_curve = self._read_training_curve()
@@ -328,9 +331,7 @@ class ModelEntry:
 
     def nbytes(self) -> int:
         """Estimated bytes this loaded model holds: weights, caches, mean and held-out activations."""
-        prepared = self._prepared
-        held = [] if prepared is None else [prepared.means, prepared.index]
-        return approx_bytes([self.model, self._windows, *held]) + self.memo.nbytes()
+        return approx_bytes([self.model, self._windows, self._means, self._index]) + self.memo.nbytes()
 
     # -- static data ---------------------------------------------------------------------------
 
@@ -389,29 +390,60 @@ class ModelEntry:
     # -- shared computations ---------------------------------------------------------------------
 
     def prepare(self):
-        """The model's mean activations and example index (`circuits.model_cache.Prepared`), once per model: read
-        from the cache on disk, else computed (minutes at a released model's size) and cached there, so a restart
-        reads them. Every caller waits for the one computation; `preparation` says how far it is."""
-        if self._prepared is not None:
-            return self._prepared
-        with self._prepare_lock:
-            if self._prepared is None:
-                from ..circuits.model_cache import prepare
+        """The model's mean activations, then its example index (`circuits.model_cache.Prepared`), once per model:
+        each read from the cache on disk, else computed (minutes at a released model's size) and cached there, so a
+        restart reads them. `preparation` says how far it is; each part waits only for its own computation (the
+        node panel's index never waits for the means)."""
+        from ..circuits.model_cache import Prepared
 
-                self.preparation.start()
+        self.preparation.start()
+        try:
+            means, index = self.means(), self.example_index()
+        except UserError as exc:
+            self.preparation.finish(str(exc))
+            raise
+        self.preparation.finish()
+        with self._once_lock:
+            return Prepared(means, index, self._index_on_disk, list(self._computed), dict(self._seconds))
+
+    def _once(self, name: str, compute):
+        lock = self._locks[name]
+        with lock:
+            if getattr(self, f"_{name}") is None:
+                t = time.perf_counter()
                 try:
-                    self._prepared = prepare(self.model, self.tokenizer, self.folder, self.pretrain_tokens,
-                                             self.cache_dir, progress=self.preparation)
+                    value, computed = compute()
+                except UserError:
+                    raise
                 except Exception as exc:
-                    message = f"could not compute the mean activations and node examples: {first_line(exc)}"
-                    self.preparation.finish(message)
-                    raise UserError(message) from None
-                self.preparation.finish()
-            return self._prepared
+                    raise UserError(f"could not compute the {name.replace('_', ' ')}: {first_line(exc)}") from None
+                with self._once_lock:
+                    self._seconds[name] = round(time.perf_counter() - t, 2)
+                    if computed:
+                        self._computed.append(name)
+                setattr(self, f"_{name}", value)
+            return getattr(self, f"_{name}")
 
     def means(self) -> dict[str, torch.Tensor]:
         """Mean activations over held-out pretraining-like text (as pruning uses), cached on disk too."""
-        return self.prepare().means
+        from ..circuits.model_cache import mean_activations
+
+        return self._once("means", lambda: mean_activations(
+            self.model, self.tokenizer, cache_dir=self.cache_dir,
+            progress=lambda f, text: self.preparation(0.5 * f, text)))
+
+    def example_index(self):
+        """The shipped or cached example index, else the app's own over `pretrain_tokens`, built once and cached."""
+        from ..circuits.model_cache import example_index
+
+        def compute():
+            index, on_disk, computed = example_index(self.model, self.tokenizer, self.pretrain_tokens, self.folder,
+                                                     self.cache_dir,
+                                                     progress=lambda f, text: self.preparation(0.5 + 0.5 * f, text))
+            self._index_on_disk = on_disk
+            return index, computed
+
+        return self._once("index", compute)
 
     def means_for(self, circuit: CircuitGraph):
         """What ablated nodes are replaced by: means for mean ablation, None (zero) otherwise."""
