@@ -367,10 +367,80 @@ def soak_lines(r: dict) -> list[str]:
     ]
 
 
+PREPARED_JS = """() => { const e = document.querySelector('#model-prep');
+    return !!e && /✅|⚠️/.test(e.innerText); }"""
+
+
+def app_env(args, port: int) -> dict:
+    """The app's environment: the model (a folder: its parent as the allowed root), circuits to offer, and the
+    cache folder (a fresh one unless --cache-dir names one)."""
+    import tempfile
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "CSP_APP_MODEL": args.model}
+    folder = Path(args.model).expanduser()
+    if args.model != "default" and folder.is_dir():
+        folder = folder.resolve()
+        env.update(CSP_APP_MODEL=str(folder), CSP_MODEL_ROOTS=str(folder.parent))
+    if args.imports:
+        env["CSP_APP_IMPORT"] = args.imports
+    if not args.cache_dir:
+        args.cache_dir = tempfile.mkdtemp(prefix="csp_app_cache_")
+    env["CSP_CACHE_DIR"] = str(args.cache_dir)
+    return env
+
+
+def warm_start(args) -> dict:
+    """A second start of the app on the cache the first one filled: its page ready and prepared times."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    t_start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=app_env(args, port), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    out = {}
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(args.timeout * 1000)
+            wait_until_up(proc, url)
+            page.goto(url)
+            page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+            page.wait_for_function("() => window.__cspClickReady === true")
+            out["page_ready_s"] = round(time.perf_counter() - t_start, 2)
+            page.wait_for_function(PREPARED_JS)
+            out["prepared_s"] = round(time.perf_counter() - t_start, 2)
+            out["prepared"] = page.locator("#model-prep").inner_text().strip()
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return out
+
+
+def task_names() -> list[str]:
+    from modeling_csp.circuits.tasks import list_tasks
+
+    return [t.name for t in list_tasks()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="model for CSP_APP_MODEL (default: the embedded model)")
-    parser.add_argument("--import", dest="imports", default="", help="circuit files for CSP_APP_IMPORT")
+    parser.add_argument("--model", default="default",
+                        help="model for CSP_APP_MODEL: 'default' (the embedded model) or a model folder (its parent "
+                             "becomes CSP_MODEL_ROOTS)")
+    parser.add_argument("--import", "--circuit", dest="imports", default="",
+                        help="circuit files for CSP_APP_IMPORT (os.pathsep-separated), offered as runs")
+    parser.add_argument("--cache-dir", help="CSP_CACHE_DIR of the app (mean activations, example index); default: a "
+                                            "fresh empty folder, so the first start computes them (cold)")
+    parser.add_argument("--warm", action="store_true",
+                        help="also start the app a second time on the same cache and measure its page ready (warm)")
+    parser.add_argument("--task", help="a task to pick for the task-selection latency (default: one without a run)")
     parser.add_argument("--runs", type=int, default=5, help="repetitions of each interaction")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -379,7 +449,9 @@ def main(argv=None) -> int:
     parser.add_argument("--log", help="write the app's output here")
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to wait after each measured interaction's follow-up events have finished")
-    parser.add_argument("--api-calls", type=int, default=1000, help="mixed /next_tokens calls for the memory check")
+    parser.add_argument("--api-calls", type=int, default=1000,
+                        help="mixed /next_tokens calls for the memory check (0: none)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds any one wait in the browser may take")
     parser.add_argument("--soak", action="store_true", help="run the soak (RSS and disk under load) instead")
     parser.add_argument("--clients", type=int, default=16, help="soak: threads calling /next_tokens")
     parser.add_argument("--prunes", type=int, default=10, help="soak: prunes in the browser")
@@ -403,11 +475,8 @@ def main(argv=None) -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "CSP_APP_MODEL": args.model}
-    if args.imports:
-        env["CSP_APP_IMPORT"] = args.imports
-    results: dict = {"model": args.model}
+    env = app_env(args, port)
+    results: dict = {"model": args.model, "cache_dir": env["CSP_CACHE_DIR"]}
     load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     t_start = time.perf_counter()
     log = open(args.log, "w") if args.log else subprocess.DEVNULL
@@ -418,15 +487,18 @@ def main(argv=None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(120_000)
+            page.set_default_timeout(args.timeout * 1000)
             wait_until_up(proc, url)
             results["server_up_s"] = round(time.perf_counter() - t_start, 2)
             page.goto(url)
             page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
             page.wait_for_function("() => window.__cspClickReady === true")
             results["page_ready_s"] = round(time.perf_counter() - t_start, 2)
-            # the app warms up in the background after start (mean activations for ablations, activations on
-            # held-out text for live examples); measure steady state: one k change, then wait for it all
+            # the model's mean activations and node examples: computed once (cold) or read from the cache (warm)
+            page.wait_for_function(PREPARED_JS)
+            results["prepared_s"] = round(time.perf_counter() - t_start, 2)
+            results["prepared"] = page.locator("#model-prep").inner_text().strip()
+            # measure steady state: one k change, then wait for its follow-ups
             box = page.locator("#k-slider input[type=number]")
             box.fill(str(max(1, int(float(box.input_value())) - 1)))
             box.press("Tab")
@@ -483,6 +555,26 @@ def main(argv=None) -> int:
                 follow_ups_done(page)
                 time.sleep(args.settle)
             results["select_k"] = summarize(times)
+
+            # tasks: pick another task (its view: the task's runs, or "no circuit yet"), then back
+            times = []
+            first = page.locator("#task-select input").input_value()
+            other = args.task or next(t for t in task_names() if t != first)
+            for i in range(args.runs):
+                target = other if i % 2 == 0 else first
+                page.locator("#task-select input").click()
+                page.locator("#task-select input").fill(target)
+                option = page.locator(f"#task-select [role=option][aria-label='{target}']")
+                option.wait_for()
+                t = time.perf_counter()
+                option.click()
+                page.wait_for_function("(t) => { const e = document.querySelector('#summary');"
+                                       " return !!e && e.innerText.includes(t) && !e.innerText.includes('updating'); }",
+                                       arg=target)
+                times.append(time.perf_counter() - t)
+                page.wait_for_timeout(0)
+                time.sleep(args.settle)
+            results["select_task"] = summarize(times)
             browser.close()
 
         # /next_tokens through gradio_client
@@ -499,7 +591,8 @@ def main(argv=None) -> int:
             assert "full" in out, out
         results["next_tokens"] = summarize(times)
         t = time.perf_counter()
-        results["api_rss_mb"] = mixed_calls(client, args.api_calls, lambda: sampler.proc.memory_info().rss)
+        results["api_rss_mb"] = (mixed_calls(client, args.api_calls, lambda: sampler.proc.memory_info().rss)
+                                 if args.api_calls else {})
         results["api_calls_s"] = round(time.perf_counter() - t, 1)
         time.sleep(0.2)
         results["rss_peak_mb"] = round(sampler.peak / 2**20)
@@ -512,6 +605,8 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
 
+    if args.warm:
+        results["warm"] = warm_start(args)
     print(dumps_strict(results, indent=1))
     lines = [
         "## The app",
@@ -525,16 +620,23 @@ def main(argv=None) -> int:
         "|---|---|---|",
         f"| page ready after `python app.py` | {results['page_ready_s']} s | < 15 s |",
     ]
+    lines.append(f"| mean activations and node examples ready (cold: computed once and cached) | "
+                 f"{results['prepared_s']} s | |")
+    if "warm" in results:
+        lines.append(f"| page ready, second start on the same cache (warm) | {results['warm']['page_ready_s']} s; "
+                     f"prepared at {results['warm']['prepared_s']} s | |")
     for key, name in (("select_layer", "select a layer"), ("select_node", "select a node (click)"),
-                      ("select_k", "select k"), ("next_tokens", "`/next_tokens` (gradio_client)")):
+                      ("select_k", "select k"), ("select_task", "select a task"),
+                      ("next_tokens", "`/next_tokens` (gradio_client)")):
         r = results[key]
         lines.append(f"| {name} | median {r['median_ms']} ms, max {r['max_ms']} ms | < 500 ms |")
     lines.append(f"| memory (RSS) | peak {results['rss_peak_mb']} MB, end {results['rss_end_mb']} MB | < 1536 MB |")
     marks = results["api_rss_mb"]
-    first100, last = marks.get(100, marks[min(marks)]), marks[max(marks)]
-    results["api_rss_growth"] = round(last / first100 - 1, 4)
-    lines.append(f"| RSS after {max(marks):,} mixed `/next_tokens` calls vs after 100 | {first100} MB → {last} MB "
-                 f"({100 * results['api_rss_growth']:+.1f}%; {results['api_calls_s']} s for the calls) | within ±10% |")
+    if marks:
+        first100, last = marks.get(100, marks[min(marks)]), marks[max(marks)]
+        results["api_rss_growth"] = round(last / first100 - 1, 4)
+        lines.append(f"| RSS after {max(marks):,} mixed `/next_tokens` calls vs after 100 | {first100} MB → {last} MB "
+                     f"({100 * results['api_rss_growth']:+.1f}%; {results['api_calls_s']} s for the calls) | within ±10% |")
     print("\n".join(lines))
     if args.out:
         write_json_atomic(args.out, results, indent=1)

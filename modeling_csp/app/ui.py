@@ -22,7 +22,9 @@ Environment:
     CSP_APP_STORE      folder for runs pruned or imported in the app (default: <tmp>/csp_app_runs); they
                        survive a reload and travel in share links
     CSP_APP_THREADS    torch CPU threads (default 2)
-    CSP_APP_PRETRAIN_TOKENS  tokens of held-out text used for live activating examples (default 8192)
+    CSP_APP_PRETRAIN_TOKENS  held-out tokens of the example index built (once, cached) for a model that ships
+                       none (default 8192; 1024 to 1000000)
+    CSP_CACHE_DIR      where mean activations and example indexes are cached (default HF_HOME/csp/mean_activations)
 
 API: `/next_tokens` (gradio_client): prompt [, model, task, run, k] -> JSON with the top tokens and probabilities
 of the full model and of the circuit alone (everything outside it mean-ablated); the same answer as
@@ -59,6 +61,8 @@ DEFAULT_PROMPT = 'def greet(name):\n    message = "Hello, world'
 
 CSS = """
 #status {min-height: 1.5em;}
+#model-prep {height: 2.4em; overflow: hidden;}  /* its line (or progress bar) never moves the page below it */
+#model-prep p {margin: 0;}
 #status p {margin: 0;}
 .csp-summary table {font-size: 13px;}
 #node-click, #share-query {display: none !important;}
@@ -239,6 +243,7 @@ class Page:
             self.run_in = Choice(choices=[], value=None, label="Pruning run", elem_id="run-select", scale=3)
             self.k_in = Number(1, 2, value=1, step=1, label="k (nodes kept)", elem_id="k-slider", scale=2)
         self.status = gr.Markdown("", elem_id="status")
+        self.prep_md = gr.Markdown("", elem_id="model-prep")  # issue 21: the model's one-time preparation
         self.summary = gr.Markdown("Loading…", elem_id="summary", elem_classes=["csp-summary"])
         with gr.Group(visible=False, elem_id="no-circuit") as self.empty_box:
             self.empty_md = gr.Markdown("", elem_id="no-circuit-md")
@@ -970,6 +975,19 @@ class Page:
             self.chain(trigger, on_label, [self.session] + self.selection + [self.label_in],
                        self.view_outputs + [self.label_md, self.saved], show_progress="hidden")
 
+    # ---- issue 21: a model's mean activations and node examples, computed once with a progress bar -------------
+
+    def wire_preparation(self, demo: gr.Blocks) -> None:
+        """On page load and on a model pick: a progress bar while the model's means and node examples are
+        computed (once per model, shared by every page; read from the disk cache after a restart), then one line."""
+        def on_prepare(model, progress=gr.Progress()):
+            report = lambda fraction, text: progress(fraction, desc=text)  # noqa: E731
+            return panels.model_preparation(self.explorer, model, report)
+
+        for trigger in (demo.load, self.model_in.change):
+            trigger(on_prepare, [self.model_in], [self.prep_md], concurrency_limit=16, concurrency_id="prepare",
+                    trigger_mode="always_last", show_progress="full")
+
     def api(self) -> None:
         explorer = self.explorer
 
@@ -1001,6 +1019,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                      page.wire_export):
             wire()
         page.wire_walk(demo)
+        page.wire_preparation(demo)
         page.api()
         demo.load(None, None, None, js=PAGE_JS)
     # The UI's own events stay out of the API page; /next_tokens is the documented endpoint.

@@ -27,6 +27,7 @@ weights is an error, never other weights' examples.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..utils.jsonio import atomic_path, loads_strict, write_json_atomic
@@ -373,7 +375,8 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
     counts = fine
     examples_at = torch.tensor([min(int(f * N), N - 1) for f in QUANTILES]).expand(n_nodes, -1).contiguous()
     plan = {}
-    cover = torch.zeros(n_nodes * FINE_BINS + 1, dtype=torch.long)
+    # (per node and fine bin, 126M entries at 82k nodes: the narrowest dtypes that hold them)
+    cover = torch.zeros(n_nodes * FINE_BINS + 1, dtype=torch.int32)
     for side in SIDES:
         ordered = counts.flip(1) if side == "top" else counts
         cum = ordered.cumsum(1)
@@ -391,12 +394,14 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
         low, high = (to_bin(last), to_bin(first)) if side == "top" else (to_bin(first), to_bin(last))
         plan[side] = (to_bin(first), examples_at - before, low, high, ordered.gather(1, first) - (examples_at - before))
         starts, ends = (low + node_base[:, None]).flatten(), (high + 1 + node_base[:, None]).flatten()
-        cover.index_add_(0, starts, torch.ones_like(starts))
-        cover.index_add_(0, ends, -torch.ones_like(ends))
-    covered = cover.cumsum(0)[:-1] > 0
+        cover.index_add_(0, starts, torch.ones_like(starts, dtype=torch.int32))
+        cover.index_add_(0, ends, -torch.ones_like(ends, dtype=torch.int32))
+    covered = cover.cumsum(0, dtype=torch.int32)[:-1] > 0
+    del cover
     heavy_bin = counts.flatten() > BIN_CAPACITY
-    flag = torch.where(covered, torch.where(heavy_bin, 2, 1), 0)  # 1: keep every entry, 2: one per window
-    heavy_fill = torch.zeros(n_nodes * FINE_BINS, dtype=torch.long)
+    flag = covered.to(torch.int8) + (covered & heavy_bin).to(torch.int8)  # 1: keep every entry, 2: one per window
+    del covered
+    heavy_fill = torch.zeros(n_nodes * FINE_BINS, dtype=torch.int32)
     heavy_cap = 2 * per_side  # enough distinct windows even after the previous bins' windows
     kept_key, kept_value, kept_token = [], [], []
 
@@ -419,20 +424,23 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
                 k, value, token = k[fresh], value[fresh], token[fresh]
                 place = heavy_fill[k] + torch.arange(len(k)) - torch.searchsorted(k, k)
                 keep = place < heavy_cap
-                kept_key.append(k[keep]), kept_value.append(value[keep]), kept_token.append(token[keep])
-                heavy_fill += torch.bincount(k[keep], minlength=len(heavy_fill))
-                flag[(heavy_fill >= heavy_cap) & heavy_bin] = 0
+                k, value, token = k[keep], value[keep], token[keep]
+                kept_key.append(k), kept_value.append(value), kept_token.append(token)
+                heavy_fill.index_add_(0, k, torch.ones_like(k, dtype=torch.int32))
+                flag[k[heavy_fill[k] >= heavy_cap]] = 0  # (only these bins' counts changed)
         tick()
 
     # pick the examples: the kept entries in rank order past the ranks before, distinct windows
     keys, values, tokens = torch.cat(kept_key), torch.cat(kept_value), torch.cat(kept_token)
     order = torch.argsort(values, stable=True)
     order = order[torch.argsort(keys[order], stable=True)]
-    keys, values, tokens = keys[order], values[order].tolist(), tokens[order].tolist()
+    # (numpy arrays, not lists or tensors, for the per-node loop below: at a released model's 82k nodes, Python
+    # lists of the kept entries take gigabytes, and element writes into tensors take minutes)
+    keys, values, tokens = keys[order], values[order].numpy(), tokens[order].numpy()
     n_q = len(QUANTILES)
-    ex_window = torch.full((n_nodes, n_q, 2, per_side), -1, dtype=torch.int32)
-    ex_pos = torch.zeros((n_nodes, n_q, 2, per_side), dtype=torch.int16)
-    ex_act = torch.zeros((n_nodes, n_q, 2, per_side), dtype=torch.float16)
+    ex_window = np.full((n_nodes, n_q, 2, per_side), -1, dtype=np.int32)
+    ex_pos = np.zeros((n_nodes, n_q, 2, per_side), dtype=np.int16)
+    ex_act = np.zeros((n_nodes, n_q, 2, per_side), dtype=np.float16)
     for si, side in enumerate(SIDES):
         b, skip, low, high, left = plan[side]
         begin = torch.searchsorted(keys, low + node_base[:, None]).tolist()
@@ -444,19 +452,20 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
         for r in range(n_nodes):
             for qi in range(n_q):
                 span_ = range(begin[r][qi], end[r][qi])
-                ranked = list(reversed(span_) if side == "top" else span_)
+                ranked = span_[::-1] if side == "top" else span_
                 if heavy[r][qi]:  # kept: a few windows of bin b; the ranks past it: `left` entries of b, then on
-                    ranked = ranked[: min(left[r][qi], in_b[r][qi])] + ranked[in_b[r][qi]:]
+                    ranked = itertools.chain(ranked[: min(left[r][qi], in_b[r][qi])], ranked[in_b[r][qi]:])
                 else:
                     ranked = ranked[skip[r][qi]:]
                 seen: set[int] = set()
                 j = 0
                 for e in ranked:
-                    w = tokens[e] // T
+                    token = int(tokens[e])
+                    w = token // T
                     if w in seen:
                         continue
                     seen.add(w)
-                    ex_window[r, qi, si, j], ex_pos[r, qi, si, j], ex_act[r, qi, si, j] = w, tokens[e] % T, values[e]
+                    ex_window[r, qi, si, j], ex_pos[r, qi, si, j], ex_act[r, qi, si, j] = w, token % T, values[e]
                     j += 1
                     if j == per_side:
                         break
@@ -473,8 +482,8 @@ def build_example_index(model, tokenizer=None, n_tokens: int = DEFAULT_TOKENS, *
     }
     return ExampleIndex(meta=meta, windows=windows.to(id_dtype), density=1 - fine[:, ZERO_BIN].double().div(N).float(),
                         minimum=lo, maximum=hi, hist=merge_to_hist(fine).int(),
-                        quantiles=quantiles.float(), example_window=ex_window, example_position=ex_pos,
-                        example_activation=ex_act)
+                        quantiles=quantiles.float(), example_window=torch.from_numpy(ex_window),
+                        example_position=torch.from_numpy(ex_pos), example_activation=torch.from_numpy(ex_act))
 
 
 # ---- where an index lives ------------------------------------------------------------------

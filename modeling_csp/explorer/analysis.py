@@ -294,44 +294,31 @@ def _decoded(entry: ModelEntry, data: dict, per_side: int) -> dict:
 def node_examples(entry: ModelEntry, circuit: CircuitGraph, node: str, per_side: int = EXAMPLES_PER_SIDE) -> NodeExamples:
     """Top and bottom activating examples at the 0.1%, 1%, 10% and 50% quantiles, `per_side` each with about
     50 tokens of context: from the model's example index (shipped or built by `csp index-examples`) when there
-    is one, else those stored with the circuit when it stores that many, else from a small index built now on
-    held-out text (`node_index`)."""
-    index, on_disk = node_index(entry)
+    is one, else those stored with the circuit when it stores that many, else from the app's small index over
+    held-out text, built once per model and cached (`node_index`)."""
+    index, full = node_index(entry)
     data = (circuit.node_data or {}).get(node)
-    if not on_disk and data and all(len(v) >= per_side for side in ("top", "bottom") for v in (data.get(side) or {"": []}).values()):
+    if not full and data and all(len(v) >= per_side for side in ("top", "bottom") for v in (data.get(side) or {"": []}).values()):
         return NodeExamples(_decoded(entry, data, per_side), "stored with the circuit")
     raw = entry.memo.get("examples", (node, per_side, index.meta["n_tokens"]), lambda: index.quantile_examples(
         entry.model, node, per_side, CONTEXT_BEFORE, CONTEXT_AFTER))
-    return NodeExamples(_decoded(entry, raw, per_side), index_source(index, on_disk))
+    return NodeExamples(_decoded(entry, raw, per_side), index_source(index, full))
 
 
 # ---- issue 22: example index (node statistics over held-out text) ----------------------------------
 
 
 def node_index(entry: ModelEntry) -> tuple[Any, bool]:
-    """(the model's `ExampleIndex`, whether it came from disk): the one shipped in the model folder or cached
-    by `csp index-examples`, else one built now on the app's `pretrain_tokens` held-out tokens (kept in memory;
-    seconds for small models)."""
-    from ..circuits.ablation import example_windows
-    from ..circuits.example_index import build_example_index, find_example_index
-    from ..circuits.graph import weights_hash
-
-    def make():
-        found = find_example_index(entry.model, entry.folder)
-        if found is not None:
-            return found, True
-        try:
-            windows = example_windows(entry.model, entry.tokenizer, entry.pretrain_tokens)
-        except Exception as exc:
-            raise UserError(f"no held-out text for node statistics and examples: {first_line(exc)}") from None
-        return build_example_index(entry.model, windows=windows), False
-
-    return entry.memo.get("example_index", weights_hash(entry.model), make)
+    """(the model's `ExampleIndex`, whether it is a full index): the one shipped in the model folder or built by
+    `csp index-examples`, else the app's own over `pretrain_tokens` held-out tokens, built once per model and
+    cached on disk, so that later starts read it (`ModelEntry.prepare`)."""
+    index = entry.example_index()
+    return index, index.meta.get("source") != "model_cache"
 
 
-def index_source(index: Any, on_disk: bool) -> str:
-    text = f"{index.n_tokens:,} held-out tokens"
-    return f"example index over {text}" if on_disk else f"live, on {text}; `csp index-examples MODEL` indexes 1M"
+def index_source(index: Any, full: bool) -> str:
+    text = f"example index over {index.n_tokens:,} held-out tokens"
+    return text if full else f"app's {text}, cached; `csp index-examples MODEL` indexes 1M"
 
 
 @dataclass(frozen=True)
@@ -347,9 +334,9 @@ class NodeActivationStats:
 
 
 def node_activation_stats(entry: ModelEntry, node: str) -> NodeActivationStats:
-    index, on_disk = node_index(entry)
+    index, full = node_index(entry)
     s = index.node_stats(node)
-    return NodeActivationStats(node, s["density"], s["edges"], s["counts"], s["quantiles"], index_source(index, on_disk))
+    return NodeActivationStats(node, s["density"], s["edges"], s["counts"], s["quantiles"], index_source(index, full))
 
 
 @dataclass(frozen=True)
@@ -1036,8 +1023,7 @@ def warm_up(explorer: Explorer, spec: str | None = None) -> None:
         if first is not None:
             full_loss(entry, first.task, _options(first))
             entry.task_activations(first.task, _options(first))
-        entry.pretrain()
-        entry.means()
+        entry.prepare()
     except Exception as exc:
         log(f"warm-up skipped: {first_line(exc)}")
 

@@ -32,12 +32,13 @@ class Settings:
     default_model: str = "default"
     models: list[str] = field(default_factory=lambda: ["default"])  # what the model box lists
     run_files: list[str] = field(default_factory=list)  # circuit files offered as runs of every model
-    pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS  # held-out text for live activating examples
+    pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS  # held-out text of the example index built for a model without one
     model_roots: list[Path] | None = None  # folders models may be opened from (None: anywhere)
     hub_timeout_s: float = 10.0
     store_dir: Path | None = None  # where saved runs live (None: memory only)
     prune_workers: int = MAX_PRUNE_WORKERS  # pruning worker processes at once
     model_bytes: int = MAX_MODEL_BYTES  # loaded models with their caches, estimated
+    cache_dir: Path | None = None  # mean activations and example indexes on disk (None: $CSP_CACHE_DIR or HF_HOME)
 
     @classmethod
     def from_env(cls, app_dir: str | Path, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -119,7 +120,7 @@ class Explorer:
                     return self._models[spec]
             entry = ModelEntry(spec, kind, name, tasks=self.tasks, store=self.store,
                                pretrain_tokens=self.settings.pretrain_tokens, run_files=self.settings.run_files,
-                               prune_slots=self.prune_slots)
+                               prune_slots=self.prune_slots, cache_dir=self.settings.cache_dir)
             with self._models_lock:
                 self._models[spec] = entry
                 self._trim_models()

@@ -32,7 +32,8 @@ from .errors import UserError, first_line, log
 from .runs import Run, RunStore
 from .tasks import UserTasks
 
-DEFAULT_PRETRAIN_TOKENS = 8192  # held-out text tokens for live activating examples
+DEFAULT_PRETRAIN_TOKENS = 8192  # held-out text tokens for the example index built when a model ships none
+MIN_PRETRAIN_TOKENS, MAX_PRETRAIN_TOKENS = 1024, 1_000_000
 MAX_MODELS = 3  # models kept loaded at once (least recently used dropped first)
 MAX_MODEL_BYTES = 3_000_000_000  # loaded models with their caches, estimated (least recently used dropped first)
 MAX_PRUNE_WORKERS = 1  # pruning worker processes at once (each loads its own copy of the model)
@@ -248,6 +249,34 @@ class Memo:
             return sum(self._bytes.values())
 
 
+class Preparation:
+    """How far a model's one-time computation (`ModelEntry.prepare`) is: its progress callback writes (fraction,
+    text) from the computing thread, and any page waiting on it reads them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.fraction, self.text = 0.0, "waiting"
+        self.started = threading.Event()
+        self.done = threading.Event()
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.started.set()
+
+    def __call__(self, fraction: float, text: str) -> None:
+        with self._lock:
+            self.fraction, self.text = min(max(float(fraction), 0.0), 1.0), str(text)
+
+    def finish(self, error: str | None = None) -> None:
+        with self._lock:
+            self.fraction, self.text, self.error = 1.0, ("failed" if error else "ready"), error
+        self.done.set()
+
+    def state(self) -> tuple[float, str]:
+        with self._lock:
+            return self.fraction, self.text
+
+
 class ModelEntry:
     """A loaded model with its runs and everything computed from it that sessions share (lazily, cached). `tasks`
     and `store` are its explorer's user tasks and saved runs; `run_files` are circuit files offered as its runs.
@@ -256,14 +285,18 @@ class ModelEntry:
 
     def __init__(self, spec: str, kind: str, name: str, tasks: UserTasks | None = None, store: RunStore | None = None,
                  pretrain_tokens: int = DEFAULT_PRETRAIN_TOKENS, run_files: Sequence[str] = (),
-                 prune_slots: threading.Semaphore | None = None):
+                 prune_slots: threading.Semaphore | None = None, cache_dir: str | Path | None = None):
         from ..model.loading import hub_folder, load_model_and_tokenizer, resolve_model
 
         self.spec = spec
         self.prune_slots = prune_slots if prune_slots is not None else threading.BoundedSemaphore(MAX_PRUNE_WORKERS)
         self.tasks = tasks if tasks is not None else UserTasks()
         self.store = store if store is not None else RunStore(tasks=self.tasks)
-        self.pretrain_tokens = pretrain_tokens
+        if not MIN_PRETRAIN_TOKENS <= int(pretrain_tokens) <= MAX_PRETRAIN_TOKENS:
+            raise UserError(f"CSP_APP_PRETRAIN_TOKENS={pretrain_tokens:,}: pick {MIN_PRETRAIN_TOKENS:,} to "
+                            f"{MAX_PRETRAIN_TOKENS:,} held-out tokens for node examples")
+        self.pretrain_tokens = int(pretrain_tokens)
+        self.cache_dir = cache_dir
         try:
             self.folder = hub_folder(name) if kind == "hub" else resolve_model(name)
             self.model, self.tokenizer = load_model_and_tokenizer(self.folder)
@@ -275,8 +308,13 @@ class ModelEntry:
         self.config = self.model.config
         self.memo = Memo()
         self._once_lock = threading.Lock()
-        self._means = None
-        self._pretrain = None
+        self._locks = {"means": threading.Lock(), "index": threading.Lock()}
+        self.preparation = Preparation()
+        self._means = self._index = None
+        self._index_on_disk = False
+        self._computed: list[str] = []
+        self._seconds: dict[str, float] = {}
+        self._windows = None
         self.vocab = self._vocab_strings()
         self.training_curve = self._read_training_curve()
         self.runs: dict[str, Run] = OrderedDict()
@@ -293,7 +331,7 @@ class ModelEntry:
 
     def nbytes(self) -> int:
         """Estimated bytes this loaded model holds: weights, caches, mean and held-out activations."""
-        return approx_bytes([self.model, self._means, self._pretrain]) + self.memo.nbytes()
+        return approx_bytes([self.model, self._windows, self._means, self._index]) + self.memo.nbytes()
 
     # -- static data ---------------------------------------------------------------------------
 
@@ -351,17 +389,61 @@ class ModelEntry:
 
     # -- shared computations ---------------------------------------------------------------------
 
+    def prepare(self):
+        """The model's mean activations, then its example index (`circuits.model_cache.Prepared`), once per model:
+        each read from the cache on disk, else computed (minutes at a released model's size) and cached there, so a
+        restart reads them. `preparation` says how far it is; each part waits only for its own computation (the
+        node panel's index never waits for the means)."""
+        from ..circuits.model_cache import Prepared
+
+        self.preparation.start()
+        try:
+            means, index = self.means(), self.example_index()
+        except UserError as exc:
+            self.preparation.finish(str(exc))
+            raise
+        self.preparation.finish()
+        with self._once_lock:
+            return Prepared(means, index, self._index_on_disk, list(self._computed), dict(self._seconds))
+
+    def _once(self, name: str, compute):
+        lock = self._locks[name]
+        with lock:
+            if getattr(self, f"_{name}") is None:
+                t = time.perf_counter()
+                try:
+                    value, computed = compute()
+                except UserError:
+                    raise
+                except Exception as exc:
+                    raise UserError(f"could not compute the {name.replace('_', ' ')}: {first_line(exc)}") from None
+                with self._once_lock:
+                    self._seconds[name] = round(time.perf_counter() - t, 2)
+                    if computed:
+                        self._computed.append(name)
+                setattr(self, f"_{name}", value)
+            return getattr(self, f"_{name}")
+
     def means(self) -> dict[str, torch.Tensor]:
         """Mean activations over held-out pretraining-like text (as pruning uses), cached on disk too."""
-        with self._once_lock:
-            if self._means is None:
-                from ..circuits.ablation import compute_mean_activations
+        from ..circuits.model_cache import mean_activations
 
-                try:
-                    self._means = compute_mean_activations(self.model, self.tokenizer)
-                except Exception as exc:
-                    raise UserError(f"could not compute mean activations for mean ablation: {first_line(exc)}") from None
-            return self._means
+        return self._once("means", lambda: mean_activations(
+            self.model, self.tokenizer, cache_dir=self.cache_dir,
+            progress=lambda f, text: self.preparation(0.5 * f, text)))
+
+    def example_index(self):
+        """The shipped or cached example index, else the app's own over `pretrain_tokens`, built once and cached."""
+        from ..circuits.model_cache import example_index
+
+        def compute():
+            index, on_disk, computed = example_index(self.model, self.tokenizer, self.pretrain_tokens, self.folder,
+                                                     self.cache_dir,
+                                                     progress=lambda f, text: self.preparation(0.5 + 0.5 * f, text))
+            self._index_on_disk = on_disk
+            return index, computed
+
+        return self._once("index", compute)
 
     def means_for(self, circuit: CircuitGraph):
         """What ablated nodes are replaced by: means for mean ablation, None (zero) otherwise."""
@@ -396,18 +478,17 @@ class ModelEntry:
         return batch, self.memo.get("task_acts", (task, options.data_key),
                                     lambda: self.record(batch.input_ids, batch.attention_mask))
 
-    def pretrain(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(windows (n, T) token ids, {location: float16 (n, T, width)}) on held-out text, for live examples."""
+    def example_windows(self) -> torch.Tensor:
+        """(n, T) token windows of held-out text (`ablation.example_windows`, `pretrain_tokens` of them)."""
         with self._once_lock:
-            if self._pretrain is None:
+            if self._windows is None:
                 from ..circuits.ablation import example_windows
 
                 try:
-                    windows = example_windows(self.model, self.tokenizer, self.pretrain_tokens)
+                    self._windows = example_windows(self.model, self.tokenizer, self.pretrain_tokens)
                 except Exception as exc:
-                    raise UserError(f"no pretraining text for live activating examples: {first_line(exc)}") from None
-                self._pretrain = (windows, self.record(windows))
-            return self._pretrain
+                    raise UserError(f"no held-out text for node examples: {first_line(exc)}") from None
+            return self._windows
 
     def run_forward(self, ids: torch.Tensor, masks=None, means=None, record: str | None = None, attention_mask=None):
         """Logits (B, T, V) of the model (circuit-ablated with `masks`), and recorded activations."""
@@ -460,6 +541,6 @@ def import_run_file(entry: ModelEntry, path: str, name: str | None = None) -> Ru
 
 
 __all__ = [
-    "MAX_MODELS", "MAX_MODEL_BYTES", "MAX_PRUNE_WORKERS", "MAX_SPEC_CHARS", "MAX_MODEL_PARAMS", "MAX_UPLOAD_BYTES", "HUB_ID", "default_roots", "not_available",
+    "Preparation", "MAX_MODELS", "MAX_MODEL_BYTES", "MAX_PRUNE_WORKERS", "MAX_SPEC_CHARS", "MAX_MODEL_PARAMS", "MAX_UPLOAD_BYTES", "HUB_ID", "default_roots", "not_available",
     "check_spec", "resolve_spec", "HubLookup", "fetch_config", "dense_params", "Memo", "ModelEntry", "import_run_file",
 ]

@@ -16,7 +16,7 @@ READING_TOP = 10  # tokens and inputs listed, as the issue asks
 def final_norm_scale(entry: ModelEntry) -> float:
     """The final norm's mean 1/rms over the held-out windows the live examples use (cached per model)."""
     return entry.memo.get("stats", ("final_norm_scale",),
-                          lambda: mean_final_norm_scale(entry.model, entry.pretrain()[0]))
+                          lambda: mean_final_norm_scale(entry.model, entry.example_windows()))
 
 
 def node_reading(entry: ModelEntry, circuit: CircuitGraph, node: str, top: int = READING_TOP) -> dict[str, Any]:

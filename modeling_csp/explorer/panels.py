@@ -67,6 +67,45 @@ def _selection(explorer: Explorer, model: Any, run_id: Any, k: Any) -> tuple[Mod
 
 
 # =====================================================================================================
+# Issue 21: a model's one-time preparation (mean activations, node examples), with its progress
+# =====================================================================================================
+
+
+def model_preparation(explorer: Explorer, model: Any, report: Callable[[float, str], None],
+                      poll_s: float = 0.5) -> str:
+    """Waits for the model's mean activations and node examples (`ModelEntry.prepare`: read from the disk cache,
+    else computed once, in a thread of their own that every page shares), calling `report(fraction, text)` as they
+    progress; returns the line to show when they are ready, or the problem."""
+    import threading
+
+    try:
+        entry = explorer.get_model(str(model or "") or None)
+    except Exception as exc:
+        return warning_markdown(_explain(exc))
+    prep = entry.preparation
+    if not prep.done.is_set():
+        if not prep.started.is_set():
+            threading.Thread(target=_prepare_quietly, args=(entry,), daemon=True).start()
+        while not prep.done.wait(poll_s):
+            report(*prep.state())
+    if prep.error:
+        return warning_markdown(prep.error)
+    done = entry.prepare()
+    name = markdown_literal(entry.spec)
+    if not done.computed:
+        return f"✅ {name}: mean activations and node examples read from the disk cache"
+    took = sum(done.seconds.values())
+    return f"✅ {name}: mean activations and node examples computed once in {took:.0f} s and cached on disk"
+
+
+def _prepare_quietly(entry: ModelEntry) -> None:
+    try:
+        entry.prepare()
+    except Exception as exc:  # the page shows `preparation.error`
+        log(f"preparing {entry.spec}: {first_line(exc)}")
+
+
+# =====================================================================================================
 # The node panel (what the view's header does not show)
 # =====================================================================================================
 

@@ -1185,3 +1185,64 @@ def test_node_histogram_density_and_examples_come_from_the_index(page):
                          text_of(page, "#node-examples")), text_of(page, "#node-examples")[:300]
     shot(page, "22_node_histogram")
     assert_no_errors(page)
+
+
+# ---- issue 21: a model's mean activations and node examples, prepared once with a progress bar ----------
+
+
+def small_model_folder(folder: Path) -> Path:
+    """A small random weight-sparse model (2 layers, d_model 64) with the embedded model's tokenizer: a model
+    folder that ships no example index and has nothing cached yet."""
+    from modeling_csp import CSPConfig, CSPForCausalLM
+    from modeling_csp.model.loading import DEFAULT_MODEL_DIR
+    from modeling_csp.model.saving import save_model_folder
+
+    torch.manual_seed(0)
+    config = CSPConfig(vocab_size=2048, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, block_size=128,
+                       rms_norm=True, sink=True, afrac=0.25, enable_bigram_table=True, learnable_bigram_table=True,
+                       bias=False, ln_bias=False, tie_word_embeddings=False)
+    model = CSPForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(torch.rand_like(p) < 0.1)
+    return save_model_folder(model, folder, tokenizer_json_dir=DEFAULT_MODEL_DIR, name="small synthetic")
+
+
+PREP_JS = "() => { const e = document.querySelector('#model-prep'); return e ? e.innerText : ''; }"
+
+
+def test_a_models_means_and_examples_are_prepared_once_with_progress_and_reused_after_a_restart(browser, tmp_path):
+    """A model folder with nothing cached: the page shows a progress bar naming the step and its batches while the
+    mean activations and node examples are computed, then says they were computed once; a restart of the app on
+    the same cache reads them (the cache files are not rewritten) and says so."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    folder = small_model_folder(tmp_path / "models" / "small")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CSP_APP_MODEL": str(folder), "CSP_MODEL_ROOTS": str(tmp_path / "models"),
+           "CSP_CACHE_DIR": str(cache), "CSP_APP_STORE": str(tmp_path / "store"), "CSP_APP_PRETRAIN_TOKENS": "2048"}
+    seen = []
+    with serve_app(sys.executable, PROJECT_ROOT, env, ARTIFACTS / "app_server_prepare.log") as url:
+        page = new_page(browser, url)
+        try:
+            shown = page.wait_for_function(f"() => {{ const t = ({PREP_JS})(); "
+                                           "return /(mean activations|node examples): batch \\d+ of \\d+/.test(t) && t; }")
+            seen.append(shown.json_value())  # the progress as the page showed it
+            wait_text(page, "#model-prep", "✅")
+            assert "computed once in" in text_of(page, "#model-prep") and "cached on disk" in text_of(page, "#model-prep")
+            shot(page, "21_model_prepared")
+        finally:
+            page.context.close()
+    files = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    assert any(p.name.startswith("means-") for p in files) and any(p.name == "index.safetensors" for p in files)
+    assert re.search(r"(mean activations|node examples): batch \d+ of \d+", seen[0]), seen
+
+    with serve_app(sys.executable, PROJECT_ROOT, env, ARTIFACTS / "app_server_prepare_again.log") as url:
+        page = new_page(browser, url)
+        try:
+            wait_text(page, "#model-prep", "✅")
+            assert "read from the disk cache" in text_of(page, "#model-prep"), text_of(page, "#model-prep")
+            assert_no_errors(page)
+        finally:
+            page.context.close()
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == files  # nothing recomputed

@@ -17,7 +17,7 @@ from modeling_csp.circuits.graph import parse_node_id
 from modeling_csp.circuits.evaluation import MAX_EXAMPLES, verdict_of
 from modeling_csp.explorer import analysis as A
 from modeling_csp.explorer.errors import UserError
-from modeling_csp.explorer.explorer import Explorer
+from modeling_csp.explorer.explorer import Explorer, Settings
 from modeling_csp.explorer.models import import_run_file
 
 TASK = TEST_TASK
@@ -116,11 +116,15 @@ def test_histogram_and_density_of_a_node_from_the_example_index(model_run):
     assert len(stats.edges) == len(stats.counts) + 1 and 0 <= stats.density <= 1 and stats.source.startswith("example index")
 
 
-def test_without_an_index_a_small_one_is_built_live_from_held_out_text(entry):
+def test_without_an_index_the_app_builds_a_small_one_once_and_caches_it(converted, tmp_path):
+    entry = Explorer(Settings(cache_dir=tmp_path, pretrain_tokens=1024)).get_model(str(converted["rms_sink_bigram"]))
     stats = A.node_activation_stats(entry, "0.mlp.post_act:3")
-    index, on_disk = A.node_index(entry)
-    assert not on_disk and stats.source.startswith("live") and "csp index-examples" in stats.source
+    index, full = A.node_index(entry)
+    assert not full and stats.source.startswith("app's example index") and "csp index-examples" in stats.source
     assert sum(stats.counts) == index.n_tokens == entry.pretrain_tokens
+    assert sorted(entry.prepare().computed) == ["index", "means"]
+    restarted = Explorer(Settings(cache_dir=tmp_path, pretrain_tokens=1024)).get_model(str(converted["rms_sink_bigram"]))
+    assert A.node_activation_stats(restarted, "0.mlp.post_act:3") == stats and restarted.prepare().computed == []
     with pytest.raises(ValueError, match="not a node of the indexed model"):
         A.node_activation_stats(entry, "0.mlp.post_act:100000")
 
