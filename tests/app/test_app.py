@@ -175,11 +175,14 @@ def type_number(page, selector: str, value) -> None:
 
 
 def node_points(page, container: str = "#circuit-graph") -> list[dict]:
-    """The node markers of a Plotly figure: id, and the screen centre of its point."""
+    """The node markers of a Plotly figure: id, and the screen centre of its point (the figure scrolled into view
+    first, so that every point can be clicked whatever the lines above it)."""
     return page.evaluate(
         """(sel) => {
             const div = document.querySelector(sel + ' .js-plotly-plot');
             if (!div || !div._fullData) return [];
+            const box = div.getBoundingClientRect();
+            if (box.top < 0 || box.bottom > window.innerHeight) div.scrollIntoView({block: 'center'});
             const out = [];
             const traces = div.querySelectorAll('.scatterlayer .trace');
             div._fullData.forEach((t, i) => {
