@@ -18,7 +18,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -78,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--paths", default="scaled,exact")
+    p.add_argument("--target-above-full", type=float, help="target = max(0.15, the full model's loss + this), as "
+                   "`csp prune --target-above-full`: for a random model whose full loss misses 0.15")
     p.add_argument("--section", default="pruning-benchmark")
     p.add_argument("--out", type=Path, help="markdown file to write the table into (default: print it)")
     args = p.parse_args(argv)
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     for _ in range(args.runs):
         for path in paths:
             results[path].append(run_child({"model": args.model, "task": args.task, "task_file": args.task_file,
-                                            "threads": args.threads, "steps": args.steps, "options": PATHS[path]}))
+                                            "threads": args.threads, "steps": args.steps,
+                                            "options": {**PATHS[path], "target_above_full": args.target_above_full}}))
             r = results[path][-1]
             print(f"{path}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU, k={r['k']}, {r['timings']}", file=sys.stderr)
 
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
     task = f"task file {Path(args.task_file).name}" if args.task_file else args.task
     lines = [
         f"`python scripts/benchmark_pruning.py --model {args.model} {'--task-file ' + args.task_file if args.task_file else '--task ' + args.task} "
-        f"--runs {args.runs} --threads {args.threads} --steps {args.steps}`: a whole prune of {task} on {args.model} "
+        f"--runs {args.runs} --threads {args.threads} --steps {args.steps}"
+        f"{f' --target-above-full {args.target_above_full:g}' if args.target_above_full is not None else ''}`: a whole prune of {task} on {args.model} "
         f"({args.steps} mask-training steps), each run a fresh process from start-up to the circuit file's contents, "
         f"mean activations already cached; median of {args.runs} runs, the paths alternating. Machine: {header}.",
         "",

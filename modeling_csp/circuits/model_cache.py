@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .ablation import Masks, compute_mean_activations, example_windows
 from .example_index import ExampleIndex, build_example_index, cache_folder, find_example_index
 from .graph import n_total_nodes
