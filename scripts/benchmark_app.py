@@ -390,6 +390,25 @@ def app_env(args, port: int) -> dict:
     return env
 
 
+def open_page(p, args, proc, url: str, t_start: float, out: dict):
+    """(browser, page) on the app once it answers, with `out` given the seconds since `t_start` until the server is
+    up, the page ready, and the model's mean activations and node examples prepared (computed once, or read from
+    the cache on a warm start), and the preparation's line."""
+    browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(args.timeout * 1000)
+    wait_until_up(proc, url)
+    out["server_up_s"] = round(time.perf_counter() - t_start, 2)
+    page.goto(url)
+    page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
+    page.wait_for_function("() => window.__cspClickReady === true")
+    out["page_ready_s"] = round(time.perf_counter() - t_start, 2)
+    page.wait_for_function(PREPARED_JS)
+    out["prepared_s"] = round(time.perf_counter() - t_start, 2)
+    out["prepared"] = page.locator("#model-prep").inner_text().strip()
+    return browser, page
+
+
 def warm_start(args) -> dict:
     """A second start of the app on the cache the first one filled: its page ready and prepared times."""
     from playwright.sync_api import sync_playwright
@@ -402,17 +421,7 @@ def warm_start(args) -> dict:
     out = {}
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(args.timeout * 1000)
-            wait_until_up(proc, url)
-            page.goto(url)
-            page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
-            page.wait_for_function("() => window.__cspClickReady === true")
-            out["page_ready_s"] = round(time.perf_counter() - t_start, 2)
-            page.wait_for_function(PREPARED_JS)
-            out["prepared_s"] = round(time.perf_counter() - t_start, 2)
-            out["prepared"] = page.locator("#model-prep").inner_text().strip()
+            browser, _ = open_page(p, args, proc, url, t_start, out)
             browser.close()
     finally:
         proc.terminate()
@@ -485,19 +494,7 @@ def main(argv=None) -> int:
     sampler.start()
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(args.timeout * 1000)
-            wait_until_up(proc, url)
-            results["server_up_s"] = round(time.perf_counter() - t_start, 2)
-            page.goto(url)
-            page.wait_for_selector("#circuit-graph .js-plotly-plot .scatterlayer path.point")
-            page.wait_for_function("() => window.__cspClickReady === true")
-            results["page_ready_s"] = round(time.perf_counter() - t_start, 2)
-            # the model's mean activations and node examples: computed once (cold) or read from the cache (warm)
-            page.wait_for_function(PREPARED_JS)
-            results["prepared_s"] = round(time.perf_counter() - t_start, 2)
-            results["prepared"] = page.locator("#model-prep").inner_text().strip()
+            browser, page = open_page(p, args, proc, url, t_start, results)
             # measure steady state: one k change, then wait for its follow-ups
             box = page.locator("#k-slider input[type=number]")
             box.fill(str(max(1, int(float(box.input_value())) - 1)))
