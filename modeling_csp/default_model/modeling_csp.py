@@ -995,6 +995,8 @@ class CSPPreTrainedModel(PreTrainedModel):
         Outside one, every no-grad CPU forward pass checks the weights it multiplies with (one read of each: 14-50%
         of a 256-token forward pass, BENCHMARKS.md), so any change to them is seen. `generate()` opens one itself;
         open one around a loop of forward passes that does not change the weights. Per thread, like the hooks.
+        Inside, passes with autograd run on the sparse kernels too and the weights get no gradient (pruning's masks
+        and attributions need only the activations'); train weights outside.
         """
         return frozen_weights()
 
