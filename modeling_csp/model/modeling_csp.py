@@ -533,13 +533,11 @@ class SparseKernelLinear(nn.Linear):
 
     def _csr_weight(self, x: torch.Tensor) -> _CSR | None:
         """The weight's nonzeros as they are now, or None where the dense kernel is used."""
+        if (tracing() or not self.use_sparse_kernel or x.device.type != "cpu" or x.dtype != self.weight.dtype):
+            return None  # a compiled graph multiplies densely: the CSR's shape depends on the weights' values
         frozen = _FROZEN_WEIGHTS.get()
-        # Autograd passes use the kernel inside `frozen_weights()`, where weights get no gradient: the product's
-        # gradient flows to the input only (embedding_bag's backward, itself a sparse product with the transpose).
-        needs_weight_grad = torch.is_grad_enabled() and frozen is None
-        if (not self.use_sparse_kernel or needs_weight_grad or x.device.type != "cpu" or x.dtype != self.weight.dtype
-                or tracing()):  # a compiled graph multiplies densely: the CSR's shape depends on the weights' values
-            return None
+        if torch.is_grad_enabled() and frozen is None:  # weights may need their gradient: the dense product
+            return None  # (inside `frozen_weights()` autograd passes use the kernel; gradients reach the input only)
         weight = self.weight.detach()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
         if frozen is not None and self in frozen and frozen[self][0] == key:
