@@ -186,6 +186,15 @@ def large_circuit(source: Path, out: Path, megabytes: float, seed: int) -> Path:
     return out
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stops the app: asked first, killed after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
     """Returns once the app at `url` answers 200; exits naming the reason if it dies or stays silent."""
     deadline = time.time() + timeout_s
@@ -331,11 +340,7 @@ def soak(args) -> dict:
         results["errors"] = errors
         results["load_end"] = round(os.getloadavg()[0], 1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
@@ -424,11 +429,7 @@ def warm_start(args) -> dict:
             browser, _ = open_page(p, args, proc, url, t_start, out)
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return out
 
 
@@ -596,11 +597,7 @@ def main(argv=None) -> int:
         results["rss_end_mb"] = round(sampler.last / 2**20)
     finally:
         sampler.stop.set()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
     if args.warm:
         results["warm"] = warm_start(args)
