@@ -82,7 +82,11 @@ def task_loss(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
 
 def example_losses(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     """(n,) task loss of each example (see `task_loss`, their mean)."""
-    return -F.log_softmax(_pair_logits(logits, batch), dim=-1)[:, 0]
+    return _pair_losses(_pair_logits(logits, batch))
+
+
+def _pair_losses(pair: torch.Tensor) -> torch.Tensor:
+    return -F.log_softmax(pair, dim=-1)[:, 0]
 
 
 def task_accuracy(logits: torch.Tensor, batch: TaskBatch) -> float:
@@ -110,7 +114,7 @@ def evaluate(model, batch: TaskBatch, keep_masks: Masks | None = None, means: Ma
             if keep_masks is not None:
                 stack.enter_context(ablate(model, keep_masks, means))
             pair = _pair_logits(task_logits(model, chunk), chunk)
-        losses.append(-F.log_softmax(pair, dim=-1)[:, 0])
+        losses.append(_pair_losses(pair))
         right.append(pair[:, 0] > pair[:, 1])
     return torch.cat(losses).mean().item(), torch.cat(right).float().mean().item()
 
