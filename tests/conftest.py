@@ -4,6 +4,7 @@ and the app's test circuit."""
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,20 @@ def serve_app(python, cwd: Path, env: dict, log_path: Path, timeout: float = 240
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def tracebacks_through_project_code(log_text: str) -> list[str]:
+    """The tracebacks in a server log with a frame in this project's own source. One entirely inside the web stack
+    (gradio's SSE stream answering 404 when a browser page closes mid-stream) is not ours to fail on, and a venv
+    inside the checkout (.ci/run's `.ci-lowest`) holds installed packages, not project code."""
+    ours = []
+    for block in log_text.split("Traceback (most recent call last):")[1:]:
+        for frame in re.findall(r'File "([^"]+)"', block):
+            path = Path(frame)
+            if path.is_relative_to(PROJECT_ROOT) and "site-packages" not in path.parts:
+                ours.append(block)
+                break
+    return ours
 
 
 def dead_pid() -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURES, PROJECT_ROOT, free_port, serve_app
+from conftest import FIXTURES, PROJECT_ROOT, free_port, serve_app, tracebacks_through_project_code
 from modeling_csp.plotting import sublayer_of
 
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
@@ -88,10 +88,7 @@ def app_server(test_circuit, folders):
             yield {"url": url, "model": spec, "run": "imported:test_circuit", "started_s": time.perf_counter() - t0,
                    "circuit": circuit_path}
     finally:
-        # A traceback through this project's code is a bug; one entirely inside the web stack (gradio's SSE stream
-        # when a browser page closes mid-stream, seen with gradio 6.31) is not ours to fail on.
-        blocks = (ARTIFACTS / "app_server.log").read_text().split("Traceback (most recent call last):")[1:]
-        ours = [b for b in blocks if str(PROJECT_ROOT) in b]
+        ours = tracebacks_through_project_code((ARTIFACTS / "app_server.log").read_text())
         assert not ours, f"the server logged a traceback through the project's code:\n{ours[0][-3000:]}"
 
 
@@ -115,6 +112,18 @@ def new_page(browser, url=None):
         pg.goto(url)
         pg.wait_for_selector("#summary p", timeout=120_000)
     return pg
+
+
+def test_the_server_log_check_fails_on_project_frames_only():
+    """What the app fixture's teardown asserts on: a venv inside the checkout (`.ci/run`'s `.ci-lowest`) is not
+    project code, a frame in app.py or modeling_csp is."""
+    venv = PROJECT_ROOT / ".ci-lowest" / "lib" / "python3.11" / "site-packages"
+    web_stack = (f'Traceback (most recent call last):\n  File "{venv}/gradio/routes.py", line 1838, in sse_stream\n'
+                 "fastapi.exceptions.HTTPException: 404: Not Found\n")
+    ours = (f'Traceback (most recent call last):\n  File "{venv}/gradio/blocks.py", line 1, in call\n'
+            f'  File "{PROJECT_ROOT}/app.py", line 1, in on_task\nValueError: x\n')
+    assert tracebacks_through_project_code(web_stack) == []
+    assert len(tracebacks_through_project_code("a line\n" + web_stack + ours)) == 1
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, tracebacks_through_project_code
 
 pytestmark = pytest.mark.soak
 RSS_BOUND_MB = 300  # the bound on what the server may keep after the load
@@ -42,5 +42,5 @@ def test_eight_clients_one_prune_three_uploads_at_once(tmp_path):
     # what stays in Gradio's folder is the share tab's download of each shown circuit (slimmer than the uploads;
     # Gradio's delete_cache removes it after an hour), not the uploads
     assert r["gradio_tmp_bytes"] < r["uploads"] * r["upload_mb"] * 1e6, r
-    tracebacks = Path(log).read_text().split("Traceback (most recent call last):")[1:]
-    assert not [t for t in tracebacks if str(PROJECT_ROOT) in t], tracebacks[0][-3000:]  # none through our code
+    ours = tracebacks_through_project_code(Path(log).read_text())
+    assert not ours, ours[0][-3000:]
