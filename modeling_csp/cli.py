@@ -238,8 +238,10 @@ def _set_threads(args, config) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif config.d_model <= SMALL_MODEL_D:
-        torch.set_num_threads(1)  # small ops: threads add overhead, and stall badly on a busy machine
+    elif config.d_model <= SMALL_MODEL_D and not getattr(args, "batched_passes", False):
+        # small ops: threads add overhead, and stall badly on a busy machine; a prune's batched passes gain from
+        # every core (the default model's prune: 33.7 s on 2 threads, 49.0 s on 1; BENCHMARKS.md)
+        torch.set_num_threads(1)
 
 
 def cmd_prune(args) -> int:
@@ -676,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task-file", metavar="FILE.jsonl",
                        help="your own task instead: one {\"prompt\", \"correct\", \"incorrect\"} object per line")
         p.add_argument("--seed", type=seed, default=d.seed, help=seed_help)
-        p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: 1 for d_model <= {SMALL_MODEL_D}, else all)")
+        p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: all for prune; for the others 1 "
+                                                       f"where d_model <= {SMALL_MODEL_D}, else all)")
 
     def control_options(p):
         p.add_argument("--control", choices=("shuffled",), help="also prune the task with correct/incorrect swapped at "
@@ -701,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-norm-scales", action="store_true", help="norms use the unablated model's 1/rms")
     control_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_prune, outputs=[("out", "--out", False)])
+    p.set_defaults(fn=cmd_prune, outputs=[("out", "--out", False)], batched_passes=True)
 
     p = sub.add_parser("evaluate", help="task losses of a circuit: full, circuit, random, complement")
     model_task(p, "seed of the random baseline (default: the circuit's pruning seed)")

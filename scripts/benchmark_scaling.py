@@ -14,7 +14,7 @@ subprocess, so its peak RSS (the child's `ru_maxrss` from `wait4`) is that measu
   has), the stage timings of the circuit file's `meta.timings`, and its peak RSS. A random-weights model solves no
   task, so T is SELF-LABELLED: prompts of a real task (--self-task) whose correct candidate is the one the full
   model prefers, the most confident --task-examples of them, both classes in equal numbers;
-- app: page-ready time and median selection latency (layer, node, k) from scripts/benchmark_app.py --model FOLDER
+- app: page-ready time and median selection latency (the slowest of layer, node, k and task) from scripts/benchmark_app.py --model FOLDER
   --import C.json (the circuit the prune wrote; the shipped circuits for the default model).
 Results are kept per row in --cache/scaling_results.json, so rows measured in separate runs share one table.
 """
@@ -269,9 +269,11 @@ def app_row(folder: Path, circuit: Path | None, args) -> dict:
             last = output.strip().splitlines()[-1:] or ["no output"]
             return {"app_note": f"benchmark_app.py --model FOLDER failed (exit {code}): {last[0][:160]}"}
         app = json.loads(out.read_text())
-    selections = [app[k]["median_ms"] for k in ("select_layer", "select_node", "select_k") if app.get(k)]
-    return {"page_ready_s": app.get("page_ready_s"), "selection_ms": max(selections) if selections else None,
-            "app_peak_mb": app.get("rss_peak_mb")}
+    selections = {k: app[k]["median_ms"] for k in ("select_layer", "select_node", "select_k", "select_task") if app.get(k)}
+    slowest = max(selections, key=selections.get) if selections else None
+    return {"page_ready_s": app.get("page_ready_s"), "selection_ms": selections.get(slowest),
+            "selection_kind": slowest and slowest.removeprefix("select_"), "selections_ms": selections,
+            "prepared_s": app.get("prepared_s"), "app_peak_mb": app.get("rss_peak_mb")}
 
 
 def machine() -> str:
@@ -312,7 +314,7 @@ def table(results: dict, rows: list[str]) -> list[str]:
             f"| {max(r['forward_sparse_peak_mb'], r['forward_dense_peak_mb'])} "
             f"| {fmt(r['generate_sparse'], 1)} / {fmt(r['generate_dense'], 1)} | {prune} | {fmt(r.get('prune_peak_mb'))} "
             f"| {fmt(r.get('page_ready_s'), 1) if r.get('page_ready_s') is not None else r.get('app_note', 'skipped')} "
-            f"| {fmt(r.get('selection_ms'), 0)} |")
+            f"| {fmt(r.get('selection_ms'), 0)}{' (' + r['selection_kind'] + ')' if r.get('selection_kind') else ''} |")
     return lines
 
 

@@ -742,3 +742,18 @@ def test_index_examples_writes_an_index_the_library_loads(capsys, tiny, tmp_path
 def test_index_examples_refuses_bad_counts_and_corpora(capsys, tiny, tmp_path, argv, message):
     code, _, err = run(capsys, "index-examples", tiny, "--out", tmp_path / "idx", *[a.format(tmp=tmp_path) for a in argv])
     assert_one_line_error(code, err, message)
+
+
+def test_prune_uses_every_core_where_single_passes_of_a_small_model_use_one():
+    """A prune's batched passes gain from threads (BENCHMARKS.md); a small model's single passes do not."""
+    from modeling_csp.cli import SMALL_MODEL_D, _set_threads, build_parser
+
+    small = CSPConfig(d_model=SMALL_MODEL_D, n_head=8)
+    torch.set_num_threads(2)  # as torch starts on a 2-core machine (the fixture restores the count)
+    prune = build_parser().parse_args(["prune", "--model", "default", "--task", "single_double_quote", "--out", "c.json"])
+    _set_threads(prune, small)
+    assert torch.get_num_threads() == 2
+    _set_threads(build_parser().parse_args(["next-tokens", "--model", "default", "--prompt", "x"]), small)
+    assert torch.get_num_threads() == 1
+    _set_threads(build_parser().parse_args(["prune", "--model", "default", "--task", "single_double_quote", "--out", "c.json", "--threads", "1"]), small)
+    assert torch.get_num_threads() == 1

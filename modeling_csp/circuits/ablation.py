@@ -74,7 +74,8 @@ def _replace(mask: torch.Tensor, fill: torch.Tensor | None):
         m = mask.to(device=x.device, dtype=x.dtype)  # no-ops when the masks already live with the model
         if fill is None:
             return x * m
-        return x * m + (1 - m) * fill.to(device=x.device, dtype=x.dtype)
+        # m*x + (1-m)*fill in one op (exact where m is 0 or 1; its gradient reaches m)
+        return torch.lerp(fill.to(device=x.device, dtype=x.dtype), x, m)
 
     return fn
 
