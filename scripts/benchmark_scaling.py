@@ -45,6 +45,10 @@ DEFAULT_MODEL = ROOT / "modeling_csp" / "default_model"
 ROW_SHAPES = {"default": None, "x4": "default_x4", "x16": "default_x16", "csp_sweep1": "csp_sweep1",
               "csp_yolo1": "csp_yolo1", "csp_yolo2": "csp_yolo2"}  # None: the shipped folder, not a synthetic one
 COLUMNS = ("prune", "app")
+COLUMN_KEYS = {**dict.fromkeys(("task_lines", "task_min_margin", "prune_s", "prune_note", "prune_peak_mb", "prune_timings",
+                                "prune_k"), "prune"),
+               **dict.fromkeys(("page_ready_s", "prepared_s", "selection_ms", "selection_kind", "selections_ms",
+                                "app_peak_mb", "app_note"), "app")}
 FORWARD_TOKENS, PROMPT_TOKENS, NEW_TOKENS = 256, 16, 64
 SECTION = "scaling-benchmark"
 
@@ -167,13 +171,27 @@ def self_labelled_task(folder: str, task_name: str, n_lines: int, out: str) -> d
 
 # ---- in the parent ----------------------------------------------------------------------------------------------
 
+def high_water_mb(pid: int) -> float | None:
+    """A live process's own peak RSS (VmHWM) in MB, or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_child(argv: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[int, str, float, float]:
-    """(exit status, output, wall seconds, peak RSS in MB) of a child process; its peak RSS is `wait4`'s."""
+    """(exit status, output, wall seconds, peak RSS in MB) of a child process. The peak is its VmHWM as last seen
+    alive (polled): `wait4`'s ru_maxrss of a child started by vfork carries this process's own peak over exec."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = None if timeout is None else start + timeout
+        seen = 0.0
         while True:
+            seen = max(seen, high_water_mb(proc.pid) or 0.0)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -182,13 +200,13 @@ def run_child(argv: list[str], env: dict | None = None, timeout: float | None = 
                 pid, status, usage = os.wait4(proc.pid, 0)
                 status = -9
                 break
-            time.sleep(0.2)
+            time.sleep(0.05 if time.perf_counter() - start < 2 else 0.2)
         proc.returncode = 0  # reaped here: keep Popen from waiting on it again
         wall = time.perf_counter() - start
         log.seek(0)
         output = log.read().decode(errors="replace")
     code = status if status == -9 else os.waitstatus_to_exitcode(status)
-    return code, output, wall, usage.ru_maxrss / 1024
+    return code, output, wall, seen or usage.ru_maxrss / 1024
 
 
 def child_json(kind: str, folder: Path, args, extra: list[str] = ()) -> dict:
@@ -326,7 +344,7 @@ def section(results: dict, rows: list[str], args) -> str:
         f"`python scripts/benchmark_scaling.py` on {machine()}; written {now}. The machine is shared: timings are "
         "noisy, and each row's load average is in the last line. Load, forward and generation "
         f"run with {args.threads} torch thread(s), median of --runs runs, each kind in a fresh process whose peak "
-        "RSS (`ru_maxrss`) is that measurement's. Rows other than `default` are random sparse models made by "
+        "RSS (its VmHWM, polled) is that measurement's. Rows other than `default` are random sparse models made by "
         "`scripts/make_synthetic.py` at 0.5% density (x4, x16: the default model scaled in total parameters). "
         f"Forward: 1 x min({FORWARD_TOKENS}, context) tokens, no grad. Generation: greedy, {PROMPT_TOKENS}-token "
         f"prompt, {NEW_TOKENS} new tokens. Prune: `csp prune --task-file` with default steps on a self-labelled "
@@ -395,7 +413,11 @@ def main(argv=None) -> int:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for row in rows:
         print(f"{row}:", flush=True)
-        results[row] = measure_row(row, args)
+        earlier = results.get(row, {})
+        skipped = [c for c in COLUMNS if c in args.skip or (c == "prune" and row not in args.prune_rows)]
+        # a column skipped now keeps the row's earlier figures of it (a rerun of load/forward/generation only)
+        results[row] = {**{k: v for k, v in earlier.items() if k in COLUMN_KEYS and COLUMN_KEYS[k] in skipped},
+                        **measure_row(row, args)}
         write_json_atomic(results_file, results, indent=1)
     shown = [r for r in ROW_SHAPES if r in results]
     text = section(results, shown, args)

@@ -53,3 +53,29 @@ def test_an_unknown_row_or_column_exits_2_with_one_line(tmp_path, capsys):
         stderr = capsys.readouterr().err
         assert message in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "B.md").exists()
+
+
+def test_a_rerun_that_skips_prune_and_app_keeps_their_earlier_figures(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    earlier = {"prune_s": 12.3, "prune_k": 7, "prune_peak_mb": 999, "prune_timings": {"training": 9.0},
+               "page_ready_s": 4.5, "selection_ms": 321, "selection_kind": "task", "forward_sparse": -1.0}
+    (cache / "scaling_results.json").write_text(json.dumps({"default": earlier}))
+    result = run_script("--rows", "default", "--skip", "prune,app", "--runs", "1", "--cache", cache,
+                        "--out", tmp_path / "B.md")
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads((cache / "scaling_results.json").read_text())["default"]
+    assert {k: row[k] for k in earlier if k != "forward_sparse"} == {k: v for k, v in earlier.items() if k != "forward_sparse"}
+    assert row["forward_sparse"] > 0  # measured again, not kept
+    line = next(x for x in (tmp_path / "B.md").read_text().splitlines() if x.startswith("| default |"))
+    assert "| 12.3, 7 nodes (training 9) | 999 | 4.5 | 321 (task) |" in line
+
+
+def test_a_childs_peak_memory_is_its_own_not_the_parents(tmp_path):
+    """wait4's ru_maxrss of a vfork-started child carries the parent's peak over exec; the table must not."""
+    ballast = bytearray(600 * 2**20)  # this process's peak: at least 600 MB
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code, _, _, peak = benchmark_scaling.run_child(
+        [sys.executable, "-c", "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1)"])
+    del ballast
+    assert code == 0 and 200 <= peak < 450, peak
