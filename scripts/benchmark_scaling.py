@@ -5,7 +5,7 @@
 
 Rows: the shipped default model and random sparse models of released shapes made by scripts/make_synthetic.py into
 --cache when absent (x4 and x16: the default model scaled in parameters). Every measurement runs in a fresh
-subprocess, so its peak RSS (the child's `ru_maxrss` from `wait4`) is that measurement's alone:
+subprocess, so its peak RSS (the child's own VmHWM, see `run_child`) is that measurement's alone:
 - load: `from_pretrained` time, RSS after it, peak RSS;
 - forward: one no-grad pass over 1 x min(256, context) tokens with the sparse kernels and dense
   (`model.set_sparse_kernels(False)`), median of --runs;
@@ -14,8 +14,9 @@ subprocess, so its peak RSS (the child's `ru_maxrss` from `wait4`) is that measu
   has), the stage timings of the circuit file's `meta.timings`, and its peak RSS. A random-weights model solves no
   task, so T is SELF-LABELLED: prompts of a real task (--self-task) whose correct candidate is the one the full
   model prefers, the most confident --task-examples of them, both classes in equal numbers;
-- app: page-ready time and median selection latency (the slowest of layer, node, k and task) from scripts/benchmark_app.py --model FOLDER
-  --import C.json (the circuit the prune wrote; the shipped circuits for the default model).
+- app: page-ready time and median selection latency (the slowest of layer, node, k and task) from
+  scripts/benchmark_app.py --model FOLDER --import C.json (the circuit the prune wrote; the shipped circuits for the
+  default model).
 Results are kept per row in --cache/scaling_results.json, so rows measured in separate runs share one table.
 """
 
@@ -45,8 +46,8 @@ DEFAULT_MODEL = ROOT / "modeling_csp" / "default_model"
 ROW_SHAPES = {"default": None, "x4": "default_x4", "x16": "default_x16", "csp_sweep1": "csp_sweep1",
               "csp_yolo1": "csp_yolo1", "csp_yolo2": "csp_yolo2"}  # None: the shipped folder, not a synthetic one
 COLUMNS = ("prune", "app")
-COLUMN_KEYS = {**dict.fromkeys(("task_lines", "task_min_margin", "prune_s", "prune_note", "prune_peak_mb", "prune_timings",
-                                "prune_k"), "prune"),
+COLUMN_KEYS = {**dict.fromkeys(("task_lines", "task_min_margin", "prune_s", "prune_note", "prune_peak_mb",
+                                "prune_timings", "prune_k"), "prune"),
                **dict.fromkeys(("page_ready_s", "prepared_s", "selection_ms", "selection_kind", "selections_ms",
                                 "app_peak_mb", "app_note"), "app")}
 FORWARD_TOKENS, PROMPT_TOKENS, NEW_TOKENS = 256, 16, 64
@@ -287,7 +288,8 @@ def app_row(folder: Path, circuit: Path | None, args) -> dict:
             last = output.strip().splitlines()[-1:] or ["no output"]
             return {"app_note": f"benchmark_app.py --model FOLDER failed (exit {code}): {last[0][:160]}"}
         app = json.loads(out.read_text())
-    selections = {k: app[k]["median_ms"] for k in ("select_layer", "select_node", "select_k", "select_task") if app.get(k)}
+    kinds = ("select_layer", "select_node", "select_k", "select_task")
+    selections = {k: app[k]["median_ms"] for k in kinds if app.get(k)}
     slowest = max(selections, key=selections.get) if selections else None
     return {"page_ready_s": app.get("page_ready_s"), "selection_ms": selections.get(slowest),
             "selection_kind": slowest and slowest.removeprefix("select_"), "selections_ms": selections,

@@ -65,7 +65,8 @@ def test_a_rerun_that_skips_prune_and_app_keeps_their_earlier_figures(tmp_path):
                         "--out", tmp_path / "B.md")
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads((cache / "scaling_results.json").read_text())["default"]
-    assert {k: row[k] for k in earlier if k != "forward_sparse"} == {k: v for k, v in earlier.items() if k != "forward_sparse"}
+    kept = {k: v for k, v in earlier.items() if k != "forward_sparse"}
+    assert {k: row[k] for k in kept} == kept
     assert row["forward_sparse"] > 0  # measured again, not kept
     line = next(x for x in (tmp_path / "B.md").read_text().splitlines() if x.startswith("| default |"))
     assert "| 12.3, 7 nodes (training 9) | 999 | 4.5 | 321 (task) |" in line
@@ -75,7 +76,7 @@ def test_a_childs_peak_memory_is_its_own_not_the_parents(tmp_path):
     """wait4's ru_maxrss of a vfork-started child carries the parent's peak over exec; the table must not."""
     ballast = bytearray(600 * 2**20)  # this process's peak: at least 600 MB
     ballast[::4096] = b"x" * len(ballast[::4096])
-    code, _, _, peak = benchmark_scaling.run_child(
-        [sys.executable, "-c", "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1)"])
+    child = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1)"
+    code, _, _, peak = benchmark_scaling.run_child([sys.executable, "-c", child])
     del ballast
     assert code == 0 and 200 <= peak < 450, peak
