@@ -60,12 +60,12 @@ class BenchmarkError(ValueError):
 
 # ---- in the child: one measurement per process ------------------------------------------------------------------
 
-def vm_status(field: str) -> float:
-    """This process's /proc/self/status field (VmRSS, VmHWM) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def vm_status(field: str, pid: int | str = "self") -> float:
+    """A process's /proc/PID/status field (VmRSS, VmHWM) in MB (this process's by default)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
 def load_model(folder: str):
@@ -173,14 +173,11 @@ def self_labelled_task(folder: str, task_name: str, n_lines: int, out: str) -> d
 # ---- in the parent ----------------------------------------------------------------------------------------------
 
 def high_water_mb(pid: int) -> float | None:
-    """A live process's own peak RSS (VmHWM) in MB, or None once it is gone."""
+    """A live process's own peak RSS (VmHWM) in MB, or None once it is gone (an exited child has no memory left)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+        return vm_status("VmHWM", pid)
+    except (OSError, RuntimeError):
+        return None
 
 
 def run_child(argv: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[int, str, float, float]:
